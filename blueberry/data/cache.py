@@ -1,0 +1,37 @@
+"""The on-disk cache: its root directory and race-safe writes of cache entries."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The argument, else $BLUEBERRY_CACHE, else ~/.cache/blueberry."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("BLUEBERRY_CACHE") or Path.home() / ".cache" / "blueberry"
+    return Path(cache_dir).expanduser()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory that is renamed to `final` once the block succeeds.
+
+    Readers never see a half-written entry, and concurrent writers (e.g. DDP ranks) are harmless:
+    the first rename wins and the others' identical copies are dropped.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after a successful rename

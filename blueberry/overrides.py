@@ -1,0 +1,176 @@
+"""Spec loading and overrides in every form the W&B agent produces.
+
+`wandb agent` turns sweep parameters into argv with Python `str()` of each value (see the
+`${args*}` macros): `--train.lr=0.003`, `--model={'n_experts': 8}`, `--flag=False`, `--k v`,
+`k=v`, `--flag` (true bool), `+k=v`/`++k=v` (Hydra forms), a JSON object (`${args_json}`),
+or a JSON file (`${args_json_file}`, passed with `--overrides FILE`). All of them are parsed
+into one nested dict, merged deep into the raw spec, then the whole spec is validated once.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from blueberry.spec import RunSpec
+
+
+class SpecError(Exception):
+    """A spec or override is invalid. `problems` are (where, field path, reason) triples."""
+
+    def __init__(self, problems: list[tuple[str, str, str]]):
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [
+            f"{where}: {path}: {reason}" if path else f"{where}: {reason}" for where, path, reason in self.problems
+        ]
+        return "invalid run spec\n  " + "\n  ".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """A value as the agent wrote it: Python literal (repr), else JSON, else the raw string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
+def parse_override_args(args: list[str] | tuple[str, ...]) -> list[tuple[str, dict]]:
+    """Turn argv tokens into (source text, nested override dict) pairs, in order."""
+    parsed: list[tuple[str, dict]] = []
+    tokens = list(args)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        stripped = token.lstrip("-+")
+        if token.lstrip().startswith("{"):  # ${args_json}: one JSON object holding every parameter
+            value = parse_value(token)
+            if not isinstance(value, dict):
+                raise SpecError([(f"override {token!r}", "", "expected a JSON object")])
+            parsed.append((f"override {token}", expand_dotted(value, f"override {token}")))
+            continue
+        if not stripped:
+            raise SpecError([(f"override {token!r}", "", "empty override")])
+        if "=" in stripped:
+            key, raw = stripped.split("=", 1)
+            value = parse_value(raw)
+        elif token.startswith("-") and i < len(tokens) and not tokens[i].startswith("--"):
+            key, value = stripped, parse_value(tokens[i])  # ${args_no_equals}: --k v
+            token = f"{token} {tokens[i]}"
+            i += 1
+        elif token.startswith("-"):
+            key, value = stripped, True  # ${args_no_boolean_flags}: a true bool is a bare flag
+        else:
+            raise SpecError([(f"override {token!r}", "", "expected KEY=VALUE or --KEY=VALUE")])
+        source = f"override {token}"
+        parsed.append((source, expand_dotted({key: value}, source)))
+    return parsed
+
+
+def expand_dotted(flat: dict, source: str) -> dict:
+    """{'train.lr': 1, 'model': {'d_model': 8}} -> {'train': {'lr': 1}, 'model': {'d_model': 8}}."""
+    nested: dict = {}
+    for key, value in flat.items():
+        parts = str(key).split(".")
+        if any(not part for part in parts):
+            raise SpecError([(source, str(key), "malformed key")])
+        if isinstance(value, dict):
+            value = expand_dotted(value, source)
+        cursor = nested
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+            if not isinstance(cursor, dict):
+                raise SpecError([(source, str(key), "conflicts with a scalar override")])
+        deep_merge(cursor, {parts[-1]: value})
+    return nested
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Merge `update` into `base` in place: dicts merge, everything else replaces."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def leaf_paths(tree: dict, prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        paths.extend(leaf_paths(value, path) if isinstance(value, dict) and value else [path])
+    return paths
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """Read a JSON object from a file, or raise SpecError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([(str(path), "", f"{what} file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([(str(path), "", f"cannot read {what} file: {exc}")]) from None
+    if not text.strip():
+        raise SpecError([(str(path), "", f"{what} file is empty")])
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(
+            [(str(path), "", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]
+        ) from None
+    except RecursionError:
+        raise SpecError([(str(path), "", "JSON nested too deeply")]) from None
+    if not isinstance(value, dict):
+        raise SpecError([(str(path), "", f"{what} must be a JSON object, got {type(value).__name__}")])
+    return value
+
+
+def load_spec(
+    spec_path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), override_files: tuple[str, ...] = ()
+) -> RunSpec:
+    """Read a spec file, merge overrides (files first, then argv, in order) and validate once."""
+    base_source = str(spec_path) if spec_path else "defaults"
+    raw = read_json_object(spec_path, "spec") if spec_path else {}
+    sources: dict[str, str] = {path: base_source for path in leaf_paths(raw)}
+    layers = [(str(f), expand_dotted(read_json_object(f, "overrides"), str(f))) for f in override_files]
+    layers += parse_override_args(overrides)
+    for source, layer in layers:
+        deep_merge(raw, layer)
+        sources.update({path: source for path in leaf_paths(layer)})
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError([_problem(err, sources, base_source) for err in exc.errors()]) from None
+
+
+def _problem(err: dict, sources: dict[str, str], base_source: str) -> tuple[str, str, str]:
+    path = ".".join(str(part) for part in err["loc"])
+    # The most specific source that set this path (or a parent of it) gets the blame.
+    where = base_source
+    for candidate in sorted(sources, key=len):
+        if path == candidate or path.startswith(candidate + ".") or candidate.startswith(path + "."):
+            where = sources[candidate]
+    reason = err["msg"].removeprefix("Value error, ")
+    if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], dict):
+        reason += f" (got {_short(err['input'])})"
+    if err["type"] == "extra_forbidden":
+        reason = "unknown field"
+    return where, path, reason
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

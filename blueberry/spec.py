@@ -1,0 +1,181 @@
+"""The run spec: one validated description of an experiment run.
+
+A spec is data (JSON under `experiments/`); every field has a default so a spec can be short.
+Overrides (CLI, W&B agent) are merged into the raw dict first and the whole spec is validated once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+VARIANTS = ("baseline", "mlp", "attention_mlp", "moe", "attention_moe")
+Variant = Literal["baseline", "mlp", "attention_mlp", "moe", "attention_moe"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(_Strict):
+    """Architecture: the variant and its shape. The vocabulary size comes from the tokenizer."""
+
+    variant: Variant = "baseline"
+    d_model: int = Field(128, ge=8, le=16384, description="Hidden size.")
+    n_layers: int = Field(2, ge=1, le=128)
+    n_heads: int = Field(4, ge=1, le=256)
+    max_seq_len: int = Field(1024, ge=8, le=131072, description="Positional (RoPE) limit; data.seq_len must fit.")
+    d_ff: int = Field(512, ge=1, description="Width of the dense DeepSeek-V3 MLP (variants mlp, attention_mlp).")
+    n_experts: int = Field(4, ge=1, le=1024, description="Routed experts (variants baseline, moe, attention_moe).")
+    top_k: int = Field(2, ge=1, description="Experts chosen per token.")
+    expert_d_ff: int = Field(256, ge=1, description="Width of one routed expert.")
+    n_shared_experts: int = Field(1, ge=0, le=64, description="GLM4-MoE shared experts (variants moe, attention_moe).")
+    router_noise_std: float = Field(0.1, ge=0, description="Gaussian router noise in training (baseline MoE).")
+    balance_loss_weight: float = Field(0.01, ge=0, description="Switch-style load-balancing loss weight.")
+    q_lora_rank: int = Field(128, ge=1, description="MLA query latent rank.")
+    kv_lora_rank: int = Field(128, ge=1, description="MLA key/value latent rank.")
+    qk_nope_head_dim: int = Field(0, ge=0, description="MLA non-RoPE query/key dims per head (0 as in the study).")
+    rope_theta: float = Field(10000.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    init_std: float = Field(0.02, gt=0, le=1)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.variant in ("baseline", "moe", "attention_moe")
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelSpec:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim d_model/n_heads = {self.head_dim} must be even for RoPE")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts})")
+        if self.variant in ("moe", "attention_moe") and self.n_experts < 2:
+            raise ValueError("the GLM4 MoE router needs n_experts >= 2")
+        return self
+
+
+class DataSpec(_Strict):
+    """Corpus, tokenizer, split and windows."""
+
+    dataset: str = Field(
+        "austen",
+        description="'austen' (embedded corpus), a local .jsonl/.json/.parquet/.txt file or directory, "
+        "or a Hugging Face dataset name.",
+    )
+    dataset_config: str | None = Field(None, description="HF dataset config name (e.g. cosmopedia-v2).")
+    dataset_split: str = Field("train", description="Split of the source dataset to read documents from.")
+    text_field: str = "text"
+    id_field: str | None = Field("id", description="Document id field; missing ids fall back to a content hash.")
+    streaming: bool = Field(False, description="Stream a remote dataset instead of downloading it whole.")
+    max_docs: int | None = Field(None, ge=1, description="Use only the first N documents.")
+    max_chars_per_doc: int | None = Field(None, ge=1, description="Cut each document to N characters.")
+    max_tokens: int | None = Field(None, ge=64, description="Cap on training-split tokens.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of documents held out (by id hash).")
+    tokenizer: str = Field(
+        "bpe", description="'bpe' trains a byte-level BPE on the train split; otherwise an AutoTokenizer name or path."
+    )
+    vocab_size: int = Field(8192, ge=260, le=262144, description="Vocabulary size of the trained BPE.")
+    seq_len: int = Field(128, ge=8, le=131072, description="Context length of training and validation windows.")
+    leakage_ngram: int = Field(13, ge=2, le=64, description="n for the token n-gram leakage audit.")
+
+
+class TrainSpec(_Strict):
+    """Optimisation recipe. `steps`, warmup and the schedule all count optimizer steps."""
+
+    steps: int = Field(200, ge=1, le=10_000_000, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, le=65536, description="Micro-batch size (windows).")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    optimizer: Literal["muon", "adamw"] = Field(
+        "muon", description="muon: Muon on 2-D hidden matrices + AdamW on the rest; adamw: AdamW on everything."
+    )
+    lr: float = Field(0.01, gt=0, le=10, description="Peak LR (Muon's when optimizer=muon).")
+    adamw_lr_ratio: float = Field(0.1, gt=0, le=100, description="AdamW LR = ratio × lr when optimizer=muon.")
+    weight_decay: float = Field(0.1, ge=0, le=10, description="AdamW weight decay.")
+    muon_weight_decay: float = Field(0.0, ge=0, le=10)
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Warmup length as a share of steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of the peak LR.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Global grad-norm clip; null for none.")
+    eval_every: int = Field(50, ge=1, description="Evaluate on the full validation set every N optimizer steps.")
+    log_every: int = Field(10, ge=1, description="Log train metrics every N optimizer steps.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: torch's choice).")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSpec:
+        for beta in self.adam_betas:
+            if not 0 <= beta < 1:
+                raise ValueError(f"adam_betas must lie in [0, 1), got {list(self.adam_betas)}")
+        return self
+
+
+class TrackingSpec(_Strict):
+    """Where results go: W&B and the local run record."""
+
+    wandb: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: WANDB_MODE if set, else online when an API key exists, else offline."
+    )
+    project: str = Field("blueberry", pattern=NAME_PATTERN)
+    entity: str | None = Field(None, pattern=NAME_PATTERN)
+    job_type: str = Field("train", pattern=NAME_PATTERN)
+    notes: str | None = Field(None, max_length=4096)
+    runs_root: str = Field("runs", description="Directory holding the local run records.")
+
+
+class RunSpec(_Strict):
+    """A complete, validated experiment run."""
+
+    name: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Run name; default derives from experiment, variant, lr and seed."
+    )
+    experiment: str = Field("default", pattern=NAME_PATTERN, description="Experiment id: the W&B group.")
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunSpec:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        for tag in self.tags:
+            if not tag or len(tag) > 64:
+                raise ValueError(f"tags must be 1-64 characters, got {tag!r}")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        """Deterministic, human-readable run name (W&B display name)."""
+        if self.name:
+            return self.name
+        return f"{self.experiment}-{self.model.variant}-lr{self.train.lr:g}-s{self.seed}"
+
+    def to_json_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def spec_hash(self) -> str:
+        """Hash of the validated spec (canonical JSON): same spec, same hash."""
+        canonical = json.dumps(self.to_json_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def safe_name(text: str) -> str:
+    """A filesystem- and W&B-safe version of a name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "run"

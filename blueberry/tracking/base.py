@@ -1,0 +1,34 @@
+"""The one interface the trainer logs through (torchtitan-style thin logger)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Tracker(Protocol):
+    """Receives metrics keyed by name (`train/loss`, `val/loss`, ...) against the optimizer step."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+    def summary(self, values: dict[str, Any]) -> None: ...
+
+    def finish(self, state: str, reason: str | None = None) -> None: ...
+
+
+class Trackers:
+    """Fans every call out to several trackers (the local record and W&B)."""
+
+    def __init__(self, *trackers: Tracker):
+        self.trackers = trackers
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(metrics, step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.summary(values)
+
+    def finish(self, state: str, reason: str | None = None) -> None:
+        for tracker in self.trackers:
+            tracker.finish(state, reason)

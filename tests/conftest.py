@@ -1,0 +1,55 @@
+"""Hermetic tests: W&B offline into tmp dirs, no API key, Hugging Face offline, caches in tmp."""
+
+import pytest
+
+WANDB_UNSET = (
+    "WANDB_API_KEY",
+    "WANDB_BASE_URL",
+    "WANDB_ENTITY",
+    "WANDB_PROJECT",
+    "WANDB_SWEEP_ID",
+    "WANDB_RUN_ID",
+    "WANDB_SWEEP_PARAM_PATH",
+    "WANDB_RUN_GROUP",
+    "WANDB_TAGS",
+    "WANDB_JOB_TYPE",
+)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One tokenizer/token cache for the whole session: the BPE is trained once, not per test."""
+    return tmp_path_factory.mktemp("blueberry-cache")
+
+
+@pytest.fixture(autouse=True)
+def hermetic(monkeypatch, tmp_path, shared_cache):
+    for name in WANDB_UNSET:
+        monkeypatch.delenv(name, raising=False)
+    wandb_home = tmp_path / "wandb-home"
+    for var, sub in (
+        ("WANDB_DIR", "dir"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ):
+        (wandb_home / sub).mkdir(parents=True)
+        monkeypatch.setenv(var, str(wandb_home / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(shared_cache / "hf"))
+    monkeypatch.setenv("BLUEBERRY_CACHE", str(shared_cache / "blueberry"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc key, nothing written to the real home
+    yield
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish()
+        wandb.teardown()

@@ -1,0 +1,122 @@
+"""Loading documents: the embedded corpus, local files, and the Hub failing fast when offline."""
+
+import json
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from blueberry.data import DataError, prepare_data
+from blueberry.data.corpus import load_documents, text_sha256
+from blueberry.spec import DataSpec
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """Hub offline and every cache in tmp_path, also for libraries that read the env at import time."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("BLUEBERRY_CACHE", str(tmp_path / "blueberry"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROWS = [{"id": f"d{i}", "body": f"document number {i} " * 5} for i in range(30)]
+
+
+def test_embedded_austen_has_269_chapters_and_writes_nothing_into_the_package():
+    package = Path(str(files("blueberry.data")))
+    before = sorted(p.name for p in package.iterdir())
+    docs = load_documents(DataSpec())
+    assert len(docs) == 269
+    assert len({d.id for d in docs}) == 269
+    assert docs[0].id == "austen/sensesensibility/001" and docs[0].text.startswith("The family of Dashwood")
+    assert 4_000_000 < sum(len(d.text) for d in docs) < 4_050_000
+    assert sorted(p.name for p in package.iterdir() if p.name != "__pycache__") == [
+        n for n in before if n != "__pycache__"
+    ]
+
+
+def test_local_jsonl_with_caps(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ROWS)
+    docs = load_documents(DataSpec(dataset=str(path), text_field="body", max_docs=10, max_chars_per_doc=12))
+    assert [d.id for d in docs] == [f"d{i}" for i in range(10)]
+    assert all(len(d.text) == 12 for d in docs)
+
+
+def test_missing_ids_fall_back_to_the_hash_of_the_full_text(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "alpha beta"}, {"text": ""}, {"text": "gamma"}])
+    docs = load_documents(DataSpec(dataset=str(path), max_chars_per_doc=3))
+    assert [d.id for d in docs] == [text_sha256("alpha beta"), text_sha256("gamma")]  # empty text dropped
+    assert [d.text for d in docs] == ["alp", "gam"]
+
+
+def test_parquet_and_txt_use_their_builders(tmp_path):
+    pq.write_table(pa.table({"text": ["one two", "three"], "id": ["a", "b"]}), tmp_path / "d.parquet")
+    assert [d.id for d in load_documents(DataSpec(dataset=str(tmp_path / "d.parquet")))] == ["a", "b"]
+    (tmp_path / "book.txt").write_text("First paragraph\nstill first.\n\nSecond one.\n")
+    docs = load_documents(DataSpec(dataset=str(tmp_path / "book.txt")))
+    assert len(docs) == 2  # a single .txt file: blank-line paragraphs are the documents
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(3):
+        (texts / f"{i}.txt").write_text(f"file {i}\n\nsecond paragraph {i}\n")
+    assert len(load_documents(DataSpec(dataset=str(texts)))) == 3  # a directory: one document per file
+
+
+def test_local_path_wins_over_a_hub_name(tmp_path, monkeypatch):
+    (tmp_path / "someone").mkdir()
+    write_jsonl(tmp_path / "someone" / "corpus.jsonl", ROWS)
+    monkeypatch.chdir(tmp_path)
+    assert len(load_documents(DataSpec(dataset="someone", text_field="body"))) == 30
+
+
+def test_missing_text_field_names_the_field_and_the_columns(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ROWS)
+    with pytest.raises(DataError, match=r"'text'.*\['id', 'body'\]"):
+        load_documents(DataSpec(dataset=str(path)))
+
+
+def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_documents(DataSpec(dataset=str(tmp_path / "nope.jsonl")))
+
+
+def test_offline_hub_dataset_fails_fast_and_clearly():
+    spec = DataSpec(
+        dataset="HuggingFaceTB/smollm-corpus", dataset_config="cosmopedia-v2", streaming=True, max_docs=1000
+    )
+    started = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        prepare_data(spec, seed=0)
+    assert time.perf_counter() - started < 1.0
+    message = str(err.value)
+    assert "HuggingFaceTB/smollm-corpus" in message and "offline" in message and "local" in message
+
+
+def test_unbounded_stream_is_refused():
+    with pytest.raises(DataError, match="max_docs"):
+        load_documents(DataSpec(dataset="HuggingFaceTB/smollm-corpus", streaming=True))
+
+
+def test_offline_hub_tokenizer_fails_fast_and_clearly(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ROWS)
+    from transformers import AutoTokenizer  # noqa: F401  (import cost is not what is timed)
+
+    started = time.perf_counter()
+    with pytest.raises(DataError, match="HuggingFaceTB/SmolLM-135M.*offline"):
+        prepare_data(DataSpec(dataset=str(path), text_field="body", tokenizer="HuggingFaceTB/SmolLM-135M"), seed=0)
+    assert time.perf_counter() - started < 1.0

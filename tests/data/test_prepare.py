@@ -1,0 +1,144 @@
+"""prepare_data end to end on the real Austen corpus with the default spec: split, tokenizer, cache, audits.
+
+The default vocabulary (8192) costs ~1 s more than a tiny one, but the leakage bound only means something
+there: a 13-token n-gram is ~10 words at 8192 and only ~7 words at 512, where Austen's stock phrases
+("I do not know what") already repeat across chapters.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+import blueberry.data.prepare as prepare_module
+import blueberry.data.tokenizer as tokenizer_module
+from blueberry.data import PreparedData, prepare_data
+from blueberry.data.audit import leakage
+from blueberry.data.corpus import load_documents
+from blueberry.data.split import split_documents
+from blueberry.spec import DataSpec
+
+SPEC = DataSpec()
+VOCAB = SPEC.vocab_size
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("blueberry-cache")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path, cache):
+    """Hub offline; HF and Blueberry caches in tmp dirs (the Blueberry one shared by this module)."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("BLUEBERRY_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
+
+
+@pytest.fixture(scope="module")
+def trained_on(cache):
+    """The texts the BPE trainer saw while preparing the full corpus the first time."""
+    seen: list[str] = []
+    real = tokenizer_module.train_bpe
+
+    def spy(texts, vocab_size):
+        texts = list(texts)
+        seen.extend(texts)
+        return real(texts, vocab_size)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokenizer_module, "train_bpe", spy)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        prepare_data(SPEC, seed=0, cache_dir=cache)
+    return seen
+
+
+@pytest.fixture
+def data(trained_on) -> PreparedData:
+    return prepare_data(SPEC, seed=0)  # a cache hit after trained_on, via $BLUEBERRY_CACHE
+
+
+def test_tokenizer_is_trained_on_train_documents_only(trained_on):
+    train_docs, val_docs = split_documents(load_documents(SPEC), SPEC.val_fraction)
+    assert trained_on == [d.text for d in train_docs]
+    assert not set(trained_on) & {d.text for d in val_docs}
+
+
+def test_austen_split_and_audits(data):
+    assert data.stats["n_docs_train"] + data.stats["n_docs_val"] == 269
+    assert (data.stats["n_docs_train"], data.stats["n_docs_val"]) == (246, 23)
+    assert data.leakage["shared_doc_ids"] == 0
+    assert data.leakage["ngram"] == 13
+    assert data.leakage["val_windows_with_train_ngram"] < 0.01
+    assert data.leakage["val_ngrams_in_train"] < 0.01
+    # Knowing only token frequencies: close to but below log(vocab).
+    assert 4.0 < data.unigram_loss < math.log(VOCAB)
+
+
+def test_leaky_split_is_caught(data):
+    train = data.train_tokens.numpy()
+    report = leakage(train, train[10_000:30_000].copy(), n=13, seq_len=SPEC.seq_len, eos_id=data.eos_id)
+    assert report["val_windows_with_train_ngram"] > 0.99 and report["val_ngrams_in_train"] > 0.99
+
+
+def test_tokenizer_and_streams(data):
+    tok = data.tokenizer
+    assert data.vocab_size == len(tok) == VOCAB
+    assert tok.eos_token == tok.bos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    assert data.eos_id == tok.eos_token_id
+    text = "It is a truth universally acknowledged, 1813. Café ☕"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # byte-level: lossless
+    for stream, docs in ((data.train_tokens, "n_docs_train"), (data.val_tokens, "n_docs_val")):
+        assert stream.dtype == torch.long and stream.dim() == 1
+        assert (stream == data.eos_id).sum() == data.stats[docs]  # one EOS after each document ...
+        assert stream[-1] == data.eos_id  # ... including the last
+    assert data.stats["train_tokens"] == len(data.train_tokens) and data.stats["val_tokens"] == len(data.val_tokens)
+    assert len(data.fingerprint) == 64
+
+
+def test_windows_and_sampler_shapes(data):
+    windows = data.val_windows()
+    assert windows.shape == (data.stats["val_windows"], SPEC.seq_len + 1)
+    batch = data.train_sampler(batch_size=4, seed=1).batch(0, rank=1, world=2)
+    assert batch.shape == (4, SPEC.seq_len + 1) and batch.dtype == torch.long
+    assert torch.equal(data.train_sampler(4).batch(3), data.train_sampler(4, seed=0).batch(3))  # run seed default
+
+
+def test_second_prepare_is_a_cache_hit(data, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("cache miss: documents reloaded or tokenizer retrained")
+
+    monkeypatch.setattr(tokenizer_module, "train_bpe", fail)
+    monkeypatch.setattr(prepare_module, "load_documents", fail)
+    again = prepare_data(SPEC, seed=123)
+    assert again.fingerprint == data.fingerprint
+    assert torch.equal(again.train_tokens, data.train_tokens)
+    # Window length and audit n do not change the tokens, so they reuse the same cache entry.
+    other = prepare_data(SPEC.model_copy(update={"seq_len": 32, "leakage_ngram": 8}), seed=0)
+    assert other.fingerprint == data.fingerprint and other.val_windows().shape[1] == 33
+
+
+def test_max_tokens_caps_train_and_val(trained_on, monkeypatch):
+    # Same train documents, so the cached BPE must be reused; only the token streams are rebuilt.
+    monkeypatch.setattr(tokenizer_module, "train_bpe", lambda *a: pytest.fail("BPE retrained"))
+    capped = prepare_data(SPEC.model_copy(update={"max_tokens": 20_000}), seed=0)
+    assert capped.stats["train_tokens"] == 20_000
+    assert capped.stats["val_tokens"] == math.ceil(20_000 * 0.1 / 0.9)
+    full = prepare_data(SPEC, seed=0)
+    assert torch.equal(capped.train_tokens, full.train_tokens[:20_000])
+    assert capped.fingerprint != full.fingerprint
+
+
+def test_local_jsonl_end_to_end(tmp_path):
+    docs = load_documents(SPEC)[:60]
+    path = tmp_path / "local.jsonl"
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    data = prepare_data(DataSpec(dataset=str(path), vocab_size=300, seq_len=32, max_tokens=5_000), seed=0)
+    assert data.stats["train_tokens"] == 5_000 and data.vocab_size == 300
+    assert data.leakage["shared_doc_ids"] == 0

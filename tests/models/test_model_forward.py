@@ -1,0 +1,117 @@
+"""Forward/backward for all five variants, router statistics, balance loss and initialisation."""
+
+import pytest
+import torch
+
+from blueberry.models import build_model
+from blueberry.models.feedforward import Glm4MoE, TopKMoE, switch_balance
+from blueberry.spec import VARIANTS, ModelSpec
+
+VOCAB = 64
+
+
+def tiny(variant: str, **overrides) -> ModelSpec:
+    fields = dict(
+        variant=variant,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_experts=4,
+        top_k=2,
+        expert_d_ff=32,
+        d_ff=64,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        max_seq_len=64,
+        dropout=0.1,
+    )
+    return ModelSpec(**{**fields, **overrides})
+
+
+def train_step(model):
+    ids = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = model(ids)
+    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids.flatten()) + out.aux_loss
+    loss.backward()
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_backward(variant):
+    torch.manual_seed(0)
+    model = build_model(tiny(variant), VOCAB)
+    out = train_step(model)
+    assert out.logits.shape == (2, 16, VOCAB)
+    assert out.aux_loss.shape == ()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.lm_head.weight is model.tok_emb.weight
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_router_stats_and_aux_loss(variant):
+    torch.manual_seed(0)
+    spec = tiny(variant)
+    out = train_step(build_model(spec, VOCAB))
+    if not spec.is_moe:
+        assert out.router_stats == [] and out.aux_loss.item() == 0.0
+        return
+    assert [s.layer for s in out.router_stats] == [0, 1]
+    for stats in out.router_stats:
+        assert stats.load.shape == (spec.n_experts,) and not stats.load.requires_grad
+        assert stats.load.sum().item() == pytest.approx(1.0)
+        assert stats.load.max().item() < 1.0  # tokens are spread over several experts
+        assert stats.balance_loss.item() >= 1.0 - 1e-6  # the Switch loss is minimal (1) when balanced
+    assert out.aux_loss.requires_grad
+    weighted = spec.balance_loss_weight * sum(s.balance_loss for s in out.router_stats)
+    assert out.aux_loss.item() == pytest.approx(weighted.item()) and out.aux_loss.item() > 0
+
+
+def test_zero_balance_weight_still_logs():
+    out = train_step(build_model(tiny("moe", balance_loss_weight=0.0), VOCAB))
+    assert out.aux_loss.item() == 0.0
+    assert all(s.balance_loss.item() > 0 for s in out.router_stats)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "moe"])
+def test_gradient_reaches_several_experts(variant):
+    torch.manual_seed(0)
+    model = build_model(tiny(variant), VOCAB)
+    train_step(model)
+    moe = model.blocks[0].ffn
+    if isinstance(moe, TopKMoE):
+        per_expert = [sum(p.grad.abs().sum() for p in expert.parameters()) for expert in moe.experts]
+        router = moe.router.weight
+    else:
+        assert isinstance(moe, Glm4MoE)
+        per_expert = moe.moe.experts.gate_up_proj.grad.abs().sum(dim=(1, 2))
+        router = moe.moe.gate.weight
+    assert sum(g > 0 for g in per_expert) >= 2
+    assert router.grad.abs().sum() > 0  # the router learns, through the gate weights and the balance loss
+
+
+def test_switch_balance_extremes():
+    n, experts = 12, 4
+    uniform = switch_balance(torch.full((n, experts), 1 / experts), torch.arange(n * 2).view(n, 2) % experts)
+    assert uniform.load.tolist() == [0.25] * 4 and uniform.balance_loss.item() == pytest.approx(1.0)
+    collapsed = switch_balance(torch.eye(experts)[[0] * n], torch.zeros(n, 1, dtype=torch.long))
+    assert collapsed.balance_loss.item() == pytest.approx(experts)
+
+
+def test_init_keeps_norms_and_buffers():
+    torch.manual_seed(0)
+    model = build_model(tiny("attention_moe", init_std=0.02), VOCAB)
+    moe = model.blocks[0].ffn.moe
+    assert torch.equal(moe.gate.e_score_correction_bias, torch.zeros(4))
+    assert torch.equal(model.norm.weight, torch.ones(32))
+    assert model.blocks[0].attn.mla.q_a_proj.bias.abs().sum() == 0
+    for p in (model.tok_emb.weight, moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj):
+        assert p.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_eval_is_deterministic():
+    torch.manual_seed(0)
+    model = build_model(tiny("baseline"), VOCAB).eval()  # no dropout, no router noise
+    ids = torch.randint(VOCAB, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)

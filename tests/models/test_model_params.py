@@ -1,0 +1,104 @@
+"""Parameter counts against hand arithmetic at the study shape (reference-facts §5, §10), built on the meta device."""
+
+import pytest
+import torch
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+from blueberry.models import build_model, count_parameters
+from blueberry.models.lm import deepseek_config
+from blueberry.spec import ModelSpec
+
+V, D, L, E, K, F_EXPERT, D_FF = 49_152, 512, 3, 8, 2, 1_024, 2_048
+
+
+def study(variant: str) -> ModelSpec:
+    return ModelSpec(
+        variant=variant,
+        d_model=D,
+        n_layers=L,
+        n_heads=8,
+        n_experts=E,
+        top_k=K,
+        expert_d_ff=F_EXPERT,
+        d_ff=D_FF,
+        n_shared_experts=1,
+        q_lora_rank=128,
+        kv_lora_rank=128,
+        qk_nope_head_dim=0,
+    )
+
+
+def meta_build(variant: str):
+    with torch.device("meta"):  # shapes only, nothing allocated
+        return build_model(study(variant), V)
+
+
+EMBEDDING = V * D  # 25,165,824, tied with lm_head: counted once
+MHA = 3 * D * D + D * D  # fused QKV + output projection, no bias: 1,048,576
+NORMS = 2 * D  # two RMSNorms per block
+SKELETON = EMBEDDING + L * (MHA + NORMS) + D  # + final norm: 28,315,136
+
+
+def test_baseline_counts():
+    expert = 2 * D * F_EXPERT  # Linear d->F and F->d, no gate: 1,048,576
+    router = D * E  # 4,096
+    moe = E * expert + router  # 8,392,704
+    total = SKELETON + L * moe
+    active = total - L * (E - K) * expert  # a token visits K of the E experts
+    assert (SKELETON, moe, total, active) == (28_315_136, 8_392_704, 53_493_248, 34_618_880)
+    counts = count_parameters(meta_build("baseline"))
+    assert (counts.total, counts.active, counts.embedding) == (total, active, EMBEDDING)
+
+
+def test_glm4_moe_counts():
+    expert = 3 * D * F_EXPERT  # SwiGLU gate, up, down: 1,572,864
+    shared = 3 * D * F_EXPERT  # one shared expert of the same width
+    router = E * D  # sigmoid router weight (its e_score_correction_bias is a buffer)
+    block = E * expert + shared + router
+    active_block = K * expert + shared + router
+    assert (block, active_block) == (14_159_872, 4_722_688)
+    total = SKELETON + L * block
+    active = SKELETON + L * active_block
+    assert (total, active) == (70_794_752, 42_483_200)
+    counts = count_parameters(meta_build("moe"))
+    assert (counts.total, counts.active, counts.embedding) == (total, active, EMBEDDING)
+
+
+def test_mla_counts():
+    q_lora, kv_lora, rope = 128, 128, D // 8
+    mla = (
+        (D * q_lora + q_lora)
+        + q_lora
+        + q_lora * 8 * rope  # q_a_proj (bias), q_a_layernorm, q_b_proj (nope = 0)
+        + (D * (kv_lora + rope) + kv_lora + rope)
+        + kv_lora  # kv_a_proj_with_mqa (bias), kv_a_layernorm
+        + kv_lora * 8 * rope  # kv_b_proj: values only, since qk_nope_head_dim = 0
+        + (8 * rope * D + D)  # o_proj (bias)
+    )
+    assert mla == 558_144
+    counts = count_parameters(meta_build("attention_mlp"))
+    mlp = 3 * D * D_FF  # DeepSeek SwiGLU: 3,145,728
+    assert counts.total == counts.active == EMBEDDING + L * (mla + NORMS + mlp) + D == 36_281_024
+    assert count_parameters(meta_build("mlp")).total == SKELETON + L * mlp == 37_752_320
+    with torch.device("meta"):
+        attention = DeepseekV3Attention(deepseek_config(study("attention_mlp")), layer_idx=0)
+    assert sum(p.numel() for p in attention.parameters()) == mla
+
+
+def test_attention_moe_counts():
+    counts = count_parameters(meta_build("attention_moe"))
+    assert counts.total == EMBEDDING + L * (558_144 + NORMS + 14_159_872) + D == 69_323_456
+    assert counts.active == counts.total - L * (E - K) * 3 * D * F_EXPERT
+
+
+@pytest.mark.parametrize("variant", ["baseline", "attention_moe"])
+def test_optimizer_groups_partition_parameters(variant):
+    model = meta_build(variant)
+    groups = model.optimizer_groups()
+    ids = [id(p) for group in groups for p in group]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    assert any(p is model.tok_emb.weight for p in groups.adamw)
+    assert all(p.ndim == 2 for p in groups.muon)
+    assert all(p.ndim == 3 for p in groups.muon_3d)
+    assert all(p.ndim < 2 or p is model.tok_emb.weight for p in groups.adamw)
+    assert bool(groups.muon_3d) == (variant == "attention_moe")  # GLM-4 stores experts as [E, out, in] stacks

@@ -1,0 +1,94 @@
+"""The command line: exit codes, error messages, nothing written for bad input, the `make run` path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from blueberry.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_schema_is_json_schema():
+    result = invoke("schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert schema["additionalProperties"] is False and "model" in schema["properties"]
+
+
+def test_validate_ok():
+    result = invoke("validate", str(REPO / "experiments/quickstart.json"), "--train.lr=0.003")
+    assert result.exit_code == 0, result.output
+    assert "quickstart-attention_moe-lr0.003-s42" in result.output
+
+
+def test_every_experiment_spec_validates():
+    for path in sorted((REPO / "experiments").glob("*.json")):
+        assert invoke("validate", str(path)).exit_code == 0, path
+
+
+def test_bad_spec_exits_2_naming_file_and_field_and_writes_nothing(tmp_path):
+    spec = tmp_path / "bad.json"
+    spec.write_text(
+        json.dumps({"model": {"variant": "moe", "top_k": 9}, "tracking": {"runs_root": str(tmp_path / "r")}})
+    )
+    result = invoke("run", str(spec))
+    assert result.exit_code == 2
+    assert str(spec) in result.output and "model" in result.output and "top_k (9) cannot exceed" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_override_exits_2_naming_override(tmp_path):
+    result = invoke(
+        "run", str(REPO / "experiments/quickstart.json"), "--train.lr=fast", f"--tracking.runs_root={tmp_path / 'r'}"
+    )
+    assert result.exit_code == 2
+    assert "override --train.lr=fast: train.lr: Input should be a valid number" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_unreachable_dataset_exits_2_fast(tmp_path):
+    result = invoke(
+        "run",
+        str(REPO / "experiments/quickstart.json"),
+        "--data.dataset=someone/not-here",
+        f"--tracking.runs_root={tmp_path / 'r'}",
+    )
+    assert result.exit_code == 2 and "someone/not-here" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_make_run_path_writes_a_complete_record(tmp_path):
+    """What `make run` executes (the quickstart spec, shortened), as a real process with the console script."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    blueberry = Path(sys.executable).parent / "blueberry"
+    done = subprocess.run(
+        [
+            str(blueberry),
+            "run",
+            "experiments/quickstart.json",
+            "--train.steps=10",
+            "--train.eval_every=5",
+            f"--tracking.runs_root={tmp_path / 'runs'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run record:" in done.stdout and "W&B offline run:" in done.stdout
+    (run_dir,) = (tmp_path / "runs" / "quickstart").iterdir()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert json.loads((run_dir / "summary.json").read_text())["trainer/step"] == 10
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

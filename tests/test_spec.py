@@ -1,0 +1,37 @@
+import pytest
+from pydantic import ValidationError
+
+from blueberry.spec import RunSpec
+
+
+def test_defaults_make_a_valid_spec():
+    spec = RunSpec()
+    assert spec.model.variant == "baseline"
+    assert spec.run_name == "default-baseline-lr0.01-s42"
+
+
+def test_unknown_keys_are_rejected_at_every_level():
+    for raw in ({"nope": 1}, {"model": {"nope": 1}}, {"train": {"nope": 1}}, {"tracking": {"nope": 1}}):
+        with pytest.raises(ValidationError, match="Extra inputs"):
+            RunSpec.model_validate(raw)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"model": {"d_model": 130, "n_heads": 4}}, "divisible by n_heads"),
+        ({"model": {"n_experts": 2, "top_k": 3}}, "top_k"),
+        ({"data": {"seq_len": 2048}}, "max_seq_len"),
+        ({"train": {"lr": -1}}, "greater than 0"),
+        ({"model": {"variant": "gpt5"}}, "baseline"),
+    ],
+)
+def test_invalid_values_name_the_problem(raw, message):
+    with pytest.raises(ValidationError, match=message):
+        RunSpec.model_validate(raw)
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = RunSpec(), RunSpec.model_validate({"train": {"lr": 0.003}})
+    assert a.spec_hash() == RunSpec().spec_hash()
+    assert a.spec_hash() != b.spec_hash()
