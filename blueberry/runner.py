@@ -120,6 +120,15 @@ def execute(spec: RunSpec, *, log=print) -> RunResult:
 def _progress_bar(spec: RunSpec):
     if not spec.train.progress:
         return None
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=spec.train.steps, desc=spec.run_name, unit="step", dynamic_ncols=True)
+    # In a log file (not a terminal) redraw rarely instead of writing a line per step.
+    return tqdm(
+        total=spec.train.steps,
+        desc=spec.run_name,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.1 if sys.stderr.isatty() else 30,
+    )
