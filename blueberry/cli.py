@@ -1,12 +1,14 @@
 """`blueberry` command line: a thin layer over spec loading and the runner.
 
-Exit codes: 0 ok, 1 the run failed, 2 bad input (spec, override, data source), 130 interrupted.
+Exit codes: 0 ok, 1 the run failed, 2 bad input (spec, override, data source, unusable checkpoint),
+130 interrupted by SIGINT, 143 by SIGTERM (128 + the signal number).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -44,30 +46,49 @@ def main():
     metavar="FILE",
     help="JSON file of overrides (W&B's ${args_json_file}); may repeat.",
 )
-def run(spec_path, overrides, override_files):
+@click.option(
+    "--resume/--no-resume",
+    default=None,
+    help="--resume: continue this spec's unfinished or failed run from its last checkpoint (error if none). "
+    "--no-resume: always a new run. Default: continue a crashed or interrupted run, else start a new one.",
+)
+def run(spec_path, overrides, override_files, resume):
     """Train one run from SPEC.json, with overrides such as --train.lr=0.003 or --model="{'n_experts': 8}"."""
     spec = _load(spec_path, overrides, override_files)
     from blueberry.data import DataError
-    from blueberry.runner import execute
+    from blueberry.runner import OutOfMemory, execute
+    from blueberry.train.checkpoint import ResumeError
+    from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
-        result = execute(spec, log=lambda msg: click.echo(msg, err=True))
+        result = execute(spec, log=lambda msg: click.echo(msg, err=True), resume=resume)
     except DataError as exc:
         _fail(f"{spec_path}: data: {exc}")
+    except ResumeError as exc:
+        _fail(f"cannot resume: {exc}")
     except ValueError as exc:  # device/precision not available here: still an input problem
         _fail(f"{spec_path}: {exc}")
+    except TrainingInterrupted as exc:
+        _fail(f"interrupted: {exc}; run the same command again to resume", 128 + exc.signum)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except (TrainingDiverged, OutOfMemory) as exc:
+        _fail(f"run failed: {exc}", 1)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports the run
+        return
     s = result.summary
     click.echo(
         f"val/loss {s['val/loss']:.4f} (unigram baseline {s['unigram_loss']:.4f}), "
         f"val/accuracy {s['val/accuracy']:.4f}, {s['perf/tokens_per_s']:.0f} tokens/s"
     )
+    mfu = f"MFU {s['perf/mfu']:.1%}" if s.get("perf/mfu") is not None else "MFU n/a"
+    cost = f"cost ${s['cost/usd']:.4f}" if s.get("cost/usd") is not None else "cost n/a (no price for this device)"
+    click.echo(f"{mfu}, {cost}")
     click.echo(f"run record: {result.run_dir}")
     if result.wandb_dir:
         click.echo(f"W&B {result.wandb_mode} run: {result.wandb_dir}")
-        if result.wandb_mode == "offline":
-            click.echo(f"  upload later with: wandb sync {result.wandb_dir}")
+        if result.wandb_mode == "offline":  # a resumed run has one offline-run-* per attempt, synced in order
+            click.echo(f"  upload later with: wandb sync {Path(result.wandb_dir).parent}/offline-run-*")
 
 
 @main.command(context_settings=PASS_THROUGH)
@@ -87,3 +108,135 @@ def validate(spec_path, overrides, override_files, print_spec):
 def schema():
     """Print the run spec's JSON Schema."""
     click.echo(json.dumps(RunSpec.model_json_schema(), indent=2))
+
+
+@main.command()
+@click.option("--runs-root", default="runs", show_default=True, help="Local run records to report on.")
+@click.option("--source", type=click.Choice(["local", "wandb"]), default="local", show_default=True)
+@click.option("--entity", help="W&B entity (for --source wandb and --publish).")
+@click.option("--project", help="W&B project (for --source wandb; --publish defaults to the runs' project).")
+@click.option("--group", help="Only this experiment (W&B group).")
+@click.option("--sweep", help="Only runs of this sweep (id or name).")
+@click.option("--tag", "tags", multiple=True, help="Only runs with this tag; may repeat (all must match).")
+@click.option("--out", default="reports", show_default=True, help="Output directory (cache in OUT/cache).")
+@click.option(
+    "--gpu-prices", metavar="JSON|FILE", help="GPU $/h table, e.g. '{\"RTX 4090\": 0.4}' (or $BLUEBERRY_GPU_PRICES)."
+)
+@click.option("--readme", metavar="FILE", help="Also write the timeline into FILE between its timeline markers.")
+@click.option("--publish", is_flag=True, help="Also build and save a W&B Report (needs the network).")
+def report(runs_root, source, entity, project, group, sweep, tags, out, gpu_prices, readme, publish):
+    """Rebuild the study's tables, plots, timeline and dashboard from recorded runs."""
+    from blueberry.report.build import run_report
+    from blueberry.report.records import ReportError
+
+    try:
+        run_report(
+            source=source,
+            runs_root=runs_root,
+            entity=entity,
+            project=project,
+            group=group,
+            sweep=sweep,
+            tags=tuple(tags),
+            out=out,
+            gpu_prices=gpu_prices,
+            readme=readme,
+            publish=publish,
+            log=lambda msg: click.echo(msg, err=True),
+        )
+    except ReportError as exc:
+        _fail(str(exc), exc.code)
+
+
+@main.command()
+@click.argument("sweep_path", metavar="SWEEP.yaml")
+@click.option("--count", type=click.IntRange(min=1), help="Most trials in this sweep, across resumes.")
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Trials at once (one GPU each when GPUs exist).",
+)
+@click.option("--runs-root", default="runs", show_default=True, help="Where run records and sweep state go.")
+@click.option("--dry-run", is_flag=True, help="Print the planned runs and their command lines; run nothing.")
+def sweep(sweep_path, count, parallel, runs_root, dry_run):
+    """Run a W&B sweep YAML offline with W&B's own sweep engine; the same command resumes it."""
+    from blueberry.sweep import SweepRunner, load_sweep, plan
+    from blueberry.sweep.validate import check_trials
+
+    try:
+        swept = load_sweep(sweep_path)
+        planned = plan(swept, count)
+        check_trials(swept, planned)  # every planned run is a valid spec before any runs
+    except SpecError as exc:
+        _fail(exc.render())
+    if dry_run:
+        from blueberry.sweep.validate import describe
+
+        click.echo(describe(swept, planned))
+        return
+    click.echo(
+        f"sweep {swept.sweep_id} ({swept.method}): {len(planned)} planned run(s), state in "
+        f"{runs_root}/_sweeps/{swept.sweep_id}",
+        err=True,
+    )
+    runner = SweepRunner(swept, runs_root, count=count, parallel=parallel, log=lambda m: click.echo(m, err=True))
+    try:
+        state = runner.run()
+    except KeyboardInterrupt:
+        _fail("sweep interrupted; run the same command again to resume", 130)
+    done = [t for t in state.trials if t.state == "finished"]
+    failed = [t for t in state.trials if t.state != "finished"]
+    click.echo(f"sweep {swept.sweep_id}: {len(done)} finished, {len(failed)} failed or stopped")
+    for trial in failed:
+        click.echo(f"  {trial.run_id}: {trial.state}: {trial.reason}")
+
+
+@main.command(context_settings=PASS_THROUGH)
+@click.argument("args", metavar="[SPEC.json] [OVERRIDES...]", nargs=-1, type=click.UNPROCESSED)
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def doctor(args, as_json):
+    """Show the hardware found (NVML GPUs, CPU) and what a run of SPEC.json (default spec if none) would choose."""
+    spec_path = args[0] if args and args[0].endswith(".json") else None
+    spec = _load(spec_path, args[1:] if spec_path else args, ())
+    import torch
+
+    from blueberry.distributed import env_world
+    from blueberry.hardware import detect, format_doctor, plan_run, resolve_device
+    from blueberry.models import build_model
+
+    info = detect()
+    try:
+        device = resolve_device(spec.train.device)
+        model = build_model(spec.model, spec.data.vocab_size)
+        plan = plan_run(spec, device, model, spec.data.vocab_size, env_world().size, probe=False)
+    except ValueError as exc:
+        _fail(f"{spec_path or 'default spec'}: {exc}")
+    if as_json:
+        found = {"hardware": info.to_dict(), "plan": plan.header(), "torch": torch.__version__}
+        click.echo(json.dumps(found, indent=2))
+    else:
+        click.echo(format_doctor(info, plan, spec_path or "the default spec"))
+
+
+@main.command()
+@click.option("--ceiling", is_flag=True, help="Only measure (and cache) this CPU's fp32/bf16 GEMM ceilings.")
+@click.option("--quick", is_flag=True, help="Tiny shapes, few cases: checks the bench works, measures little.")
+@click.option("--out", default="reports/bench", show_default=True, help="Where the JSON and table go.")
+def bench(ceiling, quick, out):
+    """Measure tokens/s, MFU and memory per variant, the speed ratios and the speed targets; print one table."""
+    if ceiling:
+        from blueberry.bench.suite import measure_ceilings
+        from blueberry.perf import ceiling_cache_path
+
+        for precision, flops in measure_ceilings(quick).items():
+            click.echo(f"{precision} GEMM ceiling: {flops / 1e12:.3f} TFLOP/s")
+        if not quick:
+            click.echo(f"cached in {ceiling_cache_path()} (runs use it for perf/mfu)")
+        return
+    from blueberry.bench import format_table, run_bench
+
+    outcome = run_bench(quick=quick, out_dir=out, log=lambda msg: click.echo(msg, err=True))
+    click.echo(format_table(outcome))
+    click.echo(f"saved: {outcome['saved']}")

@@ -1,19 +1,175 @@
-"""What this machine can do: device and precision choices made before training."""
+"""What this machine can do, and what a run should choose on it.
+
+GPUs are found through NVML (`nvidia-ml-py`), the CPU through /proc/cpuinfo. No GPU, no driver or no NVML
+library means the CPU path, never an error. A GPU model maps to a preset: the precision `auto` picks, its
+dense peak FLOP/s (for MFU) and a rental price (for the run's cost).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+PRICE_ENV = "BLUEBERRY_PRICE_PER_HOUR"
+PRICE_TABLE_ENV = "BLUEBERRY_GPU_PRICES"  # shared with `blueberry report --gpu-prices`
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One kind of device: what `auto` settings pick on it, its peak and its price."""
+
+    name: str
+    match: tuple[str, ...]  # every one of these must appear in the NVML name (case-insensitive)
+    precision: str  # what precision 'auto' picks
+    peak_tflops: dict[str, float]  # dense (no sparsity) peak per precision, from the vendor's data sheet
+    usd_per_hour: float | None  # typical rental price of one device; override with train.price_per_hour
+    max_micro_batch: int  # upper bound for batch_size 'auto' (the memory probe may pick less)
+
+
+# Peaks: NVIDIA data sheets, dense tensor-core figures (fp16/bf16 with fp32 accumulate) and plain fp32 (no TF32).
+# Prices: rough 2025 cloud rental list prices per device-hour (the Blueberry report used $0.18/h, a 4090 spot
+# price); they drift, so the run records which price it used and where it came from.
+PRESETS: tuple[Preset, ...] = (
+    Preset("T4", ("t4",), "fp16", {"fp16": 65.0, "fp32": 8.1}, 0.35, 64),
+    Preset("RTX 4090", ("4090",), "bf16", {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}, 0.40, 128),
+    Preset("A100", ("a100",), "bf16", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 1.50, 256),
+    Preset("H100 PCIe", ("h100", "pcie"), "bf16", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2}, 2.50, 256),
+    Preset("H100", ("h100",), "bf16", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}, 3.00, 256),
+)
+# CPU peaks are measured (`blueberry bench --ceiling`), not tabulated. On CPU a bigger micro-batch stops
+# paying off long before memory runs out, so 'auto' keeps it moderate.
+CPU_PRESET = Preset("CPU", (), "fp32", {}, None, 32)
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    cores: int  # usable by this process (affinity), not the host's total
+    torch_threads: int
+    bf16: bool  # AVX512-BF16 or AMX: bf16 autocast pays off
+    amx: bool
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    memory_mb: float
+    compute_capability: tuple[int, int]
+    driver: str
+
+
+@dataclass
+class HardwareInfo:
+    cpu: CpuInfo
+    gpus: list[GpuInfo] = field(default_factory=list)
+    nvml: str = "not queried"  # how GPU detection went: "ok", or why there are no GPUs
+    cuda_available: bool = False
+
+    @property
+    def preset(self) -> Preset:
+        return preset_for(self.gpus[0].name) if self.gpus else CPU_PRESET
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["preset"] = self.preset.name
+        return out
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+
 
 def cpu_supports_bf16() -> bool:
     """True on CPUs with native bf16 (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_flags().split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def detect_cpu() -> CpuInfo:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    flags = cpu_flags().split()
+    return CpuInfo(model, cores, torch.get_num_threads(), cpu_supports_bf16(), "amx_bf16" in flags)
+
+
+def detect_gpus() -> tuple[list[GpuInfo], str]:
+    """NVIDIA GPUs through NVML, and how detection went. Any NVML failure means no GPUs, not an error."""
+    try:
+        import pynvml
+    except ImportError:
+        return [], "nvidia-ml-py not installed"
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound / DriverNotLoaded on machines without a GPU
+        return [], f"NVML unavailable: {exc}"
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            gpus.append(
+                GpuInfo(
+                    index=index,
+                    name=_text(pynvml.nvmlDeviceGetName(handle)),
+                    memory_mb=pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20,
+                    compute_capability=tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle)),
+                    driver=driver,
+                )
+            )
+        return gpus, "ok"
+    except Exception as exc:
+        return [], f"NVML query failed: {exc}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def detect() -> HardwareInfo:
+    gpus, why = detect_gpus()
+    return HardwareInfo(detect_cpu(), gpus, why, torch.cuda.is_available())
+
+
+def preset_for(gpu_name: str) -> Preset:
+    """The preset whose match words all appear in the NVML name; unknown GPUs get a generic fp32 preset."""
+    lowered = gpu_name.lower()
+    for preset in PRESETS:
+        if all(word in lowered for word in preset.match):
+            return preset
+    return Preset(gpu_name, (), "fp32", {}, None, 64)
+
+
+def precision_for(compute_capability: tuple[int, int] | None, cpu_bf16: bool) -> str:
+    """bf16 on Ampere+ (cc >= 8.0) and bf16-capable CPUs; fp16 + GradScaler on Volta/Turing (T4); else fp32."""
+    if compute_capability is None:
+        return "bf16" if cpu_bf16 else "fp32"
+    major = compute_capability[0]
+    if major >= 8:
+        return "bf16"
+    return "fp16" if major >= 7 else "fp32"
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -31,8 +187,252 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        if major >= 8:
-            return "bf16"
-        return "fp16" if major >= 7 else "fp32"
-    return "bf16" if cpu_supports_bf16() else "fp32"
+        return precision_for(torch.cuda.get_device_capability(device), False)
+    return precision_for(None, cpu_supports_bf16())
+
+
+# --- cost -------------------------------------------------------------------------------------------------
+
+
+def price_per_hour(spec_price: float | None, preset: Preset) -> tuple[float | None, str]:
+    """USD per device-hour and where it came from.
+
+    In order: the spec's train.price_per_hour, $BLUEBERRY_PRICE_PER_HOUR (a number), $BLUEBERRY_GPU_PRICES (the
+    report's table: a JSON object of GPU name -> price, or a path to one), then the preset's list price.
+    """
+    if spec_price is not None:
+        return spec_price, "spec"
+    env = os.environ.get(PRICE_ENV)
+    if env:
+        try:
+            return float(env), PRICE_ENV
+        except ValueError:
+            raise ValueError(f"{PRICE_ENV}={env!r} is not a number") from None
+    table = os.environ.get(PRICE_TABLE_ENV)
+    if table and preset.match:
+        text = Path(table).read_text() if Path(table).is_file() else table
+        try:
+            prices = {str(k).lower(): float(v) for k, v in json.loads(text).items()}
+        except (ValueError, AttributeError, TypeError):
+            raise ValueError(f"{PRICE_TABLE_ENV} is not a JSON object of GPU name -> $/h") from None
+        if preset.name.lower() in prices:
+            return prices[preset.name.lower()], PRICE_TABLE_ENV
+    if preset.usd_per_hour is not None:
+        return preset.usd_per_hour, f"table ({preset.name})"
+    return None, "no price for this device; set train.price_per_hour to get a cost"
+
+
+def run_cost(price: float | None, wall_s: float, devices: int) -> dict:
+    """The cost/* summary keys: price × wall-clock hours × devices, or None when no price applies."""
+    device_hours = wall_s / 3600 * devices
+    return {
+        "cost/usd": None if price is None else price * device_hours,
+        "cost/usd_per_hour": price,
+        "cost/device_hours": device_hours,
+    }
+
+
+# --- batch_size: auto --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    micro_batch: int  # windows per rank per micro-step
+    grad_accum: int
+    effective_batch: int  # windows per optimizer step, all ranks
+    how: str
+
+
+def choose_micro_batch(per_rank: int, fits: Callable[[int], bool], cap: int) -> int:
+    """The largest divisor of `per_rank` (≤ cap) that `fits`; 1 if none does (accumulation then does the rest)."""
+    for micro in sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), reverse=True):
+        if micro <= cap and fits(micro):
+            return micro
+    return 1
+
+
+def resolve_batch(
+    batch_size: int | str, grad_accum: int, effective_batch: int | None, world: int, fits, cap: int
+) -> BatchChoice:
+    """Turn the spec's batch settings into (micro-batch, accumulation); 'auto' keeps `effective_batch` fixed."""
+    if batch_size != "auto":
+        return BatchChoice(batch_size, grad_accum, batch_size * grad_accum * world, "spec")
+    if effective_batch % world:
+        raise ValueError(f"train.effective_batch ({effective_batch}) is not divisible by the {world} ranks")
+    per_rank = effective_batch // world
+    micro = choose_micro_batch(per_rank, fits, cap)
+    return BatchChoice(micro, per_rank // micro, effective_batch, "auto")
+
+
+def estimate_train_bytes(
+    params: int, active_width: int, d_model: int, n_layers: int, n_heads: int, vocab: int, seq_len: int, micro: int
+) -> int:
+    """A deliberately generous training-memory estimate (bytes), for choosing a micro-batch without a probe.
+
+    Weights, grads and up to three optimizer states in fp32, plus activations kept for backward: per token and
+    layer ~16·d (attention in/out, norms, residuals, dropout masks) + 4·(active FFN width) + heads·T
+    (attention scores, if the kernel materialises them), and the logits with their gradient; all in fp32, ×1.5.
+    """
+    tokens = micro * seq_len
+    per_token_layer = 16 * d_model + 4 * active_width + n_heads * seq_len
+    activations = tokens * (n_layers * per_token_layer + 3 * vocab) * 4
+    return int(1.5 * (params * 4 * 5 + activations))
+
+
+def memory_available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cuda_probe_fits(model, vocab_size: int, seq_len: int, autocast, device: torch.device, headroom: float = 0.85):
+    """A `fits(micro)` that runs one forward+backward at that micro-batch and checks the peak memory.
+
+    Optimizer states do not exist yet during the probe, so three fp32 copies of the parameters are added.
+    """
+    total = torch.cuda.get_device_properties(device).total_memory
+    optimizer_bytes = 3 * 4 * sum(p.numel() for p in model.parameters())
+
+    def fits(micro: int) -> bool:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            tokens = torch.randint(vocab_size, (micro, seq_len), device=device)
+            with autocast():
+                out = model(tokens)
+            loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), tokens.flatten())
+            loss.backward()
+            peak = torch.cuda.max_memory_allocated(device)
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        return peak + optimizer_bytes <= headroom * total
+
+    return fits
+
+
+# --- the plan a run follows (and `blueberry doctor` prints) ------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    """Everything a run decides about the hardware, recorded in its header under `hardware`."""
+
+    device: str
+    precision: str
+    threads: int
+    preset: str
+    gpu_name: str | None
+    compute_capability: tuple[int, int] | None
+    world_size: int
+    batch: BatchChoice
+    compile: bool
+    peak_flops: float | None
+    peak_source: str
+    price_per_hour: float | None
+    price_source: str
+    flops_per_token: float | None = None
+
+    def header(self) -> dict:
+        out = asdict(self)
+        out["batch"] = asdict(self.batch)
+        return out
+
+    def apply(self, spec):
+        """The spec with batch_size 'auto' replaced by the chosen micro-batch and accumulation."""
+        train = spec.train.model_copy(
+            update={"batch_size": self.batch.micro_batch, "grad_accum": self.batch.grad_accum, "effective_batch": None}
+        )
+        return spec.model_copy(update={"train": train})
+
+
+def plan_run(spec, device: torch.device, model, vocab_size: int, world_size: int = 1, probe: bool = True) -> RunPlan:
+    """Decide precision, micro-batch, peak FLOP/s and price for `spec` on `device`.
+
+    batch_size 'auto': on a GPU a real forward+backward probe (probe=True) or the estimate, on CPU the estimate
+    against half the available RAM, capped by the preset.
+    """
+    from blueberry.models import count_parameters
+    from blueberry.perf import flops_per_token, peak_flops
+
+    precision = resolve_precision(spec.train.precision, device)
+    if device.type == "cuda":
+        gpu_name = torch.cuda.get_device_name(device)
+        preset, capability = preset_for(gpu_name), tuple(torch.cuda.get_device_capability(device))
+        budget = 0.85 * torch.cuda.get_device_properties(device).total_memory
+    else:
+        gpu_name, preset, capability = None, CPU_PRESET, None
+        budget = 0.5 * (memory_available_bytes() or 8 * 2**30)
+    m = spec.model
+    active_width = (m.top_k + m.n_shared_experts) * m.expert_d_ff if m.is_moe else m.d_ff
+    params = count_parameters(model).total
+
+    def estimate_fits(micro: int) -> bool:
+        need = estimate_train_bytes(
+            params, active_width, m.d_model, m.n_layers, m.n_heads, vocab_size, spec.data.seq_len, micro
+        )
+        return need <= budget
+
+    fits = estimate_fits
+    if device.type == "cuda" and probe and spec.train.batch_size == "auto":
+        from blueberry.train.trainer import autocast_for
+
+        fits = cuda_probe_fits(model.to(device), vocab_size, spec.data.seq_len, autocast_for(device, precision), device)
+    t = spec.train
+    batch = resolve_batch(t.batch_size, t.grad_accum, t.effective_batch, world_size, fits, preset.max_micro_batch)
+    peak, peak_source = peak_flops(device, precision, preset)
+    price, price_source = price_per_hour(t.price_per_hour, preset)
+    return RunPlan(
+        device=str(device),
+        precision=precision,
+        threads=torch.get_num_threads(),
+        preset=preset.name,
+        gpu_name=gpu_name,
+        compute_capability=capability,
+        world_size=world_size,
+        batch=batch,
+        compile=t.compile,
+        peak_flops=peak,
+        peak_source=peak_source,
+        price_per_hour=price,
+        price_source=price_source,
+        flops_per_token=flops_per_token(model, spec.data.seq_len).total,
+    )
+
+
+def format_doctor(info: HardwareInfo, plan: RunPlan, spec_name: str) -> str:
+    cpu = info.cpu
+    bf16 = "yes (AMX)" if cpu.amx else ("yes (AVX512-BF16)" if cpu.bf16 else "no")
+    lines = [f"CPU      {cpu.model}: {cpu.cores} usable cores, torch threads {cpu.torch_threads}, native bf16 {bf16}"]
+    if info.gpus:
+        for gpu in info.gpus:
+            cc = ".".join(map(str, gpu.compute_capability))
+            lines.append(
+                f"GPU {gpu.index}    {gpu.name}: {gpu.memory_mb / 1024:.1f} GiB, compute capability {cc}, "
+                f"driver {gpu.driver}, preset {preset_for(gpu.name).name}"
+            )
+    else:
+        lines.append(f"GPUs     none ({info.nvml})")
+    lines.append(f"CUDA     {'available' if info.cuda_available else 'not available'} in torch {torch.__version__}")
+    b = plan.batch
+    scaler = " + GradScaler" if plan.precision == "fp16" else ""
+    peak = "unknown" if plan.peak_flops is None else f"{plan.peak_flops / 1e12:.3f} TFLOP/s"
+    price = "cost not applicable" if plan.price_per_hour is None else f"${plan.price_per_hour:.2f}/device-hour"
+    lines += [
+        f"A run of {spec_name} here would use:",
+        f"  device     {plan.device} (preset {plan.preset}), {plan.world_size} process(es)",
+        f"  precision  {plan.precision}{scaler}",
+        f"  batch      {b.micro_batch} windows per micro-step × {b.grad_accum} accumulation × {plan.world_size} "
+        f"rank(s) = {b.effective_batch} per optimizer step ({b.how})",
+        f"  compile    {'torch.compile' if plan.compile else 'eager'}",
+        f"  FLOPs      {plan.flops_per_token / 1e6:.1f} MFLOP per trained token",
+        f"  peak       {peak} ({plan.peak_source})",
+        f"  price      {price} ({plan.price_source})",
+    ]
+    return "\n".join(lines)

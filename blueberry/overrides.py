@@ -22,15 +22,16 @@ from blueberry.spec import RunSpec
 class SpecError(Exception):
     """A spec or override is invalid. `problems` are (where, field path, reason) triples."""
 
-    def __init__(self, problems: list[tuple[str, str, str]]):
+    def __init__(self, problems: list[tuple[str, str, str]], title: str = "invalid run spec"):
         self.problems = problems
+        self.title = title
         super().__init__(self.render())
 
     def render(self) -> str:
         lines = [
             f"{where}: {path}: {reason}" if path else f"{where}: {reason}" for where, path, reason in self.problems
         ]
-        return "invalid run spec\n  " + "\n  ".join(lines)
+        return f"{self.title}\n  " + "\n  ".join(lines)
 
 
 def parse_value(text: str) -> Any:
@@ -133,6 +134,8 @@ def read_json_object(path: str | Path, what: str) -> dict:
         ) from None
     except RecursionError:
         raise SpecError([(str(path), "", "JSON nested too deeply")]) from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (Python's int-parsing limit)
+        raise SpecError([(str(path), "", f"not valid JSON: {exc}")]) from None
     if not isinstance(value, dict):
         raise SpecError([(str(path), "", f"{what} must be a JSON object, got {type(value).__name__}")])
     return value

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 VARIANTS = ("baseline", "mlp", "attention_mlp", "moe", "attention_moe")
 Variant = Literal["baseline", "mlp", "attention_mlp", "moe", "attention_moe"]
@@ -19,7 +19,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # No NaN/inf anywhere: JSON's `1e400` and `NaN` parse to them, and no field means them.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -30,19 +31,28 @@ class ModelSpec(_Strict):
     n_layers: int = Field(2, ge=1, le=128)
     n_heads: int = Field(4, ge=1, le=256)
     max_seq_len: int = Field(1024, ge=8, le=131072, description="Positional (RoPE) limit; data.seq_len must fit.")
-    d_ff: int = Field(512, ge=1, description="Width of the dense DeepSeek-V3 MLP (variants mlp, attention_mlp).")
+    d_ff: int = Field(
+        512, ge=1, le=1_048_576, description="Width of the dense DeepSeek-V3 MLP (variants mlp, attention_mlp)."
+    )
     n_experts: int = Field(4, ge=1, le=1024, description="Routed experts (variants baseline, moe, attention_moe).")
-    top_k: int = Field(2, ge=1, description="Experts chosen per token.")
-    expert_d_ff: int = Field(256, ge=1, description="Width of one routed expert.")
+    top_k: int = Field(2, ge=1, le=1024, description="Experts chosen per token.")
+    expert_d_ff: int = Field(256, ge=1, le=1_048_576, description="Width of one routed expert.")
     n_shared_experts: int = Field(1, ge=0, le=64, description="GLM4-MoE shared experts (variants moe, attention_moe).")
-    router_noise_std: float = Field(0.1, ge=0, description="Gaussian router noise in training (baseline MoE).")
-    balance_loss_weight: float = Field(0.01, ge=0, description="Switch-style load-balancing loss weight.")
-    q_lora_rank: int = Field(128, ge=1, description="MLA query latent rank.")
-    kv_lora_rank: int = Field(128, ge=1, description="MLA key/value latent rank.")
-    qk_nope_head_dim: int = Field(0, ge=0, description="MLA non-RoPE query/key dims per head (0 as in the study).")
-    rope_theta: float = Field(10000.0, gt=0)
+    router_noise_std: float = Field(0.1, ge=0, le=100, description="Gaussian router noise in training (baseline MoE).")
+    balance_loss_weight: float = Field(0.01, ge=0, le=1000, description="Switch-style load-balancing loss weight.")
+    q_lora_rank: int = Field(128, ge=1, le=65536, description="MLA query latent rank.")
+    kv_lora_rank: int = Field(128, ge=1, le=65536, description="MLA key/value latent rank.")
+    qk_nope_head_dim: int = Field(
+        0, ge=0, le=4096, description="MLA non-RoPE query/key dims per head (0 as in the study)."
+    )
+    rope_theta: float = Field(10000.0, gt=0, le=1e12)
     dropout: float = Field(0.1, ge=0, lt=1)
     init_std: float = Field(0.02, gt=0, le=1)
+    experts_implementation: Literal["eager", "grouped_mm"] = Field(
+        "eager",
+        description="How transformers runs the GLM-4 routed experts: a loop over experts or grouped matmuls "
+        "(`make bench` measures both).",
+    )
 
     @property
     def head_dim(self) -> int:
@@ -78,9 +88,9 @@ class DataSpec(_Strict):
     text_field: str = "text"
     id_field: str | None = Field("id", description="Document id field; missing ids fall back to a content hash.")
     streaming: bool = Field(False, description="Stream a remote dataset instead of downloading it whole.")
-    max_docs: int | None = Field(None, ge=1, description="Use only the first N documents.")
-    max_chars_per_doc: int | None = Field(None, ge=1, description="Cut each document to N characters.")
-    max_tokens: int | None = Field(None, ge=64, description="Cap on training-split tokens.")
+    max_docs: int | None = Field(None, ge=1, le=2**63 - 1, description="Use only the first N documents.")
+    max_chars_per_doc: int | None = Field(None, ge=1, le=2**63 - 1, description="Cut each document to N characters.")
+    max_tokens: int | None = Field(None, ge=64, le=2**63 - 1, description="Cap on training-split tokens.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of documents held out (by id hash).")
     tokenizer: str = Field(
         "bpe", description="'bpe' trains a byte-level BPE on the train split; otherwise an AutoTokenizer name or path."
@@ -94,8 +104,15 @@ class TrainSpec(_Strict):
     """Optimisation recipe. `steps`, warmup and the schedule all count optimizer steps."""
 
     steps: int = Field(200, ge=1, le=10_000_000, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, le=65536, description="Micro-batch size (windows).")
+    batch_size: Annotated[int, Field(ge=1, le=65536)] | Literal["auto"] = Field(
+        16,
+        description="Micro-batch size (windows per rank); 'auto' picks the largest that fits and keeps "
+        "effective_batch with gradient accumulation.",
+    )
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    effective_batch: int | None = Field(
+        None, ge=1, le=1_048_576, description="Windows per optimizer step over all ranks; only with batch_size 'auto'."
+    )
     optimizer: Literal["muon", "adamw"] = Field(
         "muon", description="muon: Muon on 2-D hidden matrices + AdamW on the rest; adamw: AdamW on everything."
     )
@@ -108,19 +125,41 @@ class TrainSpec(_Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Warmup length as a share of steps.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of the peak LR.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Global grad-norm clip; null for none.")
-    eval_every: int = Field(50, ge=1, description="Evaluate on the full validation set every N optimizer steps.")
-    log_every: int = Field(10, ge=1, description="Log train metrics every N optimizer steps.")
+    grad_clip: float | None = Field(1.0, gt=0, le=1e6, description="Global grad-norm clip; null for none.")
+    eval_every: int = Field(
+        50, ge=1, le=10_000_000, description="Evaluate on the full validation set every N optimizer steps."
+    )
+    log_every: int = Field(10, ge=1, le=10_000_000, description="Log train metrics every N optimizer steps.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: torch's choice).")
     progress: bool = Field(True, description="Show a progress bar.")
+    compile: bool = Field(False, description="torch.compile the model (`make bench` measures whether it pays).")
+    price_per_hour: float | None = Field(
+        None,
+        ge=0,
+        description="USD per device-hour for the run's cost; default $BLUEBERRY_PRICE_PER_HOUR, else the GPU table.",
+    )
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Checkpoint every N optimizer steps and at the end (null: only when stopped by SIGINT/SIGTERM).",
+    )
+    keep_checkpoints: int = Field(3, ge=1, le=100_000, description="Keep the last K checkpoints.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
         for beta in self.adam_betas:
             if not 0 <= beta < 1:
                 raise ValueError(f"adam_betas must lie in [0, 1), got {list(self.adam_betas)}")
+        if self.batch_size == "auto":
+            if self.effective_batch is None:
+                raise ValueError("batch_size 'auto' needs effective_batch (windows per optimizer step)")
+            if self.grad_accum != 1:
+                raise ValueError("with batch_size 'auto' grad_accum is derived; set effective_batch instead")
+        elif self.effective_batch is not None:
+            raise ValueError("effective_batch is only used with batch_size 'auto' (else batch_size × grad_accum)")
         return self
 
 
@@ -135,6 +174,14 @@ class TrackingSpec(_Strict):
     job_type: str = Field("train", pattern=NAME_PATTERN)
     notes: str | None = Field(None, max_length=4096)
     runs_root: str = Field("runs", description="Directory holding the local run records.")
+    wandb_checkpoints: bool = Field(False, description="Also log each checkpoint to W&B as a `model` artifact.")
+
+    @field_validator("runs_root")
+    @classmethod
+    def _check_runs_root(cls, value: str) -> str:
+        if not value or "\x00" in value or len(value) > 4096:
+            raise ValueError("must be a directory path: 1-4096 characters, no NUL")
+        return value
 
 
 class RunSpec(_Strict):

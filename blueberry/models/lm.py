@@ -30,11 +30,6 @@ from ..spec import ModelSpec
 from .attention import CausalSelfAttention, LatentAttention
 from .feedforward import Glm4MoE, TopKMoE
 
-# transformers 5.x runs the GLM-4 experts as a Python loop over experts ("eager") or as grouped matmuls
-# ("grouped_mm"). Measured on 2 CPU cores, fp32, one MoE block forward+backward: 256d/4 experts/16x128 tokens
-# 91 vs 102 ms, 512d/8 experts/16x256 tokens 636 vs 717 ms; grouped_mm only won at toy sizes (1.5 vs 2.1 ms).
-EXPERTS_IMPLEMENTATION = "eager"
-
 
 def deepseek_config(spec: ModelSpec) -> DeepseekV3Config:
     """DeepSeek-V3 config for the MLA attention, the RoPE tables and the dense SwiGLU MLP."""
@@ -74,7 +69,8 @@ def glm4_config(spec: ModelSpec) -> Glm4MoeConfig:
         routed_scaling_factor=1.0,
         first_k_dense_replace=0,
         hidden_act="silu",
-        experts_implementation=EXPERTS_IMPLEMENTATION,
+        # a loop over experts (eager) or grouped matmuls: `make bench` measures which wins where
+        experts_implementation=spec.experts_implementation,
     )
 
 

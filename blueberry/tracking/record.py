@@ -5,16 +5,27 @@ runs/<experiment>/<run_id>/
   metrics.jsonl  one JSON object per logged step, append-only (a torn last line is skipped by readers)
   summary.json   final and best metrics
   status.json    running | finished | failed | interrupted, with the reason
-  wandb/         the W&B offline run (`wandb sync runs/<experiment>/<run_id>/wandb/offline-run-*`)
+  checkpoints/   step-<step>.pt, the last K (blueberry.train.checkpoint)
+  wandb/         the W&B offline run (`wandb sync runs/<experiment>/<run_id>/wandb/offline-run-*`);
+                 one offline-run-* per attempt of a resumed run, synced in order into one W&B run
+
+A live run holds an exclusive lock (flock) on its directory; the kernel drops it when the process dies,
+even by SIGKILL. So "running" with the lock free means the run crashed, and the directory can be
+claimed to resume it. A resumed run keeps its directory: spec.json gains a `resumes` entry and
+metrics.jsonl is cut back to the checkpoint's step, so it never holds a step twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import re
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +57,112 @@ def _finite(value: Any) -> Any:
 
 
 def allocate_run_dir(runs_root: str | Path, experiment: str, run_id: str) -> Path:
-    """Create a fresh run directory; a taken id gets a numeric suffix (a re-run never overwrites)."""
-    parent = Path(runs_root) / safe_name(experiment)
-    parent.mkdir(parents=True, exist_ok=True)
+    """Create a fresh run directory (not locked); a taken id gets a numeric suffix."""
+    claimed = claim_run_dir(runs_root, experiment, run_id)
+    claimed.release()
+    return claimed.path
+
+
+@dataclass
+class RunDir:
+    """A run directory claimed by this process, and whether an earlier attempt of the run left it."""
+
+    path: Path
+    lock_fd: int
+    reused: bool
+    previous_state: str | None = None  # status of the earlier attempt ("running" when it crashed)
+
+    def release(self) -> None:
+        os.close(self.lock_fd)  # closing the descriptor drops the flock
+
+
+def _lock(path: Path) -> int | None:
+    """Exclusive, non-blocking flock on a directory: its descriptor, or None if a live process holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # not a directory, or gone: nothing to claim
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def claim_run_dir(
+    runs_root: str | Path,
+    experiment: str,
+    run_id: str,
+    reuse: Callable[[Path, str], bool] | None = None,
+    create: bool = True,
+) -> RunDir | None:
+    """Lock the run directory for `run_id`: an earlier attempt that `reuse(path, state)` accepts, else a new
+    one (None if `create` is false).
+
+    Attempts are runs/<experiment>/<run_id>, then <run_id>-2, -3, ...; those held by a live process are
+    skipped, so concurrent runs of one spec never share a directory. `state` is the attempt's status
+    ("running" for one that crashed).
+    """
+    parent = Path(runs_root) / safe_name(experiment)  # safe_name: one plain path component, never ".."
     base = safe_name(run_id)
-    for attempt in range(1, 10_000):
-        candidate = parent / (base if attempt == 1 else f"{base}-{attempt}")
+    pattern = re.compile(rf"^{re.escape(base)}(?:-(\d+))?$")
+    existing = parent.iterdir() if parent.is_dir() else ()
+    taken = sorted(int(m.group(1) or 1) for p in existing if (m := pattern.match(p.name)))
+    for attempt in taken if reuse is not None else ():
+        path = parent / (base if attempt == 1 else f"{base}-{attempt}")
+        fd = _lock(path)
+        if fd is None:
+            continue
+        status = _read_json(path / "status.json")
+        if status is None and create:  # died (or is being set up) before writing anything: as good as new
+            return RunDir(path, fd, reused=False)
+        if status is not None and reuse(path, status.get("state")):
+            return RunDir(path, fd, reused=True, previous_state=status.get("state"))
+        os.close(fd)
+    if not create:
+        return None
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(max(taken, default=0) + 1, max(taken, default=0) + 10_000):
+        path = parent / (base if attempt == 1 else f"{base}-{attempt}")
         try:
-            candidate.mkdir()  # atomic: two concurrent runs never get the same directory
-            return candidate
+            path.mkdir()  # atomic: two concurrent runs never create the same directory
         except FileExistsError:
             continue
+        fd = _lock(path)
+        if fd is not None:  # else another process claimed the empty directory first: it is theirs
+            return RunDir(path, fd, reused=False)
     raise RuntimeError(f"could not allocate a run directory under {parent}")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the rows up to `last_step` (and drop a torn last line), rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -73,11 +178,21 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class RunRecord:
-    """Tracker writing the local run record."""
+    """Tracker writing the local run record. `resume_step`: continue an earlier attempt from that step."""
 
-    def __init__(self, run_dir: Path, header: dict[str, Any]):
+    def __init__(self, run_dir: Path, header: dict[str, Any], resume_step: int | None = None):
         self.dir = run_dir
         self.started = time.time()
+        if resume_step is not None:
+            previous = _read_json(self.dir / "spec.json") or {}
+            resume = {"step": resume_step, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": header.get("code")}
+            header = {
+                **header,
+                "created_at": previous.get("created_at", header.get("created_at")),
+                "resumes": [*previous.get("resumes", []), resume],
+            }
+            self.started = (_read_json(self.dir / "status.json") or {}).get("started_at", self.started)
+            truncate_metrics(self.dir / "metrics.jsonl", resume_step)
         write_json_atomic(self.dir / "spec.json", header)
         self._summary: dict[str, Any] = {}
         self._metrics = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")

@@ -60,10 +60,12 @@ class WandbTracker:
         tags: list[str],
         notes: str | None,
         config: dict[str, Any],
+        resume: bool = False,
     ):
         import wandb
 
         self.mode = mode
+        self.run_id = os.environ.get("WANDB_RUN_ID") or run_id
         self.run = wandb.init(
             dir=str(run_dir),
             mode=mode,
@@ -72,7 +74,10 @@ class WandbTracker:
             group=group,
             job_type=job_type,
             name=name,
-            id=os.environ.get("WANDB_RUN_ID") or run_id,
+            id=self.run_id,
+            # A resumed run continues the same W&B run: online it appends to it; offline each attempt is
+            # its own offline-run-* directory and `wandb sync` replays them in order into one run.
+            resume="allow" if resume else None,
             tags=tags,
             notes=notes,
             config=config,
@@ -91,6 +96,17 @@ class WandbTracker:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({"trainer/step": step, **metrics})
+
+    def log_checkpoint(self, path: Path, step: int) -> None:
+        """Log a checkpoint as a `model` artifact version aliased `latest` (offline: staged for `wandb sync`)."""
+        import wandb
+
+        name = f"checkpoint-{self.run_id}"[:128]  # W&B caps artifact names at 128 characters
+        artifact = wandb.Artifact(name, type="model", metadata={"step": step})
+        # "mutable" makes W&B stage its own copy: keep-last-K may delete this file before an
+        # asynchronous (or, offline, a much later) upload reads it, which "immutable" would break.
+        artifact.add_file(str(path), name="checkpoint.pt", policy="mutable")
+        self.run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
 
     def summary(self, values: dict[str, Any]) -> None:
         for key, value in values.items():

@@ -14,7 +14,9 @@ def build_optimizers(model: torch.nn.Module, spec: TrainSpec) -> list[torch.opti
     # torch.optim.Muon takes 2-D parameters only; GLM4's experts are stored as 3-D stacks
     # [experts, out, in] (transformers 5.x), so those go to AdamW with the embeddings and norms.
     adamw_params = groups.muon_3d + groups.adamw
-    adamw_kwargs = dict(betas=tuple(spec.adam_betas), weight_decay=spec.weight_decay)
+    # fused: one kernel for the whole update (CPU and CUDA). Measured on the 2-core dev CPU, AdamW's step was
+    # 1.5-4x faster than the foreach default for the quickstart's and the 512d MoE's parameters.
+    adamw_kwargs = dict(betas=tuple(spec.adam_betas), weight_decay=spec.weight_decay, fused=True)
     if spec.optimizer == "adamw":
         return [torch.optim.AdamW(muon_params + adamw_params, lr=spec.lr, **adamw_kwargs)]
     optimizers = []

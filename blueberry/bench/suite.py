@@ -1,0 +1,337 @@
+"""`make bench`: throughput and MFU per variant at the quickstart and 512d shapes, the speed ratios the
+project tracks, and its speed targets checked on this machine. Prints one table; saves JSON (and the table)
+under reports/bench/.
+
+Ratios of two configurations are speed-ups (tokens/s of A over B, > 1 means A is faster) except the MoE/dense
+and tracking ones, which compare step times as the targets state them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from blueberry.bench.measure import first_step_latency, measure_throughput, tracking_overhead
+from blueberry.hardware import detect
+from blueberry.overrides import load_spec
+from blueberry.perf import measure_gemm_ceiling, save_ceiling
+from blueberry.provenance import code_version, library_versions
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"  # the checkout's specs, wherever bench runs
+QUICKSTART = str(EXPERIMENTS / "quickstart.json")
+STUDY_512D = {
+    "baseline": str(EXPERIMENTS / "baseline.json"),
+    "mlp": str(EXPERIMENTS / "mlp_512d.json"),
+    "attention_mlp": str(EXPERIMENTS / "attention_mlp_512d.json"),
+    "moe": str(EXPERIMENTS / "moe_8e_2k_512d.json"),
+    "attention_moe": str(EXPERIMENTS / "attention_moe_8e_2k_512d.json"),
+}
+DENSE_OF = {"moe": "mlp", "attention_moe": "attention_mlp"}  # the dense variant with the same attention
+# The bench's tiny stand-in for tests (`--quick`): seconds per case.
+TINY = ["--model.d_model=64", "--model.n_layers=1", "--model.n_experts=4", "--model.expert_d_ff=64"]
+TINY += ["--model.d_ff=128", "--model.q_lora_rank=16", "--model.kv_lora_rank=16", "--data.vocab_size=512"]
+TINY += ["--data.seq_len=32", "--train.batch_size=4", "--train.grad_accum=1"]
+
+# key: (what, comparison, limit, display format)
+TARGETS = {
+    "mfu_512d_dense": ("512d dense (mlp, bf16) FLOP/s ÷ measured bf16 GEMM ceiling", ">=", 0.40, ".1%"),
+    "moe_vs_dense_512d": ("MoE step ÷ dense step of equal active params (512d, bf16, worst MoE)", "<=", 1.3, ".2f"),
+    "tracking_overhead": ("tracking (run record + W&B offline) cost per step", "<=", 0.02, "+.1%"),
+    "first_step_warm_s": (
+        "first training step after `blueberry run` starts (quickstart, warm cache)",
+        "<=",
+        10.0,
+        ".1f",
+    ),
+}
+
+
+@dataclass
+class Case:
+    key: str  # shape/variant/precision[/option]
+    shape: str
+    label: str
+    spec_path: str
+    overrides: list[str] = field(default_factory=list)
+    group: str = ""  # cases compared in a ratio share a group and are measured in alternating rounds
+    rounds: int = 2
+
+
+def _overrides(variant: str, precision: str, *extra: str) -> list[str]:
+    return [f"--model.variant={variant}", f"--train.precision={precision}", *extra]
+
+
+def _dense_equal_d_ff(spec_path: str, variant: str) -> int:
+    """SwiGLU width of a dense FFN with the MoE's active parameters: (top_k + shared) routed-expert widths."""
+    model = load_spec(spec_path, [f"--model.variant={variant}"]).model
+    return (model.top_k + model.n_shared_experts) * model.expert_d_ff
+
+
+def build_cases(quick: bool) -> list[Case]:
+    """Every configuration the table and the ratios need, grouped by what they are compared with."""
+    cases: list[Case] = []
+    tiny, rounds = (TINY, 1) if quick else ([], 2)
+
+    def add(key, shape, label, path, overrides, rounds=rounds):
+        group = "/".join(key.split("/")[:2])  # shape/variant
+        cases.append(Case(key, shape, label, path, [*overrides, *tiny], group, rounds))
+
+    for variant in ("baseline", "mlp", "attention_mlp", "moe", "attention_moe"):
+        for precision in ("fp32", "bf16"):
+            add(f"q/{variant}/{precision}", "quickstart", variant, QUICKSTART, _overrides(variant, precision))
+        if variant not in DENSE_OF:
+            continue
+        for precision in ("fp32", "bf16"):
+            grouped = _overrides(variant, precision, "--model.experts_implementation=grouped_mm")
+            add(f"q/{variant}/{precision}/grouped_mm", "quickstart", f"{variant} grouped_mm", QUICKSTART, grouped)
+        d_ff = _dense_equal_d_ff(QUICKSTART, variant)
+        for precision in ("fp32", "bf16"):
+            dense = _overrides(DENSE_OF[variant], precision, f"--model.d_ff={d_ff}")
+            label = f"{DENSE_OF[variant]} d_ff={d_ff} (= {variant} active)"
+            add(f"q/{variant}/{precision}/dense_equal", "quickstart", label, QUICKSTART, dense)
+    if quick:  # torch.compile takes minutes on 2 cores: not for a smoke test
+        return cases
+    # The quickstart as users run it (fp32), compiled: its first steps compile, and recompile for new shapes.
+    compiled = _overrides("attention_moe", "fp32", "--train.compile=true")
+    add("q/attention_moe/fp32/compiled", "quickstart", "attention_moe compiled", QUICKSTART, compiled, rounds=1)
+    one_step = ["--train.grad_accum=1"]  # a 512d step of 16 × 256 tokens; accumulation does not change tokens/s
+    for variant, path in STUDY_512D.items():
+        add(f"s/{variant}/bf16", "512d", variant, path, ["--train.precision=bf16", *one_step])
+        if variant == "mlp":
+            add("s/mlp/fp32", "512d", variant, path, ["--train.precision=fp32", *one_step])
+            compiled = ["--train.precision=bf16", "--train.compile=true", *one_step]
+            add("s/mlp/bf16/compiled", "512d", "mlp compiled", path, compiled, rounds=1)
+        if variant in DENSE_OF:
+            grouped = ["--train.precision=bf16", "--model.experts_implementation=grouped_mm", *one_step]
+            add(f"s/{variant}/bf16/grouped_mm", "512d", f"{variant} grouped_mm", path, grouped)
+            d_ff = _dense_equal_d_ff(path, variant)
+            dense = ["--train.precision=bf16", f"--model.d_ff={d_ff}", *one_step]
+            label = f"{DENSE_OF[variant]} d_ff={d_ff} (= {variant} active)"
+            add(f"s/{variant}/bf16/dense_equal", "512d", label, STUDY_512D[DENSE_OF[variant]], dense)
+    return cases
+
+
+def measure_groups(cases: list[Case], quick: bool, log=print) -> dict[str, dict]:
+    """Measure each group's cases in alternating rounds (A B A B), so a ratio compares figures taken together.
+
+    A case's step time is the median of its timed steps pooled over its rounds.
+    """
+    # (warmup, timed) steps per round: at the quickstart shape, and at 512d where one step takes seconds
+    small_steps, large_steps = ((1, 2), (1, 2)) if quick else ((2, 4), (1, 2))
+    groups: dict[str, list[Case]] = {}
+    for case in cases:
+        groups.setdefault(case.group, []).append(case)
+    rounds_of: dict[str, list[dict]] = {}
+    done = 0
+    for group in groups.values():
+        for round_ in range(max(case.rounds for case in group)):
+            for case in group:
+                if round_ >= case.rounds or "error" in (rounds_of.get(case.key) or [{}])[-1]:
+                    continue
+                steps = small_steps if case.shape == "quickstart" else large_steps
+                try:
+                    measured = measure_throughput(load_spec(case.spec_path, case.overrides), *steps)
+                except Exception as exc:  # one failing configuration (e.g. compile) must not sink the bench
+                    measured = {"error": f"{type(exc).__name__}: {exc}"}
+                rounds_of.setdefault(case.key, []).append(measured)
+                done += 1
+                log(
+                    f"[{done}] {case.key} round {round_ + 1}: "
+                    + (measured.get("error") or f"{measured['tokens_per_s']:.0f} tokens/s")
+                )
+    results = {}
+    for case in cases:
+        merged = merge_rounds(rounds_of[case.key])
+        results[case.key] = {"shape": case.shape, "label": case.label, "overrides": case.overrides, **merged}
+    return results
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One case's figures over its rounds: pooled timed steps, the first round's first step, the highest peak."""
+    if any("error" in r for r in rounds):
+        return next(r for r in rounds if "error" in r)
+    first = rounds[0]
+    timed = [t for r in rounds for t in r["timed_step_s"]]
+    step_s = statistics.median(timed)
+    return {
+        **first,
+        "rounds": len(rounds),
+        "timed_step_s": timed,
+        "step_s": step_s,
+        "tokens_per_s": first["tokens_per_step"] / step_s,
+        "tflops": first["flops_per_token"] * first["tokens_per_step"] / step_s / 1e12,
+        "peak_rss_mb": max((r["peak_rss_mb"] or 0) for r in rounds) or None,
+    }
+
+
+def measure_ceilings(quick: bool, before: dict[str, float] | None = None) -> dict[str, float]:
+    """bf16 and fp32 GEMM ceilings of this CPU (at least `before`); a full run caches them for the runs' MFU."""
+    sizes = (256, 512) if quick else (512, 1024, 2048)
+    ceilings = {}
+    for precision in ("fp32", "bf16"):
+        measured = measure_gemm_ceiling(precision, sizes=sizes, repeats=3 if quick else 7)
+        ceilings[precision] = max(measured, (before or {}).get(precision, 0.0))
+        if not quick:
+            save_ceiling(precision, ceilings[precision])
+    return ceilings
+
+
+def ratio(results: dict, a: str, b: str, by: str = "tokens_per_s") -> float | None:
+    if a in results and b in results and "error" not in results[a] and "error" not in results[b]:
+        return results[a][by] / results[b][by]
+    return None
+
+
+def compute_ratios(results: dict) -> dict[str, float | None]:
+    out = {}
+    for key in results:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == "bf16":
+            out[f"bf16/fp32 {parts[0]}/{parts[1]}"] = ratio(results, key, f"{parts[0]}/{parts[1]}/fp32")
+        if len(parts) == 4:
+            base = "/".join(parts[:3])
+            if parts[3] == "grouped_mm":
+                out[f"grouped_mm/eager {base}"] = ratio(results, key, base)
+            elif parts[3] == "compiled":
+                out[f"compiled/eager {base}"] = ratio(results, key, base)
+            elif parts[3] == "dense_equal":
+                out[f"MoE/dense step {base}"] = ratio(results, base, key, by="step_s")
+    return out
+
+
+def report_build_time(quick: bool) -> dict:
+    try:
+        from blueberry.report.bench import build_time
+    except ImportError:
+        return {"error": "report not available (blueberry.report.bench.build_time missing)"}
+    try:
+        return build_time(n_runs=20, n_steps=100) if quick else build_time(n_runs=1000, n_steps=1500)
+    except Exception as exc:  # a broken report must not hide the throughput figures
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def check_targets(results: dict, ratios: dict, ceilings: dict, tracking: dict, latency: dict) -> dict:
+    values = {
+        "mfu_512d_dense": results.get("s/mlp/bf16", {}).get("tflops", 0) * 1e12 / ceilings["bf16"]
+        if "s/mlp/bf16" in results and "error" not in results["s/mlp/bf16"]
+        else None,
+        "moe_vs_dense_512d": max(
+            (v for k, v in ratios.items() if k.startswith("MoE/dense step s/") and v is not None), default=None
+        ),
+        "tracking_overhead": tracking.get("overhead"),
+        "first_step_warm_s": latency.get("warm", {}).get("first_step_s"),
+    }
+    out = {}
+    for key, (what, op, limit, fmt) in TARGETS.items():
+        value = values[key]
+        met = None if value is None else (value >= limit if op == ">=" else value <= limit)
+        out[key] = {"what": what, "target": f"{op} {format(limit, fmt)}", "value": value, "met": met}
+    return out
+
+
+def run_bench(quick: bool = False, out_dir: str | Path = "reports/bench", log=print) -> dict:
+    started, load_before = time.time(), os.getloadavg()
+    hardware = detect()
+    log(f"bench on {hardware.cpu.model}, {hardware.cpu.cores} cores, torch threads {torch.get_num_threads()}")
+    ceilings = measure_ceilings(quick)
+    log(f"GEMM ceiling: fp32 {ceilings['fp32'] / 1e12:.3f} TFLOP/s, bf16 {ceilings['bf16'] / 1e12:.3f} TFLOP/s")
+    results = measure_groups(build_cases(quick), quick, log)
+    # Once more at the end, keeping the higher: a ceiling measured while the machine was busy is too low.
+    ceilings = measure_ceilings(quick, before=ceilings)
+    log(f"GEMM ceiling (best of start and end): fp32 {ceilings['fp32'] / 1e12:.3f}, bf16 {ceilings['bf16'] / 1e12:.3f}")
+    for result in results.values():
+        if "error" not in result:
+            result["mfu"] = result["tflops"] * 1e12 / ceilings[result["precision"]]
+    tracking_spec = load_spec(QUICKSTART, TINY if quick else [])
+    tracking = tracking_overhead(tracking_spec, steps=10 if quick else 60, repeats=1 if quick else 3)
+    log(f"tracking overhead {tracking['overhead']:+.1%}")
+    latency = {}
+    if not quick:
+        first_step_latency(QUICKSTART, cold=False)  # fills the tokenizer cache and the OS file cache
+        for name, cold in (("warm", False), ("cold", True)):
+            latency[name] = first_step_latency(QUICKSTART, cold=cold)
+            log(f"first step ({name} cache): {latency[name]['first_step_s']:.1f} s")
+    ratios = compute_ratios(results)
+    report = report_build_time(quick)
+    outcome = {
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": quick,
+        "hardware": hardware.to_dict(),
+        "torch_threads": torch.get_num_threads(),
+        "code": code_version(),
+        "libraries": library_versions(),
+        "gemm_ceiling_flops": ceilings,
+        "cases": results,
+        "ratios": ratios,
+        "tracking": tracking,
+        "first_step_latency": latency,
+        "report_build": report,
+        "targets": check_targets(results, ratios, ceilings, tracking, latency),
+        "bench_s": time.time() - started,
+        # Other processes on the machine skew every figure: the 1-minute load average before and after.
+        "load_average": [load_before[0], os.getloadavg()[0]],
+    }
+    table = format_table(outcome)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "quick" if quick else time.strftime("%Y%m%d-%H%M%S")
+    (out / f"{stem}.json").write_text(json.dumps(outcome, indent=2))
+    (out / f"{stem}.md").write_text(table + "\n")
+    outcome["saved"] = str(out / f"{stem}.json")
+    return outcome
+
+
+def _fmt(value, spec: str, missing: str = "—") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_table(outcome: dict) -> str:
+    """The one table: per configuration, then ratios and targets as rows of the same table."""
+    ceil = outcome["gemm_ceiling_flops"]
+    lines = [
+        f"GEMM ceiling (measured): fp32 {ceil['fp32'] / 1e12:.3f} TFLOP/s, bf16 {ceil['bf16'] / 1e12:.3f} TFLOP/s; "
+        f"{outcome['hardware']['cpu']['model']}, {outcome['torch_threads']} threads; "
+        f"load average {outcome['load_average'][0]:.1f} before, {outcome['load_average'][1]:.1f} after "
+        f"({outcome['hardware']['cpu']['cores']} cores: a load above that means the figures are contended)",
+        "",
+        "| shape | configuration | precision | tokens/s | step (s) | MFU | TFLOP/s | peak RSS (MB) | first step (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in outcome["cases"].values():
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['label']} | | failed: {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['shape']} | {r['label']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
+            f"{r['mfu']:.1%} | {r['tflops']:.3f} | {_fmt(r['peak_rss_mb'], '.0f')} | {r['first_step_s']:.2f} |"
+        )
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    for name, value in outcome["ratios"].items():
+        lines.append(f"| {name} | {_fmt(value, '.2f')} |")
+    tracking = outcome["tracking"]
+    lines.append(
+        f"| tracking on/off step time − 1 ({tracking['steps']} steps, log every {tracking['log_every']}) | "
+        f"{tracking['overhead']:+.1%} (log calls {tracking['log_share']:.1%}; "
+        f"W&B init {tracking['wandb_init_s']:.1f} s once) |"
+    )
+    for name, lat in outcome["first_step_latency"].items():
+        lines.append(f"| first step after `blueberry run` ({name} cache) | {lat['first_step_s']:.1f} s |")
+    report = outcome["report_build"]
+    if "error" in report:
+        lines.append(f"| report build | {report['error']} |")
+    else:
+        lines.append(
+            f"| report build, {report['n_runs']} synthetic runs × {report['n_steps']} steps | "
+            f"cold {report['cold_s']:.1f} s, warm (cached) {report['warm_s']:.1f} s |"
+        )
+    lines += ["", "| target | goal | measured | met |", "|---|---|---:|---|"]
+    for key, t in outcome["targets"].items():
+        met = {True: "yes", False: "no", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['what']} | {t['target']} | {_fmt(t['value'], TARGETS[key][3])} | {met} |")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""torchrun / DistributedDataParallel helpers.
+
+`torchrun --nproc_per_node N -m blueberry run SPEC` starts N processes with RANK,
+WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT set; without those variables everything here is a no-op and a
+run is one process. Backend: NCCL on GPUs, gloo on CPU. `train.batch_size` is per rank: each optimizer step
+sees world × batch_size × grad_accum windows, and rank r trains on its own slice of one global draw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def env_world() -> World:
+    """The world torchrun describes in the environment (one process when it describes none)."""
+    return World(
+        rank=int(os.environ.get("RANK", 0)),
+        size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def current() -> World:
+    """The initialised process group's world, else a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return World()
+
+
+def init(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up; on GPUs each rank takes the device cuda:LOCAL_RANK."""
+    world = env_world()
+    if not world.distributed:
+        return world, device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return world, device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP around `model` in a distributed run (it broadcasts rank 0's weights); the model itself otherwise."""
+    if not current().distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_gradients(model: torch.nn.Module, last_micro_step: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-step of an accumulation window."""
+    if last_micro_step or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks in one collective (every rank passes the same keys; no-op alone).
+
+    Each MoE layer's load_max is re-taken over the averaged expert loads: a mean of maxima is not the max.
+    """
+    if not current().distributed:
+        return metrics
+    keys = sorted(metrics)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    averaged = dict(zip(keys, (values / dist.get_world_size()).tolist()))
+    for key in keys:
+        if key.endswith("/load_max"):
+            layer = key[: -len("load_max")]
+            averaged[key] = max(v for k, v in averaged.items() if k.startswith(layer + "load_e"))
+    return averaged
+
+
+class NullTracker:
+    """What ranks other than 0 log to: nothing (rank 0 alone writes the record and the W&B run)."""
+
+    def log(self, metrics, step) -> None:
+        pass
+
+    def summary(self, values) -> None:
+        pass
+
+    def finish(self, state, reason=None) -> None:
+        pass

@@ -1,0 +1,123 @@
+"""A low-frequency NVML sampler: GPU utilisation, memory, power and temperature, and the run's energy.
+
+It runs on a daemon thread so the training loop never waits on NVML; the trainer's log rows pick up the
+latest reading. Without NVML (CPU machines) it is inert: no thread, no metrics, no error.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+# metric -> how to read it from NVML; NVML reports power in milliwatts and memory in bytes
+READERS = {
+    "util_pct": lambda nvml, h: nvml.nvmlDeviceGetUtilizationRates(h).gpu,
+    "mem_used_mb": lambda nvml, h: nvml.nvmlDeviceGetMemoryInfo(h).used / 2**20,
+    "power_w": lambda nvml, h: nvml.nvmlDeviceGetPowerUsage(h) / 1000,
+    "temp_c": lambda nvml, h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),
+}
+
+
+class GpuMonitor:
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s = interval_s
+        self._latest: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._energy_start: list[float | None] = []
+        self._energy_j: list[float] = []  # integrated from power where the energy counter is missing
+        self._last_sample: float | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in visible_indices(pynvml)]
+        except Exception:  # no library, no driver, no GPU: nothing to monitor
+            self._nvml, self._handles = None, []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def start(self) -> GpuMonitor:
+        if not self.active:
+            return self
+        self._energy_start = [self._energy_mj(h) for h in self._handles]
+        self._energy_j = [0.0] * len(self._handles)
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def _energy_mj(self, handle) -> float | None:
+        try:  # Volta and newer keep a millijoule counter since the driver loaded
+            return float(self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+        except Exception:
+            return None
+
+    def sample(self) -> dict[str, float]:
+        """Read every GPU once; a metric NVML cannot read on this GPU is left out."""
+        nvml, now = self._nvml, time.monotonic()
+        reading: dict[str, float] = {}
+        for i, handle in enumerate(self._handles):
+            prefix = f"gpu/{i}/" if len(self._handles) > 1 else "gpu/"
+            for key, read in READERS.items():
+                try:
+                    reading[prefix + key] = float(read(nvml, handle))
+                except Exception:
+                    pass
+            if prefix + "power_w" in reading and self._last_sample is not None:
+                self._energy_j[i] += reading[prefix + "power_w"] * (now - self._last_sample)
+        self._last_sample = now
+        with self._lock:
+            self._latest = reading
+        return reading
+
+    def latest(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._latest)
+
+    def energy_wh(self) -> float | None:
+        """Energy since start over all monitored GPUs: the hardware counter, else integrated power."""
+        if not self.active:
+            return None
+        total_j, known = 0.0, False
+        for i, handle in enumerate(self._handles):
+            start, now = self._energy_start[i], self._energy_mj(handle)
+            if start is not None and now is not None:
+                total_j, known = total_j + (now - start) / 1000, True
+            elif self._energy_j[i]:
+                total_j, known = total_j + self._energy_j[i], True
+        return total_j / 3600 if known else None
+
+    def stop(self) -> dict[str, float]:
+        """Stop sampling; return the summary keys (energy where power is read)."""
+        if not self.active:
+            return {}
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval_s + 1)
+        self.sample()  # the closing reading also closes the power integral
+        energy = self.energy_wh()
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception:
+            pass
+        return {} if energy is None else {"gpu/energy_wh": energy}
+
+
+def visible_indices(nvml) -> list[int]:
+    """NVML indices of the GPUs this process may use: NVML ignores CUDA_VISIBLE_DEVICES, so apply it here."""
+    count = nvml.nvmlDeviceGetCount()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(count))
+    indices = [int(v) for v in visible.split(",") if v.strip().isdigit()]
+    return [i for i in indices if i < count]

@@ -1,0 +1,155 @@
+"""Throughput accounting: training FLOPs per token, the device's peak FLOP/s, and MFU.
+
+MFU = achieved FLOP/s / peak FLOP/s, with achieved = FLOPs per token × tokens/s. FLOPs follow the PaLM
+convention (appendix B): 6 × active matmul parameters + 12 × layers × heads × head_dim × seq_len, i.e. the
+forward (2 FLOPs per multiply-add) plus a backward twice as costly, attention counted without the causal
+saving. Routed experts count only the top_k a token visits. GPU peaks come from the data sheet table in
+`blueberry.hardware`; a CPU's peak is measured (a GEMM ceiling), since no table knows a 2-core VM's share.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from blueberry.data.cache import cache_root
+from blueberry.hardware import Preset, detect_cpu
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Training FLOPs per token (forward + backward)."""
+
+    matmul: float  # 6 × active matmul parameters
+    attention: float  # 6 × layers × T × heads × (qk + v head dims): the score and value products
+    active_matmul_params: int
+
+    @property
+    def total(self) -> float:
+        return self.matmul + self.attention
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> Flops:
+    """Count from the modules: every ≥2-D weight is a matmul (the tied embedding once, as the LM head).
+
+    A routed expert's weights are scaled by top_k / n_experts, since each token visits only top_k of them.
+    """
+    from blueberry.models.attention import CausalSelfAttention, LatentAttention
+    from blueberry.models.feedforward import Glm4MoE, TopKMoE
+
+    scale: dict[int, float] = {}
+    attention = 0.0
+    for module in model.modules():
+        if isinstance(module, (TopKMoE, Glm4MoE)):
+            for p in module.routed_experts().parameters():
+                scale[id(p)] = module.top_k / module.n_experts
+        elif isinstance(module, CausalSelfAttention):
+            head_dim = module.proj.in_features // module.n_heads
+            attention += 6 * seq_len * module.n_heads * 2 * head_dim
+        elif isinstance(module, LatentAttention):
+            mla = module.mla
+            attention += 6 * seq_len * mla.num_heads * (mla.qk_head_dim + mla.v_head_dim)
+    active = sum(p.numel() * scale.get(id(p), 1.0) for p in model.parameters() if p.ndim >= 2)
+    return Flops(matmul=6 * active, attention=attention, active_matmul_params=round(active))
+
+
+# --- peak FLOP/s --------------------------------------------------------------------------------------------
+
+
+def measure_gemm_ceiling(
+    precision: str, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5, warmup: int = 2
+) -> float:
+    """Best FLOP/s of square matmuls over `sizes` and repeats: what this CPU (or GPU) reaches on pure GEMM.
+
+    The best, not the median: other processes only ever slow a GEMM down, and a ceiling is the most it can do.
+    """
+    dtype = PRECISION_DTYPES[precision]
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(warmup):
+            a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def ceiling_key(precision: str) -> str:
+    cpu = detect_cpu()
+    return f"{cpu.model}|threads={torch.get_num_threads()}|torch={torch.__version__}|{precision}"
+
+
+def ceiling_cache_path():
+    return cache_root() / "gemm_ceiling.json"
+
+
+def read_ceilings() -> dict[str, Any]:
+    try:
+        return json.loads(ceiling_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_ceiling(precision: str, flops: float) -> None:
+    """Remember a careful measurement (from `blueberry bench --ceiling`) for later runs' MFU."""
+    path = ceiling_cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = read_ceilings()
+    entries[ceiling_key(precision)] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, indent=2))
+    tmp.replace(path)
+
+
+def peak_flops(device: torch.device, precision: str, preset: Preset) -> tuple[float | None, str]:
+    """Peak FLOP/s for MFU and its source: the GPU table, or this CPU's GEMM ceiling (cached, else measured now)."""
+    if device.type == "cuda":
+        tflops = preset.peak_tflops.get(precision)
+        if tflops is None:
+            return None, f"no {precision} peak in the table for {preset.name}"
+        return tflops * 1e12, f"data sheet ({preset.name}, {precision})"
+    cached = read_ceilings().get(ceiling_key(precision))
+    if cached:
+        return cached["flops"], f"measured GEMM ceiling ({cached['measured_at']})"
+    # A quick one-size measurement (~0.2 s): noisier than `blueberry bench --ceiling`, which caches a careful one.
+    return measure_gemm_ceiling(precision, sizes=(1024,), repeats=3, warmup=1), "quick GEMM ceiling at start"
+
+
+class PerfTracker:
+    """Adds perf/mfu, perf/tflops and the GPU sampler's readings to every row that carries perf/tokens_per_s.
+
+    A tracker wrapper rather than trainer code: the trainer already measures tokens/s on log steps.
+    """
+
+    def __init__(self, inner, flops_per_token: float, peak: float | None, monitor=None):
+        self.inner, self.flops_per_token, self.peak, self.monitor = inner, flops_per_token, peak, monitor
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if "perf/tokens_per_s" in metrics:
+            achieved = self.flops_per_token * metrics["perf/tokens_per_s"]
+            metrics = {**metrics, "perf/tflops": achieved / 1e12}
+            if self.peak:
+                metrics["perf/mfu"] = achieved / self.peak
+            if self.monitor is not None:
+                metrics.update(self.monitor.latest())
+        self.inner.log(metrics, step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Adds the perf figures to `values` in place, so the caller's summary matches the recorded one."""
+        if "perf/tokens_per_s" in values:  # the trainer's summary holds the last log row's throughput
+            achieved = self.flops_per_token * values["perf/tokens_per_s"]
+            values.update({"perf/tflops": achieved / 1e12, "perf/flops_per_token": self.flops_per_token})
+            if self.peak:
+                values["perf/mfu"] = achieved / self.peak
+        self.inner.summary(values)
+
+    def finish(self, state: str, reason: str | None = None) -> None:
+        self.inner.finish(state, reason)

@@ -1,0 +1,249 @@
+"""`blueberry report`: load runs (local records or W&B, through the cache), then write under `out/`:
+
+  REPORT.md          the study's tables per experiment, statistics, plots, integrity, run status
+  TIMELINE.md        dated entries computed from runs (also insertable into README.md between markers)
+  dashboard.html     one self-contained comparison page
+  <experiment>/*.png plots
+
+Everything is written into a staging directory first and moved into place at the end, so a failed
+build leaves the previous report intact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blueberry.report import dashboard, plots, tables
+from blueberry.report.groups import fmt_value, group_runs, label_groups, rank, varying_keys
+from blueberry.report.integrity import integrity_section
+from blueberry.report.records import ReportError, Run
+from blueberry.report.studies import Study, extended_experiment, report_order, study_for
+from blueberry.report.timeline import build_timeline, insert_between_markers, timeline_markdown
+from blueberry.spec import safe_name
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    files: list[Path] = field(default_factory=list)
+    states: Counter = field(default_factory=Counter)
+    timeline: str = ""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is as readable as any file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _images(stage: Path, exp_dir: str, made: list[Path | None]) -> str:
+    links = [f"![{p.stem.replace('_', ' ')}]({p.relative_to(stage).as_posix()})" for p in made if p is not None]
+    return ("\n".join(links) + "\n") if links else f"*(no plots: no finished run with history in `{exp_dir}`)*\n"
+
+
+def _plots(groups, stage: Path, sub: str, title: str, bars: bool = True) -> list[Path | None]:
+    """Val loss vs step and vs wall time, the 2×2 training curves, and bars of final val loss and tokens/s."""
+    d = stage / sub
+    made = [
+        plots.val_loss_curves(groups, d / "val_loss_vs_step.png", title, x="step"),
+        plots.val_loss_curves(groups, d / "val_loss_vs_time.png", title, x="time"),
+        plots.curves_2x2(groups, d / "training_curves.png", title),
+    ]
+    if bars:
+        made += [
+            plots.bars(groups, "val/loss", d / "final_val_loss.png", title, "final val loss"),
+            plots.bars(groups, "perf/tokens_per_s", d / "tokens_per_s.png", title, "tokens/s"),
+        ]
+    return made
+
+
+def _lr_parts(experiment: str, study: Study, runs: list[Run], all_runs: dict, stage: Path) -> list[str]:
+    """One LR table per setting of everything else (usually one), then the T3 phases with the extended run."""
+    parts = []
+    sweeps = tables.lr_groups(runs)
+    differing = varying_keys([groups[0] for groups in sweeps])
+    for i, groups in enumerate(sweeps):
+        label_groups(groups, first="train.lr")
+        sub = safe_name(experiment) if len(sweeps) == 1 else f"{safe_name(experiment)}/sweep{i + 1}"
+        if len(sweeps) > 1:
+            parts.append("### " + ", ".join(f"{k}={fmt_value(groups[0].get(k))}" for k in differing) + "\n")
+        made = [plots.lr_sweep(groups, stage / sub / "lr_sweep.png", experiment)]
+        made += _plots(rank(groups), stage, sub, experiment, bars=False)
+        parts += [tables.lr_table(groups)[0], _images(stage, sub, made)]
+    ext_name = extended_experiment(experiment, study)
+    if ext_name in all_runs:
+        lr_search = sorted(group_runs(runs), key=lambda g: g.get("train.lr") or 0.0)
+        parts.append(f"### Phases: LR search and extended run (`{ext_name}`)\n")
+        parts.append(tables.phase_table(lr_search, group_runs(all_runs[ext_name][1])))
+    return parts
+
+
+def _extended_parts(experiment: str, runs: list[Run], stage: Path) -> list[str]:
+    parts = []
+    groups = group_runs(runs)
+    label_groups(groups, first="train.lr")
+    for i, g in enumerate(groups):
+        sub = safe_name(experiment) if len(groups) == 1 else f"{safe_name(experiment)}/config{i + 1}"
+        if len(groups) > 1:
+            parts.append(f"### {g.label}\n")
+        targets = tables.checkpoint_steps(g.ok[0])[0] if g.ok else []
+        made = [plots.curves_2x2([g], stage / sub / "training_curves.png", experiment, checkpoints=targets)]
+        parts += [tables.extended_table(g), _images(stage, sub, made)]
+    return parts
+
+
+def experiment_section(experiment: str, study: Study, runs: list[Run], all_runs: dict, stage: Path) -> str:
+    """One experiment's markdown: the layout its study kind calls for, plots, and the runs not aggregated."""
+    states = Counter(r.state for r in runs)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    parts = [f"## {study.title}: `{experiment}`\n", f"{len(runs)} runs ({counts}).\n"]
+    if study.kind == "lr":
+        parts += _lr_parts(experiment, study, runs, all_runs, stage)
+    elif study.kind == "extended":
+        parts += _extended_parts(experiment, runs, stage)
+    else:
+        text, ranked = (tables.ablation_table if study.kind == "ablation" else tables.generic_table)(runs)
+        sub = safe_name(experiment)
+        parts += [text, _images(stage, sub, _plots(ranked, stage, sub, experiment))]
+    parts.append(tables.not_aggregated(runs))
+    return "\n".join(p for p in parts if p)
+
+
+def report_markdown(
+    runs: list[Run], stage: Path, by_experiment: dict, timeline: str, integrity: str, source: str
+) -> str:
+    states = Counter(r.state for r in runs)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"
+    lines = [
+        "# Blueberry study report\n",
+        f"*Generated by `blueberry report` from {len(runs)} runs ({source}); every number below comes from the "
+        "recorded runs. Cells are mean ± sample sd over seeds; a configuration is a spec up to its seed.*\n",
+        f"Runs: {summary}. Interactive comparison: [dashboard.html](dashboard.html). "
+        "Timeline: [TIMELINE.md](TIMELINE.md).\n",
+    ]
+    if not runs:
+        lines.append("*No runs found.*\n")
+    lines.append("## Contents\n")
+    ordered = sorted(by_experiment, key=report_order)
+    lines += [f"- {by_experiment[name][0].title}: `{name}`" for name in ordered]
+    lines += ["- Timeline", "- Integrity", ""]
+    for name in ordered:
+        study, exp_runs = by_experiment[name]
+        lines.append(experiment_section(name, study, exp_runs, by_experiment, stage))
+    lines += ["## Timeline\n", timeline, "## Integrity\n", integrity]
+    return "\n".join(lines)
+
+
+def build_report(
+    runs: list[Run],
+    out: str | Path,
+    *,
+    prices: dict[str, float],
+    price_source: str = "defaults",
+    readme: str | Path | None = None,
+    source: str = "local run records",
+) -> BuildResult:
+    out = Path(out)
+    readme_text = None
+    if readme is not None:  # check the markers before writing anything
+        try:
+            readme_text = Path(readme).read_text(encoding="utf-8")
+            insert_between_markers(readme_text, "")
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"--readme {readme}: {exc}") from exc
+
+    by_experiment: dict[str, tuple[Study, list[Run]]] = {}
+    for run in runs:
+        by_experiment.setdefault(run.experiment, (study_for(run.experiment), []))[1].append(run)
+    entries, skipped = build_timeline(by_experiment)
+    timeline = timeline_markdown(entries, skipped, len(runs))
+
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".build-"))
+    try:
+        integrity = integrity_section(runs, prices, price_source)
+        write_text_atomic(stage / "REPORT.md", report_markdown(runs, stage, by_experiment, timeline, integrity, source))
+        write_text_atomic(stage / "TIMELINE.md", "# Timeline\n\n" + timeline)
+        title = f"{len(runs)} runs from {source}"
+        write_text_atomic(stage / "dashboard.html", dashboard.render(runs, title))
+        result = BuildResult(out, states=Counter(r.state for r in runs), timeline=timeline)
+        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+            target = out / path.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            result.files.append(target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if readme_text is not None:
+        write_text_atomic(Path(readme), insert_between_markers(readme_text, timeline))
+        result.files.append(Path(readme))
+    return result
+
+
+def run_report(
+    *,
+    source: str = "local",
+    runs_root: str | Path = "runs",
+    entity: str | None = None,
+    project: str | None = None,
+    group: str | None = None,
+    sweep: str | None = None,
+    tags: tuple[str, ...] = (),
+    out: str | Path = "reports",
+    gpu_prices: str | None = None,
+    readme: str | Path | None = None,
+    publish: bool = False,
+    log=print,
+) -> BuildResult:
+    """What `blueberry report` does: load (through the cache), build, optionally publish to W&B."""
+    from blueberry.report.cache import RunCache
+    from blueberry.report.integrity import gpu_prices as load_prices
+    from blueberry.report.records import load_local, load_wandb, select
+
+    prices, price_source = load_prices(gpu_prices)
+    if (source == "wandb" or publish) and not entity:
+        raise ReportError(
+            f"{'--source wandb' if source == 'wandb' else '--publish'} needs --entity (the W&B user or team)"
+        )
+    if source == "wandb" and not project:
+        raise ReportError("--source wandb needs --project")
+    cache = RunCache(Path(out) / "cache" / ("local" if source == "local" else f"wandb-{entity}-{project}"))
+    if source == "wandb":
+        runs = load_wandb(entity, project, group=group, sweep=sweep, tags=tags, cache=cache)
+        where = f"W&B {entity}/{project}"
+    else:
+        runs = select(load_local(runs_root, cache), group=group, sweep=sweep, tags=tags)
+        where = f"local run records under {runs_root}"
+    log(f"{len(runs)} runs ({where}); cache: {cache.hits} reused, {cache.misses} parsed")
+    result = build_report(runs, out, prices=prices, price_source=price_source, readme=readme, source=where)
+    states = ", ".join(f"{n} {s}" for s, n in sorted(result.states.items())) or "no runs"
+    log(f"report: {Path(out) / 'REPORT.md'} ({states}); {len(result.files)} files written")
+    if publish:
+        from blueberry.report.publish import publish as save_report
+        from blueberry.report.publish import report_definition
+
+        projects = {r.get("tracking.project") for r in runs if r.get("tracking.project")}
+        project = project or (projects.pop() if len(projects) == 1 else "blueberry")
+        definition = report_definition(runs, entity, project)
+        panels = sum(len(getattr(b, "panels", [])) for b in definition.blocks)
+        log(f"W&B Report definition built: {len(definition.blocks)} blocks, {panels} panels ({entity}/{project})")
+        log(f"W&B Report saved: {save_report(definition)}")
+    return result

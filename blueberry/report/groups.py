@@ -1,0 +1,162 @@
+"""Runs → configurations (same spec up to the seed) → per-configuration statistics over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from blueberry.report.records import Run
+from blueberry.spec import RunSpec
+
+# Spec fields that do not change what is being measured: runs differing only here are seeds of one configuration.
+NOT_CONFIG = ("seed", "name", "experiment", "tags", "tracking", "train.progress", "train.threads")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+@lru_cache(maxsize=1)
+def _defaults() -> dict[str, Any]:
+    return flatten(RunSpec().to_json_dict())
+
+
+def config_of(run: Run) -> dict[str, Any]:
+    """The run's flattened spec minus NOT_CONFIG. A field the run's spec lacks (it predates the field) takes
+    today's default: new spec fields default to the old behaviour, so such runs still group with newer ones."""
+    spec = {**_defaults(), **flatten(run.spec)}
+    return {k: v for k, v in spec.items() if not any(k == n or k.startswith(n + ".") for n in NOT_CONFIG)}
+
+
+@dataclass
+class Stat:
+    """Mean ± sample sd (ddof 1) over seeds; sd is None with one value, everything None with none."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.values)) if self.values else None
+
+    @property
+    def sd(self) -> float | None:
+        return float(np.std(self.values, ddof=1)) if self.n >= 2 else None
+
+    def fmt(self, spec: str = ".4f", scale: float = 1.0, suffix: str = "") -> str:
+        if self.mean is None:
+            return "—"
+        text = f"{self.mean * scale:{spec}}{suffix}"
+        if self.sd is not None:
+            text += f" ± {self.sd * scale:{spec}}{suffix}"
+        return text
+
+
+def gap_vs_noise(better: Stat, worse: Stat) -> tuple[float, float | None]:
+    """(gap in means, noise = 2 standard errors of that difference); noise None without ≥2 seeds on both sides."""
+    gap = worse.mean - better.mean
+    if better.sd is None or worse.sd is None:
+        return gap, None
+    return gap, 2 * math.sqrt(better.sd**2 / better.n + worse.sd**2 / worse.n)
+
+
+@dataclass
+class Group:
+    """One configuration: all its runs, whatever their state."""
+
+    config: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def ok(self) -> list[Run]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def seeds(self) -> list:
+        return sorted({r.seed for r in self.ok}, key=str)
+
+    def stat(self, metric: str, scale: float = 1.0) -> Stat:
+        return Stat([r.metric(metric) * scale for r in self.ok if r.metric(metric) is not None])
+
+    @property
+    def minutes(self) -> Stat:
+        return self.stat("time/train_s", 1 / 60)
+
+    @property
+    def loss(self) -> Stat:
+        return self.stat("val/loss")
+
+    def params(self, kind: str) -> float | None:
+        counts = [r.param_count(kind) for r in self.runs if r.param_count(kind) is not None]
+        return counts[0] if counts else None
+
+    @property
+    def states(self) -> str:
+        """ "3" or "2 (+1 failed)": finished seeds, then the runs not aggregated."""
+        others: dict[str, int] = {}
+        for run in self.runs:
+            if not run.ok:
+                state = run.state if run.state != "finished" else "no val/loss"
+                others[state] = others.get(state, 0) + 1
+        extra = ", ".join(f"+{n} {state}" for state, n in sorted(others.items()))
+        return f"{len(self.ok)}" + (f" ({extra})" if extra else "")
+
+    def get(self, dotted: str) -> Any:
+        return self.config.get(dotted)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Group by configuration, in order of first appearance; runs without a readable spec are left out."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        if not run.spec:
+            continue
+        config = config_of(run)
+        key = json.dumps(config, sort_keys=True, default=str)
+        groups.setdefault(key, Group(config)).runs.append(run)
+    return list(groups.values())
+
+
+def varying_keys(groups: list[Group]) -> list[str]:
+    keys = sorted({k for g in groups for k in g.config})
+    return [k for k in keys if len({json.dumps(g.config.get(k), default=str) for g in groups}) > 1]
+
+
+def fmt_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def label_groups(groups: list[Group], first: str | None = None) -> None:
+    """Label each group by what distinguishes it: `first` (e.g. the variant) if that alone does, else the diff."""
+    if first and len({g.get(first) for g in groups}) == len(groups):
+        for g in groups:
+            value = fmt_value(g.get(first))
+            g.label = value if first == "model.variant" else f"{first.split('.')[-1]}={value}"
+        return
+    keys = varying_keys(groups)
+    if first in keys:
+        keys.remove(first)
+        keys.insert(0, first)
+    for g in groups:
+        g.label = ", ".join(f"{k.split('.')[-1]}={fmt_value(g.get(k))}" for k in keys) or "(one configuration)"
+
+
+def rank(groups: list[Group]) -> list[Group]:
+    """By mean final val loss; configurations without a finished run last."""
+    return sorted(groups, key=lambda g: (g.loss.mean is None, g.loss.mean if g.loss.mean is not None else 0.0))

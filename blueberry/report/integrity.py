@@ -1,0 +1,139 @@
+"""Integrity section: each run's causality probe, leakage audit and seed count, and its cost on a GPU.
+
+Cost = GPU $/h × the run's wall time. The price table is an assumption, not a measurement: override it
+with BLUEBERRY_GPU_PRICES (a JSON object, or a path to one) or `blueberry report --gpu-prices`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from blueberry.report.groups import group_runs
+from blueberry.report.records import ReportError, Run
+from blueberry.report.tables import md_table
+
+# $/h, rough cloud rental list prices (the study quoted $0.18/h for a 4090 at spot price). A run that
+# recorded its own cost (summary cost/usd) keeps it unless prices are overridden.
+DEFAULT_GPU_PRICES = {"T4": 0.35, "RTX 4090": 0.40, "A100": 1.50, "H100": 3.00, "H100 PCIe": 2.50}
+MIN_SEEDS = 3  # fewer seeds: no meaningful error bar (reference-facts §15)
+
+
+def gpu_prices(option: str | None = None) -> tuple[dict[str, float], str]:
+    """(prices, where they came from): the CLI option, else BLUEBERRY_GPU_PRICES, else the defaults."""
+    for source, raw in (("--gpu-prices", option), ("BLUEBERRY_GPU_PRICES", os.environ.get("BLUEBERRY_GPU_PRICES"))):
+        if not raw:
+            continue
+        text = (
+            Path(raw).read_text(encoding="utf-8") if not raw.lstrip().startswith("{") and Path(raw).is_file() else raw
+        )
+        try:
+            prices = json.loads(text)
+        except ValueError as exc:
+            raise ReportError(f"{source}: not valid JSON ({exc}); expected e.g. '{{\"RTX 4090\": 0.18}}'") from exc
+        if not isinstance(prices, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and math.isfinite(v)
+            for v in prices.values()
+        ):
+            raise ReportError(f"{source}: expected a JSON object of GPU name → $/h (numbers ≥ 0), got {raw!r}")
+        return {str(k): float(v) for k, v in prices.items()}, source
+    return dict(DEFAULT_GPU_PRICES), "defaults"
+
+
+def device_of(run: Run) -> tuple[str, str | None]:
+    """("cuda", "NVIDIA GeForce RTX 4090") / ("cpu", None); gpu_name only if the run recorded it."""
+    hw = run.header.get("hardware") or {}
+    device = str(hw.get("device") or "unknown")
+    return device.split(":")[0], hw.get("gpu_name")
+
+
+def cost(run: Run, prices: dict[str, float], overridden: bool = False) -> str:
+    """The run's cost: its own recorded cost/usd unless prices were overridden, else price × wall time."""
+    device, gpu = device_of(run)
+    seconds = run.metric("time/train_s")
+    if device == "cpu":
+        return "n/a (CPU)"
+    if run.metric("cost/usd") is not None and not overridden:
+        return f"${run.metric('cost/usd'):.4f} (recorded)"
+    if device != "cuda":
+        return "n/a (device not recorded)"
+    if not gpu:
+        return "n/a (GPU model not recorded)"
+    # Longest matching name first, so "RTX 4090 D" would not be priced as "RTX 4090".
+    match = next((k for k in sorted(prices, key=len, reverse=True) if k.lower() in gpu.lower()), None)
+    if match is None:
+        return f"n/a (no price for {gpu})"
+    if seconds is None:
+        return "n/a (no wall time)"
+    return f"${prices[match] * seconds / 3600:.4f}"
+
+
+def _causality(run: Run) -> str:
+    probe = run.header.get("causality")
+    if not probe:
+        return "not recorded"
+    if not probe.get("checked"):
+        return "not checked"
+    return "ok" if probe.get("ok") else "**FAILED**"
+
+
+def _leakage(run: Run) -> str:
+    leak = (run.header.get("data") or {}).get("leakage") or {}
+    share = leak.get("val_windows_with_train_ngram")
+    if share is None:
+        return "not recorded"
+    text = f"{share:.2%} of val windows share a {leak.get('ngram', '?')}-gram"
+    if leak.get("shared_doc_ids"):
+        text += f"; **{leak['shared_doc_ids']} shared doc ids**"
+    return text
+
+
+def integrity_section(runs: list[Run], prices: dict[str, float], price_source: str) -> str:
+    readable = [r for r in runs if r.spec]
+    seeds: dict[str, int] = {}  # finished seeds of the run's configuration, within its experiment
+    for experiment in {r.experiment for r in readable}:
+        for g in group_runs([r for r in readable if r.experiment == experiment]):
+            for r in g.runs:
+                seeds[r.id] = len(g.seeds)
+    causal = [_causality(r) for r in readable]
+    shares = [((r.header.get("data") or {}).get("leakage") or {}).get("val_windows_with_train_ngram") for r in readable]
+    shares = [s for s in shares if s is not None]
+    few = sorted({r.experiment for r in readable if r.ok and seeds.get(r.id, 0) < MIN_SEEDS})
+    lines = [
+        f"- Causality probe: {causal.count('ok')} of {len(readable)} runs checked ok"
+        + (
+            f"; {len(readable) - causal.count('ok')} not ok or not recorded"
+            if causal.count("ok") < len(readable)
+            else ""
+        )
+        + ".",
+    ]
+    if shares:
+        lines.append(f"- Leakage audit: at most {max(shares):.2%} of validation windows share an n-gram with training.")
+    if few:
+        lines.append(f"- Fewer than {MIN_SEEDS} finished seeds in some configurations of: {', '.join(few)}.")
+    gpu_runs = [r for r in readable if device_of(r)[0] == "cuda"]
+    price_text = ", ".join(f"{k} ${v:g}/h" for k, v in prices.items()) or "none"
+    lines.append(
+        f"- Cost: {len(gpu_runs)} GPU runs priced at {price_text} ({price_source}; an assumption, "
+        "override with BLUEBERRY_GPU_PRICES); CPU runs n/a."
+    )
+    rows = []
+    for r in sorted(readable, key=lambda r: (r.experiment, r.name)):
+        device, gpu = device_of(r)
+        rows.append(
+            [
+                r.id,
+                r.experiment,
+                r.state,
+                _causality(r),
+                _leakage(r),
+                str(seeds.get(r.id, 0)),
+                gpu or device,
+                cost(r, prices, price_source != "defaults"),
+            ]
+        )
+    table = md_table(["Run", "Experiment", "State", "Causality", "Leakage", "Seeds", "Device", "Cost"], rows)
+    return "\n".join(lines) + "\n\n<details><summary>Per run</summary>\n\n" + table + "\n</details>\n"

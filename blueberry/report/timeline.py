@@ -1,0 +1,147 @@
+"""The results timeline (the T4 README's format), computed from runs instead of typed by hand.
+
+Each entry compares an experiment's best configuration with its named baseline (studies.py):
+  loss improvement = (a − b) / a, accuracy improvement = (b − a) / a, perplexity reduction = (a − b) / a,
+with a the baseline's and b the best configuration's mean final values; the key change is their spec diff.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from blueberry.report.groups import Group, fmt_value, gap_vs_noise, group_runs, label_groups, rank
+from blueberry.report.studies import Study
+
+START, END = "<!-- blueberry:timeline:start -->", "<!-- blueberry:timeline:end -->"
+
+
+@dataclass
+class Entry:
+    experiment: str
+    title: str
+    date: datetime | None
+    baseline: Group
+    best: Group
+    changes: list[str]
+    tried: int = 0  # configurations finished
+
+    def lines(self) -> list[str]:
+        a, b = self.baseline, self.best
+        head = f"- **{self.title}** (`{self.experiment}`):"
+        if a is b:
+            return [f"{head} the baseline `{a.label}` stays best ({self.tried} configurations)"]
+        out = [f"{head} best `{b.label}` vs baseline `{a.label}`"]
+        out.append("  - " + change_line(a.loss.mean, b.loss.mean, "validation loss"))
+        acc_a, acc_b = a.stat("val/accuracy").mean, b.stat("val/accuracy").mean
+        if acc_a and acc_b is not None:
+            words = ("improvement", "drop")
+            out.append("  - " + change_line(acc_a, acc_b, "accuracy", higher_is_better=True, words=words, fmt="{:.2%}"))
+        ppl_a, ppl_b = a.stat("val/perplexity").mean, b.stat("val/perplexity").mean
+        if ppl_a and ppl_b is not None:
+            words = ("reduction", "increase")
+            out.append("  - " + change_line(ppl_a, ppl_b, "perplexity", words=words, fmt="{:.2f}"))
+        out.append(f"  - **Key change**: {'; '.join(self.changes) or 'none (same configuration)'}")
+        gap, noise = gap_vs_noise(b.loss, a.loss)
+        seeds = f"seeds: {b.loss.n} best, {a.loss.n} baseline"
+        if noise is None:
+            out.append(f"  - {seeds}; noise not estimable (needs ≥2 seeds on both sides)")
+        else:
+            verdict = "larger than" if gap > noise else "within"
+            out.append(f"  - {seeds}; loss gap {gap:.4f} {verdict} the noise (2 SE = {noise:.4f})")
+        return out
+
+
+def change_line(a, b, what, *, higher_is_better=False, words=("improvement", "regression"), fmt="{:.4f}") -> str:
+    """ "**6.5% validation loss improvement** (7.2785 → 6.8076)": the change relative to the baseline a."""
+    pct = (b - a) / a if higher_is_better else (a - b) / a
+    word = words[0] if pct >= 0 else words[1]
+    return f"**{abs(pct):.1%} {what} {word}** ({fmt.format(a)} → {fmt.format(b)})"
+
+
+def spec_diff(a: Group, b: Group) -> list[str]:
+    keys = sorted(set(a.config) | set(b.config))
+    return [f"{k}: {fmt_value(a.get(k))} → {fmt_value(b.get(k))}" for k in keys if a.get(k) != b.get(k)]
+
+
+def _matches(group: Group, selector: dict) -> bool:
+    if not selector:
+        return any("baseline" in (r.spec.get("tags") or []) for r in group.runs)
+    for key, want in selector.items():
+        have = group.get(key)
+        if isinstance(want, float) and isinstance(have, (int, float)):
+            if not math.isclose(have, want, rel_tol=1e-9):
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+def _date(group_runs_: list) -> datetime | None:
+    dates = []
+    for run in group_runs_:
+        text = str(run.header.get("created_at") or "")
+        try:
+            date = datetime.fromisoformat(re.sub(r"([+-]\d\d)(\d\d)$", r"\1:\2", text))
+        except ValueError:
+            continue
+        dates.append(date if date.tzinfo else date.replace(tzinfo=timezone.utc))  # W&B's are naive UTC
+    return max(dates) if dates else None
+
+
+def entry_for(experiment: str, study: Study, groups: list[Group]) -> tuple[Entry | None, str]:
+    """(entry, why not): the best configuration against the study's named baseline."""
+    done = [g for g in groups if g.ok]
+    if len(done) < 2:
+        return None, "fewer than two configurations finished"
+    baselines = [g for g in done if _matches(g, study.baseline)]
+    named = ", ".join(f"{k}={fmt_value(v)}" for k, v in study.baseline.items()) or "tag 'baseline'"
+    if len(baselines) != 1:
+        return None, f"{'no' if not baselines else 'several'} finished baseline configuration(s) ({named})"
+    best = rank(done)[0]
+    base = baselines[0]
+    date = _date(base.ok + best.ok)
+    return Entry(experiment, study.title, date, base, best, spec_diff(base, best), len(done)), ""
+
+
+def timeline_markdown(entries: list[Entry], skipped: list[tuple[str, str]], n_runs: int) -> str:
+    """Entries under date headings, newest first, then the experiments that have no entry and why."""
+    lines = [f"*Generated by `blueberry report` from {n_runs} runs: each entry is an experiment's best"]
+    lines += ["configuration against its named baseline, as means over seeds.*", ""]
+    by_date: dict[str, list[Entry]] = {}
+    ordered = sorted(entries, key=lambda e: (e.date is None, -(e.date.timestamp() if e.date else 0), e.experiment))
+    for entry in ordered:
+        heading = entry.date.strftime("%b %d %Y") if entry.date else "Undated"
+        by_date.setdefault(heading, []).append(entry)
+    for heading, group in by_date.items():
+        lines += [f"### {heading}", *[line for e in group for line in e.lines()], ""]
+    if not entries:
+        lines += ["*No entries yet: no experiment has both a finished baseline and another configuration.*", ""]
+    if skipped:
+        lines += ["No entry:", *[f"- `{exp}`: {why}" for exp, why in skipped], ""]
+    return "\n".join(lines)
+
+
+def build_timeline(by_experiment: dict[str, tuple[Study, list]]) -> tuple[list[Entry], list[tuple[str, str]]]:
+    entries, skipped = [], []
+    for experiment, (study, runs) in sorted(by_experiment.items()):
+        if study.kind == "extended":
+            continue  # one configuration: nothing to compare against
+        groups = group_runs(runs)
+        label_groups(groups, first="train.lr" if study.kind == "lr" else "model.variant")
+        entry, why = entry_for(experiment, study, groups)
+        if entry:
+            entries.append(entry)
+        else:
+            skipped.append((experiment, why))
+    return entries, skipped
+
+
+def insert_between_markers(text: str, block: str) -> str:
+    """Replace what lies between the timeline markers (README.md); the markers must both be present."""
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"markers {START} … {END} not found")
+    return text[: start + len(START)] + "\n" + block.strip() + "\n" + text[end:]

@@ -1,0 +1,80 @@
+"""Sweep YAMLs: W&B-native sweep configs, validated by W&B's own `sweeps` engine schema."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from blueberry.overrides import SpecError
+
+INVALID = "invalid sweep"
+
+
+def engine():
+    """W&B's sweep engine (the PyPI `sweeps` package, what W&B runs server-side)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its pydantic deprecation warnings
+            import sweeps
+    except ImportError:
+        raise SpecError(
+            [("sweeps", "", "W&B's sweep engine is not installed: pip install --no-deps sweeps==0.3.0")], INVALID
+        ) from None
+    return sweeps
+
+
+@dataclass
+class Sweep:
+    path: Path
+    config: dict
+    name: str
+    sweep_id: str  # stable local id: same YAML, same id, so a re-run resumes
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def run_cap(self) -> int | None:
+        return self.config.get("run_cap")
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep YAML; errors name the file and carry W&B's own violation messages."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([(str(path), "", "sweep file not found")], INVALID) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([(str(path), "", f"cannot read sweep file: {exc}")], INVALID) from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError([(str(path), "", f"not valid YAML: {exc}")], INVALID) from None
+    if not isinstance(config, dict):
+        raise SpecError(
+            [(str(path), "", "a sweep file must hold a mapping (method:, parameters:, command:, ...)")], INVALID
+        )
+    # validate=True / SweepConfig() silently drop nested `parameters:` (wandb/sweeps#8): check the schema only.
+    violations = engine().schema_violations_from_proposed_config(config)
+    if violations:
+        raise SpecError([(str(path), "", violation) for violation in violations], INVALID)
+    if not isinstance(config.get("command"), list) or not all(
+        isinstance(t, (str, int, float)) for t in config["command"]
+    ):
+        raise SpecError(
+            [(str(path), "command", "a list of strings is required (the `blueberry run` command line)")], INVALID
+        )
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    name = str(config.get("name") or path.stem)
+    return Sweep(path=path, config=config, name=name, sweep_id=f"{_slug(name)}-{digest}")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)[:48].strip("-") or "sweep"

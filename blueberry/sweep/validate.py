@@ -1,0 +1,76 @@
+"""Check a sweep before it runs: every planned trial's command line must give a valid run spec."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from blueberry.overrides import SpecError, load_spec
+from blueberry.sweep.config import Sweep
+from blueberry.sweep.launch import build_trial
+
+
+def run_arguments(argv: list[str]) -> tuple[str, list[str], list[str]] | None:
+    """(spec path, argv overrides, override files) of a `blueberry run` command line, or None if it is not one."""
+    if "run" not in argv or not any(Path(token).name == "blueberry" or token == "blueberry.cli" for token in argv):
+        return None
+    rest = argv[argv.index("run") + 1 :]
+    if not rest:
+        return None
+    spec_path, overrides, files = rest[0], [], []
+    tokens = iter(rest[1:])
+    for token in tokens:
+        if token == "--overrides":
+            files.append(next(tokens, ""))
+        elif token.startswith("--overrides="):
+            files.append(token.split("=", 1)[1])
+        else:
+            overrides.append(token)
+    return spec_path, overrides, files
+
+
+def check_trials(sweep: Sweep, planned: list[dict]) -> None:
+    """Validate each planned trial exactly as its `blueberry run` would; raise SpecError naming the trial."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, params in enumerate(planned):
+            launch = build_trial(
+                sweep.config["command"],
+                params,
+                f"check-{index}",
+                Path(tmp),
+                "check",
+                sweep.config.get("program"),
+                base_env={},
+            )
+            parsed = run_arguments(launch.argv)
+            if parsed is None:
+                return  # not a blueberry command: nothing of ours to check
+            spec_path, overrides, files = parsed
+            try:
+                load_spec(spec_path, overrides, tuple(files))
+            except SpecError as exc:
+                where = f"{sweep.path} (run {index}: {json.dumps(params, sort_keys=True)})"
+                raise SpecError([(f"{where} -> {w}", path, reason) for w, path, reason in exc.problems]) from None
+
+
+def describe(sweep: Sweep, planned: list[dict]) -> str:
+    """The dry-run listing: each planned run's parameters and the command the agent would execute."""
+    lines = [
+        f"sweep {sweep.sweep_id} ({sweep.method}, metric {sweep.config.get('metric', {}).get('name')}): "
+        f"{len(planned)} planned run(s)"
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, params in enumerate(planned):
+            launch = build_trial(
+                sweep.config["command"],
+                params,
+                f"t{index:03d}",
+                Path(tmp),
+                sweep.sweep_id,
+                sweep.config.get("program"),
+                base_env={},
+            )
+            argv = " ".join(launch.argv).replace(str(Path(tmp)), "<sweep-dir>")
+            lines.append(f"{index:3d}  {json.dumps(params, sort_keys=True)}\n     {argv}")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Checkpoints: everything a run needs to continue bit-exactly, written atomically, the last K kept.
+
+<run_dir>/checkpoints/step-000123.pt holds the model, the optimizers (Muon and AdamW state), the LR
+schedulers, the GradScaler, the metric window being accumulated, every RNG state and the step. The data
+position is the step itself: the train sampler draws batch(step) from a seed, with no iterator state.
+Only tensors and plain Python values go in, so `torch.load(weights_only=True)` reads a checkpoint
+without running any pickled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be used for this run (another spec, unreadable, or none to resume)."""
+
+
+def rng_state() -> dict:
+    """torch (CPU and every CUDA device), Python `random` and NumPy generator states, as tensors and plain types."""
+    version, keys, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "keys": list(keys), "gauss": gauss},
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": np_state["state"]["pos"],
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        },
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["keys"]), py["gauss"]))
+    np_state = state["numpy"]
+    key = np_state["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes, bytes): equal digests, identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def checkpoint_paths(directory: Path) -> list[Path]:
+    """The step-*.pt files in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+class Checkpointer:
+    """Saves and finds the checkpoints of one run.
+
+    `every`: steps between checkpoints (None: only when the run is stopped by a signal).
+    `on_save(path, step)`: called after each save (W&B artifact upload).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        spec_hash: str,
+        every: int | None,
+        keep: int,
+        on_save: Callable[[Path, int], None] | None = None,
+    ):
+        self.dir, self.spec_hash, self.every, self.keep, self.on_save = Path(directory), spec_hash, every, keep, on_save
+
+    def due(self, step: int) -> bool:
+        return self.every is not None and step % self.every == 0
+
+    def latest(self) -> Path | None:
+        paths = checkpoint_paths(self.dir)
+        return paths[-1] if paths else None
+
+    def save(self, state: dict, step: int) -> Path:
+        """Write step-<step>.pt via a temp file + fsync + rename (a crash leaves the old set intact); prune to K."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step-{step:06d}.pt"
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save({**state, "step": step, "spec_hash": self.spec_hash}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        for old in checkpoint_paths(self.dir)[: -self.keep]:
+            old.unlink(missing_ok=True)
+        if self.on_save is not None:
+            self.on_save(path, step)
+        return path
+
+    def clean_partial(self) -> None:
+        """Remove temp files of a save that a kill interrupted (the caller owns the run directory)."""
+        if self.dir.is_dir():
+            for tmp in self.dir.glob(".step-*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+    def load(self, path: Path) -> dict:
+        """Read a checkpoint safely (`weights_only`) and refuse one written for another spec."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, corrupt or not a checkpoint at all
+            raise ResumeError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        found = state.get("spec_hash") if isinstance(state, dict) else None
+        if found != self.spec_hash:
+            raise ResumeError(
+                f"checkpoint {path} belongs to another spec (spec hash {str(found)[:12]}, this spec "
+                f"{self.spec_hash[:12]}): resume with the spec it was written for, or start a new run"
+            )
+        return state

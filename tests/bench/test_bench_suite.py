@@ -1,0 +1,78 @@
+"""The bench's machinery on tiny shapes: it measures through the real trainer and reports what it measured.
+
+No timing is asserted: figures on a shared 2-core machine are noise. `make bench` is where speed is read.
+"""
+
+import pytest
+
+from blueberry.bench.measure import measure_throughput, tracking_overhead
+from blueberry.bench.suite import QUICKSTART, TARGETS, TINY, build_cases, check_targets, compute_ratios, format_table
+from blueberry.overrides import load_spec
+
+
+def test_measure_throughput_runs_the_trainer_and_counts_flops():
+    spec = load_spec(QUICKSTART, [*TINY, "--model.variant=moe"])
+    result = measure_throughput(spec, warmup=1, repeats=2)
+    assert len(result["timed_step_s"]) == 2 and result["step_s"] > 0
+    assert result["tokens_per_step"] == 4 * 32 and result["tokens_per_s"] > 0
+    assert result["flops_per_token"] > 0 and result["peak_rss_mb"] > 0 and result["precision"] == "fp32"
+
+
+def test_tracking_overhead_runs_record_and_wandb_offline():
+    spec = load_spec(QUICKSTART, [*TINY, "--model.variant=mlp", "--train.log_every=2"])
+    result = tracking_overhead(spec, steps=4, repeats=1)
+    assert result["on_s"] > 0 and result["off_s"] > 0 and 0 <= result["log_share"] < 1
+
+
+def test_cases_ratios_targets_and_table():
+    keys = {case.key for case in build_cases(quick=True)}
+    assert {"q/moe/bf16", "q/moe/fp32/grouped_mm", "q/attention_moe/bf16/dense_equal"} <= keys
+    full = {case.key for case in build_cases(quick=False)}
+    assert {"s/mlp/bf16", "s/mlp/fp32", "s/moe/bf16/dense_equal", "q/attention_moe/fp32/compiled"} <= full
+
+    def case(tokens_per_s, step_s, **extra):
+        return {
+            "shape": "512d",
+            "label": "x",
+            "precision": "bf16",
+            "tokens_per_s": tokens_per_s,
+            "step_s": step_s,
+            "mfu": 0.3,
+            "tflops": 0.3,
+            "peak_rss_mb": 900.0,
+            "first_step_s": 1.0,
+            **extra,
+        }
+
+    results = {
+        "s/mlp/bf16": case(2000, 2.0),
+        "s/mlp/fp32": case(500, 8.0),
+        "s/moe/bf16": case(1000, 2.6),
+        "s/moe/bf16/dense_equal": case(1600, 2.0),
+        "s/moe/bf16/grouped_mm": {"shape": "512d", "label": "x", "error": "RuntimeError: no"},
+    }
+    ratios = compute_ratios(results)
+    assert ratios["bf16/fp32 s/mlp"] == 4.0 and ratios["MoE/dense step s/moe/bf16"] == pytest.approx(1.3)
+    assert ratios["grouped_mm/eager s/moe/bf16"] is None  # a failed case gives no ratio, not a crash
+    tracking = {"overhead": 0.01, "log_share": 0.005, "wandb_init_s": 1.0, "steps": 60, "log_every": 10}
+    latency = {"warm": {"first_step_s": 12.0}}
+    targets = check_targets(results, ratios, {"bf16": 1e12, "fp32": 2e11}, tracking, latency)
+    assert set(targets) == set(TARGETS)
+    assert targets["mfu_512d_dense"]["met"] is False and targets["mfu_512d_dense"]["value"] == pytest.approx(0.3)
+    assert targets["moe_vs_dense_512d"]["met"] is True and targets["tracking_overhead"]["met"] is True
+    assert targets["first_step_warm_s"]["met"] is False
+    outcome = {
+        "gemm_ceiling_flops": {"bf16": 1e12, "fp32": 2e11},
+        "hardware": {"cpu": {"model": "cpu", "cores": 2}},
+        "torch_threads": 2,
+        "load_average": [1.0, 1.5],
+        "cases": results,
+        "ratios": ratios,
+        "tracking": tracking,
+        "first_step_latency": latency,
+        "report_build": {"error": "report not available"},
+        "targets": targets,
+    }
+    table = format_table(outcome)
+    assert "| 512d | x | bf16 | 2000 |" in table and "failed: RuntimeError: no" in table
+    assert "| 30.0% | no |" in table and "report not available" in table

@@ -1,0 +1,13 @@
+"""The study's published numbers, used as input data for the report's golden tests."""
+
+# The study's Table 1 (reference-facts §12: bug artefacts, used here only as format fixtures):
+# variant, val loss, val acc, val perplexity, minutes, params printed.
+REFERENCE_T1 = [
+    ("attention_moe", 0.01718, 0.99674, 1.0173, 1.62, 231_423_680),
+    ("attention_mlp", 0.01736, 0.99707, 1.0175, 1.13, 36_281_024),
+    ("moe", 0.10973, 0.97949, 1.1160, 1.59, 232_894_976),
+    ("baseline", 0.12034, 0.97746, 1.1279, 2.21, 53_493_248),
+    ("mlp", 0.15076, 0.97225, 1.1627, 0.93, 37_752_320),
+]
+# Experiment 2's LR sweep: lr, val loss, val acc.
+REFERENCE_T2 = [(1e-4, 6.386, 0.157), (3e-4, 3.650, 0.418), (1e-3, 0.0234, 0.9975), (3e-3, 0.0153, 0.9973)]

@@ -1,0 +1,158 @@
+"""`blueberry report` end to end on synthetic run records: files, exit codes, cache, README, publish offline."""
+
+import json
+
+from click.testing import CliRunner
+from PIL import Image
+from report_reference import REFERENCE_T1, REFERENCE_T2
+
+from blueberry.cli import main
+from blueberry.report.integrity import cost
+from blueberry.report.records import load_local, read_local_run
+from blueberry.report.studies import study_for
+from blueberry.report.synthetic import write_run
+from blueberry.report.timeline import END, START
+
+
+def study(root):
+    for variant, loss, acc, ppl, minutes, total in REFERENCE_T1:
+        write_run(
+            root,
+            "exp1-ablation",
+            variant=variant,
+            val_loss=loss,
+            val_accuracy=acc,
+            val_perplexity=ppl,
+            minutes=minutes,
+            params=(total, total),
+        )
+    for lr, loss, acc in REFERENCE_T2:
+        write_run(root, "exp3-lr-attention-moe-cpu", variant="attention_moe", lr=lr, val_loss=loss, val_accuracy=acc)
+    write_run(root, "exp3-extended-cpu", variant="attention_moe", lr=3e-3, steps=400, eval_every=20, val_loss=0.0614)
+    write_run(
+        root, "exp3-extended-cpu", variant="attention_moe", lr=3e-3, steps=400, eval_every=20, seed=7, state="running"
+    )
+    write_run(root, "notes-on-dropout", spec={"model": {"dropout": 0.0}}, val_loss=3.0)
+    broken = write_run(root, "notes-on-dropout", seed=5)
+    (broken / "spec.json").write_text("{")
+
+
+def test_report_builds_every_section_from_runs(tmp_path):
+    study(tmp_path / "runs")
+    out = tmp_path / "reports"
+    result = CliRunner().invoke(main, ["report", "--runs-root", str(tmp_path / "runs"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "13 runs" in result.output and "cache: 0 reused, 13 parsed" in result.output
+    report = (out / "REPORT.md").read_text()
+    for heading in (
+        "## Experiment 1: ablation of the five variants: `exp1-ablation`",
+        "## Experiment 3: learning rate for DeepSeek attention + GLM4 MoE: `exp3-lr-attention-moe-cpu`",
+        "### Phases: LR search and extended run (`exp3-extended-cpu`)",
+        "## Experiment 3: extended run: `exp3-extended-cpu`",
+        "## Experiment: `notes-on-dropout`",  # unknown experiment: generic table
+        "## Timeline",
+        "## Integrity",
+    ):
+        assert heading in report
+    assert "| 1 | attention_moe | 0.0172 | 99.67% | 1.02 | 1.62 | 231.42 | 231.42 | DeepSeek Attn+MoE | 1 |" in report
+    assert "**Warning:** the best LR is the largest one tried" in report
+    assert "| running |" in report and "spec.json unreadable" in report  # listed, never dropped
+    assert "best `attention_moe` vs baseline `baseline`" in report  # timeline: exp1 against its named baseline
+    assert (out / "TIMELINE.md").read_text().startswith("# Timeline")
+    assert "exp1-ablation-mlp-lr0.01-s42" in (out / "dashboard.html").read_text()
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert "exp1-ablation/val_loss_vs_time.png" in pngs and "exp3-lr-attention-moe-cpu/lr_sweep.png" in pngs
+    assert "exp3-extended-cpu/training_curves.png" in pngs and "notes-on-dropout/final_val_loss.png" in pngs
+    for png in pngs:
+        assert Image.open(out / png).size[0] > 400
+    assert not [p for p in out.iterdir() if p.name.startswith(".build-")]  # staging cleaned up
+
+
+def test_bad_input_exits_2_before_writing(tmp_path):
+    cli = CliRunner()
+    out = tmp_path / "reports"
+    missing = cli.invoke(main, ["report", "--runs-root", str(tmp_path / "nope"), "--out", str(out)])
+    assert missing.exit_code == 2 and "runs root" in missing.output and "does not exist" in missing.output
+    write_run(tmp_path / "runs", "e")
+    prices = cli.invoke(
+        main, ["report", "--runs-root", str(tmp_path / "runs"), "--out", str(out), "--gpu-prices", "{bad"]
+    )
+    assert prices.exit_code == 2 and "--gpu-prices: not valid JSON" in prices.output
+    wandb = cli.invoke(main, ["report", "--source", "wandb", "--project", "p", "--out", str(out)])
+    assert wandb.exit_code == 2 and "needs --entity" in wandb.output
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    marker = cli.invoke(
+        main, ["report", "--runs-root", str(tmp_path / "runs"), "--out", str(out), "--readme", str(readme)]
+    )
+    assert marker.exit_code == 2 and "markers" in marker.output
+    assert not (out / "REPORT.md").exists() and "Traceback" not in marker.output
+
+
+def test_readme_timeline_and_offline_publish(tmp_path):
+    root = tmp_path / "runs"
+    write_run(
+        root, "t4-experts", spec={"model": {"n_experts": 8}}, val_loss=6.7417, created_at="2025-09-25T08:00:00+0000"
+    )
+    write_run(
+        root, "t4-experts", spec={"model": {"n_experts": 16}}, val_loss=6.6185, created_at="2025-09-25T09:00:00+0000"
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n\n## Timeline\n{START}\nold\n{END}\n")
+    out = tmp_path / "reports"
+    args = [
+        "report",
+        "--runs-root",
+        str(root),
+        "--out",
+        str(out),
+        "--readme",
+        str(readme),
+        "--publish",
+        "--entity",
+        "me",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "W&B Report definition built: 3 blocks, 6 panels (me/blueberry)" in result.output
+    assert "cannot publish: WANDB_MODE=offline" in result.output and (out / "REPORT.md").exists()
+    text = readme.read_text()
+    assert "old" not in text and "### Sep 25 2025" in text
+    assert "**1.8% validation loss improvement** (6.7417 → 6.6185)" in text  # the T4 README's MoE entry
+    assert "**Key change**: model.n_experts: 8 → 16" in text
+
+
+def test_cost_per_run_uses_the_gpu_table_and_is_na_on_cpu(tmp_path, monkeypatch):
+    gpu = read_local_run(
+        write_run(
+            tmp_path, "e", seed=1, minutes=30, hardware={"device": "cuda:0", "gpu_name": "NVIDIA GeForce RTX 4090"}
+        )
+    )
+    cpu = read_local_run(write_run(tmp_path, "e", seed=2))
+    unnamed = read_local_run(write_run(tmp_path, "e", seed=3, hardware={"device": "cuda"}))
+    assert cost(gpu, {"RTX 4090": 0.18}) == "$0.0900"  # 0.5 h × $0.18/h, the study's quoted price
+    assert cost(cpu, {"RTX 4090": 0.18}) == "n/a (CPU)"
+    assert cost(unnamed, {"RTX 4090": 0.18}) == "n/a (GPU model not recorded)"
+    assert cost(gpu, {"T4": 0.35}) == "n/a (no price for NVIDIA GeForce RTX 4090)"
+    monkeypatch.setenv("BLUEBERRY_GPU_PRICES", json.dumps({"4090": 1.0}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["report", "--runs-root", str(tmp_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "| $0.5000 |" in (out / "REPORT.md").read_text() and "BLUEBERRY_GPU_PRICES" in (out / "REPORT.md").read_text()
+    )
+
+
+def test_lr_experiment_with_two_models_gets_one_lr_table_each(tmp_path, monkeypatch):
+    from blueberry.report import build, plots
+
+    for name in ("lr_sweep", "val_loss_curves", "curves_2x2"):  # markdown only: plots are tested above
+        monkeypatch.setattr(plots, name, lambda *args, **kwargs: None)
+    for variant in ("attention_mlp", "attention_moe"):
+        for lr, loss in ((1e-3, 4.0), (3e-3, 3.9), (1e-2, 4.1)):
+            write_run(tmp_path, "t4-lr", variant=variant, lr=lr, val_loss=loss)
+    runs = load_local(tmp_path)
+    text = build.experiment_section("t4-lr", study_for("t4-lr"), runs, {}, tmp_path / "stage")
+    assert "### model.variant=attention_mlp" in text and "### model.variant=attention_moe" in text
+    assert text.count("| Learning Rate |") == 2 and text.count("Best LR: **3e-3 (0.003)**") == 2
+    assert "Warning" not in text  # 3e-3 sits inside the grid

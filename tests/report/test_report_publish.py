@@ -1,0 +1,44 @@
+"""The W&B Report definition, built offline; only its shape is checked (wandb-workspaces internals are private)."""
+
+import pytest
+import wandb_workspaces.reports.v2 as wr
+
+from blueberry.report.publish import publish, report_definition
+from blueberry.report.records import ReportError, Run
+
+
+def runs():
+    spec = {"model": {"variant": "mlp"}, "train": {"lr": 0.003}}
+    return [
+        Run(id="a", name="a", experiment="exp1-ablation", state="finished", spec=spec),
+        Run(id="b", name="b", experiment="exp2-lr-attention-mlp", state="failed", spec=spec),
+    ]
+
+
+def test_definition_has_the_comparisons_per_experiment():
+    report = report_definition(runs(), "my-team", "blueberry")
+    assert (report.entity, report.project) == ("my-team", "blueberry")
+    grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
+    assert len(grids) == 2
+    for grid, (experiment, by) in zip(grids, [("exp1-ablation", "variant"), ("exp2-lr-attention-mlp", "train.lr")]):
+        (runset,) = grid.runsets
+        assert runset.entity == "my-team" and runset.name == experiment and runset.groupby == [f"config.{by}"]
+        assert experiment in str(runset.filters)
+        lines = [p for p in grid.panels if isinstance(p, wr.LinePlot)]
+        assert [p.y for p in lines] == [["train/loss"], ["val/loss"], ["val/accuracy"], ["val/perplexity"]]
+        assert all(p.x == "trainer/step" and p.groupby == wr.Config(by) for p in lines)
+        (bar,) = [p for p in grid.panels if isinstance(p, wr.BarPlot)]
+        assert bar.metrics == ["val/loss"] and bar.groupby_rangefunc == "stddev"
+        (pc,) = [p for p in grid.panels if isinstance(p, wr.ParallelCoordinatesPlot)]
+        assert [c.metric for c in pc.columns] == [
+            wr.Config("train.lr"),
+            wr.Config("variant"),
+            wr.SummaryMetric("val/loss"),
+        ]
+
+
+def test_publish_offline_fails_clearly_without_touching_the_network():
+    report = report_definition(runs(), "my-team", "blueberry")  # WANDB_MODE=offline in tests
+    with pytest.raises(ReportError, match="cannot publish: WANDB_MODE=offline") as info:
+        publish(report)
+    assert info.value.code == 1

@@ -1,0 +1,168 @@
+"""Loaders: local run records (every state, torn lines, the cache) and the W&B API (mocked: no network)."""
+
+import json
+import os
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from blueberry.report.cache import RunCache
+from blueberry.report.records import History, ReportError, load_local, load_wandb, read_local_run, select, wandb_filters
+from blueberry.report.synthetic import write_run
+
+
+def test_local_run_is_normalised(tmp_path):
+    run_dir = write_run(
+        tmp_path, "exp1-ablation-cpu", variant="moe", seed=3, lr=0.003, sweep={"id": "s1", "name": "exp1"}, tags=("x",)
+    )
+    run = read_local_run(run_dir)
+    assert (run.experiment, run.variant, run.lr, run.seed, run.state) == (
+        "exp1-ablation-cpu",
+        "moe",
+        0.003,
+        3,
+        "finished",
+    )
+    assert run.sweep == {"id": "s1", "name": "exp1"} and run.tags == ["moe", "x"]
+    assert run.metric("val/loss") == 4.0 and run.param_count("active") == 1_500_000
+    steps, losses = run.history.series("val/loss")
+    assert steps.tolist() == [25, 50, 75, 100] and losses[-1] == pytest.approx(4.0)
+    assert "moe/layer0/load_e0" not in run.history.columns and "moe/layer0/load_max" in run.history.columns
+
+
+def test_torn_last_line_and_broken_files_are_never_fatal(tmp_path):
+    torn = write_run(tmp_path, "e", seed=1, state="running")
+    with open(torn / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 51, "train/lo')  # killed mid-write
+    no_status = write_run(tmp_path, "e", seed=2)
+    (no_status / "status.json").unlink()
+    bad_spec = write_run(tmp_path, "e", seed=3)
+    (bad_spec / "spec.json").write_text("{not json")
+    no_summary = write_run(tmp_path, "e", seed=4)
+    (no_summary / "summary.json").unlink()
+    runs = {r.source: r for r in load_local(tmp_path)}
+    assert runs[str(torn)].state == "running" and runs[str(torn)].history.last_step == 50
+    assert runs[str(no_status)].state == "unreadable" and "status.json missing" in runs[str(no_status)].reason
+    assert runs[str(bad_spec)].state == "unreadable" and "spec.json unreadable" in runs[str(bad_spec)].reason
+    assert runs[str(bad_spec)].experiment == "e"  # from the directory when the header is unreadable
+    assert runs[str(no_summary)].state == "unreadable" and "summary.json missing" in runs[str(no_summary)].reason
+
+
+def test_missing_runs_root_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="does not exist"):
+        load_local(tmp_path / "nope")
+
+
+def test_select_filters_like_the_wandb_query(tmp_path):
+    write_run(tmp_path, "a", seed=1, sweep={"id": "abc123", "name": "lr-grid"}, tags=("exp2",))
+    write_run(tmp_path, "a", seed=2)
+    write_run(tmp_path, "b", seed=1, tags=("exp2",))
+    runs = load_local(tmp_path)
+    assert len(select(runs, group="a")) == 2
+    assert [r.seed for r in select(runs, sweep="lr-grid")] == [1] == [r.seed for r in select(runs, sweep="abc123")]
+    assert sorted(r.experiment for r in select(runs, tags=("exp2",))) == ["a", "b"]
+    sweep = {"$or": [{"sweep": "abc123"}, {"tags": {"$in": ["sweep:abc123"]}}]}
+    assert wandb_filters("a", "abc123", ("exp2",)) == {"$and": [{"group": "a"}, sweep, {"tags": {"$in": ["exp2"]}}]}
+
+
+def test_cache_reuses_unchanged_runs_and_rereads_changed_ones(tmp_path):
+    root = tmp_path / "runs"
+    first = write_run(root, "e", seed=1)
+    write_run(root, "e", seed=2)
+    cache = RunCache(tmp_path / "cache")
+    fresh = load_local(root, cache)
+    assert (cache.hits, cache.misses) == (0, 2)
+    cached = load_local(root, cache)
+    assert (cache.hits, cache.misses) == (2, 2)
+    for a, b in zip(fresh, cached):
+        assert a.to_meta() == b.to_meta()
+        np.testing.assert_array_equal(a.history.values, b.history.values)
+    # A run that changes (here: its status) is parsed again, not served stale.
+    status = json.loads((first / "status.json").read_text())
+    (first / "status.json").write_text(json.dumps({**status, "state": "failed", "reason": "late"}))
+    os.utime(first / "status.json", ns=(1, 1))
+    again = {r.source: r for r in load_local(root, cache)}
+    assert again[str(first)].state == "failed" and cache.hits == 3
+    # A corrupt cache file is ignored.
+    for path in (tmp_path / "cache").iterdir():
+        path.write_bytes(b"garbage")
+    assert len(load_local(root, cache)) == 2
+
+
+def fake_api_run(run_id="r1", state="finished"):
+    return SimpleNamespace(
+        id=run_id,
+        name=f"exp2-{run_id}",
+        group="exp2-lr-attention-mlp",
+        state=state,
+        tags=["attention_mlp", "exp2"],
+        path=["me", "blueberry", run_id],
+        created_at="2025-10-01T10:00:00",
+        heartbeat_at="2025-10-01T10:05:00",
+        lastHistoryStep=20,
+        sweep=SimpleNamespace(id="sw1", name="lr grid"),
+        config={
+            "_wandb": {},
+            "experiment": "exp2-lr-attention-mlp",
+            "seed": 1,
+            "model": {"variant": "attention_mlp"},
+            "train": {"lr": 0.003},
+            "variant": "attention_mlp",
+            "params_total": 100,
+            "params_active": 80,
+        },
+        summary={"val/loss": {"min": 3.9, "last": 4.0}, "val/accuracy": {"max": 0.3, "last": 0.29}, "_step": 20},
+        scan_history=mock.Mock(
+            return_value=iter(
+                [
+                    {"trainer/step": 10, "_runtime": 5.0, "train/loss": 5.0, "_step": 0},
+                    {"trainer/step": 20, "_runtime": 9.0, "val/loss": 4.0, "_step": 1},
+                ]
+            )
+        ),
+    )
+
+
+def test_wandb_loader_normalises_runs_and_uses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    api = mock.Mock()
+    api.runs.return_value = [fake_api_run()]
+    cache = RunCache(tmp_path / "cache")
+    (run,) = load_wandb("me", "blueberry", group="exp2-lr-attention-mlp", cache=cache, api=api)
+    kwargs = api.runs.call_args.kwargs
+    assert api.runs.call_args.args == ("me/blueberry",) and kwargs["filters"] == {
+        "$and": [{"group": "exp2-lr-attention-mlp"}]
+    }
+    assert kwargs["lazy"] is False
+    assert (run.experiment, run.lr, run.seed, run.state) == ("exp2-lr-attention-mlp", 0.003, 1, "finished")
+    assert run.summary["val/loss"] == 4.0 and run.summary["val/best_loss"] == 3.9  # define_metric min/last dicts
+    assert run.sweep == {"id": "sw1", "name": "lr grid"} and run.param_count("total") == 100
+    assert run.history.series("val/loss")[0].tolist() == [20]
+    assert run.history.series("train/loss", x="time")[0].tolist() == [5.0]
+    # Unchanged (state, heartbeat, last step): served from the cache, history not scanned again.
+    again = fake_api_run()
+    api.runs.return_value = [again]
+    load_wandb("me", "blueberry", cache=cache, api=api)
+    again.scan_history.assert_not_called()
+
+
+def test_wandb_loader_fails_clearly_offline_or_unreachable(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(ReportError, match="WANDB_MODE=offline") as info:
+        load_wandb("me", "blueberry", api=mock.Mock())
+    assert info.value.code == 2
+    monkeypatch.setenv("WANDB_MODE", "online")
+    api = mock.Mock()
+    api.runs.side_effect = ConnectionError("Name or service not known")
+    with pytest.raises(ReportError, match="could not read runs from W&B .*ConnectionError") as info:
+        load_wandb("me", "blueberry", api=api)
+    assert info.value.code == 1
+
+
+def test_history_keeps_non_finite_values_as_nan():
+    # write_json_atomic stores NaN/inf as strings; a diverged run logs them before it stops.
+    history = History.from_rows([{"step": 1, "time": 0.5, "train/loss": "inf"}, {"step": 2, "time": 1, "val/loss": 3}])
+    assert history.columns == ["step", "time", "train/loss", "val/loss"]
+    assert history.series("train/loss")[1].tolist() == [np.inf] and history.series("val/loss")[0].tolist() == [2.0]

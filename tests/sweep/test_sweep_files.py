@@ -1,0 +1,105 @@
+"""Every sweep YAML in the repo is valid under W&B's schema and expands to the intended runs."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from blueberry.cli import main
+from blueberry.overrides import SpecError
+from blueberry.spec import VARIANTS
+from blueberry.sweep import load_sweep, plan
+from blueberry.sweep.config import engine
+from blueberry.sweep.validate import check_trials
+
+REPO = Path(__file__).resolve().parents[2]
+YAMLS = sorted((REPO / "sweeps").rglob("*.yaml"))
+LR_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+
+
+def planned(rel):
+    sweep = load_sweep(REPO / "sweeps" / rel)
+    return sweep, plan(sweep, None)
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO)))
+def test_yaml_is_valid_and_every_run_is_a_valid_spec(path):
+    sweep = load_sweep(path)
+    assert engine().schema_violations_from_proposed_config(sweep.config) == []
+    assert sweep.config["metric"] == {"name": "val/loss", "goal": "minimize"}
+    assert "${args_json_file}" in sweep.config["command"]
+    runs = plan(sweep, None)
+    assert runs and len({repr(sorted(r.items())) for r in runs}) == len(runs)  # no duplicates
+    check_trials(sweep, runs)  # raises on any invalid spec
+
+
+def test_ablation_is_five_variants_times_three_seeds():
+    sweep, runs = planned("ablation.yaml")
+    assert len(runs) == 15
+    assert {(r["model"]["variant"], r["seed"]) for r in runs} == {(v, s) for v in VARIANTS for s in (1, 2, 3)}
+    assert {r["experiment"] for r in runs} == {"exp1-ablation"}
+
+
+@pytest.mark.parametrize("rel", ["lr_attention_mlp.yaml", "lr_attention_moe.yaml"])
+def test_lr_grids_extend_beyond_the_original_edge(rel):
+    _, runs = planned(rel)
+    assert len(runs) == 18
+    assert sorted({r["train"]["lr"] for r in runs}) == LR_GRID
+    assert {r["seed"] for r in runs} == {1, 2, 3}
+
+
+def test_cpu_twin_of_the_ablation_runs_the_five_variants():
+    _, runs = planned("cpu/ablation.yaml")
+    assert sorted(r["model"]["variant"] for r in runs) == sorted(VARIANTS)
+    assert {r["train"]["steps"] for r in runs} == {150}
+
+
+def test_t4_studies_cover_the_timeline():
+    assert {r["model"]["n_experts"] for r in planned("t4/experts.yaml")[1]} == {8, 16}
+    accum_dropout = planned("t4/accum_dropout.yaml")[1]
+    assert {(r["train"]["grad_accum"], r["model"]["dropout"]) for r in accum_dropout} == {
+        (a, d) for a in (1, 2, 3) for d in (0.05, 0.1)
+    }
+    assert 0.065 in {r["train"]["lr"] for r in planned("t4/lr_fine.yaml")[1]}
+
+
+def test_count_caps_the_plan():
+    sweep = load_sweep(REPO / "sweeps/ablation.yaml")
+    assert len(plan(sweep, 4)) == 4
+
+
+def test_schema_errors_carry_wandbs_message_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: sideways\nparameters: {x: {values: [1]}}\ncommand: [blueberry]\n")
+    with pytest.raises(SpecError) as err:
+        load_sweep(bad)
+    assert "sideways" in err.value.render() and str(bad) in err.value.render()
+    result = CliRunner().invoke(main, ["sweep", str(bad), "--dry-run"])
+    assert result.exit_code == 2 and "invalid sweep" in result.output and "Traceback" not in result.output
+
+
+def test_a_parameter_outside_the_spec_is_caught_before_anything_runs(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(
+        "method: grid\n"
+        "command: ['${env}', blueberry, run, experiments/cpu_base.json, --overrides, '${args_json_file}']\n"
+        "parameters: {train: {parameters: {lrr: {values: [0.1]}}}}\n"
+    )
+    result = CliRunner().invoke(main, ["sweep", str(bad), "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "train.lrr: unknown field" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text", ["", "method: grid\n  bad: [indent\n", "- a list\n"])
+def test_malformed_yaml(tmp_path, text):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match="invalid sweep"):
+        load_sweep(path)
+
+
+def test_dry_run_prints_the_agent_command(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", str(REPO / "sweeps/cpu/ablation.yaml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "5 planned run(s)" in result.output
+    assert "/usr/bin/env blueberry run experiments/cpu_base.json --overrides <sweep-dir>/wandb/sweep-" in result.output

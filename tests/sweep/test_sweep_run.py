@@ -1,0 +1,111 @@
+"""`blueberry sweep` end to end, offline: a grid runs once per point, failures are recorded, kill + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BLUEBERRY = str(Path(sys.executable).parent / "blueberry")
+
+
+def write_sweep(tmp_path, parameters, name="tiny"):
+    config = {
+        "name": name,
+        "method": "grid",
+        "metric": {"name": "val/loss", "goal": "minimize"},
+        "command": [
+            "${env}",
+            "blueberry",
+            "run",
+            str(REPO / "experiments/cpu_base.json"),
+            "--overrides",
+            "${args_json_file}",
+        ],
+        "parameters": {
+            "experiment": {"value": f"{name}-exp"},
+            "model": {"parameters": {"d_model": {"value": 32}, "n_layers": {"value": 1}}},
+            **parameters,
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def tiny_train(**extra):
+    return {"parameters": {"steps": {"value": 3}, "eval_every": {"value": 3}, **extra}}
+
+
+def sweep_cmd(path, runs_root, *extra):
+    return [BLUEBERRY, "sweep", str(path), "--runs-root", str(runs_root), *extra]
+
+
+def state_of(runs_root):
+    (state_file,) = Path(runs_root).glob("_sweeps/*/state.json")
+    return json.loads(state_file.read_text())["trials"]
+
+
+def test_grid_runs_every_point_once_and_records_the_sweep(tmp_path):
+    path = write_sweep(tmp_path, {"train": tiny_train(lr={"values": [0.01, 0.02]})})
+    runs_root = tmp_path / "runs"
+    done = subprocess.run(sweep_cmd(path, runs_root), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = state_of(runs_root)
+    assert sorted(t["params"]["train"]["lr"] for t in trials) == [0.01, 0.02]
+    assert all(t["state"] == "finished" and t["summary"]["val/loss"] > 0 for t in trials)
+    for trial in trials:
+        header = json.loads((Path(trial["run_dir"]) / "spec.json").read_text())
+        assert header["sweep"]["name"] == "tiny" and header["spec"]["experiment"] == "tiny-exp"
+        assert header["run_id"] == trial["run_id"]
+        assert list((Path(trial["run_dir"]) / "wandb").glob("offline-run-*"))
+    # Same command again: nothing left to run, nothing re-run.
+    again = subprocess.run(sweep_cmd(path, runs_root), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode == 0 and len(state_of(runs_root)) == 2
+    assert len(list((runs_root / "tiny-exp").iterdir())) == 2
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    missing = str(tmp_path / "no-such-corpus.jsonl")
+    path = write_sweep(
+        tmp_path, {"train": tiny_train(), "data": {"parameters": {"dataset": {"values": [missing, "austen"]}}}}
+    )
+    runs_root = tmp_path / "runs"
+    done = subprocess.run(sweep_cmd(path, runs_root), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = {t["params"]["data"]["dataset"]: t for t in state_of(runs_root)}
+    assert trials["austen"]["state"] == "finished"
+    assert trials[missing]["state"] == "failed" and "no-such-corpus" in trials[missing]["reason"]
+    assert "1 finished, 1 failed" in done.stdout
+
+
+@pytest.mark.parametrize("kill_after_finished", [0, 1])
+def test_killed_sweep_resumes_with_every_point_exactly_once(tmp_path, kill_after_finished):
+    path = write_sweep(tmp_path, {"train": tiny_train(lr={"values": [0.01, 0.02, 0.03]})})
+    runs_root = tmp_path / "runs"
+    sweep = subprocess.Popen(sweep_cmd(path, runs_root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill -9 while a trial runs, after `kill_after_finished` finished
+        try:
+            trials = state_of(runs_root)
+        except (ValueError, FileNotFoundError):
+            trials = []
+        finished = sum(t["state"] == "finished" for t in trials)
+        if finished >= kill_after_finished and any(t["state"] == "running" and t["pid"] for t in trials):
+            break
+        time.sleep(0.2)
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    resumed = subprocess.run(sweep_cmd(path, runs_root), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    trials = state_of(runs_root)
+    assert sorted(t["params"]["train"]["lr"] for t in trials) == [0.01, 0.02, 0.03]  # none lost, none duplicated
+    assert all(t["state"] == "finished" for t in trials)
+    records = [p for p in (runs_root / "tiny-exp").iterdir()]
+    assert sorted(p.name for p in records) == sorted(t["run_id"] for t in trials)  # one record per point

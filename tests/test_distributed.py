@@ -1,0 +1,81 @@
+"""torchrun + DDP on CPU (gloo, 2 processes): one spec, rank 0 records, results equal one process's."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from blueberry import distributed
+from blueberry.overrides import load_spec
+from blueberry.runner import execute
+from blueberry.tracking import read_metrics
+
+# A tiny MoE with no dropout, router noise or balance loss: the sum over ranks then equals one process's
+# global batch exactly, up to floating-point reduction order.
+DDP_TINY = [
+    "--model.variant=moe",
+    "--model.d_model=32",
+    "--model.n_layers=1",
+    "--model.n_heads=2",
+    "--model.n_experts=4",
+    "--model.expert_d_ff=64",
+    "--model.dropout=0",
+    "--model.balance_loss_weight=0",
+    "--data.vocab_size=512",
+    "--data.seq_len=32",
+    "--data.max_tokens=20000",
+    "--train.steps=12",
+    "--train.grad_accum=2",
+    "--train.log_every=4",
+    "--train.eval_every=12",
+    "--train.precision=fp32",
+    "--train.threads=1",
+    "--train.progress=False",
+    "--seed=7",
+]
+
+
+def test_single_process_helpers_are_no_ops():
+    assert not dist.is_initialized()
+    assert distributed.env_world().size == 1 and distributed.current().is_main
+    assert distributed.mean_metrics({"a": 1.0}) == {"a": 1.0}
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
+    """2 ranks × 4 windows ≡ 1 process × 8 windows: the sampler hands each rank its slice of one global draw."""
+    monkeypatch.setenv("BLUEBERRY_PRICE_PER_HOUR", "0.5")
+    single = execute(load_spec(None, [*DDP_TINY, "--train.batch_size=8", f"--tracking.runs_root={tmp_path / 'one'}"]))
+    # the one-process run also carries the hardware plan's products: MFU on every log row, cost in the summary
+    assert single.summary["perf/mfu"] > 0 and single.summary["cost/usd_per_hour"] == 0.5
+    assert single.summary["cost/usd"] == pytest.approx(0.5 * single.summary["cost/device_hours"])
+    assert all("perf/mfu" in r for r in read_metrics(single.run_dir / "metrics.jsonl") if "perf/tokens_per_s" in r)
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text("{}")
+    argv = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "blueberry", "run", str(spec_file)]
+    argv += [*DDP_TINY, "--train.batch_size=4", f"--tracking.runs_root={tmp_path / 'two'}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=os.environ)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    records = list((tmp_path / "two").glob("*/*/summary.json"))
+    assert len(records) == 1  # rank 0 alone writes the record (and the W&B run)
+    run_dir = records[0].parent
+    header = json.loads((run_dir / "spec.json").read_text())
+    assert header["hardware"]["world_size"] == 2 and header["hardware"]["batch"]["effective_batch"] == 16
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    summary = json.loads(records[0].read_text())
+    assert summary["cost/usd"] == pytest.approx(0.5 * summary["cost/device_hours"])  # device-hours of both ranks
+    assert summary["trainer/tokens"] == single.summary["trainer/tokens"]  # global tokens, both ranks
+    assert summary["val/loss"] == pytest.approx(single.summary["val/loss"], abs=2e-4)
+    two_rows = [r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+    one_rows = [r["train/loss"] for r in read_metrics(single.run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert two_rows == pytest.approx(one_rows, abs=2e-4)  # the logged loss is the mean over both ranks
+    row = [r for r in read_metrics(run_dir / "metrics.jsonl") if "moe/layer0/load_max" in r][-1]
+    loads = [row[f"moe/layer0/load_e{e}"] for e in range(4)]
+    assert sum(loads) == pytest.approx(1.0) and row["moe/layer0/load_max"] == max(loads)  # max of the means

@@ -1,0 +1,169 @@
+"""Hardware detection and choices, with NVML faked: no GPU here, so every GPU path runs against a fake pynvml."""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from blueberry import hardware
+from blueberry.cli import main
+from blueberry.gpu_monitor import GpuMonitor
+from blueberry.models import build_model
+from blueberry.overrides import load_spec
+from blueberry.spec import TrainSpec
+
+GPUS = {
+    "Tesla T4": ((7, 5), 15360),
+    "NVIDIA GeForce RTX 4090": ((8, 9), 24564),
+    "NVIDIA A100-SXM4-80GB": ((8, 0), 81920),
+    "NVIDIA H100 80GB HBM3": ((9, 0), 81559),
+}
+
+
+def fake_pynvml(names, energy_mj=None, fail_init=False):
+    """A module with the NVML calls blueberry uses; handles are indices into `names`."""
+    nvml = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    def init():
+        if fail_init:
+            raise NVMLError("NVML Shared Library Not Found")
+
+    def energy(handle):
+        if energy_mj is None:
+            raise NVMLError("Not Supported")
+        energy_mj[handle] += 3.6e6  # one watt-hour per read
+        return energy_mj[handle]
+
+    nvml.NVMLError = NVMLError
+    nvml.NVML_TEMPERATURE_GPU = 0
+    nvml.nvmlInit = init
+    nvml.nvmlShutdown = lambda: None
+    nvml.nvmlSystemGetDriverVersion = lambda: "550.54"
+    nvml.nvmlDeviceGetCount = lambda: len(names)
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: i
+    nvml.nvmlDeviceGetName = lambda h: names[h].encode()  # old bindings return bytes
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=GPUS[names[h]][1] * 2**20, used=2**30)
+    nvml.nvmlDeviceGetCudaComputeCapability = lambda h: GPUS[names[h]][0]
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=87, memory=40)
+    nvml.nvmlDeviceGetPowerUsage = lambda h: 250_000  # milliwatts
+    nvml.nvmlDeviceGetTemperature = lambda h, sensor: 66
+    nvml.nvmlDeviceGetTotalEnergyConsumption = energy
+    return nvml
+
+
+@pytest.mark.parametrize(
+    "name, preset, precision",
+    [
+        ("Tesla T4", "T4", "fp16"),
+        ("NVIDIA GeForce RTX 4090", "RTX 4090", "bf16"),
+        ("NVIDIA A100-SXM4-80GB", "A100", "bf16"),
+        ("NVIDIA H100 80GB HBM3", "H100", "bf16"),
+    ],
+)
+def test_gpu_detection_picks_preset_and_precision(monkeypatch, name, preset, precision):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([name]))
+    info = hardware.detect()
+    assert info.nvml == "ok" and len(info.gpus) == 1
+    gpu = info.gpus[0]
+    assert gpu.name == name and gpu.compute_capability == GPUS[name][0] and gpu.driver == "550.54"
+    assert info.preset.name == preset
+    assert hardware.precision_for(gpu.compute_capability, cpu_bf16=False) == precision
+    assert info.preset.precision == precision and info.preset.peak_tflops[precision] > 10
+
+
+def test_no_nvml_means_cpu_path_not_an_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([], fail_init=True))
+    info = hardware.detect()
+    assert info.gpus == [] and "NVML unavailable" in info.nvml and info.preset.name == "CPU"
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed at all
+    assert hardware.detect_gpus() == ([], "nvidia-ml-py not installed")
+    assert not GpuMonitor().start().active and GpuMonitor().stop() == {}
+
+
+def test_precision_rules():
+    assert hardware.precision_for((7, 0), False) == "fp16"  # V100
+    assert hardware.precision_for((6, 1), False) == "fp32"  # Pascal
+    assert hardware.precision_for(None, cpu_bf16=True) == "bf16"
+    assert hardware.precision_for(None, cpu_bf16=False) == "fp32"
+    assert hardware.preset_for("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert hardware.preset_for("Some Future GPU").precision == "fp32"
+    with pytest.raises(ValueError, match="fp16"):
+        hardware.resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_gpu_monitor_samples_and_reads_energy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(["Tesla T4"], energy_mj=[0.0]))
+    monitor = GpuMonitor(interval_s=3600).start()
+    assert monitor.latest() == {"gpu/util_pct": 87, "gpu/mem_used_mb": 1024, "gpu/power_w": 250, "gpu/temp_c": 66}
+    assert monitor.stop() == {"gpu/energy_wh": pytest.approx(1.0)}  # counter read at start and at stop
+
+
+def test_gpu_monitor_integrates_power_without_energy_counter(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(["Tesla T4", "Tesla T4"]))
+    monitor = GpuMonitor(interval_s=3600).start()
+    monitor._last_sample -= 36.0  # pretend the last reading was 36 s ago: 250 W × 36 s = 2.5 Wh per GPU
+    assert "gpu/1/power_w" in monitor.latest()
+    assert monitor.stop()["gpu/energy_wh"] == pytest.approx(5.0, rel=1e-3)
+
+
+def test_price_order_and_cost(monkeypatch, tmp_path):
+    t4 = hardware.preset_for("Tesla T4")
+    assert hardware.price_per_hour(None, t4) == (0.35, "table (T4)")
+    assert hardware.price_per_hour(None, hardware.CPU_PRESET)[0] is None
+    monkeypatch.setenv("BLUEBERRY_GPU_PRICES", json.dumps({"T4": 0.2}))
+    assert hardware.price_per_hour(None, t4) == (0.2, "BLUEBERRY_GPU_PRICES")
+    monkeypatch.setenv("BLUEBERRY_PRICE_PER_HOUR", "0.5")
+    assert hardware.price_per_hour(None, hardware.CPU_PRESET) == (0.5, "BLUEBERRY_PRICE_PER_HOUR")
+    assert hardware.price_per_hour(1.25, t4) == (1.25, "spec")
+    cost = hardware.run_cost(2.0, wall_s=1800, devices=2)
+    assert cost["cost/usd"] == pytest.approx(2.0) and cost["cost/device_hours"] == pytest.approx(1.0)
+    assert hardware.run_cost(None, 1800, 1)["cost/usd"] is None
+
+
+def test_batch_auto_keeps_effective_batch():
+    # fits up to 12 windows: the largest divisor of 64 that fits is 8, so 8 × 8 accumulation
+    choice = hardware.resolve_batch("auto", 1, 64, world=1, fits=lambda m: m <= 12, cap=256)
+    assert (choice.micro_batch, choice.grad_accum, choice.effective_batch) == (8, 8, 64)
+    choice = hardware.resolve_batch("auto", 1, 64, world=2, fits=lambda m: True, cap=16)
+    assert (choice.micro_batch, choice.grad_accum) == (16, 2)  # 32 per rank, capped at 16
+    assert hardware.resolve_batch("auto", 1, 6, world=1, fits=lambda m: False, cap=8).micro_batch == 1
+    assert hardware.resolve_batch(16, 4, None, world=2, fits=None, cap=8).effective_batch == 128
+    with pytest.raises(ValueError, match="not divisible"):
+        hardware.resolve_batch("auto", 1, 63, world=2, fits=lambda m: True, cap=8)
+
+
+def test_batch_auto_spec_rules():
+    assert TrainSpec(batch_size="auto", effective_batch=64).batch_size == "auto"
+    for bad in ({"batch_size": "auto"}, {"batch_size": 8, "effective_batch": 64}, {"batch_size": 0}):
+        with pytest.raises(ValueError):
+            TrainSpec(**bad)
+
+
+def test_plan_run_on_cpu_resolves_auto_batch_and_estimate_grows_with_batch():
+    spec = load_spec(None, ["--model.d_model=64", "--train.batch_size=auto", "--train.effective_batch=64"])
+    plan = hardware.plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512)
+    assert plan.batch.how == "auto" and plan.batch.micro_batch * plan.batch.grad_accum == 64
+    assert plan.preset == "CPU" and plan.price_per_hour is None and plan.flops_per_token > 0
+    resolved = plan.apply(spec)
+    assert resolved.train.batch_size == plan.batch.micro_batch and resolved.train.effective_batch is None
+    header = json.loads(json.dumps(plan.header()))
+    assert header["batch"]["effective_batch"] == 64 and header["precision"] in ("bf16", "fp32")
+    small = hardware.estimate_train_bytes(10**6, 512, 128, 2, 4, 8192, 128, micro=1)
+    assert hardware.estimate_train_bytes(10**6, 512, 128, 2, 4, 8192, 128, micro=8) > small
+
+
+def test_doctor_prints_findings_and_choices():
+    result = CliRunner().invoke(main, ["doctor", "--model.d_model=64", "--train.precision=fp32"])
+    assert result.exit_code == 0, result.output
+    assert "CPU" in result.output and "precision  fp32" in result.output and "GPUs     none" in result.output
+    result = CliRunner().invoke(main, ["doctor", "--json", "--model.d_model=64"])
+    found = json.loads(result.output)
+    assert found["plan"]["device"] == "cpu" and found["hardware"]["preset"] == "CPU"
+    result = CliRunner().invoke(main, ["doctor", "--train.device=cuda"])
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output

@@ -1,0 +1,297 @@
+"""Fault tolerance end to end: kill -9 and resume bit-exactly, SIGINT/SIGTERM, NaN loss, OOM, wrong spec.
+
+Signals in-process are real ones (`signal.raise_signal`) delivered while the trainer logs a given step.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from test_runner import TINY
+
+from blueberry.cli import main
+from blueberry.overrides import load_spec
+from blueberry.runner import execute
+from blueberry.tracking import read_metrics
+from blueberry.tracking.wandb_log import read_wandb_log
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "experiments/quickstart.json"
+BLUEBERRY = Path(sys.executable).parent / "blueberry"
+# Dropout and router noise on (the baseline MoE): resuming must restore the RNG exactly. One thread: on a busy
+# machine two OpenMP threads per process spin-wait for each other and a run gets many times slower.
+SHORT = [*TINY, "--model.variant=baseline", "--train.steps=40", "--train.log_every=3", "--train.eval_every=10"]
+SHORT += ["--train.checkpoint_every=5", "--train.keep_checkpoints=3", "--experiment=ft", "--train.threads=1"]
+NOT_REPRODUCIBLE = ("perf/", "time/", "cost/")  # wall-clock figures
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """An in-process run with train.threads sets torch's thread count for the whole process: put it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def comparable(run_dir: Path) -> tuple[dict, list[dict]]:
+    """The summary and every metrics row without the wall-clock figures."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    strip = lambda d: {k: v for k, v in d.items() if k != "time" and not k.startswith(NOT_REPRODUCIBLE)}  # noqa: E731
+    return strip(summary), [strip(r) for r in rows]
+
+
+def latest_checkpoint(root: Path) -> int:
+    return max((int(p.stem.removeprefix("step-")) for p in root.glob("ft/*/checkpoints/step-*.pt")), default=0)
+
+
+def start(root: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    argv = [str(BLUEBERRY), "run", "experiments/quickstart.json", *SHORT, f"--tracking.runs_root={root}", *extra]
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def after_next_checkpoint(process: subprocess.Popen, root: Path, rng: random.Random) -> None:
+    """Wait until the run writes a new checkpoint, then a random fraction of a second more (a step or a few)."""
+    seen = latest_checkpoint(root)
+    deadline = time.monotonic() + 300
+    while latest_checkpoint(root) <= seen:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0, 0.5))
+
+
+def test_killed_twice_with_sigkill_resumes_bit_exact(tmp_path):
+    """SIGKILL at a random step, SIGKILL again after `--resume`, then automatic resume to the end: the record
+    equals that of one uninterrupted run, value for value."""
+    reference = execute(load_spec(QUICKSTART, [*SHORT, f"--tracking.runs_root={tmp_path / 'ref'}"]), log=print)
+    root, rng = tmp_path / "runs", random.Random()
+    resumed_from = []
+    for extra in [(), ("--resume",)]:
+        process = start(root, *extra)
+        after_next_checkpoint(process, root, rng)
+        process.kill()
+        assert process.wait(timeout=60) == -signal.SIGKILL
+        resumed_from.append(latest_checkpoint(root))
+    process = start(root)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+
+    (run_dir,) = (root / "ft").iterdir()  # every attempt continued the same run directory
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    header = json.loads((run_dir / "spec.json").read_text())
+    assert [r["step"] for r in header["resumes"]] == resumed_from
+    assert comparable(run_dir) == comparable(reference.run_dir)  # every logged value, weights digest included
+    assert len(list((run_dir / "checkpoints").glob("step-*.pt"))) == 3  # keep-last-K
+
+    # One W&B run, resumed: three offline segments. A SIGKILL'd one may hold nothing (wandb-core writes its log
+    # every 15 s), so the next attempt re-logged the missing rows: together they hold every step.
+    logs = [read_wandb_log(s) for s in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    assert len(logs) == 3 and logs[-1].run_id == run_dir.name and logs[-1].exit_code == 0
+    logged = {(row["trainer/step"], "val/loss" in row) for log in logs for row in log.history}
+    assert logged == {(row["step"], "val/loss" in row) for row in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def _interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
+    """Deliver a real signal to this process while the trainer logs `step`."""
+    from blueberry.tracking.record import RunRecord
+
+    original = RunRecord.log
+
+    def log(self, metrics, at):
+        original(self, metrics, at)
+        if at == step and "train/loss" in metrics:
+            signal.raise_signal(signum)
+
+    monkeypatch.setattr(RunRecord, "log", log)
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, ["run", str(QUICKSTART), *args])
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_sigint_checkpoints_and_resume_matches_a_clean_run(tmp_path, monkeypatch):
+    args = [*TINY, "--train.steps=8", "--train.log_every=2", "--train.eval_every=4", "--experiment=ft"]
+    clean = execute(load_spec(QUICKSTART, [*args, f"--tracking.runs_root={tmp_path / 'clean'}"]), log=print)
+    root, handler = tmp_path / "runs", signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, step=4)
+        result = invoke(*args, f"--tracking.runs_root={root}")  # checkpoint_every unset: saved on the signal only
+    assert result.exit_code == 130, result.output
+    (run_dir,) = (root / "ft").iterdir()
+    assert json.loads((run_dir / "status.json").read_text())["reason"].startswith("SIGINT at step 4")
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000004.pt"]
+    assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
+
+    result = invoke(*args, f"--tracking.runs_root={root}", "--resume")
+    assert result.exit_code == 0, result.output
+    assert comparable(run_dir) == comparable(clean.run_dir)
+
+
+def test_nan_loss_fails_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from blueberry.models.lm import BlueberryLM
+
+    forward, calls = BlueberryLM.forward, []
+
+    def poisoned(self, input_ids):
+        out = forward(self, input_ids)
+        if self.training and torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 7:  # optimizer step 7 (grad_accum 1)
+                out.logits = out.logits * float("nan")
+        return out
+
+    monkeypatch.setattr(BlueberryLM, "forward", poisoned)
+    root = tmp_path / "runs"
+    result = invoke(
+        *TINY,
+        "--train.steps=12",
+        "--train.log_every=3",
+        "--train.eval_every=12",
+        "--train.checkpoint_every=5",
+        f"--tracking.runs_root={root}",
+    )
+    assert result.exit_code == 1
+    assert "run failed" in result.output and "NaN/inf at step 7" in result.output
+    (run_dir,) = (root / "quickstart").iterdir()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "at step 7" in status["reason"] and "step-000005.pt" in status["reason"]
+    (good,) = (run_dir / "checkpoints").iterdir()
+    weights = torch.load(good, weights_only=True)["model"]
+    assert good.name == "step-000005.pt" and all(torch.isfinite(t).all() for t in weights.values())
+    assert max(r["step"] for r in read_metrics(run_dir / "metrics.jsonl")) == 6  # nothing logged after the NaN
+
+
+def test_gpu_out_of_memory_names_batch_size_and_a_smaller_one(tmp_path, monkeypatch):
+    import blueberry.runner as runner
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runner, "train", oom)
+    root = tmp_path / "runs"
+    result = invoke(*TINY, "--train.batch_size=16", "--train.steps=2", f"--tracking.runs_root={root}")
+    assert result.exit_code == 1
+    assert "train.batch_size=16" in result.output and "--train.batch_size=8 --train.grad_accum=2" in result.output
+    (run_dir,) = (root / "quickstart").iterdir()
+    assert "out of memory" in json.loads((run_dir / "status.json").read_text())["reason"]
+
+
+def test_resume_refuses_another_spec_and_needs_something_to_resume(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    args = [*TINY, "--train.steps=6", "--train.eval_every=3", "--train.log_every=2", f"--tracking.runs_root={root}"]
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 2 and "nothing to resume" in result.output
+    assert not root.exists()  # nothing written
+
+    monkeypatch.setenv("WANDB_RUN_ID", "fixed-id")  # as a sweep does: the run id no longer follows the spec
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, step=2, signum=signal.SIGTERM)
+        result = invoke(*args)
+    assert result.exit_code == 143 and "run the same command again to resume" in result.output
+    (run_dir,) = (root / "quickstart").iterdir()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["reason"].startswith("SIGTERM at step 2, checkpoint ")
+    (segment,) = (run_dir / "wandb").glob("offline-run-*")
+    assert read_wandb_log(segment).exit_code == 1  # the W&B run was finished, not left dangling
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    result = invoke(*args, "--train.lr=0.03")
+    assert result.exit_code == 2 and "another spec" in result.output
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # untouched
+
+
+def test_wandb_checkpoint_artifacts_are_staged_offline(tmp_path):
+    from wandb.proto import wandb_internal_pb2
+
+    from blueberry.tracking.wandb_log import _payloads
+
+    spec = load_spec(
+        None,
+        [
+            *TINY,
+            "--train.steps=4",
+            "--train.eval_every=4",
+            "--train.checkpoint_every=2",
+            "--train.keep_checkpoints=1",
+            "--tracking.wandb_checkpoints=true",
+            f"--tracking.runs_root={tmp_path / 'runs'}",
+        ],
+    )
+    result = execute(spec, log=lambda m: None)
+    (segment,) = Path(result.wandb_dir).glob("run-*.wandb")
+    artifacts = []
+    for payload in _payloads(segment.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "artifact":
+            artifacts.append((record.artifact.name, record.artifact.type, json.loads(record.artifact.metadata)))
+    assert artifacts == [(f"checkpoint-{result.run_dir.name}", "model", {"step": s}) for s in (2, 4)]
+    # keep_checkpoints=1 deleted step 2's file; W&B staged its own copy, so `wandb sync` can still upload it.
+    assert [p.name for p in (result.run_dir / "checkpoints").iterdir()] == ["step-000004.pt"]
+
+
+@pytest.mark.parametrize("state", ["finished", "failed"])
+def test_finished_or_failed_runs_are_not_resumed_automatically(tmp_path, state):
+    from blueberry.tracking.record import claim_run_dir
+
+    first = claim_run_dir(tmp_path, "exp", "run", reuse=lambda path, s: s != "finished")
+    (first.path / "status.json").write_text(json.dumps({"state": state}))
+    first.release()
+    again = claim_run_dir(tmp_path, "exp", "run", reuse=lambda path, s: s in ("running", "interrupted"))
+    assert again.path.name == "run-2" and not again.reused
+
+
+def test_a_live_run_is_never_claimed_and_a_crashed_one_is(tmp_path):
+    from blueberry.tracking.record import claim_run_dir
+
+    live = claim_run_dir(tmp_path, "exp", "run", reuse=lambda path, s: True)
+    (live.path / "status.json").write_text(json.dumps({"state": "running"}))
+    other = claim_run_dir(tmp_path, "exp", "run", reuse=lambda path, s: True)
+    assert other.path.name == "run-2"  # `run` is locked by a live process
+    live.release()  # what the kernel does when the process dies, even by SIGKILL
+    crashed = claim_run_dir(tmp_path, "exp", "run", reuse=lambda path, s: s == "running")
+    assert crashed.path == live.path and crashed.reused and crashed.previous_state == "running"
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint_and_drops_a_torn_line(tmp_path):
+    from blueberry.tracking import RunRecord
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [{"step": s, "train/loss": 1.0 / s} for s in (2, 4, 4, 6)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "train/lo'  # killed mid-write
+    (run_dir / "metrics.jsonl").write_text(text)
+    (run_dir / "spec.json").write_text(json.dumps({"created_at": "then", "resumes": [{"step": 2}]}))
+    record = RunRecord(run_dir, {"created_at": "now", "code": {"git_sha": "abc"}}, resume_step=4)
+    record.log({"train/loss": 0.2}, 5)
+    record.finish("finished")
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [2, 4, 4, 5]
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 4  # every line whole
+    header = json.loads((run_dir / "spec.json").read_text())
+    assert header["created_at"] == "then" and [r["step"] for r in header["resumes"]] == [2, 4]
+
+
+def test_a_run_that_crashed_before_its_first_checkpoint_restarts_from_step_0(tmp_path):
+    args = [*TINY, "--train.steps=4", "--train.eval_every=2", "--train.log_every=2", "--experiment=ft"]
+    clean = execute(load_spec(QUICKSTART, [*args, f"--tracking.runs_root={tmp_path / 'clean'}"]), log=print)
+    spec = load_spec(QUICKSTART, [*args, f"--tracking.runs_root={tmp_path / 'runs'}"])
+    first = execute(spec, log=print)
+    # What a kill leaves when no checkpoint was written yet: status still "running", a partial metrics file.
+    (first.run_dir / "status.json").write_text(json.dumps({"state": "running", "started_at": 0}))
+    lines = (first.run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (first.run_dir / "metrics.jsonl").write_text("".join(lines[:2]))
+    again = execute(spec, log=print)
+    assert again.run_dir == first.run_dir
+    assert json.loads((again.run_dir / "spec.json").read_text())["resumes"][0]["step"] == 0
+    assert comparable(again.run_dir) == comparable(clean.run_dir)
