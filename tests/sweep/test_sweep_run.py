@@ -55,7 +55,9 @@ def state_of(runs_root):
 def test_grid_runs_every_point_once_and_records_the_sweep(tmp_path):
     path = write_sweep(tmp_path, {"train": tiny_train(lr={"values": [0.01, 0.02]})})
     runs_root = tmp_path / "runs"
-    done = subprocess.run(sweep_cmd(path, runs_root), capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(
+        sweep_cmd(path, runs_root, "--parallel", "2"), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     trials = state_of(runs_root)
     assert sorted(t["params"]["train"]["lr"] for t in trials) == [0.01, 0.02]
