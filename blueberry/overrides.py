@@ -152,7 +152,9 @@ def load_spec(
     layers += parse_override_args(overrides)
     for source, layer in layers:
         deep_merge(raw, layer)
-        sources.update({path: source for path in leaf_paths(layer)})
+        for path in leaf_paths(layer):  # re-insert: later layers come last and win the blame below
+            sources.pop(path, None)
+            sources[path] = source
     try:
         return RunSpec.model_validate(raw)
     except ValidationError as exc:
@@ -163,7 +165,7 @@ def _problem(err: dict, sources: dict[str, str], base_source: str) -> tuple[str,
     path = ".".join(str(part) for part in err["loc"])
     # The most specific source that set this path (or a parent of it) gets the blame.
     where = base_source
-    for candidate in sorted(sources, key=len):
+    for candidate in sources:  # in the order applied: the last layer touching this path is blamed
         if path == candidate or path.startswith(candidate + ".") or candidate.startswith(path + "."):
             where = sources[candidate]
     reason = err["msg"].removeprefix("Value error, ")
