@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 from blueberry.tracking import read_metrics
 
@@ -59,6 +63,25 @@ class History:
             except (TypeError, ValueError):  # a None or a "nan"/"inf" string somewhere in the column
                 values[:, j] = [_to_float(row.get(key)) for row in rows]
         return cls(columns, values)
+
+    @classmethod
+    def from_jsonl(cls, path: Path) -> History:
+        """A metrics.jsonl file → History, through Arrow's C++ JSON reader (several times faster than json.loads
+        row by row, and it releases the GIL). A file Arrow refuses — a torn last line after a crash, a "nan"
+        string in a number column — is read row by row instead, with the same result."""
+        try:
+            table = pa_json.read_json(path)
+            if not {"step", "time"} <= set(table.column_names):
+                raise ValueError("no step/time columns")
+            metrics = sorted(k for k in table.column_names if keep_metric(k) and k not in ("step", "time"))
+            names = ["step", "time", *metrics]
+            values = np.empty((table.num_rows, len(names)))
+            for j, name in enumerate(names):
+                # nulls (a row that did not log the column) become NaN
+                values[:, j] = pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+        except (pa.ArrowException, ValueError, TypeError):
+            return cls.from_rows(read_metrics(path))
+        return cls(names, values)
 
     def series(self, key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
         """(x, y) of the rows that logged `key`, x being "step" or "time" (seconds since start)."""
@@ -224,10 +247,10 @@ def read_local_run(run_dir: Path) -> Run:
         problems.append(problem)
     summary = summary or {}
 
-    rows: list[dict] = []
+    history = History()
     if (run_dir / "metrics.jsonl").exists():
         try:
-            rows = read_metrics(run_dir / "metrics.jsonl")
+            history = History.from_jsonl(run_dir / "metrics.jsonl")
         except OSError as exc:
             problems.append(f"metrics.jsonl unreadable ({exc})")
     if problems:
@@ -246,7 +269,7 @@ def read_local_run(run_dir: Path) -> Run:
         spec=spec,
         summary=summary,
         header={k: header[k] for k in HEADER_KEYS if k in header},
-        history=History.from_rows(rows),
+        history=history,
         source=str(run_dir),
     )
 
@@ -256,16 +279,17 @@ def load_local(runs_root: str | Path, cache=None) -> list[Run]:
     root = Path(runs_root)
     if not root.is_dir():
         raise ReportError(f"runs root '{root}' does not exist (train a run first, or pass --runs-root)")
-    runs = []
-    for run_dir in find_run_dirs(root):
-        key = str(run_dir.resolve())
-        stamp = fingerprint(run_dir)
-        run = cache.get(key, stamp) if cache else None
-        if run is None:
-            run = read_local_run(run_dir)
+    dirs = find_run_dirs(root)
+    keys = [str(run_dir.resolve()) for run_dir in dirs]
+    stamps = [fingerprint(run_dir) for run_dir in dirs]
+    runs = [cache.get(key, stamp) if cache else None for key, stamp in zip(keys, stamps)]
+    missing = [i for i, run in enumerate(runs) if run is None]
+    # Arrow parses outside the GIL: the runs not in the cache are read on every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for i, run in zip(missing, pool.map(read_local_run, [dirs[i] for i in missing])):
+            runs[i] = run
             if cache:
-                cache.put(key, stamp, run)
-        runs.append(run)
+                cache.put(keys[i], stamps[i], run)
     return runs
 
 

@@ -166,3 +166,33 @@ def test_history_keeps_non_finite_values_as_nan():
     history = History.from_rows([{"step": 1, "time": 0.5, "train/loss": "inf"}, {"step": 2, "time": 1, "val/loss": 3}])
     assert history.columns == ["step", "time", "train/loss", "val/loss"]
     assert history.series("train/loss")[1].tolist() == [np.inf] and history.series("val/loss")[0].tolist() == [2.0]
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "",  # the Arrow path
+        '{"step": 4, "time": 2.0, "train/loss": "nan"}\n',  # a NaN string in a number column: row by row
+        '{"step": 5, "time": 2.5, "train/lo',  # a torn last line (crash mid-write): row by row, line skipped
+    ],
+)
+def test_history_from_jsonl_matches_row_by_row(tmp_path, tail):
+    rows = [
+        {"step": 1, "time": 0.5, "train/loss": 4.0, "moe/layer0/load_e0": 0.5, "moe/layer0/load_max": 0.5},
+        {"step": 1, "time": 0.6, "val/loss": 4.5, "val/accuracy": 0.1},
+        {"step": 2, "time": 1.0, "train/loss": 3.5, "trainer/tokens": 4096, "note": "text is not a metric"},
+        {"step": 3, "time": 1.5, "train/loss": 3.0, "train/lr": 1e-3},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + tail)
+    fast = History.from_jsonl(path)
+    expected = History.from_rows([json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")])
+    assert fast.columns == expected.columns
+    assert "moe/layer0/load_e0" not in fast.columns and "moe/layer0/load_max" in fast.columns
+    np.testing.assert_array_equal(fast.values, expected.values)  # NaN where a row did not log a column
+
+
+def test_history_from_empty_jsonl(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    history = History.from_jsonl(tmp_path / "metrics.jsonl")
+    assert history.columns == ["step", "time"] and history.values.shape == (0, 2)
