@@ -1,7 +1,8 @@
 """Mixture-of-Experts feed-forward blocks: the repo's own top-k MoE and transformers' GLM-4 MoE.
 
 (The dense variants use transformers' `DeepseekV3MLP` as is.) Both MoE blocks return `(output, Routing)`
-so the model can log each layer's expert load and add a Switch-style balance loss.
+so the model can log each layer's expert load and add a Switch-style balance loss. Both dispatch tokens to
+experts with `sorted_dispatch`, which for GLM-4 is registered as a transformers experts implementation.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Glm4MoeConfig
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
 
 from ..spec import ModelSpec
@@ -32,6 +35,51 @@ def switch_balance(probs: torch.Tensor, top_idx: torch.Tensor) -> Routing:
     # fp32 even under autocast: the loads are logged and bf16 would round them to ~3 digits
     load = torch.bincount(top_idx.flatten(), minlength=n_experts).float() / top_idx.numel()
     return Routing(load, n_experts * (load * probs.float().mean(0)).sum())
+
+
+def sorted_dispatch(
+    x: torch.Tensor, top_idx: torch.Tensor, top_weights: torch.Tensor, n_experts: int, expert
+) -> torch.Tensor:
+    """Each token through its top-k experts, one contiguous matmul per expert: sum_k w_k * expert_{i_k}(x).
+
+    x: [N, d]; top_idx, top_weights: [N, k]; expert(e, rows) runs expert e on its rows. The N*k (token, slot)
+    pairs are sorted by expert, gathered once, split into one slice per expert, and the weighted outputs are
+    un-sorted and summed over the k slots (in a fixed order: deterministic on GPUs too, unlike an index_add).
+    Against transformers' eager loop (a boolean mask, an index and an index_add per expert, and a
+    full-size gradient per expert slice of the 3-D weights) the MoE block is ≈1.4x faster on CPU at the
+    study's 512d shape; `make bench` prints the ratio. `index_select` rather than `x[idx]`: its backward is
+    an index_add, much faster on CPU than indexing's accumulating put. One host sync per layer (the counts),
+    as the eager loop has.
+    """
+    n_tokens, k = top_idx.shape
+    flat = top_idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    rows = x.index_select(0, order // k)
+    outs = [expert(e, chunk) for e, chunk in enumerate(rows.split(counts)) if counts[e]]
+    y = torch.cat(outs) * top_weights.reshape(-1)[order, None].to(outs[0].dtype)
+    unsort = torch.empty_like(order)
+    unsort[order] = torch.arange(order.numel(), device=order.device)
+    return y.index_select(0, unsort).view(n_tokens, k, -1).sum(dim=1)
+
+
+def glm4_sorted_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """`Glm4MoeExperts.forward` through `sorted_dispatch` (registered as experts_implementation "sorted").
+
+    The 3-D weight stacks are unbound once per call, so backward stacks one gradient per stack instead of
+    filling a full-size zero gradient for every expert slice.
+    """
+    gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rows, gate_up[e]).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, down[e])
+
+    out = sorted_dispatch(hidden_states, top_k_index, top_k_weights, self.num_experts, expert)
+    return out.to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register("sorted", glm4_sorted_experts)
 
 
 class TopKMoE(nn.Module):
@@ -66,13 +114,9 @@ class TopKMoE(nn.Module):
             logits = logits + torch.randn_like(logits) * self.noise_std
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
         weights = top_logits.softmax(dim=-1)
-        y = torch.zeros_like(x)
-        # Loop over experts (not tokens): each expert runs once on the rows that chose it.
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(top_idx == e)
-            out = expert(x[token]) * weights[token, slot, None]
-            y.index_add_(0, token, out.to(y.dtype))  # under autocast the experts may run in bf16/fp16
-        return y.view(shape), switch_balance(logits.softmax(dim=-1), top_idx)
+        y = sorted_dispatch(x, top_idx, weights, self.n_experts, lambda e, rows: self.experts[e](rows))
+        # under autocast the experts run in bf16/fp16: the residual stream keeps x's dtype
+        return y.to(x.dtype).view(shape), switch_balance(logits.softmax(dim=-1), top_idx)
 
 
 class Glm4MoE(nn.Module):

@@ -103,7 +103,13 @@ def _write_metrics(path: Path, spec: RunSpec, last: int, loss: float, acc: float
     cfg = spec.train
     total = cfg.steps
     rng = np.random.default_rng(spec.seed)
-    moe = [(i, spec.model.n_experts) for i in range(spec.model.n_layers)] if spec.model.is_moe else []
+    experts = spec.model.n_experts
+    # router loads: balanced and constant, so one string serves every row
+    moe = "".join(
+        ", ".join(f'"moe/layer{layer}/load_e{e}": {1 / experts:.6f}' for e in range(experts))
+        + f', "moe/layer{layer}/load_max": {1 / experts:.6f}, "moe/layer{layer}/balance_loss": 1.0, '
+        for layer in (range(spec.model.n_layers) if spec.model.is_moe else ())
+    )
     lines = []
     for step in range(1, last + 1):
         frac = step / total
@@ -113,16 +119,11 @@ def _write_metrics(path: Path, spec: RunSpec, last: int, loss: float, acc: float
             train = loss + (UNIGRAM - loss) * decay + 0.05 * rng.standard_normal()
             speed = tok_s * (1 + 0.02 * rng.standard_normal())
             row = (
-                f'{{"step": {step}, "time": {t:.3f}, "train/loss": {train:.6f}, "train/aux_loss": 0.01, '
+                f'{{"step": {step}, "time": {t:.3f}, "train/loss": {train:.6f}, "train/aux_loss": 0.01, {moe}'
                 f'"train/lr": {cfg.lr:.6g}, "train/grad_norm": {0.5 + decay:.4f}, '
                 f'"trainer/tokens": {step * cfg.batch_size * 128}, "perf/tokens_per_s": {speed:.1f}, '
                 f'"perf/step_time_s": 0.1, "perf/peak_memory_mb": 512.0, "perf/elapsed_s": {t:.3f}'
             )
-            for layer, experts in moe:
-                loads = ", ".join(f'"moe/layer{layer}/load_e{e}": {1 / experts:.6f}' for e in range(experts))
-                row += (
-                    f', {loads}, "moe/layer{layer}/load_max": {1 / experts:.6f}, "moe/layer{layer}/balance_loss": 1.0'
-                )
             lines.append(row + "}")
         if step % cfg.eval_every == 0 or step == last:
             vl = loss + (UNIGRAM - loss) * decay
