@@ -26,7 +26,7 @@ def test_tracking_overhead_runs_record_and_wandb_offline():
 
 def test_cases_ratios_targets_and_table():
     keys = {case.key for case in build_cases(quick=True)}
-    assert {"q/moe/bf16", "q/moe/fp32/grouped_mm", "q/attention_moe/bf16/dense_equal"} <= keys
+    assert {"q/moe/bf16", "q/moe/fp32/grouped_mm", "q/moe/fp32/eager", "q/attention_moe/fp32/dense_equal"} <= keys
     full = {case.key for case in build_cases(quick=False)}
     assert {"s/mlp/bf16", "s/mlp/fp32", "s/moe/bf16/dense_equal", "q/attention_moe/fp32/compiled"} <= full
 
@@ -49,11 +49,13 @@ def test_cases_ratios_targets_and_table():
         "s/mlp/fp32": case(500, 8.0),
         "s/moe/bf16": case(1000, 2.6),
         "s/moe/bf16/dense_equal": case(1600, 2.0),
+        "s/moe/bf16/eager": case(800, 3.2),
         "s/moe/bf16/grouped_mm": {"shape": "512d", "label": "x", "error": "RuntimeError: no"},
     }
     ratios = compute_ratios(results)
     assert ratios["bf16/fp32 s/mlp"] == 4.0 and ratios["MoE/dense step s/moe/bf16"] == pytest.approx(1.3)
-    assert ratios["grouped_mm/eager s/moe/bf16"] is None  # a failed case gives no ratio, not a crash
+    assert ratios["sorted/eager experts s/moe/bf16"] == pytest.approx(1.25)  # a speed-up of the default
+    assert ratios["grouped_mm/sorted experts s/moe/bf16"] is None  # a failed case gives no ratio, not a crash
     tracking = {"overhead": 0.01, "log_share": 0.005, "wandb_init_s": 1.0, "steps": 60, "log_every": 10}
     latency = {"warm": {"first_step_s": 12.0}}
     targets = check_targets(results, ratios, {"bf16": 1e12, "fp32": 2e11}, tracking, latency)
