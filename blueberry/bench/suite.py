@@ -192,8 +192,9 @@ def compute_ratios(results: dict) -> dict[str, float | None]:
     out = {}
     for key in results:
         parts = key.split("/")
-        if len(parts) == 3 and parts[2] == "bf16":
-            out[f"bf16/fp32 {parts[0]}/{parts[1]}"] = ratio(results, key, f"{parts[0]}/{parts[1]}/fp32")
+        fp32 = f"{parts[0]}/{parts[1]}/fp32"
+        if len(parts) == 3 and parts[2] == "bf16" and fp32 in results:  # at 512d only the dense mlp has both
+            out[f"bf16/fp32 {parts[0]}/{parts[1]}"] = ratio(results, key, fp32)
         if len(parts) == 4:
             base = "/".join(parts[:3])
             if parts[3] == "eager":  # our sorted dispatch (the default) against transformers' loop

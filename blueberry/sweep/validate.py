@@ -30,28 +30,34 @@ def run_arguments(argv: list[str]) -> tuple[str, list[str], list[str]] | None:
     return spec_path, overrides, files
 
 
-def check_trials(sweep: Sweep, planned: list[dict]) -> None:
-    """Validate each planned trial exactly as its `blueberry run` would; raise SpecError naming the trial."""
+def planned_launches(sweep: Sweep, planned: list[dict], sweep_id: str, run_id: str):
+    """(index, params, launch, scratch dir) for each planned trial, built as the agent would build it."""
     with tempfile.TemporaryDirectory() as tmp:
         for index, params in enumerate(planned):
             launch = build_trial(
                 sweep.config["command"],
                 params,
-                f"check-{index}",
+                run_id.format(index=index),
                 Path(tmp),
-                "check",
+                sweep_id,
                 sweep.config.get("program"),
                 base_env={},
             )
-            parsed = run_arguments(launch.argv)
-            if parsed is None:
-                return  # not a blueberry command: nothing of ours to check
-            spec_path, overrides, files = parsed
-            try:
-                load_spec(spec_path, overrides, tuple(files))
-            except SpecError as exc:
-                where = f"{sweep.path} (run {index}: {json.dumps(params, sort_keys=True)})"
-                raise SpecError([(f"{where} -> {w}", path, reason) for w, path, reason in exc.problems]) from None
+            yield index, params, launch, tmp
+
+
+def check_trials(sweep: Sweep, planned: list[dict]) -> None:
+    """Validate each planned trial exactly as its `blueberry run` would; raise SpecError naming the trial."""
+    for index, params, launch, _ in planned_launches(sweep, planned, "check", "check-{index}"):
+        parsed = run_arguments(launch.argv)
+        if parsed is None:
+            return  # not a blueberry command: nothing of ours to check
+        spec_path, overrides, files = parsed
+        try:
+            load_spec(spec_path, overrides, tuple(files))
+        except SpecError as exc:
+            where = f"{sweep.path} (run {index}: {json.dumps(params, sort_keys=True)})"
+            raise SpecError([(f"{where} -> {w}", path, reason) for w, path, reason in exc.problems]) from None
 
 
 def describe(sweep: Sweep, planned: list[dict]) -> str:
@@ -60,17 +66,7 @@ def describe(sweep: Sweep, planned: list[dict]) -> str:
         f"sweep {sweep.sweep_id} ({sweep.method}, metric {sweep.config.get('metric', {}).get('name')}): "
         f"{len(planned)} planned run(s)"
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        for index, params in enumerate(planned):
-            launch = build_trial(
-                sweep.config["command"],
-                params,
-                f"t{index:03d}",
-                Path(tmp),
-                sweep.sweep_id,
-                sweep.config.get("program"),
-                base_env={},
-            )
-            argv = " ".join(launch.argv).replace(str(Path(tmp)), "<sweep-dir>")
-            lines.append(f"{index:3d}  {json.dumps(params, sort_keys=True)}\n     {argv}")
+    for index, params, launch, tmp in planned_launches(sweep, planned, sweep.sweep_id, "t{index:03d}"):
+        argv = " ".join(launch.argv).replace(tmp, "<sweep-dir>")
+        lines.append(f"{index:3d}  {json.dumps(params, sort_keys=True)}\n     {argv}")
     return "\n".join(lines)

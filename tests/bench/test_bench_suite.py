@@ -53,6 +53,7 @@ def test_cases_ratios_targets_and_table():
         "s/moe/bf16/grouped_mm": {"shape": "512d", "label": "x", "error": "RuntimeError: no"},
     }
     ratios = compute_ratios(results)
+    assert "bf16/fp32 s/moe" not in ratios  # no fp32 case to compare with: no row
     assert ratios["bf16/fp32 s/mlp"] == 4.0 and ratios["MoE/dense step s/moe/bf16"] == pytest.approx(1.3)
     assert ratios["sorted/eager experts s/moe/bf16"] == pytest.approx(1.25)  # a speed-up of the default
     assert ratios["grouped_mm/sorted experts s/moe/bf16"] is None  # a failed case gives no ratio, not a crash

@@ -3,15 +3,10 @@ implementation of the GLM-4 block gives the same outputs and gradients (a speed 
 
 import pytest
 import torch
+from tiny_models import tiny
 
 from blueberry.models import build_model, feedforward
 from blueberry.models.feedforward import sorted_dispatch
-from blueberry.spec import ModelSpec
-
-
-def tiny(variant, **kw):
-    shape = dict(d_model=64, n_heads=4, n_layers=2, d_ff=256, expert_d_ff=128, n_experts=4, q_lora_rank=32)
-    return ModelSpec(variant=variant, kv_lora_rank=32, dropout=0.0, router_noise_std=0.0, **{**shape, **kw})
 
 
 def test_sorted_dispatch_equals_per_token_loop():
@@ -49,7 +44,9 @@ def test_glm4_experts_implementations_agree(variant, monkeypatch):
     outputs = []
     for implementation in ("sorted", "eager", "grouped_mm"):
         torch.manual_seed(0)
-        model = build_model(tiny(variant, experts_implementation=implementation), 512)
+        model = build_model(
+            tiny(variant, dropout=0.0, router_noise_std=0.0, experts_implementation=implementation), 512
+        )
         out = model(torch.randint(512, (2, 16), generator=torch.Generator().manual_seed(1)))
         out.logits.sum().backward()
         outputs.append((out.logits.detach(), model.tok_emb.weight.grad))

@@ -3,28 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import VOCAB, tiny
 
 from blueberry.models import CausalityError, assert_causal, build_model, causality_probe
-from blueberry.spec import VARIANTS, ModelSpec
-
-VOCAB = 64
-
-
-def tiny(variant: str) -> ModelSpec:
-    return ModelSpec(
-        variant=variant,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_experts=4,
-        top_k=2,
-        expert_d_ff=32,
-        d_ff=64,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        max_seq_len=64,
-        dropout=0.1,
-    )
+from blueberry.spec import VARIANTS
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,5 +1,7 @@
 """The study's published numbers, used as input data for the report's golden tests."""
 
+from blueberry.report.synthetic import write_run
+
 # The study's Table 1 (reference-facts §12: bug artefacts, used here only as format fixtures):
 # variant, val loss, val acc, val perplexity, minutes, params printed.
 REFERENCE_T1 = [
@@ -11,3 +13,18 @@ REFERENCE_T1 = [
 ]
 # Experiment 2's LR sweep: lr, val loss, val acc.
 REFERENCE_T2 = [(1e-4, 6.386, 0.157), (3e-4, 3.650, 0.418), (1e-3, 0.0234, 0.9975), (3e-3, 0.0153, 0.9973)]
+
+
+def write_reference_t1(root, active_share: int = 1) -> None:
+    """Table 1 as five finished `exp1-ablation` runs; active params = total // active_share."""
+    for variant, loss, acc, ppl, minutes, total in REFERENCE_T1:
+        write_run(
+            root,
+            "exp1-ablation",
+            variant=variant,
+            val_loss=loss,
+            val_accuracy=acc,
+            val_perplexity=ppl,
+            minutes=minutes,
+            params=(total, total // active_share),
+        )

@@ -4,7 +4,7 @@ import json
 
 from click.testing import CliRunner
 from PIL import Image
-from report_reference import REFERENCE_T1, REFERENCE_T2
+from report_reference import REFERENCE_T2, write_reference_t1
 
 from blueberry.cli import main
 from blueberry.report.integrity import cost
@@ -15,17 +15,7 @@ from blueberry.report.timeline import END, START
 
 
 def study(root):
-    for variant, loss, acc, ppl, minutes, total in REFERENCE_T1:
-        write_run(
-            root,
-            "exp1-ablation",
-            variant=variant,
-            val_loss=loss,
-            val_accuracy=acc,
-            val_perplexity=ppl,
-            minutes=minutes,
-            params=(total, total),
-        )
+    write_reference_t1(root)
     for lr, loss, acc in REFERENCE_T2:
         write_run(root, "exp3-lr-attention-moe-cpu", variant="attention_moe", lr=lr, val_loss=loss, val_accuracy=acc)
     write_run(root, "exp3-extended-cpu", variant="attention_moe", lr=3e-3, steps=400, eval_every=20, val_loss=0.0614)

@@ -3,7 +3,7 @@
 import json
 import statistics
 
-from report_reference import REFERENCE_T1, REFERENCE_T2
+from report_reference import REFERENCE_T1, REFERENCE_T2, write_reference_t1
 
 from blueberry.report.groups import group_runs
 from blueberry.report.records import Run, load_local
@@ -21,17 +21,7 @@ from blueberry.report.tables import (
 
 
 def reference_runs(root):
-    for variant, loss, acc, ppl, minutes, total in REFERENCE_T1:
-        write_run(
-            root,
-            "exp1-ablation",
-            variant=variant,
-            val_loss=loss,
-            val_accuracy=acc,
-            val_perplexity=ppl,
-            minutes=minutes,
-            params=(total, total // 3),
-        )
+    write_reference_t1(root, active_share=3)
     return load_local(root)
 
 
