@@ -18,6 +18,7 @@ import torch
 
 from blueberry.data.cache import cache_root
 from blueberry.hardware import Preset, detect_cpu
+from blueberry.tracking import write_json_atomic
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -104,9 +105,7 @@ def save_ceiling(precision: str, flops: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = read_ceilings()
     entries[ceiling_key(precision)] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, entries)
 
 
 def peak_flops(device: torch.device, precision: str, preset: Preset) -> tuple[float | None, str]:

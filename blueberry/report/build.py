@@ -25,6 +25,7 @@ from blueberry.report.records import ReportError, Run
 from blueberry.report.studies import Study, extended_experiment, report_order, study_for
 from blueberry.report.timeline import build_timeline, insert_between_markers, timeline_markdown
 from blueberry.spec import safe_name
+from blueberry.tracking import write_text_atomic
 
 
 @dataclass
@@ -35,23 +36,12 @@ class BuildResult:
     timeline: str = ""
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_report_file(path: Path, text: str) -> None:
+    """Atomically, readable as any file the user writes (not mkstemp's 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is as readable as any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    write_text_atomic(path, text, mode=0o666 & ~mask)
 
 
 def _images(stage: Path, exp_dir: str, made: list[Path | None]) -> str:
@@ -180,10 +170,10 @@ def build_report(
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".build-"))
     try:
         integrity = integrity_section(runs, prices, price_source)
-        write_text_atomic(stage / "REPORT.md", report_markdown(runs, stage, by_experiment, timeline, integrity, source))
-        write_text_atomic(stage / "TIMELINE.md", "# Timeline\n\n" + timeline)
+        write_report_file(stage / "REPORT.md", report_markdown(runs, stage, by_experiment, timeline, integrity, source))
+        write_report_file(stage / "TIMELINE.md", "# Timeline\n\n" + timeline)
         title = f"{len(runs)} runs from {source}"
-        write_text_atomic(stage / "dashboard.html", dashboard.render(runs, title))
+        write_report_file(stage / "dashboard.html", dashboard.render(runs, title))
         result = BuildResult(out, states=Counter(r.state for r in runs), timeline=timeline)
         for path in sorted(p for p in stage.rglob("*") if p.is_file()):
             target = out / path.relative_to(stage)
@@ -193,7 +183,7 @@ def build_report(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     if readme_text is not None:
-        write_text_atomic(Path(readme), insert_between_markers(readme_text, timeline))
+        write_report_file(Path(readme), insert_between_markers(readme_text, timeline))
         result.files.append(Path(readme))
     return result
 

@@ -32,17 +32,24 @@ from typing import Any
 from blueberry.spec import safe_name
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file + rename, so readers never see half a file."""
+def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write via a temp file + rename, so readers never see half a file. `mode`: chmod the result (mkstemp
+    makes 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(_finite(data), handle, indent=2, sort_keys=True)
-            handle.write("\n")
+            handle.write(text)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """JSON (NaN/inf as strings), written atomically."""
+    write_text_atomic(path, json.dumps(_finite(data), indent=2, sort_keys=True) + "\n")
 
 
 def _finite(value: Any) -> Any:
@@ -155,14 +162,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
                 continue
             if isinstance(row, dict) and row.get("step", 0) <= last_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(kept)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(kept))
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -33,26 +33,20 @@ def test_t4_style_entry_from_runs(tmp_path):
     base = {"train": {"grad_accum": 3}, "model": {"dropout": 0.1}}
     best = {"train": {"grad_accum": 2}, "model": {"dropout": 0.05}}
     for seed in (1, 2):
-        write_run(
-            tmp_path,
-            "t4-accum-dropout",
-            seed=seed,
-            spec=base,
-            val_loss=7.2785,
-            val_accuracy=0.1158,
-            val_perplexity=1448.82,
-            created_at="2025-09-24T10:00:00+0000",
-        )
-        write_run(
-            tmp_path,
-            "t4-accum-dropout",
-            seed=seed,
-            spec=best,
-            val_loss=6.8076,
-            val_accuracy=0.1425,
-            val_perplexity=904.73,
-            created_at="2025-09-25T09:00:00+0000",
-        )
+        for spec, loss, accuracy, perplexity, day in (
+            (base, 7.2785, 0.1158, 1448.82, "2025-09-24T10:00:00+0000"),
+            (best, 6.8076, 0.1425, 904.73, "2025-09-25T09:00:00+0000"),
+        ):
+            write_run(
+                tmp_path,
+                "t4-accum-dropout",
+                seed=seed,
+                spec=spec,
+                val_loss=loss,
+                val_accuracy=accuracy,
+                val_perplexity=perplexity,
+                created_at=day,
+            )
     entries, skipped = build_timeline(by_experiment(load_local(tmp_path)))
     assert skipped == []
     text = timeline_markdown(entries, skipped, 4)

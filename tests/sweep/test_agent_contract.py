@@ -1,15 +1,14 @@
 """Our trial launch == what the installed `wandb agent` would execute (argv, env, files), macro by macro."""
 
 import json
-from pathlib import Path
 from unittest.mock import MagicMock
 
 import pytest
 import yaml
+from sweep_commands import REPO, RUN_WITH_ARGS_FILE
 
 from blueberry.sweep import build_trial, load_sweep, plan
 
-REPO = Path(__file__).resolve().parents[2]
 MACRO_COMMANDS = [
     ["${env}", "${interpreter}", "${program}", "${args}"],
     ["${env}", "blueberry", "run", "spec.json", "${args_no_boolean_flags}"],
@@ -81,14 +80,7 @@ def test_parameters_reach_the_spec_identically_through_every_form(tmp_path):
         launch = build_trial(command, params, "r", tmp_path, "s", None, base_env={})
         spec_path, overrides, files = run_arguments(launch.argv)
         specs.append(load_spec(spec_path, overrides, tuple(files)).to_json_dict())
-    command = [
-        "${env}",
-        "blueberry",
-        "run",
-        str(REPO / "experiments/cpu_base.json"),
-        "--overrides",
-        "${args_json_file}",
-    ]
+    command = RUN_WITH_ARGS_FILE
     spec_path, overrides, files = run_arguments(build_trial(command, params, "r", tmp_path, "s", base_env={}).argv)
     specs.append(load_spec(spec_path, overrides, tuple(files)).to_json_dict())
     assert all(spec == specs[0] for spec in specs)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sweep_commands import REPO, RUN_WITH_ARGS_FILE
 
-REPO = Path(__file__).resolve().parents[2]
 BLUEBERRY = str(Path(sys.executable).parent / "blueberry")
 
 
@@ -20,14 +20,7 @@ def write_sweep(tmp_path, parameters, name="tiny"):
         "name": name,
         "method": "grid",
         "metric": {"name": "val/loss", "goal": "minimize"},
-        "command": [
-            "${env}",
-            "blueberry",
-            "run",
-            str(REPO / "experiments/cpu_base.json"),
-            "--overrides",
-            "${args_json_file}",
-        ],
+        "command": RUN_WITH_ARGS_FILE,
         "parameters": {
             "experiment": {"value": f"{name}-exp"},
             "model": {"parameters": {"d_model": {"value": 32}, "n_layers": {"value": 1}}},
