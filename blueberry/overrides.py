@@ -10,11 +10,12 @@ into one nested dict, merged deep into the raw spec, then the whole spec is vali
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from blueberry.spec import RunSpec
 
@@ -173,7 +174,21 @@ def _problem(err: dict, sources: dict[str, str], base_source: str) -> tuple[str,
         reason += f" (got {_short(err['input'])})"
     if err["type"] == "extra_forbidden":
         reason = "unknown field"
+        close = difflib.get_close_matches(str(err["loc"][-1]), _field_names(err["loc"][:-1]), n=1)
+        if close:
+            reason += f" (did you mean '{close[0]}'?)"
     return where, path, reason
+
+
+def _field_names(loc: tuple) -> list[str]:
+    """The fields the spec section at `loc` accepts (e.g. ("model",) -> ModelSpec's fields)."""
+    model: Any = RunSpec
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
 def _short(value: Any) -> str:

@@ -65,7 +65,14 @@ def test_bad_spec_file_names_file_and_field(tmp_path):
     path.write_text(json.dumps({"model": {"n_layer": 2}}))
     with pytest.raises(SpecError) as err:
         load_spec(path)
-    assert err.value.problems == [(str(path), "model.n_layer", "unknown field")]
+    assert err.value.problems == [(str(path), "model.n_layer", "unknown field (did you mean 'n_layers'?)")]
+
+
+def test_unknown_field_suggests_only_a_close_name():
+    with pytest.raises(SpecError) as err:
+        load_spec(None, ["--trian.lr=0.1", "--train.zzz=1"])
+    reasons = {path: reason for _, path, reason in err.value.problems}
+    assert reasons == {"trian": "unknown field (did you mean 'train'?)", "train.zzz": "unknown field"}
 
 
 @pytest.mark.parametrize("text, reason", [("", "empty"), ("{nope", "not valid JSON"), ("[1]", "JSON object")])
