@@ -82,32 +82,26 @@ class HardwareInfo:
         return out
 
 
-def cpu_flags() -> str:
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` of /proc/cpuinfo (Linux), or None."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ""
-    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(name)), None)
 
 
-def cpu_supports_bf16() -> bool:
+def cpu_supports_bf16(flags: list[str] | None = None) -> bool:
     """True on CPUs with native bf16 (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    flags = cpu_flags().split()
+    flags = (_cpuinfo_field("flags") or "").split() if flags is None else flags
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def detect_cpu() -> CpuInfo:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = _cpuinfo_field("model name") or platform.processor() or platform.machine()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    flags = cpu_flags().split()
-    return CpuInfo(model, cores, torch.get_num_threads(), cpu_supports_bf16(), "amx_bf16" in flags)
+    flags = (_cpuinfo_field("flags") or "").split()
+    return CpuInfo(model, cores, torch.get_num_threads(), cpu_supports_bf16(flags), "amx_bf16" in flags)
 
 
 def detect_gpus() -> tuple[list[GpuInfo], str]:
