@@ -9,7 +9,6 @@ saving. Routed experts count only the top_k a token visits. GPU peaks come from 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +16,8 @@ from typing import Any
 import torch
 
 from blueberry.data.cache import cache_root
+from blueberry.fileio import read_json, write_json_atomic
 from blueberry.hardware import Preset, detect_cpu
-from blueberry.tracking import write_json_atomic
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,10 +92,7 @@ def ceiling_cache_path():
 
 
 def read_ceilings() -> dict[str, Any]:
-    try:
-        return json.loads(ceiling_cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(ceiling_cache_path()) or {}
 
 
 def save_ceiling(precision: str, flops: float) -> None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from blueberry.fileio import atomic_writer
 from blueberry.report.records import Run
 
 VERSION = 1  # bump when Run or History changes shape
@@ -48,11 +47,5 @@ class RunCache:
         meta = {**run.to_meta(), "_cache": [VERSION, key, stamp]}
         # JSON round trip of the stamp: what get() compares against is what json gives back.
         meta["_cache"] = json.loads(json.dumps(meta["_cache"]))
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, meta=np.array(json.dumps(meta, default=str)), values=run.history.values)
-            os.replace(tmp, self._path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(self._path(key), binary=True) as handle:
+            np.savez(handle, meta=np.array(json.dumps(meta, default=str)), values=run.history.values)

@@ -6,7 +6,6 @@ by the report, never dropped and never fatal.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
+from blueberry.fileio import read_json_file
 from blueberry.tracking import read_metrics
 
 RECORD_FILES = ("spec.json", "status.json", "summary.json", "metrics.jsonl")
@@ -219,12 +219,9 @@ def fingerprint(run_dir: Path) -> list:
 
 
 def _read_json(path: Path) -> tuple[dict | None, str | None]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None, f"{path.name} missing"
-    except (OSError, ValueError) as exc:
-        return None, f"{path.name} unreadable ({type(exc).__name__}: {exc})"
+    data, problem = read_json_file(path)
+    if problem:
+        return None, problem
     if not isinstance(data, dict):
         return None, f"{path.name} is not a JSON object"
     return data, None

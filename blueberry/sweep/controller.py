@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from blueberry.fileio import read_json
 from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain
 from blueberry.sweep.state import SweepState, Trial
@@ -329,10 +330,7 @@ def _gpu_count() -> int:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(path) or {}
 
 
 def _tail(path: Path, lines: int = 3) -> str:

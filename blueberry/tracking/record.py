@@ -19,48 +19,16 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blueberry.fileio import finite, read_json, write_json_atomic, write_text_atomic
 from blueberry.spec import safe_name
-
-
-def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
-    """Write via a temp file + rename, so readers never see half a file. `mode`: chmod the result (mkstemp
-    makes 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """JSON (NaN/inf as strings), written atomically."""
-    write_text_atomic(path, json.dumps(_finite(data), indent=2, sort_keys=True) + "\n")
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as strings so the file stays standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def allocate_run_dir(runs_root: str | Path, experiment: str, run_id: str) -> Path:
@@ -97,13 +65,6 @@ def _lock(path: Path) -> int | None:
         return None
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def claim_run_dir(
     runs_root: str | Path,
     experiment: str,
@@ -128,7 +89,7 @@ def claim_run_dir(
         fd = _lock(path)
         if fd is None:
             continue
-        status = _read_json(path / "status.json")
+        status = read_json(path / "status.json")
         if status is None and create:  # died (or is being set up) before writing anything: as good as new
             return RunDir(path, fd, reused=False)
         if status is not None and reuse(path, status.get("state")):
@@ -184,14 +145,14 @@ class RunRecord:
         self.dir = run_dir
         self.started = time.time()
         if resume_step is not None:
-            previous = _read_json(self.dir / "spec.json") or {}
+            previous = read_json(self.dir / "spec.json") or {}
             resume = {"step": resume_step, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": header.get("code")}
             header = {
                 **header,
                 "created_at": previous.get("created_at", header.get("created_at")),
                 "resumes": [*previous.get("resumes", []), resume],
             }
-            self.started = (_read_json(self.dir / "status.json") or {}).get("started_at", self.started)
+            self.started = (read_json(self.dir / "status.json") or {}).get("started_at", self.started)
             truncate_metrics(self.dir / "metrics.jsonl", resume_step)
         write_json_atomic(self.dir / "spec.json", header)
         self._summary: dict[str, Any] = {}
@@ -204,7 +165,7 @@ class RunRecord:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, "time": round(time.time() - self.started, 3), **metrics}
-        self._metrics.write(json.dumps(_finite(row)) + "\n")
+        self._metrics.write(json.dumps(finite(row)) + "\n")
         self._metrics.flush()
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -10,15 +10,15 @@ without running any pickled code.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from blueberry.fileio import atomic_writer
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
@@ -101,16 +101,8 @@ class Checkpointer:
         """Write step-<step>.pt via a temp file + fsync + rename (a crash leaves the old set intact); prune to K."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{step:06d}.pt"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save({**state, "step": step, "spec_hash": self.spec_hash}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path, binary=True, fsync=True) as handle:
+            torch.save({**state, "step": step, "spec_hash": self.spec_hash}, handle)
         for old in checkpoint_paths(self.dir)[: -self.keep]:
             old.unlink(missing_ok=True)
         if self.on_save is not None:

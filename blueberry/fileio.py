@@ -1,0 +1,77 @@
+"""Atomic file writes and tolerant JSON reads: the one place for both (a leaf: imports nothing of ours).
+
+A write goes to a temp file in the target's directory and is renamed over it, so a reader (or a crash)
+never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, binary: bool = False, mode: int | None = None, fsync: bool = False):
+    """Yield a handle on a temp file next to `path`; on success it replaces `path`, on error it is removed.
+
+    `mode`: chmod the result (mkstemp makes 0600). `fsync`: flush to disk before the rename (checkpoints).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle: IO
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+            yield handle
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write `text` atomically. `mode`: chmod the result (mkstemp makes 0600)."""
+    with atomic_writer(path, mode=mode) as handle:
+        handle.write(text)
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so the file stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """JSON (NaN/inf as strings), written atomically."""
+    write_text_atomic(path, json.dumps(finite(data), indent=2, sort_keys=True) + "\n")
+
+
+def read_json_file(path: Path) -> tuple[Any, str | None]:
+    """(value, None), or (None, why not): missing, unreadable or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except FileNotFoundError:
+        return None, f"{path.name} missing"
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} unreadable ({type(exc).__name__}: {exc})"
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing, unreadable or not an object."""
+    value, _ = read_json_file(path)
+    return value if isinstance(value, dict) else None
