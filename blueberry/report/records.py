@@ -20,10 +20,19 @@ import pyarrow.json as pa_json
 
 from blueberry.fileio import read_json_file
 from blueberry.tracking import read_metrics
-
-RECORD_FILES = ("spec.json", "status.json", "summary.json", "metrics.jsonl")
-# Header fields the report uses (the rest of spec.json — libraries, data stats — stays in the run record).
-HEADER_KEYS = ("params", "data", "causality", "hardware", "created_at")
+from blueberry.tracking.schema import (
+    HEADER_KEYS,
+    METRICS_FILE,
+    RECORD_FILES,
+    SPEC_FILE,
+    SPEC_KEYS,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    WANDB_STEP,
+    header_from_wandb_config,
+    keep_metric,
+    run_tags,
+)
 
 
 class ReportError(Exception):
@@ -32,13 +41,6 @@ class ReportError(Exception):
     def __init__(self, message: str, code: int = 2):
         super().__init__(message)
         self.code = code
-
-
-def keep_metric(key: str) -> bool:
-    """History columns the report uses; per-expert router loads stay in metrics.jsonl / W&B."""
-    if key.startswith(("train/", "val/", "perf/", "trainer/")):
-        return True
-    return key.startswith("moe/") and key.endswith("/load_max")
 
 
 @dataclass
@@ -229,8 +231,8 @@ def _read_json(path: Path) -> tuple[dict | None, str | None]:
 
 def read_local_run(run_dir: Path) -> Run:
     """One run directory → Run. Missing or corrupt files make it "unreadable", with the reason."""
-    header, spec_problem = _read_json(run_dir / "spec.json")
-    status, status_problem = _read_json(run_dir / "status.json")
+    header, spec_problem = _read_json(run_dir / SPEC_FILE)
+    status, status_problem = _read_json(run_dir / STATUS_FILE)
     header = header or {}
     spec = header.get("spec") if isinstance(header.get("spec"), dict) else {}
     problems = [p for p in (spec_problem, status_problem) if p]
@@ -239,22 +241,21 @@ def read_local_run(run_dir: Path) -> Run:
         problems.append("status.json has no state")
     state, reason = str(status.get("state") or "unreadable"), status.get("reason")
 
-    summary, problem = _read_json(run_dir / "summary.json")
+    summary, problem = _read_json(run_dir / SUMMARY_FILE)
     if state == "finished" and problem:  # a failed or running run may have no (or a partial) summary
         problems.append(problem)
     summary = summary or {}
 
     history = History()
-    if (run_dir / "metrics.jsonl").exists():
+    if (run_dir / METRICS_FILE).exists():
         try:
-            history = History.from_jsonl(run_dir / "metrics.jsonl")
+            history = History.from_jsonl(run_dir / METRICS_FILE)
         except OSError as exc:
             problems.append(f"metrics.jsonl unreadable ({exc})")
     if problems:
         state, reason = "unreadable", "; ".join(problems)
 
-    variant = spec.get("model", {}).get("variant") if isinstance(spec.get("model"), dict) else None
-    tags = [t for t in [variant, *spec.get("tags", [])] if t]  # what the runner sends to W&B
+    tags = run_tags(spec)  # what the runner sends to W&B, but the sweep's tag (the sweep is a field here)
     return Run(
         id=str(header.get("run_id") or run_dir.name),
         name=str(header.get("name") or spec.get("name") or run_dir.name),
@@ -292,8 +293,6 @@ def load_local(runs_root: str | Path, cache=None) -> list[Run]:
 
 # ---------------------------------------------------------------- W&B API
 
-SPEC_KEYS = ("name", "experiment", "tags", "seed", "model", "data", "train", "tracking")
-
 
 def wandb_filters(group: str | None = None, sweep: str | None = None, tags: tuple[str, ...] = ()) -> dict:
     """The runs query filter (MongoDB-style, as wandb.Api().runs takes it)."""
@@ -307,7 +306,7 @@ def wandb_filters(group: str | None = None, sweep: str | None = None, tags: tupl
 
 
 def run_from_wandb(api_run: Any, rows: list[dict] | None) -> Run:
-    """A wandb.apis.public.Run (config = our spec + derived keys, see runner.py) → Run."""
+    """A wandb.apis.public.Run (config: `tracking.schema.wandb_config`) → Run."""
     config = {k: v for k, v in dict(api_run.config).items() if not k.startswith("_")}
     spec = {k: config[k] for k in SPEC_KEYS if k in config}
     summary = {}
@@ -320,19 +319,10 @@ def run_from_wandb(api_run: Any, rows: list[dict] | None) -> Run:
                 summary.setdefault("val/best_loss", value["min"])
         else:
             summary[key] = value
-    params = {"total": config.get("params_total"), "active": config.get("params_active")}
-    header = {
-        "params": params,
-        "data": {
-            "fingerprint": config.get("data_fingerprint"),
-            "unigram_loss": config.get("unigram_loss"),
-            "leakage": {"val_windows_with_train_ngram": config.get("leakage_val_windows")},
-        },
-        "created_at": getattr(api_run, "created_at", None),
-    }
+    header = header_from_wandb_config(config, getattr(api_run, "created_at", None))
     state = str(api_run.state).lower()  # finished | running | failed | crashed | killed | pending
     sweep = getattr(api_run, "sweep", None)
-    history = History.from_rows(rows or [], step_key="trainer/step", time_key="_runtime")
+    history = History.from_rows(rows or [], step_key=WANDB_STEP, time_key="_runtime")
     return Run(
         id=api_run.id,
         name=api_run.name or api_run.id,

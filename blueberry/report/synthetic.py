@@ -1,4 +1,4 @@
-"""Synthetic run records in the exact on-disk format of a real run (runner.py), for tests and the benchmark.
+"""Synthetic run records in the exact on-disk format of a real run (tracking/schema.py), for tests and the bench.
 
 Curves decay smoothly from the unigram loss to the requested final values, so plots and tables look
 like real ones; the final eval row equals the summary, as in a real run.
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from blueberry.fileio import write_json_atomic
 from blueberry.spec import RunSpec
-from blueberry.tracking import write_json_atomic
+from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, STATUS_FILE, SUMMARY_FILE, make_header
 
 UNIGRAM = 7.5
 
@@ -58,28 +59,22 @@ def write_run(
     run_dir = Path(root) / experiment / run_id
     run_dir.mkdir(parents=True)
     ppl = val_perplexity if val_perplexity is not None else math.exp(min(val_loss, 20))
-    header = {
-        "run_id": run_id,
-        "name": run_spec.run_name,
-        "experiment": experiment,
-        "seed": seed,
-        "spec_hash": run_spec.spec_hash(),
-        "spec": run_spec.to_json_dict(),
-        "params": {"total": params[0], "active": params[1], "embedding": params[1] // 2},
-        "data": {
+    header = make_header(
+        run_id=run_id,
+        spec=run_spec,
+        params={"total": params[0], "active": params[1], "embedding": params[1] // 2},
+        data={
             "fingerprint": "0" * 64,
             "leakage": {"ngram": 13, "val_windows_with_train_ngram": 0.0018, "shared_doc_ids": 0},
             "unigram_loss": UNIGRAM,
         },
-        "causality": {"checked": True, "ok": True},
-        "hardware": hardware or {"device": "cpu", "precision": "fp32", "threads": 2},
-        "created_at": created_at,
-    }
-    if sweep is not None:
-        header["sweep"] = sweep
-    write_json_atomic(run_dir / "spec.json", header)
+        hardware=hardware or {"device": "cpu", "precision": "fp32", "threads": 2},
+        created_at=created_at,
+        sweep=sweep,
+    )
+    write_json_atomic(run_dir / SPEC_FILE, header)
     last = steps if state == "finished" else steps // 2
-    _write_metrics(run_dir / "metrics.jsonl", run_spec, last, val_loss, val_accuracy, ppl, minutes, tokens_per_s)
+    _write_metrics(run_dir / METRICS_FILE, run_spec, last, val_loss, val_accuracy, ppl, minutes, tokens_per_s)
     if state == "finished":
         summary = {
             "val/loss": val_loss,
@@ -93,8 +88,8 @@ def write_run(
             "params/total": params[0],
             "params/active": params[1],
         }
-        write_json_atomic(run_dir / "summary.json", summary)
-    write_json_atomic(run_dir / "status.json", {"state": state, "reason": reason, "started_at": 0, "updated_at": 1})
+        write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    write_json_atomic(run_dir / STATUS_FILE, {"state": state, "reason": reason, "started_at": 0, "updated_at": 1})
     return run_dir
 
 

@@ -1,0 +1,114 @@
+"""The run record's format, defined once: file names, header keys, metric namespaces, W&B config keys.
+
+The writer (runner.py through tracking/record.py), the report's reader (report/records.py) and the
+synthetic-run writer (report/synthetic.py) all build or read a record through this module, so a new metric
+namespace or header key is added here and reaches the report without another filter to update.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+SPEC_FILE, STATUS_FILE, SUMMARY_FILE, METRICS_FILE = "spec.json", "status.json", "summary.json", "metrics.jsonl"
+RECORD_FILES = (SPEC_FILE, STATUS_FILE, SUMMARY_FILE, METRICS_FILE)
+STATES = ("running", "finished", "failed", "interrupted")
+
+# metrics.jsonl: each row is {"step": optimizer step, "time": seconds since start, <metric>: value, ...}.
+STEP, TIME = "step", "time"
+WANDB_STEP = "trainer/step"  # the one step axis in W&B (define_metric), the optimizer step
+
+# Metric namespaces: `<namespace>/<name>`. Every namespace reaches the summary and the report's history;
+# only the per-expert router loads (one column per layer × expert) stay in metrics.jsonl and W&B.
+NAMESPACES = {
+    "train": "training loss, LR, gradient norm (mean over the log window)",
+    "val": "validation loss, accuracy, perplexity",
+    "trainer": "step and tokens seen",
+    "perf": "tokens/s, step time, memory, TFLOP/s, MFU (blueberry/train/metrics.py)",
+    "moe": "per MoE layer: expert loads, load max, balance loss",
+    "gpu": "NVML readings and energy (blueberry/gpu_monitor.py)",
+    "cost": "price × device-hours (summary only)",
+    "time": "wall-clock totals (summary only)",
+    "params": "parameter counts (summary only)",
+    "weights": "digest of the final weights (summary only)",
+}
+PER_EXPERT = re.compile(r"^moe/layer\d+/load_e\d+$")
+
+
+def keep_metric(key: str) -> bool:
+    """Whether a logged metric goes into the run's summary and the report's history: all but per-expert loads."""
+    return not PER_EXPERT.match(key)
+
+
+# spec.json: the run's header. The report keeps these keys of it (libraries, code, data stats stay on disk).
+HEADER_KEYS = ("params", "data", "causality", "hardware", "created_at")
+
+
+def make_header(
+    *,
+    run_id: str,
+    spec,
+    params: dict,
+    data: dict,
+    hardware: dict,
+    created_at: str,
+    sweep: dict | None = None,
+    **extra: Any,
+) -> dict:
+    """spec.json's content. `spec` is a RunSpec; `params` {total, active, embedding}; `data` {fingerprint,
+    stats, leakage, unigram_loss}; `hardware` the RunPlan's header; `extra`: wandb, code, libraries."""
+    return {
+        "run_id": run_id,
+        "name": spec.run_name,
+        "experiment": spec.experiment,
+        "seed": spec.seed,
+        "sweep": sweep,
+        "spec_hash": spec.spec_hash(),
+        "spec": spec.to_json_dict(),
+        "params": params,
+        "data": data,
+        "causality": {"checked": True, "ok": True},
+        "hardware": hardware,
+        **extra,
+        "created_at": created_at,
+    }
+
+
+# W&B run config: the spec's sections at the top level plus these derived keys (flat, so W&B can filter and
+# group on them); `header_from_wandb_config` maps them back for the report's W&B loader.
+SPEC_KEYS = ("name", "experiment", "tags", "seed", "model", "data", "train", "tracking")
+
+
+def wandb_config(header: dict) -> dict:
+    """The W&B run config of a run whose spec.json is `header`."""
+    data, params = header["data"], header["params"]
+    return {
+        **header["spec"],
+        "variant": header["spec"]["model"]["variant"],
+        "spec_hash": header["spec_hash"],
+        "params_total": params["total"],
+        "params_active": params["active"],
+        "data_fingerprint": data["fingerprint"],
+        "unigram_loss": data["unigram_loss"],
+        "leakage_val_windows": data["leakage"]["val_windows_with_train_ngram"],
+        "hardware": header["hardware"],
+    }
+
+
+def header_from_wandb_config(config: dict, created_at: str | None = None) -> dict:
+    """The header keys the report uses, rebuilt from a W&B run config written by `wandb_config`."""
+    return {
+        "params": {"total": config.get("params_total"), "active": config.get("params_active")},
+        "data": {
+            "fingerprint": config.get("data_fingerprint"),
+            "unigram_loss": config.get("unigram_loss"),
+            "leakage": {"val_windows_with_train_ngram": config.get("leakage_val_windows")},
+        },
+        "created_at": created_at,
+    }
+
+
+def run_tags(spec: dict, sweep: dict | None = None) -> list[str]:
+    """The W&B tags of a run (its variant, the spec's tags, the sweep's name): what the report filters on."""
+    variant = spec.get("model", {}).get("variant") if isinstance(spec.get("model"), dict) else None
+    return [t for t in [variant, *spec.get("tags", []), *([f"sweep:{sweep['name']}"] if sweep else [])] if t]
