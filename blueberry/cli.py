@@ -203,14 +203,14 @@ def doctor(args, as_json):
     import torch
 
     from blueberry.distributed import env_world
-    from blueberry.hardware import detect, format_doctor, plan_run, resolve_device
-    from blueberry.models import build_model
+    from blueberry.hardware import detect, resolve_device
+    from blueberry.plan import build, format_doctor
 
     info = detect()
     try:
         device = resolve_device(spec.train.device)
-        model = build_model(spec.model, spec.data.vocab_size)
-        plan = plan_run(spec, device, model, spec.data.vocab_size, env_world().size, probe=False)
+        # the spec's vocabulary size stands in for the tokenizer's: no data is prepared to answer
+        plan = build(spec, device, spec.data.vocab_size, env_world().size, check_causal=False, probe=False).plan
     except ValueError as exc:
         _fail(f"{spec_path or 'default spec'}: {exc}")
     if as_json:

@@ -116,35 +116,3 @@ def peak_flops(device: torch.device, precision: str, preset: Preset) -> tuple[fl
         return cached["flops"], f"measured GEMM ceiling ({cached['measured_at']})"
     # A quick one-size measurement (~0.2 s): noisier than `blueberry bench --ceiling`, which caches a careful one.
     return measure_gemm_ceiling(precision, sizes=(1024,), repeats=3, warmup=1), "quick GEMM ceiling at start"
-
-
-class PerfTracker:
-    """Adds perf/mfu, perf/tflops and the GPU sampler's readings to every row that carries perf/tokens_per_s.
-
-    A tracker wrapper rather than trainer code: the trainer already measures tokens/s on log steps.
-    """
-
-    def __init__(self, inner, flops_per_token: float, peak: float | None, monitor=None):
-        self.inner, self.flops_per_token, self.peak, self.monitor = inner, flops_per_token, peak, monitor
-
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        if "perf/tokens_per_s" in metrics:
-            achieved = self.flops_per_token * metrics["perf/tokens_per_s"]
-            metrics = {**metrics, "perf/tflops": achieved / 1e12}
-            if self.peak:
-                metrics["perf/mfu"] = achieved / self.peak
-            if self.monitor is not None:
-                metrics.update(self.monitor.latest())
-        self.inner.log(metrics, step)
-
-    def summary(self, values: dict[str, Any]) -> None:
-        """Adds the perf figures to `values` in place, so the caller's summary matches the recorded one."""
-        if "perf/tokens_per_s" in values:  # the trainer's summary holds the last log row's throughput
-            achieved = self.flops_per_token * values["perf/tokens_per_s"]
-            values.update({"perf/tflops": achieved / 1e12, "perf/flops_per_token": self.flops_per_token})
-            if self.peak:
-                values["perf/mfu"] = achieved / self.peak
-        self.inner.summary(values)
-
-    def finish(self, state: str, reason: str | None = None) -> None:
-        self.inner.finish(state, reason)

@@ -1,29 +1,37 @@
-"""One run, end to end: spec → data + model → causality check → trainer → trackers → run record."""
+"""One run, end to end, in named stages (after lightning-hydra-template's src/train.py):
+
+build (device, data, model, causality check, plan) → claim the run directory and resume → trackers
+(run record, W&B, metrics processor) → train → finalise. `recorded` maps a failure to the run's status,
+in one place.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from blueberry import distributed
 from blueberry.data import prepare_data
+from blueberry.distributed import World
+from blueberry.fileio import read_json
 from blueberry.gpu_monitor import GpuMonitor
-from blueberry.hardware import plan_run, resolve_device, resolve_precision, run_cost
-from blueberry.models import assert_causal, build_model, count_parameters
-from blueberry.perf import PerfTracker
+from blueberry.hardware import resolve_device
+from blueberry.plan import Build, build
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec
 from blueberry.tracking import RunRecord, Trackers, WandbTracker, read_metrics, resolve_mode
 from blueberry.tracking.record import RunDir, claim_run_dir
+from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, make_header, run_tags, wandb_config
 from blueberry.tracking.wandb_log import read_wandb_log
-from blueberry.train import train
 from blueberry.train.checkpoint import Checkpointer, ResumeError, checkpoint_paths, weights_digest
-from blueberry.train.trainer import StopRequest, TrainingInterrupted
+from blueberry.train.metrics import MetricsProcessor
+from blueberry.train.trainer import StopRequest, TrainingInterrupted, train
 
 
 class OutOfMemory(RuntimeError):
@@ -38,44 +46,79 @@ class RunResult:
     summary: dict
 
 
+@dataclass
+class Run:
+    """What the stages hand on: filled in as the run goes."""
+
+    spec: RunSpec
+    world: World
+    data: object
+    built: Build
+    started: float  # wall clock at the start, for the run's cost
+    claimed: RunDir | None = None
+    checkpointer: Checkpointer | None = None
+    resume_state: dict | None = None
+    header: dict = field(default_factory=dict)
+    tracker: object = None  # what a failure is reported to: the run record, then the full tracker stack
+    wandb: WandbTracker | None = None
+
+
 def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResult:
     """Run `spec`. Bad input fails before anything is written; a failure mid-run is recorded as such.
 
     `resume`: None continues an unfinished attempt of the same run id (crashed or interrupted), True
     also a failed one and requires a checkpoint, False always starts a new run directory.
     """
-    if spec.train.threads:
-        torch.set_num_threads(spec.train.threads)
-    torch.set_flush_denormal(True)  # denormals made CPU steps ~15x slower in the data-facts measurements
     started = time.time()
-    device = resolve_device(spec.train.device)
-    world, device = distributed.init(device)  # under torchrun: join the group, one GPU per rank
+    world, data, built = build_stage(spec)
     if world.distributed:  # the other ranks cannot follow rank 0 into a checkpoint: always a new run
         if resume:
             raise ResumeError("resuming a multi-process (torchrun) run is not supported: start it again")
         resume = False
-    precision = resolve_precision(spec.train.precision, device)
-
-    data = prepare_data(spec.data, spec.seed)
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.vocab_size)
-    # The reference's MLA variants "learned" by seeing the future; a leaking model never trains here.
-    assert_causal(model, data.vocab_size, seq_len=min(32, spec.data.seq_len))
-    params = count_parameters(model)
-    plan = plan_run(spec, device, model, data.vocab_size, world.size)
-    train_spec = plan.apply(spec)  # batch_size 'auto' made concrete; the record keeps the spec as written
-    if spec.train.compile:
-        model.compile()  # in place: parameter names and checkpoints stay those of the plain model
-    if world.distributed:
-        torch.manual_seed(spec.seed + world.rank)  # same initial weights, but each rank its own dropout masks
+    run = Run(spec, world, data, built, started)
     if not world.is_main:  # rank 0 alone tracks and records; the others train in step with it
         try:
-            summary = train(train_spec, model, data, distributed.NullTracker(), device, precision)
+            summary = train(built.spec, built.model, data, distributed.NullTracker(), built.device, built.precision)
+            return RunResult(run_dir=None, wandb_dir=None, wandb_mode="disabled", summary=summary)
         finally:
             distributed.shutdown()
-        return RunResult(run_dir=None, wandb_dir=None, wandb_mode="disabled", summary=summary)
     mode, why = resolve_mode(spec.tracking.wandb)
+    claim_stage(run, resume)
+    record_stage(run, mode, why, log)
+    stop = StopRequest().install()
+    try:
+        with recorded(run):
+            tracker_stage(run, mode)
+            summary = train_stage(run, stop)
+            finalise_stage(run, summary)
+    finally:
+        stop.restore()
+        run.claimed.release()
+        distributed.shutdown()
+    wandb_dir = run.wandb.offline_dir if run.wandb else None
+    return RunResult(run_dir=run.claimed.path, wandb_dir=wandb_dir, wandb_mode=mode, summary=summary)
 
+
+# --- the stages ------------------------------------------------------------------------------------------
+
+
+def build_stage(spec: RunSpec) -> tuple[World, object, Build]:
+    """Threads, device (one GPU per rank under torchrun), data, then the model, its causality check and plan."""
+    if spec.train.threads:
+        torch.set_num_threads(spec.train.threads)
+    torch.set_flush_denormal(True)  # denormals made CPU steps ~15x slower in the data-facts measurements
+    device = resolve_device(spec.train.device)
+    world, device = distributed.init(device)  # under torchrun: join the group, one GPU per rank
+    data = prepare_data(spec.data, spec.seed)
+    built = build(spec, device, data.vocab_size, world.size)
+    if world.distributed:
+        torch.manual_seed(spec.seed + world.rank)  # same initial weights, but each rank its own dropout masks
+    return world, data, built
+
+
+def claim_stage(run: Run, resume: bool | None) -> None:
+    """Lock the run directory (an earlier attempt to continue, or a new one) and load the checkpoint to resume."""
+    spec = run.spec
     spec_hash = spec.spec_hash()
     # Under a sweep (ours or `wandb agent`) the run id is given: the record dir is named after it.
     run_id = os.environ.get("WANDB_RUN_ID") or f"{spec.run_name}-{spec_hash[:8]}"
@@ -85,127 +128,137 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     )
     if claimed is None:
         raise ResumeError(f"nothing to resume: no unfinished run {run_id} with a checkpoint in {runs_root}")
-    run_dir = claimed.path
-    checkpointer = Checkpointer(
-        run_dir / "checkpoints", spec_hash, spec.train.checkpoint_every, spec.train.keep_checkpoints
+    run.checkpointer = Checkpointer(
+        claimed.path / "checkpoints", spec_hash, spec.train.checkpoint_every, spec.train.keep_checkpoints
     )
     try:
-        resume_state = _resume_state(claimed, checkpointer, spec_hash)
+        run.resume_state = _resume_state(claimed, run.checkpointer, spec_hash)
     except BaseException:
         claimed.release()
         raise
-    sweep = sweep_context()
-    header = {
-        "run_id": run_dir.name,
-        "name": spec.run_name,
-        "experiment": spec.experiment,
-        "seed": spec.seed,
-        "sweep": sweep,
-        "spec_hash": spec_hash,
-        "spec": spec.to_json_dict(),
-        "params": {"total": params.total, "active": params.active, "embedding": params.embedding},
-        "data": {
+    run.claimed = claimed
+
+
+def record_stage(run: Run, mode: str, why: str, log) -> None:
+    """Write the run record's header and mark the run running; say what runs where."""
+    spec, built, data, claimed = run.spec, run.built, run.data, run.claimed
+    params = built.params
+    run.header = make_header(
+        run_id=claimed.path.name,
+        spec=spec,
+        params={"total": params.total, "active": params.active, "embedding": params.embedding},
+        data={
             "fingerprint": data.fingerprint,
             "stats": data.stats,
             "leakage": data.leakage,
             "unigram_loss": data.unigram_loss,
         },
-        "causality": {"checked": True, "ok": True},
-        "hardware": plan.header(),  # device, precision, threads, preset, batch choice, peak FLOP/s, price
-        "wandb": {"mode": mode, "why": why},
-        "code": code_version(),
-        "libraries": library_versions(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    resume_step = resume_state["step"] if resume_state else 0
-    record = RunRecord(run_dir, header, resume_step=resume_step if claimed.reused else None)
+        hardware=built.plan.header(),  # device, precision, threads, preset, batch choice, peak FLOP/s, price
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        sweep=sweep_context(),
+        wandb={"mode": mode, "why": why},
+        code=code_version(),
+        libraries=library_versions(),
+    )
+    resume_step = run.resume_state["step"] if run.resume_state else 0
+    run.tracker = RunRecord(claimed.path, run.header, resume_step=resume_step if claimed.reused else None)
     log(
-        f"run {run_dir.name}: {spec.model.variant}, {params.total / 1e6:.2f}M params "
-        f"({params.active / 1e6:.2f}M active), {device} {precision}, W&B {mode} ({why})"
+        f"run {claimed.path.name}: {spec.model.variant}, {params.total / 1e6:.2f}M params "
+        f"({params.active / 1e6:.2f}M active), {built.device} {built.precision}, W&B {mode} ({why})"
     )
     if claimed.reused:
         log(
             f"resuming the {claimed.previous_state} run from step {resume_step}"
-            + ("" if resume_state else " (no checkpoint)")
+            + ("" if run.resume_state else " (no checkpoint)")
         )
-    stop = StopRequest().install()
-    trackers = Trackers(record)
-    wandb_tracker = None
+
+
+def tracker_stage(run: Run, mode: str) -> None:
+    """W&B next to the run record, both behind the metrics processor (MFU, GPU readings, cost)."""
+    spec, header, claimed, plan = run.spec, run.header, run.claimed, run.built.plan
+    record = run.tracker
+    run.wandb = WandbTracker(
+        claimed.path,
+        mode=mode,
+        project=spec.tracking.project,
+        entity=spec.tracking.entity,
+        group=spec.experiment,
+        job_type=spec.tracking.job_type,
+        name=spec.run_name,
+        run_id=claimed.path.name,
+        resume=claimed.reused,
+        tags=run_tags(header["spec"], header["sweep"]),
+        notes=spec.tracking.notes,
+        config=wandb_config(header),
+    )
+    run.tracker = MetricsProcessor(
+        Trackers(record, run.wandb),
+        plan.flops_per_token,
+        plan.peak_flops,
+        GpuMonitor().start(),  # inert without NVML
+        price_per_hour=plan.price_per_hour,
+        world_size=run.world.size,
+        started=run.started,
+    )
+    if claimed.reused and mode == "offline":
+        _replay_to_wandb(run.wandb, claimed.path, run.resume_state["step"] if run.resume_state else 0)
+    if spec.tracking.wandb_checkpoints and mode != "disabled":
+        run.checkpointer.on_save = run.wandb.log_checkpoint
+
+
+def train_stage(run: Run, stop: StopRequest) -> dict:
+    built = run.built
+    progress = _progress_bar(run.spec)
     try:
-        wandb_tracker = WandbTracker(
-            run_dir,
-            mode=mode,
-            project=spec.tracking.project,
-            entity=spec.tracking.entity,
-            group=spec.experiment,
-            job_type=spec.tracking.job_type,
-            name=spec.run_name,
-            run_id=run_dir.name,
-            resume=claimed.reused,
-            tags=[spec.model.variant, *spec.tags, *([f"sweep:{sweep['name']}"] if sweep else [])],
-            notes=spec.tracking.notes,
-            config={
-                **spec.to_json_dict(),
-                "variant": spec.model.variant,
-                "spec_hash": spec_hash,
-                "params_total": params.total,
-                "params_active": params.active,
-                "data_fingerprint": data.fingerprint,
-                "unigram_loss": data.unigram_loss,
-                "leakage_val_windows": data.leakage["val_windows_with_train_ngram"],
-                "hardware": plan.header(),
-            },
+        return train(
+            built.spec,
+            built.model,
+            run.data,
+            run.tracker,
+            built.device,
+            built.precision,
+            progress,
+            checkpointer=run.checkpointer,
+            resume=run.resume_state,
+            stop=stop,
         )
-        monitor = GpuMonitor().start()  # inert without NVML
-        trackers = PerfTracker(Trackers(record, wandb_tracker), plan.flops_per_token, plan.peak_flops, monitor)
-        if claimed.reused and mode == "offline":
-            _replay_to_wandb(wandb_tracker, run_dir, resume_step)
-        if spec.tracking.wandb_checkpoints and mode != "disabled":
-            checkpointer.on_save = wandb_tracker.log_checkpoint
-        progress = _progress_bar(spec)
-        try:
-            summary = train(
-                train_spec,
-                model,
-                data,
-                trackers,
-                device,
-                precision,
-                progress,
-                checkpointer=checkpointer,
-                resume=resume_state,
-                stop=stop,
-            )
-        finally:
-            if progress is not None:
-                progress.close()
-        summary["weights/sha256"] = weights_digest(model)
-        summary["unigram_loss"] = data.unigram_loss
-        summary["params/total"] = params.total
-        summary["params/active"] = params.active
-        summary.update(monitor.stop())
-        summary.update(run_cost(plan.price_per_hour, time.time() - started, world.size))
-        trackers.summary(summary)
-        trackers.finish("finished")
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def finalise_stage(run: Run, summary: dict) -> None:
+    """The summary's closing figures (weights digest, baselines, energy, cost); the run is finished."""
+    summary["weights/sha256"] = weights_digest(run.built.model)
+    summary["unigram_loss"] = run.data.unigram_loss
+    summary["params/total"] = run.built.params.total
+    summary["params/active"] = run.built.params.active
+    run.tracker.close(summary)
+    run.tracker.summary(summary)
+    run.tracker.finish("finished")
+
+
+@contextlib.contextmanager
+def recorded(run: Run):
+    """The one place a failure becomes the run's status (interrupted | failed, with the reason); re-raised."""
+    try:
+        yield
     except TrainingInterrupted as exc:
-        trackers.finish("interrupted", str(exc))
+        run.tracker.finish("interrupted", str(exc))
         raise
     except KeyboardInterrupt:
-        trackers.finish("interrupted", "KeyboardInterrupt")
+        run.tracker.finish("interrupted", "KeyboardInterrupt")
         raise
     except torch.OutOfMemoryError as exc:
-        message = _out_of_memory_advice(train_spec, device)
-        trackers.finish("failed", message)
+        message = _out_of_memory_advice(run.built.spec, run.built.device)
+        run.tracker.finish("failed", message)
         raise OutOfMemory(message) from exc
     except BaseException as exc:
-        trackers.finish("failed", f"{type(exc).__name__}: {exc}")
+        run.tracker.finish("failed", f"{type(exc).__name__}: {exc}")
         raise
-    finally:
-        stop.restore()
-        claimed.release()
-        distributed.shutdown()
-    wandb_dir = wandb_tracker.offline_dir if wandb_tracker else None
-    return RunResult(run_dir=run_dir, wandb_dir=wandb_dir, wandb_mode=mode, summary=summary)
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
 
 
 def _resumable(resume: bool | None):
@@ -225,8 +278,8 @@ def _resume_state(claimed: RunDir, checkpointer: Checkpointer, spec_hash: str) -
     """The latest checkpoint of a reused run directory, checked against this spec; None to start at step 0."""
     if not claimed.reused:
         return None
-    spec_file = claimed.path / "spec.json"
-    previous_hash = json.loads(spec_file.read_text()).get("spec_hash") if spec_file.exists() else spec_hash
+    spec_file = claimed.path / SPEC_FILE
+    previous_hash = (read_json(spec_file) or {}).get("spec_hash") if spec_file.exists() else spec_hash
     if previous_hash != spec_hash:
         raise ResumeError(
             f"{claimed.path} holds a run of another spec (spec hash {str(previous_hash)[:12]}, "
@@ -246,7 +299,7 @@ def _replay_to_wandb(tracker: WandbTracker, run_dir: Path, resume_step: int) -> 
     held = set()
     for segment in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
         held.update((row.get("trainer/step"), "val/loss" in row) for row in read_wandb_log(segment).history)
-    for row in read_metrics(run_dir / "metrics.jsonl"):
+    for row in read_metrics(run_dir / METRICS_FILE):
         if row["step"] <= resume_step and (row["step"], "val/loss" in row) not in held:
             tracker.log({k: v for k, v in row.items() if k not in ("step", "time")}, row["step"])
 
@@ -274,8 +327,6 @@ def sweep_context() -> dict | None:
 def _progress_bar(spec: RunSpec):
     if not spec.train.progress:
         return None
-    import sys
-
     from tqdm.auto import tqdm
 
     # In a log file (not a terminal) redraw rarely instead of writing a line per step.

@@ -13,6 +13,7 @@ from blueberry.cli import main
 from blueberry.gpu_monitor import GpuMonitor
 from blueberry.models import build_model
 from blueberry.overrides import load_spec
+from blueberry.plan import plan_run
 from blueberry.spec import TrainSpec
 
 GPUS = {
@@ -147,7 +148,7 @@ def test_batch_auto_spec_rules():
 
 def test_plan_run_on_cpu_resolves_auto_batch_and_estimate_grows_with_batch():
     spec = load_spec(None, ["--model.d_model=64", "--train.batch_size=auto", "--train.effective_batch=64"])
-    plan = hardware.plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512)
+    plan = plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512)
     assert plan.batch.how == "auto" and plan.batch.micro_batch * plan.batch.grad_accum == 64
     assert plan.preset == "CPU" and plan.price_per_hour is None and plan.flops_per_token > 0
     resolved = plan.apply(spec)

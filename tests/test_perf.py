@@ -10,6 +10,7 @@ from blueberry import perf
 from blueberry.hardware import CPU_PRESET, preset_for
 from blueberry.models import build_model
 from blueberry.spec import VARIANTS, ModelSpec
+from blueberry.train.metrics import MetricsProcessor
 
 
 def tiny(variant, **kw):
@@ -71,7 +72,7 @@ def test_perf_tracker_adds_mfu_and_gpu_readings():
         def finish(self, state, reason=None):
             pass
 
-    tracker = perf.PerfTracker(Inner(), flops_per_token=6e6, peak=1e12, monitor=Monitor())
+    tracker = MetricsProcessor(Inner(), flops_per_token=6e6, peak=1e12, monitor=Monitor())
     tracker.log({"perf/tokens_per_s": 50_000.0}, 10)
     tracker.log({"val/loss": 3.0}, 10)
     assert rows[0]["perf/mfu"] == pytest.approx(0.3) and rows[0]["perf/tflops"] == pytest.approx(0.3)

@@ -23,7 +23,7 @@ import torch
 from blueberry.data.windows import TrainSampler
 from blueberry.hardware import resolve_device, resolve_precision
 from blueberry.models import build_model
-from blueberry.perf import flops_per_token
+from blueberry.plan import build
 from blueberry.spec import RunSpec
 
 
@@ -99,18 +99,14 @@ def measure_throughput(spec: RunSpec, warmup: int = 2, repeats: int = 5) -> dict
 
     spec = bench_spec(spec, warmup + repeats)
     torch.set_flush_denormal(True)  # as the runner does: denormals make CPU steps many times slower
-    device = resolve_device(spec.train.device)
-    precision = resolve_precision(spec.train.precision, device)
     data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.vocab_size)
-    flops = flops_per_token(model, spec.data.seq_len)
-    if spec.train.compile:
-        model.compile()
+    # the run's build stage, less the causality check and the peak FLOP/s (the bench measures its own ceiling)
+    built = build(spec, resolve_device(spec.train.device), data.vocab_size, check_causal=False, peak=False)
+    precision, flops_total = built.precision, built.plan.flops_per_token
     tracker = ListTracker()
     reset_peak_rss()
     start = time.perf_counter()
-    train(spec, model, data, tracker, device, precision)
+    train(built.spec, built.model, data, tracker, built.device, precision)
     wall = time.perf_counter() - start
     step_times = [row["perf/step_time_s"] for row in tracker.rows if "perf/step_time_s" in row]
     step_s = statistics.median(step_times[warmup:])
@@ -122,8 +118,8 @@ def measure_throughput(spec: RunSpec, warmup: int = 2, repeats: int = 5) -> dict
         "timed_step_s": step_times[warmup:],
         "first_step_s": step_times[0],
         "tokens_per_s": tokens_per_step / step_s,
-        "flops_per_token": flops.total,
-        "tflops": flops.total * tokens_per_step / step_s / 1e12,
+        "flops_per_token": flops_total,
+        "tflops": flops_total * tokens_per_step / step_s / 1e12,
         "peak_rss_mb": peak_rss_mb(),
         "wall_s": wall,
     }

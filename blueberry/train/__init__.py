@@ -1,6 +1,6 @@
-"""Training: optimizers, LR schedule, evaluation and the loop."""
+"""Training: optimizers, LR schedule, evaluation, the metrics processor and the loop."""
 
 from blueberry.train.evaluate import evaluate
-from blueberry.train.trainer import TrainingDiverged, autocast_for, train
+from blueberry.train.trainer import Trainer, TrainingDiverged, autocast_for, train
 
-__all__ = ["TrainingDiverged", "autocast_for", "evaluate", "train"]
+__all__ = ["Trainer", "TrainingDiverged", "autocast_for", "evaluate", "train"]

@@ -11,18 +11,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import resource
 import signal
 import threading
-import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from blueberry import distributed
 from blueberry.spec import RunSpec
+from blueberry.tracking.schema import keep_metric
 from blueberry.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from blueberry.train.evaluate import evaluate
+from blueberry.train.metrics import MetricsProcessor
 from blueberry.train.optim import build_optimizers
 from blueberry.train.schedule import build_schedulers
 
@@ -76,13 +77,6 @@ def autocast_for(device: torch.device, precision: str):
     return functools.partial(torch.autocast, device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory, or the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 class MetricWindow:
     """Train metrics summed on the device over the micro-steps since the last log.
 
@@ -132,6 +126,207 @@ class MetricWindow:
         self.micro = state["micro"]
 
 
+class Trainer:
+    """Trains `model` per `spec.train` (after torchtitan's train.py: the parts are built here, `train` loops).
+
+    `tracker` receives the rows: a MetricsProcessor, or any Tracker (then wrapped in a plain one). After every
+    optimizer step the trainer calls `model.after_optimizer_step()` if the model defines it, then each of
+    `callbacks` as callback(trainer, step): the place for updates outside backprop (e.g. router biases).
+    """
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        model,
+        data,
+        tracker,
+        device: torch.device,
+        precision: str,
+        progress=None,
+        *,
+        checkpointer: Checkpointer | None = None,
+        stop: StopRequest | None = None,
+        callbacks: Sequence[Callable[[Trainer, int], None]] = (),
+    ):
+        self.spec, self.cfg, self.model, self.device = spec, spec.train, model, device
+        self.progress, self.checkpointer, self.stop = progress, checkpointer, stop
+        cfg = self.cfg
+        model.to(device)
+        model.train()
+        world = distributed.current()
+        self.ddp_model = distributed.wrap(model, device)  # the model itself in a one-process run
+        self.optimizers = build_optimizers(model, cfg)
+        self.schedulers = build_schedulers(self.optimizers, cfg)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.autocast = autocast_for(device, precision)
+        self.world = world
+        self.sampler = data.train_sampler(cfg.batch_size, spec.seed)
+        self.val_windows = data.val_windows()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world.size * spec.data.seq_len  # all ranks
+        self.clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        self.metrics = tracker if isinstance(tracker, MetricsProcessor) else MetricsProcessor(tracker)
+        hook = getattr(model, "after_optimizer_step", None)
+        self.after_step = [*([lambda trainer, step: hook()] if hook else []), *callbacks]
+
+        self.summary: dict = {}
+        self.window = MetricWindow(device)
+        self.best_val = math.inf
+        self.start_step, self.elapsed_before = 0, 0.0
+        # First step whose loss or (unscaled) grad norm was NaN/inf, 0 for none: kept on the device, read at syncs.
+        self.bad_step = torch.zeros((), dtype=torch.long, device=device)
+
+    # --- checkpoint state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [sched.state_dict() for sched in self.schedulers],
+            "scaler": self.scaler.state_dict(),
+            "window": self.window.state_dict(),
+            "best_val": self.best_val,
+            "summary": self.summary,
+            "elapsed_s": self.metrics.elapsed(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        for sched, sched_state in zip(self.schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(sched_state)
+        self.scaler.load_state_dict(state["scaler"])
+        self.window.load_state_dict(state["window"])
+        self.start_step, self.best_val, self.elapsed_before = state["step"], state["best_val"], state["elapsed_s"]
+        self.summary = dict(state["summary"])  # complete even if the run died after its final checkpoint
+        set_rng_state(state["rng"])  # last: nothing above may draw from the RNGs the loop uses
+
+    # --- one optimizer step ----------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, list[float]]:
+        """grad_accum micro-batches, one optimizer step; returns the gradient norm and the LRs it used."""
+        cfg = self.cfg
+        for micro in range(cfg.grad_accum):
+            index = (step - 1) * cfg.grad_accum + micro
+            batch = self.sampler.batch(index, self.world.rank, self.world.size).to(self.device, non_blocking=True)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            # under DDP, gradients are all-reduced on the last micro-step only
+            with distributed.sync_gradients(self.ddp_model, micro == cfg.grad_accum - 1):
+                with self.autocast():
+                    out = self.ddp_model(inputs)
+                ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+                loss = ce + out.aux_loss
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            self.window.add(ce, out.aux_loss, out.router_stats)
+
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        for opt in self.optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        step_lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers]  # the LRs this update used
+        for sched in self.schedulers:
+            sched.step()
+        for callback in self.after_step:
+            callback(self, step)
+        # The window sums stay NaN/inf once a bad value entered. With fp16 an inf grad norm is the
+        # GradScaler's business (it skips that update), so only the loss counts then.
+        finite = torch.isfinite(self.window.loss + self.window.aux)
+        if not self.scaler.is_enabled():
+            finite &= torch.isfinite(grad_norm)
+        self.bad_step = torch.where((self.bad_step == 0) & ~finite, step, self.bad_step)
+        return grad_norm, step_lrs
+
+    def check_finite(self) -> None:
+        if bad := self.bad_step.item():
+            last_good = self.checkpointer.latest() if self.checkpointer else None
+            kept = f"; last good checkpoint: {last_good}" if last_good else ""
+            raise TrainingDiverged(f"train loss or gradient norm became NaN/inf at step {bad}{kept}")
+
+    # --- what happens around a step --------------------------------------------------------------------
+
+    def log_step(self, step: int, grad_norm: torch.Tensor, step_lrs: list[float]) -> None:
+        now = self.metrics.sync()
+        self.check_finite()
+        metrics = {
+            **distributed.mean_metrics(self.window.metrics()),  # over ranks (one collective) under DDP
+            "train/lr": step_lrs[0],
+            "train/grad_norm": grad_norm.item(),
+            "trainer/tokens": step * self.tokens_per_step,
+        }
+        if len(step_lrs) > 1:
+            metrics["train/lr_adamw"] = step_lrs[-1]
+        row = self.metrics.log_train(metrics, step, now)
+        self.summary.update({k: v for k, v in row.items() if keep_metric(k)})
+        self.window.reset()
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
+
+    def eval_step(self, step: int) -> None:
+        with self.metrics.paused():
+            val = evaluate(self.model, self.val_windows, self.cfg.batch_size, self.device, self.autocast)
+            if not math.isfinite(val["val/loss"]):
+                raise TrainingDiverged(f"validation loss is {val['val/loss']} at step {step}")
+            self.best_val = min(self.best_val, val["val/loss"])
+            self.metrics.log({**val, "trainer/tokens": step * self.tokens_per_step}, step)
+            self.summary.update(val)
+
+    def checkpoint(self, step: int):
+        """Save a checkpoint of `step` (after checking the loss is finite); its path."""
+        self.check_finite()
+        with self.metrics.paused():
+            return self.checkpointer.save(self.state_dict(), step)
+
+    def checkpoint_due(self, step: int, stopping: bool) -> bool:
+        if self.checkpointer is None:
+            return False
+        is_last = step == self.cfg.steps
+        return self.checkpointer.due(step) or stopping or (is_last and self.checkpointer.every is not None)
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    def train(self, resume: dict | None = None) -> dict:
+        """Train from the checkpoint `resume` if given; returns the final summary metrics.
+
+        Saves a checkpoint every `checkpointer.every` steps and at the last step, and when `stop` is set
+        (then raises TrainingInterrupted).
+        """
+        cfg = self.cfg
+        if resume is not None:
+            self.load_state_dict(resume)
+            if self.progress is not None:
+                self.progress.update(self.start_step)
+        self.metrics.begin(self.device, self.tokens_per_step, self.elapsed_before)
+        for step in range(self.start_step + 1, cfg.steps + 1):
+            grad_norm, step_lrs = self.train_step(step)
+            self.metrics.step_done()
+            is_last = step == cfg.steps
+            if step % cfg.log_every == 0 or is_last:
+                self.log_step(step, grad_norm, step_lrs)
+            if step % cfg.eval_every == 0 or is_last:
+                self.eval_step(step)
+            if self.progress is not None:
+                self.progress.update(1)
+            stopping = self.stop is not None and self.stop.signum is not None
+            path = self.checkpoint(step) if self.checkpoint_due(step, stopping) else None
+            if stopping:
+                raise TrainingInterrupted(self.stop.signum, step, path)
+        self.summary.update(
+            {
+                "val/best_loss": self.best_val,
+                "trainer/step": cfg.steps,
+                "trainer/tokens": cfg.steps * self.tokens_per_step,
+                "time/train_s": self.metrics.elapsed(),
+            }
+        )
+        return self.summary
+
+
 def train(
     spec: RunSpec,
     model,
@@ -145,156 +340,6 @@ def train(
     resume: dict | None = None,
     stop: StopRequest | None = None,
 ) -> dict:
-    """Train `model` per `spec.train`, from the checkpoint `resume` if given; log through `tracker`.
-
-    Saves a checkpoint every `checkpointer.every` steps and at the last step, and when `stop` is set
-    (then raises TrainingInterrupted). Returns the final summary metrics.
-    """
-    cfg = spec.train
-    model.to(device)
-    model.train()
-    world = distributed.current()
-    ddp_model = distributed.wrap(model, device)  # the model itself in a one-process run
-    optimizers = build_optimizers(model, cfg)
-    schedulers = build_schedulers(optimizers, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = autocast_for(device, precision)
-    sampler = data.train_sampler(cfg.batch_size, spec.seed)
-    val_windows = data.val_windows()
-    params = [p for p in model.parameters() if p.requires_grad]
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * world.size * spec.data.seq_len  # all ranks
-    clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-
-    summary: dict = {}
-    window = MetricWindow(device)
-    best_val = math.inf
-    start_step, elapsed_before = 0, 0.0
-    # First step whose loss or (unscaled) grad norm was NaN/inf, 0 for none: kept on the device, read at syncs.
-    bad_step = torch.zeros((), dtype=torch.long, device=device)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        for opt, state in zip(optimizers, resume["optimizers"], strict=True):
-            opt.load_state_dict(state)
-        for sched, state in zip(schedulers, resume["schedulers"], strict=True):
-            sched.load_state_dict(state)
-        scaler.load_state_dict(resume["scaler"])
-        window.load_state_dict(resume["window"])
-        start_step, best_val, elapsed_before = resume["step"], resume["best_val"], resume["elapsed_s"]
-        summary = dict(resume["summary"])  # complete even if the run died after its final checkpoint
-        set_rng_state(resume["rng"])  # last: nothing above may draw from the RNGs the loop uses
-        if progress is not None:
-            progress.update(start_step)
-    window_start = time.perf_counter()
-    started = window_start - elapsed_before
-    steps_timed = 0
-
-    def check_finite() -> None:
-        if bad := bad_step.item():
-            last_good = checkpointer.latest() if checkpointer else None
-            kept = f"; last good checkpoint: {last_good}" if last_good else ""
-            raise TrainingDiverged(f"train loss or gradient norm became NaN/inf at step {bad}{kept}")
-
-    for step in range(start_step + 1, cfg.steps + 1):
-        for micro in range(cfg.grad_accum):
-            index = (step - 1) * cfg.grad_accum + micro
-            batch = sampler.batch(index, world.rank, world.size).to(device, non_blocking=True)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            # under DDP, gradients are all-reduced on the last micro-step only
-            with distributed.sync_gradients(ddp_model, micro == cfg.grad_accum - 1):
-                with autocast():
-                    out = ddp_model(inputs)
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
-                loss = ce + out.aux_loss
-                scaler.scale(loss / cfg.grad_accum).backward()
-            window.add(ce, out.aux_loss, out.router_stats)
-
-        for opt in optimizers:
-            scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        step_lrs = [opt.param_groups[0]["lr"] for opt in optimizers]  # the LRs this update used
-        for sched in schedulers:
-            sched.step()
-        tokens_seen = step * tokens_per_step
-        steps_timed += 1  # since window_start: after a resume, fewer than the window holds
-        # The window sums stay NaN/inf once a bad value entered. With fp16 an inf grad norm is the
-        # GradScaler's business (it skips that update), so only the loss counts then.
-        finite = torch.isfinite(window.loss + window.aux)
-        if not scaler.is_enabled():
-            finite &= torch.isfinite(grad_norm)
-        bad_step = torch.where((bad_step == 0) & ~finite, step, bad_step)
-
-        is_last = step == cfg.steps
-        if step % cfg.log_every == 0 or is_last:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            check_finite()
-            metrics = {
-                **distributed.mean_metrics(window.metrics()),  # over ranks (one collective) under DDP
-                "train/lr": step_lrs[0],
-                "train/grad_norm": grad_norm.item(),
-                "trainer/tokens": tokens_seen,
-                "perf/tokens_per_s": steps_timed * tokens_per_step / (now - window_start),
-                "perf/step_time_s": (now - window_start) / steps_timed,
-                "perf/peak_memory_mb": peak_memory_mb(device),
-                "perf/elapsed_s": now - started,
-            }
-            if len(step_lrs) > 1:
-                metrics["train/lr_adamw"] = step_lrs[-1]
-            tracker.log(metrics, step)
-            summary.update({k: v for k, v in metrics.items() if k.startswith(("train/", "perf/"))})
-            window.reset()
-            steps_timed = 0
-            if progress is not None:
-                progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
-            window_start = time.perf_counter()
-
-        if step % cfg.eval_every == 0 or is_last:
-            eval_started = time.perf_counter()
-            val = evaluate(model, val_windows, cfg.batch_size, device, autocast)
-            if not math.isfinite(val["val/loss"]):
-                raise TrainingDiverged(f"validation loss is {val['val/loss']} at step {step}")
-            best_val = min(best_val, val["val/loss"])
-            tracker.log({**val, "trainer/tokens": tokens_seen}, step)
-            summary.update(val)
-            window_start += time.perf_counter() - eval_started  # keep eval time out of the throughput figure
-        if progress is not None:
-            progress.update(1)
-
-        stopping = stop is not None and stop.signum is not None
-        path = None
-        if checkpointer is not None and (
-            checkpointer.due(step) or stopping or (is_last and checkpointer.every is not None)
-        ):
-            check_finite()
-            saved_at = time.perf_counter()
-            state = {
-                "model": model.state_dict(),
-                "optimizers": [opt.state_dict() for opt in optimizers],
-                "schedulers": [sched.state_dict() for sched in schedulers],
-                "scaler": scaler.state_dict(),
-                "window": window.state_dict(),
-                "best_val": best_val,
-                "summary": summary,
-                "elapsed_s": saved_at - started,
-                "rng": rng_state(),
-            }
-            path = checkpointer.save(state, step)
-            window_start += time.perf_counter() - saved_at  # nor checkpoint time
-        if stopping:
-            raise TrainingInterrupted(stop.signum, step, path)
-
-    summary.update(
-        {
-            "val/best_loss": best_val,
-            "trainer/step": cfg.steps,
-            "trainer/tokens": cfg.steps * tokens_per_step,
-            "time/train_s": time.perf_counter() - started,
-        }
-    )
-    return summary
+    """Train `model` per `spec.train` (see Trainer), from the checkpoint `resume` if given."""
+    trainer = Trainer(spec, model, data, tracker, device, precision, progress, checkpointer=checkpointer, stop=stop)
+    return trainer.train(resume)
