@@ -33,8 +33,8 @@ class Preset:
 
 
 # Peaks: NVIDIA data sheets, dense tensor-core figures (fp16/bf16 with fp32 accumulate) and plain fp32 (no TF32).
-# Prices: rough 2025 cloud rental list prices per device-hour (the Blueberry report used $0.18/h, a 4090 spot
-# price); they drift, so the run records which price it used and where it came from.
+# Prices: rough 2025 cloud rental list prices per device-hour (spot prices can be half that); they drift,
+# so the run records which price it used and where it came from.
 PRESETS: tuple[Preset, ...] = (
     Preset("T4", ("t4",), "fp16", {"fp16": 65.0, "fp32": 8.1}, 0.35, 64),
     Preset("RTX 4090", ("4090",), "bf16", {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}, 0.40, 128),

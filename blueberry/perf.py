@@ -1,10 +1,11 @@
 """Throughput accounting: training FLOPs per token, the device's peak FLOP/s, and MFU.
 
 MFU = achieved FLOP/s / peak FLOP/s, with achieved = FLOPs per token × tokens/s. FLOPs follow the PaLM
-convention (appendix B): 6 × active matmul parameters + 12 × layers × heads × head_dim × seq_len, i.e. the
-forward (2 FLOPs per multiply-add) plus a backward twice as costly, attention counted without the causal
-saving. Routed experts count only the top_k a token visits. GPU peaks come from the data sheet table in
-`blueberry.hardware`; a CPU's peak is measured (a GEMM ceiling), since no table knows a 2-core VM's share.
+convention (Chowdhery et al. 2022, arXiv:2204.02311, appendix B): 6 × active matmul parameters + 12 × layers
+× heads × head_dim × seq_len, i.e. the forward (2 FLOPs per multiply-add) plus a backward twice as costly,
+attention counted without the causal saving. Routed experts count only the top_k a token visits. GPU peaks
+come from the data sheet table in `blueberry.hardware`; a CPU's peak is measured (a GEMM ceiling), since no
+table knows a 2-core VM's share.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def build_stage(spec: RunSpec) -> tuple[World, object, Build]:
     """Threads, device (one GPU per rank under torchrun), data, then the model, its causality check and plan."""
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
-    torch.set_flush_denormal(True)  # denormals made CPU steps ~15x slower in the data-facts measurements
+    torch.set_flush_denormal(True)  # denormal floats take a slow path on CPUs: steps became many times slower
     device = resolve_device(spec.train.device)
     world, device = distributed.init(device)  # under torchrun: join the group, one GPU per rank
     data = prepare_data(spec.data, spec.seed)

@@ -1,4 +1,4 @@
-"""Train/validation split by whole document, decided by a hash of the document id (data-facts §8)."""
+"""Train/validation split by whole document, decided by a hash of the document id (README, "Data")."""
 
 from __future__ import annotations
 

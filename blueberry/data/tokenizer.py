@@ -21,7 +21,7 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int):
-    """Train the data-facts §5 byte-level BPE; returns a `tokenizers.Tokenizer` (deterministic)."""
+    """Train the byte-level BPE (README, "Data"); returns a `tokenizers.Tokenizer` (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

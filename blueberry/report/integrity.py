@@ -15,10 +15,10 @@ from blueberry.report.groups import group_runs
 from blueberry.report.records import ReportError, Run
 from blueberry.report.tables import md_table
 
-# $/h, rough cloud rental list prices (the study quoted $0.18/h for a 4090 at spot price). A run that
+# $/h, rough cloud rental list prices (override: --gpu-prices, README "Reports"). A run that
 # recorded its own cost (summary cost/usd) keeps it unless prices are overridden.
 DEFAULT_GPU_PRICES = {"T4": 0.35, "RTX 4090": 0.40, "A100": 1.50, "H100": 3.00, "H100 PCIe": 2.50}
-MIN_SEEDS = 3  # fewer seeds: no meaningful error bar (reference-facts §15)
+MIN_SEEDS = 3  # with fewer seeds a sample sd, and so an error bar, means little
 
 
 def gpu_prices(option: str | None = None) -> tuple[dict[str, float], str]:

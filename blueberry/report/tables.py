@@ -1,4 +1,4 @@
-"""Markdown tables in the study's layouts (reference-facts §11): T1 ablation, T2 LR sweep, T3 phases,
+"""Markdown tables in the study's layouts (README, "Reports"): T1 ablation, T2 LR sweep, T3 phases,
 the extended run's checkpoints, and a generic table for any other experiment."""
 
 from __future__ import annotations
