@@ -29,6 +29,7 @@ from typing import Any
 
 from blueberry.fileio import finite, read_json, write_json_atomic, write_text_atomic
 from blueberry.spec import safe_name
+from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, STATUS_FILE, STEP, SUMMARY_FILE, TIME
 
 
 def allocate_run_dir(runs_root: str | Path, experiment: str, run_id: str) -> Path:
@@ -89,7 +90,7 @@ def claim_run_dir(
         fd = _lock(path)
         if fd is None:
             continue
-        status = read_json(path / "status.json")
+        status = read_json(path / STATUS_FILE)
         if status is None and create:  # died (or is being set up) before writing anything: as good as new
             return RunDir(path, fd, reused=False)
         if status is not None and reuse(path, status.get("state")):
@@ -121,7 +122,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            if isinstance(row, dict) and row.get(STEP, 0) <= last_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
     write_text_atomic(path, "".join(kept))
 
@@ -145,32 +146,32 @@ class RunRecord:
         self.dir = run_dir
         self.started = time.time()
         if resume_step is not None:
-            previous = read_json(self.dir / "spec.json") or {}
+            previous = read_json(self.dir / SPEC_FILE) or {}
             resume = {"step": resume_step, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": header.get("code")}
             header = {
                 **header,
                 "created_at": previous.get("created_at", header.get("created_at")),
                 "resumes": [*previous.get("resumes", []), resume],
             }
-            self.started = (read_json(self.dir / "status.json") or {}).get("started_at", self.started)
-            truncate_metrics(self.dir / "metrics.jsonl", resume_step)
-        write_json_atomic(self.dir / "spec.json", header)
+            self.started = (read_json(self.dir / STATUS_FILE) or {}).get("started_at", self.started)
+            truncate_metrics(self.dir / METRICS_FILE, resume_step)
+        write_json_atomic(self.dir / SPEC_FILE, header)
         self._summary: dict[str, Any] = {}
-        self._metrics = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._metrics = open(self.dir / METRICS_FILE, "a", encoding="utf-8")
         self._status("running")
 
     def _status(self, state: str, reason: str | None = None) -> None:
         status = {"state": state, "reason": reason, "started_at": self.started, "updated_at": time.time()}
-        write_json_atomic(self.dir / "status.json", status)
+        write_json_atomic(self.dir / STATUS_FILE, status)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        row = {"step": step, "time": round(time.time() - self.started, 3), **metrics}
+        row = {STEP: step, TIME: round(time.time() - self.started, 3), **metrics}
         self._metrics.write(json.dumps(finite(row)) + "\n")
         self._metrics.flush()
 
     def summary(self, values: dict[str, Any]) -> None:
         self._summary.update(values)
-        write_json_atomic(self.dir / "summary.json", self._summary)
+        write_json_atomic(self.dir / SUMMARY_FILE, self._summary)
 
     def finish(self, state: str, reason: str | None = None) -> None:
         self._metrics.close()

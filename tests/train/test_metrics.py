@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from blueberry.bench.measure import ListTracker, SyntheticData
+from blueberry.bench.suite import QUICKSTART, TINY
+from blueberry.models import build_model
+from blueberry.overrides import load_spec
+from blueberry.train import metrics as metrics_module
+from blueberry.train.metrics import MetricsProcessor
+from blueberry.train.trainer import Trainer
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_throughput_window_excludes_paused_time_and_rows_reach_the_tracker(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(metrics_module.time, "perf_counter", clock)
+    tracker = ListTracker()
+    processor = MetricsProcessor(tracker, flops_per_token=1e6, peak=1e12)
+    processor.begin(torch.device("cpu"), tokens_per_step=1000)
+    for _ in range(4):
+        clock.now += 1.0
+        processor.step_done()
+    with processor.paused():  # an evaluation: its 10 s are not training time
+        clock.now += 10.0
+    row = processor.log_train({"train/loss": 3.0, "train/lr_adamw": 0.1}, step=4, now=processor.sync())
+    assert row["perf/tokens_per_s"] == pytest.approx(1000.0) and row["perf/step_time_s"] == pytest.approx(1.0)
+    assert row["perf/tflops"] == pytest.approx(1e-3) and row["perf/mfu"] == pytest.approx(1e-3)
+    assert tracker.rows == [{"step": 4, **row}]
+    summary = {"perf/tokens_per_s": 1000.0}
+    processor.close(summary)
+    assert summary["cost/usd"] is None and summary["cost/device_hours"] > 0  # no price on this machine
+
+
+def test_trainer_calls_the_after_optimizer_step_hooks_once_per_step():
+    spec = load_spec(QUICKSTART, [*TINY, "--model.variant=baseline", "--train.steps=3", "--train.progress=False"])
+    data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, data.vocab_size)
+    hooked, seen = [], []
+    model.after_optimizer_step = lambda: hooked.append(1)
+    trainer = Trainer(
+        spec, model, data, ListTracker(), torch.device("cpu"), "fp32", callbacks=[lambda t, step: seen.append(step)]
+    )
+    summary = trainer.train()
+    assert hooked == [1, 1, 1] and seen == [1, 2, 3] and summary["trainer/step"] == 3
