@@ -1,6 +1,6 @@
 """One run, end to end, in named stages (after lightning-hydra-template's src/train.py):
 
-build (device, data, model, causality check, plan) → claim the run directory and resume → trackers
+device, build (data, model, causality check, plan) → claim the run directory and resume → trackers
 (run record, W&B, metrics processor) → train → finalise. `recorded` maps a failure to the run's status,
 in one place.
 """
@@ -21,7 +21,7 @@ from blueberry.data import prepare_data
 from blueberry.distributed import World
 from blueberry.fileio import read_json
 from blueberry.gpu_monitor import GpuMonitor
-from blueberry.hardware import resolve_device
+from blueberry.hardware import resolve_device, resolve_precision
 from blueberry.plan import Build, build
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec
@@ -70,11 +70,12 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     also a failed one and requires a checkpoint, False always starts a new run directory.
     """
     started = time.time()
-    world, data, built = build_stage(spec)
+    world, device = device_stage(spec)
     if world.distributed:  # the other ranks cannot follow rank 0 into a checkpoint: always a new run
         if resume:
             raise ResumeError("resuming a multi-process (torchrun) run is not supported: start it again")
         resume = False
+    data, built = build_stage(spec, world, device)
     run = Run(spec, world, data, built, started)
     if not world.is_main:  # rank 0 alone tracks and records; the others train in step with it
         try:
@@ -102,18 +103,24 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
 # --- the stages ------------------------------------------------------------------------------------------
 
 
-def build_stage(spec: RunSpec) -> tuple[World, object, Build]:
-    """Threads, device (one GPU per rank under torchrun), data, then the model, its causality check and plan."""
+def device_stage(spec: RunSpec) -> tuple[World, torch.device]:
+    """Threads and the device (one GPU per rank under torchrun); an unavailable device or precision fails here."""
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     torch.set_flush_denormal(True)  # denormal floats take a slow path on CPUs: steps became many times slower
     device = resolve_device(spec.train.device)
     world, device = distributed.init(device)  # under torchrun: join the group, one GPU per rank
+    resolve_precision(spec.train.precision, device)  # before any data is prepared
+    return world, device
+
+
+def build_stage(spec: RunSpec, world: World, device: torch.device) -> tuple[object, Build]:
+    """The data, then the model, its causality check, the plan (see plan.build)."""
     data = prepare_data(spec.data, spec.seed)
     built = build(spec, device, data.vocab_size, world.size)
     if world.distributed:
         torch.manual_seed(spec.seed + world.rank)  # same initial weights, but each rank its own dropout masks
-    return world, data, built
+    return data, built
 
 
 def claim_stage(run: Run, resume: bool | None) -> None:
