@@ -12,26 +12,16 @@ from typing import Any
 
 SPEC_FILE, STATUS_FILE, SUMMARY_FILE, METRICS_FILE = "spec.json", "status.json", "summary.json", "metrics.jsonl"
 RECORD_FILES = (SPEC_FILE, STATUS_FILE, SUMMARY_FILE, METRICS_FILE)
-STATES = ("running", "finished", "failed", "interrupted")
 
 # metrics.jsonl: each row is {"step": optimizer step, "time": seconds since start, <metric>: value, ...}.
 STEP, TIME = "step", "time"
 WANDB_STEP = "trainer/step"  # the one step axis in W&B (define_metric), the optimizer step
 
-# Metric namespaces: `<namespace>/<name>`. Every namespace reaches the summary and the report's history;
-# only the per-expert router loads (one column per layer × expert) stay in metrics.jsonl and W&B.
-NAMESPACES = {
-    "train": "training loss, LR, gradient norm (mean over the log window)",
-    "val": "validation loss, accuracy, perplexity",
-    "trainer": "step and tokens seen",
-    "perf": "tokens/s, step time, memory, TFLOP/s, MFU (blueberry/train/metrics.py)",
-    "moe": "per MoE layer: expert loads, load max, balance loss",
-    "gpu": "NVML readings and energy (blueberry/gpu_monitor.py)",
-    "cost": "price × device-hours (summary only)",
-    "time": "wall-clock totals (summary only)",
-    "params": "parameter counts (summary only)",
-    "weights": "digest of the final weights (summary only)",
-}
+# Metric names are `<namespace>/<name>`: train/ (loss, LR, gradient norm over the log window), val/, trainer/
+# (step, tokens), perf/ (blueberry/train/metrics.py), moe/ (per MoE layer), gpu/ (blueberry/gpu_monitor.py), and in
+# the summary only cost/, time/, params/, weights/. A new namespace needs no entry here: every metric reaches the
+# summary and the report's history, except the per-expert router loads (one column per layer × expert), which
+# stay in metrics.jsonl and W&B.
 PER_EXPERT = re.compile(r"^moe/layer\d+/load_e\d+$")
 
 

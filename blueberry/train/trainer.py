@@ -153,13 +153,12 @@ class Trainer:
         cfg = self.cfg
         model.to(device)
         model.train()
-        world = distributed.current()
+        self.world = world = distributed.current()
         self.ddp_model = distributed.wrap(model, device)  # the model itself in a one-process run
         self.optimizers = build_optimizers(model, cfg)
         self.schedulers = build_schedulers(self.optimizers, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.autocast = autocast_for(device, precision)
-        self.world = world
         self.sampler = data.train_sampler(cfg.batch_size, spec.seed)
         self.val_windows = data.val_windows()
         self.params = [p for p in model.parameters() if p.requires_grad]
