@@ -326,19 +326,6 @@ class Trainer:
         return self.summary
 
 
-def train(
-    spec: RunSpec,
-    model,
-    data,
-    tracker,
-    device: torch.device,
-    precision: str,
-    progress=None,
-    *,
-    checkpointer: Checkpointer | None = None,
-    resume: dict | None = None,
-    stop: StopRequest | None = None,
-) -> dict:
-    """Train `model` per `spec.train` (see Trainer), from the checkpoint `resume` if given."""
-    trainer = Trainer(spec, model, data, tracker, device, precision, progress, checkpointer=checkpointer, stop=stop)
-    return trainer.train(resume)
+def train(*args, resume: dict | None = None, **kwargs) -> dict:
+    """`Trainer(*args, **kwargs).train(resume)`: train from the checkpoint `resume` if given; the summary."""
+    return Trainer(*args, **kwargs).train(resume)
