@@ -23,8 +23,8 @@ def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from .x import y
-                package = name if _is_package(name) else name.rsplit(".", 1)[0]
-                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])])
+                package = (name if _is_package(name) else name.rsplit(".", 1)[0]).split(".")
+                base = ".".join([*package[: len(package) - node.level + 1], *([base] if base else [])])
             for alias in node.names:
                 candidate = f"{base}.{alias.name}"
                 found.add(candidate if candidate in known else base)
