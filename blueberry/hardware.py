@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 PRICE_ENV = "BLUEBERRY_PRICE_PER_HOUR"
 PRICE_TABLE_ENV = "BLUEBERRY_GPU_PRICES"  # shared with `blueberry report --gpu-prices`
@@ -185,6 +186,12 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return precision_for(None, cpu_supports_bf16())
 
 
+def resolve_compile(requested: bool | str, device: torch.device) -> bool:
+    """torch.compile or not: 'auto' compiles on CUDA, where it fuses the many small kernels of a 512d model, and
+    not on CPU, where compiling takes minutes and `make bench` measured no gain."""
+    return device.type == "cuda" if requested == "auto" else bool(requested)
+
+
 # --- cost -------------------------------------------------------------------------------------------------
 
 
@@ -283,7 +290,9 @@ def memory_available_bytes() -> int | None:
     return None
 
 
-def cuda_probe_fits(model, vocab_size: int, seq_len: int, autocast, device: torch.device, headroom: float = 0.85):
+def cuda_probe_fits(
+    model, vocab_size: int, seq_len: int, autocast, device: torch.device, headroom: float = 0.85, chunked_loss=True
+):
     """A `fits(micro)` that runs one forward+backward at that micro-batch and checks the peak memory.
 
     Optimizer states do not exist yet during the probe, so three fp32 copies of the parameters are added.
@@ -295,10 +304,11 @@ def cuda_probe_fits(model, vocab_size: int, seq_len: int, autocast, device: torc
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         try:
-            tokens = torch.randint(vocab_size, (micro, seq_len), device=device)
-            with autocast():
-                out = model(tokens)
-            loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), tokens.flatten())
+            tokens = torch.randint(vocab_size, (micro, seq_len + 1), device=device)
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            with autocast():  # the training loss path, so the probe sees the real peak
+                out = model(inputs, targets if chunked_loss else None)
+            loss = out.loss if chunked_loss else F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
             loss.backward()
             peak = torch.cuda.max_memory_allocated(device)
         except torch.OutOfMemoryError:
@@ -377,7 +387,10 @@ def plan_run(spec, device: torch.device, model, vocab_size: int, world_size: int
     if device.type == "cuda" and probe and spec.train.batch_size == "auto":
         from blueberry.train.trainer import autocast_for
 
-        fits = cuda_probe_fits(model.to(device), vocab_size, spec.data.seq_len, autocast_for(device, precision), device)
+        autocast = autocast_for(device, precision)
+        fits = cuda_probe_fits(
+            model.to(device), vocab_size, spec.data.seq_len, autocast, device, chunked_loss=spec.train.chunked_loss
+        )
     t = spec.train
     batch = resolve_batch(t.batch_size, t.grad_accum, t.effective_batch, world_size, fits, preset.max_micro_batch)
     peak, peak_source = peak_flops(device, precision, preset)
@@ -391,7 +404,7 @@ def plan_run(spec, device: torch.device, model, vocab_size: int, world_size: int
         compute_capability=capability,
         world_size=world_size,
         batch=batch,
-        compile=t.compile,
+        compile=resolve_compile(t.compile, device),
         peak_flops=peak,
         peak_source=peak_source,
         price_per_hour=price,

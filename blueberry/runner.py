@@ -64,7 +64,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     params = count_parameters(model)
     plan = plan_run(spec, device, model, data.vocab_size, world.size)
     train_spec = plan.apply(spec)  # batch_size 'auto' made concrete; the record keeps the spec as written
-    if spec.train.compile:
+    if plan.compile:  # 'auto': on CUDA
         model.compile()  # in place: parameter names and checkpoints stay those of the plain model
     if world.distributed:
         torch.manual_seed(spec.seed + world.rank)  # same initial weights, but each rank its own dropout masks

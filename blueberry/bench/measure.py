@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from blueberry.data.windows import TrainSampler
-from blueberry.hardware import resolve_device, resolve_precision
+from blueberry.hardware import resolve_compile, resolve_device, resolve_precision
 from blueberry.models import build_model
 from blueberry.perf import flops_per_token
 from blueberry.spec import RunSpec
@@ -105,7 +105,7 @@ def measure_throughput(spec: RunSpec, warmup: int = 2, repeats: int = 5) -> dict
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, data.vocab_size)
     flops = flops_per_token(model, spec.data.seq_len)
-    if spec.train.compile:
+    if resolve_compile(spec.train.compile, device):
         model.compile()
     tracker = ListTracker()
     reset_peak_rss()

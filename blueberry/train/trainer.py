@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from blueberry import distributed
 from blueberry.spec import RunSpec
 from blueberry.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from blueberry.train.device import enable_tf32, to_device
 from blueberry.train.evaluate import evaluate
 from blueberry.train.optim import build_optimizers
 from blueberry.train.schedule import build_schedulers
@@ -151,6 +152,7 @@ def train(
     (then raises TrainingInterrupted). Returns the final summary metrics.
     """
     cfg = spec.train
+    enable_tf32(device)
     model.to(device)
     model.train()
     world = distributed.current()
@@ -197,13 +199,17 @@ def train(
     for step in range(start_step + 1, cfg.steps + 1):
         for micro in range(cfg.grad_accum):
             index = (step - 1) * cfg.grad_accum + micro
-            batch = sampler.batch(index, world.rank, world.size).to(device, non_blocking=True)
+            batch = to_device(sampler.batch(index, world.rank, world.size), device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             # under DDP, gradients are all-reduced on the last micro-step only
             with distributed.sync_gradients(ddp_model, micro == cfg.grad_accum - 1):
-                with autocast():
-                    out = ddp_model(inputs)
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+                with autocast():  # chunked_loss: the model returns the loss, never the whole batch's logits
+                    out = ddp_model(inputs, targets if cfg.chunked_loss else None)
+                ce = (
+                    out.loss
+                    if cfg.chunked_loss
+                    else F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+                )
                 loss = ce + out.aux_loss
                 scaler.scale(loss / cfg.grad_accum).backward()
             window.add(ce, out.aux_loss, out.router_stats)
