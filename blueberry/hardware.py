@@ -31,17 +31,69 @@ class Preset:
     peak_tflops: dict[str, float]  # dense (no sparsity) peak per precision, from the vendor's data sheet
     usd_per_hour: float | None  # typical rental price of one device; override with train.price_per_hour
     max_micro_batch: int  # upper bound for batch_size 'auto' (the memory probe may pick less)
+    source: str = ""  # the document the peaks come from
 
 
-# Peaks: NVIDIA data sheets, dense tensor-core figures (fp16/bf16 with fp32 accumulate) and plain fp32 (no TF32).
-# Prices: rough 2025 cloud rental list prices per device-hour (the Blueberry report used $0.18/h, a 4090 spot
-# price); they drift, so the run records which price it used and where it came from.
+# The one table of data-sheet peaks: dense tensor-core figures (fp16/bf16 with fp32 accumulate; the data sheets
+# print "with sparsity" figures, twice these) and plain fp32 (no TF32). Prices: rough 2025 cloud rental list
+# prices per device-hour (the Blueberry report used $0.18/h, a 4090 spot price); they drift, so the run records
+# which price it used and where it came from. Order matters: the first preset whose words all match wins.
 PRESETS: tuple[Preset, ...] = (
-    Preset("T4", ("t4",), "fp16", {"fp16": 65.0, "fp32": 8.1}, 0.35, 64),
-    Preset("RTX 4090", ("4090",), "bf16", {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}, 0.40, 128),
-    Preset("A100", ("a100",), "bf16", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 1.50, 256),
-    Preset("H100 PCIe", ("h100", "pcie"), "bf16", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2}, 2.50, 256),
-    Preset("H100", ("h100",), "bf16", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}, 3.00, 256),
+    Preset("T4", ("t4",), "fp16", {"fp16": 65.0, "fp32": 8.1}, 0.35, 64, "NVIDIA T4 Tensor Core GPU data sheet"),
+    Preset(
+        "RTX 4090",
+        ("4090",),
+        "bf16",
+        {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6},
+        0.40,
+        128,
+        "NVIDIA Ada Lovelace GPU Architecture whitepaper, GeForce RTX 4090 (FP16/BF16 tensor, FP32 accumulate)",
+    ),
+    Preset(
+        "A100",
+        ("a100",),
+        "bf16",
+        {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+        1.50,
+        256,
+        "NVIDIA A100 Tensor Core GPU data sheet",
+    ),
+    Preset(
+        "H100 PCIe",
+        ("h100", "pcie"),
+        "bf16",
+        {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
+        2.50,
+        256,
+        "NVIDIA H100 Tensor Core GPU data sheet (PCIe)",
+    ),
+    Preset(
+        "H100",
+        ("h100",),
+        "bf16",
+        {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+        3.00,
+        256,
+        "NVIDIA H100 Tensor Core GPU data sheet (SXM)",
+    ),
+    Preset(
+        "H200 NVL",
+        ("h200", "nvl"),
+        "bf16",
+        {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
+        3.50,
+        256,
+        "NVIDIA H200 Tensor Core GPU data sheet (NVL)",
+    ),
+    Preset(
+        "H200",
+        ("h200",),
+        "bf16",
+        {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+        3.50,
+        256,
+        "NVIDIA H200 Tensor Core GPU data sheet (SXM)",
+    ),
 )
 # CPU peaks are measured (`blueberry bench --ceiling`), not tabulated. On CPU a bigger micro-batch stops
 # paying off long before memory runs out, so 'auto' keeps it moderate.
