@@ -252,6 +252,12 @@ def gpu_check(out, only):
 
     import torch
 
+    if only:  # bad input first, GPU or not
+        from blueberry.gpu_check import CHECKS
+
+        unknown = [name for name in only if name not in [check.name for check in CHECKS]]
+        if unknown:
+            _fail(f"unknown check {', '.join(unknown)}; the checks are: {', '.join(c.name for c in CHECKS)}")
     if not torch.cuda.is_available():
         from blueberry.hardware import detect_gpus
 
@@ -259,10 +265,6 @@ def gpu_check(out, only):
         _fail(f"no CUDA GPU found (torch {torch.__version__}, NVML: {why}): gpu-check measures the CUDA path only", 2)
     from blueberry.gpu_check import CHECKS, run_gpu_check
 
-    names = [check.name for check in CHECKS]
-    unknown = [name for name in only if name not in names]
-    if unknown:
-        _fail(f"unknown check {', '.join(unknown)}; the checks are: {', '.join(names)}")
     checks = [check for check in CHECKS if not only or check.name in only]
     out = out or os.environ.get("OUT") or "reports/gpu-check"
     outcomes, table, paths = run_gpu_check(

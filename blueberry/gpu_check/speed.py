@@ -67,12 +67,12 @@ def _summary(m: dict) -> str:
 
 
 def measure_presets(context: Context, box_s: float, overrides: list[str], presets=None) -> dict:
-    """Every Experiment 1 preset (or `presets`) with `overrides`; a preset starts only if the slowest one so far
-    still fits in the time box, so the box holds."""
+    """Every Experiment 1 preset (or `presets`) with `overrides`; after the first, a preset starts only if the
+    slowest one so far still fits in the time box, so the box holds."""
     started, slowest = time.monotonic(), 0.0
     cases, rows = {}, []
     for label, preset_overrides in presets or read_experiment().presets:
-        if time.monotonic() - started + slowest > box_s:
+        if slowest and time.monotonic() - started + slowest > box_s:  # the first always runs
             rows.append((label, "skipped: time box spent"))
             continue
         case_started = time.monotonic()
@@ -83,8 +83,6 @@ def measure_presets(context: Context, box_s: float, overrides: list[str], preset
             cases[label] = {"error": f"out of memory: {exc}"[:200]}
             rows.append((label, "out of memory"))
         slowest = max(slowest, time.monotonic() - case_started)
-    if not cases:
-        raise CheckSkipped("time box too short for one preset")
     failed = [label for label, case in cases.items() if "error" in case]
     result = {"rows": rows, "cases": cases}
     if failed:
