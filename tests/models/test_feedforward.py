@@ -119,3 +119,22 @@ def test_grouped_experts_equal_sorted_in_the_model(variant):
 
 def test_grouped_mm_is_not_chosen_on_cpu():
     assert not feedforward.grouped_mm_runs_fast(torch.zeros(4, 16, dtype=torch.bfloat16), 16, 32)
+
+
+def test_grouped_experts_and_chunked_loss_compile_without_graph_breaks():
+    """Under bf16 autocast (what 'auto' picks grouped for on CUDA) the whole training forward of a GLM-4 MoE model,
+    chunked LM-head loss included, is one graph, and the compiled loss and gradients equal eager's."""
+    torch.manual_seed(0)
+    model = build_model(tiny("moe", dropout=0.0, router_noise_std=0.0, experts_implementation="grouped"), 64)
+    ids = torch.randint(64, (2, 17), generator=torch.Generator().manual_seed(1))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    results = []
+    for forward in (model, torch.compile(model, backend="aot_eager")):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = forward(inputs, targets).loss
+        loss.backward()
+        results.append((loss.detach(), model.tok_emb.weight.grad.clone()))
+        model.zero_grad()
+    torch.testing.assert_close(results[0], results[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch._dynamo.explain(model)(inputs, targets).graph_break_count == 0
