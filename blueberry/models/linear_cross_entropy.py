@@ -39,14 +39,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                 if not needs_grad:
                     continue
-                # d(mean CE)/d(logits) = (softmax - onehot) / N, in place in the logits' buffer
-                grad_logits = logits.sub_(lse[:, None]).exp_()
+                # d(mean CE)/d(logits) = (softmax - onehot) / N. The 1/N is applied after the matmuls: in fp16,
+                # (softmax - onehot) / N would flush small probabilities to zero before any GradScaler scale.
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # in place in the logits' buffer
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1
-                grad_logits = grad_logits.div_(n_rows).to(compute_dtype)
-                grad_hidden[start : start + rows_per_chunk] = grad_logits @ w
+                grad_logits = grad_logits.to(compute_dtype)
+                grad_hidden[start : start + rows_per_chunk] = (grad_logits @ w).float() / n_rows
                 grad_weight += (grad_logits.T @ h).float()
         if needs_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.save_for_backward(grad_hidden, grad_weight.div_(n_rows).to(weight.dtype))
         return loss_sum / n_rows
 
     @staticmethod
