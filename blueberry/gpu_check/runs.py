@@ -95,7 +95,7 @@ def check_blueberry_run(context: Context, box_s: float) -> dict:
     energy = "n/a" if found["energy_wh"] is None else f"{found['energy_wh']:.3f} Wh"
     cost = "n/a" if found["cost_usd"] is None else f"${found['cost_usd']:.5f}"
     rows.append(("summary", f"energy {energy}, cost {cost}"))
-    result = {"rows": rows, **found, "wall_s": wall, "startup_s": startup, "run_dir": str(run_dir)}
+    result = {"rows": rows, **found, "wall_s": wall, "startup_s": startup}
     problems = []
     if context.device.type == "cuda" and (not found["gpu_rows"] or found["energy_wh"] is None):
         problems.append("no GPU telemetry rows or no energy in the summary")

@@ -50,6 +50,8 @@ def measure(context: Context, overrides: list[str], warmup: int = 2, timed: int 
     """tokens/s, MFU against the data-sheet peak (a measured ceiling on CPU) and peak memory of one configuration."""
     spec = study_spec(context, overrides)
     _peak_memory_reset(context.device)
+    if spec.train.compile is True:
+        torch._dynamo.reset()  # a fresh compile per preset: no stale graphs, no recompile limit across presets
     figures = measure_throughput(spec, warmup, timed)
     if context.device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(context.device) / 2**20
