@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Offline first: the Hugging Face Hub is never contacted; W&B stays offline unless WANDB_MODE=online.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline}
 
-.PHONY: install run quickstart sweep test lint clean report bench
+.PHONY: install run quickstart sweep test lint clean report bench gpu-check
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ test: install
 # Throughput, MFU and memory per variant, speed ratios and speed targets: one table, JSON in reports/bench/.
 bench: install
 	$(OFFLINE) $(BIN)/blueberry bench
+
+# On a machine with an NVIDIA GPU: prove and measure the CUDA path (≤ 8 min on an H100/H200); table on stdout,
+# JSON + Markdown in $OUT if set, else reports/gpu-check/. Without a CUDA GPU it says so and exits 2.
+gpu-check: install
+	$(OFFLINE) $(BIN)/blueberry gpu-check
 
 # Tables, plots, timeline and dashboard under reports/, rebuilt from the run records in runs/.
 report: install

@@ -240,3 +240,37 @@ def bench(ceiling, quick, out):
     outcome = run_bench(quick=quick, out_dir=out, log=lambda msg: click.echo(msg, err=True))
     click.echo(format_table(outcome))
     click.echo(f"saved: {outcome['saved']}")
+
+
+@main.command(name="gpu-check")
+@click.option("--out", help="Where the JSON and Markdown go (default: $OUT if set, else reports/gpu-check).")
+@click.option("--only", "only", multiple=True, metavar="CHECK", help="Run only this check (repeatable).")
+def gpu_check(out, only):
+    """Prove and measure the CUDA path: speed per preset, memory, batch 'auto', a real run, resume, torchrun,
+    and a projection of Experiment 1's cost. Needs a CUDA GPU; ≤ 8 minutes on an H100/H200-class one."""
+    import os
+
+    import torch
+
+    if only:  # bad input first, GPU or not
+        from blueberry.gpu_check import CHECKS
+
+        unknown = [name for name in only if name not in [check.name for check in CHECKS]]
+        if unknown:
+            _fail(f"unknown check {', '.join(unknown)}; the checks are: {', '.join(c.name for c in CHECKS)}")
+    if not torch.cuda.is_available():
+        from blueberry.hardware import detect_gpus
+
+        _, why = detect_gpus()
+        _fail(f"no CUDA GPU found (torch {torch.__version__}, NVML: {why}): gpu-check measures the CUDA path only", 2)
+    from blueberry.gpu_check import CHECKS, run_gpu_check
+
+    checks = [check for check in CHECKS if not only or check.name in only]
+    out = out or os.environ.get("OUT") or "reports/gpu-check"
+    outcomes, table, paths = run_gpu_check(
+        torch.device("cuda"), out, checks=checks, log=lambda m: click.echo(m, err=True)
+    )
+    click.echo(table)
+    click.echo(f"saved: {paths[0]} and {paths[1]}")
+    if any(outcome.status == "failed" for outcome in outcomes):
+        sys.exit(1)

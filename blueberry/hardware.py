@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 PRICE_ENV = "BLUEBERRY_PRICE_PER_HOUR"
 PRICE_TABLE_ENV = "BLUEBERRY_GPU_PRICES"  # shared with `blueberry report --gpu-prices`
@@ -30,17 +31,69 @@ class Preset:
     peak_tflops: dict[str, float]  # dense (no sparsity) peak per precision, from the vendor's data sheet
     usd_per_hour: float | None  # typical rental price of one device; override with train.price_per_hour
     max_micro_batch: int  # upper bound for batch_size 'auto' (the memory probe may pick less)
+    source: str = ""  # the document the peaks come from
 
 
-# Peaks: NVIDIA data sheets, dense tensor-core figures (fp16/bf16 with fp32 accumulate) and plain fp32 (no TF32).
-# Prices: rough 2025 cloud rental list prices per device-hour (spot prices can be half that); they drift,
-# so the run records which price it used and where it came from.
+# The one table of data-sheet peaks: dense tensor-core figures (fp16/bf16 with fp32 accumulate; the data sheets
+# print "with sparsity" figures, twice these) and plain fp32 (no TF32). Prices: rough 2025 cloud rental list
+# prices per device-hour (spot prices can be half that); they drift, so the run records which price it used and
+# where it came from. Order matters: the first preset whose words all match wins.
 PRESETS: tuple[Preset, ...] = (
-    Preset("T4", ("t4",), "fp16", {"fp16": 65.0, "fp32": 8.1}, 0.35, 64),
-    Preset("RTX 4090", ("4090",), "bf16", {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}, 0.40, 128),
-    Preset("A100", ("a100",), "bf16", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 1.50, 256),
-    Preset("H100 PCIe", ("h100", "pcie"), "bf16", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2}, 2.50, 256),
-    Preset("H100", ("h100",), "bf16", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}, 3.00, 256),
+    Preset("T4", ("t4",), "fp16", {"fp16": 65.0, "fp32": 8.1}, 0.35, 64, "NVIDIA T4 Tensor Core GPU data sheet"),
+    Preset(
+        "RTX 4090",
+        ("4090",),
+        "bf16",
+        {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6},
+        0.40,
+        128,
+        "NVIDIA Ada Lovelace GPU Architecture whitepaper, GeForce RTX 4090 (FP16/BF16 tensor, FP32 accumulate)",
+    ),
+    Preset(
+        "A100",
+        ("a100",),
+        "bf16",
+        {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+        1.50,
+        256,
+        "NVIDIA A100 Tensor Core GPU data sheet",
+    ),
+    Preset(
+        "H100 PCIe",
+        ("h100", "pcie"),
+        "bf16",
+        {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
+        2.50,
+        256,
+        "NVIDIA H100 Tensor Core GPU data sheet (PCIe)",
+    ),
+    Preset(
+        "H100",
+        ("h100",),
+        "bf16",
+        {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+        3.00,
+        256,
+        "NVIDIA H100 Tensor Core GPU data sheet (SXM)",
+    ),
+    Preset(
+        "H200 NVL",
+        ("h200", "nvl"),
+        "bf16",
+        {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
+        3.50,
+        256,
+        "NVIDIA H200 Tensor Core GPU data sheet (NVL)",
+    ),
+    Preset(
+        "H200",
+        ("h200",),
+        "bf16",
+        {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+        3.50,
+        256,
+        "NVIDIA H200 Tensor Core GPU data sheet (SXM)",
+    ),
 )
 # CPU peaks are measured (`blueberry bench --ceiling`), not tabulated. On CPU a bigger micro-batch stops
 # paying off long before memory runs out, so 'auto' keeps it moderate.
@@ -185,6 +238,12 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return precision_for(None, cpu_supports_bf16())
 
 
+def resolve_compile(requested: bool | str, device: torch.device) -> bool:
+    """torch.compile or not: 'auto' compiles on CUDA, where it fuses the many small kernels of a 512d model, and
+    not on CPU, where compiling takes minutes and `make bench` measured no gain."""
+    return device.type == "cuda" if requested == "auto" else bool(requested)
+
+
 # --- cost -------------------------------------------------------------------------------------------------
 
 
@@ -283,7 +342,9 @@ def memory_available_bytes() -> int | None:
     return None
 
 
-def cuda_probe_fits(model, vocab_size: int, seq_len: int, autocast, device: torch.device, headroom: float = 0.85):
+def cuda_probe_fits(
+    model, vocab_size: int, seq_len: int, autocast, device: torch.device, headroom: float = 0.85, chunked_loss=True
+):
     """A `fits(micro)` that runs one forward+backward at that micro-batch and checks the peak memory.
 
     Optimizer states do not exist yet during the probe, so three fp32 copies of the parameters are added.
@@ -295,10 +356,11 @@ def cuda_probe_fits(model, vocab_size: int, seq_len: int, autocast, device: torc
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         try:
-            tokens = torch.randint(vocab_size, (micro, seq_len), device=device)
-            with autocast():
-                out = model(tokens)
-            loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), tokens.flatten())
+            tokens = torch.randint(vocab_size, (micro, seq_len + 1), device=device)
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            with autocast():  # the training loss path, so the probe sees the real peak
+                out = model(inputs, targets if chunked_loss else None)
+            loss = out.loss if chunked_loss else F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
             loss.backward()
             peak = torch.cuda.max_memory_allocated(device)
         except torch.OutOfMemoryError:

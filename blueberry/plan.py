@@ -21,6 +21,7 @@ from blueberry.hardware import (
     preset_for,
     price_per_hour,
     resolve_batch,
+    resolve_compile,
     resolve_precision,
 )
 from blueberry.models import ParamCounts, assert_causal, build_model, count_parameters
@@ -90,7 +91,10 @@ def plan_run(
 
     fits = estimate_fits
     if device.type == "cuda" and probe and spec.train.batch_size == "auto":
-        fits = cuda_probe_fits(model.to(device), vocab_size, spec.data.seq_len, autocast_for(device, precision), device)
+        autocast = autocast_for(device, precision)
+        fits = cuda_probe_fits(
+            model.to(device), vocab_size, spec.data.seq_len, autocast, device, chunked_loss=spec.train.chunked_loss
+        )
     t = spec.train
     batch = resolve_batch(t.batch_size, t.grad_accum, t.effective_batch, world_size, fits, preset.max_micro_batch)
     peak_value, peak_source = peak_flops(device, precision, preset) if peak else (None, "not measured")
@@ -104,7 +108,7 @@ def plan_run(
         compute_capability=capability,
         world_size=world_size,
         batch=batch,
-        compile=t.compile,
+        compile=resolve_compile(t.compile, device),
         peak_flops=peak_value,
         peak_source=peak_source,
         price_per_hour=price,
@@ -147,7 +151,7 @@ def build(
         assert_causal(model, vocab_size, seq_len=min(32, spec.data.seq_len))
     params = count_parameters(model)
     plan = plan_run(spec, device, model, vocab_size, world_size, probe=probe, peak=peak)
-    if spec.train.compile:
+    if plan.compile:  # train.compile 'auto' resolved for this device
         model.compile()  # in place: parameter names and checkpoints stay those of the plain model
     return Build(plan.apply(spec), device, precision, model, params, plan)
 

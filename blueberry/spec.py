@@ -48,11 +48,12 @@ class ModelSpec(_Strict):
     rope_theta: float = Field(10000.0, gt=0, le=1e12)
     dropout: float = Field(0.1, ge=0, lt=1)
     init_std: float = Field(0.02, gt=0, le=1)
-    experts_implementation: Literal["sorted", "eager", "grouped_mm"] = Field(
-        "sorted",
-        description="How transformers runs the GLM-4 routed experts: tokens sorted by expert, one matmul each "
-        "(ours, registered with transformers), transformers' loop over experts, or its grouped matmuls "
-        "(`make bench` measures all three).",
+    experts_implementation: Literal["auto", "sorted", "grouped", "eager", "grouped_mm"] = Field(
+        "auto",
+        description="How the routed experts run: 'sorted' (tokens sorted by expert, one matmul each; reads the "
+        "expert counts to the host once per layer), 'grouped' (one torch grouped_mm with offsets kept on the "
+        "device: no host sync), 'auto' (grouped on CUDA GPUs where grouped_mm runs: Ampere+ in bf16, else sorted); "
+        "GLM-4 blocks also take transformers' 'eager' loop and its 'grouped_mm' (`make bench` measures them).",
     )
 
     @property
@@ -135,7 +136,16 @@ class TrainSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: torch's choice).")
     progress: bool = Field(True, description="Show a progress bar.")
-    compile: bool = Field(False, description="torch.compile the model (`make bench` measures whether it pays).")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model; 'auto': on CUDA GPUs, not on CPU (`make bench` and "
+        "`blueberry gpu-check` measure whether it pays).",
+    )
+    chunked_loss: bool = Field(
+        True,
+        description="LM head + cross-entropy in chunks of tokens (never the whole batch's fp32 logits); "
+        "false: full logits, then the loss.",
+    )
     price_per_hour: float | None = Field(
         None,
         ge=0,

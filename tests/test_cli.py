@@ -92,3 +92,17 @@ def test_make_run_path_writes_a_complete_record(tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert json.loads((run_dir / "summary.json").read_text())["trainer/step"] == 10
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_gpu_check_without_cuda_exits_2_with_one_line(tmp_path):
+    """No CUDA GPU here: one line saying so, a non-zero exit, no traceback, nothing written."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path / "out")}
+    done = subprocess.run([sys.executable, "-m", "blueberry", "gpu-check"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: no CUDA GPU found") and len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr and done.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_gpu_check_names_unknown_checks():
+    result = invoke("gpu-check", "--only", "nope")
+    assert result.exit_code == 2 and "unknown check nope; the checks are: doctor, throughput_eager" in result.output

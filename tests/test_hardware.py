@@ -168,3 +168,12 @@ def test_doctor_prints_findings_and_choices():
     assert found["plan"]["device"] == "cpu" and found["hardware"]["preset"] == "CPU"
     result = CliRunner().invoke(main, ["doctor", "--train.device=cuda"])
     assert result.exit_code == 2 and "no CUDA GPU" in result.output
+
+
+def test_compile_auto_means_cuda_only():
+    resolve_compile = hardware.resolve_compile
+    assert resolve_compile("auto", torch.device("cuda")) and not resolve_compile("auto", torch.device("cpu"))
+    assert resolve_compile(True, torch.device("cpu")) and not resolve_compile(False, torch.device("cuda"))
+    assert load_spec(None, []).train.compile == "auto"
+    assert load_spec(None, ["--train.compile=false"]).train.compile is False
+    assert load_spec(None, ["--train.compile=true"]).train.compile is True

@@ -144,12 +144,12 @@ def test_nan_loss_fails_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
     forward, calls = BlueberryLM.forward, []
 
-    def poisoned(self, input_ids):
-        out = forward(self, input_ids)
+    def poisoned(self, input_ids, targets=None):
+        out = forward(self, input_ids, targets)
         if self.training and torch.is_grad_enabled():
             calls.append(1)
             if len(calls) == 7:  # optimizer step 7 (grad_accum 1)
-                out.logits = out.logits * float("nan")
+                out.loss = out.loss * float("nan")  # training computes the loss in the model (chunked LM head)
         return out
 
     monkeypatch.setattr(BlueberryLM, "forward", poisoned)

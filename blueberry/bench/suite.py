@@ -114,6 +114,11 @@ def build_cases(quick: bool) -> list[Case]:
             dense = ["--train.precision=bf16", f"--model.d_ff={d_ff}", *one_step]
             label = f"{DENSE_OF[variant]} d_ff={d_ff} (= {variant} active)"
             add(f"s/{variant}/bf16/dense_equal", "512d", label, STUDY_512D[DENSE_OF[variant]], dense)
+    # The report's 49,152-token vocabulary: the LM head's peak memory with the chunked loss and with full logits.
+    vocab = ["--train.precision=bf16", "--data.vocab_size=49152", *one_step]
+    add("v/mlp/bf16", "512d, 49K vocab", "mlp chunked loss", STUDY_512D["mlp"], vocab)
+    full = [*vocab, "--train.chunked_loss=false"]
+    add("v/mlp/bf16/full_logits", "512d, 49K vocab", "mlp full fp32 logits", STUDY_512D["mlp"], full)
     return cases
 
 
@@ -203,6 +208,8 @@ def compute_ratios(results: dict) -> dict[str, float | None]:
                 out[f"grouped_mm/sorted experts {base}"] = ratio(results, key, base)
             elif parts[3] == "compiled":
                 out[f"compiled/eager {base}"] = ratio(results, key, base)
+            elif parts[3] == "full_logits":
+                out[f"peak memory full logits/chunked loss {base}"] = ratio(results, key, base, by="peak_rss_mb")
             elif parts[3] == "dense_equal":
                 out[f"MoE/dense step {base}"] = ratio(results, base, key, by="step_s")
     return out

@@ -33,8 +33,18 @@ def switch_balance(probs: torch.Tensor, top_idx: torch.Tensor) -> Routing:
     """
     n_experts = probs.shape[-1]
     # fp32 even under autocast: the loads are logged and bf16 would round them to ~3 digits
-    load = torch.bincount(top_idx.flatten(), minlength=n_experts).float() / top_idx.numel()
+    load = expert_counts(top_idx, n_experts).float() / top_idx.numel()
     return Routing(load, n_experts * (load * probs.float().mean(0)).sum())
+
+
+def expert_counts(top_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Token-assignments per expert, computed on the device without a host sync.
+
+    (`torch.bincount` on CUDA reads the largest index to the host to size its output.) N·k·E comparisons:
+    nothing next to one expert matmul.
+    """
+    experts = torch.arange(n_experts, device=top_idx.device)
+    return (top_idx.reshape(-1, 1) == experts).sum(0)
 
 
 def sorted_dispatch(
@@ -79,7 +89,64 @@ def glm4_sorted_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Te
     return out.to(hidden_states.dtype)
 
 
+def grouped_dispatch(
+    x: torch.Tensor, top_idx: torch.Tensor, top_weights: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, between
+) -> torch.Tensor:
+    """`sorted_dispatch` with every expert's matmul in one `grouped_mm`: sum_k w_k * expert_{i_k}(x).
+
+    w_in [E, H, d] and w_out [E, d, H'] are the experts' stacked Linear weights (out × in); between(h) maps the
+    [S, H] first-layer output to [S, H'] (activation, gating, dropout). The group offsets are a cumulative sum on
+    the device, so nothing waits for the host: on CUDA the whole layer queues without a sync. Runs where
+    `torch.nn.functional.grouped_mm` does: CUDA Ampere+ in bf16, and CPU (fp32 and bf16); feature sizes must be
+    multiples of 16 bytes. Under autocast the matmuls run in the autocast dtype, as `F.linear` would (grouped_mm
+    itself is not autocast-aware).
+    """
+    n_tokens, k = top_idx.shape
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    flat = top_idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    offsets = expert_counts(top_idx, w_in.shape[0]).cumsum(0).to(torch.int32)
+    rows = x.index_select(0, order // k).to(dtype)
+    with torch.autocast(device, enabled=False):
+        h = F.grouped_mm(rows, w_in.to(dtype).transpose(-2, -1), offs=offsets)
+        y = F.grouped_mm(between(h), w_out.to(dtype).transpose(-2, -1), offs=offsets)
+    y = y * top_weights.reshape(-1)[order, None].to(y.dtype)
+    unsort = torch.empty_like(order)
+    unsort[order] = torch.arange(order.numel(), device=order.device)
+    return y.index_select(0, unsort).view(n_tokens, k, -1).sum(dim=1)
+
+
+def grouped_mm_runs_fast(x: torch.Tensor, *sizes: int) -> bool:
+    """Whether 'auto' takes `grouped_dispatch` for input x: on a CUDA GPU of compute capability ≥ 8.0 computing in
+    bf16, with feature sizes grouped_mm accepts. On CPU the sorted dispatch is faster (`make bench`)."""
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 8:
+        return False
+    bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    return (bf16 or x.dtype == torch.bfloat16) and all(size % 8 == 0 for size in sizes)
+
+
+def glm4_grouped_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """`Glm4MoeExperts.forward` through `grouped_dispatch` (registered as experts_implementation "grouped")."""
+
+    def gated(h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    out = grouped_dispatch(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, gated)
+    return out.to(hidden_states.dtype)
+
+
+def glm4_auto_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """experts_implementation "auto": grouped where grouped_mm runs fast (CUDA Ampere+, bf16), else sorted."""
+    if grouped_mm_runs_fast(hidden_states, self.gate_up_proj.shape[-1], self.down_proj.shape[-1]):
+        return glm4_grouped_experts(self, hidden_states, top_k_index, top_k_weights)
+    return glm4_sorted_experts(self, hidden_states, top_k_index, top_k_weights)
+
+
 ALL_EXPERTS_FUNCTIONS.register("sorted", glm4_sorted_experts)
+ALL_EXPERTS_FUNCTIONS.register("grouped", glm4_grouped_experts)
+ALL_EXPERTS_FUNCTIONS.register("auto", glm4_auto_experts)
 
 
 class TopKMoE(nn.Module):
@@ -92,6 +159,7 @@ class TopKMoE(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.n_experts, self.top_k, self.noise_std = spec.n_experts, spec.top_k, spec.router_noise_std
+        self.implementation = spec.experts_implementation  # grouped / auto / sorted (eager: sorted, GLM-4 only)
         self.router = nn.Linear(spec.d_model, spec.n_experts, bias=False)
         self.experts = nn.ModuleList(
             nn.Sequential(
@@ -114,9 +182,21 @@ class TopKMoE(nn.Module):
             logits = logits + torch.randn_like(logits) * self.noise_std
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
         weights = top_logits.softmax(dim=-1)
-        y = sorted_dispatch(x, top_idx, weights, self.n_experts, lambda e, rows: self.experts[e](rows))
+        y = self._dispatch(x, top_idx, weights)
         # under autocast the experts run in bf16/fp16: the residual stream keeps x's dtype
         return y.to(x.dtype).view(shape), switch_balance(logits.softmax(dim=-1), top_idx)
+
+    def _dispatch(self, x: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        d_ff = self.experts[0][0].out_features
+        grouped = self.implementation == "grouped" or (
+            self.implementation == "auto" and grouped_mm_runs_fast(x, x.shape[-1], d_ff)
+        )
+        if not grouped:
+            return sorted_dispatch(x, top_idx, weights, self.n_experts, lambda e, rows: self.experts[e](rows))
+        w_in = torch.stack([expert[0].weight for expert in self.experts])  # [E, d_ff, d]
+        w_out = torch.stack([expert[3].weight for expert in self.experts])  # [E, d, d_ff]
+        silu, dropout = self.experts[0][1], self.experts[0][2]
+        return grouped_dispatch(x, top_idx, weights, w_in, w_out, lambda h: dropout(silu(h)))
 
 
 class Glm4MoE(nn.Module):

@@ -29,6 +29,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 from ..spec import ModelSpec
 from .attention import CausalSelfAttention, LatentAttention
 from .feedforward import Glm4MoE, TopKMoE
+from .linear_cross_entropy import linear_cross_entropy
 
 
 def deepseek_config(spec: ModelSpec) -> DeepseekV3Config:
@@ -83,9 +84,10 @@ class RouterStats:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when the loss was computed from `targets` in chunks
     aux_loss: torch.Tensor  # scalar: sum over layers of balance_loss_weight * balance loss
     router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy, when `targets` were given
 
 
 class OptimizerGroups(NamedTuple):
@@ -150,7 +152,8 @@ class BlueberryLM(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, input_ids: torch.Tensor) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """Logits, or with `targets` the mean cross-entropy through the chunked LM head (no full logits)."""
         T = input_ids.shape[1]
         assert T <= self.spec.max_seq_len, f"sequence length {T} exceeds max_seq_len {self.spec.max_seq_len}"
         x = self.drop(self.tok_emb(input_ids) * math.sqrt(self.spec.d_model))
@@ -162,8 +165,11 @@ class BlueberryLM(nn.Module):
             if routing is not None:
                 aux_loss = aux_loss + self.spec.balance_loss_weight * routing.balance_loss
                 router_stats.append(RouterStats(i, routing.load.detach(), routing.balance_loss.detach()))
-        logits = self.lm_head(self.drop(self.norm(x)))
-        return ModelOutput(logits, aux_loss, router_stats)
+        h = self.drop(self.norm(x))
+        if targets is not None:
+            loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+            return ModelOutput(None, aux_loss, router_stats, loss)
+        return ModelOutput(self.lm_head(h), aux_loss, router_stats)
 
     def optimizer_groups(self) -> OptimizerGroups:
         """Split the parameters for Muon + AdamW: Muon takes the hidden matrices, AdamW the rest.

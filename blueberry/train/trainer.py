@@ -22,6 +22,7 @@ from blueberry import distributed
 from blueberry.spec import RunSpec
 from blueberry.tracking.schema import keep_metric
 from blueberry.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from blueberry.train.device import enable_tf32, to_device
 from blueberry.train.evaluate import evaluate
 from blueberry.train.metrics import MetricsProcessor
 from blueberry.train.optim import build_optimizers
@@ -151,6 +152,7 @@ class Trainer:
         self.spec, self.cfg, self.model, self.device = spec, spec.train, model, device
         self.progress, self.checkpointer, self.stop = progress, checkpointer, stop
         cfg = self.cfg
+        enable_tf32(device)
         model.to(device)
         model.train()
         self.world = world = distributed.current()
@@ -209,13 +211,16 @@ class Trainer:
         cfg = self.cfg
         for micro in range(cfg.grad_accum):
             index = (step - 1) * cfg.grad_accum + micro
-            batch = self.sampler.batch(index, self.world.rank, self.world.size).to(self.device, non_blocking=True)
+            batch = to_device(self.sampler.batch(index, self.world.rank, self.world.size), self.device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             # under DDP, gradients are all-reduced on the last micro-step only
             with distributed.sync_gradients(self.ddp_model, micro == cfg.grad_accum - 1):
-                with self.autocast():
-                    out = self.ddp_model(inputs)
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+                with self.autocast():  # chunked_loss: the model returns the loss, never the whole batch's logits
+                    out = self.ddp_model(inputs, targets if cfg.chunked_loss else None)
+                if cfg.chunked_loss:
+                    ce = out.loss
+                else:
+                    ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
                 loss = ce + out.aux_loss
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             self.window.add(ce, out.aux_loss, out.router_stats)

@@ -79,3 +79,12 @@ def test_cases_ratios_targets_and_table():
     table = format_table(outcome)
     assert "| 512d | x | bf16 | 2000 |" in table and "failed: RuntimeError: no" in table
     assert "| 30.0% | no |" in table and "report not available" in table
+
+
+def test_chunked_loss_memory_cases_at_the_reports_vocabulary():
+    full = {case.key: case for case in build_cases(quick=False)}
+    assert "--data.vocab_size=49152" in full["v/mlp/bf16"].overrides
+    assert "--train.chunked_loss=false" in full["v/mlp/bf16/full_logits"].overrides
+    assert full["v/mlp/bf16"].group == full["v/mlp/bf16/full_logits"].group  # measured in alternating rounds
+    results = {"v/mlp/bf16": {"peak_rss_mb": 1000.0}, "v/mlp/bf16/full_logits": {"peak_rss_mb": 2500.0}}
+    assert compute_ratios(results) == {"peak memory full logits/chunked loss v/mlp/bf16": 2.5}

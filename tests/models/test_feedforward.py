@@ -54,3 +54,87 @@ def test_glm4_experts_implementations_agree(variant, monkeypatch):
         dispatched.clear()
     for other in outputs[1:]:
         torch.testing.assert_close(outputs[0], other, rtol=1e-4, atol=1e-5)
+
+
+def _routing(n=40, d=16, n_experts=4, k=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, requires_grad=True)
+    top_idx = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(n)])
+    top_idx[top_idx == 3] = 2  # expert 3 gets no token: an empty group
+    top_idx[:, 1] = torch.where(top_idx[:, 0] == top_idx[:, 1], (top_idx[:, 0] + 1) % 3, top_idx[:, 1])
+    return x, top_idx, torch.rand(n, k, generator=gen)
+
+
+def test_grouped_dispatch_equals_sorted_dispatch_in_values_and_gradients():
+    x, top_idx, top_weights = _routing()
+    gen = torch.Generator().manual_seed(1)
+    w_in = torch.randn(4, 24, 16, generator=gen, requires_grad=True)  # [E, H, d]: Linear weights, out × in
+    w_out = torch.randn(4, 16, 24, generator=gen, requires_grad=True)
+    silu = torch.nn.functional.silu
+
+    grouped = feedforward.grouped_dispatch(x, top_idx, top_weights, w_in, w_out, silu)
+    expected = sorted_dispatch(x, top_idx, top_weights, 4, lambda e, rows: silu(rows @ w_in[e].T) @ w_out[e].T)
+    torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(grouped.square().sum(), (x, w_in, w_out))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, w_in, w_out))
+    torch.testing.assert_close(grads, expected_grads, rtol=1e-5, atol=1e-4)
+    assert grads[1][3].abs().sum() == 0  # the empty group
+
+
+def test_grouped_dispatch_keeps_the_counts_on_the_device(monkeypatch):
+    """No .tolist()/.item() in the grouped path (the sorted path reads the counts to the host once per layer)."""
+    x, top_idx, top_weights = _routing()
+    w_in, w_out = torch.randn(4, 24, 16), torch.randn(4, 16, 24)
+
+    def host_sync(self, *args):
+        raise AssertionError("host sync")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", host_sync)
+    monkeypatch.setattr(torch.Tensor, "item", host_sync)
+    feedforward.grouped_dispatch(x, top_idx, top_weights, w_in, w_out, torch.nn.functional.silu).sum().backward()
+    with pytest.raises(AssertionError, match="host sync"):
+        sorted_dispatch(x, top_idx, top_weights, 4, lambda e, rows: rows @ w_in[e].T @ w_out[e].T)
+
+
+def test_expert_counts_equal_bincount():
+    _, top_idx, _ = _routing()
+    assert torch.equal(feedforward.expert_counts(top_idx, 5), torch.bincount(top_idx.flatten(), minlength=5))
+
+
+@pytest.mark.parametrize("variant", ["baseline", "moe", "attention_moe"])
+def test_grouped_experts_equal_sorted_in_the_model(variant):
+    """experts_implementation 'grouped' (also for the baseline's own MoE) = 'sorted'; 'auto' is sorted on CPU."""
+    ids = torch.randint(512, (2, 16), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for implementation in ("sorted", "grouped", "auto"):
+        torch.manual_seed(0)
+        spec = tiny(variant, dropout=0.0, router_noise_std=0.0, experts_implementation=implementation)
+        model = build_model(spec, 512)
+        out = model(ids)
+        out.logits.square().mean().backward()
+        results[implementation] = (out.logits.detach(), [p.grad for p in model.parameters() if p.grad is not None])
+    assert torch.equal(results["auto"][0], results["sorted"][0])
+    torch.testing.assert_close(results["grouped"], results["sorted"], rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_mm_is_not_chosen_on_cpu():
+    assert not feedforward.grouped_mm_runs_fast(torch.zeros(4, 16, dtype=torch.bfloat16), 16, 32)
+
+
+def test_grouped_experts_and_chunked_loss_compile_without_graph_breaks():
+    """Under bf16 autocast (what 'auto' picks grouped for on CUDA) the whole training forward of a GLM-4 MoE model,
+    chunked LM-head loss included, is one graph, and the compiled loss and gradients equal eager's."""
+    torch.manual_seed(0)
+    model = build_model(tiny("moe", dropout=0.0, router_noise_std=0.0, experts_implementation="grouped"), 64)
+    ids = torch.randint(64, (2, 17), generator=torch.Generator().manual_seed(1))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    results = []
+    for forward in (model, torch.compile(model, backend="aot_eager")):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = forward(inputs, targets).loss
+        loss.backward()
+        results.append((loss.detach(), model.tok_emb.weight.grad.clone()))
+        model.zero_grad()
+    torch.testing.assert_close(results[0], results[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch._dynamo.explain(model)(inputs, targets).graph_break_count == 0

@@ -1,0 +1,215 @@
+"""In-process checks: what the machine is, the speed of every Experiment 1 preset, memory, batch 'auto', and the
+projection of Experiment 1. Each measures through the real trainer (`blueberry.bench.measure`) on synthetic
+tokens at `Context.shape` (the study shape on a GPU, a tiny one in tests)."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+from blueberry.bench.measure import SyntheticData, measure_throughput
+from blueberry.gpu_check.projection import project, read_experiment, training_tokens
+from blueberry.gpu_check.suite import CheckFailed, CheckSkipped, Context
+from blueberry.hardware import CPU_PRESET, detect, preset_for, price_per_hour
+from blueberry.models import build_model
+from blueberry.overrides import load_spec
+from blueberry.perf import peak_flops
+from blueberry.plan import format_doctor, plan_run
+
+# The study shape: 512d / 3 layers / 8 heads come from Experiment 1's spec; seq 256, micro-batch 16 and the
+# SmolLM tokenizer's 49,152-token vocabulary (as synthetic tokens) are set here. One micro-batch per step.
+STUDY_SHAPE = ["--data.vocab_size=49152", "--data.seq_len=256", "--train.batch_size=16", "--train.grad_accum=1"]
+
+
+def preset_of(device: torch.device):
+    return preset_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else CPU_PRESET
+
+
+def main_precision(device: torch.device) -> str:
+    """bf16, the study's precision on Ampere+ (and the CPU twin); fp16 on older GPUs, which lack fast bf16."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "fp16"
+    return "bf16"
+
+
+def study_spec(context: Context, overrides: list[str]):
+    experiment = read_experiment()
+    extra = [*experiment.fixed, *context.shape, *overrides, f"--train.device={context.device.type}"]
+    return load_spec(experiment.base_spec, extra)
+
+
+def _peak_memory_reset(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(context: Context, overrides: list[str], warmup: int = 2, timed: int = 4) -> dict:
+    """tokens/s, MFU against the data-sheet peak (a measured ceiling on CPU) and peak memory of one configuration."""
+    spec = study_spec(context, overrides)
+    _peak_memory_reset(context.device)
+    if spec.train.compile is True:
+        torch._dynamo.reset()  # a fresh compile per preset: no stale graphs, no recompile limit across presets
+    figures = measure_throughput(spec, warmup, timed)
+    if context.device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(context.device) / 2**20
+    else:
+        peak_mb = figures["peak_rss_mb"]
+    peak, peak_source = peak_flops(context.device, figures["precision"], preset_of(context.device))
+    mfu = figures["tflops"] * 1e12 / peak if peak else None
+    _peak_memory_reset(context.device)
+    return {**figures, "peak_memory_mb": peak_mb, "mfu": mfu, "peak_source": peak_source}
+
+
+def _summary(m: dict) -> str:
+    mfu = "n/a" if m["mfu"] is None else f"{m['mfu']:.1%}"
+    return f"{m['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, peak {m['peak_memory_mb']:,.0f} MB"
+
+
+def measure_presets(context: Context, box_s: float, overrides: list[str], presets=None) -> dict:
+    """Every Experiment 1 preset (or `presets`) with `overrides`; after the first, a preset starts only if the
+    slowest one so far still fits in the time box, so the box holds."""
+    started, slowest = time.monotonic(), 0.0
+    cases, rows = {}, []
+    for label, preset_overrides in presets or read_experiment().presets:
+        if slowest and time.monotonic() - started + slowest > box_s:  # the first always runs
+            rows.append((label, "skipped: time box spent"))
+            continue
+        case_started = time.monotonic()
+        try:
+            cases[label] = measure(context, [*preset_overrides, *overrides])
+            rows.append((label, _summary(cases[label])))
+        except torch.OutOfMemoryError as exc:
+            cases[label] = {"error": f"out of memory: {exc}"[:200]}
+            rows.append((label, "out of memory"))
+        slowest = max(slowest, time.monotonic() - case_started)
+    failed = [label for label, case in cases.items() if "error" in case]
+    result = {"rows": rows, "cases": cases}
+    if failed:
+        error = CheckFailed(f"failed: {', '.join(failed)}")
+        error.figures = result
+        raise error
+    return result
+
+
+def check_doctor(context: Context, box_s: float) -> dict:
+    """The doctor's view and the plan a run of Experiment 1's spec would choose here."""
+    info = detect()
+    spec = study_spec(context, [])
+    model = build_model(spec.model, spec.data.vocab_size)
+    plan = plan_run(spec, context.device, model, spec.data.vocab_size, probe=False)
+    text = format_doctor(info, plan, "Experiment 1's spec at the study shape")
+    rows = [("device", plan.gpu_name or info.cpu.model), ("preset", plan.preset), ("precision", plan.precision)]
+    rows += [("compile", str(plan.compile)), ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})")]
+    rows.append(("peak", "unknown" if plan.peak_flops is None else f"{plan.peak_flops / 1e12:g} TFLOP/s"))
+    return {"rows": rows, "doctor": text, "hardware": info.to_dict(), "plan": plan.header()}
+
+
+def check_eager(context: Context, box_s: float) -> dict:
+    return measure_presets(
+        context, box_s, [f"--train.precision={main_precision(context.device)}", "--train.compile=false"]
+    )
+
+
+def check_compiled(context: Context, box_s: float) -> dict:
+    return measure_presets(
+        context, box_s, [f"--train.precision={main_precision(context.device)}", "--train.compile=true"]
+    )
+
+
+def _preset(label: str) -> list[tuple[str, list[str]]]:
+    return [p for p in read_experiment().presets if p[0] == label] or read_experiment().presets[:1]
+
+
+def check_fp16(context: Context, box_s: float) -> dict:
+    """The T4 path: fp16 autocast + GradScaler, on the dense preset of the seed's RTX 4090 figure."""
+    if context.device.type != "cuda":
+        raise CheckSkipped("fp16 + GradScaler needs a CUDA GPU")
+    return measure_presets(
+        context, box_s, ["--train.precision=fp16", "--train.compile=false"], _preset("attention_mlp")
+    )
+
+
+def check_chunked_loss(context: Context, box_s: float) -> dict:
+    """Peak memory with the chunked LM-head loss and with full fp32 logits, same preset and precision."""
+    precision = f"--train.precision={main_precision(context.device)}"
+    ((label, overrides),) = _preset("mlp")
+    full = measure(context, [*overrides, precision, "--train.compile=false", "--train.chunked_loss=false"], 1, 2)
+    chunked = measure(context, [*overrides, precision, "--train.compile=false", "--train.chunked_loss=true"], 1, 2)
+    saved = full["peak_memory_mb"] - chunked["peak_memory_mb"]
+    rows = [(f"{label} full logits", _summary(full)), (f"{label} chunked", _summary(chunked))]
+    rows.append(("memory saved", f"{saved:,.0f} MB"))
+    return {"rows": rows, "full": full, "chunked": chunked, "saved_mb": saved}
+
+
+def check_experts(context: Context, box_s: float) -> dict:
+    """Routed experts: the sorted dispatch (one host sync per layer) against grouped_mm (none); 'auto' picks."""
+    precision = f"--train.precision={main_precision(context.device)}"
+    ((label, overrides),) = _preset("moe")
+    cases = {}
+    for implementation in ("sorted", "grouped"):
+        flags = [*overrides, precision, "--train.compile=false", f"--model.experts_implementation={implementation}"]
+        cases[implementation] = measure(context, flags, 1, 3)
+    rows = [(f"{label} {name}", _summary(m)) for name, m in cases.items()]
+    rows.append(("grouped / sorted", f"{cases['grouped']['tokens_per_s'] / cases['sorted']['tokens_per_s']:.2f}x"))
+    return {"rows": rows, "cases": cases}
+
+
+def check_batch_auto(context: Context, box_s: float) -> dict:
+    """batch_size 'auto' for 4 study micro-batches per step: the micro-batch the probe picks, and steps at it."""
+    ((label, overrides),) = _preset("mlp")
+    effective = 4 * study_spec(context, overrides).train.batch_size
+    spec = study_spec(context, [*overrides, "--train.batch_size=auto", f"--train.effective_batch={effective}"])
+    data = SyntheticData(spec.data.vocab_size, spec.data.seq_len, n_tokens=10_000)
+    model = build_model(spec.model, data.vocab_size)
+    plan = plan_run(spec, context.device, model, data.vocab_size, probe=True)
+    del model
+    chosen = plan.batch
+    micro = [*overrides, f"--train.batch_size={chosen.micro_batch}", f"--train.grad_accum={chosen.grad_accum}"]
+    try:
+        ran = measure(context, micro, 1, 1)
+    except torch.OutOfMemoryError as exc:
+        raise CheckFailed(f"out of memory at the chosen micro-batch {chosen.micro_batch}") from exc
+    total = (
+        torch.cuda.get_device_properties(context.device).total_memory / 2**20 if context.device.type == "cuda" else None
+    )
+    rows = [("effective batch", str(effective)), ("chosen", f"{chosen.micro_batch} × {chosen.grad_accum} accumulation")]
+    memory = f"{ran['peak_memory_mb']:,.0f} MB" + (f" of {total:,.0f} MB" if total else "")
+    rows.append((f"{label} at that size", f"{ran['tokens_per_s']:,.0f} tokens/s, peak {memory}, no OOM"))
+    return {"rows": rows, "micro_batch": chosen.micro_batch, "grad_accum": chosen.grad_accum, "run": ran}
+
+
+def check_projection(context: Context, box_s: float) -> dict:
+    """PROJECTION of Experiment 1 (presets × seeds at the study's steps) from the speeds measured above."""
+    experiment = read_experiment()
+    measured = {}
+    for source in ("throughput_eager", "throughput_compiled"):
+        for label, case in context.results.get(source, {}).get("cases", {}).items():
+            if "tokens_per_s" in case and case["tokens_per_s"] > measured.get(label, {}).get("tokens_per_s", 0):
+                measured[label] = {**case, "how": source.removeprefix("throughput_")}
+    missing = [label for label, _ in experiment.presets if label not in measured]
+    if missing:
+        raise CheckSkipped(f"no measured speed for {', '.join(missing)}")
+    runs = [
+        {
+            "label": label,
+            "tokens": training_tokens(experiment, overrides),
+            "tokens_per_s": measured[label]["tokens_per_s"],
+            "seeds": len(experiment.seeds),
+        }
+        for label, overrides in experiment.presets
+    ]
+    startup = context.results.get("blueberry_run", {}).get("startup_s", 0.0)
+    preset = preset_of(context.device)
+    price, _ = price_per_hour(None, preset)
+    result = project(runs, startup, preset, main_precision(context.device), price)
+    rows = []
+    for row in result["targets"]:
+        cost = "n/a (no price)" if row["cost_usd"] is None else f"${row['cost_usd']:.2f} at ${row['usd_per_hour']}/h"
+        rows.append((f"PROJECTION {row['gpu']}", f"{row['wall_s'] / 60:.1f} min, {cost} ({row['basis']})"))
+    note = f"{result['runs']} runs; start-up {startup:.0f} s per run" + ("" if startup else " (not measured)")
+    rows.append(("projection basis", note))
+    return {"rows": rows, **result, "measured": {k: v["how"] for k, v in measured.items()}}

@@ -1,0 +1,26 @@
+"""Getting work onto the accelerator: TF32 matmuls on Ampere+ and host batches copied without a stall."""
+
+from __future__ import annotations
+
+import torch
+
+
+def enable_tf32(device: torch.device) -> bool:
+    """TF32 for fp32 matmuls and convolutions on Ampere+ GPUs (cc >= 8.0); True if it was switched on.
+
+    Under bf16/fp16 autocast the big matmuls are not fp32 anyway; what stays fp32 (the optimizer's, Muon's
+    fp32 parts, an fp32 run) gets the tensor cores, at TF32's 10-bit mantissa.
+    """
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`: through pinned memory and `non_blocking` on CUDA, so the copy does not make the
+    host wait for the GPU (a copy from pageable memory is synchronous)."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)

@@ -1,0 +1,42 @@
+"""Experiment 1 read from its sweep file, and the projection's arithmetic."""
+
+import pytest
+
+from blueberry.gpu_check.projection import REPORT_4090_PRICE, project, read_experiment, training_tokens
+from blueberry.hardware import PRESETS
+
+
+def test_experiment_1_is_the_sweep_grid_times_its_seeds():
+    experiment = read_experiment()
+    assert [label for label, _ in experiment.presets] == ["baseline", "mlp", "attention_mlp", "moe", "attention_moe"]
+    assert experiment.seeds == [1, 2, 3]
+    assert experiment.base_spec.endswith("experiments/baseline.json")
+    assert "--experiment=exp1-ablation" in experiment.fixed
+    # 375 optimizer steps × 4 accumulation × 16 windows × 256 tokens
+    assert training_tokens(experiment, experiment.presets[1][1]) == 375 * 4 * 16 * 256
+
+
+def test_projection_arithmetic_here_and_scaled_by_data_sheet_peaks():
+    h100 = next(p for p in PRESETS if p.name == "H100")
+    runs = [
+        {"label": "a", "tokens": 6_000_000, "tokens_per_s": 600_000.0, "seeds": 3},  # 10 s per run
+        {"label": "b", "tokens": 6_000_000, "tokens_per_s": 300_000.0, "seeds": 3},  # 20 s per run
+    ]
+    result = project(runs, startup_s=5.0, here=h100, here_precision="bf16", price_here=3.0)
+    assert result["runs"] == 6 and result["train_s_here"] == pytest.approx(90.0)
+    here, t4, rtx4090 = result["targets"]
+    assert here["gpu"] == "H100" and here["wall_s"] == pytest.approx(90.0 + 6 * 5.0)
+    assert here["cost_usd"] == pytest.approx(120.0 / 3600 * 3.0)
+    # T4: fp16 peak 65 TFLOP/s (it has no bf16); the start-up does not scale
+    assert t4["precision"] == "fp16" and t4["wall_s"] == pytest.approx(90.0 * 989.4 / 65.0 + 30.0)
+    assert t4["cost_usd"] == pytest.approx(t4["wall_s"] / 3600 * 0.35)
+    assert rtx4090["wall_s"] == pytest.approx(90.0 * 989.4 / 165.2 + 30.0)
+    assert rtx4090["usd_per_hour"] == REPORT_4090_PRICE == 0.18
+    assert "data-sheet" in rtx4090["basis"]
+
+
+def test_projection_without_a_peak_or_price_stays_here_and_costs_nothing():
+    unknown = PRESETS[0].__class__("Some GPU", (), "fp32", {}, None, 64)
+    result = project([{"label": "a", "tokens": 10, "tokens_per_s": 1.0, "seeds": 1}], 0.0, unknown, "bf16", None)
+    assert [row["gpu"] for row in result["targets"]] == ["Some GPU"]
+    assert result["targets"][0]["cost_usd"] is None and result["targets"][0]["wall_s"] == 10.0

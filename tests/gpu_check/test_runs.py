@@ -1,0 +1,51 @@
+"""The launched-run checks' parts: what a run record says about the GPU, resume comparison, time boxes."""
+
+import json
+import sys
+
+import pytest
+
+from blueberry.gpu_check.runs import compare_records, run_process, telemetry
+from blueberry.gpu_check.suite import CheckFailed
+
+
+def _record(run_dir, rows, summary):
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def test_telemetry_counts_gpu_rows_and_reads_energy_and_cost(tmp_path):
+    rows = [
+        {"step": 5, "train/loss": 5.0, "gpu/util_pct": 97.0, "gpu/power_w": 410.0},
+        {"step": 10, "train/loss": 4.0, "gpu/util_pct": 98.0},
+        {"step": 10, "val/loss": 4.1},
+    ]
+    summary = {"gpu/energy_wh": 1.5, "cost/usd": 0.01, "perf/tokens_per_s": 1e5, "trainer/tokens": 4e5}
+    found = telemetry(_record(tmp_path / "run", rows, summary))
+    assert found["metric_rows"] == 3 and found["gpu_rows"] == 2
+    assert found["gpu_keys"] == ["gpu/power_w", "gpu/util_pct"]
+    assert (found["energy_wh"], found["cost_usd"], found["tokens"]) == (1.5, 0.01, 4e5)
+
+
+def test_compare_records_reports_the_largest_relative_difference(tmp_path):
+    rows = [
+        {"step": 5, "train/loss": 4.0, "train/grad_norm": 1.0, "perf/tokens_per_s": 10},
+        {"step": 5, "val/loss": 4.5},
+    ]
+    reference = _record(tmp_path / "a", rows, {"weights/sha256": "x"})
+    changed = [{**rows[0], "train/loss": 4.0004, "perf/tokens_per_s": 99}, rows[1]]  # wall-clock figures ignored
+    resumed = _record(tmp_path / "b", changed, {"weights/sha256": "y"})
+    found = compare_records(reference, resumed)
+    assert found["same_steps"] and found["max_rel_diff"] == pytest.approx(1e-4) and not found["weights_equal"]
+    assert compare_records(reference, reference) == {"same_steps": True, "max_rel_diff": 0.0, "weights_equal": True}
+    missing = _record(tmp_path / "c", rows[:1], {})
+    assert compare_records(reference, missing)["same_steps"] is False
+
+
+def test_a_process_past_its_time_box_is_killed(tmp_path):
+    with pytest.raises(CheckFailed, match="timed out after 1 s"):
+        run_process([sys.executable, "-c", "import time; time.sleep(60)"], {}, 1)
+    done = run_process([sys.executable, "-c", "print('hi')"], {}, 30)
+    assert done.returncode == 0 and done.stdout == "hi\n"

@@ -1,0 +1,70 @@
+"""The in-process checks on CPU at a tiny shape: the same code gpu-check runs on a GPU at the study shape."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from blueberry.bench.suite import TINY
+from blueberry.gpu_check import speed
+from blueberry.gpu_check.projection import read_experiment
+from blueberry.gpu_check.suite import CheckSkipped, Context
+
+SHAPE = [*TINY, "--train.threads=1"]
+
+
+@pytest.fixture
+def context(tmp_path):
+    return Context(torch.device("cpu"), tmp_path, shape=SHAPE, log=lambda m: None)
+
+
+def test_throughput_check_measures_presets_on_cpu(context):
+    presets = read_experiment().presets[1:3]  # mlp, attention_mlp: seconds each at the tiny shape
+    figures = speed.measure_presets(context, 60, ["--train.precision=bf16", "--train.compile=false"], presets)
+    assert set(figures["cases"]) == {"mlp", "attention_mlp"}
+    for case in figures["cases"].values():
+        assert case["precision"] == "bf16" and case["tokens_per_s"] > 0 and case["peak_memory_mb"] > 0
+        assert 0 < case["mfu"] < 1 and case["tokens_per_step"] == 4 * 32  # TINY: 4 windows × 32 tokens
+    assert [label for label, _ in figures["rows"]] == ["mlp", "attention_mlp"]
+
+
+def test_a_spent_time_box_skips_the_remaining_presets(context):
+    figures = speed.measure_presets(context, 0.0, ["--train.compile=false"], read_experiment().presets[1:3])
+    assert list(figures["cases"]) == ["mlp"] and figures["rows"][1] == ("attention_mlp", "skipped: time box spent")
+
+
+def test_chunked_loss_experts_batch_auto_and_doctor_checks_run_on_cpu(context):
+    chunked = speed.check_chunked_loss(context, 60)
+    assert chunked["full"]["tokens_per_s"] > 0 and chunked["chunked"]["tokens_per_s"] > 0
+    experts = speed.check_experts(context, 60)
+    assert set(experts["cases"]) == {"sorted", "grouped"} and experts["rows"][-1][0] == "grouped / sorted"
+    auto = speed.check_batch_auto(context, 60)
+    assert auto["micro_batch"] * auto["grad_accum"] == 16  # 4 of TINY's 4-window micro-batches
+    doctor = speed.check_doctor(context, 60)
+    assert doctor["plan"]["device"] == "cpu" and "A run of Experiment 1's spec" in doctor["doctor"]
+    with pytest.raises(CheckSkipped, match="CUDA"):
+        speed.check_fp16(context, 60)
+
+
+def test_projection_check_takes_the_faster_measurement_per_preset(context):
+    labels = [label for label, _ in read_experiment().presets]
+    context.results["throughput_eager"] = {"cases": {label: {"tokens_per_s": 1000.0} for label in labels}}
+    context.results["throughput_compiled"] = {"cases": {"mlp": {"tokens_per_s": 2000.0}, "moe": {"error": "x"}}}
+    context.results["blueberry_run"] = {"startup_s": 10.0}
+    figures = speed.check_projection(context, 5)
+    assert figures["measured"]["mlp"] == "compiled" and figures["measured"]["moe"] == "eager"
+    tokens = 375 * 4 * 16 * 256
+    assert figures["train_s_here"] == pytest.approx(3 * tokens * (4 / 1000 + 1 / 2000))
+    assert figures["rows"][0][0] == "PROJECTION CPU" and "start-up 10 s" in figures["rows"][-1][1]
+
+
+def test_projection_is_skipped_when_a_preset_was_not_measured(context):
+    context.results["throughput_eager"] = {"cases": {"mlp": {"tokens_per_s": 1.0}}}
+    with pytest.raises(CheckSkipped, match="no measured speed for baseline"):
+        speed.check_projection(context, 5)
+
+
+def test_study_shape_is_the_reports():
+    spec = speed.study_spec(Context(torch.device("cpu"), Path("."), shape=speed.STUDY_SHAPE), ["--model.variant=mlp"])
+    assert (spec.model.d_model, spec.model.n_layers, spec.model.n_heads) == (512, 3, 8)
+    assert (spec.data.seq_len, spec.data.vocab_size, spec.train.batch_size) == (256, 49152, 16)
