@@ -18,9 +18,10 @@ from blueberry.models import assert_causal, build_model, count_parameters
 from blueberry.perf import PerfTracker
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec
-from blueberry.tracking import RunRecord, Trackers, WandbTracker, read_metrics, resolve_mode
+from blueberry.tracking import RunRecord, Trackers, WandbTracker, new_run_id, read_metrics, sweep_tag
 from blueberry.tracking.record import RunDir, claim_run_dir
 from blueberry.tracking.wandb_log import read_wandb_log
+from blueberry.tracking.wandb_settings import describe, run_settings
 from blueberry.train import train
 from blueberry.train.checkpoint import Checkpointer, ResumeError, checkpoint_paths, weights_digest
 from blueberry.train.trainer import StopRequest, TrainingInterrupted
@@ -74,11 +75,15 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
         finally:
             distributed.shutdown()
         return RunResult(run_dir=None, wandb_dir=None, wandb_mode="disabled", summary=summary)
-    mode, why = resolve_mode(spec.tracking.wandb)
+    sweep = sweep_context()
+    wandb_settings = run_settings(spec, tags=[spec.model.variant, *([sweep_tag(sweep["name"])] if sweep else [])])
+    mode, why = wandb_settings["mode"].value, wandb_settings["mode"].source
 
     spec_hash = spec.spec_hash()
-    # Under a sweep (ours or `wandb agent`) the run id is given: the record dir is named after it.
-    run_id = os.environ.get("WANDB_RUN_ID") or f"{spec.run_name}-{spec_hash[:8]}"
+    # Under a sweep (ours or `wandb agent`) the run id is given: the record dir is named after it. Otherwise
+    # the directory is named after the spec, so an unfinished run of it is found again to resume.
+    given_id = os.environ.get("WANDB_RUN_ID")
+    run_id = given_id or f"{spec.run_name}-{spec_hash[:8]}"
     runs_root = os.environ.get("BLUEBERRY_RUNS_ROOT") or spec.tracking.runs_root
     claimed = claim_run_dir(
         runs_root, spec.experiment, run_id, reuse=None if resume is False else _resumable(resume), create=not resume
@@ -94,7 +99,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     except BaseException:
         claimed.release()
         raise
-    sweep = sweep_context()
+    wandb_id, wandb_resume = wandb_identity(claimed, given_id, mode, spec.run_name)
     header = {
         "run_id": run_dir.name,
         "name": spec.run_name,
@@ -112,7 +117,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
         },
         "causality": {"checked": True, "ok": True},
         "hardware": plan.header(),  # device, precision, threads, preset, batch choice, peak FLOP/s, price
-        "wandb": {"mode": mode, "why": why},
+        "wandb": {"id": wandb_id, "resume": wandb_resume, **describe(wandb_settings)},
         "code": code_version(),
         "libraries": library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -134,16 +139,11 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     try:
         wandb_tracker = WandbTracker(
             run_dir,
-            mode=mode,
-            project=spec.tracking.project,
-            entity=spec.tracking.entity,
-            group=spec.experiment,
-            job_type=spec.tracking.job_type,
-            name=spec.run_name,
-            run_id=run_dir.name,
-            resume=claimed.reused,
-            tags=[spec.model.variant, *spec.tags, *([f"sweep:{sweep['name']}"] if sweep else [])],
-            notes=spec.tracking.notes,
+            **{field: choice.value for field, choice in wandb_settings.items()},
+            run_id=wandb_id,
+            resume=wandb_resume,
+            system_metrics=spec.tracking.system_metrics,
+            log=log,
             config={
                 **spec.to_json_dict(),
                 "variant": spec.model.variant,
@@ -158,6 +158,8 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
         )
         monitor = GpuMonitor().start()  # inert without NVML
         trackers = PerfTracker(Trackers(record, wandb_tracker), plan.flops_per_token, plan.peak_flops, monitor)
+        if resume_state:
+            wandb_tracker.best_val_loss = resume_state.get("best_val", float("inf"))
         if claimed.reused and mode == "offline":
             _replay_to_wandb(wandb_tracker, run_dir, resume_step)
         if spec.tracking.wandb_checkpoints and mode != "disabled":
@@ -186,6 +188,8 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
         summary.update(monitor.stop())
         summary.update(run_cost(plan.price_per_hour, time.time() - started, world.size))
         trackers.summary(summary)
+        if spec.tracking.wandb_checkpoints and mode != "disabled":
+            wandb_tracker.log_weights(model.state_dict(), {"step": spec.train.steps, "val/loss": summary["val/loss"]})
         trackers.finish("finished")
     except TrainingInterrupted as exc:
         trackers.finish("interrupted", str(exc))
@@ -206,6 +210,29 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
         distributed.shutdown()
     wandb_dir = wandb_tracker.offline_dir if wandb_tracker else None
     return RunResult(run_dir=run_dir, wandb_dir=wandb_dir, wandb_mode=mode, summary=summary)
+
+
+def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) -> tuple[str, str | None]:
+    """(W&B run id, resume policy) for this attempt (README, "W&B run ids and resume").
+
+    Given an id (a sweep trial): keep it, and W&B's default policy as under `wandb agent`. A fresh run:
+    a fresh id, "never" (a taken id is an error, never a merge). A resumed run: the id its first attempt
+    stored in spec.json, "must" when both attempts are online (the W&B run exists), else "allow" (an offline
+    attempt's run exists only after `wandb sync`).
+    """
+    if not claimed.reused:
+        return (given_id, None) if given_id else (new_run_id(name), "never")
+    previous = _read_header(claimed.path).get("wandb") or {}
+    stored_id = given_id or previous.get("id") or claimed.path.name  # records before ids were stored: the dir name
+    previous_mode = (previous.get("mode") or {}).get("value") if isinstance(previous.get("mode"), dict) else None
+    return stored_id, "must" if mode == previous_mode == "online" else "allow"
+
+
+def _read_header(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "spec.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _resumable(resume: bool | None):
