@@ -136,3 +136,31 @@ def run_settings(spec, tags: list[str]) -> dict[str, Choice]:
 def describe(chosen: dict[str, Choice]) -> dict[str, dict[str, Any]]:
     """The run header's `wandb` section: each value and where it came from."""
     return {field: {"value": choice.value, "source": choice.source} for field, choice in chosen.items()}
+
+
+def wandb_status(spec) -> dict[str, Any]:
+    """For `blueberry doctor`: the wandb and sweep-engine versions, and the W&B values a run of `spec` would use."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        engine = version("sweeps")
+    except PackageNotFoundError:
+        engine = None
+    chosen = run_settings(spec, tags=[spec.model.variant])
+    return {"wandb": version("wandb"), "sweep_engine": engine, "run": describe(chosen)}
+
+
+def format_wandb_status(status: dict[str, Any]) -> str:
+    run = status["run"]
+    engine = status["sweep_engine"]
+    engine = f"sweeps {engine}" if engine else "not installed (pip install sweeps==0.3.0)"
+    lines = [
+        f"W&B      wandb {status['wandb']}; sweep engine {engine}",
+        f"  mode       {run['mode']['value']} ({run['mode']['source']})",
+    ]
+    for field in ("project", "entity", "group", "job_type"):
+        value, source = run[field]["value"], run[field]["source"]
+        if value is None:
+            value, source = "-", "W&B's default: your login's entity"
+        lines.append(f"  {field:<10} {value} ({source})")
+    return "\n".join(lines)
