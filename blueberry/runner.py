@@ -224,7 +224,8 @@ def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) 
         return (given_id, None) if given_id else (new_run_id(name), "never")
     previous = _read_header(claimed.path).get("wandb") or {}
     stored_id = given_id or previous.get("id") or claimed.path.name  # records before ids were stored: the dir name
-    previous_mode = (previous.get("mode") or {}).get("value") if isinstance(previous.get("mode"), dict) else None
+    then = previous.get("mode")  # {"value", "source"}; a plain string in records before sources were kept
+    previous_mode = then.get("value") if isinstance(then, dict) else then
     return stored_id, "must" if mode == previous_mode == "online" else "allow"
 
 

@@ -48,13 +48,19 @@ def wandb_settings() -> dict[str, Choice]:
 
     Fields they leave unset are absent.
     """
+    from pydantic import ValidationError
     from wandb.sdk.lib.settings_file import SettingsFiles
     from wandb.sdk.wandb_settings import Settings
 
     settings = Settings(quiet=True)  # quiet: no "Loading settings from ..." line
     settings.settings_system = str(global_settings_path())
     settings.update_from_system_settings()
-    settings.update_from_env_vars(dict(os.environ))
+    try:
+        settings.update_from_env_vars(dict(os.environ))
+    except ValidationError as exc:  # wandb.init would fail on it too, with a traceback
+        error = exc.errors()[0]
+        env_var = {setting: var for setting, var in WANDB_FIELDS.values()}.get(error["loc"][0], f"{error['loc'][0]}")
+        raise ValueError(f"W&B environment variable {env_var}={error.get('input')!r}: {error['msg']}") from None
     # The working directory's file wins over the global one.
     files = {
         path: SettingsFiles(global_settings=None, local_settings=Path(path)).all()

@@ -100,3 +100,9 @@ def test_run_values_follow_precedence_and_say_where_they_came_from(workdir, monk
     }
     assert {chosen[k].source for k in ("project", "group", "job_type")} == {"spec"}
     assert chosen["mode"].source == "set by spec"
+
+
+def test_an_invalid_wandb_environment_variable_is_named(workdir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    with pytest.raises(ValueError, match="W&B environment variable WANDB_MODE='ofline': Input should be"):
+        resolve_mode("auto")
