@@ -23,7 +23,7 @@ from blueberry.tracking import read_metrics
 
 RECORD_FILES = ("spec.json", "status.json", "summary.json", "metrics.jsonl")
 # Header fields the report uses (the rest of spec.json — libraries, data stats — stays in the run record).
-HEADER_KEYS = ("params", "data", "causality", "hardware", "created_at")
+HEADER_KEYS = ("params", "data", "causality", "hardware", "wandb", "created_at")
 
 
 class ReportError(Exception):
