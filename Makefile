@@ -6,17 +6,37 @@ STAMP  := $(VENV)/.installed-stamp
 # Offline first: the Hugging Face Hub is never contacted; W&B stays offline unless WANDB_MODE=online.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline}
 
-.PHONY: install run quickstart sweep test lint clean report bench gpu-check
+.PHONY: install lock run quickstart sweep test lint clean report bench gpu-check
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml Makefile
+# uv installs the locked tree in seconds; pip installs torch, which uv does not find (see below).
+UV_VERSION := 0.13.9
+UV := $(BIN)/uv
+
+$(UV):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch pinned: 2.13.0 is a local CPU build here; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+
+$(STAMP): setup.cfg pyproject.toml requirements.lock Makefile | $(UV)
+	# torch first, with pip: 2.13.0 is a local CPU build here (pip's find-links); an unpinned torch pulls a
+	# multi-GB CUDA build. requirements.lock leaves torch out, so this one stays.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps sweeps==0.3.0
+	# Everything else exactly as locked: no resolution, so nothing touches torch.
+	$(UV) pip install --python $(BIN)/python --quiet --no-deps -r requirements.lock
+	$(UV) pip install --python $(BIN)/python --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Refresh requirements.lock after changing setup.cfg: Linux x86-64, Python 3.11, extras dev and publish,
+# numpy 2 despite the sweep engine's cap (requirements/overrides.txt), torch resolved against the local build
+# pip knows (its find-links) and left out of the lock.
+TORCH_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+lock: | $(UV)
+	echo "torch==2.13.0" > $(VENV)/torch-constraint.txt
+	$(UV) pip compile setup.cfg --extra dev --extra publish --override requirements/overrides.txt \
+		--constraint $(VENV)/torch-constraint.txt $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) \
+		--no-emit-package torch --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--annotation-style line --custom-compile-command "make lock" --upgrade -o requirements.lock
 
 # The study in miniature, offline: the CPU twin of the 5-variant ablation sweep, then the report.
 run: install

@@ -24,6 +24,11 @@ def _fail(message: str, code: int = 2):
 
 
 def _load(spec_path, overrides, override_files) -> RunSpec:
+    if spec_path and Path(spec_path).suffix in (".yaml", ".yml"):  # specs are JSON; sweep files are YAML
+        _fail(
+            f"{spec_path} is a W&B sweep file, not a run spec: run it with `blueberry sweep {spec_path}` "
+            "(or online with `wandb sweep` + `wandb agent`)"
+        )
     try:
         return load_spec(spec_path, overrides, override_files)
     except SpecError as exc:
@@ -213,11 +218,15 @@ def doctor(args, as_json):
         plan = build(spec, device, spec.data.vocab_size, env_world().size, check_causal=False, probe=False).plan
     except ValueError as exc:
         _fail(f"{spec_path or 'default spec'}: {exc}")
+    from blueberry.tracking.wandb_settings import format_wandb_status, wandb_status
+
+    wandb = wandb_status(spec)
     if as_json:
-        found = {"hardware": info.to_dict(), "plan": plan.header(), "torch": torch.__version__}
+        found = {"hardware": info.to_dict(), "plan": plan.header(), "torch": torch.__version__, "wandb": wandb}
         click.echo(json.dumps(found, indent=2))
     else:
         click.echo(format_doctor(info, plan, spec_path or "the default spec"))
+        click.echo(format_wandb_status(wandb))
 
 
 @main.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,12 @@ def _problem(err: dict, sources: dict[str, str], base_source: str) -> tuple[str,
     if err["type"] == "extra_forbidden":
         reason = "unknown field"
         close = difflib.get_close_matches(str(err["loc"][-1]), _field_names(err["loc"][:-1]), n=1)
+        if close:
+            reason += f" (did you mean '{close[0]}'?)"
+    elif err["type"] == "literal_error" and isinstance(err.get("input"), str):
+        # pydantic lists the allowed values, quoted, in ctx["expected"]: "'baseline', 'mlp' or 'moe'"
+        allowed = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
+        close = difflib.get_close_matches(err["input"], allowed, n=1)
         if close:
             reason += f" (did you mean '{close[0]}'?)"
     return where, path, reason

@@ -25,10 +25,11 @@ from blueberry.hardware import resolve_device, resolve_precision
 from blueberry.plan import Build, build
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec
-from blueberry.tracking import RunRecord, Trackers, WandbTracker, read_metrics, resolve_mode
+from blueberry.tracking import RunRecord, Trackers, WandbTracker, new_run_id, read_metrics, sweep_tag
 from blueberry.tracking.record import RunDir, claim_run_dir
-from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, make_header, run_tags, wandb_config
+from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, make_header, wandb_config
 from blueberry.tracking.wandb_log import read_wandb_log
+from blueberry.tracking.wandb_settings import Choice, describe, run_settings
 from blueberry.train.checkpoint import Checkpointer, ResumeError, checkpoint_paths, weights_digest
 from blueberry.train.metrics import MetricsProcessor
 from blueberry.train.trainer import StopRequest, TrainingInterrupted, train
@@ -61,6 +62,10 @@ class Run:
     header: dict = field(default_factory=dict)
     tracker: object = None  # what a failure is reported to: the run record, then the full tracker stack
     wandb: WandbTracker | None = None
+    sweep: dict | None = None  # the sweep this run is a trial of
+    wandb_settings: dict[str, Choice] = field(default_factory=dict)  # wandb.init values and their sources
+    wandb_id: str | None = None
+    wandb_resume: str | None = None  # W&B's resume policy for wandb_id
 
 
 def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResult:
@@ -83,15 +88,18 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
             return RunResult(run_dir=None, wandb_dir=None, wandb_mode="disabled", summary=summary)
         finally:
             distributed.shutdown()
-    mode, why = resolve_mode(spec.tracking.wandb)
+    run.sweep = sweep_context()
+    ours = [spec.model.variant, *([sweep_tag(run.sweep["name"])] if run.sweep else [])]
+    run.wandb_settings = run_settings(spec, tags=ours)  # the spec, else W&B's own settings, else our defaults
+    mode, why = run.wandb_settings["mode"].value, run.wandb_settings["mode"].source
     claim_stage(run, resume)
     record_stage(run, mode, why, log)
     stop = StopRequest().install()
     try:
         with recorded(run):
-            tracker_stage(run, mode)
+            tracker_stage(run, mode, log)
             summary = train_stage(run, stop)
-            finalise_stage(run, summary)
+            finalise_stage(run, summary, mode)
     finally:
         stop.restore()
         run.claimed.release()
@@ -127,8 +135,10 @@ def claim_stage(run: Run, resume: bool | None) -> None:
     """Lock the run directory (an earlier attempt to continue, or a new one) and load the checkpoint to resume."""
     spec = run.spec
     spec_hash = spec.spec_hash()
-    # Under a sweep (ours or `wandb agent`) the run id is given: the record dir is named after it.
-    run_id = os.environ.get("WANDB_RUN_ID") or f"{spec.run_name}-{spec_hash[:8]}"
+    # Under a sweep (ours or `wandb agent`) the run id is given: the record dir is named after it. Otherwise
+    # the directory is named after the spec, so an unfinished run of it is found again to resume.
+    given_id = os.environ.get("WANDB_RUN_ID")
+    run_id = given_id or f"{spec.run_name}-{spec_hash[:8]}"
     runs_root = os.environ.get("BLUEBERRY_RUNS_ROOT") or spec.tracking.runs_root
     claimed = claim_run_dir(
         runs_root, spec.experiment, run_id, reuse=None if resume is False else _resumable(resume), create=not resume
@@ -150,6 +160,7 @@ def record_stage(run: Run, mode: str, why: str, log) -> None:
     """Write the run record's header and mark the run running; say what runs where."""
     spec, built, data, claimed = run.spec, run.built, run.data, run.claimed
     params = built.params
+    run.wandb_id, run.wandb_resume = wandb_identity(claimed, os.environ.get("WANDB_RUN_ID"), mode, spec.run_name)
     run.header = make_header(
         run_id=claimed.path.name,
         spec=spec,
@@ -162,8 +173,8 @@ def record_stage(run: Run, mode: str, why: str, log) -> None:
         },
         hardware=built.plan.header(),  # device, precision, threads, preset, batch choice, peak FLOP/s, price
         created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        sweep=sweep_context(),
-        wandb={"mode": mode, "why": why},
+        sweep=run.sweep,
+        wandb={"id": run.wandb_id, "resume": run.wandb_resume, **describe(run.wandb_settings)},
         code=code_version(),
         libraries=library_versions(),
     )
@@ -180,24 +191,21 @@ def record_stage(run: Run, mode: str, why: str, log) -> None:
         )
 
 
-def tracker_stage(run: Run, mode: str) -> None:
+def tracker_stage(run: Run, mode: str, log) -> None:
     """W&B next to the run record, both behind the metrics processor (MFU, GPU readings, cost)."""
     spec, header, claimed, plan = run.spec, run.header, run.claimed, run.built.plan
     record = run.tracker
     run.wandb = WandbTracker(
         claimed.path,
-        mode=mode,
-        project=spec.tracking.project,
-        entity=spec.tracking.entity,
-        group=spec.experiment,
-        job_type=spec.tracking.job_type,
-        name=spec.run_name,
-        run_id=claimed.path.name,
-        resume=claimed.reused,
-        tags=run_tags(header["spec"], header["sweep"]),
-        notes=spec.tracking.notes,
+        **{name: choice.value for name, choice in run.wandb_settings.items()},
+        run_id=run.wandb_id,
+        resume=run.wandb_resume,
+        system_metrics=spec.tracking.system_metrics,
+        log=log,
         config=wandb_config(header),
     )
+    if run.resume_state:  # the `best` checkpoint alias goes on from the resumed run's best
+        run.wandb.best_val_loss = run.resume_state.get("best_val", float("inf"))
     run.tracker = MetricsProcessor(
         Trackers(record, run.wandb),
         plan.flops_per_token,
@@ -234,14 +242,18 @@ def train_stage(run: Run, stop: StopRequest) -> dict:
             progress.close()
 
 
-def finalise_stage(run: Run, summary: dict) -> None:
-    """The summary's closing figures (weights digest, baselines, energy, cost); the run is finished."""
+def finalise_stage(run: Run, summary: dict, mode: str) -> None:
+    """The summary's closing figures (weights digest, baselines, energy, cost), the final weights as a W&B
+    model artifact when checkpoints go to W&B; the run is finished."""
     summary["weights/sha256"] = weights_digest(run.built.model)
     summary["unigram_loss"] = run.data.unigram_loss
     summary["params/total"] = run.built.params.total
     summary["params/active"] = run.built.params.active
     run.tracker.close(summary)
     run.tracker.summary(summary)
+    if run.spec.tracking.wandb_checkpoints and mode != "disabled":
+        final = {"step": run.spec.train.steps, "val/loss": summary["val/loss"]}
+        run.wandb.log_weights(run.built.model.state_dict(), final)
     run.tracker.finish("finished")
 
 
@@ -266,6 +278,23 @@ def recorded(run: Run):
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) -> tuple[str, str | None]:
+    """(W&B run id, resume policy) for this attempt (README, "W&B run ids and resume").
+
+    Given an id (a sweep trial): keep it, and W&B's default policy as under `wandb agent`. A fresh run:
+    a fresh id, "never" (a taken id is an error, never a merge). A resumed run: the id its first attempt
+    stored in spec.json, "must" when both attempts are online (the W&B run exists), else "allow" (an offline
+    attempt's run exists only after `wandb sync`).
+    """
+    if not claimed.reused:
+        return (given_id, None) if given_id else (new_run_id(name), "never")
+    previous = (read_json(claimed.path / SPEC_FILE) or {}).get("wandb") or {}
+    stored_id = given_id or previous.get("id") or claimed.path.name  # records before ids were stored: the dir name
+    then = previous.get("mode")  # {"value", "source"}; a plain string in records before sources were kept
+    previous_mode = then.get("value") if isinstance(then, dict) else then
+    return stored_id, "must" if mode == previous_mode == "online" else "allow"
 
 
 def _resumable(resume: bool | None):

@@ -175,17 +175,37 @@ class TrainSpec(_Strict):
 
 
 class TrackingSpec(_Strict):
-    """Where results go: W&B and the local run record."""
+    """Where results go: W&B and the local run record.
+
+    W&B fields left unset (null) follow W&B's own settings (WANDB_PROJECT, `wandb/settings`, ...), then our
+    defaults (blueberry.tracking.wandb_settings); a value set here wins over both.
+    """
 
     wandb: Literal["auto", "online", "offline", "disabled"] = Field(
-        "auto", description="auto: WANDB_MODE if set, else online when an API key exists, else offline."
+        "auto",
+        description="auto: W&B's own mode setting (WANDB_MODE, `wandb offline`/`wandb disabled`/`wandb online`), "
+        "else online when an API key exists, else offline.",
     )
-    project: str = Field("blueberry", pattern=NAME_PATTERN)
-    entity: str | None = Field(None, pattern=NAME_PATTERN)
-    job_type: str = Field("train", pattern=NAME_PATTERN)
-    notes: str | None = Field(None, max_length=4096)
+    project: str | None = Field(
+        None, pattern=NAME_PATTERN, description="W&B project; default WANDB_PROJECT, else blueberry."
+    )
+    entity: str | None = Field(
+        None, pattern=NAME_PATTERN, description="W&B entity; default W&B's (WANDB_ENTITY, login)."
+    )
+    group: str | None = Field(
+        None, pattern=NAME_PATTERN, description="W&B group; default WANDB_RUN_GROUP, else the experiment."
+    )
+    job_type: str | None = Field(
+        None, pattern=NAME_PATTERN, description="W&B job type; default WANDB_JOB_TYPE, else train."
+    )
+    notes: str | None = Field(None, max_length=4096, description="W&B notes; default WANDB_NOTES.")
     runs_root: str = Field("runs", description="Directory holding the local run records.")
-    wandb_checkpoints: bool = Field(False, description="Also log each checkpoint to W&B as a `model` artifact.")
+    wandb_checkpoints: bool = Field(
+        False,
+        description="Log each checkpoint to W&B as a `model` artifact (aliases latest, step-N, best) and the final "
+        "weights as the run's model artifact.",
+    )
+    system_metrics: bool = Field(True, description="W&B system metrics (CPU, memory, GPU, network) in the run.")
 
     @field_validator("runs_root")
     @classmethod

@@ -56,6 +56,29 @@ def test_bad_override_exits_2_naming_override(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_sweep_file_given_to_run_points_to_blueberry_sweep(tmp_path):
+    result = invoke("run", "sweeps/cpu/ablation.yaml", f"--tracking.runs_root={tmp_path / 'r'}")
+    assert result.exit_code == 2
+    assert "sweeps/cpu/ablation.yaml is a W&B sweep file" in result.output
+    assert "blueberry sweep sweeps/cpu/ablation.yaml" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_doctor_shows_the_wandb_mode_and_why_and_the_sweep_engine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # W&B reads wandb/settings in the working directory (in WANDB_DIR when set)
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_DIR")
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "settings").write_text("[default]\nmode = disabled\n")  # as `wandb disabled` writes it
+    result = invoke("doctor", "--json")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)["wandb"]
+    assert found["wandb"] == "0.31.0" and found["sweep_engine"] == "0.3.0"
+    assert found["run"]["mode"] == {"value": "disabled", "source": f"set by settings file {tmp_path}/wandb/settings"}
+    text = invoke("doctor", "--train.device=cpu").output
+    assert "wandb 0.31.0; sweep engine sweeps 0.3.0" in text and "mode       disabled (set by settings file" in text
+
+
 def test_unreachable_dataset_exits_2_fast(tmp_path):
     result = invoke(
         "run",

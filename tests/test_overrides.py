@@ -75,6 +75,15 @@ def test_unknown_field_suggests_only_a_close_name():
     assert reasons == {"trian": "unknown field (did you mean 'train'?)", "train.zzz": "unknown field"}
 
 
+def test_mistyped_choice_suggests_the_closest_value():
+    with pytest.raises(SpecError) as err:
+        load_spec(None, ["--model.variant=mooe", "--tracking.wandb=ofline", "--train.optimizer=sgd"])
+    reasons = {path: reason for _, path, reason in err.value.problems}
+    assert reasons["model.variant"].endswith("(got 'mooe') (did you mean 'moe'?)")
+    assert reasons["tracking.wandb"].endswith("(did you mean 'offline'?)")
+    assert "did you mean" not in reasons["train.optimizer"]  # nothing close to 'sgd'
+
+
 @pytest.mark.parametrize("text, reason", [("", "empty"), ("{nope", "not valid JSON"), ("[1]", "JSON object")])
 def test_malformed_files(tmp_path, text, reason):
     path = tmp_path / "x.json"

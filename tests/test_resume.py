@@ -96,7 +96,10 @@ def test_killed_twice_with_sigkill_resumes_bit_exact(tmp_path):
     # One W&B run, resumed: three offline segments. A SIGKILL'd one may hold nothing (wandb-core writes its log
     # every 15 s), so the next attempt re-logged the missing rows: together they hold every step.
     logs = [read_wandb_log(s) for s in sorted((run_dir / "wandb").glob("offline-run-*"))]
-    assert len(logs) == 3 and logs[-1].run_id == run_dir.name and logs[-1].exit_code == 0
+    wandb_id = header["wandb"]["id"]  # fresh for the first attempt, stored in spec.json, kept by every resume
+    assert wandb_id.startswith(f"{header['name']}-") and header["wandb"]["resume"] == "allow"
+    assert len(logs) == 3 and logs[-1].run_id == wandb_id and logs[-1].exit_code == 0
+    assert {log.run_id for log in logs} <= {wandb_id, ""}  # "": a segment killed before wandb-core wrote it
     logged = {(row["trainer/step"], "val/loss" in row) for log in logs for row in log.history}
     assert logged == {(row["step"], "val/loss" in row) for row in read_metrics(run_dir / "metrics.jsonl")}
 
@@ -133,10 +136,16 @@ def test_sigint_checkpoints_and_resume_matches_a_clean_run(tmp_path, monkeypatch
     assert json.loads((run_dir / "status.json").read_text())["reason"].startswith("SIGINT at step 4")
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000004.pt"]
     assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
+    first = json.loads((run_dir / "spec.json").read_text())["wandb"]
 
     result = invoke(*args, f"--tracking.runs_root={root}", "--resume")
     assert result.exit_code == 0, result.output
     assert comparable(run_dir) == comparable(clean.run_dir)
+    # The resume continues the W&B run the first attempt created, explicitly; never a new id.
+    resumed = json.loads((run_dir / "spec.json").read_text())["wandb"]
+    assert (first["resume"], resumed["resume"], resumed["id"]) == ("never", "allow", first["id"])
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert [read_wandb_log(s).run_id for s in segments] == [first["id"]] * 2
 
 
 def test_nan_loss_fails_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -236,7 +245,10 @@ def test_wandb_checkpoint_artifacts_are_staged_offline(tmp_path):
         record.ParseFromString(payload)
         if record.WhichOneof("record_type") == "artifact":
             artifacts.append((record.artifact.name, record.artifact.type, json.loads(record.artifact.metadata)))
-    assert artifacts == [(f"checkpoint-{result.run_dir.name}", "model", {"step": s}) for s in (2, 4)]
+    wandb_id = json.loads((result.run_dir / "spec.json").read_text())["wandb"]["id"]
+    checkpoints = [(name, kind, meta["step"]) for name, kind, meta in artifacts if name.startswith("checkpoint-")]
+    assert checkpoints == [(f"checkpoint-{wandb_id}", "model", s) for s in (2, 4)]
+    assert artifacts[-1][:2] == (f"model-{wandb_id}", "model")  # the final weights
     # keep_checkpoints=1 deleted step 2's file; W&B staged its own copy, so `wandb sync` can still upload it.
     assert [p.name for p in (result.run_dir / "checkpoints").iterdir()] == ["step-000004.pt"]
 

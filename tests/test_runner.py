@@ -77,6 +77,49 @@ def test_run_record_is_complete_and_matches_wandb(tmp_path):
     assert log.summary["val/loss"]["min"] == pytest.approx(result.summary["val/best_loss"])
 
 
+def wandb_header(run_dir):
+    return json.loads((run_dir / "spec.json").read_text())["wandb"]
+
+
+def test_every_fresh_run_gets_a_fresh_wandb_id_and_wandb_settings_apply(tmp_path, monkeypatch):
+    spec = tiny_spec(tmp_path, "--train.steps=2", "--train.eval_every=2", "--train.threads=1")
+    first = execute(spec, log=lambda msg: None, resume=False)
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")  # a W&B setting the spec leaves open
+    second = execute(spec, log=lambda msg: None, resume=False)
+    ids = [wandb_header(r.run_dir)["id"] for r in (first, second)]
+    assert ids[0] != ids[1] and all(i.startswith(f"{spec.run_name}-") for i in ids)
+    assert wandb_header(first.run_dir)["resume"] == "never"  # a taken id is an error, never a merge
+    logs = [read_wandb_log(r.wandb_dir) for r in (first, second)]
+    assert [log.run_id for log in logs] == ids
+    assert [log.project for log in logs] == ["blueberry", "from-env"]
+    header = wandb_header(second.run_dir)
+    assert header["project"] == {"value": "from-env", "source": "WANDB_PROJECT"}
+    assert header["group"] == {"value": spec.experiment, "source": "default"}
+    assert header["mode"] == {"value": "offline", "source": "set by WANDB_MODE"}
+    assert first.summary["cost/usd"] is None and "cost/usd" not in logs[0].summary  # no price on CPU: left out
+
+
+def test_a_sweep_trial_keeps_the_id_it_is_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_RUN_ID", "trial-7x2k")
+    result = execute(tiny_spec(tmp_path, "--train.steps=2", "--train.threads=1"), log=lambda msg: None)
+    assert result.run_dir.name == "trial-7x2k"
+    assert wandb_header(result.run_dir)["id"] == read_wandb_log(result.wandb_dir).run_id == "trial-7x2k"
+
+
+def test_resume_policy_is_must_only_when_both_attempts_are_online(tmp_path):
+    from blueberry.runner import wandb_identity
+    from blueberry.tracking.record import RunDir
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "spec.json").write_text(json.dumps({"wandb": {"id": "r-abc", "mode": {"value": "online"}}}))
+    claimed = RunDir(run_dir, lock_fd=-1, reused=True)
+    assert wandb_identity(claimed, None, "online", "r") == ("r-abc", "must")
+    assert wandb_identity(claimed, None, "offline", "r") == ("r-abc", "allow")
+    (run_dir / "spec.json").write_text(json.dumps({"name": "r"}))  # a record from before ids were stored
+    assert wandb_identity(claimed, None, "offline", "r") == ("r", "allow")
+
+
 def test_same_seed_same_results_on_cpu(tmp_path):
     runs = [
         execute(

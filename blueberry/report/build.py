@@ -230,10 +230,16 @@ def run_report(
         from blueberry.report.publish import publish as save_report
         from blueberry.report.publish import report_definition
 
-        projects = {r.get("tracking.project") for r in runs if r.get("tracking.project")}
+        projects = {project for r in runs if (project := _wandb_project(r))}
         project = project or (projects.pop() if len(projects) == 1 else "blueberry")
         definition = report_definition(runs, entity, project)
         panels = sum(len(getattr(b, "panels", [])) for b in definition.blocks)
         log(f"W&B Report definition built: {len(definition.blocks)} blocks, {panels} panels ({entity}/{project})")
         log(f"W&B Report saved: {save_report(definition)}")
     return result
+
+
+def _wandb_project(run) -> str | None:
+    """The W&B project a run logged to: its header's resolved value (spec, W&B's settings or our default)."""
+    chosen = (run.header.get("wandb") or {}).get("project")
+    return chosen.get("value") if isinstance(chosen, dict) else run.get("tracking.project")

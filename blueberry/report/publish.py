@@ -16,8 +16,13 @@ LINE_METRICS = ("train/loss", "val/loss", "val/accuracy", "val/perplexity")
 
 
 def report_definition(runs: list[Run], entity: str, project: str, title: str = "Blueberry study"):
-    import wandb_workspaces.reports.v2 as wr
-    from wandb_workspaces import expr
+    try:
+        import wandb_workspaces.reports.v2 as wr
+        from wandb_workspaces import expr
+    except ImportError:
+        raise ReportError(
+            "--publish needs wandb-workspaces: pip install 'blueberry[publish]' (or `make install`)", code=2
+        ) from None
 
     experiments = sorted({r.experiment for r in runs})
     finished = sum(r.ok for r in runs)

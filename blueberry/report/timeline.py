@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from blueberry.report.groups import Group, fmt_value, gap_vs_noise, group_runs, label_groups, rank
 from blueberry.report.studies import Study
@@ -87,7 +87,7 @@ def _date(group_runs_: list) -> datetime | None:
             date = datetime.fromisoformat(re.sub(r"([+-]\d\d)(\d\d)$", r"\1:\2", text))
         except ValueError:
             continue
-        dates.append(date if date.tzinfo else date.replace(tzinfo=timezone.utc))  # W&B's are naive UTC
+        dates.append(date if date.tzinfo else date.replace(tzinfo=UTC))  # W&B's are naive UTC
     return max(dates) if dates else None
 
 

@@ -245,12 +245,14 @@ class SweepRunner:
         self.workers[trial.run_id] = Worker(trial, process, log_file, log_path)
 
     def _offline_env(self, slot: int) -> dict:
-        """What we add to the agent's environment: offline W&B, our runs root, the sweep name, devices."""
+        """What we add to the agent's environment: offline W&B, our runs root, the sweep name, devices.
+
+        No WANDB_RUN_GROUP: runs honour it (W&B's precedence), and a trial's group stays its experiment.
+        """
         env = {
             # The `blueberry` that runs the sweep runs its trials, even from an unactivated venv.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
             "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
-            "WANDB_RUN_GROUP": self.sweep.name,
             "BLUEBERRY_RUNS_ROOT": str(self.runs_root),
             "BLUEBERRY_SWEEP_ID": self.sweep.sweep_id,
             "BLUEBERRY_SWEEP_NAME": self.sweep.name,

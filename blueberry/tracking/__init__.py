@@ -3,7 +3,8 @@
 from blueberry.fileio import write_json_atomic, write_text_atomic
 from blueberry.tracking.base import Tracker, Trackers
 from blueberry.tracking.record import RunRecord, allocate_run_dir, read_metrics
-from blueberry.tracking.wandb_tracker import WandbTracker, resolve_mode
+from blueberry.tracking.wandb_settings import resolve_mode
+from blueberry.tracking.wandb_tracker import WandbTracker, new_run_id, sweep_tag
 
 __all__ = [
     "RunRecord",
@@ -11,8 +12,10 @@ __all__ = [
     "Trackers",
     "WandbTracker",
     "allocate_run_dir",
+    "new_run_id",
     "read_metrics",
     "resolve_mode",
+    "sweep_tag",
     "write_json_atomic",
     "write_text_atomic",
 ]

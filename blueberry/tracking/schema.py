@@ -31,7 +31,7 @@ def keep_metric(key: str) -> bool:
 
 
 # spec.json: the run's header. The report keeps these keys of it (libraries, code, data stats stay on disk).
-HEADER_KEYS = ("params", "data", "causality", "hardware", "created_at")
+HEADER_KEYS = ("params", "data", "causality", "hardware", "wandb", "created_at")
 
 
 def make_header(
@@ -98,7 +98,14 @@ def header_from_wandb_config(config: dict, created_at: str | None = None) -> dic
     }
 
 
+TAG_LIMIT = 64  # W&B rejects longer tags (wandb_settings.Settings.validate_run_tags)
+
+
+def sweep_tag(name: str) -> str:
+    return f"sweep:{name}"[:TAG_LIMIT]
+
+
 def run_tags(spec: dict, sweep: dict | None = None) -> list[str]:
     """The W&B tags of a run (its variant, the spec's tags, the sweep's name): what the report filters on."""
     variant = spec.get("model", {}).get("variant") if isinstance(spec.get("model"), dict) else None
-    return [t for t in [variant, *spec.get("tags", []), *([f"sweep:{sweep['name']}"] if sweep else [])] if t]
+    return [t for t in [variant, *spec.get("tags", []), *([sweep_tag(sweep["name"])] if sweep else [])] if t]

@@ -1,9 +1,13 @@
-"""Read a W&B run's transaction log (`run-<id>.wandb`) without a server.
+"""Read a W&B run's transaction log (`run-<id>.wandb`) in-process, without a server.
 
-W&B has no public API for offline runs (wandb/wandb#1308); this decoder audits that what we
-logged really reached W&B. Format (wandb 0.31, pinned): a 7-byte header (`:W&B`, uint16
-0xBEE1, uint8 version), then 32 KiB blocks of chunks with a 7-byte header (uint32 CRC,
-uint16 length, uint8 type: 1 full, 2 first, 3 middle, 4 last) holding protobuf Records.
+W&B's Python API has no reader for offline runs (wandb/wandb#1308); W&B ships one as a CLI,
+`wandb leet inspect --json PATH` (one JSON object per record, wandb 0.31). We decode the file
+ourselves so the runner (resume replay) and the tests can read it without a subprocess, and
+tests/tracking/test_wandb_log.py checks this decoder against `wandb leet inspect` record by
+record (run, config, every history row, summary, exit), so a wandb upgrade that changes the
+format fails the tests. Format (wandb 0.31, pinned): a 7-byte header (`:W&B`, uint16 0xBEE1,
+uint8 version), then 32 KiB blocks of chunks with a 7-byte header (uint32 CRC, uint16 length,
+uint8 type: 1 full, 2 first, 3 middle, 4 last) holding protobuf Records.
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 class WandbLog:
     run_id: str = ""
     name: str = ""
+    project: str = ""
+    entity: str = ""
+    notes: str = ""
     group: str = ""
     job_type: str = ""
     tags: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    artifacts: list[dict] = field(default_factory=list)  # name, type, aliases, metadata of each logged artifact
     exit_code: int | None = None  # None: no exit record (still running, or killed)
 
 
@@ -79,6 +87,7 @@ def read_wandb_log(path: str | Path) -> WandbLog:
         if kind == "run":
             run = record.run
             log.run_id, log.name, log.group, log.job_type = run.run_id, run.display_name, run.run_group, run.job_type
+            log.project, log.entity, log.notes = run.project, run.entity, run.notes
             log.tags = list(run.tags)
             log.config.update(_items(run.config.update))
         elif kind == "config":
@@ -87,6 +96,16 @@ def read_wandb_log(path: str | Path) -> WandbLog:
             log.history.append(_items(record.history.item))
         elif kind == "summary":
             log.summary.update(_items(record.summary.update))
+        elif kind == "artifact":
+            artifact = record.artifact
+            log.artifacts.append(
+                {
+                    "name": artifact.name,
+                    "type": artifact.type,
+                    "aliases": list(artifact.aliases),
+                    "metadata": json.loads(artifact.metadata or "{}"),
+                }
+            )
         elif kind == "exit":
             log.exit_code = record.exit.exit_code
     log.config.pop("_wandb", None)

@@ -6,45 +6,37 @@ poisons a later offline one (wandb/wandb#9865), so we never "try online, fall ba
 
 from __future__ import annotations
 
-import os
+import secrets
+import string
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-MODES = ("online", "offline", "disabled")
+from blueberry.spec import safe_name
+from blueberry.tracking.schema import TAG_LIMIT, sweep_tag  # noqa: F401  (sweep_tag: re-exported)
+
 # Metrics whose W&B summary is {min|max, last} (define_metric); a final summary write would flatten it.
 SUMMARISED = {"val/loss": "min,last", "val/perplexity": "min,last", "val/accuracy": "max,last"}
+ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
-def has_api_key() -> bool:
-    """An API key in the environment or the netrc file (no network call)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+def new_run_id(name: str) -> str:
+    """A fresh W&B run id: the readable run name plus 8 random base-36 characters (as W&B's own ids).
 
-        return bool(read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")))
-    except Exception:  # a private helper: if it moves or fails, assume no key
-        return False
-
-
-def resolve_mode(requested: str) -> tuple[str, str]:
-    """(mode, why). Online only with an API key; otherwise offline."""
-    source = "spec"
-    if requested == "auto":
-        env = os.environ.get("WANDB_MODE", "").strip().lower()
-        if env in ("dryrun",):
-            env = "offline"
-        if env in MODES:
-            requested, source = env, "WANDB_MODE"
-        else:
-            return ("online", "API key found") if has_api_key() else ("offline", "no API key")
-    if requested == "online" and not has_api_key():
-        return "offline", f"online requested by {source} but no API key (set WANDB_API_KEY or `wandb login`)"
-    return requested, f"requested by {source}"
+    Never derived from the spec alone: the same spec run on another machine, by a colleague or after
+    `rm -rf runs` must not write into an earlier W&B run.
+    """
+    suffix = "".join(secrets.choice(ID_ALPHABET) for _ in range(8))
+    return f"{safe_name(name)[:64]}-{suffix}"
 
 
 class WandbTracker:
-    """Logs to a W&B run whose files live inside the local run record."""
+    """Logs to a W&B run whose files live inside the local run record.
+
+    `resume`: W&B's resume policy for `run_id`: "never" for a fresh run (a taken id is an error, never a
+    merge), "must" or "allow" when continuing an earlier attempt (runner.wandb_resume_policy).
+    """
 
     def __init__(
         self,
@@ -60,12 +52,17 @@ class WandbTracker:
         tags: list[str],
         notes: str | None,
         config: dict[str, Any],
-        resume: bool = False,
+        resume: str = "never",
+        system_metrics: bool = True,
+        log: Callable[[str], None] = print,
     ):
         import wandb
 
         self.mode = mode
-        self.run_id = os.environ.get("WANDB_RUN_ID") or run_id
+        self.run_id = run_id
+        self.say = log
+        self.best_val_loss = float("inf")  # lowest val/loss so far: its checkpoint gets the `best` alias
+        self._last_val: tuple[int, float] | None = None  # (step, val/loss) of the latest evaluation
         self.run = wandb.init(
             dir=str(run_dir),
             mode=mode,
@@ -74,16 +71,23 @@ class WandbTracker:
             group=group,
             job_type=job_type,
             name=name,
-            id=self.run_id,
-            # A resumed run continues the same W&B run: online it appends to it; offline each attempt is
-            # its own offline-run-* directory and `wandb sync` replays them in order into one run.
-            resume="allow" if resume else None,
-            tags=tags,
+            id=run_id,
+            # Online a resumed run appends to the same W&B run; offline each attempt is its own
+            # offline-run-* directory and `wandb sync` replays them in order into one run.
+            resume=resume,
+            tags=[tag[:TAG_LIMIT] for tag in tags],
             notes=notes,
             config=config,
             reinit="finish_previous",
-            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, save_code=False),
+            # quiet, not silent: W&B still prints its warnings and errors. System metrics (CPU, memory,
+            # GPU, network) are W&B's own sampler; the run record's energy and cost come from ours (NVML).
+            settings=wandb.Settings(console="off", x_disable_stats=not system_metrics, quiet=True, save_code=False),
         )
+        self.url = self.run.url if mode == "online" else None
+        if self.url:
+            self.say(f"W&B run: {self.url}")
+            if self.run.sweep_url:
+                self.say(f"W&B sweep: {self.run.sweep_url}")
         # One step axis (the optimizer step) for every metric; val metrics keep best and last.
         self.run.define_metric("trainer/step")
         self.run.define_metric("*", step_metric="trainer/step")
@@ -95,28 +99,48 @@ class WandbTracker:
         return None if self.mode == "disabled" else str(Path(self.run.dir).parent)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if "val/loss" in metrics:
+            self._last_val = (step, metrics["val/loss"])
         self.run.log({"trainer/step": step, **metrics})
 
     def log_checkpoint(self, path: Path, step: int) -> None:
-        """Log a checkpoint as a `model` artifact version aliased `latest` (offline: staged for `wandb sync`)."""
+        """Log a checkpoint as a `model` artifact version aliased `latest`, `step-N`, and `best` while its val
+        loss is the lowest so far (offline: staged for `wandb sync`)."""
+        aliases = ["latest", f"step-{step}"]
+        if self._last_val is not None and self._last_val[0] == step and self._last_val[1] < self.best_val_loss:
+            self.best_val_loss = self._last_val[1]
+            aliases.append("best")  # W&B moves an alias to the newest version that claims it
+        metadata = {"step": step, **({"val/loss": self._last_val[1]} if self._last_val else {})}
+        self._log_model_file(f"checkpoint-{self.run_id}", path, "checkpoint.pt", metadata, aliases)
+
+    def log_weights(self, state_dict: dict, metadata: dict[str, Any]) -> None:
+        """The final weights (a torch state dict) as the run's `model` artifact."""
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:  # W&B stages its own copy ("mutable"), so this one can go
+            path = Path(tmp) / "model.pt"
+            torch.save(state_dict, path)
+            self._log_model_file(f"model-{self.run_id}", path, "model.pt", metadata, ["latest"])
+
+    def _log_model_file(self, name: str, path: Path, file_name: str, metadata: dict, aliases: list[str]) -> None:
         import wandb
 
-        name = f"checkpoint-{self.run_id}"[:128]  # W&B caps artifact names at 128 characters
-        artifact = wandb.Artifact(name, type="model", metadata={"step": step})
+        artifact = wandb.Artifact(name[:128], type="model", metadata=metadata)  # W&B caps names at 128 characters
         # "mutable" makes W&B stage its own copy: keep-last-K may delete this file before an
         # asynchronous (or, offline, a much later) upload reads it, which "immutable" would break.
-        artifact.add_file(str(path), name="checkpoint.pt", policy="mutable")
-        self.run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
+        artifact.add_file(str(path), name=file_name, policy="mutable")
+        self.run.log_artifact(artifact, aliases=aliases)
 
     def summary(self, values: dict[str, Any]) -> None:
-        for key, value in values.items():
-            if key not in SUMMARISED:
-                self.run.summary[key] = value
+        """One summary update; W&B's own min/last summaries stay, and a missing value (None) is left out."""
+        self.run.summary.update({k: v for k, v in values.items() if k not in SUMMARISED and v is not None})
 
     def finish(self, state: str, reason: str | None = None) -> None:
         import wandb
 
         if reason:
-            self.run.summary["status/reason"] = reason
+            self.run.summary.update({"status/reason": reason})
         self.run.finish(exit_code=0 if state == "finished" else 1)
+        if self.url:
+            self.say(f"W&B run {state}: {self.url}")
         wandb.teardown()  # stop wandb-core so the process exits promptly

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from sweep_commands import REPO, RUN_WITH_ARGS_FILE
 
+from blueberry.tracking.wandb_log import read_wandb_log
+
 BLUEBERRY = str(Path(sys.executable).parent / "blueberry")
 
 
@@ -59,7 +61,10 @@ def test_grid_runs_every_point_once_and_records_the_sweep(tmp_path):
         header = json.loads((Path(trial["run_dir"]) / "spec.json").read_text())
         assert header["sweep"]["name"] == "tiny" and header["spec"]["experiment"] == "tiny-exp"
         assert header["run_id"] == trial["run_id"]
-        assert list((Path(trial["run_dir"]) / "wandb").glob("offline-run-*"))
+        (segment,) = (Path(trial["run_dir"]) / "wandb").glob("offline-run-*")
+        log = read_wandb_log(segment)  # the trial keeps the id the sweep gave it, and its experiment as group
+        assert header["wandb"]["id"] == log.run_id == trial["run_id"] and log.group == "tiny-exp"
+        assert "sweep:tiny" in log.tags
     # Same command again: nothing left to run, nothing re-run.
     again = subprocess.run(sweep_cmd(path, runs_root), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert again.returncode == 0 and len(state_of(runs_root)) == 2

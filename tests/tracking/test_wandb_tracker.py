@@ -1,4 +1,8 @@
-from blueberry.tracking import RunRecord, Trackers, WandbTracker, allocate_run_dir, resolve_mode
+import re
+
+import torch
+
+from blueberry.tracking import RunRecord, Trackers, WandbTracker, allocate_run_dir, new_run_id, resolve_mode, sweep_tag
 from blueberry.tracking.wandb_log import read_wandb_log
 
 
@@ -52,3 +56,60 @@ def test_offline_run_holds_what_was_logged(tmp_path):
     assert log.summary["final/val_loss"] == 2.5
     assert log.summary["val/loss"]["min"] == 2.5  # define_metric(summary="min,last")
     assert log.exit_code == 0
+
+
+def offline_tracker(run_dir, **overrides):
+    kwargs = dict(
+        mode="offline",
+        project="blueberry",
+        entity=None,
+        group="exp",
+        job_type="train",
+        name="exp-moe-s1",
+        run_id=new_run_id("exp-moe-s1"),
+        tags=["moe"],
+        notes=None,
+        config={"seed": 1},
+    )
+    return WandbTracker(run_dir, **{**kwargs, **overrides})
+
+
+def test_run_ids_are_fresh_and_sweep_tags_fit_wandb_limit():
+    ids = {new_run_id("exp-moe-lr0.01-s1") for _ in range(100)}
+    assert len(ids) == 100
+    assert all(re.fullmatch(r"exp-moe-lr0\.01-s1-[a-z0-9]{8}", i) for i in ids)
+    assert len(sweep_tag("x" * 100)) == 64 and sweep_tag("abl").startswith("sweep:abl")
+
+
+def test_checkpoints_get_best_alias_and_summary_has_no_none(tmp_path):
+    run_dir = allocate_run_dir(tmp_path, "exp", "r1")
+    tracker = offline_tracker(run_dir, tags=["moe", "sweep:" + "y" * 80])
+    assert tracker.run.settings.x_disable_stats is False  # W&B system metrics on by default
+    checkpoint = run_dir / "step.pt"
+    checkpoint.write_bytes(b"weights")
+    for step, val_loss in ((10, 3.0), (20, 2.0), (30, 2.5)):
+        tracker.log({"val/loss": val_loss}, step)
+        tracker.log_checkpoint(checkpoint, step)
+    tracker.log_weights({"w": torch.zeros(2)}, {"step": 30, "val/loss": 2.5})
+    tracker.summary({"cost/usd": None, "params/total": 7, "val/loss": 2.5})
+    tracker.finish("finished")
+
+    log = read_wandb_log(tracker.offline_dir)
+    assert [tag for tag in log.tags if tag.startswith("sweep:")] == ["sweep:" + "y" * 58]
+    checkpoints = [a for a in log.artifacts if a["name"].startswith("checkpoint-")]
+    assert [set(a["aliases"]) for a in checkpoints] == [
+        {"latest", "step-10", "best"},
+        {"latest", "step-20", "best"},
+        {"latest", "step-30"},  # worse than step 20: `best` stays there
+    ]
+    assert checkpoints[1]["metadata"] == {"step": 20, "val/loss": 2.0}
+    (model,) = [a for a in log.artifacts if a["name"] == f"model-{tracker.run_id}"]
+    assert model["type"] == "model" and model["metadata"]["step"] == 30
+    assert "cost/usd" not in log.summary and log.summary["params/total"] == 7
+    assert log.summary["val/loss"] == {"min": 2.0, "last": 2.5}  # W&B's own min/last, not overwritten
+
+
+def test_system_metrics_can_be_turned_off(tmp_path):
+    tracker = offline_tracker(allocate_run_dir(tmp_path, "exp", "r1"), system_metrics=False)
+    assert tracker.run.settings.x_disable_stats is True
+    tracker.finish("finished")

@@ -1,0 +1,172 @@
+"""What a run tells W&B, and where each value came from: the spec, W&B's own settings, or our defaults.
+
+W&B's precedence: an explicit value (here: the spec or an override) beats W&B's environment variables
+(`WANDB_MODE`, `WANDB_PROJECT`, ...), which beat its settings files: `wandb/settings` in the working
+directory (written by `wandb offline`, `wandb disabled`, `wandb init`) over the global one in
+`$WANDB_CONFIG_DIR` (default `~/.config/wandb/settings`). W&B's own loader reads them
+(`Settings.update_from_system_settings` / `update_from_env_vars`, the steps `wandb.setup` runs); we only
+note which source set each value so the run header can say why.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODES = ("online", "offline", "disabled")
+# W&B's mode aliases (wandb_settings.Settings.mode): "dryrun" is offline, "run" and "shared" go online.
+MODE_ALIASES = {"dryrun": "offline", "run": "online", "shared": "online"}
+# Our field -> (W&B setting, the environment variable W&B reads it from)
+WANDB_FIELDS = {
+    "mode": ("mode", "WANDB_MODE"),
+    "project": ("project", "WANDB_PROJECT"),
+    "entity": ("entity", "WANDB_ENTITY"),
+    "group": ("run_group", "WANDB_RUN_GROUP"),
+    "job_type": ("run_job_type", "WANDB_JOB_TYPE"),
+    "tags": ("run_tags", "WANDB_TAGS"),
+    "notes": ("run_notes", "WANDB_NOTES"),
+    "name": ("run_name", "WANDB_NAME"),
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: Any
+    source: str  # "spec", "WANDB_PROJECT", "settings file /path/wandb/settings", "default", ...
+
+
+def global_settings_path() -> Path:
+    """Where `wandb.setup` looks for the global settings file."""
+    config_dir = os.environ.get("WANDB_CONFIG_DIR")
+    return Path(config_dir).expanduser() / "settings" if config_dir else Path("~/.config/wandb/settings").expanduser()
+
+
+def wandb_settings() -> dict[str, Choice]:
+    """The values W&B's own settings (environment, then the settings files) give our fields, with their source.
+
+    Fields they leave unset are absent.
+    """
+    from pydantic import ValidationError
+    from wandb.sdk.lib.settings_file import SettingsFiles
+    from wandb.sdk.wandb_settings import Settings
+
+    settings = Settings(quiet=True)  # quiet: no "Loading settings from ..." line
+    settings.settings_system = str(global_settings_path())
+    settings.update_from_system_settings()
+    try:
+        settings.update_from_env_vars(dict(os.environ))
+    except ValidationError as exc:  # wandb.init would fail on it too, with a traceback
+        error = exc.errors()[0]
+        env_var = {setting: var for setting, var in WANDB_FIELDS.values()}.get(error["loc"][0], f"{error['loc'][0]}")
+        raise ValueError(f"W&B environment variable {env_var}={error.get('input')!r}: {error['msg']}") from None
+    # The working directory's file wins over the global one.
+    files = {
+        path: SettingsFiles(global_settings=None, local_settings=Path(path)).all()
+        for path in (settings.settings_workspace, settings.settings_system)
+    }
+    found: dict[str, Choice] = {}
+    for field, (setting, env_var) in WANDB_FIELDS.items():
+        value = getattr(settings, setting)
+        if os.environ.get(env_var):
+            source = env_var
+        else:
+            holder = next((path for path, values in files.items() if setting in values), None)
+            if holder is None:
+                continue
+            source = f"settings file {holder}"
+        if value in (None, "", ()):
+            continue
+        found[field] = Choice(list(value) if field == "tags" else value, source)
+    return found
+
+
+def has_api_key() -> bool:
+    """An API key in the environment or the netrc file (no network call)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+
+        return bool(read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")))
+    except Exception:  # a private helper: if it moves or fails, assume no key
+        return False
+
+
+def resolve_mode(requested: str, found: dict[str, Choice] | None = None) -> tuple[str, str]:
+    """(mode, why). `auto` asks W&B's settings; with none, online when an API key exists, else offline.
+
+    Online without an API key would fail in `wandb.init`, so it runs offline and says why.
+    """
+    source = "spec"
+    if requested == "auto":
+        choice = (wandb_settings() if found is None else found).get("mode")
+        if choice is None:
+            return ("online", "default: API key found") if has_api_key() else ("offline", "default: no API key")
+        requested, source = MODE_ALIASES.get(choice.value, choice.value), choice.source
+    if requested == "online" and not has_api_key():
+        return "offline", f"online set by {source} but no API key (set WANDB_API_KEY or `wandb login`)"
+    return requested, f"set by {source}"
+
+
+def run_settings(spec, tags: list[str]) -> dict[str, Choice]:
+    """Every `wandb.init` value of a run of `spec` with its source: the spec, else W&B's settings, else ours.
+
+    `tags`: ours, always given (the variant, the sweep); the user's tags (spec, else WANDB_TAGS) follow.
+    """
+    found = wandb_settings()
+    mode, why = resolve_mode(spec.tracking.wandb, found)
+    tracking = spec.tracking
+    # field: (the spec's explicit value or None, our default)
+    fields = {
+        "project": (tracking.project, "blueberry"),
+        "entity": (tracking.entity, None),  # W&B's default entity (the API key's user)
+        "group": (tracking.group, spec.experiment),
+        "job_type": (tracking.job_type, "train"),
+        "notes": (tracking.notes, None),
+        "name": (spec.name, spec.run_name),
+        "tags": (spec.tags or None, []),
+    }
+    chosen = {"mode": Choice(mode, why)}
+    for field, (explicit, default) in fields.items():
+        if explicit is not None:
+            chosen[field] = Choice(explicit, "spec")
+        else:
+            chosen[field] = found.get(field, Choice(default, "default"))
+    user_tags = chosen["tags"]
+    chosen["tags"] = Choice(list(dict.fromkeys([*tags, *user_tags.value])), user_tags.source)
+    return chosen
+
+
+def describe(chosen: dict[str, Choice]) -> dict[str, dict[str, Any]]:
+    """The run header's `wandb` section: each value and where it came from."""
+    return {field: {"value": choice.value, "source": choice.source} for field, choice in chosen.items()}
+
+
+def wandb_status(spec) -> dict[str, Any]:
+    """For `blueberry doctor`: the wandb and sweep-engine versions, and the W&B values a run of `spec` would use."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        engine = version("sweeps")
+    except PackageNotFoundError:
+        engine = None
+    chosen = run_settings(spec, tags=[spec.model.variant])
+    return {"wandb": version("wandb"), "sweep_engine": engine, "run": describe(chosen)}
+
+
+def format_wandb_status(status: dict[str, Any]) -> str:
+    run = status["run"]
+    engine = status["sweep_engine"]
+    engine = f"sweeps {engine}" if engine else "not installed (pip install sweeps==0.3.0)"
+    lines = [
+        f"W&B      wandb {status['wandb']}; sweep engine {engine}",
+        f"  mode       {run['mode']['value']} ({run['mode']['source']})",
+    ]
+    for field in ("project", "entity", "group", "job_type"):
+        value, source = run[field]["value"], run[field]["source"]
+        if value is None:
+            value, source = "-", "W&B's default: your login's entity"
+        lines.append(f"  {field:<10} {value} ({source})")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""W&B's precedence: the spec, then W&B's environment variables and settings files, then our defaults."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from wandb.sdk.lib.settings_file import SettingsFiles
+
+from blueberry.spec import RunSpec
+from blueberry.tracking.wandb_settings import global_settings_path, resolve_mode, run_settings
+
+KEY = "x" * 40
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working directory of its own (W&B reads `wandb/settings` there); no WANDB_MODE, an API key."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_DIR")  # WANDB_DIR moves W&B's workspace settings file: keep it in the cwd
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    return tmp_path
+
+
+def wandb_cli_setting(key, value, *, globally=False):
+    """What `wandb offline` / `wandb disabled` / `wandb init` write: W&B's own settings-file writer."""
+    files = SettingsFiles(global_settings=global_settings_path(), local_settings=Path("wandb/settings"))
+    files.set(key, value, globally=globally)
+    files.save()
+
+
+def wandb_command(*args):
+    subprocess.run([str(Path(sys.executable).parent / "wandb"), *args], check=True, capture_output=True, timeout=120)
+
+
+def test_auto_follows_wandb_offline_disabled_online_in_the_working_directory(workdir):
+    assert resolve_mode("auto") == ("online", "default: API key found")
+    wandb_command("offline")
+    mode, why = resolve_mode("auto")
+    assert mode == "offline" and why == f"set by settings file {workdir / 'wandb' / 'settings'}"
+    wandb_command("disabled")
+    assert resolve_mode("auto")[0] == "disabled"
+    wandb_command("online")  # clears the setting: W&B's default, online (we have a key)
+    assert resolve_mode("auto") == ("online", "default: API key found")
+
+
+def test_global_settings_file_then_env_then_spec(workdir, monkeypatch):
+    wandb_cli_setting("mode", "disabled", globally=True)
+    assert resolve_mode("auto") == ("disabled", f"set by settings file {global_settings_path()}")
+    wandb_cli_setting("mode", "offline")  # the working directory's file wins over the global one
+    assert resolve_mode("auto")[0] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # the environment wins over both; W&B's alias for offline
+    assert resolve_mode("auto") == ("offline", "set by WANDB_MODE")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert resolve_mode("auto") == ("online", "set by WANDB_MODE")
+    assert resolve_mode("disabled") == ("disabled", "set by spec")  # an explicit spec value wins over all
+
+
+def test_online_without_a_key_runs_offline_and_says_why(workdir, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert resolve_mode("auto") == ("offline", "default: no API key")
+    wandb_cli_setting("mode", "online")
+    mode, why = resolve_mode("auto")
+    assert mode == "offline" and "settings file" in why and "no API key" in why
+
+
+def test_run_values_follow_precedence_and_say_where_they_came_from(workdir, monkeypatch):
+    spec = RunSpec(experiment="exp1", tags=["mine"])
+    chosen = run_settings(spec, tags=["moe"])
+    assert (chosen["project"].value, chosen["project"].source) == ("blueberry", "default")
+    assert (chosen["group"].value, chosen["job_type"].value, chosen["entity"].value) == ("exp1", "train", None)
+    assert (chosen["tags"].value, chosen["tags"].source) == (["moe", "mine"], "spec")
+    assert chosen["name"].value == spec.run_name
+
+    wandb_cli_setting("project", "from-file")  # as `wandb init` writes it
+    monkeypatch.setenv("WANDB_RUN_GROUP", "env-group")
+    monkeypatch.setenv("WANDB_JOB_TYPE", "eval")
+    monkeypatch.setenv("WANDB_ENTITY", "team")
+    chosen = run_settings(RunSpec(experiment="exp1"), tags=["moe"])
+    assert chosen["project"].value == "from-file" and chosen["project"].source.startswith("settings file ")
+    assert (chosen["group"].value, chosen["group"].source) == ("env-group", "WANDB_RUN_GROUP")
+    assert (chosen["job_type"].value, chosen["entity"].value) == ("eval", "team")
+
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")  # the environment beats the settings file
+    monkeypatch.setenv("WANDB_TAGS", "a,b")
+    chosen = run_settings(RunSpec(experiment="exp1"), tags=["moe"])
+    assert (chosen["project"].value, chosen["project"].source) == ("from-env", "WANDB_PROJECT")
+    assert (chosen["tags"].value, chosen["tags"].source) == (["moe", "a", "b"], "WANDB_TAGS")
+
+    explicit = RunSpec.model_validate(
+        {"experiment": "exp1", "tracking": {"project": "p", "group": "g", "job_type": "train", "wandb": "offline"}}
+    )
+    chosen = run_settings(explicit, tags=[])
+    assert {k: chosen[k].value for k in ("project", "group", "job_type", "mode")} == {
+        "project": "p",
+        "group": "g",
+        "job_type": "train",
+        "mode": "offline",
+    }
+    assert {chosen[k].source for k in ("project", "group", "job_type")} == {"spec"}
+    assert chosen["mode"].source == "set by spec"
+
+
+def test_an_invalid_wandb_environment_variable_is_named(workdir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    with pytest.raises(ValueError, match="W&B environment variable WANDB_MODE='ofline': Input should be"):
+        resolve_mode("auto")
