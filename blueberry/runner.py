@@ -120,7 +120,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     resume_step = resume_state["step"] if resume_state else 0
     record = RunRecord(run_dir, header, resume_step=resume_step if claimed.reused else None)
     log(
-        f"run {run_dir.name}: {spec.model.variant}, {params.total / 1e6:.2f}M params "
+        f"run {run_dir.name}: {spec.model.label}, {params.total / 1e6:.2f}M params "
         f"({params.active / 1e6:.2f}M active), {device} {precision}, W&B {mode} ({why})"
     )
     if claimed.reused:
@@ -142,11 +142,11 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
             name=spec.run_name,
             run_id=run_dir.name,
             resume=claimed.reused,
-            tags=[spec.model.variant, *spec.tags, *([f"sweep:{sweep['name']}"] if sweep else [])],
+            tags=[spec.model.label, *spec.tags, *([f"sweep:{sweep['name']}"] if sweep else [])],
             notes=spec.tracking.notes,
             config={
                 **spec.to_json_dict(),
-                "variant": spec.model.variant,
+                "variant": spec.model.label,
                 "spec_hash": spec_hash,
                 "params_total": params.total,
                 "params_active": params.active,

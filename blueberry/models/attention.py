@@ -33,6 +33,11 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs of the score (q·k) and value products per token, causal saving not counted (PaLM)."""
+        head_dim = self.proj.in_features // self.n_heads
+        return 6 * seq_len * self.n_heads * 2 * head_dim
+
 
 class LatentAttention(nn.Module):
     """transformers' DeepSeek-V3 multi-head latent attention (MLA), run causally.
@@ -49,3 +54,7 @@ class LatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         y, _ = self.mla(x, position_embeddings=rope, attention_mask=None, is_causal=True)
         return y
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs of the score (q·k over qk_head_dim) and value products per token, as for MHA."""
+        return 6 * seq_len * self.mla.num_heads * (self.mla.qk_head_dim + self.mla.v_head_dim)

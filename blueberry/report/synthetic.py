@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blueberry.models import registry
 from blueberry.spec import RunSpec
 from blueberry.tracking import write_json_atomic
 
@@ -22,7 +23,7 @@ def write_run(
     root: str | Path,
     experiment: str,
     *,
-    variant: str = "baseline",
+    variant: str = registry.DEFAULT_PRESET,
     seed: int = 42,
     lr: float = 0.01,
     steps: int = 100,

@@ -7,16 +7,10 @@ import math
 
 import numpy as np
 
+from blueberry.models import registry
 from blueberry.report.groups import Group, Stat, gap_vs_noise, group_runs, label_groups, rank
 from blueberry.report.records import Run
 
-CATEGORY = {
-    "baseline": "Baseline",
-    "mlp": "DeepSeek MLP",
-    "attention_mlp": "DeepSeek Attn+MLP",
-    "moe": "GLM4 MoE",
-    "attention_moe": "DeepSeek Attn+MoE",
-}
 # LR assessment: share of the best configuration's improvement over the unigram baseline that a
 # configuration achieves, (unigram − loss) / (unigram − best loss).
 ASSESSMENT = ((0.95, "Near best"), (0.75, "Good"), (0.40, "Moderate"), (0.0, "Poor convergence"))
@@ -120,7 +114,8 @@ def ablation_table(runs: list[Run]) -> tuple[str, list[Group]]:
     for i, g in enumerate(ranked):
         row = [str(i + 1) if g.ok else "—", g.label, *metric_cells(g), g.minutes.fmt(".2f")]
         row += [fmt_params(g.params("total")), fmt_params(g.params("active"))]
-        row += [CATEGORY.get(g.get("model.variant"), "—"), g.states] + ([noise[i]] if seeded else [])
+        category = registry.category({k: g.get(f"model.{k}") for k in registry.CHOICE_FIELDS})
+        row += [category, g.states] + ([noise[i]] if seeded else [])
         rows.append(row)
     return md_table(headers, rows) + "\n" + statistics(ranked), ranked
 

@@ -102,3 +102,26 @@ def test_optimizer_groups_partition_parameters(variant):
     assert all(p.ndim == 3 for p in groups.muon_3d)
     assert all(p.ndim < 2 or p is model.tok_emb.weight for p in groups.adamw)
     assert bool(groups.muon_3d) == (variant == "attention_moe")  # GLM-4 stores experts as [E, out, in] stacks
+
+
+def test_deepseek_v3_counts_and_flops():
+    """MLA + DeepSeek-V3 MoE (8 routed experts, top-2, one shared expert) by hand at the study shape."""
+    from blueberry.perf import flops_per_token
+
+    mla, mla_vectors = 558_144, 128 + 128 + 192 + 128 + D  # q_a bias + norm, kv_a bias + norm, o_proj bias
+    expert = 3 * D * F_EXPERT  # SwiGLU gate, up, down of one routed expert (3-D stacks): 1,572,864
+    shared, router = 3 * D * F_EXPERT, E * D  # e_score_correction_bias is a buffer, not a parameter
+    block = mla + NORMS + E * expert + shared + router
+    total = EMBEDDING + L * block + D
+    active = total - L * (E - K) * expert
+    assert (total, active) == (69_323_456, 41_011_904)
+    model = meta_build("deepseek_v3")
+    counts = count_parameters(model)
+    assert (counts.total, counts.active, counts.embedding) == (total, active, EMBEDDING)
+
+    T = 256
+    matmul = EMBEDDING + L * (mla - mla_vectors + router + shared + K * expert)  # tied embedding once, as LM head
+    attention = L * 6 * T * 8 * (D // 8 + D // 8)  # qk head dim (rope 64 + nope 0) + v head dim 64, per head
+    flops = flops_per_token(model, T)
+    assert flops.active_matmul_params == matmul == 41_005_056
+    assert (flops.matmul, flops.attention) == (6 * matmul, attention) == (246_030_336, 4_718_592)
