@@ -23,6 +23,7 @@ from blueberry.tracking.record import RunDir, claim_run_dir
 from blueberry.tracking.wandb_log import read_wandb_log
 from blueberry.train import train
 from blueberry.train.checkpoint import Checkpointer, ResumeError, checkpoint_paths, weights_digest
+from blueberry.train.optim import optimizer_split
 from blueberry.train.trainer import StopRequest, TrainingInterrupted
 
 
@@ -95,6 +96,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
         claimed.release()
         raise
     sweep = sweep_context()
+    split = optimizer_split(model, spec.train)  # parameters under Muon / AdamW
     header = {
         "run_id": run_dir.name,
         "name": spec.run_name,
@@ -103,7 +105,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
         "sweep": sweep,
         "spec_hash": spec_hash,
         "spec": spec.to_json_dict(),
-        "params": {"total": params.total, "active": params.active, "embedding": params.embedding},
+        "params": {"total": params.total, "active": params.active, "embedding": params.embedding, **split},
         "data": {
             "fingerprint": data.fingerprint,
             "stats": data.stats,
@@ -121,7 +123,9 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     record = RunRecord(run_dir, header, resume_step=resume_step if claimed.reused else None)
     log(
         f"run {run_dir.name}: {spec.model.label}, {params.total / 1e6:.2f}M params "
-        f"({params.active / 1e6:.2f}M active), {device} {precision}, W&B {mode} ({why})"
+        f"({params.active / 1e6:.2f}M active; {split['muon'] / 1e6:.2f}M under Muon, "
+        f"{split['adamw'] / 1e6:.2f}M AdamW), "
+        f"{device} {precision}, W&B {mode} ({why})"
     )
     if claimed.reused:
         log(

@@ -175,11 +175,19 @@ class TrainSpec(_Strict):
         None, ge=1, le=1_048_576, description="Windows per optimizer step over all ranks; only with batch_size 'auto'."
     )
     optimizer: Literal["muon", "adamw"] = Field(
-        "muon", description="muon: Muon on 2-D hidden matrices + AdamW on the rest; adamw: AdamW on everything."
+        "muon",
+        description="muon: Muon on every hidden weight matrix (expert stacks included) + AdamW on the rest; "
+        "adamw: AdamW on everything.",
     )
     lr: float = Field(0.01, gt=0, le=10, description="Peak LR (Muon's when optimizer=muon).")
     adamw_lr_ratio: float = Field(0.1, gt=0, le=100, description="AdamW LR = ratio × lr when optimizer=muon.")
-    weight_decay: float = Field(0.1, ge=0, le=10, description="AdamW weight decay.")
+    weight_decay: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="AdamW weight decay of the hidden matrices (optimizer adamw); the embedding, "
+        "norm gains and biases never decay.",
+    )
     muon_weight_decay: float = Field(0.0, ge=0, le=10)
     muon_momentum: float = Field(0.95, ge=0, lt=1)
     adam_betas: tuple[float, float] = (0.9, 0.95)

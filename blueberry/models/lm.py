@@ -35,9 +35,8 @@ class ModelOutput:
 
 
 class OptimizerGroups(NamedTuple):
-    muon: list[nn.Parameter]  # 2-D hidden matrices: attention, router, experts stored as Linear
-    muon_3d: list[nn.Parameter]  # GLM-4 expert stacks [E, out, in]: one matrix per expert; torch.optim.Muon is 2-D only
-    adamw: list[nn.Parameter]  # the tied embedding, norm weights, biases
+    matrices: list[nn.Parameter]  # every hidden weight matrix, routed-expert stacks [E, out, in] included
+    no_decay: list[nn.Parameter]  # the tied embedding, norm gains, biases
 
 
 class Block(nn.Module):
@@ -118,21 +117,20 @@ class BlueberryLM(nn.Module):
                 ffn.update_bias(self.spec.bias_update_rate)
 
     def optimizer_groups(self) -> OptimizerGroups:
-        """Split the parameters for Muon + AdamW: Muon takes the hidden matrices, AdamW the rest.
+        """One recipe for every variant: the hidden weight matrices (Muon, or decayed AdamW) and the rest.
 
-        The tied embedding (= lm_head) goes to AdamW. GLM-4 stores its routed experts as 3-D stacks, which
-        torch.optim.Muon rejects: they get their own group, to orthogonalise per expert or give to AdamW.
+        Whatever module holds an expert, its matrix is a hidden matrix: a routed-expert stack [E, out, in]
+        (GLM-4, DeepSeek-V3) is E of them, as the top-k MoE's Linear experts are. The tied embedding
+        (= lm_head), norm gains and biases never decay.
         """
-        groups = OptimizerGroups([], [], [])
+        groups = OptimizerGroups([], [])
         for p in self.parameters():  # the tied weight appears once
             if p.numel() == 0:  # GLM-4 still builds a (0-wide) shared expert when n_shared_experts = 0
                 continue
             if p is self.tok_emb.weight or p.ndim < 2:
-                groups.adamw.append(p)
-            elif p.ndim == 2:
-                groups.muon.append(p)
+                groups.no_decay.append(p)
             else:
-                groups.muon_3d.append(p)
+                groups.matrices.append(p)
         return groups
 
 

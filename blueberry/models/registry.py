@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
     from blueberry.spec import ModelSpec
 
-BALANCES = ("aux_loss", "bias_update", "none")
-
 
 def _mha(spec: ModelSpec, layer_idx: int) -> nn.Module:
     from .attention import CausalSelfAttention
@@ -107,13 +105,14 @@ FFNS = {
     for f in (
         FeedForward("mlp", "DeepSeek-V3 SwiGLU MLP", _mlp, routed=False, balance="none"),
         FeedForward("topk_moe", "top-k MoE", _topk_moe, routed=True, balance="aux_loss"),
-        # GLM-4's and DeepSeek-V3's routers rank the top-2 scores of each expert group: at least 2 experts
+        # GLM-4's and DeepSeek-V3's routers rank the top-2 scores of each expert group: at least 2 experts.
+        # Both balance as their models were trained, by routing-bias updates rather than an auxiliary loss.
         FeedForward(
             "glm4_moe",
             "GLM4 MoE",
             _glm4_moe,
             routed=True,
-            balance="aux_loss",
+            balance="bias_update",
             bias_router=True,
             transformers_experts=True,
             min_experts=2,
@@ -123,7 +122,7 @@ FFNS = {
             "DeepSeek-V3 MoE",
             _deepseek_moe,
             routed=True,
-            balance="aux_loss",
+            balance="bias_update",
             bias_router=True,
             transformers_experts=True,
             min_experts=2,
