@@ -107,13 +107,17 @@ def ablation_table(runs: list[Run]) -> tuple[str, list[Group]]:
     label_groups(groups, first="model.variant")
     ranked = rank(groups)
     seeded = any(g.loss.n >= 2 for g in ranked)
+    # the optimizer split, from run headers that record it (runs since the one-recipe change)
+    split = any(g.params("muon") is not None for g in ranked)
     headers = ["Rank", "Configuration", "Val Loss", "Val Acc", "Val Perp", "Time (min)", "Params (M)", "Active (M)"]
-    headers += ["Category", "Seeds"] + (["Gap to next > noise?"] if seeded else [])
+    headers += (["Muon / AdamW (M)"] if split else []) + ["Category", "Seeds"]
+    headers += ["Gap to next > noise?"] if seeded else []
     noise = noise_cells(ranked) if seeded else []
     rows = []
     for i, g in enumerate(ranked):
         row = [str(i + 1) if g.ok else "—", g.label, *metric_cells(g), g.minutes.fmt(".2f")]
         row += [fmt_params(g.params("total")), fmt_params(g.params("active"))]
+        row += [f"{fmt_params(g.params('muon'))} / {fmt_params(g.params('adamw'))}"] if split else []
         category = registry.category({k: g.get(f"model.{k}") for k in registry.CHOICE_FIELDS})
         row += [category, g.states] + ([noise[i]] if seeded else [])
         rows.append(row)
