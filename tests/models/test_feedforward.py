@@ -1,5 +1,6 @@
 """Expert dispatch: the sorted dispatch computes exactly what a per-token loop computes, and every experts
-implementation of the GLM-4 block gives the same outputs and gradients (a speed choice only)."""
+implementation of the GLM-4 and DeepSeek-V3 blocks gives the same outputs and gradients (a speed choice only);
+routing-bias balancing evens a skewed router and resumes exactly."""
 
 import pytest
 import torch
@@ -36,9 +37,10 @@ def test_expert_with_no_tokens_gets_zero_gradient():
     assert mats.grad[2].abs().sum() == 0 and mats.grad[:2].abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", ["moe", "attention_moe"])
+@pytest.mark.parametrize("variant", ["moe", "attention_moe", "deepseek_v3"])
 def test_glm4_experts_implementations_agree(variant, monkeypatch):
-    """sorted (ours, registered with transformers), eager and grouped_mm (transformers'): same numbers."""
+    """sorted (ours, registered with transformers), eager and grouped_mm (transformers'): same numbers, for the
+    GLM-4 and the DeepSeek-V3 experts (one layout)."""
     dispatched = []
     monkeypatch.setattr(feedforward, "sorted_dispatch", lambda *a: dispatched.append(1) or sorted_dispatch(*a))
     outputs = []
