@@ -106,7 +106,7 @@ def validate(spec_path, overrides, override_files, print_spec):
     spec = _load(spec_path, overrides, override_files)
     if print_spec:
         click.echo(json.dumps(spec.to_json_dict(), indent=2))
-    click.echo(f"ok: {spec_path} -> run '{spec.run_name}' ({spec.model.variant}), spec hash {spec.spec_hash()[:12]}")
+    click.echo(f"ok: {spec_path} -> run '{spec.run_name}' ({spec.model.label}), spec hash {spec.spec_hash()[:12]}")
 
 
 @main.command()

@@ -9,6 +9,7 @@ sees world × batch_size × grad_accum windows, and rank r trains on its own sli
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -82,10 +83,21 @@ def sync_gradients(model: torch.nn.Module, last_micro_step: bool):
     return model.no_sync()
 
 
+def load_statistics(load: list[float]) -> dict[str, float]:
+    """One MoE layer's expert loads (shares summing to 1) summarised: the largest share, the entropy normalised to
+    1 for equal loads, and the number of experts that got no token."""
+    entropy = -sum(share * math.log(share) for share in load if share > 0)
+    return {
+        "load_max": max(load),
+        "load_entropy": entropy / math.log(len(load)) if len(load) > 1 else 1.0,
+        "idle_experts": sum(share == 0 for share in load),
+    }
+
+
 def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Average scalar metrics over ranks in one collective (every rank passes the same keys; no-op alone).
 
-    Each MoE layer's load_max is re-taken over the averaged expert loads: a mean of maxima is not the max.
+    Each MoE layer's load statistics are re-taken from the averaged expert loads: a mean of maxima is not the max.
     """
     if not current().distributed:
         return metrics
@@ -97,7 +109,8 @@ def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
     for key in keys:
         if key.endswith("/load_max"):
             layer = key[: -len("load_max")]
-            averaged[key] = max(v for k, v in averaged.items() if k.startswith(layer + "load_e"))
+            load = [v for k, v in averaged.items() if k.startswith(layer + "load_e") and k[len(layer) + 6 :].isdigit()]
+            averaged.update({layer + name: value for name, value in load_statistics(load).items()})
     return averaged
 
 

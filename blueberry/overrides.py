@@ -179,7 +179,7 @@ def _problem(err: dict, sources: dict[str, str], base_source: str) -> tuple[str,
         if close:
             reason += f" (did you mean '{close[0]}'?)"
     elif err["type"] == "literal_error" and isinstance(err.get("input"), str):
-        # pydantic lists the allowed values, quoted, in ctx["expected"]: "'baseline', 'mlp' or 'moe'"
+        # pydantic lists the allowed values, quoted, in ctx["expected"]: "'cosine' or 'constant'"
         allowed = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
         close = difflib.get_close_matches(err["input"], allowed, n=1)
         if close:

@@ -36,26 +36,14 @@ class Flops:
         return self.matmul + self.attention
 
 
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> Flops:
-    """Count from the modules: every ≥2-D weight is a matmul (the tied embedding once, as the LM head).
+def flops_per_token(model, seq_len: int) -> Flops:
+    """Count from the modules (a BlueberryLM): every ≥2-D weight is a matmul (the tied embedding once, as the LM
+    head); each attention module counts its own score and value products.
 
     A routed expert's weights are scaled by top_k / n_experts, since each token visits only top_k of them.
     """
-    from blueberry.models.attention import CausalSelfAttention, LatentAttention
-    from blueberry.models.feedforward import Glm4MoE, TopKMoE
-
-    scale: dict[int, float] = {}
-    attention = 0.0
-    for module in model.modules():
-        if isinstance(module, (TopKMoE, Glm4MoE)):
-            for p in module.routed_experts().parameters():
-                scale[id(p)] = module.top_k / module.n_experts
-        elif isinstance(module, CausalSelfAttention):
-            head_dim = module.proj.in_features // module.n_heads
-            attention += 6 * seq_len * module.n_heads * 2 * head_dim
-        elif isinstance(module, LatentAttention):
-            mla = module.mla
-            attention += 6 * seq_len * mla.num_heads * (mla.qk_head_dim + mla.v_head_dim)
+    scale = {id(p): ffn.top_k / ffn.n_experts for ffn in model.routed_ffns() for p in ffn.routed_experts().parameters()}
+    attention = model.attention_flops(seq_len)
     active = sum(p.numel() * scale.get(id(p), 1.0) for p in model.parameters() if p.ndim >= 2)
     return Flops(matmul=6 * active, attention=attention, active_matmul_params=round(active))
 

@@ -32,6 +32,7 @@ from blueberry.tracking.wandb_log import read_wandb_log
 from blueberry.tracking.wandb_settings import Choice, describe, run_settings
 from blueberry.train.checkpoint import Checkpointer, ResumeError, checkpoint_paths, weights_digest
 from blueberry.train.metrics import MetricsProcessor
+from blueberry.train.optim import optimizer_split
 from blueberry.train.trainer import StopRequest, TrainingInterrupted, train
 
 
@@ -89,7 +90,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
         finally:
             distributed.shutdown()
     run.sweep = sweep_context()
-    ours = [spec.model.variant, *([sweep_tag(run.sweep["name"])] if run.sweep else [])]
+    ours = [spec.model.label, *([sweep_tag(run.sweep["name"])] if run.sweep else [])]
     run.wandb_settings = run_settings(spec, tags=ours)  # the spec, else W&B's own settings, else our defaults
     mode, why = run.wandb_settings["mode"].value, run.wandb_settings["mode"].source
     claim_stage(run, resume)
@@ -160,11 +161,12 @@ def record_stage(run: Run, mode: str, why: str, log) -> None:
     """Write the run record's header and mark the run running; say what runs where."""
     spec, built, data, claimed = run.spec, run.built, run.data, run.claimed
     params = built.params
+    split = optimizer_split(built.model, spec.train)  # parameters under Muon / AdamW
     run.wandb_id, run.wandb_resume = wandb_identity(claimed, os.environ.get("WANDB_RUN_ID"), mode, spec.run_name)
     run.header = make_header(
         run_id=claimed.path.name,
         spec=spec,
-        params={"total": params.total, "active": params.active, "embedding": params.embedding},
+        params={"total": params.total, "active": params.active, "embedding": params.embedding, **split},
         data={
             "fingerprint": data.fingerprint,
             "stats": data.stats,
@@ -181,8 +183,9 @@ def record_stage(run: Run, mode: str, why: str, log) -> None:
     resume_step = run.resume_state["step"] if run.resume_state else 0
     run.tracker = RunRecord(claimed.path, run.header, resume_step=resume_step if claimed.reused else None)
     log(
-        f"run {claimed.path.name}: {spec.model.variant}, {params.total / 1e6:.2f}M params "
-        f"({params.active / 1e6:.2f}M active), {built.device} {built.precision}, W&B {mode} ({why})"
+        f"run {claimed.path.name}: {spec.model.label}, {params.total / 1e6:.2f}M params "
+        f"({params.active / 1e6:.2f}M active; {split['muon'] / 1e6:.2f}M under Muon, "
+        f"{split['adamw'] / 1e6:.2f}M AdamW), {built.device} {built.precision}, W&B {mode} ({why})"
     )
     if claimed.reused:
         log(

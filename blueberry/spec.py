@@ -13,8 +13,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-VARIANTS = ("baseline", "mlp", "attention_mlp", "moe", "attention_moe")
-Variant = Literal["baseline", "mlp", "attention_mlp", "moe", "attention_moe"]
+from blueberry.models import registry
+
+VARIANTS = tuple(registry.PRESETS)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
@@ -24,22 +25,37 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """Architecture: the variant and its shape. The vocabulary size comes from the tokenizer."""
+    """Architecture: attention × feed-forward (or a preset naming both) and the shape. The vocabulary size comes
+    from the tokenizer."""
 
-    variant: Variant = "baseline"
+    variant: str | None = Field(
+        None,
+        description=f"Preset setting attention and ffn: {', '.join(VARIANTS)}. Default {registry.DEFAULT_PRESET!r} "
+        "when neither attention nor ffn is set; else the preset naming the pair, if any.",
+    )
+    attention: str | None = Field(None, description=f"Attention: {' | '.join(registry.ATTENTIONS)}.")
+    ffn: str | None = Field(None, description=f"Feed-forward: {' | '.join(registry.FFNS)}.")
+    balance: Literal["aux_loss", "bias_update", "none"] | None = Field(
+        None,
+        description="MoE load balancing: the Switch auxiliary loss, DeepSeek-V3's auxiliary-loss-free routing-bias "
+        "update (sigmoid-router FFNs), or none. Default: the FFN's (registry.py).",
+    )
+    bias_update_rate: float = Field(
+        1e-3, ge=0, le=1, description="Routing-bias change per optimizer step with balance bias_update."
+    )
     d_model: int = Field(128, ge=8, le=16384, description="Hidden size.")
     n_layers: int = Field(2, ge=1, le=128)
     n_heads: int = Field(4, ge=1, le=256)
     max_seq_len: int = Field(1024, ge=8, le=131072, description="Positional (RoPE) limit; data.seq_len must fit.")
-    d_ff: int = Field(
-        512, ge=1, le=1_048_576, description="Width of the dense DeepSeek-V3 MLP (variants mlp, attention_mlp)."
-    )
-    n_experts: int = Field(4, ge=1, le=1024, description="Routed experts (variants baseline, moe, attention_moe).")
+    d_ff: int = Field(512, ge=1, le=1_048_576, description="Width of the dense DeepSeek-V3 MLP (ffn mlp).")
+    n_experts: int = Field(4, ge=1, le=1024, description="Routed experts (routed FFNs).")
     top_k: int = Field(2, ge=1, le=1024, description="Experts chosen per token.")
     expert_d_ff: int = Field(256, ge=1, le=1_048_576, description="Width of one routed expert.")
-    n_shared_experts: int = Field(1, ge=0, le=64, description="GLM4-MoE shared experts (variants moe, attention_moe).")
-    router_noise_std: float = Field(0.1, ge=0, le=100, description="Gaussian router noise in training (baseline MoE).")
-    balance_loss_weight: float = Field(0.01, ge=0, le=1000, description="Switch-style load-balancing loss weight.")
+    n_shared_experts: int = Field(1, ge=0, le=64, description="Shared experts (ffn glm4_moe, deepseek_moe).")
+    router_noise_std: float = Field(0.1, ge=0, le=100, description="Gaussian router noise in training (ffn topk_moe).")
+    balance_loss_weight: float = Field(
+        0.01, ge=0, le=1000, description="Switch-style load-balancing loss weight (balance aux_loss)."
+    )
     q_lora_rank: int = Field(128, ge=1, le=65536, description="MLA query latent rank.")
     kv_lora_rank: int = Field(128, ge=1, le=65536, description="MLA key/value latent rank.")
     qk_nope_head_dim: int = Field(
@@ -53,7 +69,8 @@ class ModelSpec(_Strict):
         description="How the routed experts run: 'sorted' (tokens sorted by expert, one matmul each; reads the "
         "expert counts to the host once per layer), 'grouped' (one torch grouped_mm with offsets kept on the "
         "device: no host sync), 'auto' (grouped on CUDA GPUs where grouped_mm runs: Ampere+ in bf16, else sorted); "
-        "GLM-4 blocks also take transformers' 'eager' loop and its 'grouped_mm' (`make bench` measures them).",
+        "GLM-4 / DeepSeek-V3 blocks also take transformers' 'eager' loop and its 'grouped_mm' "
+        "(`make bench` measures them).",
     )
 
     @property
@@ -62,7 +79,50 @@ class ModelSpec(_Strict):
 
     @property
     def is_moe(self) -> bool:
-        return self.variant in ("baseline", "moe", "attention_moe")
+        return registry.FFNS[self.ffn].routed
+
+    @property
+    def label(self) -> str:
+        """The preset name, or attention-ffn for a pair no preset names: run names, tags, the W&B `variant` key."""
+        return self.variant or f"{self.attention}-{self.ffn}"
+
+    @model_validator(mode="after")
+    def _resolve_choices(self) -> ModelSpec:
+        """Fill attention and ffn from the preset (or the preset from the pair), then the balance default."""
+        for field_name, table in (("attention", registry.ATTENTIONS), ("ffn", registry.FFNS)):
+            value = getattr(self, field_name)
+            if value is not None and value not in table:
+                raise ValueError(f"{field_name} {value!r} is not one of {', '.join(table)}")
+        if self.variant is None and self.attention is None and self.ffn is None:
+            self.variant = registry.DEFAULT_PRESET
+        if self.variant is not None:
+            preset = registry.PRESETS.get(self.variant)
+            if preset is None:
+                raise ValueError(f"variant {self.variant!r} is not one of {', '.join(registry.PRESETS)}")
+            for field_name in ("attention", "ffn"):
+                chosen, implied = getattr(self, field_name), getattr(preset, field_name)
+                if chosen is not None and chosen != implied:
+                    raise ValueError(
+                        f"variant {self.variant!r} sets {field_name} {implied!r}, but {field_name} is {chosen!r}: "
+                        f"drop one of model.variant and model.{field_name}"
+                    )
+            self.attention, self.ffn = preset.attention, preset.ffn
+        else:
+            self.attention = self.attention or registry.PRESETS[registry.DEFAULT_PRESET].attention
+            self.ffn = self.ffn or registry.PRESETS[registry.DEFAULT_PRESET].ffn
+            preset = registry.preset_for(self.attention, self.ffn)
+            self.variant = preset.name if preset else None
+        ffn = registry.FFNS[self.ffn]
+        if self.balance is None:
+            self.balance = ffn.balance
+        elif not ffn.routed and self.balance != "none":
+            raise ValueError(f"balance {self.balance!r} needs a routed ffn; ffn {self.ffn!r} routes nothing")
+        elif self.balance == "bias_update" and not ffn.bias_router:
+            routers = ", ".join(f.name for f in registry.FFNS.values() if f.bias_router)
+            raise ValueError(
+                f"balance 'bias_update' needs a router with a correction bias ({routers}), not {self.ffn!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelSpec:
@@ -72,8 +132,9 @@ class ModelSpec(_Strict):
             raise ValueError(f"head dim d_model/n_heads = {self.head_dim} must be even for RoPE")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts})")
-        if self.variant in ("moe", "attention_moe") and self.n_experts < 2:
-            raise ValueError("the GLM4 MoE router needs n_experts >= 2")
+        min_experts = registry.FFNS[self.ffn].min_experts
+        if self.n_experts < min_experts:
+            raise ValueError(f"the {self.ffn} router needs n_experts >= {min_experts}")
         return self
 
 
@@ -116,11 +177,19 @@ class TrainSpec(_Strict):
         None, ge=1, le=1_048_576, description="Windows per optimizer step over all ranks; only with batch_size 'auto'."
     )
     optimizer: Literal["muon", "adamw"] = Field(
-        "muon", description="muon: Muon on 2-D hidden matrices + AdamW on the rest; adamw: AdamW on everything."
+        "muon",
+        description="muon: Muon on every hidden weight matrix (expert stacks included) + AdamW on the rest; "
+        "adamw: AdamW on everything.",
     )
     lr: float = Field(0.01, gt=0, le=10, description="Peak LR (Muon's when optimizer=muon).")
     adamw_lr_ratio: float = Field(0.1, gt=0, le=100, description="AdamW LR = ratio × lr when optimizer=muon.")
-    weight_decay: float = Field(0.1, ge=0, le=10, description="AdamW weight decay.")
+    weight_decay: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="AdamW weight decay of the hidden matrices (optimizer adamw); the embedding, "
+        "norm gains and biases never decay.",
+    )
     muon_weight_decay: float = Field(0.0, ge=0, le=10)
     muon_momentum: float = Field(0.95, ge=0, lt=1)
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -243,7 +312,7 @@ class RunSpec(_Strict):
         """Deterministic, human-readable run name (W&B display name)."""
         if self.name:
             return self.name
-        return f"{self.experiment}-{self.model.variant}-lr{self.train.lr:g}-s{self.seed}"
+        return f"{self.experiment}-{self.model.label}-lr{self.train.lr:g}-s{self.seed}"
 
     def to_json_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -17,9 +17,19 @@ def _modules() -> dict[str, ast.Module]:
 
 
 def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
-    """Modules of ours that `name` imports anywhere (deferred imports included), as module names."""
+    """Modules of ours that `name` imports anywhere (deferred imports included), as module names; imports for
+    annotations only (`if TYPE_CHECKING:`) never run, so they make no cycle."""
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
     found = set()
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from .x import y

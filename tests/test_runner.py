@@ -43,10 +43,11 @@ def test_each_variant_learns_well_below_unigram(tmp_path, variant):
     assert summary["val/loss"] < summary["unigram_loss"] - 1.0, summary
     status = json.loads((result.run_dir / "status.json").read_text())
     assert status["state"] == "finished"
-    if variant in ("baseline", "moe", "attention_moe"):
+    if spec.model.is_moe:
         row = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "moe/layer0/load_e0" in r][-1]
         loads = [row[f"moe/layer0/load_e{e}"] for e in range(4)]
         assert sum(loads) == pytest.approx(1.0) and max(loads) < 0.9  # tokens really spread over experts
+        assert 0 < row["moe/layer0/load_entropy"] <= 1 and row["moe/layer0/idle_experts"] == loads.count(0)
 
 
 def test_run_record_is_complete_and_matches_wandb(tmp_path):

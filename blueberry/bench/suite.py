@@ -19,20 +19,16 @@ import torch
 
 from blueberry.bench.measure import first_step_latency, measure_throughput, tracking_overhead
 from blueberry.hardware import detect
+from blueberry.models import registry
 from blueberry.overrides import load_spec
 from blueberry.perf import measure_gemm_ceiling, save_ceiling
 from blueberry.provenance import code_version, library_versions
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"  # the checkout's specs, wherever bench runs
 QUICKSTART = str(EXPERIMENTS / "quickstart.json")
-STUDY_512D = {
-    "baseline": str(EXPERIMENTS / "baseline.json"),
-    "mlp": str(EXPERIMENTS / "mlp_512d.json"),
-    "attention_mlp": str(EXPERIMENTS / "attention_mlp_512d.json"),
-    "moe": str(EXPERIMENTS / "moe_8e_2k_512d.json"),
-    "attention_moe": str(EXPERIMENTS / "attention_moe_8e_2k_512d.json"),
-}
-DENSE_OF = {"moe": "mlp", "attention_moe": "attention_mlp"}  # the dense variant with the same attention
+# The presets with a 512d experiment file (registry.py), and the dense one whose MFU is a target.
+STUDY_512D = {p.name: str(EXPERIMENTS / p.bench_spec) for p in registry.PRESETS.values() if p.bench_spec}
+DENSE_512D = registry.preset_for("mha", "mlp").name
 # The bench's tiny stand-in for tests (`--quick`): seconds per case.
 TINY = ["--model.d_model=64", "--model.n_layers=1", "--model.n_experts=4", "--model.expert_d_ff=64"]
 TINY += ["--model.d_ff=128", "--model.q_lora_rank=16", "--model.kv_lora_rank=16", "--data.vocab_size=512"]
@@ -40,7 +36,7 @@ TINY += ["--data.seq_len=32", "--train.batch_size=4", "--train.grad_accum=1"]
 
 # key: (what, comparison, limit, display format)
 TARGETS = {
-    "mfu_512d_dense": ("512d dense (mlp, bf16) FLOP/s ÷ measured bf16 GEMM ceiling", ">=", 0.40, ".1%"),
+    "mfu_512d_dense": (f"512d dense ({DENSE_512D}, bf16) FLOP/s ÷ measured bf16 GEMM ceiling", ">=", 0.40, ".1%"),
     "moe_vs_dense_512d": ("MoE step ÷ dense step of equal active params (512d, bf16, worst MoE)", "<=", 1.3, ".2f"),
     "tracking_overhead": ("tracking (run record + W&B offline) cost per step", "<=", 0.02, "+.1%"),
     "first_step_warm_s": (
@@ -82,43 +78,48 @@ def build_cases(quick: bool) -> list[Case]:
         group = "/".join(key.split("/")[:2])  # shape/variant
         cases.append(Case(key, shape, label, path, [*overrides, *tiny], group, rounds))
 
-    for variant in ("baseline", "mlp", "attention_mlp", "moe", "attention_moe"):
+    for variant in STUDY_512D:
+        preset = registry.PRESETS[variant]
         for precision in ("fp32", "bf16"):
             add(f"q/{variant}/{precision}", "quickstart", variant, QUICKSTART, _overrides(variant, precision))
-        if variant not in DENSE_OF:
+        if not registry.FFNS[preset.ffn].transformers_experts:
             continue
         # the experts implementations and the dense twin at the quickstart's own precision (fp32)
         for implementation in ("eager", "grouped_mm"):
             other = _overrides(variant, "fp32", f"--model.experts_implementation={implementation}")
             add(f"q/{variant}/fp32/{implementation}", "quickstart", f"{variant} {implementation}", QUICKSTART, other)
+        dense_twin = registry.dense_twin(preset).name
         d_ff = _dense_equal_d_ff(QUICKSTART, variant)
-        dense = _overrides(DENSE_OF[variant], "fp32", f"--model.d_ff={d_ff}")
-        label = f"{DENSE_OF[variant]} d_ff={d_ff} (= {variant} active)"
+        dense = _overrides(dense_twin, "fp32", f"--model.d_ff={d_ff}")
+        label = f"{dense_twin} d_ff={d_ff} (= {variant} active)"
         add(f"q/{variant}/fp32/dense_equal", "quickstart", label, QUICKSTART, dense)
     if quick:  # torch.compile takes minutes on 2 cores: not for a smoke test
         return cases
     # The quickstart as users run it (fp32), compiled: its first steps compile, and recompile for new shapes.
-    compiled = _overrides("attention_moe", "fp32", "--train.compile=true")
-    add("q/attention_moe/fp32/compiled", "quickstart", "attention_moe compiled", QUICKSTART, compiled, rounds=1)
+    variant = load_spec(QUICKSTART, []).model.label
+    compiled = _overrides(variant, "fp32", "--train.compile=true")
+    add(f"q/{variant}/fp32/compiled", "quickstart", f"{variant} compiled", QUICKSTART, compiled, rounds=1)
     one_step = ["--train.grad_accum=1"]  # one 16 × 256-token micro-batch per optimizer step (the study has 4)
     for variant, path in STUDY_512D.items():
         add(f"s/{variant}/bf16", "512d", variant, path, ["--train.precision=bf16", *one_step])
-        if variant == "mlp":
-            add("s/mlp/fp32", "512d", variant, path, ["--train.precision=fp32", *one_step])
+        if variant == DENSE_512D:
+            add(f"s/{variant}/fp32", "512d", variant, path, ["--train.precision=fp32", *one_step])
             compiled = ["--train.precision=bf16", "--train.compile=true", *one_step]
-            add("s/mlp/bf16/compiled", "512d", "mlp compiled", path, compiled, rounds=1)
-        if variant in DENSE_OF:
+            add(f"s/{variant}/bf16/compiled", "512d", f"{variant} compiled", path, compiled, rounds=1)
+        if registry.FFNS[registry.PRESETS[variant].ffn].transformers_experts:
             eager = ["--train.precision=bf16", "--model.experts_implementation=eager", *one_step]
             add(f"s/{variant}/bf16/eager", "512d", f"{variant} eager", path, eager)
+            dense_twin = registry.dense_twin(registry.PRESETS[variant]).name
             d_ff = _dense_equal_d_ff(path, variant)
             dense = ["--train.precision=bf16", f"--model.d_ff={d_ff}", *one_step]
-            label = f"{DENSE_OF[variant]} d_ff={d_ff} (= {variant} active)"
-            add(f"s/{variant}/bf16/dense_equal", "512d", label, STUDY_512D[DENSE_OF[variant]], dense)
+            label = f"{dense_twin} d_ff={d_ff} (= {variant} active)"
+            add(f"s/{variant}/bf16/dense_equal", "512d", label, STUDY_512D[dense_twin], dense)
     # The report's 49,152-token vocabulary: the LM head's peak memory with the chunked loss and with full logits.
     vocab = ["--train.precision=bf16", "--data.vocab_size=49152", *one_step]
-    add("v/mlp/bf16", "512d, 49K vocab", "mlp chunked loss", STUDY_512D["mlp"], vocab)
+    add(f"v/{DENSE_512D}/bf16", "512d, 49K vocab", f"{DENSE_512D} chunked loss", STUDY_512D[DENSE_512D], vocab)
     full = [*vocab, "--train.chunked_loss=false"]
-    add("v/mlp/bf16/full_logits", "512d, 49K vocab", "mlp full fp32 logits", STUDY_512D["mlp"], full)
+    label = f"{DENSE_512D} full fp32 logits"
+    add(f"v/{DENSE_512D}/bf16/full_logits", "512d, 49K vocab", label, STUDY_512D[DENSE_512D], full)
     return cases
 
 
@@ -228,8 +229,8 @@ def report_build_time(quick: bool) -> dict:
 
 def check_targets(results: dict, ratios: dict, ceilings: dict, tracking: dict, latency: dict) -> dict:
     values = {
-        "mfu_512d_dense": results.get("s/mlp/bf16", {}).get("tflops", 0) * 1e12 / ceilings["bf16"]
-        if "s/mlp/bf16" in results and "error" not in results["s/mlp/bf16"]
+        "mfu_512d_dense": results.get(f"s/{DENSE_512D}/bf16", {}).get("tflops", 0) * 1e12 / ceilings["bf16"]
+        if f"s/{DENSE_512D}/bf16" in results and "error" not in results[f"s/{DENSE_512D}/bf16"]
         else None,
         "moe_vs_dense_512d": max(
             (v for k, v in ratios.items() if k.startswith("MoE/dense step s/") and v is not None), default=None

@@ -13,7 +13,7 @@ from blueberry.bench.measure import SyntheticData, measure_throughput
 from blueberry.gpu_check.projection import project, read_experiment, training_tokens
 from blueberry.gpu_check.suite import CheckFailed, CheckSkipped, Context
 from blueberry.hardware import CPU_PRESET, detect, preset_for, price_per_hour
-from blueberry.models import build_model
+from blueberry.models import build_model, registry
 from blueberry.overrides import load_spec
 from blueberry.perf import peak_flops
 from blueberry.plan import format_doctor, plan_run
@@ -129,14 +129,17 @@ def check_fp16(context: Context, box_s: float) -> dict:
     if context.device.type != "cuda":
         raise CheckSkipped("fp16 + GradScaler needs a CUDA GPU")
     return measure_presets(
-        context, box_s, ["--train.precision=fp16", "--train.compile=false"], _preset("attention_mlp")
+        context,
+        box_s,
+        ["--train.precision=fp16", "--train.compile=false"],
+        _preset(registry.preset_for("mla", "mlp").name),
     )
 
 
 def check_chunked_loss(context: Context, box_s: float) -> dict:
     """Peak memory with the chunked LM-head loss and with full fp32 logits, same preset and precision."""
     precision = f"--train.precision={main_precision(context.device)}"
-    ((label, overrides),) = _preset("mlp")
+    ((label, overrides),) = _preset(registry.preset_for("mha", "mlp").name)
     full = measure(context, [*overrides, precision, "--train.compile=false", "--train.chunked_loss=false"], 1, 2)
     chunked = measure(context, [*overrides, precision, "--train.compile=false", "--train.chunked_loss=true"], 1, 2)
     saved = full["peak_memory_mb"] - chunked["peak_memory_mb"]
@@ -148,7 +151,7 @@ def check_chunked_loss(context: Context, box_s: float) -> dict:
 def check_experts(context: Context, box_s: float) -> dict:
     """Routed experts: the sorted dispatch (one host sync per layer) against grouped_mm (none); 'auto' picks."""
     precision = f"--train.precision={main_precision(context.device)}"
-    ((label, overrides),) = _preset("moe")
+    ((label, overrides),) = _preset(registry.preset_for("mha", "glm4_moe").name)
     cases = {}
     for implementation in ("sorted", "grouped"):
         flags = [*overrides, precision, "--train.compile=false", f"--model.experts_implementation={implementation}"]
@@ -160,7 +163,7 @@ def check_experts(context: Context, box_s: float) -> dict:
 
 def check_batch_auto(context: Context, box_s: float) -> dict:
     """batch_size 'auto' for 4 study micro-batches per step: the micro-batch the probe picks, and steps at it."""
-    ((label, overrides),) = _preset("mlp")
+    ((label, overrides),) = _preset(registry.preset_for("mha", "mlp").name)
     effective = 4 * study_spec(context, overrides).train.batch_size
     spec = study_spec(context, [*overrides, "--train.batch_size=auto", f"--train.effective_batch={effective}"])
     data = SyntheticData(spec.data.vocab_size, spec.data.seq_len, n_tokens=10_000)

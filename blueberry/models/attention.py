@@ -5,13 +5,16 @@ Both take the RoPE `(cos, sin)` pair that the model computes once per forward wi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, apply_rotary_pos_emb
 
-from ..spec import ModelSpec
+if TYPE_CHECKING:  # annotations only: spec imports the registry, which builds these modules
+    from ..spec import ModelSpec
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,6 +36,11 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs of the score (q·k) and value products per token, causal saving not counted (PaLM)."""
+        head_dim = self.proj.in_features // self.n_heads
+        return 6 * seq_len * self.n_heads * 2 * head_dim
+
 
 class LatentAttention(nn.Module):
     """transformers' DeepSeek-V3 multi-head latent attention (MLA), run causally.
@@ -49,3 +57,7 @@ class LatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         y, _ = self.mla(x, position_embeddings=rope, attention_mask=None, is_causal=True)
         return y
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs of the score (q·k over qk_head_dim) and value products per token, as for MHA."""
+        return 6 * seq_len * self.mla.num_heads * (self.mla.qk_head_dim + self.mla.v_head_dim)

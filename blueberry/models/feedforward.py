@@ -1,22 +1,26 @@
-"""Mixture-of-Experts feed-forward blocks: the repo's own top-k MoE and transformers' GLM-4 MoE.
+"""Mixture-of-Experts feed-forward blocks: the repo's own top-k MoE, transformers' GLM-4 and DeepSeek-V3 MoE.
 
-(The dense variants use transformers' `DeepseekV3MLP` as is.) Both MoE blocks return `(output, Routing)`
-so the model can log each layer's expert load and add a Switch-style balance loss. Both dispatch tokens to
-experts with `sorted_dispatch`, which for GLM-4 is registered as a transformers experts implementation.
+(The dense FFN is transformers' `DeepseekV3MLP` as is; `registry.py` maps `model.ffn` to these.) Every MoE
+block returns `(output, Routing)` so the model can log each layer's expert load and add a Switch-style balance
+loss, and exposes `n_experts`, `top_k` and `routed_experts()` for the parameter and FLOP accounting. All
+dispatch tokens to experts with `sorted_dispatch`, which for the transformers blocks is registered as an
+experts implementation.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Glm4MoeConfig
+from transformers import DeepseekV3Config, Glm4MoeConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
 
-from ..spec import ModelSpec
+if TYPE_CHECKING:  # annotations only: spec imports the registry, which builds these modules
+    from ..spec import ModelSpec
 
 
 class Routing(NamedTuple):
@@ -74,7 +78,8 @@ def sorted_dispatch(
 
 
 def glm4_sorted_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-    """`Glm4MoeExperts.forward` through `sorted_dispatch` (registered as experts_implementation "sorted").
+    """`Glm4MoeExperts.forward` (and `DeepseekV3Experts.forward`, the same layout) through `sorted_dispatch`,
+    registered as experts_implementation "sorted".
 
     The 3-D weight stacks are unbound once per call, so backward stacks one gradient per stack instead of
     filling a full-size zero gradient for every expert slice.
@@ -199,18 +204,19 @@ class TopKMoE(nn.Module):
         return grouped_dispatch(x, top_idx, weights, w_in, w_out, lambda h: dropout(silu(h)))
 
 
-class Glm4MoE(nn.Module):
-    """transformers' `Glm4MoeMoE`, unchanged, plus the routing statistics its forward drops.
+class SigmoidRouterMoE(nn.Module):
+    """A transformers MoE block (GLM-4 or DeepSeek-V3), unchanged, plus the routing statistics its forward drops.
 
-    Routing stays GLM-4's own (sigmoid scores, top-k, renormalised weights, shared experts): a forward hook on
-    its router keeps the router logits and chosen experts of the current call.
+    Routing stays the block's own (sigmoid scores plus `e_score_correction_bias`, top-k, renormalised weights,
+    shared experts): a forward hook on its router keeps the router logits and chosen experts of the current call.
     """
 
-    def __init__(self, config: Glm4MoeConfig):
+    def __init__(self, moe: nn.Module, n_experts: int, top_k: int):
         super().__init__()
-        self.moe = Glm4MoeMoE(config)
-        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.moe = moe
+        self.n_experts, self.top_k = n_experts, top_k
         self._router_output = None
+        self._load_since_update: torch.Tensor | None = None  # summed per-call loads, training only
         self.moe.gate.register_forward_hook(self._keep_router_output)
 
     def _keep_router_output(self, module, args, output) -> None:
@@ -223,9 +229,41 @@ class Glm4MoE(nn.Module):
         y = self.moe(x)
         router_logits, _, top_idx = self._router_output
         self._router_output = None
-        # GLM-4 and DeepSeek-V3 balance experts without an auxiliary loss, through the `e_score_correction_bias`
-        # buffer that their training code nudges outside backprop (transformers keeps it at 0 here). We add the
-        # Switch-style auxiliary loss instead, on the sigmoid scores normalised per token; with
-        # balance_loss_weight = 0 it is only logged.
+        # The Switch-style loss on the sigmoid scores normalised per token: added to the loss with
+        # model.balance = aux_loss, else only logged.
         scores = router_logits.sigmoid()
-        return y, switch_balance(scores / scores.sum(dim=-1, keepdim=True), top_idx)
+        routing = switch_balance(scores / scores.sum(dim=-1, keepdim=True), top_idx)
+        if self.training:
+            load = routing.load.detach()
+            self._load_since_update = load if self._load_since_update is None else self._load_since_update + load
+        return y, routing
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        """Auxiliary-loss-free balancing (DeepSeek-V3, GLM-4): after an optimizer step, raise the routing bias of
+        each expert that got less than the mean load since the last update by `rate`, lower the others'.
+
+        The bias only shifts which experts are chosen (the gate weights use the raw scores), outside backprop.
+        Loads are summed over ranks first, so every rank applies the same update.
+        """
+        load, self._load_since_update = self._load_since_update, None
+        if load is None:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        bias = self.moe.gate.e_score_correction_bias
+        bias += rate * torch.sign(load.mean() - load).to(bias.dtype)
+
+
+class Glm4MoE(SigmoidRouterMoE):
+    """transformers' `Glm4MoeMoE` (model.ffn = glm4_moe)."""
+
+    def __init__(self, config: Glm4MoeConfig):
+        super().__init__(Glm4MoeMoE(config), config.n_routed_experts, config.num_experts_per_tok)
+
+
+class DeepseekMoE(SigmoidRouterMoE):
+    """transformers' `DeepseekV3MoE` (model.ffn = deepseek_moe): routed experts as 3-D stacks, shared experts."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(DeepseekV3MoE(config), config.n_routed_experts, config.num_experts_per_tok)

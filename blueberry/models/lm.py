@@ -1,11 +1,5 @@
-"""The Blueberry decoder LM: one pre-norm skeleton, five variants.
-
-    variant         attention               feed-forward
-    baseline        standard MHA            our top-k MoE
-    mlp             standard MHA            DeepSeek-V3 SwiGLU MLP (d_ff)
-    attention_mlp   DeepSeek-V3 MLA         DeepSeek-V3 SwiGLU MLP (d_ff)
-    moe             standard MHA            GLM-4 MoE (routed + shared experts)
-    attention_moe   DeepSeek-V3 MLA         GLM-4 MoE
+"""The Blueberry decoder LM: one pre-norm skeleton; `model.attention` and `model.ffn` pick its components
+(`registry.py` maps each choice to its builder; `model.variant` presets name a pair).
 
 embedding * sqrt(d) -> dropout -> blocks -> RMSNorm -> dropout -> lm_head (tied to the embedding).
 Block: x + drop(attn(norm1 x)), then x + drop(ffn(norm2 x)).
@@ -15,64 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
-from transformers import DeepseekV3Config, Glm4MoeConfig
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
-    DeepseekV3MLP,
-    DeepseekV3RMSNorm,
-    DeepseekV3RotaryEmbedding,
-)
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding
 
-from ..spec import ModelSpec
-from .attention import CausalSelfAttention, LatentAttention
-from .feedforward import Glm4MoE, TopKMoE
+from .configs import deepseek_config
 from .linear_cross_entropy import linear_cross_entropy
+from .registry import ATTENTIONS, FFNS
 
-
-def deepseek_config(spec: ModelSpec) -> DeepseekV3Config:
-    """DeepSeek-V3 config for the MLA attention, the RoPE tables and the dense SwiGLU MLP."""
-    return DeepseekV3Config(
-        hidden_size=spec.d_model,
-        num_attention_heads=spec.n_heads,
-        num_key_value_heads=spec.n_heads,
-        q_lora_rank=spec.q_lora_rank,
-        kv_lora_rank=spec.kv_lora_rank,
-        qk_rope_head_dim=spec.head_dim,
-        qk_nope_head_dim=spec.qk_nope_head_dim,
-        v_head_dim=spec.head_dim,
-        attention_bias=True,
-        attention_dropout=spec.dropout,
-        intermediate_size=spec.d_ff,
-        hidden_act="silu",
-        max_position_embeddings=spec.max_seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
-        # Never "eager": with no mask it attends to the future (see LatentAttention).
-        attn_implementation="sdpa",
-    )
-
-
-def glm4_config(spec: ModelSpec) -> Glm4MoeConfig:
-    """GLM-4-MoE config for one MoE block built directly (never the whole CausalLM, whose layer 0 is dense)."""
-    if spec.n_experts < 2:
-        raise ValueError("the GLM-4 router ranks the top-2 scores of each expert group: it needs n_experts >= 2")
-    return Glm4MoeConfig(
-        hidden_size=spec.d_model,
-        n_routed_experts=spec.n_experts,
-        num_experts_per_tok=spec.top_k,
-        moe_intermediate_size=spec.expert_d_ff,
-        n_shared_experts=spec.n_shared_experts,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
-        routed_scaling_factor=1.0,
-        first_k_dense_replace=0,
-        hidden_act="silu",
-        # a loop over experts (eager) or grouped matmuls: `make bench` measures which wins where
-        experts_implementation=spec.experts_implementation,
-    )
+if TYPE_CHECKING:  # annotations only: spec imports the registry, which builds these modules
+    from ..spec import ModelSpec
 
 
 @dataclass
@@ -85,38 +33,29 @@ class RouterStats:
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # [B, T, V]; None when the loss was computed from `targets` in chunks
-    aux_loss: torch.Tensor  # scalar: sum over layers of balance_loss_weight * balance loss
+    aux_loss: torch.Tensor  # scalar: sum over layers of balance_loss_weight * balance loss (model.balance aux_loss)
     router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer
     loss: torch.Tensor | None = None  # mean next-token cross-entropy, when `targets` were given
 
 
 class OptimizerGroups(NamedTuple):
-    muon: list[nn.Parameter]  # 2-D hidden matrices: attention, router, experts stored as Linear
-    muon_3d: list[nn.Parameter]  # GLM-4 expert stacks [E, out, in]: one matrix per expert; torch.optim.Muon is 2-D only
-    adamw: list[nn.Parameter]  # the tied embedding, norm weights, biases
+    matrices: list[nn.Parameter]  # every hidden weight matrix, routed-expert stacks [E, out, in] included
+    no_decay: list[nn.Parameter]  # the tied embedding, norm gains, biases
 
 
 class Block(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_idx: int, deepseek: DeepseekV3Config, glm4: Glm4MoeConfig | None):
+    def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
         self.norm1 = DeepseekV3RMSNorm(spec.d_model)
         self.norm2 = DeepseekV3RMSNorm(spec.d_model)
-        if spec.variant.startswith("attention_"):
-            self.attn = LatentAttention(deepseek, layer_idx)
-        else:
-            self.attn = CausalSelfAttention(spec)
-        if spec.variant == "baseline":
-            self.ffn = TopKMoE(spec)
-        elif spec.is_moe:
-            self.ffn = Glm4MoE(glm4)
-        else:
-            self.ffn = DeepseekV3MLP(deepseek)
-        self.is_moe = spec.is_moe
+        self.attn = ATTENTIONS[spec.attention].build(spec, layer_idx)
+        self.ffn = FFNS[spec.ffn].build(spec)
+        self.routed = FFNS[spec.ffn].routed
         self.drop = nn.Dropout(spec.dropout)
 
     def forward(self, x, rope):
         x = x + self.drop(self.attn(self.norm1(x), rope))
-        if self.is_moe:
+        if self.routed:
             h, routing = self.ffn(self.norm2(x))
         else:
             h, routing = self.ffn(self.norm2(x)), None
@@ -127,12 +66,10 @@ class BlueberryLM(nn.Module):
     def __init__(self, spec: ModelSpec, vocab_size: int):
         super().__init__()
         self.spec, self.vocab_size = spec, vocab_size
-        deepseek = deepseek_config(spec)
-        glm4 = glm4_config(spec) if spec.variant in ("moe", "attention_moe") else None
         self.tok_emb = nn.Embedding(vocab_size, spec.d_model)
-        self.rope = DeepseekV3RotaryEmbedding(deepseek)  # cos/sin over head_dim, shared by all layers
+        self.rope = DeepseekV3RotaryEmbedding(deepseek_config(spec))  # cos/sin over head_dim, shared by all layers
         self.drop = nn.Dropout(spec.dropout)
-        self.blocks = nn.ModuleList(Block(spec, i, deepseek, glm4) for i in range(spec.n_layers))
+        self.blocks = nn.ModuleList(Block(spec, i) for i in range(spec.n_layers))
         self.norm = DeepseekV3RMSNorm(spec.d_model)
         self.lm_head = nn.Linear(spec.d_model, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
@@ -163,7 +100,8 @@ class BlueberryLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x, routing = block(x, rope)
             if routing is not None:
-                aux_loss = aux_loss + self.spec.balance_loss_weight * routing.balance_loss
+                if self.spec.balance == "aux_loss":
+                    aux_loss = aux_loss + self.spec.balance_loss_weight * routing.balance_loss
                 router_stats.append(RouterStats(i, routing.load.detach(), routing.balance_loss.detach()))
         h = self.drop(self.norm(x))
         if targets is not None:
@@ -171,25 +109,39 @@ class BlueberryLM(nn.Module):
             return ModelOutput(None, aux_loss, router_stats, loss)
         return ModelOutput(self.lm_head(h), aux_loss, router_stats)
 
-    def optimizer_groups(self) -> OptimizerGroups:
-        """Split the parameters for Muon + AdamW: Muon takes the hidden matrices, AdamW the rest.
+    def routed_ffns(self) -> list[nn.Module]:
+        """The routed feed-forward blocks: they expose n_experts, top_k and routed_experts() for the accounting."""
+        return [block.ffn for block in self.blocks if block.routed]
 
-        The tied embedding (= lm_head) goes to AdamW. GLM-4 stores its routed experts as 3-D stacks, which
-        torch.optim.Muon rejects: they get their own group, to orthogonalise per expert or give to AdamW.
+    def attention_flops(self, seq_len: int) -> float:
+        """Training FLOPs per token of the attention score and value products, summed over layers."""
+        return sum(block.attn.flops_per_token(seq_len) for block in self.blocks)
+
+    def after_optimizer_step(self) -> None:
+        """Called by the Trainer after each optimizer step: model.balance = bias_update moves each routed layer's
+        routing bias toward equal load, outside backprop (see `SigmoidRouterMoE.update_bias`); otherwise nothing."""
+        if self.spec.balance == "bias_update":
+            for ffn in self.routed_ffns():
+                ffn.update_bias(self.spec.bias_update_rate)
+
+    def optimizer_groups(self) -> OptimizerGroups:
+        """One recipe for every variant: the hidden weight matrices (Muon, or decayed AdamW) and the rest.
+
+        Whatever module holds an expert, its matrix is a hidden matrix: a routed-expert stack [E, out, in]
+        (GLM-4, DeepSeek-V3) is E of them, as the top-k MoE's Linear experts are. The tied embedding
+        (= lm_head), norm gains and biases never decay.
         """
-        groups = OptimizerGroups([], [], [])
+        groups = OptimizerGroups([], [])
         for p in self.parameters():  # the tied weight appears once
             if p.numel() == 0:  # GLM-4 still builds a (0-wide) shared expert when n_shared_experts = 0
                 continue
             if p is self.tok_emb.weight or p.ndim < 2:
-                groups.adamw.append(p)
-            elif p.ndim == 2:
-                groups.muon.append(p)
+                groups.no_decay.append(p)
             else:
-                groups.muon_3d.append(p)
+                groups.matrices.append(p)
         return groups
 
 
 def build_model(spec: ModelSpec, vocab_size: int) -> BlueberryLM:
-    """Build the variant `spec.variant`, initialised from the current torch RNG state."""
+    """Build the model `spec` describes (attention × feed-forward), initialised from the current torch RNG state."""
     return BlueberryLM(spec, vocab_size)

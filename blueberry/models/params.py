@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .feedforward import Glm4MoE, TopKMoE
 from .lm import BlueberryLM
 
 
@@ -22,8 +21,7 @@ def count_parameters(model: BlueberryLM) -> ParamCounts:
     """
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     inactive = 0
-    for module in model.modules():
-        if isinstance(module, (TopKMoE, Glm4MoE)):
-            routed = sum(p.numel() for p in module.routed_experts().parameters())
-            inactive += routed * (module.n_experts - module.top_k) // module.n_experts
+    for ffn in model.routed_ffns():
+        routed = sum(p.numel() for p in ffn.routed_experts().parameters())
+        inactive += routed * (ffn.n_experts - ffn.top_k) // ffn.n_experts
     return ParamCounts(total=total, active=total - inactive, embedding=model.tok_emb.weight.numel())

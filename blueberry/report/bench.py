@@ -9,10 +9,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from blueberry.models import registry
 from blueberry.report.build import run_report
 from blueberry.report.synthetic import write_run
 
-VARIANTS = ("baseline", "mlp", "attention_mlp", "moe", "attention_moe")
+VARIANTS = tuple(registry.PRESETS)
+# the presets of the study's two LR sweeps (sweeps/lr_attention_mlp.yaml, sweeps/lr_attention_moe.yaml)
+LR_STUDY_VARIANTS = (registry.preset_for("mla", "mlp").name, registry.preset_for("mla", "glm4_moe").name)
 LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
@@ -26,13 +29,13 @@ def synthesise(root: Path, n_runs: int, n_steps: int) -> None:
         seed = i // 4
         common = dict(steps=n_steps, eval_every=eval_every, seed=seed, minutes=2.0 + (i % 7) / 10)
         if kind == 0:
-            variant = VARIANTS[seed % 5]
+            variant = VARIANTS[seed % len(VARIANTS)]
             loss = 4.0 + VARIANTS.index(variant) / 10 + (seed % 3) / 100
             write_run(root, "exp1-ablation", variant=variant, val_loss=loss, spec=shape, **common)
         elif kind in (1, 2):
             lr = LRS[seed % len(LRS)]
             exp = "exp2-lr-attention-mlp" if kind == 1 else "exp3-lr-attention-moe"
-            variant = "attention_mlp" if kind == 1 else "attention_moe"
+            variant = LR_STUDY_VARIANTS[kind - 1]
             loss = 4.0 + abs(LRS.index(lr) - 3) / 5 + (seed % 3) / 100
             write_run(root, exp, variant=variant, lr=lr, val_loss=loss, spec=shape, **common)
         else:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from blueberry.models import registry
 from blueberry.report.records import Run
 from blueberry.spec import RunSpec
 
@@ -36,7 +37,13 @@ def _defaults() -> dict[str, Any]:
 def config_of(run: Run) -> dict[str, Any]:
     """The run's flattened spec minus NOT_CONFIG. A field the run's spec lacks (it predates the field) takes
     today's default: new spec fields default to the old behaviour, so such runs still group with newer ones."""
-    spec = {**_defaults(), **flatten(run.spec)}
+    own = flatten(run.spec)
+    spec = {**_defaults(), **own}
+    # the model's choices as registry.canonical states them: a preset stands for its attention and ffn
+    for name in registry.CHOICE_FIELDS:
+        spec.pop(f"model.{name}", None)
+    choices = registry.canonical({name: own.get(f"model.{name}") for name in registry.CHOICE_FIELDS})
+    spec.update({f"model.{name}": value for name, value in choices.items()})
     return {k: v for k, v in spec.items() if not any(k == n or k.startswith(n + ".") for n in NOT_CONFIG)}
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from blueberry.models.registry import DEFAULT_PRESET
+
 TWIN_SUFFIX = "-cpu"
 
 
@@ -25,7 +27,8 @@ class Study:
 
 
 STUDIES: tuple[Study, ...] = (
-    Study("exp1-ablation", "ablation", "Experiment 1: ablation of the five variants", {"model.variant": "baseline"}),
+    Study("exp1-ablation", "ablation", "Experiment 1: ablation of the variants", {"model.variant": DEFAULT_PRESET}),
+    Study("factorial", "ablation", "Factorial: attention × feed-forward", {"model.variant": DEFAULT_PRESET}),
     Study(
         "exp2-lr-attention-mlp",
         "lr",
@@ -48,7 +51,7 @@ STUDIES: tuple[Study, ...] = (
     Study("t4-schedule", "generic", "T4: LR schedule", {"train.warmup_fraction": 0.1, "train.min_lr_ratio": 0.1}),
     Study("t4-accum-dropout", "generic", "T4: accumulation × dropout", {"train.grad_accum": 3, "model.dropout": 0.1}),
     # Catch-alls, so new experiments named by the same conventions get the right layout.
-    Study("*ablation*", "ablation", "Ablation", {"model.variant": "baseline"}),
+    Study("*ablation*", "ablation", "Ablation", {"model.variant": DEFAULT_PRESET}),
     Study("*-lr-*", "lr", "Learning-rate sweep", {"train.lr": 0.01}),
     Study("*-lr", "lr", "Learning-rate sweep", {"train.lr": 0.01}),
     Study("*extended*", "extended", "Extended run"),

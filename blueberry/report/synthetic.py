@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from blueberry.fileio import write_json_atomic
+from blueberry.models import registry
 from blueberry.spec import RunSpec
 from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, STATUS_FILE, SUMMARY_FILE, make_header
 
@@ -23,7 +24,7 @@ def write_run(
     root: str | Path,
     experiment: str,
     *,
-    variant: str = "baseline",
+    variant: str = registry.DEFAULT_PRESET,
     seed: int = 42,
     lr: float = 0.01,
     steps: int = 100,

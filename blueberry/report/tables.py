@@ -7,16 +7,10 @@ import math
 
 import numpy as np
 
+from blueberry.models import registry
 from blueberry.report.groups import Group, Stat, gap_vs_noise, group_runs, label_groups, rank
 from blueberry.report.records import Run
 
-CATEGORY = {
-    "baseline": "Baseline",
-    "mlp": "DeepSeek MLP",
-    "attention_mlp": "DeepSeek Attn+MLP",
-    "moe": "GLM4 MoE",
-    "attention_moe": "DeepSeek Attn+MoE",
-}
 # LR assessment: share of the best configuration's improvement over the unigram baseline that a
 # configuration achieves, (unigram − loss) / (unigram − best loss).
 ASSESSMENT = ((0.95, "Near best"), (0.75, "Good"), (0.40, "Moderate"), (0.0, "Poor convergence"))
@@ -113,14 +107,19 @@ def ablation_table(runs: list[Run]) -> tuple[str, list[Group]]:
     label_groups(groups, first="model.variant")
     ranked = rank(groups)
     seeded = any(g.loss.n >= 2 for g in ranked)
+    # the optimizer split, from run headers that record it (runs since the one-recipe change)
+    split = any(g.params("muon") is not None for g in ranked)
     headers = ["Rank", "Configuration", "Val Loss", "Val Acc", "Val Perp", "Time (min)", "Params (M)", "Active (M)"]
-    headers += ["Category", "Seeds"] + (["Gap to next > noise?"] if seeded else [])
+    headers += (["Muon / AdamW (M)"] if split else []) + ["Category", "Seeds"]
+    headers += ["Gap to next > noise?"] if seeded else []
     noise = noise_cells(ranked) if seeded else []
     rows = []
     for i, g in enumerate(ranked):
         row = [str(i + 1) if g.ok else "—", g.label, *metric_cells(g), g.minutes.fmt(".2f")]
         row += [fmt_params(g.params("total")), fmt_params(g.params("active"))]
-        row += [CATEGORY.get(g.get("model.variant"), "—"), g.states] + ([noise[i]] if seeded else [])
+        row += [f"{fmt_params(g.params('muon'))} / {fmt_params(g.params('adamw'))}"] if split else []
+        category = registry.category({k: g.get(f"model.{k}") for k in registry.CHOICE_FIELDS})
+        row += [category, g.states] + ([noise[i]] if seeded else [])
         rows.append(row)
     return md_table(headers, rows) + "\n" + statistics(ranked), ranked
 

@@ -74,7 +74,7 @@ def wandb_config(header: dict) -> dict:
     data, params = header["data"], header["params"]
     return {
         **header["spec"],
-        "variant": header["spec"]["model"]["variant"],
+        "variant": model_label(header["spec"]["model"]),
         "spec_hash": header["spec_hash"],
         "params_total": params["total"],
         "params_active": params["active"],
@@ -105,7 +105,15 @@ def sweep_tag(name: str) -> str:
     return f"sweep:{name}"[:TAG_LIMIT]
 
 
+def model_label(model: dict) -> str | None:
+    """A spec's model as runs are labelled: its preset, or attention-ffn for a pair no preset names
+    (as ModelSpec.label)."""
+    if model.get("variant") or not (model.get("attention") and model.get("ffn")):
+        return model.get("variant")
+    return f"{model['attention']}-{model['ffn']}"
+
+
 def run_tags(spec: dict, sweep: dict | None = None) -> list[str]:
-    """The W&B tags of a run (its variant, the spec's tags, the sweep's name): what the report filters on."""
-    variant = spec.get("model", {}).get("variant") if isinstance(spec.get("model"), dict) else None
+    """The W&B tags of a run (its model label, the spec's tags, the sweep's name): what the report filters on."""
+    variant = model_label(spec["model"]) if isinstance(spec.get("model"), dict) else None
     return [t for t in [variant, *spec.get("tags", []), *([sweep_tag(sweep["name"])] if sweep else [])] if t]

@@ -1,36 +1,52 @@
-"""The study's optimizers: Muon on 2-D hidden matrices + AdamW on the rest, or AdamW alone."""
+"""The study's optimizers: Muon on every hidden weight matrix + AdamW on the rest, or AdamW alone.
+
+One recipe whatever module holds a matrix (attention, router, shared and routed experts, 3-D expert stacks
+included); the tied embedding, norm gains and biases never decay.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from blueberry.spec import TrainSpec
+from blueberry.train.muon import Muon, orthogonaliser_dtype
 
 
 def build_optimizers(model: torch.nn.Module, spec: TrainSpec) -> list[torch.optim.Optimizer]:
     """One optimizer per parameter family; each param group records its peak LR in `initial_lr`."""
     groups = model.optimizer_groups()
-    muon_params = groups.muon
-    # torch.optim.Muon takes 2-D parameters only; GLM4's experts are stored as 3-D stacks
-    # [experts, out, in] (transformers 5.x), so those go to AdamW with the embeddings and norms.
-    adamw_params = groups.muon_3d + groups.adamw
     # fused: one kernel for the whole update (CPU and CUDA). Measured on the 2-core dev CPU, AdamW's step was
     # 1.5-4x faster than the foreach default for the quickstart's and the 512d MoE's parameters.
-    adamw_kwargs = dict(betas=tuple(spec.adam_betas), weight_decay=spec.weight_decay, fused=True)
+    adamw_kwargs = dict(betas=tuple(spec.adam_betas), fused=True)
     if spec.optimizer == "adamw":
-        return [torch.optim.AdamW(muon_params + adamw_params, lr=spec.lr, **adamw_kwargs)]
+        param_groups = [
+            {"params": groups.matrices, "weight_decay": spec.weight_decay},
+            {"params": groups.no_decay, "weight_decay": 0.0},
+        ]
+        return [torch.optim.AdamW([g for g in param_groups if g["params"]], lr=spec.lr, **adamw_kwargs)]
     optimizers = []
-    if muon_params:
-        # adjust_lr_fn="original" scales each update by sqrt(max(1, rows/cols)), as in the study.
+    if groups.matrices:
+        device = groups.matrices[0].device
         optimizers.append(
-            torch.optim.Muon(
-                muon_params,
+            Muon(
+                groups.matrices,
                 lr=spec.lr,
                 momentum=spec.muon_momentum,
                 nesterov=True,
                 weight_decay=spec.muon_weight_decay,
-                adjust_lr_fn="original",
+                ns_dtype=orthogonaliser_dtype(device),
             )
         )
-    optimizers.append(torch.optim.AdamW(adamw_params, lr=spec.lr * spec.adamw_lr_ratio, **adamw_kwargs))
+    optimizers.append(
+        torch.optim.AdamW(groups.no_decay, lr=spec.lr * spec.adamw_lr_ratio, weight_decay=0.0, **adamw_kwargs)
+    )
     return optimizers
+
+
+def optimizer_split(model: torch.nn.Module, spec: TrainSpec) -> dict[str, int]:
+    """Parameters under each optimizer, for the run header: {"muon": n, "adamw": n} (all AdamW with adamw)."""
+    groups = model.optimizer_groups()
+    matrices, rest = (sum(p.numel() for p in group) for group in groups)
+    if spec.optimizer == "adamw":
+        return {"muon": 0, "adamw": matrices + rest}
+    return {"muon": matrices, "adamw": rest}

@@ -107,13 +107,14 @@ class MetricWindow:
         self.micro += 1
 
     def metrics(self) -> dict:
-        """Mean loss, aux loss and, per MoE layer, each expert's share of routed tokens and the balance loss."""
+        """Mean loss, aux loss and, per MoE layer, each expert's share of routed tokens, the balance loss, the load
+        entropy (normalised: 1 = every expert equally loaded) and the experts that got no token in the window."""
         metrics = {"train/loss": self.loss.item() / self.micro, "train/aux_loss": self.aux.item() / self.micro}
         for layer, (load, balance) in enumerate(zip(self.load, self.balance)):
             load = (load / self.micro).tolist()
             for expert, share in enumerate(load):
                 metrics[f"moe/layer{layer}/load_e{expert}"] = share
-            metrics[f"moe/layer{layer}/load_max"] = max(load)
+            metrics.update({f"moe/layer{layer}/{k}": v for k, v in distributed.load_statistics(load).items()})
             metrics[f"moe/layer{layer}/balance_loss"] = balance.item() / self.micro
         return metrics
 

@@ -4,11 +4,12 @@ import pytest
 
 from blueberry.gpu_check.projection import REPORT_4090_PRICE, project, read_experiment, training_tokens
 from blueberry.hardware import PRESETS
+from blueberry.models import registry
 
 
 def test_experiment_1_is_the_sweep_grid_times_its_seeds():
     experiment = read_experiment()
-    assert [label for label, _ in experiment.presets] == ["baseline", "mlp", "attention_mlp", "moe", "attention_moe"]
+    assert [label for label, _ in experiment.presets] == list(registry.PRESETS)  # all seven presets
     assert experiment.seeds == [1, 2, 3]
     assert experiment.base_spec.endswith("experiments/baseline.json")
     assert "--experiment=exp1-ablation" in experiment.fixed

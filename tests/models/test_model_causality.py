@@ -1,9 +1,10 @@
-"""The causality probe passes for all five variants and catches the reference's non-causal attention."""
+"""The causality probe passes for every attention × feed-forward pair and catches the reference's non-causal
+attention."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import VOCAB, tiny
+from tiny_models import PAIRS, VOCAB, tiny
 
 from blueberry.models import CausalityError, assert_causal, build_model, causality_probe
 from blueberry.spec import VARIANTS
@@ -19,6 +20,14 @@ def test_all_variants_are_causal(variant):
     assert report.max_abs_diff <= 1e-5
     assert model.training  # the probe restores the mode it found
     assert_causal(model, VOCAB, seq_len=16)
+
+
+@pytest.mark.parametrize("attention, ffn", PAIRS)
+def test_every_attention_ffn_pair_is_causal(attention, ffn):
+    torch.manual_seed(0)
+    model = build_model(tiny(None, attention=attention, ffn=ffn), VOCAB)
+    report = causality_probe(model, VOCAB, seq_len=16)
+    assert report.ok and report.max_abs_diff <= 1e-5, report
 
 
 def test_probe_catches_mla_without_mask():

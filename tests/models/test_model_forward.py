@@ -1,4 +1,4 @@
-"""Forward/backward for all five variants, router statistics, balance loss and initialisation."""
+"""Forward/backward for every preset, router statistics, balance loss and initialisation."""
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ def test_forward_backward(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_router_stats_and_aux_loss(variant):
     torch.manual_seed(0)
-    spec = tiny(variant)
+    spec = tiny(variant, **({"balance": "aux_loss"} if tiny(variant).is_moe else {}))
     out = train_step(build_model(spec, VOCAB))
     if not spec.is_moe:
         assert out.router_stats == [] and out.aux_loss.item() == 0.0
@@ -96,3 +96,10 @@ def test_eval_is_deterministic():
     ids = torch.randint(VOCAB, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("balance", ["bias_update", "none"])
+def test_without_the_aux_loss_the_balance_loss_is_only_logged(balance):
+    spec = tiny("deepseek_v3", balance=balance)
+    out = train_step(build_model(spec, VOCAB))
+    assert out.aux_loss.item() == 0.0 and all(s.balance_loss.item() > 0 for s in out.router_stats)

@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
-from blueberry.models import build_model, count_parameters
+from blueberry.models import build_model, count_parameters, registry
 from blueberry.models.lm import deepseek_config
-from blueberry.spec import ModelSpec
+from blueberry.spec import VARIANTS, ModelSpec, TrainSpec
+from blueberry.train.optim import build_optimizers, optimizer_split
 
 V, D, L, E, K, F_EXPERT, D_FF = 49_152, 512, 3, 8, 2, 1_024, 2_048
 
@@ -97,8 +98,61 @@ def test_optimizer_groups_partition_parameters(variant):
     groups = model.optimizer_groups()
     ids = [id(p) for group in groups for p in group]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
-    assert any(p is model.tok_emb.weight for p in groups.adamw)
-    assert all(p.ndim == 2 for p in groups.muon)
-    assert all(p.ndim == 3 for p in groups.muon_3d)
-    assert all(p.ndim < 2 or p is model.tok_emb.weight for p in groups.adamw)
-    assert bool(groups.muon_3d) == (variant == "attention_moe")  # GLM-4 stores experts as [E, out, in] stacks
+    assert any(p is model.tok_emb.weight for p in groups.no_decay)
+    assert all(p.ndim in (2, 3) for p in groups.matrices)
+    assert all(p.ndim < 2 or p is model.tok_emb.weight for p in groups.no_decay)
+    # GLM-4 stores experts as [E, out, in] stacks: with the other matrices
+    assert any(p.ndim == 3 for p in groups.matrices) == (variant == "attention_moe")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_one_recipe_every_hidden_matrix_under_muon_nothing_1d_decays(variant, optimizer):
+    """Every ≥2-D hidden weight, each routed expert's slice of a 3-D stack included, is trained by Muon at the
+    one LR (or decays under AdamW alone); the embedding, norm gains and biases never decay."""
+    model = meta_build(variant)
+    spec = TrainSpec(optimizer=optimizer)
+    optimizers = build_optimizers(model, spec)
+    placed = {
+        id(p): (type(opt).__name__, group) for opt in optimizers for group in opt.param_groups for p in group["params"]
+    }
+    hidden = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2 and p is not model.tok_emb.weight]
+    assert {p.ndim for _, p in hidden} >= (
+        {2, 3} if registry.PRESETS[variant].ffn in ("glm4_moe", "deepseek_moe") else {2}
+    )
+    for name, p in hidden:
+        kind, group = placed[id(p)]
+        if optimizer == "muon":
+            assert kind == "Muon" and group["lr"] == spec.lr, name
+        else:
+            assert group["weight_decay"] == spec.weight_decay > 0, name
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or p is model.tok_emb.weight:
+            assert placed[id(p)][1]["weight_decay"] == 0.0, name
+    split = optimizer_split(model, spec)
+    total = sum(p.numel() for p in model.parameters())
+    assert split["muon"] + split["adamw"] == total
+    assert split["muon"] == (sum(p.numel() for _, p in hidden) if optimizer == "muon" else 0)
+
+
+def test_deepseek_v3_counts_and_flops():
+    """MLA + DeepSeek-V3 MoE (8 routed experts, top-2, one shared expert) by hand at the study shape."""
+    from blueberry.perf import flops_per_token
+
+    mla, mla_vectors = 558_144, 128 + 128 + 192 + 128 + D  # q_a bias + norm, kv_a bias + norm, o_proj bias
+    expert = 3 * D * F_EXPERT  # SwiGLU gate, up, down of one routed expert (3-D stacks): 1,572,864
+    shared, router = 3 * D * F_EXPERT, E * D  # e_score_correction_bias is a buffer, not a parameter
+    block = mla + NORMS + E * expert + shared + router
+    total = EMBEDDING + L * block + D
+    active = total - L * (E - K) * expert
+    assert (total, active) == (69_323_456, 41_011_904)
+    model = meta_build("deepseek_v3")
+    counts = count_parameters(model)
+    assert (counts.total, counts.active, counts.embedding) == (total, active, EMBEDDING)
+
+    T = 256
+    matmul = EMBEDDING + L * (mla - mla_vectors + router + shared + K * expert)  # tied embedding once, as LM head
+    attention = L * 6 * T * 8 * (D // 8 + D // 8)  # qk head dim (rope 64 + nope 0) + v head dim 64, per head
+    flops = flops_per_token(model, T)
+    assert flops.active_matmul_params == matmul == 41_005_056
+    assert (flops.matmul, flops.attention) == (6 * matmul, attention) == (246_030_336, 4_718_592)

@@ -1,11 +1,14 @@
 """Tiny model shapes for the model tests: every variant, seconds on a CPU."""
 
+from blueberry.models import registry
 from blueberry.spec import ModelSpec
 
 VOCAB = 64
+PAIRS = [(a, f) for a in registry.ATTENTIONS for f in registry.FFNS]  # every attention × feed-forward
 
 
-def tiny(variant: str, **overrides) -> ModelSpec:
+def tiny(variant: str | None, **overrides) -> ModelSpec:
+    """A preset (variant) or, with variant None, the attention and ffn given in `overrides`."""
     fields = dict(
         variant=variant,
         d_model=32,

@@ -35,7 +35,7 @@ def test_report_builds_every_section_from_runs(tmp_path):
     assert "13 runs" in result.output and "cache: 0 reused, 13 parsed" in result.output
     report = (out / "REPORT.md").read_text()
     for heading in (
-        "## Experiment 1: ablation of the five variants: `exp1-ablation`",
+        "## Experiment 1: ablation of the variants: `exp1-ablation`",
         "## Experiment 3: learning rate for DeepSeek attention + GLM4 MoE: `exp3-lr-attention-moe-cpu`",
         "### Phases: LR search and extended run (`exp3-extended-cpu`)",
         "## Experiment 3: extended run: `exp3-extended-cpu`",

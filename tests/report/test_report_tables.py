@@ -166,3 +166,15 @@ def test_a_finished_run_without_a_spec_is_listed_with_the_reason():
     foreign = Run(id="w1", name="w1", experiment="e", state="finished", summary={"val/loss": 1.0}, source="me/p/w1")
     assert not foreign.ok
     assert "| w1 | finished | no spec in the run's config |" in not_aggregated([foreign])
+
+
+def test_ablation_table_states_the_optimizer_split_when_runs_record_it(tmp_path):
+    for variant, loss in (("deepseek_v3", 4.0), ("mlp", 4.1)):
+        run_dir = write_run(tmp_path, "exp1-ablation", variant=variant, val_loss=loss)
+        header = json.loads((run_dir / "spec.json").read_text())
+        header["params"].update(muon=1_500_000, adamw=500_000)  # as the runner records it
+        (run_dir / "spec.json").write_text(json.dumps(header))
+    text, _ = ablation_table(load_local(tmp_path))
+    lines = text.splitlines()
+    assert "| Active (M) | Muon / AdamW (M) | Category |" in lines[0]
+    assert lines[2].startswith("| 1 | deepseek_v3 |") and "| 1.50 / 0.50 | DeepSeek-V3 block |" in lines[2]

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from blueberry.cli import main
+from blueberry.models import registry
 from blueberry.overrides import SpecError
 from blueberry.spec import VARIANTS
 from blueberry.sweep import load_sweep, plan
@@ -33,9 +34,9 @@ def test_yaml_is_valid_and_every_run_is_a_valid_spec(path):
     check_trials(sweep, runs)  # raises on any invalid spec
 
 
-def test_ablation_is_five_variants_times_three_seeds():
+def test_ablation_is_every_preset_times_three_seeds():
     sweep, runs = planned("ablation.yaml")
-    assert len(runs) == 15
+    assert len(runs) == 3 * len(VARIANTS)  # every preset of the registry, 3 seeds
     assert {(r["model"]["variant"], r["seed"]) for r in runs} == {(v, s) for v in VARIANTS for s in (1, 2, 3)}
     assert {r["experiment"] for r in runs} == {"exp1-ablation"}
 
@@ -48,10 +49,18 @@ def test_lr_grids_extend_beyond_the_original_edge(rel):
     assert {r["seed"] for r in runs} == {1, 2, 3}
 
 
-def test_cpu_twin_of_the_ablation_runs_the_five_variants():
+def test_cpu_twin_of_the_ablation_runs_every_preset():
     _, runs = planned("cpu/ablation.yaml")
     assert sorted(r["model"]["variant"] for r in runs) == sorted(VARIANTS)
     assert {r["train"]["steps"] for r in runs} == {150}
+
+
+@pytest.mark.parametrize("rel, seeds", [("factorial.yaml", {1, 2, 3}), ("cpu/factorial.yaml", {1})])
+def test_factorial_covers_every_attention_and_ffn(rel, seeds):
+    _, runs = planned(rel)
+    grid = {(a, f, s) for a in registry.ATTENTIONS for f in registry.FFNS for s in seeds}
+    assert {(r["model"]["attention"], r["model"]["ffn"], r["seed"]) for r in runs} == grid
+    assert all(r["model"]["variant"] is None for r in runs)  # the two choices decide, not a preset
 
 
 def test_t4_studies_cover_the_timeline():
@@ -101,5 +110,5 @@ def test_malformed_yaml(tmp_path, text):
 def test_dry_run_prints_the_agent_command(tmp_path):
     result = CliRunner().invoke(main, ["sweep", str(REPO / "sweeps/cpu/ablation.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "5 planned run(s)" in result.output
+    assert f"{len(VARIANTS)} planned run(s)" in result.output
     assert "/usr/bin/env blueberry run experiments/cpu_base.json --overrides <sweep-dir>/wandb/sweep-" in result.output
