@@ -57,11 +57,15 @@ def run(spec_path, overrides, override_files, resume):
     spec = _load(spec_path, overrides, override_files)
     from blueberry.data import DataError
     from blueberry.runner import OutOfMemory, execute
+    from blueberry.tracking.preflight import PreflightError, preflight
     from blueberry.train.checkpoint import ResumeError
     from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
+        preflight(spec)
         result = execute(spec, log=lambda msg: click.echo(msg, err=True), resume=resume)
+    except PreflightError as exc:
+        _fail(str(exc))
     except DataError as exc:
         _fail(f"{spec_path}: data: {exc}")
     except ResumeError as exc:
@@ -165,12 +169,17 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
     from blueberry.sweep import SweepRunner, load_sweep, plan
     from blueberry.sweep.validate import check_trials
 
+    from blueberry.tracking.preflight import PreflightError, check_runs_root
+
     try:
         swept = load_sweep(sweep_path)
         planned = plan(swept, count)
         check_trials(swept, planned)  # every planned run is a valid spec before any runs
+        check_runs_root(runs_root, "--runs-root")
     except SpecError as exc:
         _fail(exc.render())
+    except PreflightError as exc:
+        _fail(str(exc))
     if dry_run:
         from blueberry.sweep.validate import describe
 

@@ -19,6 +19,7 @@ from blueberry.perf import PerfTracker
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec
 from blueberry.tracking import RunRecord, Trackers, WandbTracker, read_metrics, resolve_mode
+from blueberry.tracking.preflight import runs_root_for
 from blueberry.tracking.record import RunDir, claim_run_dir
 from blueberry.tracking.wandb_log import read_wandb_log
 from blueberry.train import train
@@ -79,7 +80,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     spec_hash = spec.spec_hash()
     # Under a sweep (ours or `wandb agent`) the run id is given: the record dir is named after it.
     run_id = os.environ.get("WANDB_RUN_ID") or f"{spec.run_name}-{spec_hash[:8]}"
-    runs_root = os.environ.get("BLUEBERRY_RUNS_ROOT") or spec.tracking.runs_root
+    runs_root = runs_root_for(spec)
     claimed = claim_run_dir(
         runs_root, spec.experiment, run_id, reuse=None if resume is False else _resumable(resume), create=not resume
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from blueberry.spec import safe_name
+from blueberry.tracking.preflight import PreflightError
 
 
 def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
@@ -136,17 +137,28 @@ def claim_run_dir(
         os.close(fd)
     if not create:
         return None
-    parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(parent, runs_root, parents=True)
     for attempt in range(max(taken, default=0) + 1, max(taken, default=0) + 10_000):
         path = parent / (base if attempt == 1 else f"{base}-{attempt}")
         try:
-            path.mkdir()  # atomic: two concurrent runs never create the same directory
+            _make_dir(path, runs_root)  # atomic: two concurrent runs never create the same directory
         except FileExistsError:
             continue
         fd = _lock(path)
         if fd is not None:  # else another process claimed the empty directory first: it is theirs
             return RunDir(path, fd, reused=False)
     raise RuntimeError(f"could not allocate a run directory under {parent}")
+
+
+def _make_dir(path: Path, runs_root: str | Path, parents: bool = False) -> None:
+    """mkdir, with a refusal by the OS (read-only, not a directory, /proc...) as a PreflightError naming the runs
+    root (checked before the run by preflight; this catches what changed since or what access() cannot tell)."""
+    try:
+        path.mkdir(parents=parents, exist_ok=parents)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise PreflightError(f"runs root '{runs_root}': cannot create {path}: {exc.strerror or exc}") from None
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
