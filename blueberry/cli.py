@@ -168,7 +168,6 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
     """Run a W&B sweep YAML offline with W&B's own sweep engine; the same command resumes it."""
     from blueberry.sweep import SweepRunner, load_sweep, plan
     from blueberry.sweep.validate import check_trials
-
     from blueberry.tracking.preflight import PreflightError, check_runs_root
 
     try:

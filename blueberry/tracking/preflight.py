@@ -51,11 +51,12 @@ def check_wandb_run_id() -> None:
     if len(run_id.encode("utf-8", "surrogateescape")) > MAX_RUN_ID_BYTES:
         raise PreflightError(f"WANDB_RUN_ID {shown!r} is longer than {MAX_RUN_ID_BYTES} bytes")
     import wandb
+    from pydantic import ValidationError
 
     try:
         wandb.Settings(run_id=run_id)
-    except Exception as exc:  # pydantic's ValidationError wrapping W&B's UsageError
-        reason = str(getattr(exc, "errors", lambda: [{"msg": exc}])()[0]["msg"]).removeprefix("Value error, ")
+    except ValidationError as exc:  # wrapping W&B's UsageError
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
         raise PreflightError(f"WANDB_RUN_ID {shown!r} is not a valid W&B run id: {reason}") from None
 
 
