@@ -51,12 +51,11 @@ def check_wandb_run_id() -> None:
     if len(run_id.encode("utf-8", "surrogateescape")) > MAX_RUN_ID_BYTES:
         raise PreflightError(f"WANDB_RUN_ID {shown!r} is longer than {MAX_RUN_ID_BYTES} bytes")
     import wandb
-    from pydantic import ValidationError
 
     try:
         wandb.Settings(run_id=run_id)
-    except ValidationError as exc:  # wrapping W&B's UsageError
-        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+    except wandb.errors.UsageError as exc:  # wandb_settings.Settings.validate_run_id raises it as is
+        reason = str(exc)
         raise PreflightError(f"WANDB_RUN_ID {shown!r} is not a valid W&B run id: {reason}") from None
 
 
