@@ -24,7 +24,8 @@ def _admits_bool(annotation: Any) -> bool:
 
 
 def _holds_bool(value: Any) -> bool:
-    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(_holds_bool(v) for v in value))
+    """A bool, or a list holding one (adam_betas): one level only, so a hostile deep list costs no recursion."""
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value))
 
 
 def check_path(value: str) -> str:
