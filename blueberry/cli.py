@@ -189,9 +189,13 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
         f"{runs_root}/_sweeps/{swept.sweep_id}",
         err=True,
     )
-    runner = SweepRunner(swept, runs_root, count=count, parallel=parallel, log=lambda m: click.echo(m, err=True))
+    from blueberry.sweep.state import SweepStateError
+
     try:
+        runner = SweepRunner(swept, runs_root, count=count, parallel=parallel, log=lambda m: click.echo(m, err=True))
         state = runner.run()
+    except SweepStateError as exc:
+        _fail(f"{exc}: move it aside to start the sweep afresh")
     except KeyboardInterrupt:
         _fail("sweep interrupted; run the same command again to resume", 130)
     done = [t for t in state.trials if t.state == "finished"]
@@ -199,6 +203,8 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
     click.echo(f"sweep {swept.sweep_id}: {len(done)} finished, {len(failed)} failed or stopped")
     for trial in failed:
         click.echo(f"  {trial.run_id}: {trial.state}: {trial.reason}")
+    for _, why in state.unreadable:
+        click.echo(f"  unreadable entry in the sweep state (not run): {why}")
 
 
 @main.command(context_settings=PASS_THROUGH)

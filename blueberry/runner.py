@@ -21,7 +21,7 @@ from blueberry.spec import RunSpec
 from blueberry.tracking import RunRecord, Trackers, WandbTracker, read_metrics, resolve_mode
 from blueberry.tracking.preflight import runs_root_for
 from blueberry.tracking.record import RunDir, claim_run_dir
-from blueberry.tracking.wandb_log import read_wandb_log
+from blueberry.tracking.wandb_log import held_rows
 from blueberry.train import train
 from blueberry.train.checkpoint import Checkpointer, ResumeError, checkpoint_paths, weights_digest
 from blueberry.train.trainer import StopRequest, TrainingInterrupted
@@ -86,6 +86,8 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     )
     if claimed is None:
         raise ResumeError(f"nothing to resume: no unfinished run {run_id} with a checkpoint in {runs_root}")
+    for skipped, why in claimed.skipped:
+        log(f"not resuming {skipped}: its record is unreadable ({why}); left as it is")
     run_dir = claimed.path
     checkpointer = Checkpointer(
         run_dir / "checkpoints", spec_hash, spec.train.checkpoint_every, spec.train.keep_checkpoints
@@ -160,7 +162,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
         monitor = GpuMonitor().start()  # inert without NVML
         trackers = PerfTracker(Trackers(record, wandb_tracker), plan.flops_per_token, plan.peak_flops, monitor)
         if claimed.reused and mode == "offline":
-            _replay_to_wandb(wandb_tracker, run_dir, resume_step)
+            _replay_to_wandb(wandb_tracker, run_dir, resume_step, log)
         if spec.tracking.wandb_checkpoints and mode != "disabled":
             checkpointer.on_save = wandb_tracker.log_checkpoint
         progress = _progress_bar(spec)
@@ -238,15 +240,15 @@ def _resume_state(claimed: RunDir, checkpointer: Checkpointer, spec_hash: str) -
     return checkpointer.load(latest) if latest else None
 
 
-def _replay_to_wandb(tracker: WandbTracker, run_dir: Path, resume_step: int) -> None:
+def _replay_to_wandb(tracker: WandbTracker, run_dir: Path, resume_step: int, log=print) -> None:
     """Re-log the record's rows up to the checkpoint that no earlier offline W&B segment holds.
 
     Offline, wandb-core writes its log to disk every 15 s and when the run finishes, so an attempt killed
     with SIGKILL loses its last rows there (the local record has them). Online they reached the server.
     """
-    held = set()
-    for segment in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
-        held.update((row.get("trainer/step"), "val/loss" in row) for row in read_wandb_log(segment).history)
+    held, unreadable = held_rows((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    for problem in unreadable:
+        log(f"W&B segment unreadable, its rows are logged again: {problem}")
     for row in read_metrics(run_dir / "metrics.jsonl"):
         if row["step"] <= resume_step and (row["step"], "val/loss" in row) not in held:
             tracker.log({k: v for k, v in row.items() if k not in ("step", "time")}, row["step"])

@@ -25,7 +25,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ class RunDir:
     lock_fd: int
     reused: bool
     previous_state: str | None = None  # status of the earlier attempt ("running" when it crashed)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # earlier attempts left alone as unreadable
 
     def release(self) -> None:
         os.close(self.lock_fd)  # closing the descriptor drops the flock
@@ -99,10 +100,12 @@ def _lock(path: Path) -> int | None:
 
 
 def _read_json(path: Path) -> dict | None:
+    """A JSON object file, or None when missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def claim_run_dir(
@@ -124,16 +127,22 @@ def claim_run_dir(
     pattern = re.compile(rf"^{re.escape(base)}(?:-(\d+))?$")
     existing = parent.iterdir() if parent.is_dir() else ()
     taken = sorted(int(m.group(1) or 1) for p in existing if (m := pattern.match(p.name)))
+    skipped: list[tuple[Path, str]] = []
     for attempt in taken if reuse is not None else ():
         path = parent / (base if attempt == 1 else f"{base}-{attempt}")
         fd = _lock(path)
         if fd is None:
             continue
         status = _read_json(path / "status.json")
-        if status is None and create:  # died (or is being set up) before writing anything: as good as new
-            return RunDir(path, fd, reused=False)
+        if status is None and create and not (path / "status.json").exists():
+            return RunDir(path, fd, reused=False)  # died (or is being set up) before writing anything: as new
         if status is not None and reuse(path, status.get("state")):
-            return RunDir(path, fd, reused=True, previous_state=status.get("state"))
+            problem = resume_problem(path)
+            if problem is None:
+                return RunDir(path, fd, reused=True, previous_state=status.get("state"), skipped=skipped)
+            skipped.append((path, problem))
+        elif status is None:
+            skipped.append((path, "status.json is not a JSON object"))
         os.close(fd)
     if not create:
         return None
@@ -146,8 +155,33 @@ def claim_run_dir(
             continue
         fd = _lock(path)
         if fd is not None:  # else another process claimed the empty directory first: it is theirs
-            return RunDir(path, fd, reused=False)
+            return RunDir(path, fd, reused=False, skipped=skipped)
     raise RuntimeError(f"could not allocate a run directory under {parent}")
+
+
+def resume_problem(run_dir: Path) -> str | None:
+    """Why an earlier attempt's record cannot be continued (what RunRecord and the resume read from it), or None."""
+    status = _read_json(run_dir / "status.json")
+    if status is None:
+        return "status.json is not a JSON object"
+    started = status.get("started_at")
+    if started is not None and (isinstance(started, bool) or not isinstance(started, (int, float))):
+        return "status.json: started_at is not a number"
+    header = _read_json(run_dir / "spec.json")
+    if header is None and (run_dir / "spec.json").exists():
+        return "spec.json is not a JSON object"
+    header = header or {}
+    if not isinstance(header.get("spec_hash", ""), str):
+        return "spec.json: spec_hash is not a string"
+    resumes = header.get("resumes", [])
+    if not isinstance(resumes, list) or not all(isinstance(r, dict) for r in resumes):
+        return "spec.json: resumes is not a list of objects"
+    try:
+        if (run_dir / "metrics.jsonl").exists():
+            read_metrics(run_dir / "metrics.jsonl")
+    except (OSError, UnicodeDecodeError, RecordError) as exc:
+        return str(exc)
+    return None
 
 
 def _make_dir(path: Path, runs_root: str | Path, parents: bool = False) -> None:
@@ -161,32 +195,47 @@ def _make_dir(path: Path, runs_root: str | Path, parents: bool = False) -> None:
         raise PreflightError(f"runs root '{runs_root}': cannot create {path}: {exc.strerror or exc}") from None
 
 
+class RecordError(ValueError):
+    """A run record file holds what the runner never writes (a row that is not an object, a step that is not an
+    integer, a broken line before the last): the run is unreadable, for the reason given."""
+
+
+def _metric_rows(path: Path):
+    """(line, row) of each row of a metrics.jsonl. A torn last line (a crash mid-write) is skipped; any other
+    malformed line raises RecordError naming it. Blank lines are skipped."""
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            if number == len(lines):
+                return  # torn: the writer died mid-line
+            raise RecordError(f"{path.name} line {number}: not JSON ({type(exc).__name__})") from None
+        if not isinstance(row, dict):
+            raise RecordError(f"{path.name} line {number}: a JSON {type(row).__name__}, not an object")
+        step = row.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RecordError(f"{path.name} line {number}: step {str(step)[:40]!r} is not an integer")
+        yield line, row
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the rows up to `last_step` (and drop a torn last line), rewritten atomically."""
     if not path.exists():
         return
-    kept = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and row.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    kept = [
+        line if line.endswith("\n") else line + "\n" for line, row in _metric_rows(path) if row["step"] <= last_step
+    ]
     write_text_atomic(path, "".join(kept))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn last line (crash mid-write) is skipped."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    """Rows of a metrics.jsonl; a torn last line (crash mid-write) is skipped, any other bad line is a
+    RecordError."""
+    return [row for _, row in _metric_rows(Path(path))]
 
 
 class RunRecord:
