@@ -1,8 +1,8 @@
 """Loaders: local run records (every state, torn lines, the cache) and the W&B API (mocked: no network)."""
 
 import json
-import tempfile
 import os
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
