@@ -93,7 +93,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
         run_dir / "checkpoints", spec_hash, spec.train.checkpoint_every, spec.train.keep_checkpoints
     )
     try:
-        resume_state = _resume_state(claimed, checkpointer, spec_hash)
+        resume_state = _resume_state(claimed, checkpointer, spec_hash, log)
     except BaseException:
         claimed.release()
         raise
@@ -224,7 +224,7 @@ def _resumable(resume: bool | None):
     return accept
 
 
-def _resume_state(claimed: RunDir, checkpointer: Checkpointer, spec_hash: str) -> dict | None:
+def _resume_state(claimed: RunDir, checkpointer: Checkpointer, spec_hash: str, log=print) -> dict | None:
     """The latest checkpoint of a reused run directory, checked against this spec; None to start at step 0."""
     if not claimed.reused:
         return None
@@ -236,8 +236,10 @@ def _resume_state(claimed: RunDir, checkpointer: Checkpointer, spec_hash: str) -
             f"this spec {spec_hash[:12]}): use another run id or --no-resume"
         )
     checkpointer.clean_partial()
-    latest = checkpointer.latest()
-    return checkpointer.load(latest) if latest else None
+    state, skipped = checkpointer.load_newest()
+    for aside, why in skipped:
+        log(f"skipped a corrupt checkpoint, kept as {aside}: {why}")
+    return state
 
 
 def _replay_to_wandb(tracker: WandbTracker, run_dir: Path, resume_step: int, log=print) -> None:

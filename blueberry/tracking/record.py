@@ -6,6 +6,7 @@ runs/<experiment>/<run_id>/
   summary.json   final and best metrics
   status.json    running | finished | failed | interrupted, with the reason
   checkpoints/   step-<step>.pt, the last K (blueberry.train.checkpoint)
+  checkpoints.sha256  their checksums, verified before a resume loads one
   wandb/         the W&B offline run (`wandb sync runs/<experiment>/<run_id>/wandb/offline-run-*`);
                  one offline-run-* per attempt of a resumed run, synced in order into one W&B run
 
