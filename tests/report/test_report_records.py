@@ -237,7 +237,12 @@ def mutations(draw):
     if kind == "whole":
         return kind, draw(st.sampled_from(RECORD)), 0, draw(HOSTILE)
     if kind == "truncate":
-        return kind, draw(st.sampled_from([*RECORD, "metrics.jsonl"])), draw(st.floats(0, 1)), None
+        return (
+            kind,
+            draw(st.sampled_from([*RECORD, "metrics.jsonl"])),
+            draw(st.floats(0, 1, allow_subnormal=False)),
+            None,
+        )
     return kind, "metrics.jsonl", draw(st.integers(0, 10_000)), draw(HOSTILE)
 
 
