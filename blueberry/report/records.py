@@ -368,6 +368,8 @@ def read_local_run(run_dir: Path) -> Run:
 def load_local(runs_root: str | Path, cache=None) -> list[Run]:
     """Every run under `runs_root`, from the cache when its record files are unchanged."""
     root = Path(runs_root)
+    if root.exists() and not root.is_dir():
+        raise ReportError(f"runs root '{root}' is a file, not a directory (pass --runs-root)")
     if not root.is_dir():
         raise ReportError(f"runs root '{root}' does not exist (train a run first, or pass --runs-root)")
     dirs = find_run_dirs(root)

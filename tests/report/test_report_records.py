@@ -58,6 +58,9 @@ def test_torn_last_line_and_broken_files_are_never_fatal(tmp_path):
 def test_missing_runs_root_is_a_clear_error(tmp_path):
     with pytest.raises(ReportError, match="does not exist"):
         load_local(tmp_path / "nope")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ReportError, match="is a file, not a directory"):
+        load_local(tmp_path / "file")
 
 
 def test_select_filters_like_the_wandb_query(tmp_path):
