@@ -13,7 +13,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -281,7 +281,7 @@ class _HeaderShape(TypedDict, total=False):
 
 @with_config(_STRICT)
 class _StatusShape(TypedDict):
-    state: str
+    state: Literal["running", "finished", "failed", "interrupted", "crashed"]
     reason: NotRequired[str | None]
 
 
