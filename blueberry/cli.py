@@ -62,11 +62,15 @@ def run(spec_path, overrides, override_files, resume):
     spec = _load(spec_path, overrides, override_files)
     from blueberry.data import DataError
     from blueberry.runner import OutOfMemory, execute
+    from blueberry.tracking.preflight import PreflightError, preflight
     from blueberry.train.checkpoint import ResumeError
     from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
+        preflight(spec)
         result = execute(spec, log=lambda msg: click.echo(msg, err=True), resume=resume)
+    except PreflightError as exc:
+        _fail(str(exc))
     except DataError as exc:
         _fail(f"{spec_path}: data: {exc}")
     except ResumeError as exc:
@@ -169,13 +173,17 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
     """Run a W&B sweep YAML offline with W&B's own sweep engine; the same command resumes it."""
     from blueberry.sweep import SweepRunner, load_sweep, plan
     from blueberry.sweep.validate import check_trials
+    from blueberry.tracking.preflight import PreflightError, check_runs_root
 
     try:
         swept = load_sweep(sweep_path)
         planned = plan(swept, count)
         check_trials(swept, planned)  # every planned run is a valid spec before any runs
+        check_runs_root(runs_root, "--runs-root")
     except SpecError as exc:
         _fail(exc.render())
+    except PreflightError as exc:
+        _fail(str(exc))
     if dry_run:
         from blueberry.sweep.validate import describe
 
@@ -186,9 +194,13 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
         f"{runs_root}/_sweeps/{swept.sweep_id}",
         err=True,
     )
-    runner = SweepRunner(swept, runs_root, count=count, parallel=parallel, log=lambda m: click.echo(m, err=True))
+    from blueberry.sweep.state import SweepStateError
+
     try:
+        runner = SweepRunner(swept, runs_root, count=count, parallel=parallel, log=lambda m: click.echo(m, err=True))
         state = runner.run()
+    except SweepStateError as exc:
+        _fail(f"{exc}: move it aside to start the sweep afresh")
     except KeyboardInterrupt:
         _fail("sweep interrupted; run the same command again to resume", 130)
     done = [t for t in state.trials if t.state == "finished"]
@@ -196,6 +208,8 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
     click.echo(f"sweep {swept.sweep_id}: {len(done)} finished, {len(failed)} failed or stopped")
     for trial in failed:
         click.echo(f"  {trial.run_id}: {trial.state}: {trial.reason}")
+    for _, why in state.unreadable:
+        click.echo(f"  unreadable entry in the sweep state (not run): {why}")
 
 
 @main.command(context_settings=PASS_THROUGH)

@@ -67,7 +67,7 @@ def read_json_file(path: Path) -> tuple[Any, str | None]:
         return json.loads(path.read_text(encoding="utf-8")), None
     except FileNotFoundError:
         return None, f"{path.name} missing"
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep to parse
         return None, f"{path.name} unreadable ({type(exc).__name__}: {exc})"
 
 

@@ -20,19 +20,35 @@ from pydantic import BaseModel, ValidationError
 
 from blueberry.spec import RunSpec
 
+# A spec, an overrides file or a sweep YAML is a few KB; the cap keeps `/dev/zero` or a runaway file from
+# being read without bound.
+MAX_FILE_BYTES = 1 << 20
+MAX_PROBLEMS = 20  # listed per error; the rest are counted
+MAX_SHOWN = 200  # characters of any one user-given text (an override, a key, a path) echoed in a message
+
+
+def clip(text: str, limit: int = MAX_SHOWN) -> str:
+    """`text`, cut to `limit` characters with the number left out: a 120 KB override is never echoed whole."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
 
 class SpecError(Exception):
-    """A spec or override is invalid. `problems` are (where, field path, reason) triples."""
+    """A spec or override is invalid. `problems` are (where, field path, reason) triples; `more` counts the
+    problems found but not listed (see MAX_PROBLEMS)."""
 
-    def __init__(self, problems: list[tuple[str, str, str]], title: str = "invalid run spec"):
+    def __init__(self, problems: list[tuple[str, str, str]], title: str = "invalid run spec", more: int = 0):
         self.problems = problems
         self.title = title
+        self.more = more + max(0, len(problems) - MAX_PROBLEMS)
         super().__init__(self.render())
 
     def render(self) -> str:
         lines = [
-            f"{where}: {path}: {reason}" if path else f"{where}: {reason}" for where, path, reason in self.problems
+            f"{clip(where)}: {clip(path)}: {clip(reason)}" if path else f"{clip(where)}: {clip(reason)}"
+            for where, path, reason in self.problems[:MAX_PROBLEMS]
         ]
+        if self.more:
+            lines.append(f"… and {self.more:,} more")
         return f"{self.title}\n  " + "\n  ".join(lines)
 
 
@@ -117,15 +133,29 @@ def leaf_paths(tree: dict, prefix: str = "") -> list[str]:
     return paths
 
 
+def read_text_capped(path: str | Path, what: str, title: str = "invalid run spec") -> str:
+    """A small text file's contents, or SpecError naming the file: missing, unreadable, not UTF-8, or over
+    MAX_FILE_BYTES (read no further than that, so an endless stream such as /dev/zero returns at once)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise SpecError([(str(path), "", f"{what} file not found")], title) from None
+    except OSError as exc:
+        raise SpecError([(str(path), "", f"cannot read {what} file: {exc.strerror or exc}")], title) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError([(str(path), "", f"{what} file is larger than {MAX_FILE_BYTES >> 20} MiB")], title)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([(str(path), "", f"cannot read {what} file: not UTF-8 text ({exc.reason})")], title) from None
+
+
 def read_json_object(path: str | Path, what: str) -> dict:
     """Read a JSON object from a file, or raise SpecError naming the file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([(str(path), "", f"{what} file not found")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([(str(path), "", f"cannot read {what} file: {exc}")]) from None
+    text = read_text_capped(path, what)
     if not text.strip():
         raise SpecError([(str(path), "", f"{what} file is empty")])
     try:
@@ -160,16 +190,38 @@ def load_spec(
     try:
         return RunSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError([_problem(err, sources, base_source) for err in exc.errors()]) from None
+        blame = _Blame(sources, base_source)
+        errors = exc.errors(include_url=False, include_context=False)
+        problems = [_problem(err, blame) for err in errors[:MAX_PROBLEMS]]
+        raise SpecError(problems, more=len(errors) - len(problems)) from None
 
 
-def _problem(err: dict, sources: dict[str, str], base_source: str) -> tuple[str, str, str]:
+class _Blame:
+    """Which source (file or override) set a field path: the last one applied that set the path, a parent of it
+    or a child of it. Indexed once, so blaming each of n errors costs its path depth, not n."""
+
+    def __init__(self, sources: dict[str, str], base_source: str):
+        self.base_source = base_source
+        self.order = {path: (rank, source) for rank, (path, source) in enumerate(sources.items())}
+        self.latest_below: dict[str, tuple[int, str]] = {}  # path -> the latest source set under it
+        for path, (rank, source) in self.order.items():
+            parts = path.split(".")
+            for depth in range(1, len(parts)):
+                prefix = ".".join(parts[:depth])
+                if self.latest_below.get(prefix, (-1, ""))[0] < rank:
+                    self.latest_below[prefix] = (rank, source)
+
+    def __call__(self, path: str) -> str:
+        parts = path.split(".")
+        found = [self.order.get(".".join(parts[:depth])) for depth in range(1, len(parts) + 1)]
+        found.append(self.latest_below.get(path))
+        found = [f for f in found if f is not None]
+        return max(found)[1] if found else self.base_source
+
+
+def _problem(err: dict, blame: _Blame) -> tuple[str, str, str]:
     path = ".".join(str(part) for part in err["loc"])
-    # The most specific source that set this path (or a parent of it) gets the blame.
-    where = base_source
-    for candidate in sources:  # in the order applied: the last layer touching this path is blamed
-        if path == candidate or path.startswith(candidate + ".") or candidate.startswith(path + "."):
-            where = sources[candidate]
+    where = blame(path)
     reason = err["msg"].removeprefix("Value error, ")
     if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], dict):
         reason += f" (got {_short(err['input'])})"

@@ -26,9 +26,10 @@ from blueberry.plan import Build, build
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec
 from blueberry.tracking import RunRecord, Trackers, WandbTracker, new_run_id, read_metrics, sweep_tag
+from blueberry.tracking.preflight import runs_root_for
 from blueberry.tracking.record import RunDir, claim_run_dir
 from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, make_header, wandb_config
-from blueberry.tracking.wandb_log import read_wandb_log
+from blueberry.tracking.wandb_log import held_rows
 from blueberry.tracking.wandb_settings import Choice, describe, run_settings
 from blueberry.train.checkpoint import Checkpointer, ResumeError, checkpoint_paths, weights_digest
 from blueberry.train.metrics import MetricsProcessor
@@ -93,7 +94,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     ours = [spec.model.label, *([sweep_tag(run.sweep["name"])] if run.sweep else [])]
     run.wandb_settings = run_settings(spec, tags=ours)  # the spec, else W&B's own settings, else our defaults
     mode, why = run.wandb_settings["mode"].value, run.wandb_settings["mode"].source
-    claim_stage(run, resume)
+    claim_stage(run, resume, log)
     record_stage(run, mode, why, log)
     stop = StopRequest().install()
     try:
@@ -132,7 +133,7 @@ def build_stage(spec: RunSpec, world: World, device: torch.device) -> tuple[obje
     return data, built
 
 
-def claim_stage(run: Run, resume: bool | None) -> None:
+def claim_stage(run: Run, resume: bool | None, log) -> None:
     """Lock the run directory (an earlier attempt to continue, or a new one) and load the checkpoint to resume."""
     spec = run.spec
     spec_hash = spec.spec_hash()
@@ -140,17 +141,19 @@ def claim_stage(run: Run, resume: bool | None) -> None:
     # the directory is named after the spec, so an unfinished run of it is found again to resume.
     given_id = os.environ.get("WANDB_RUN_ID")
     run_id = given_id or f"{spec.run_name}-{spec_hash[:8]}"
-    runs_root = os.environ.get("BLUEBERRY_RUNS_ROOT") or spec.tracking.runs_root
+    runs_root = runs_root_for(spec)  # $BLUEBERRY_RUNS_ROOT (a sweep) or tracking.runs_root
     claimed = claim_run_dir(
         runs_root, spec.experiment, run_id, reuse=None if resume is False else _resumable(resume), create=not resume
     )
     if claimed is None:
         raise ResumeError(f"nothing to resume: no unfinished run {run_id} with a checkpoint in {runs_root}")
+    for skipped, why in claimed.skipped:
+        log(f"not resuming {skipped}: its record is unreadable ({why}); left as it is")
     run.checkpointer = Checkpointer(
         claimed.path / "checkpoints", spec_hash, spec.train.checkpoint_every, spec.train.keep_checkpoints
     )
     try:
-        run.resume_state = _resume_state(claimed, run.checkpointer, spec_hash)
+        run.resume_state = _resume_state(claimed, run.checkpointer, spec_hash, log)
     except BaseException:
         claimed.release()
         raise
@@ -219,7 +222,7 @@ def tracker_stage(run: Run, mode: str, log) -> None:
         started=run.started,
     )
     if claimed.reused and mode == "offline":
-        _replay_to_wandb(run.wandb, claimed.path, run.resume_state["step"] if run.resume_state else 0)
+        _replay_to_wandb(run.wandb, claimed.path, run.resume_state["step"] if run.resume_state else 0, log)
     if spec.tracking.wandb_checkpoints and mode != "disabled":
         run.checkpointer.on_save = run.wandb.log_checkpoint
 
@@ -313,7 +316,7 @@ def _resumable(resume: bool | None):
     return accept
 
 
-def _resume_state(claimed: RunDir, checkpointer: Checkpointer, spec_hash: str) -> dict | None:
+def _resume_state(claimed: RunDir, checkpointer: Checkpointer, spec_hash: str, log=print) -> dict | None:
     """The latest checkpoint of a reused run directory, checked against this spec; None to start at step 0."""
     if not claimed.reused:
         return None
@@ -325,19 +328,21 @@ def _resume_state(claimed: RunDir, checkpointer: Checkpointer, spec_hash: str) -
             f"this spec {spec_hash[:12]}): use another run id or --no-resume"
         )
     checkpointer.clean_partial()
-    latest = checkpointer.latest()
-    return checkpointer.load(latest) if latest else None
+    state, skipped = checkpointer.load_newest()
+    for aside, why in skipped:
+        log(f"skipped a corrupt checkpoint, kept as {aside}: {why}")
+    return state
 
 
-def _replay_to_wandb(tracker: WandbTracker, run_dir: Path, resume_step: int) -> None:
+def _replay_to_wandb(tracker: WandbTracker, run_dir: Path, resume_step: int, log=print) -> None:
     """Re-log the record's rows up to the checkpoint that no earlier offline W&B segment holds.
 
     Offline, wandb-core writes its log to disk every 15 s and when the run finishes, so an attempt killed
     with SIGKILL loses its last rows there (the local record has them). Online they reached the server.
     """
-    held = set()
-    for segment in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
-        held.update((row.get("trainer/step"), "val/loss" in row) for row in read_wandb_log(segment).history)
+    held, unreadable = held_rows((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    for problem in unreadable:
+        log(f"W&B segment unreadable, its rows are logged again: {problem}")
     for row in read_metrics(run_dir / METRICS_FILE):
         if row["step"] <= resume_step and (row["step"], "val/loss" in row) not in held:
             tracker.log({k: v for k, v in row.items() if k not in ("step", "time")}, row["step"])

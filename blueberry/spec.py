@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Literal
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from blueberry.models import registry
 
@@ -19,9 +20,41 @@ VARIANTS = tuple(registry.PRESETS)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
+def _admits_bool(annotation: Any) -> bool:
+    return annotation is bool or any(_admits_bool(arg) for arg in typing.get_args(annotation))
+
+
+def _holds_bool(value: Any) -> bool:
+    """A bool, or a list holding one (adam_betas): one level only, so a hostile deep list costs no recursion."""
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value))
+
+
+def check_path(value: str) -> str:
+    """A string the run will open as a path must be one the OS accepts: no NUL, at most 4096 bytes (PATH_MAX)
+    in all and 255 (NAME_MAX) per component; else it fails mid-run with ENAMETOOLONG."""
+    encoded = value.encode("utf-8", "surrogateescape")
+    if b"\x00" in encoded:
+        raise ValueError("must not contain a NUL character")
+    if len(encoded) > 4096:
+        raise ValueError(f"is {len(encoded):,} bytes long, more than a path may be (4096)")
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > 255:
+        raise ValueError(f"has a path component of {len(longest):,} bytes, more than a file name may be (255)")
+    return value
+
+
 class _Strict(BaseModel):
     # No NaN/inf anywhere: JSON's `1e400` and `NaN` parse to them, and no field means them.
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads True as 1 and 1.0 (`--model.n_layers=True` would build one layer). Its other
+        # coercions stay: "3" -> 3 (W&B YAML values may be quoted) and 4.0 -> 4 (q_uniform proposes floats).
+        if _holds_bool(value) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number or text, not a boolean")
+        return value
 
 
 class ModelSpec(_Strict):
@@ -162,6 +195,11 @@ class DataSpec(_Strict):
     seq_len: int = Field(128, ge=8, le=131072, description="Context length of training and validation windows.")
     leakage_ngram: int = Field(13, ge=2, le=64, description="n for the token n-gram leakage audit.")
 
+    @field_validator("dataset", "tokenizer")
+    @classmethod
+    def _name_or_path(cls, value: str) -> str:
+        return check_path(value)
+
 
 class TrainSpec(_Strict):
     """Optimisation recipe. `steps`, warmup and the schedule all count optimizer steps."""
@@ -279,9 +317,9 @@ class TrackingSpec(_Strict):
     @field_validator("runs_root")
     @classmethod
     def _check_runs_root(cls, value: str) -> str:
-        if not value or "\x00" in value or len(value) > 4096:
-            raise ValueError("must be a directory path: 1-4096 characters, no NUL")
-        return value
+        if not value:
+            raise ValueError("must be a directory path, not empty")
+        return check_path(value)
 
 
 class RunSpec(_Strict):

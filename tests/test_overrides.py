@@ -102,3 +102,89 @@ def test_malformed_override_tokens():
         parse_override_args(["lr"])
     with pytest.raises(SpecError):
         parse_override_args(["--train..lr=1"])
+
+
+# ---------------------------------------------------------------- bounded cost on any input
+
+
+def test_errors_for_many_unknown_keys_are_capped_and_counted(tmp_path):
+    from blueberry.overrides import MAX_PROBLEMS
+
+    path = tmp_path / "many.json"
+    n = 20_000  # quadratic blame took minutes here; linear takes well under a second
+    path.write_text(json.dumps({"model": {f"k{i}": i for i in range(n)}, **{f"top{i}": 1 for i in range(n)}}))
+    with pytest.raises(SpecError) as err:
+        load_spec(path, [f"--train.x{i}=1" for i in range(50)])
+    assert len(err.value.problems) == MAX_PROBLEMS and err.value.more == 2 * n + 50 - MAX_PROBLEMS
+    rendered = err.value.render()
+    assert rendered.endswith(f"… and {2 * n + 50 - MAX_PROBLEMS:,} more")
+    assert len(rendered.splitlines()) == MAX_PROBLEMS + 2  # title, the listed problems, the count
+
+
+def test_blame_goes_to_the_last_source_touching_the_path(spec_file, tmp_path):
+    layer = tmp_path / "layer.json"
+    layer.write_text(json.dumps({"train": {"lr": -1}}))
+    with pytest.raises(SpecError) as err:  # the file set lr, then argv replaced the whole train section
+        load_spec(spec_file, ["--train={'lr': -2}"], (str(layer),))
+    assert [(w, p) for w, p, _ in err.value.problems] == [("override --train={'lr': -2}", "train.lr")]
+    with pytest.raises(SpecError) as err:  # a child set after its parent: the child's source is blamed
+        load_spec(spec_file, ["--model={'variant': 'moe'}", "--model.n_experts=0"])
+    assert {(w, p) for w, p, _ in err.value.problems} == {("override --model.n_experts=0", "model.n_experts")}
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "big"])
+def test_a_spec_file_over_the_cap_is_refused_without_reading_it_all(tmp_path, source):
+    from blueberry.overrides import MAX_FILE_BYTES
+
+    if source == "big":
+        source = tmp_path / "big.json"
+        source.write_text('{"name": "' + "x" * MAX_FILE_BYTES + '"}')
+    for read in (lambda: load_spec(source), lambda: load_spec(None, override_files=(str(source),))):
+        with pytest.raises(SpecError, match="larger than 1 MiB"):
+            read()
+
+
+def test_a_huge_override_is_never_echoed_whole():
+    huge = "9" * 120_000
+    for args in ([f"--train.lr={huge}"], [f"--{'x' * 120_000}=1"], ["{" + huge]):
+        with pytest.raises(SpecError) as err:
+            load_spec(None, args)
+        assert len(err.value.render()) < 2_000 and "more characters" in err.value.render()
+
+
+# ---------------------------------------------------------------- coercions
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["--model.n_layers=True", "--train.lr=True", "--train.steps=False", "--train.adam_betas=[True, 0.9]"]
+    + ["--train.threads=True", "--seed=True", "--train.batch_size=True", "--data.dataset=True"],
+)
+def test_a_boolean_is_never_a_number(override):
+    with pytest.raises(SpecError) as err:
+        load_spec(None, [override])
+    ((_, path, reason),) = err.value.problems
+    assert path == override.split("=")[0].removeprefix("--") and "not a boolean" in reason
+
+
+def test_the_coercions_kept():
+    spec = load_spec(None, ['--model.n_layers="3"', "--model.n_experts=4.0", "--train.lr=1", "--train.progress=0"])
+    assert (spec.model.n_layers, spec.model.n_experts, spec.train.lr, spec.train.progress) == (3, 4, 1.0, False)
+    with pytest.raises(SpecError, match="fractional part"):
+        load_spec(None, ["--model.n_layers=2.5"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--data.dataset=" + "a" * 256, "path component of 256 bytes"),
+        ("--data.dataset=" + "ab/" * 1400, "more than a path may be"),
+        ("--data.tokenizer=" + "t" * 300, "path component of 300 bytes"),
+        ("--tracking.runs_root=" + "r" * 256, "path component"),
+        ("--tracking.runs_root=''", "not empty"),
+        ('--data.dataset="a\\x00b"', "NUL"),
+    ],
+)
+def test_a_name_or_path_the_os_would_refuse_is_a_spec_error(override, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(None, [override])

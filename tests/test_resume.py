@@ -313,3 +313,60 @@ def test_a_run_that_crashed_before_its_first_checkpoint_restarts_from_step_0(tmp
     assert again.run_dir == first.run_dir
     assert json.loads((again.run_dir / "spec.json").read_text())["resumes"][0]["step"] == 0
     assert comparable(again.run_dir) == comparable(clean.run_dir)
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped_kept_aside_and_the_resume_still_bit_exact(tmp_path, monkeypatch):
+    args = [*TINY, "--train.steps=8", "--train.log_every=2", "--train.eval_every=4", "--experiment=ft"]
+    args += ["--train.checkpoint_every=2", "--train.keep_checkpoints=3"]
+    clean = execute(load_spec(QUICKSTART, [*args, f"--tracking.runs_root={tmp_path / 'clean'}"]), log=print)
+    root = tmp_path / "runs"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, step=6)
+        assert invoke(*args, f"--tracking.runs_root={root}").exit_code == 130
+    (run_dir,) = (root / "ft").iterdir()
+    latest = run_dir / "checkpoints" / "step-000006.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # a truncated write the rename did not protect (disk, copy)
+    result = invoke(*args, f"--tracking.runs_root={root}")
+    assert result.exit_code == 0, result.output
+    assert "skipped a corrupt checkpoint" in result.output and "step-000006.pt.corrupt" in result.output
+    assert "from step 4" in result.output
+    assert (run_dir / "checkpoints" / "step-000006.pt.corrupt").stat().st_size == 1000  # kept, not deleted
+    assert comparable(run_dir) == comparable(clean.run_dir)
+
+
+@pytest.mark.parametrize(
+    "file, text",
+    [("metrics.jsonl", "[1, 2]\n"), ("metrics.jsonl", '{"step": "2"}\n{"step": 4}\n'), ("status.json", "[]")]
+    + [("spec.json", '{"resumes": 3}'), ("status.json", '{"state": "running", "started_at": "noon"}')],
+)
+def test_an_unreadable_earlier_attempt_is_left_alone_and_named(tmp_path, monkeypatch, file, text):
+    args = [*TINY, "--train.steps=4", "--train.log_every=2", "--train.eval_every=4", "--experiment=ft"]
+    args += [f"--tracking.runs_root={tmp_path / 'runs'}"]
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, step=2)
+        assert invoke(*args).exit_code == 130
+    (crashed,) = (tmp_path / "runs" / "ft").iterdir()
+    (crashed / file).write_text(text)
+    before = {p: p.read_bytes() for p in crashed.rglob("*") if p.is_file()}
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert f"not resuming {crashed}" in result.output and "unreadable" in result.output
+    assert {p: p.read_bytes() for p in crashed.rglob("*") if p.is_file()} == before  # untouched
+    assert sorted(p.name for p in (tmp_path / "runs" / "ft").iterdir()) == [crashed.name, crashed.name + "-2"]
+
+
+def test_an_unreadable_wandb_segment_does_not_stop_the_resume(tmp_path, monkeypatch):
+    args = [*TINY, "--train.steps=6", "--train.log_every=2", "--train.eval_every=6", "--experiment=ft"]
+    args += [f"--tracking.runs_root={tmp_path / 'runs'}"]
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, step=4)
+        assert invoke(*args).exit_code == 130
+    (run_dir,) = (tmp_path / "runs" / "ft").iterdir()
+    (segment,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    segment.write_bytes(b"{not a W&B log")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "W&B segment unreadable, its rows are logged again" in result.output
+    logs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    replayed = {row["trainer/step"] for row in read_wandb_log(logs[-1]).history}
+    assert {2, 4} <= replayed  # the rows the unreadable segment held are in the new one

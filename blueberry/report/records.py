@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NotRequired
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict
 
 from blueberry.fileio import read_json_file
 from blueberry.tracking import read_metrics
+from blueberry.tracking.record import RecordError
 from blueberry.tracking.schema import (
     HEADER_KEYS,
     METRICS_FILE,
@@ -33,6 +37,8 @@ from blueberry.tracking.schema import (
     keep_metric,
     run_tags,
 )
+
+NOT_AN_OBJECT_LINE = re.compile(rb"^[ \t]*[^{\s]", re.MULTILINE)
 
 
 class ReportError(Exception):
@@ -72,9 +78,15 @@ class History:
         row by row, and it releases the GIL). A file Arrow refuses — a torn last line after a crash, a "nan"
         string in a number column — is read row by row instead, with the same result."""
         try:
-            table = pa_json.read_json(path)
+            data = path.read_bytes()
+            if NOT_AN_OBJECT_LINE.search(data):  # Arrow 26 crashes (SIGSEGV) on a first line `null`, and reads a
+                raise ValueError("a line that is not an object")  # later `null` as an empty row: never hand it one
+            table = pa_json.read_json(pa.BufferReader(data))
             if not {"step", "time"} <= set(table.column_names):
                 raise ValueError("no step/time columns")
+            step = table.column("step")
+            if not pa.types.is_integer(step.type) or step.null_count:  # read_metrics names the bad row
+                raise ValueError("a row without an integer step")
             metrics = sorted(k for k in table.column_names if keep_metric(k) and k not in ("step", "time"))
             names = ["step", "time", *metrics]
             values = np.empty((table.num_rows, len(names)))
@@ -229,10 +241,90 @@ def _read_json(path: Path) -> tuple[dict | None, str | None]:
     return data, None
 
 
+# The parts of a run record the report reads, with the types the runner writes (other keys pass unchecked).
+# A record that breaks them is listed as unreadable with pydantic's reason, never fed to the tables.
+_STRICT = ConfigDict(strict=True)
+
+
+@with_config(_STRICT)
+class _SpecShape(TypedDict, total=False):
+    name: str | None
+    experiment: str
+    tags: list[str]
+    seed: int
+    model: dict[str, Any]
+    data: dict[str, Any]
+    train: dict[str, Any]
+    tracking: dict[str, Any]
+
+
+@with_config(_STRICT)
+class _SweepShape(TypedDict):
+    id: str
+    name: NotRequired[str | None]
+
+
+@with_config(_STRICT)
+class _HeaderShape(TypedDict, total=False):
+    run_id: str
+    name: str
+    experiment: str
+    seed: int
+    sweep: _SweepShape | None
+    spec: _SpecShape
+    params: dict[str, int | float | None]
+    data: dict[str, Any]
+    causality: dict[str, Any]
+    hardware: dict[str, Any]
+    created_at: str
+
+
+@with_config(_STRICT)
+class _StatusShape(TypedDict):
+    state: Literal["running", "finished", "failed", "interrupted", "crashed"]
+    reason: NotRequired[str | None]
+
+
+# Dotted spec/header values the tables, plots and integrity section compute with: (path, accepted types).
+_USED_VALUES = (
+    ("spec.model.variant", (str, type(None))),  # None: an attention × ffn pair no preset names
+    ("spec.train.lr", (int, float)),
+    ("spec.train.steps", (int,)),
+    ("spec.train.checkpoint_every", (int, type(None))),
+    ("spec.tracking.project", (str,)),
+    ("hardware.gpu_name", (str, type(None))),
+    ("data.leakage", (dict,)),
+    ("data.leakage.val_windows_with_train_ngram", (int, float, type(None))),
+)
+_HEADER = TypeAdapter(_HeaderShape)
+_STATUS = TypeAdapter(_StatusShape)
+
+
+def shape_problem(name: str, data: dict, adapter: TypeAdapter) -> str | None:
+    """Why `data` (the file `name`) is not a record the report can use, or None."""
+    try:
+        adapter.validate_python(data)
+    except ValidationError as exc:
+        err, more = exc.errors(include_url=False)[0], exc.error_count() - 1
+        return f"{name}: {'.'.join(map(str, err['loc']))}: {err['msg']}" + (f" (and {more} more)" if more else "")
+    if adapter is _HEADER:
+        for dotted, types in _USED_VALUES:
+            node: Any = data
+            for part in dotted.split("."):
+                node = node.get(part, ...) if isinstance(node, dict) else ...
+            if node is not ... and (isinstance(node, bool) or not isinstance(node, types)):
+                return f"{name}: {dotted}: {type(node).__name__} where {' or '.join(t.__name__ for t in types)} belongs"
+    return None
+
+
 def read_local_run(run_dir: Path) -> Run:
-    """One run directory → Run. Missing or corrupt files make it "unreadable", with the reason."""
+    """One run directory → Run. Missing, corrupt or malformed files make it "unreadable", with the reason."""
     header, spec_problem = _read_json(run_dir / SPEC_FILE)
     status, status_problem = _read_json(run_dir / STATUS_FILE)
+    if header is not None and (spec_problem := shape_problem(SPEC_FILE, header, _HEADER)):
+        header = None  # nothing of a malformed header reaches the report
+    if status is not None and (status_problem := shape_problem(STATUS_FILE, status, _STATUS)):
+        status = None
     header = header or {}
     spec = header.get("spec") if isinstance(header.get("spec"), dict) else {}
     problems = [p for p in (spec_problem, status_problem) if p]
@@ -250,7 +342,7 @@ def read_local_run(run_dir: Path) -> Run:
     if (run_dir / METRICS_FILE).exists():
         try:
             history = History.from_jsonl(run_dir / METRICS_FILE)
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError, RecordError) as exc:
             problems.append(f"metrics.jsonl unreadable ({exc})")
     if problems:
         state, reason = "unreadable", "; ".join(problems)
@@ -275,6 +367,8 @@ def read_local_run(run_dir: Path) -> Run:
 def load_local(runs_root: str | Path, cache=None) -> list[Run]:
     """Every run under `runs_root`, from the cache when its record files are unchanged."""
     root = Path(runs_root)
+    if root.exists() and not root.is_dir():
+        raise ReportError(f"runs root '{root}' is a file, not a directory (pass --runs-root)")
     if not root.is_dir():
         raise ReportError(f"runs root '{root}' does not exist (train a run first, or pass --runs-root)")
     dirs = find_run_dirs(root)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from blueberry.overrides import SpecError
+from blueberry.overrides import SpecError, read_text_capped
 
 INVALID = "invalid sweep"
 
@@ -47,12 +47,7 @@ class Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep YAML; errors name the file and carry W&B's own violation messages."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([(str(path), "", "sweep file not found")], INVALID) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([(str(path), "", f"cannot read sweep file: {exc}")], INVALID) from None
+    text = read_text_capped(path, "sweep", INVALID)
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:

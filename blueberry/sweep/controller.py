@@ -1,8 +1,10 @@
 """`blueberry sweep`: W&B's sweep engine proposes, trials run as `wandb agent` would run them, offline.
 
-Loop: propose with `sweeps.next_run` (every earlier trial passed back, so grid de-duplicates and bayes
-learns) → record the trial in the sweep state → launch it in its own process → read its run record →
-feed the result back. Early termination (`early_terminate:`) asks `sweeps.stop_runs` about running trials.
+Loop: claim a trial under the sweep's lock — one left unfinished by a controller that died, else a new
+proposal of `sweeps.next_run` (every earlier trial passed back, so grid de-duplicates and bayes learns) —
+→ launch it in its own process → read its run record → feed the result back. Several controllers on one
+sweep share that queue (blueberry.sweep.state): each trial is run by exactly one of them. Early
+termination (`early_terminate:`) asks `sweeps.stop_runs` about running trials.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 from blueberry.fileio import read_json
 from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain
-from blueberry.sweep.state import SweepState, Trial
+from blueberry.sweep.state import SweepState, Trial, this_worker, worker_alive
 from blueberry.tracking import read_metrics
+from blueberry.tracking.record import RecordError
 
 POLL_S = 0.5
 EARLY_STOP_EVERY_S = 5.0
@@ -107,6 +110,34 @@ def propose(sweep: Sweep, trials: list[Trial]) -> dict | None:
     return plain({key: entry["value"] for key, entry in proposal.config.items()})
 
 
+def parameter_paths(parameters: dict, prefix: str = "") -> set[str]:
+    """Dotted names of a sweep's parameters (nested `parameters:` sections opened)."""
+    paths: set[str] = set()
+    for name, entry in parameters.items():
+        if isinstance(entry, dict) and isinstance(entry.get("parameters"), dict):
+            paths |= parameter_paths(entry["parameters"], f"{prefix}{name}.")
+        else:
+            paths.add(f"{prefix}{name}")
+    return paths
+
+
+def params_problem(sweep: Sweep, trial: Trial) -> str | None:
+    """Why a trial's parameters are not a set this sweep's engine proposes (other names), or None."""
+    found: set[str] = set()
+    stack = [("", trial.params)]
+    while stack:
+        prefix, node = stack.pop()
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                stack.append((f"{prefix}{key}.", value))
+            else:
+                found.add(f"{prefix}{key}")
+    expected = parameter_paths(sweep.config.get("parameters") or {})
+    if found != expected:
+        return f"{trial.run_id}: parameters {sorted(found)[:5]} are not this sweep's {sorted(expected)[:5]}"
+    return None
+
+
 def plan(sweep: Sweep, count: int | None) -> list[dict]:
     """The parameter sets a fresh sweep would run (grid: all of them; random/bayes: the first proposals)."""
     budget = trial_budget(sweep, count)
@@ -127,25 +158,35 @@ def find_record(runs_root: Path, run_id: str) -> Path | None:
     return matches[-1].parent if matches else None
 
 
+def metric_rows(run_dir: Path, metric: str) -> list[dict]:
+    """The run's `metric` rows as the engine reads history; RecordError if its metrics.jsonl is malformed."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = read_metrics(path)
+    return [{"_step": r["step"], metric: r[metric]} for r in rows if _number(r.get(metric))]
+
+
 def collect(trial: Trial, runs_root: Path, metric: str, returncode: int | None, log_path: Path) -> None:
-    """Fill a finished trial's state, reason, summary and history from its run record."""
+    """Fill a finished trial's state, reason, summary and history from its run record. An unreadable record
+    fails the trial with the reason; the sweep goes on."""
     run_dir = find_record(runs_root, trial.run_id)
-    status = {}
+    status, unreadable = {}, None
     if run_dir is not None:
         trial.run_dir = str(run_dir)
         status = _read_json(run_dir / "status.json")
         summary = _read_json(run_dir / "summary.json")
-        trial.summary = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        trial.history = [
-            {"_step": r["step"], metric: r[metric]}
-            for r in read_metrics(run_dir / "metrics.jsonl")
-            if isinstance(r.get(metric), (int, float))
-        ]
-    if returncode == 0 and status.get("state") == "finished":
+        trial.summary = {k: v for k, v in summary.items() if _number(v)}
+        try:
+            trial.history = metric_rows(run_dir, metric)
+        except (OSError, UnicodeDecodeError, RecordError) as exc:
+            unreadable = f"run record unreadable: {exc}"
+    if returncode == 0 and status.get("state") == "finished" and unreadable is None:
         trial.state, trial.reason = "finished", None
     elif trial.state != "killed":
         trial.state = "failed"
-        trial.reason = status.get("reason") or f"exit code {returncode}: {_tail(log_path)}"
+        reason = status.get("reason") if isinstance(status.get("reason"), str) else None
+        trial.reason = unreadable or reason or f"exit code {returncode}: {_tail(log_path)}"
 
 
 class SweepRunner:
@@ -153,7 +194,9 @@ class SweepRunner:
         self.sweep = sweep
         self.runs_root = Path(runs_root)
         self.dir = sweep_dir(self.runs_root, sweep)
-        self.state = SweepState(self.dir / "state.json", sweep.sweep_id, sweep.name)
+        self.state = SweepState(
+            self.dir / "state.json", sweep.sweep_id, sweep.name, check=lambda t: params_problem(sweep, t)
+        )
         self.budget = trial_budget(sweep, count)
         self.parallel = max(1, parallel)
         self.metric = (sweep.config.get("metric") or {}).get("name", "val/loss")
@@ -162,9 +205,17 @@ class SweepRunner:
         self.gpus = _gpu_count()
 
     def run(self) -> SweepState:
-        self.resumable = self.state.unfinished()  # launched by an earlier, interrupted invocation
-        if self.resumable:
-            self.log(f"resuming sweep {self.sweep.sweep_id}: {len(self.resumable)} unfinished trial(s) first")
+        self.me = this_worker()
+        self.resumable: list[Trial] = []  # ours to run again: an orphaned trial that died unfinished
+        with self.state.locked() as state:
+            left, others = state.claimable(), {t.worker for t in state.unfinished() if worker_alive(t.worker)}
+        if left:
+            self.log(f"resuming sweep {self.sweep.sweep_id}: {len(left)} unfinished trial(s) first")
+        if others:
+            pids = ", ".join(sorted(w.split(":")[0] for w in others))
+            self.log(f"joining sweep {self.sweep.sweep_id}: another `blueberry sweep` works on it (pid {pids})")
+        for _, why in self.state.unreadable:
+            self.log(f"  sweep state entry unreadable, left as it is: {why}")
         last_early_check = time.monotonic()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops trials cleanly, like Ctrl-C
         try:
@@ -174,7 +225,7 @@ class SweepRunner:
                     if trial is None:
                         break
                     self._start(trial)
-                if not self.workers:
+                if not self.workers and not self._others_working():
                     break
                 time.sleep(POLL_S)
                 self._reap()
@@ -186,25 +237,45 @@ class SweepRunner:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+        self.state.load()
         return self.state
 
+    def _others_working(self) -> bool:
+        """Another live controller still runs trials of this sweep: wait, to take them over if it dies."""
+        self.state.load()  # state.json is replaced atomically: a read without the lock sees a whole file
+        return any(t.worker != self.me and worker_alive(t.worker) for t in self.state.unfinished())
+
     def _new_trial(self) -> Trial | None:
-        if self.budget is not None and len(self.state.trials) >= self.budget:
-            return None
-        params = propose(self.sweep, self.state.trials)
-        if params is None:
-            return None
-        trial = Trial(run_id=self.state.next_run_id(), params=params)
-        self.state.trials.append(trial)
-        self.state.save()  # planned before launched: a kill from here on cannot lose or repeat it
-        return trial
+        """Claim the next trial, atomically under the sweep's lock: an unfinished one whose controller died,
+        else a new proposal (planned before launched: a kill from here on cannot lose or repeat it)."""
+        with self.state.locked() as state:
+            left = state.claimable()
+            if left:
+                trial = left[0]
+                trial.worker = self.me
+                state.save()
+                return trial
+            if self.budget is not None and len(state.trials) + len(state.unreadable) >= self.budget:
+                return None
+            params = propose(self.sweep, self._all_trials())
+            if params is None:
+                return None
+            trial = Trial(run_id=state.next_run_id(), params=params, worker=self.me)
+            state.trials.append(trial)
+            state.save()
+            return trial
+
+    def _all_trials(self) -> list[Trial]:
+        """The state's trials, ours as we hold them now (fresher than the file for their history)."""
+        ours = {w.trial.run_id: w.trial for w in self.workers.values()}
+        return [ours.get(t.run_id, t) for t in self.state.trials]
 
     def _start(self, trial: Trial) -> None:
         existing = find_record(self.runs_root, trial.run_id)
         if existing and _read_json(existing / "status.json").get("state") == "finished":
             # It finished, but the sweep died before recording that: adopt, never run twice.
             collect(trial, self.runs_root, self.metric, 0, Path(os.devnull))
-            self.state.save()
+            self.state.put(trial)
             self.log(f"  {trial.run_id}: already finished, adopted")
             return
         log_path = self.dir / "logs" / f"{trial.run_id}.log"
@@ -229,7 +300,7 @@ class SweepRunner:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(log_path, "a", encoding="utf-8")
         trial.state = "running"
-        self.state.save()
+        self.state.put(trial)
         self.log(f"  {trial.run_id}: {json.dumps(trial.params, sort_keys=True)}")
         # Own process group and a closed stdin, as the W&B agent does: Ctrl-C reaches us, and we stop the trial.
         process = subprocess.Popen(
@@ -241,7 +312,7 @@ class SweepRunner:
             process_group=0,
         )
         trial.pid = process.pid
-        self.state.save()
+        self.state.put(trial)
         self.workers[trial.run_id] = Worker(trial, process, log_file, log_path)
 
     def _offline_env(self, slot: int) -> dict:
@@ -275,12 +346,13 @@ class SweepRunner:
                 record = find_record(self.runs_root, run_id)
                 if record is None or _read_json(record / "status.json").get("state") != "finished":
                     worker.trial.pid, worker.trial.state = None, "pending"
+                    self.state.put(worker.trial)
                     self.resumable.append(worker.trial)  # it died unfinished: run it (again)
                     continue
                 returncode = 0
             collect(worker.trial, self.runs_root, self.metric, returncode, worker.log_path)
             worker.trial.pid = None
-            self.state.save()
+            self.state.put(worker.trial)
             value = worker.trial.summary.get(self.metric)
             shown = f"{self.metric}={value:.4f}" if isinstance(value, float) else worker.trial.reason
             self.log(f"  {run_id}: {worker.trial.state} ({shown})")
@@ -290,12 +362,11 @@ class SweepRunner:
         for worker in self.workers.values():
             run_dir = find_record(self.runs_root, worker.trial.run_id)
             if run_dir is not None:
-                worker.trial.history = [
-                    {"_step": r["step"], self.metric: r[self.metric]}
-                    for r in read_metrics(run_dir / "metrics.jsonl")
-                    if self.metric in r
-                ]
-        for run in engine().stop_runs(self.sweep.config, engine_runs(self.state.trials)):
+                try:
+                    worker.trial.history = metric_rows(run_dir, self.metric)
+                except (OSError, UnicodeDecodeError, RecordError):
+                    pass  # judged on the rows read before; collect() reports an unreadable record at the end
+        for run in engine().stop_runs(self.sweep.config, engine_runs(self._all_trials())):
             if run.name in running:
                 worker = self.workers[run.name]
                 worker.trial.state, worker.trial.reason = "killed", "early-terminated by the sweep's early_terminate"
@@ -314,7 +385,7 @@ class SweepRunner:
                 worker.process.kill()
             if worker.log:
                 worker.log.close()
-        self.state.save()
+            self.state.put(worker.trial)
         self.log(f"sweep {why}: run the same command again to resume")
 
 
@@ -333,6 +404,10 @@ def _gpu_count() -> int:
 
 def _read_json(path: Path) -> dict:
     return read_json(path) or {}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _tail(path: Path, lines: int = 3) -> str:

@@ -57,7 +57,8 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
             load_spec(spec_path, overrides, tuple(files))
         except SpecError as exc:
             where = f"{sweep.path} (run {index}: {json.dumps(params, sort_keys=True)})"
-            raise SpecError([(f"{where} -> {w}", path, reason) for w, path, reason in exc.problems]) from None
+            problems = [(f"{where} -> {w}", path, reason) for w, path, reason in exc.problems]
+            raise SpecError(problems, more=exc.more) from None
 
 
 def describe(sweep: Sweep, planned: list[dict]) -> str:

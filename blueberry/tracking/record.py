@@ -6,6 +6,7 @@ runs/<experiment>/<run_id>/
   summary.json   final and best metrics
   status.json    running | finished | failed | interrupted, with the reason
   checkpoints/   step-<step>.pt, the last K (blueberry.train.checkpoint)
+  checkpoints.sha256  their checksums, verified before a resume loads one
   wandb/         the W&B offline run (`wandb sync runs/<experiment>/<run_id>/wandb/offline-run-*`);
                  one offline-run-* per attempt of a resumed run, synced in order into one W&B run
 
@@ -23,12 +24,13 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from blueberry.fileio import finite, read_json, write_json_atomic, write_text_atomic
 from blueberry.spec import safe_name
+from blueberry.tracking.preflight import PreflightError
 from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, STATUS_FILE, STEP, SUMMARY_FILE, TIME
 
 
@@ -47,6 +49,7 @@ class RunDir:
     lock_fd: int
     reused: bool
     previous_state: str | None = None  # status of the earlier attempt ("running" when it crashed)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # earlier attempts left alone as unreadable
 
     def release(self) -> None:
         os.close(self.lock_fd)  # closing the descriptor drops the flock
@@ -85,58 +88,113 @@ def claim_run_dir(
     pattern = re.compile(rf"^{re.escape(base)}(?:-(\d+))?$")
     existing = parent.iterdir() if parent.is_dir() else ()
     taken = sorted(int(m.group(1) or 1) for p in existing if (m := pattern.match(p.name)))
+    skipped: list[tuple[Path, str]] = []
     for attempt in taken if reuse is not None else ():
         path = parent / (base if attempt == 1 else f"{base}-{attempt}")
         fd = _lock(path)
         if fd is None:
             continue
         status = read_json(path / STATUS_FILE)
-        if status is None and create:  # died (or is being set up) before writing anything: as good as new
-            return RunDir(path, fd, reused=False)
+        if status is None and create and not (path / STATUS_FILE).exists():
+            return RunDir(path, fd, reused=False)  # died (or is being set up) before writing anything: as new
         if status is not None and reuse(path, status.get("state")):
-            return RunDir(path, fd, reused=True, previous_state=status.get("state"))
+            problem = resume_problem(path)
+            if problem is None:
+                return RunDir(path, fd, reused=True, previous_state=status.get("state"), skipped=skipped)
+            skipped.append((path, problem))
+        elif status is None:
+            skipped.append((path, "status.json is not a JSON object"))
         os.close(fd)
     if not create:
         return None
-    parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(parent, runs_root, parents=True)
     for attempt in range(max(taken, default=0) + 1, max(taken, default=0) + 10_000):
         path = parent / (base if attempt == 1 else f"{base}-{attempt}")
         try:
-            path.mkdir()  # atomic: two concurrent runs never create the same directory
+            _make_dir(path, runs_root)  # atomic: two concurrent runs never create the same directory
         except FileExistsError:
             continue
         fd = _lock(path)
         if fd is not None:  # else another process claimed the empty directory first: it is theirs
-            return RunDir(path, fd, reused=False)
+            return RunDir(path, fd, reused=False, skipped=skipped)
     raise RuntimeError(f"could not allocate a run directory under {parent}")
+
+
+def resume_problem(run_dir: Path) -> str | None:
+    """Why an earlier attempt's record cannot be continued (what RunRecord and the resume read from it), or None."""
+    status = read_json(run_dir / STATUS_FILE)
+    if status is None:
+        return "status.json is not a JSON object"
+    started = status.get("started_at")
+    if started is not None and (isinstance(started, bool) or not isinstance(started, (int, float))):
+        return "status.json: started_at is not a number"
+    header = read_json(run_dir / SPEC_FILE)
+    if header is None and (run_dir / SPEC_FILE).exists():
+        return "spec.json is not a JSON object"
+    header = header or {}
+    if not isinstance(header.get("spec_hash", ""), str):
+        return "spec.json: spec_hash is not a string"
+    resumes = header.get("resumes", [])
+    if not isinstance(resumes, list) or not all(isinstance(r, dict) for r in resumes):
+        return "spec.json: resumes is not a list of objects"
+    try:
+        if (run_dir / METRICS_FILE).exists():
+            read_metrics(run_dir / METRICS_FILE)
+    except (OSError, UnicodeDecodeError, RecordError) as exc:
+        return str(exc)
+    return None
+
+
+def _make_dir(path: Path, runs_root: str | Path, parents: bool = False) -> None:
+    """mkdir, with a refusal by the OS (read-only, not a directory, /proc...) as a PreflightError naming the runs
+    root (checked before the run by preflight; this catches what changed since or what access() cannot tell)."""
+    try:
+        path.mkdir(parents=parents, exist_ok=parents)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise PreflightError(f"runs root '{runs_root}': cannot create {path}: {exc.strerror or exc}") from None
+
+
+class RecordError(ValueError):
+    """A run record file holds what the runner never writes (a row that is not an object, a step that is not an
+    integer, a broken line before the last): the run is unreadable, for the reason given."""
+
+
+def _metric_rows(path: Path):
+    """(line, row) of each row of a metrics.jsonl. A torn last line (a crash mid-write) is skipped; any other
+    malformed line raises RecordError naming it. Blank lines are skipped."""
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            if number == len(lines):
+                return  # torn: the writer died mid-line
+            raise RecordError(f"{path.name} line {number}: not JSON ({type(exc).__name__})") from None
+        if not isinstance(row, dict):
+            raise RecordError(f"{path.name} line {number}: a JSON {type(row).__name__}, not an object")
+        step = row.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RecordError(f"{path.name} line {number}: step {str(step)[:40]!r} is not an integer")
+        yield line, row
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the rows up to `last_step` (and drop a torn last line), rewritten atomically."""
     if not path.exists():
         return
-    kept = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and row.get(STEP, 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    kept = [line if line.endswith("\n") else line + "\n" for line, row in _metric_rows(path) if row[STEP] <= last_step]
     write_text_atomic(path, "".join(kept))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn last line (crash mid-write) is skipped."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    """Rows of a metrics.jsonl; a torn last line (crash mid-write) is skipped, any other bad line is a
+    RecordError."""
+    return [row for _, row in _metric_rows(Path(path))]
 
 
 class RunRecord:

@@ -41,7 +41,7 @@ class WandbLog:
 
 
 def _payloads(data: bytes):
-    if data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
+    if len(data) < 7 or data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
         raise ValueError("not a W&B transaction log")
     pos, pending = 7, b""
     while pos + HEADER.size <= len(data):
@@ -72,15 +72,45 @@ def _items(items) -> dict:
     return {(item.key or ".".join(item.nested_key)): json.loads(item.value_json) for item in items}
 
 
+class WandbLogError(ValueError):
+    """A W&B transaction log that cannot be decoded (missing, not one, or a corrupt record inside)."""
+
+
 def read_wandb_log(path: str | Path) -> WandbLog:
-    """Decode one `run-<id>.wandb` file (or the offline run directory holding it)."""
-    from wandb.proto import wandb_internal_pb2
+    """Decode one `run-<id>.wandb` file (or the offline run directory holding it); WandbLogError if it cannot be."""
+    from google.protobuf.message import DecodeError
 
     path = Path(path)
-    if path.is_dir():
-        path = next(path.glob("run-*.wandb"))
+    try:
+        if path.is_dir():
+            path = next(path.glob("run-*.wandb"), path / "run-<id>.wandb")
+        return _decode(path.read_bytes())
+    except (OSError, ValueError, DecodeError, struct.error) as exc:
+        raise WandbLogError(f"{path}: {type(exc).__name__}: {exc}") from None
+
+
+def held_rows(segments) -> tuple[set[tuple[int, bool]], list[str]]:
+    """(trainer/step, is an eval row) of every history row in these logs, and why each unreadable one was left
+    out: a resumed run re-logs what no readable segment holds."""
+    held: set[tuple[int, bool]] = set()
+    problems = []
+    for segment in segments:
+        try:
+            rows = read_wandb_log(segment).history
+        except WandbLogError as exc:
+            problems.append(str(exc))
+            continue
+        for row in rows:
+            step = row.get("trainer/step")
+            held.add((step if isinstance(step, int) else None, "val/loss" in row))
+    return held, problems
+
+
+def _decode(data: bytes) -> WandbLog:
+    from wandb.proto import wandb_internal_pb2
+
     log = WandbLog()
-    for payload in _payloads(path.read_bytes()):
+    for payload in _payloads(data):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")

@@ -5,11 +5,19 @@ schedulers, the GradScaler, the metric window being accumulated, every RNG state
 position is the step itself: the train sampler draws batch(step) from a seed, with no iterator state.
 Only tensors and plain Python values go in, so `torch.load(weights_only=True)` reads a checkpoint
 without running any pickled code.
+
+The sha256 of each checkpoint's bytes is recorded beside the directory, in <run_dir>/checkpoints.sha256
+(`sha256sum` format: `cd checkpoints && sha256sum -c ../checkpoints.sha256` checks them), before the
+checkpoint is renamed into place. A resume takes the newest checkpoint that verifies and loads; a corrupt
+one (bad checksum, truncated, unreadable) is renamed step-000123.pt.corrupt — kept for inspection, never
+deleted — and the next older one is tried.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import random
 import re
 from collections.abc import Callable
@@ -18,13 +26,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blueberry.fileio import atomic_writer
+from blueberry.fileio import atomic_writer, write_text_atomic
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
 class ResumeError(ValueError):
     """A checkpoint cannot be used for this run (another spec, unreadable, or none to resume)."""
+
+
+class CorruptCheckpoint(ResumeError):
+    """A checkpoint file is damaged: its checksum differs, or it does not load."""
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checksums(manifest: Path) -> dict[str, str]:
+    """{file name: sha256} from a `sha256sum`-format file. None there, or an unreadable one, gives {}: the
+    checkpoints are then judged by torch.load alone (as those written before checksums are)."""
+    try:
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    pairs = (line.partition("  ") for line in lines)
+    return {name: digest for digest, _, name in pairs if name and re.fullmatch(r"[0-9a-f]{64}", digest)}
 
 
 def rng_state() -> dict:
@@ -89,6 +120,10 @@ class Checkpointer:
         on_save: Callable[[Path, int], None] | None = None,
     ):
         self.dir, self.spec_hash, self.every, self.keep, self.on_save = Path(directory), spec_hash, every, keep, on_save
+        self.manifest = self.dir.with_name(self.dir.name + ".sha256")
+
+    def _record_checksums(self, checksums: dict[str, str]) -> None:
+        write_text_atomic(self.manifest, "".join(f"{digest}  {name}\n" for name, digest in sorted(checksums.items())))
 
     def due(self, step: int) -> bool:
         return self.every is not None and step % self.every == 0
@@ -101,10 +136,18 @@ class Checkpointer:
         """Write step-<step>.pt via a temp file + fsync + rename (a crash leaves the old set intact); prune to K."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{step:06d}.pt"
+        buffer = io.BytesIO()
+        torch.save({**state, "step": step, "spec_hash": self.spec_hash}, buffer)
+        data = buffer.getbuffer()
+        checksums = read_checksums(self.manifest)  # the checksum is on disk before the file it vouches for
+        checksums[path.name] = hashlib.sha256(data).hexdigest()
+        self._record_checksums(checksums)
         with atomic_writer(path, binary=True, fsync=True) as handle:
-            torch.save({**state, "step": step, "spec_hash": self.spec_hash}, handle)
+            handle.write(data)
         for old in checkpoint_paths(self.dir)[: -self.keep]:
             old.unlink(missing_ok=True)
+        kept = {p.name for p in checkpoint_paths(self.dir)}
+        self._record_checksums({name: d for name, d in read_checksums(self.manifest).items() if name in kept})
         if self.on_save is not None:
             self.on_save(path, step)
         return path
@@ -116,15 +159,35 @@ class Checkpointer:
                 tmp.unlink(missing_ok=True)
 
     def load(self, path: Path) -> dict:
-        """Read a checkpoint safely (`weights_only`) and refuse one written for another spec."""
+        """Read a checkpoint safely (`weights_only`) after checking its checksum; refuse one written for another
+        spec (ResumeError) and a damaged one (CorruptCheckpoint)."""
+        expected = read_checksums(self.manifest).get(path.name)
+        # A checkpoint written before checksums has none: torch.load alone judges it.
+        if expected is not None and file_digest(path) != expected:
+            raise CorruptCheckpoint(f"checkpoint {path}: sha256 differs from the one recorded when it was written")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated, corrupt or not a checkpoint at all
-            raise ResumeError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+            raise CorruptCheckpoint(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
         found = state.get("spec_hash") if isinstance(state, dict) else None
         if found != self.spec_hash:
             raise ResumeError(
                 f"checkpoint {path} belongs to another spec (spec hash {str(found)[:12]}, this spec "
                 f"{self.spec_hash[:12]}): resume with the spec it was written for, or start a new run"
             )
+        if state.get("step") != int(STEP_FILE.match(path.name).group(1)):
+            raise CorruptCheckpoint(f"checkpoint {path} holds step {state.get('step')!r}, not the one it is named for")
         return state
+
+    def load_newest(self) -> tuple[dict | None, list[tuple[Path, str]]]:
+        """The newest checkpoint that verifies and loads (None if none does), and each newer one skipped as
+        corrupt with why; those are renamed *.corrupt, out of the resume's and keep-last-K's way."""
+        skipped = []
+        for path in reversed(checkpoint_paths(self.dir)):
+            try:
+                return self.load(path), skipped
+            except CorruptCheckpoint as exc:
+                aside = path.with_name(path.name + ".corrupt")
+                os.replace(path, aside)
+                skipped.append((aside, str(exc)))
+        return None, skipped

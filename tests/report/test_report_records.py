@@ -2,11 +2,16 @@
 
 import json
 import os
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from blueberry.report.cache import RunCache
 from blueberry.report.records import History, ReportError, load_local, load_wandb, read_local_run, select, wandb_filters
@@ -53,6 +58,9 @@ def test_torn_last_line_and_broken_files_are_never_fatal(tmp_path):
 def test_missing_runs_root_is_a_clear_error(tmp_path):
     with pytest.raises(ReportError, match="does not exist"):
         load_local(tmp_path / "nope")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ReportError, match="is a file, not a directory"):
+        load_local(tmp_path / "file")
 
 
 def test_select_filters_like_the_wandb_query(tmp_path):
@@ -196,3 +204,121 @@ def test_history_from_empty_jsonl(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     history = History.from_jsonl(tmp_path / "metrics.jsonl")
     assert history.columns == ["step", "time"] and history.values.shape == (0, 2)
+
+
+# ---------------------------------------------------------------- malformed records: listed, never fatal
+
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "blueberry-hypothesis")
+FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
+STATES = {"finished", "running", "failed", "interrupted", "crashed", "unreadable"}
+HOSTILE = st.one_of(
+    st.sampled_from([None, True, False, 0, -1, 1e308, "", "nan", "text", [], {}, [1, 2], {"a": [1]}, 2**70]),
+    st.integers(),
+    st.floats(allow_subnormal=False),  # subnormals: see tests/test_fuzz_spec.py (flush-denormal)
+    st.text(max_size=8),
+    st.lists(st.one_of(st.integers(), st.text(max_size=3), st.none()), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=3), st.none()), max_size=3),
+)
+RECORD = ("spec.json", "status.json", "summary.json")
+
+
+def _paths(tree, prefix=""):
+    out = []
+    for key, value in tree.items():
+        out.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            out += _paths(value, f"{prefix}{key}.")
+    return out
+
+
+@st.composite
+def mutations(draw):
+    """One change a crash, a bug or a hand edit could leave in a run record."""
+    kind = draw(st.sampled_from(["field", "whole", "truncate", "line", "row_field"]))
+    if kind == "field":
+        return kind, draw(st.sampled_from(RECORD)), draw(st.integers(0, 10_000)), draw(HOSTILE)
+    if kind == "whole":
+        return kind, draw(st.sampled_from(RECORD)), 0, draw(HOSTILE)
+    if kind == "truncate":
+        return (
+            kind,
+            draw(st.sampled_from([*RECORD, "metrics.jsonl"])),
+            draw(st.floats(0, 1, allow_subnormal=False)),
+            None,
+        )
+    return kind, "metrics.jsonl", draw(st.integers(0, 10_000)), draw(HOSTILE)
+
+
+def mutate(run_dir: Path, mutation) -> None:
+    kind, name, where, value = mutation
+    path = run_dir / name
+    if kind == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * where)])
+    elif kind == "whole":
+        path.write_text(json.dumps(value))
+    elif kind == "field":
+        tree = json.loads(path.read_text())
+        dotted = _paths(tree)[where % len(_paths(tree))]
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        path.write_text(json.dumps(tree))
+    else:
+        lines = path.read_text().splitlines()
+        i = where % len(lines)
+        if kind == "line":
+            lines[i] = json.dumps(value)
+        else:
+            row = json.loads(lines[i])
+            row[sorted(row)[where % len(row)]] = value
+            lines[i] = json.dumps(row)
+        path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", '"text"', "3", "null", '{"time": 1}', '{"step": "5"}', '{"step": true}'])
+def test_a_metrics_row_that_is_not_a_row_makes_the_run_unreadable_not_the_report(tmp_path, line):
+    good = write_run(tmp_path, "e", seed=1)
+    bad = write_run(tmp_path, "e", seed=2)
+    rows = (bad / "metrics.jsonl").read_text().splitlines()
+    (bad / "metrics.jsonl").write_text("\n".join([rows[0], line, *rows[1:]]) + "\n")
+    runs = {r.source: r for r in load_local(tmp_path)}
+    assert runs[str(good)].state == "finished"
+    assert runs[str(bad)].state == "unreadable" and "metrics.jsonl line 2" in runs[str(bad)].reason
+
+
+@settings(FUZZ, max_examples=400)
+@given(mutation=mutations())
+def test_fuzzed_records_are_read_or_listed_unreadable(mutation):
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = write_run(tmp, "e", seed=1)
+        mutate(run_dir, mutation)
+        run = read_local_run(run_dir)
+        assert run.state in STATES
+        if run.state == "unreadable":
+            assert isinstance(run.reason, str) and run.reason
+        select([run], group="e", sweep="s", tags=("x",))  # what the report does first with every run
+
+
+@settings(FUZZ, max_examples=60)
+@given(mutation=mutations())
+def test_fuzzed_records_never_stop_the_report(mutation):
+    """The whole `blueberry report` over a good run and a mutated one: exit 0, both listed (plots drawn, not
+    rasterised: savefig is the slow part and reads no record)."""
+    import matplotlib.figure
+    from click.testing import CliRunner
+
+    from blueberry.cli import main
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock.patch.object(matplotlib.figure.Figure, "savefig", lambda self, *args, **kwargs: None),
+    ):
+        root = Path(tmp) / "runs"
+        write_run(root, "e", seed=1)
+        mutate(write_run(root, "e", seed=2), mutation)
+        result = CliRunner().invoke(main, ["report", "--runs-root", str(root), "--out", f"{tmp}/out"])
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert "2 runs" in result.output

@@ -1,12 +1,26 @@
 """Checkpoint files: atomic, keep-last-K, weights_only-loadable, tied to one spec; RNG states round-trip."""
 
 import random
+import subprocess
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
-from blueberry.train.checkpoint import Checkpointer, ResumeError, rng_state, set_rng_state, weights_digest
+from blueberry.train.checkpoint import (
+    Checkpointer,
+    ResumeError,
+    checkpoint_paths,
+    read_checksums,
+    rng_state,
+    set_rng_state,
+    weights_digest,
+)
 
 
 def test_save_keeps_the_last_k_and_loads_weights_only(tmp_path):
@@ -62,3 +76,97 @@ def test_weights_digest_sees_one_changed_bit():
     with torch.no_grad():
         model.weight[0, 0] = torch.nextafter(model.weight[0, 0], torch.tensor(1.0))
     assert weights_digest(model) != before
+
+
+# ---------------------------------------------------------------- corrupt checkpoints: skipped, kept aside
+
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "blueberry-hypothesis")
+
+
+def three_checkpoints(directory) -> Checkpointer:
+    ckpt = Checkpointer(directory / "checkpoints", "a" * 64, every=5, keep=3)
+    for step in (5, 10, 15):
+        ckpt.save({"model": {"w": torch.full((64,), float(step))}}, step)
+    return ckpt
+
+
+def corrupt(path, how: str, where: float = 0.5) -> bytes:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[: int(len(data) * where)]
+    elif how == "flip":  # same size: only the checksum can tell
+        i = min(int(len(data) * where), len(data) - 1)
+        data[i] ^= 0x01
+    else:
+        data = bytearray(b"\0" * len(data))
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "zeros"])
+def test_resume_takes_the_newest_checkpoint_that_verifies_and_keeps_the_bad_one(tmp_path, how):
+    ckpt = three_checkpoints(tmp_path)
+    bad = corrupt(ckpt.dir / "step-000015.pt", how)
+    state, skipped = ckpt.load_newest()
+    assert state["step"] == 10 and torch.equal(state["model"]["w"], torch.full((64,), 10.0))
+    ((aside, why),) = skipped
+    assert aside.name == "step-000015.pt.corrupt" and aside.read_bytes() == bad  # kept as it was found
+    assert ("sha256 differs" in why) if how == "flip" else ("sha256 differs" in why or "cannot read" in why)
+    assert [p.name for p in sorted(ckpt.dir.iterdir())] == ["step-000005.pt", "step-000010.pt", aside.name]
+    ckpt.save({"model": {"w": torch.zeros(64)}}, 15)  # training on writes step 15 afresh, the bad one stays aside
+    assert ckpt.load_newest()[0]["step"] == 15 and aside.exists()
+
+
+def test_checksums_are_a_sha256sum_file_and_follow_keep_last_k(tmp_path):
+    ckpt = three_checkpoints(tmp_path)
+    ckpt.save({"model": {}}, 20)
+    sums = read_checksums(ckpt.manifest)
+    assert ckpt.manifest == tmp_path / "checkpoints.sha256" and sorted(sums) == [
+        "step-000010.pt",
+        "step-000015.pt",
+        "step-000020.pt",
+    ]
+    done = subprocess.run(["sha256sum", "-c", str(ckpt.manifest)], cwd=ckpt.dir, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_no_good_checkpoint_means_none_and_another_spec_is_still_refused(tmp_path):
+    ckpt = three_checkpoints(tmp_path)
+    for path in checkpoint_paths(ckpt.dir):
+        corrupt(path, "truncate", 0.3)
+    state, skipped = ckpt.load_newest()
+    assert state is None and [p.name for p, _ in skipped] == [f"step-0000{s}.pt.corrupt" for s in ("15", "10", "05")]
+    other = three_checkpoints(tmp_path / "other")
+    other.spec_hash = "b" * 64
+    with pytest.raises(ResumeError, match="another spec"):
+        other.load_newest()
+    assert len(checkpoint_paths(other.dir)) == 3  # not corrupt: nothing moved
+
+
+def test_checkpoints_without_checksums_still_load(tmp_path):
+    ckpt = three_checkpoints(tmp_path)
+    ckpt.manifest.unlink()  # as written before checksums existed
+    assert ckpt.load_newest()[0]["step"] == 15
+    ckpt.manifest.write_bytes(b"\xff\xfe garbage")  # an unreadable manifest: torch.load alone judges
+    assert ckpt.load_newest()[0]["step"] == 15
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(
+    damage=st.dictionaries(
+        st.sampled_from([5, 10, 15]),
+        st.tuples(st.sampled_from(["truncate", "flip", "zeros"]), st.floats(0, 0.999, allow_subnormal=False)),
+        max_size=3,
+    )
+)
+def test_fuzzed_damage_resumes_from_the_newest_intact_checkpoint(damage):
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = three_checkpoints(Path(tmp))
+        for step, (how, where) in damage.items():
+            corrupt(ckpt.dir / f"step-{step:06d}.pt", how, where)
+        state, skipped = ckpt.load_newest()
+        intact = [s for s in (5, 10, 15) if s not in damage]
+        assert (state["step"] if state else None) == (intact[-1] if intact else None)
+        newer = sorted((s for s in damage if not intact or s > intact[-1]), reverse=True)
+        assert [p.name for p, _ in skipped] == [f"step-{s:06d}.pt.corrupt" for s in newer]
+        assert all(p.exists() for p, _ in skipped)

@@ -1,0 +1,66 @@
+"""Checks of what a run is given outside its spec, before anything runs: where its record goes and its W&B id.
+
+Each failure is a `PreflightError` naming the setting, so `blueberry run` exits 2 with a message instead of a
+traceback half-way through setting up the run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from blueberry.spec import RunSpec
+
+
+class PreflightError(ValueError):
+    """A setting outside the spec (runs root, WANDB_RUN_ID) that the run cannot use."""
+
+
+def runs_root_for(spec: RunSpec) -> str:
+    """Where the run record goes: $BLUEBERRY_RUNS_ROOT (set by `blueberry sweep` for its trials), else the spec's."""
+    return os.environ.get("BLUEBERRY_RUNS_ROOT") or spec.tracking.runs_root
+
+
+def check_runs_root(runs_root: str | Path, setting: str = "tracking.runs_root") -> None:
+    """The runs root, or the nearest existing directory above it, must be a directory this process may write."""
+    path = Path(runs_root).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir under it fails
+            raise PreflightError(f"{setting} '{runs_root}': {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" cannot be created: {existing}"
+        raise PreflightError(f"{setting} '{runs_root}'{where} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (nor its existing parent {existing})"
+        raise PreflightError(f"{setting} '{runs_root}'{where} is not writable by this user (or is on a read-only disk)")
+
+
+# The run record's directory is named after the run id (plus "-N" for a second attempt): it must fit NAME_MAX.
+MAX_RUN_ID_BYTES = 200
+
+
+def check_wandb_run_id() -> None:
+    """WANDB_RUN_ID, when set, must be an id W&B accepts (its own rule: wandb.Settings' run_id validator) and
+    short enough to name the run's directory."""
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if not run_id:  # unset or empty: the runner derives the id from the spec
+        return
+    shown = run_id if len(run_id) <= 80 else run_id[:80] + "…"
+    if len(run_id.encode("utf-8", "surrogateescape")) > MAX_RUN_ID_BYTES:
+        raise PreflightError(f"WANDB_RUN_ID {shown!r} is longer than {MAX_RUN_ID_BYTES} bytes")
+    import wandb
+
+    try:
+        wandb.Settings(run_id=run_id)
+    except wandb.errors.UsageError as exc:  # wandb_settings.Settings.validate_run_id raises it as is
+        reason = str(exc)
+        raise PreflightError(f"WANDB_RUN_ID {shown!r} is not a valid W&B run id: {reason}") from None
+
+
+def preflight(spec: RunSpec) -> None:
+    """Everything about where and under which id `spec` would run that can be checked before it starts."""
+    setting = "BLUEBERRY_RUNS_ROOT" if os.environ.get("BLUEBERRY_RUNS_ROOT") else "tracking.runs_root"
+    check_runs_root(runs_root_for(spec), setting)
+    check_wandb_run_id()

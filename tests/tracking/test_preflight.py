@@ -1,0 +1,69 @@
+"""Settings outside the spec are checked before a run starts: exit 2 naming the setting, nothing written."""
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import blueberry.runner
+from blueberry.cli import main
+from blueberry.tracking.preflight import PreflightError, check_runs_root, check_wandb_run_id
+from blueberry.tracking.record import claim_run_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def never_run(monkeypatch):
+    def execute(spec, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(blueberry.runner, "execute", execute)
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, ["run", str(REPO / "experiments/quickstart.json"), *args])
+    assert "Traceback" not in result.output and not isinstance(result.exception, AssertionError)
+    return result
+
+
+def test_a_runs_root_that_is_a_file_is_refused_before_the_run(tmp_path, never_run):
+    (tmp_path / "file").write_text("")
+    for root, message in [("file", "is a file, not a directory"), ("file/sub", "cannot be created")]:
+        result = run_cli(f"--tracking.runs_root={tmp_path / root}")
+        assert result.exit_code == 2 and "tracking.runs_root" in result.output and message in result.output
+
+
+def test_a_read_only_runs_root_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only disk (root ignores chmod)
+    with pytest.raises(PreflightError, match="not writable"):
+        check_runs_root(tmp_path / "runs")
+
+
+def test_the_os_refusing_the_run_directory_is_a_preflight_error(tmp_path):
+    with pytest.raises(PreflightError, match="runs root '/proc/no/such'"):
+        claim_run_dir("/proc/no/such", "exp", "run")
+
+
+def test_the_sweep_runs_root_is_checked_too(tmp_path):
+    (tmp_path / "file").write_text("")
+    sweep = REPO / "sweeps/cpu/ablation.yaml"
+    result = CliRunner().invoke(main, ["sweep", str(sweep), "--runs-root", str(tmp_path / "file")])
+    assert result.exit_code == 2 and "--runs-root" in result.output and "is a file" in result.output
+
+
+@pytest.mark.parametrize("run_id", ["a/b", "a:b", "what?", "it's", " padded", "x" * 201])
+def test_a_wandb_run_id_that_wandb_rejects_is_refused(run_id, monkeypatch, tmp_path, never_run):
+    monkeypatch.setenv("WANDB_RUN_ID", run_id)
+    with pytest.raises(PreflightError, match="WANDB_RUN_ID"):
+        check_wandb_run_id()
+    result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}")
+    assert result.exit_code == 2 and "WANDB_RUN_ID" in result.output
+    assert len(result.output) < 500 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("run_id", ["", "sweep-abc-t001", "x" * 200])
+def test_an_accepted_or_empty_run_id_passes(run_id, monkeypatch):
+    monkeypatch.setenv("WANDB_RUN_ID", run_id)
+    check_wandb_run_id()
