@@ -231,8 +231,8 @@ def _problem(err: dict, blame: _Blame) -> tuple[str, str, str]:
         if close:
             reason += f" (did you mean '{close[0]}'?)"
     elif err["type"] == "literal_error" and isinstance(err.get("input"), str):
-        # pydantic lists the allowed values, quoted, in ctx["expected"]: "'cosine' or 'constant'"
-        allowed = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
+        # pydantic's message lists the allowed values, quoted: "Input should be 'cosine' or 'constant'"
+        allowed = re.findall(r"'([^']*)'", err["msg"])
         close = difflib.get_close_matches(err["input"], allowed, n=1)
         if close:
             reason += f" (did you mean '{close[0]}'?)"

@@ -61,13 +61,18 @@ class ModelSpec(_Strict):
     """Architecture: attention × feed-forward (or a preset naming both) and the shape. The vocabulary size comes
     from the tokenizer."""
 
-    variant: str | None = Field(
+    # Literal types built from the registry: pydantic names the allowed values, and a typo gets "did you mean".
+    variant: Literal[tuple(registry.PRESETS)] | None = Field(  # type: ignore[valid-type]
         None,
         description=f"Preset setting attention and ffn: {', '.join(VARIANTS)}. Default {registry.DEFAULT_PRESET!r} "
         "when neither attention nor ffn is set; else the preset naming the pair, if any.",
     )
-    attention: str | None = Field(None, description=f"Attention: {' | '.join(registry.ATTENTIONS)}.")
-    ffn: str | None = Field(None, description=f"Feed-forward: {' | '.join(registry.FFNS)}.")
+    attention: Literal[tuple(registry.ATTENTIONS)] | None = Field(  # type: ignore[valid-type]
+        None, description=f"Attention: {' | '.join(registry.ATTENTIONS)}."
+    )
+    ffn: Literal[tuple(registry.FFNS)] | None = Field(  # type: ignore[valid-type]
+        None, description=f"Feed-forward: {' | '.join(registry.FFNS)}."
+    )
     balance: Literal["aux_loss", "bias_update", "none"] | None = Field(
         None,
         description="MoE load balancing: the Switch auxiliary loss, DeepSeek-V3's auxiliary-loss-free routing-bias "
@@ -122,16 +127,10 @@ class ModelSpec(_Strict):
     @model_validator(mode="after")
     def _resolve_choices(self) -> ModelSpec:
         """Fill attention and ffn from the preset (or the preset from the pair), then the balance default."""
-        for field_name, table in (("attention", registry.ATTENTIONS), ("ffn", registry.FFNS)):
-            value = getattr(self, field_name)
-            if value is not None and value not in table:
-                raise ValueError(f"{field_name} {value!r} is not one of {', '.join(table)}")
         if self.variant is None and self.attention is None and self.ffn is None:
             self.variant = registry.DEFAULT_PRESET
         if self.variant is not None:
-            preset = registry.PRESETS.get(self.variant)
-            if preset is None:
-                raise ValueError(f"variant {self.variant!r} is not one of {', '.join(registry.PRESETS)}")
+            preset = registry.PRESETS[self.variant]
             for field_name in ("attention", "ffn"):
                 chosen, implied = getattr(self, field_name), getattr(preset, field_name)
                 if chosen is not None and chosen != implied:

@@ -291,7 +291,7 @@ _USED_VALUES = (
     ("spec.train.lr", (int, float)),
     ("spec.train.steps", (int,)),
     ("spec.train.checkpoint_every", (int, type(None))),
-    ("spec.tracking.project", (str,)),
+    ("spec.tracking.project", (str, type(None))),  # None: W&B's settings chose it
     ("hardware.gpu_name", (str, type(None))),
     ("data.leakage", (dict,)),
     ("data.leakage.val_windows_with_train_ngram", (int, float, type(None))),
