@@ -34,6 +34,7 @@ class BuildResult:
     files: list[Path] = field(default_factory=list)
     states: Counter = field(default_factory=Counter)
     timeline: str = ""
+    figures: dict = field(default_factory=dict)  # {"reused": n, "drawn": n} PNGs
 
 
 def write_report_file(path: Path, text: str) -> None:
@@ -49,23 +50,31 @@ def _images(stage: Path, exp_dir: str, made: list[Path | None]) -> str:
     return ("\n".join(links) + "\n") if links else f"*(no plots: no finished run with history in `{exp_dir}`)*\n"
 
 
-def _plots(groups, stage: Path, sub: str, title: str, bars: bool = True) -> list[Path | None]:
+def _plot(jobs: list, figure: plots.Figure | None, path: Path) -> Path | None:
+    """Queue `figure` to be drawn at `path` (by render_all, once the markdown is written)."""
+    if figure is None:
+        return None
+    jobs.append((figure, path))
+    return path
+
+
+def _plots(groups, stage: Path, sub: str, title: str, jobs: list, bars: bool = True) -> list[Path | None]:
     """Val loss vs step and vs wall time, the 2×2 training curves, and bars of final val loss and tokens/s."""
     d = stage / sub
     made = [
-        plots.val_loss_curves(groups, d / "val_loss_vs_step.png", title, x="step"),
-        plots.val_loss_curves(groups, d / "val_loss_vs_time.png", title, x="time"),
-        plots.curves_2x2(groups, d / "training_curves.png", title),
+        _plot(jobs, plots.val_loss_curves(groups, title, x="step"), d / "val_loss_vs_step.png"),
+        _plot(jobs, plots.val_loss_curves(groups, title, x="time"), d / "val_loss_vs_time.png"),
+        _plot(jobs, plots.curves_2x2(groups, title), d / "training_curves.png"),
     ]
     if bars:
         made += [
-            plots.bars(groups, "val/loss", d / "final_val_loss.png", title, "final val loss"),
-            plots.bars(groups, "perf/tokens_per_s", d / "tokens_per_s.png", title, "tokens/s"),
+            _plot(jobs, plots.bars(groups, "val/loss", title, "final val loss"), d / "final_val_loss.png"),
+            _plot(jobs, plots.bars(groups, "perf/tokens_per_s", title, "tokens/s"), d / "tokens_per_s.png"),
         ]
     return made
 
 
-def _lr_parts(experiment: str, study: Study, runs: list[Run], all_runs: dict, stage: Path) -> list[str]:
+def _lr_parts(experiment: str, study: Study, runs: list[Run], all_runs: dict, stage: Path, jobs: list) -> list[str]:
     """One LR table per setting of everything else (usually one), then the T3 phases with the extended run."""
     parts = []
     sweeps = tables.lr_groups(runs)
@@ -75,8 +84,8 @@ def _lr_parts(experiment: str, study: Study, runs: list[Run], all_runs: dict, st
         sub = safe_name(experiment) if len(sweeps) == 1 else f"{safe_name(experiment)}/sweep{i + 1}"
         if len(sweeps) > 1:
             parts.append("### " + ", ".join(f"{k}={fmt_value(groups[0].get(k))}" for k in differing) + "\n")
-        made = [plots.lr_sweep(groups, stage / sub / "lr_sweep.png", experiment)]
-        made += _plots(rank(groups), stage, sub, experiment, bars=False)
+        made = [_plot(jobs, plots.lr_sweep(groups, experiment), stage / sub / "lr_sweep.png")]
+        made += _plots(rank(groups), stage, sub, experiment, jobs, bars=False)
         parts += [tables.lr_table(groups)[0], _images(stage, sub, made)]
     ext_name = extended_experiment(experiment, study)
     if ext_name in all_runs:
@@ -86,7 +95,7 @@ def _lr_parts(experiment: str, study: Study, runs: list[Run], all_runs: dict, st
     return parts
 
 
-def _extended_parts(experiment: str, runs: list[Run], stage: Path) -> list[str]:
+def _extended_parts(experiment: str, runs: list[Run], stage: Path, jobs: list) -> list[str]:
     parts = []
     groups = group_runs(runs)
     label_groups(groups, first="train.lr")
@@ -95,30 +104,32 @@ def _extended_parts(experiment: str, runs: list[Run], stage: Path) -> list[str]:
         if len(groups) > 1:
             parts.append(f"### {g.label}\n")
         targets = tables.checkpoint_steps(g.ok[0])[0] if g.ok else []
-        made = [plots.curves_2x2([g], stage / sub / "training_curves.png", experiment, checkpoints=targets)]
+        figure = plots.curves_2x2([g], experiment, checkpoints=targets)
+        made = [_plot(jobs, figure, stage / sub / "training_curves.png")]
         parts += [tables.extended_table(g), _images(stage, sub, made)]
     return parts
 
 
-def experiment_section(experiment: str, study: Study, runs: list[Run], all_runs: dict, stage: Path) -> str:
-    """One experiment's markdown: the layout its study kind calls for, plots, and the runs not aggregated."""
+def experiment_section(experiment: str, study: Study, runs: list[Run], all_runs: dict, stage: Path, jobs: list) -> str:
+    """One experiment's markdown: the layout its study kind calls for, plots (queued on `jobs`), and the runs
+    not aggregated."""
     states = Counter(r.state for r in runs)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
     parts = [f"## {study.title}: `{experiment}`\n", f"{len(runs)} runs ({counts}).\n"]
     if study.kind == "lr":
-        parts += _lr_parts(experiment, study, runs, all_runs, stage)
+        parts += _lr_parts(experiment, study, runs, all_runs, stage, jobs)
     elif study.kind == "extended":
-        parts += _extended_parts(experiment, runs, stage)
+        parts += _extended_parts(experiment, runs, stage, jobs)
     else:
         text, ranked = (tables.ablation_table if study.kind == "ablation" else tables.generic_table)(runs)
         sub = safe_name(experiment)
-        parts += [text, _images(stage, sub, _plots(ranked, stage, sub, experiment))]
+        parts += [text, _images(stage, sub, _plots(ranked, stage, sub, experiment, jobs))]
     parts.append(tables.not_aggregated(runs))
     return "\n".join(p for p in parts if p)
 
 
 def report_markdown(
-    runs: list[Run], stage: Path, by_experiment: dict, timeline: str, integrity: str, source: str
+    runs: list[Run], stage: Path, by_experiment: dict, timeline: str, integrity: str, source: str, jobs: list
 ) -> str:
     states = Counter(r.state for r in runs)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"
@@ -137,7 +148,7 @@ def report_markdown(
     lines += ["- Timeline", "- Integrity", ""]
     for name in ordered:
         study, exp_runs = by_experiment[name]
-        lines.append(experiment_section(name, study, exp_runs, by_experiment, stage))
+        lines.append(experiment_section(name, study, exp_runs, by_experiment, stage, jobs))
     lines += ["## Timeline\n", timeline, "## Integrity\n", integrity]
     return "\n".join(lines)
 
@@ -150,7 +161,9 @@ def build_report(
     price_source: str = "defaults",
     readme: str | Path | None = None,
     source: str = "local run records",
+    plot_cache: Path | None = None,
 ) -> BuildResult:
+    """Write the report under `out`. `plot_cache`: where PNGs are kept between builds (None: draw every one)."""
     out = Path(out)
     readme_text = None
     if readme is not None:  # check the markers before writing anything
@@ -170,11 +183,14 @@ def build_report(
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".build-"))
     try:
         integrity = integrity_section(runs, prices, price_source)
-        write_report_file(stage / "REPORT.md", report_markdown(runs, stage, by_experiment, timeline, integrity, source))
+        jobs: list[tuple[plots.Figure, Path]] = []
+        markdown = report_markdown(runs, stage, by_experiment, timeline, integrity, source, jobs)
+        write_report_file(stage / "REPORT.md", markdown)
+        figures = plots.render_all(jobs, plot_cache)
         write_report_file(stage / "TIMELINE.md", "# Timeline\n\n" + timeline)
         title = f"{len(runs)} runs from {source}"
         write_report_file(stage / "dashboard.html", dashboard.render(runs, title))
-        result = BuildResult(out, states=Counter(r.state for r in runs), timeline=timeline)
+        result = BuildResult(out, states=Counter(r.state for r in runs), timeline=timeline, figures=figures)
         for path in sorted(p for p in stage.rglob("*") if p.is_file()):
             target = out / path.relative_to(stage)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -223,9 +239,18 @@ def run_report(
         runs = select(load_local(runs_root, cache), group=group, sweep=sweep, tags=tags)
         where = f"local run records under {runs_root}"
     log(f"{len(runs)} runs ({where}); cache: {cache.hits} reused, {cache.misses} parsed")
-    result = build_report(runs, out, prices=prices, price_source=price_source, readme=readme, source=where)
+    result = build_report(
+        runs,
+        out,
+        prices=prices,
+        price_source=price_source,
+        readme=readme,
+        source=where,
+        plot_cache=cache.root.parent / "plots",
+    )
     states = ", ".join(f"{n} {s}" for s, n in sorted(result.states.items())) or "no runs"
-    log(f"report: {Path(out) / 'REPORT.md'} ({states}); {len(result.files)} files written")
+    figures = f"{result.figures.get('drawn', 0)} plots drawn, {result.figures.get('reused', 0)} unchanged"
+    log(f"report: {Path(out) / 'REPORT.md'} ({states}); {len(result.files)} files written ({figures})")
     if publish:
         from blueberry.report.publish import publish as save_report
         from blueberry.report.publish import report_definition

@@ -142,7 +142,7 @@ def test_lr_experiment_with_two_models_gets_one_lr_table_each(tmp_path, monkeypa
         for lr, loss in ((1e-3, 4.0), (3e-3, 3.9), (1e-2, 4.1)):
             write_run(tmp_path, "t4-lr", variant=variant, lr=lr, val_loss=loss)
     runs = load_local(tmp_path)
-    text = build.experiment_section("t4-lr", study_for("t4-lr"), runs, {}, tmp_path / "stage")
+    text = build.experiment_section("t4-lr", study_for("t4-lr"), runs, {}, tmp_path / "stage", jobs=[])
     assert "### model.variant=attention_mlp" in text and "### model.variant=attention_moe" in text
     assert text.count("| Learning Rate |") == 2 and text.count("Best LR: **3e-3 (0.003)**") == 2
     assert "Warning" not in text  # 3e-3 sits inside the grid

@@ -1,0 +1,81 @@
+"""Plots are drawn from their data alone: an unchanged figure is reused, a changed one redrawn, in parallel too."""
+
+import hashlib
+
+from blueberry.report import plots
+from blueberry.report.build import run_report
+from blueberry.report.groups import group_runs, label_groups
+from blueberry.report.records import load_local
+from blueberry.report.synthetic import write_run
+
+
+def ablation(root, variants=("baseline", "mlp"), seeds=(1, 2)):
+    for i, variant in enumerate(variants):
+        for seed in seeds:
+            write_run(root, "exp1-ablation", variant=variant, seed=seed, val_loss=4.0 + i / 10 + seed / 100)
+
+
+def pngs(out):
+    return {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in out.rglob("*.png")
+        if "cache" not in p.parts
+    }
+
+
+def build(root, out):
+    return run_report(runs_root=root, out=out, log=lambda msg: None)
+
+
+def test_rebuild_reuses_every_unchanged_png_and_writes_the_same_files(tmp_path):
+    root, out = tmp_path / "runs", tmp_path / "reports"
+    ablation(root)
+    first = build(root, out)
+    drawn = pngs(out)
+    assert first.figures == {"reused": 0, "drawn": len(drawn)} and len(drawn) == 5
+    second = build(root, out)
+    assert second.figures == {"reused": 5, "drawn": 0}
+    assert pngs(out) == drawn
+
+
+def test_a_new_run_redraws_only_the_figures_of_its_experiment(tmp_path):
+    root, out = tmp_path / "runs", tmp_path / "reports"
+    ablation(root)
+    write_run(root, "notes-on-dropout", spec={"model": {"dropout": 0.0}}, val_loss=3.0)
+    build(root, out)
+    before = pngs(out)
+    write_run(root, "exp1-ablation", variant="moe", seed=1, val_loss=3.9)
+    result = build(root, out)
+    after = pngs(out)
+    changed = {name for name in after if before.get(name) != after[name]}
+    assert changed and all(name.startswith("exp1-ablation/") for name in changed)
+    assert result.figures == {"reused": 5, "drawn": 5}  # the other experiment's 5 untouched
+    assert len(list((out / "cache" / "plots").glob("*.png"))) == len(after)  # stale PNGs pruned
+
+
+def test_parallel_drawing_gives_the_same_pictures_as_drawing_in_turn(tmp_path, monkeypatch):
+    ablation(tmp_path / "runs", variants=("baseline", "mlp", "moe"))
+    groups = group_runs(load_local(tmp_path / "runs"))
+    label_groups(groups)
+    figures = [plots.val_loss_curves(groups, "t"), plots.curves_2x2(groups, "t")]
+    figures += [plots.bars(groups, "val/loss", "t", "loss"), plots.bars(groups, "perf/tokens_per_s", "t", "tok/s")]
+    jobs = [(f, tmp_path / "serial" / f"{i}.png") for i, f in enumerate(figures)]
+    monkeypatch.setattr(plots, "MIN_PARALLEL", 10**6)
+    assert plots.render_all(jobs, tmp_path / "cache-serial") == {"reused": 0, "drawn": 4}
+    monkeypatch.setattr(plots, "MIN_PARALLEL", 1)
+    monkeypatch.setattr(plots.os, "cpu_count", lambda: 2)
+    jobs2 = [(f, tmp_path / "parallel" / f"{i}.png") for i, f in enumerate(figures)]
+    assert plots.render_all(jobs2, tmp_path / "cache-parallel") == {"reused": 0, "drawn": 4}
+    for (_, a), (_, b) in zip(jobs, jobs2):
+        assert a.read_bytes() == b.read_bytes() and a.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figure_key_follows_the_data_drawn(tmp_path):
+    ablation(tmp_path / "runs")
+    groups = group_runs(load_local(tmp_path / "runs"))
+    label_groups(groups)
+    figure = plots.bars(groups, "val/loss", "t", "loss")
+    assert figure.key() == plots.bars(groups, "val/loss", "t", "loss").key()
+    assert figure.key() != plots.bars(groups, "val/loss", "other title", "loss").key()
+    groups[0].runs[0].summary["val/loss"] += 1e-12  # any change in a drawn value is a new picture
+    assert figure.key() != plots.bars(groups, "val/loss", "t", "loss").key()

@@ -1,0 +1,64 @@
+"""Thread choice: the spec, then OMP_NUM_THREADS, then the cores other processes leave free."""
+
+import multiprocessing
+import time
+
+from blueberry import threads
+
+
+def test_spec_then_environment_then_free_cores(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(threads, "busy_cores_elsewhere", lambda sample_s=0: 5.4)
+    assert threads.choose_threads(3, {"OMP_NUM_THREADS": "2"}) == (3, "train.threads")
+    assert threads.choose_threads(None, {"OMP_NUM_THREADS": "2"}) == (2, "OMP_NUM_THREADS")
+    assert threads.choose_threads(None, {"OMP_NUM_THREADS": "lots"})[0] == 3  # 8 cores, 5.4 busy: 3 free
+    monkeypatch.setattr(threads, "busy_cores_elsewhere", lambda sample_s=0: 12.0)  # oversubscribed
+    assert threads.choose_threads(None, {}) == (1, "8 usable cores, 12.0 busy with other processes")
+    monkeypatch.setattr(threads, "busy_cores_elsewhere", lambda sample_s=0: None)  # no /proc/stat
+    assert threads.choose_threads(None, {}) == (8, "8 usable cores")
+
+
+def _spin(seconds):
+    stop = time.time() + seconds
+    while time.time() < stop:
+        pass
+
+
+def test_a_busy_neighbour_is_seen_and_our_own_work_is_not():
+    started = time.process_time()
+    while time.process_time() - started < 0.05:  # our own CPU time before sampling must not count
+        pass
+    spinner = multiprocessing.get_context("spawn").Process(target=_spin, args=(5.0,))
+    spinner.start()
+    try:
+        time.sleep(0.5)
+        busy = threads.busy_cores_elsewhere(0.5)
+    finally:
+        spinner.terminate()
+        spinner.join()
+    assert busy is not None and busy >= 0.5  # one process spinning on one core
+
+
+def test_openmp_threads_sleep_when_idle_unless_the_user_chose(monkeypatch):
+    env = {}
+    threads.passive_openmp(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    threads.passive_openmp(env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_the_blueberry_command_sets_the_policy_before_torch_loads():
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from blueberry.cli import main\n"
+        "assert 'torch' not in sys.modules\n"
+        "try:\n    main(['validate', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
