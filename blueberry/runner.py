@@ -25,6 +25,7 @@ from blueberry.hardware import resolve_device, resolve_precision
 from blueberry.plan import Build, build
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec
+from blueberry.threads import choose_threads, usable_cores
 from blueberry.tracking import RunRecord, Trackers, WandbTracker, new_run_id, read_metrics, sweep_tag
 from blueberry.tracking.preflight import runs_root_for
 from blueberry.tracking.record import RunDir, claim_run_dir
@@ -77,7 +78,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     also a failed one and requires a checkpoint, False always starts a new run directory.
     """
     started = time.time()
-    world, device = device_stage(spec)
+    world, device = device_stage(spec, log)
     if world.distributed:  # the other ranks cannot follow rank 0 into a checkpoint: always a new run
         if resume:
             raise ResumeError("resuming a multi-process (torchrun) run is not supported: start it again")
@@ -113,10 +114,12 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
 # --- the stages ------------------------------------------------------------------------------------------
 
 
-def device_stage(spec: RunSpec) -> tuple[World, torch.device]:
+def device_stage(spec: RunSpec, log=print) -> tuple[World, torch.device]:
     """Threads and the device (one GPU per rank under torchrun); an unavailable device or precision fails here."""
-    if spec.train.threads:
-        torch.set_num_threads(spec.train.threads)
+    threads, why = choose_threads(spec.train.threads)  # the spec, OMP_NUM_THREADS, else the cores free now
+    torch.set_num_threads(threads)
+    if why.endswith("busy with other processes") and threads < usable_cores():  # fewer than the cores: say why
+        log(f"torch threads: {threads} ({why})")
     torch.set_flush_denormal(True)  # denormal floats take a slow path on CPUs: steps became many times slower
     device = resolve_device(spec.train.device)
     world, device = distributed.init(device)  # under torchrun: join the group, one GPU per rank

@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from blueberry.fileio import read_json
 from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain
+from blueberry.sweep.progress import SweepProgress
 from blueberry.sweep.state import SweepState, Trial, this_worker, worker_alive
 from blueberry.tracking import read_metrics
 from blueberry.tracking.record import RecordError
@@ -72,6 +73,7 @@ class Worker:
     process: subprocess.Popen | Orphan
     log: object
     log_path: Path
+    started: float = field(default_factory=time.monotonic)
 
 
 def sweep_dir(runs_root: Path, sweep: Sweep) -> Path:
@@ -200,9 +202,12 @@ class SweepRunner:
         self.budget = trial_budget(sweep, count)
         self.parallel = max(1, parallel)
         self.metric = (sweep.config.get("metric") or {}).get("name", "val/loss")
-        self.log = log
         self.workers: dict[str, Worker] = {}
         self.gpus = _gpu_count()
+        total = len(plan(sweep, count)) if sweep.method == "grid" else self.budget
+        self.progress = SweepProgress(sweep.name, total, self.parallel, log=log)
+        self.log = self.progress.write  # trial lines above the live progress line, never through it
+        self.durations: list[float] = []  # of the trials this controller saw finish
 
     def run(self) -> SweepState:
         self.me = this_worker()
@@ -217,6 +222,7 @@ class SweepRunner:
         for _, why in self.state.unreadable:
             self.log(f"  sweep state entry unreadable, left as it is: {why}")
         last_early_check = time.monotonic()
+        finished_before = sum(t.state == "finished" for t in self.state.trials)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops trials cleanly, like Ctrl-C
         try:
             while True:
@@ -229,6 +235,7 @@ class SweepRunner:
                     break
                 time.sleep(POLL_S)
                 self._reap()
+                self._show_progress(finished_before)
                 if "early_terminate" in self.sweep.config and time.monotonic() - last_early_check > EARLY_STOP_EVERY_S:
                     self._early_terminate()
                     last_early_check = time.monotonic()
@@ -237,8 +244,14 @@ class SweepRunner:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+            self.progress.close()
         self.state.load()
         return self.state
+
+    def _show_progress(self, finished_before: int) -> None:
+        number = {t.run_id: i + 1 for i, t in enumerate(self.state.trials)}
+        running = [(number.get(run_id, 0), run_id, find_record(self.runs_root, run_id)) for run_id in self.workers]
+        self.progress.update(running, self.durations, finished_before)
 
     def _others_working(self) -> bool:
         """Another live controller still runs trials of this sweep: wait, to take them over if it dies."""
@@ -351,6 +364,8 @@ class SweepRunner:
                     continue
                 returncode = 0
             collect(worker.trial, self.runs_root, self.metric, returncode, worker.log_path)
+            if worker.trial.state == "finished":
+                self.durations.append(time.monotonic() - worker.started)
             worker.trial.pid = None
             self.state.put(worker.trial)
             value = worker.trial.summary.get(self.metric)
