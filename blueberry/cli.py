@@ -14,7 +14,6 @@ import click
 
 from blueberry.overrides import SpecError, load_spec
 from blueberry.spec import RunSpec
-from blueberry.threads import passive_openmp
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": ["-h", "--help"]}
 
@@ -40,7 +39,6 @@ def _load(spec_path, overrides, override_files) -> RunSpec:
 @click.version_option(package_name="blueberry")
 def main():
     """Blueberry: correct, tracked experiments for small Mixture-of-Experts LMs."""
-    passive_openmp()  # before any subcommand imports torch: no spinning threads on a shared machine
 
 
 @main.command(context_settings=PASS_THROUGH)

@@ -2,9 +2,11 @@
 
 torch defaults to one OpenMP thread per core, and OpenMP's waiting threads spin. On a shared machine that
 collapses: when another process keeps a core busy, every parallel region waits at its barrier for the thread
-that lost its core while the others burn their time slices spinning. Measured here with four busy processes
-on two cores (quickstart model, tiny shape): 1.47 s per step with two spinning threads, 0.036 s with two
-sleeping ones (OMP_WAIT_POLICY=PASSIVE). `make bench` measures it (its contention rows).
+that lost its core while the others burn their time slices spinning. Measured on the 2-core dev machine with
+four busy processes (quickstart model, tiny shape): 1.47 s per step with two threads, 0.11 s with one.
+Sleeping waiters (OMP_WAIT_POLICY=PASSIVE) avoid the collapse too (0.036 s), but cost 2.4x (tiny shape) and
+1.3x (quickstart) on the idle machine, so the fix here is the thread count. `make bench` measures it (its
+contention rows).
 
 Leaf module: standard library only.
 """
@@ -12,21 +14,9 @@ Leaf module: standard library only.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 SAMPLE_S = 0.25  # long enough to see a busy neighbour, short next to any run
-
-
-def passive_openmp(environ: dict | None = None) -> bool:
-    """Make OpenMP's idle threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE) unless the user chose.
-
-    OpenMP reads the policy once, when torch loads it: True if it will apply to this process, False when torch
-    was imported already (the setting still reaches child processes such as sweep trials).
-    """
-    environ = os.environ if environ is None else environ
-    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return "torch" not in sys.modules
 
 
 def usable_cores() -> int:

@@ -37,28 +37,3 @@ def test_a_busy_neighbour_is_seen_and_our_own_work_is_not():
         spinner.terminate()
         spinner.join()
     assert busy is not None and busy >= 0.5  # one process spinning on one core
-
-
-def test_openmp_threads_sleep_when_idle_unless_the_user_chose(monkeypatch):
-    env = {}
-    threads.passive_openmp(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    threads.passive_openmp(env)
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
-
-
-def test_the_blueberry_command_sets_the_policy_before_torch_loads():
-    import subprocess
-    import sys
-
-    code = (
-        "import os, sys\n"
-        "from blueberry.cli import main\n"
-        "assert 'torch' not in sys.modules\n"
-        "try:\n    main(['validate', '--help'])\nexcept SystemExit:\n    pass\n"
-        "print(os.environ.get('OMP_WAIT_POLICY'))\n"
-    )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"

@@ -2,8 +2,8 @@
 
 A fixed workload (the quickstart model's training step on synthetic tokens, through the real trainer) runs in a
 fresh process, once on the idle machine and once while 2 × cores busy-loop processes compete for the cores, for
-torch's default (a spinning thread per core) and for Blueberry's choice (`blueberry.threads`: threads from the
-free cores, OpenMP threads that sleep when idle). The ratio
+torch's default (a thread per core) and for Blueberry's choice (`blueberry.threads`: threads from the cores
+other processes leave free). The ratio
 loaded ÷ idle is what a sweep trial feels on a shared machine.
 """
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from blueberry.threads import passive_openmp, usable_cores
+from blueberry.threads import usable_cores
 
 POLICIES = ("torch default", "blueberry")
 
@@ -39,9 +39,7 @@ def _worker(policy: str, steps: int, spec_path: str, overrides: list[str]) -> di
         "r = measure_throughput(load_spec(path, overrides), warmup=2, repeats=steps)\n"
         "print(json.dumps({'step_s': r['step_s'], 'threads': torch.get_num_threads()}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
-    if policy == "blueberry":
-        passive_openmp(env)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     args = json.dumps([policy, steps, spec_path, overrides])
     out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, timeout=900)
     if out.returncode != 0:

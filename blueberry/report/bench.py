@@ -62,7 +62,7 @@ def build_time(n_runs: int = 1000, n_steps: int = 1500) -> dict:
         timings = {}
         for phase in ("cold", "warm", "one_new_run"):
             if phase == "one_new_run":
-                write_run(root, "exp1-ablation", variant="moe", seed=n_runs, val_loss=3.9, steps=n_steps)
+                write_run(root, "exp1-ablation", variant=VARIANTS[0], seed=n_runs, val_loss=3.9, steps=n_steps)
             started, cpu = time.perf_counter(), time.process_time()
             run_report(runs_root=root, out=out, log=lambda msg: None)
             # CPU seconds too: on a shared machine wall time measures the neighbours as well.

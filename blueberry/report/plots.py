@@ -36,8 +36,8 @@ CURVES_2X2 = (
     ("val/perplexity", "val perplexity"),
 )
 DPI = 100
-# Below this many figures to draw, a process pool costs more to start than it saves.
-MIN_PARALLEL = 4
+# Below this many figures to draw, a process pool costs more to start (~1 s of imports each) than it saves.
+MIN_PARALLEL = 8
 
 
 @dataclass(frozen=True)
