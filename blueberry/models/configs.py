@@ -37,11 +37,12 @@ def deepseek_config(spec: ModelSpec) -> DeepseekV3Config:
 SIGMOID_ROUTING = dict(n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, hidden_act="silu")
 
 
-def glm4_config(spec: ModelSpec) -> Glm4MoeConfig:
-    """GLM-4-MoE config for one MoE block built directly (never the whole CausalLM, whose layer 0 is dense)."""
+def _moe_block(spec: ModelSpec, name: str) -> dict:
+    """The config values of one routed MoE block built directly (never the whole CausalLM, whose first layers
+    are dense): the same for GLM-4 and DeepSeek-V3, whose MoE blocks are the same design."""
     if spec.n_experts < 2:
-        raise ValueError("the GLM-4 router ranks the top-2 scores of each expert group: it needs n_experts >= 2")
-    return Glm4MoeConfig(
+        raise ValueError(f"the {name} router ranks the top-2 scores of each expert group: it needs n_experts >= 2")
+    return dict(
         hidden_size=spec.d_model,
         n_routed_experts=spec.n_experts,
         num_experts_per_tok=spec.top_k,
@@ -54,17 +55,11 @@ def glm4_config(spec: ModelSpec) -> Glm4MoeConfig:
     )
 
 
+def glm4_config(spec: ModelSpec) -> Glm4MoeConfig:
+    """GLM-4-MoE config for one MoE block."""
+    return Glm4MoeConfig(**_moe_block(spec, "GLM-4"))
+
+
 def deepseek_moe_config(spec: ModelSpec) -> DeepseekV3Config:
-    """DeepSeek-V3 config for one MoE block built directly (routed + shared experts, sigmoid router)."""
-    if spec.n_experts < 2:
-        raise ValueError("the DeepSeek-V3 router ranks the top-2 scores of each expert group: it needs n_experts >= 2")
-    return DeepseekV3Config(
-        hidden_size=spec.d_model,
-        n_routed_experts=spec.n_experts,
-        num_experts_per_tok=spec.top_k,
-        moe_intermediate_size=spec.expert_d_ff,
-        n_shared_experts=spec.n_shared_experts,
-        first_k_dense_replace=0,
-        experts_implementation=spec.experts_implementation,
-        **SIGMOID_ROUTING,
-    )
+    """DeepSeek-V3 config for one MoE block (routed + shared experts, sigmoid router)."""
+    return DeepseekV3Config(**_moe_block(spec, "DeepSeek-V3"))
