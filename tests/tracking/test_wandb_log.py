@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
+from offline_tracker import offline_tracker
 
-from blueberry.tracking import RunRecord, Trackers, WandbTracker, allocate_run_dir
+from blueberry.tracking import RunRecord, Trackers, allocate_run_dir
 from blueberry.tracking.wandb_log import WandbLogError, held_rows, read_wandb_log
 
 
@@ -51,14 +52,9 @@ def leet_inspect(path: Path) -> dict:
 
 def test_decoder_reads_what_wandb_leet_reads(tmp_path):
     run_dir = allocate_run_dir(tmp_path, "exp", "r1")
-    tracker = WandbTracker(
+    tracker = offline_tracker(
         run_dir,
-        mode="offline",
         project="blueberry-test",
-        entity=None,
-        group="exp",
-        job_type="train",
-        name="exp-moe-s1",
         run_id="r1-abc12345",
         tags=["moe", "t"],
         notes="a note",
@@ -101,19 +97,7 @@ set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "blueberry-hypothesis")
 def segment_bytes(tmp_path) -> bytes:
     """A real offline W&B log (made inside the hermetic environment: a function-scoped fixture)."""
     run_dir = allocate_run_dir(tmp_path / "made", "exp", "r1")
-    tracker = WandbTracker(
-        run_dir,
-        mode="offline",
-        project="blueberry",
-        entity=None,
-        group="exp",
-        job_type="train",
-        name="r1",
-        run_id="r1",
-        tags=[],
-        notes=None,
-        config={"seed": 1},
-    )
+    tracker = offline_tracker(run_dir, name="r1", run_id="r1", tags=[])
     trackers = Trackers(RunRecord(run_dir, {}), tracker)
     for step in range(1, 40):
         trackers.log({"train/loss": 5.0 - step / 10, "note": "x" * 50}, step)

@@ -1,8 +1,9 @@
 import re
 
 import torch
+from offline_tracker import offline_tracker
 
-from blueberry.tracking import RunRecord, Trackers, WandbTracker, allocate_run_dir, new_run_id, resolve_mode, sweep_tag
+from blueberry.tracking import RunRecord, Trackers, allocate_run_dir, new_run_id, resolve_mode, sweep_tag
 from blueberry.tracking.wandb_log import read_wandb_log
 
 
@@ -25,19 +26,7 @@ def test_mode_online_needs_key_and_respects_env(monkeypatch):
 
 def test_offline_run_holds_what_was_logged(tmp_path):
     run_dir = allocate_run_dir(tmp_path, "exp", "r1")
-    tracker = WandbTracker(
-        run_dir,
-        mode="offline",
-        project="blueberry",
-        entity=None,
-        group="exp",
-        job_type="train",
-        name="exp-moe-s1",
-        run_id="r1",
-        tags=["moe", "t"],
-        notes=None,
-        config={"model": {"n_experts": 4}, "seed": 1},
-    )
+    tracker = offline_tracker(run_dir, run_id="r1", tags=["moe", "t"], config={"model": {"n_experts": 4}, "seed": 1})
     trackers = Trackers(RunRecord(run_dir, {}), tracker)
     for step in (1, 2, 3):
         trackers.log({"train/loss": 5.0 - step, "trainer/tokens": 100 * step}, step)
@@ -56,22 +45,6 @@ def test_offline_run_holds_what_was_logged(tmp_path):
     assert log.summary["final/val_loss"] == 2.5
     assert log.summary["val/loss"]["min"] == 2.5  # define_metric(summary="min,last")
     assert log.exit_code == 0
-
-
-def offline_tracker(run_dir, **overrides):
-    kwargs = dict(
-        mode="offline",
-        project="blueberry",
-        entity=None,
-        group="exp",
-        job_type="train",
-        name="exp-moe-s1",
-        run_id=new_run_id("exp-moe-s1"),
-        tags=["moe"],
-        notes=None,
-        config={"seed": 1},
-    )
-    return WandbTracker(run_dir, **{**kwargs, **overrides})
 
 
 def test_run_ids_are_fresh_and_sweep_tags_fit_wandb_limit():
