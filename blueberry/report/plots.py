@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from blueberry.fileio import atomic_writer  # noqa: E402
 from blueberry.report.groups import Group  # noqa: E402
 
 MAX_CURVES = 10  # more lines than this are unreadable: plot the best ones and say so
@@ -253,16 +254,14 @@ DRAW = {
 
 
 def draw(figure: Figure, path: Path) -> Path:
-    """One PNG, written to a temporary name first: a killed build never leaves half a PNG in the cache."""
+    """One PNG, written atomically: a killed build never leaves half a PNG in the cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = DRAW[figure.kind](figure.data)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, dpi=DPI, format="png")  # no bbox_inches="tight": it lays the figure out twice
-        os.replace(tmp, path)
+        with atomic_writer(path, binary=True) as handle:
+            fig.savefig(handle, dpi=DPI, format="png")  # no bbox_inches="tight": it lays the figure out twice
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
