@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from blueberry.fileio import read_json
+from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE
+
 REDRAW_S = 1.0
 LOG_EVERY_S = 30.0
 TAIL_BYTES = 16_384  # a metrics row with per-expert router columns is a few KB
@@ -44,9 +47,8 @@ def last_row(path: Path, key: str = "train/loss") -> dict | None:
 def planned_steps(run_dir: Path) -> int | None:
     """train.steps of the spec the trial runs (its run record's header)."""
     try:
-        header = json.loads((run_dir / "spec.json").read_text(encoding="utf-8"))
-        steps = header["spec"]["train"]["steps"]
-    except (OSError, ValueError, KeyError, TypeError):
+        steps = (read_json(run_dir / SPEC_FILE) or {})["spec"]["train"]["steps"]
+    except (KeyError, TypeError):
         return None
     return steps if isinstance(steps, int) and steps > 0 else None
 
@@ -114,7 +116,7 @@ class SweepProgress:
         if self._steps.get(run_id) is None:
             self._steps[run_id] = planned_steps(run_dir)
         trial.steps = self._steps[run_id]
-        row = last_row(run_dir / "metrics.jsonl")
+        row = last_row(run_dir / METRICS_FILE)
         if row is not None:
             trial.step = int(row.get("step") or 0)
             trial.loss = float(row["train/loss"])
