@@ -32,14 +32,32 @@ def deepseek_config(spec: ModelSpec) -> DeepseekV3Config:
     )
 
 
-# Routing shared by the GLM-4 and DeepSeek-V3 MoE blocks as Blueberry builds them: one expert group (no
-# group-limited routing at this size), weights renormalised over the chosen experts, no extra scaling.
-SIGMOID_ROUTING = dict(n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, hidden_act="silu")
+# GLM-4-MoE's routing (transformers' Glm4MoeConfig defaults): one expert group, top-k weights renormalised, no
+# routed scaling.
+GLM4_ROUTING = dict(n_group=1, topk_group=1, routed_scaling_factor=1.0)
+# DeepSeek-V3's routing (its config's defaults): 8 expert groups of which the 4 best (by the sum of each group's
+# top-2 scores) are kept before the top-k, routed output scaled by 2.5 against the shared expert.
+DEEPSEEK_V3_GROUPS, DEEPSEEK_V3_SCALING = 8, 2.5
+
+
+def deepseek_groups(n_experts: int, top_k: int) -> tuple[int, int]:
+    """(n_group, topk_group): DeepSeek-V3's 8 groups with half kept, scaled down to few experts as groups of two
+    (a group's score is the sum of its top-2 expert scores); one group when the kept groups could not hold
+    top_k experts."""
+    if n_experts >= 2 * DEEPSEEK_V3_GROUPS and n_experts % DEEPSEEK_V3_GROUPS == 0:
+        n_group = DEEPSEEK_V3_GROUPS
+    elif n_experts % 2 == 0:
+        n_group = n_experts // 2
+    else:
+        return 1, 1
+    topk_group = max(1, n_group // 2)
+    return (n_group, topk_group) if topk_group * (n_experts // n_group) >= top_k else (1, 1)
 
 
 def _moe_block(spec: ModelSpec, name: str) -> dict:
     """The config values of one routed MoE block built directly (never the whole CausalLM, whose first layers
-    are dense): the same for GLM-4 and DeepSeek-V3, whose MoE blocks are the same design."""
+    are dense): GLM-4 and DeepSeek-V3 share the design (sigmoid router with a correction bias, routed + shared
+    SwiGLU experts); they differ in routing (GLM4_ROUTING, deepseek_groups)."""
     if spec.n_experts < 2:
         raise ValueError(f"the {name} router ranks the top-2 scores of each expert group: it needs n_experts >= 2")
     return dict(
@@ -49,17 +67,24 @@ def _moe_block(spec: ModelSpec, name: str) -> dict:
         moe_intermediate_size=spec.expert_d_ff,
         n_shared_experts=spec.n_shared_experts,
         first_k_dense_replace=0,
+        norm_topk_prob=True,
+        hidden_act="silu",
         # a loop over experts (eager) or grouped matmuls: `make bench` measures which wins where
         experts_implementation=spec.experts_implementation,
-        **SIGMOID_ROUTING,
     )
 
 
 def glm4_config(spec: ModelSpec) -> Glm4MoeConfig:
     """GLM-4-MoE config for one MoE block."""
-    return Glm4MoeConfig(**_moe_block(spec, "GLM-4"))
+    return Glm4MoeConfig(**_moe_block(spec, "GLM-4"), **GLM4_ROUTING)
 
 
 def deepseek_moe_config(spec: ModelSpec) -> DeepseekV3Config:
-    """DeepSeek-V3 config for one MoE block (routed + shared experts, sigmoid router)."""
-    return DeepseekV3Config(**_moe_block(spec, "DeepSeek-V3"))
+    """DeepSeek-V3 config for one MoE block (routed + shared experts, sigmoid router, group-limited routing)."""
+    n_group, topk_group = deepseek_groups(spec.n_experts, spec.top_k)
+    return DeepseekV3Config(
+        **_moe_block(spec, "DeepSeek-V3"),
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=DEEPSEEK_V3_SCALING,
+    )

@@ -199,3 +199,27 @@ def test_bias_update_resumes_bit_identically():
         resumed(x)
         resumed.update_bias(0.02)
     assert torch.equal(resumed.moe.gate.e_score_correction_bias, straight.moe.gate.e_score_correction_bias)
+
+
+def test_deepseek_routing_is_group_limited_and_scaled_unlike_glm4():
+    """DeepSeek-V3 keeps the best half of its expert groups before the top-k and scales the routed output by
+    2.5; GLM-4 routes over all experts unscaled. With 4 experts in 2 groups of 2, one group is kept, so a
+    token's two experts are always a group's pair."""
+    from blueberry.models.configs import deepseek_groups, deepseek_moe_config, glm4_config
+    from blueberry.spec import ModelSpec
+
+    assert deepseek_groups(256, 8) == (8, 4)  # DeepSeek-V3's own shape
+    assert deepseek_groups(8, 2) == (4, 2) and deepseek_groups(5, 2) == (1, 1)
+    spec = ModelSpec(ffn="deepseek_moe", d_model=16, n_heads=2, n_experts=4, top_k=2, expert_d_ff=8)
+    deepseek, glm4 = deepseek_moe_config(spec), glm4_config(spec)
+    assert (deepseek.n_group, deepseek.topk_group, deepseek.routed_scaling_factor) == (2, 1, 2.5)
+    assert (glm4.n_group, glm4.topk_group, glm4.routed_scaling_factor) == (1, 1, 1.0)
+
+    torch.manual_seed(0)
+    moe = feedforward.DeepseekMoE(deepseek)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.5)
+    moe(torch.randn(256, 16))
+    pairs = {tuple(sorted(row)) for row in moe.moe.gate(torch.randn(256, 16))[2].tolist()}
+    assert pairs <= {(0, 1), (2, 3)} and len(pairs) == 2
