@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Offline first: the Hugging Face Hub is never contacted; W&B stays offline unless WANDB_MODE=online.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline}
 
-.PHONY: install lock run quickstart sweep test lint clean report bench gpu-check
+.PHONY: install lock run study quickstart sweep test lint clean report bench gpu-check
 
 install: $(STAMP)
 
@@ -38,10 +38,18 @@ lock: | $(UV)
 		--no-emit-package torch --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--annotation-style line --custom-compile-command "make lock" --upgrade -o requirements.lock
 
-# The study in miniature, offline: the CPU twin of the 5-variant ablation sweep, then the report.
+# The study in miniature: Experiment 1 (seven presets x 3 seeds) as the CPU twin, or on a CUDA GPU at the
+# study's shape, time-boxed; then the report, with mean ± sd and noise verdicts. `blueberry doctor` says which.
 run: install
-	$(OFFLINE) $(BIN)/blueberry sweep sweeps/cpu/ablation.yaml
+	$(OFFLINE) $(BIN)/blueberry study --quick
 	$(OFFLINE) $(BIN)/blueberry report
+
+# The whole study (every experiment x 3 seeds; CPU twins on a CPU, ≤ 90 min on 2 cores), resumable: run it
+# again after Ctrl-C. Then the findings into docs/results/ and the README's timeline.
+RESULTS ?= docs/results
+study: install
+	$(OFFLINE) $(BIN)/blueberry study
+	$(OFFLINE) $(BIN)/blueberry report --out $(RESULTS) --readme README.md
 
 # One run of the default spec (≈2 minutes on 2 CPU cores).
 quickstart: install

@@ -41,6 +41,62 @@ def main():
     """Blueberry: correct, tracked experiments for small Mixture-of-Experts LMs."""
 
 
+@main.command()
+@click.option("--quick", is_flag=True, help="Only Experiment 1 in miniature (what `make run` runs).")
+@click.option("--only", "only", multiple=True, metavar="PART", help="Only this part (repeatable): exp1, exp2, ….")
+@click.option(
+    "--parallel", type=click.IntRange(min=1), help="Trials at once [default: one per GPU, else one per free core]."
+)
+@click.option("--runs-root", default="runs", show_default=True, help="Where run records and sweep state go.")
+@click.option("--dry-run", is_flag=True, help="Print the parts, their sweep files and trial counts; run nothing.")
+def study(quick, only, parallel, runs_root, dry_run):
+    """Run the Blueberry report's study: every part's sweep, CPU twins on a CPU, the study's shapes on CUDA.
+    Resumable: run it again and nothing finished runs twice."""
+    import shlex
+    import sys
+
+    import torch
+
+    from blueberry import study as plan
+    from blueberry.sweep.state import SweepStateError
+    from blueberry.threads import busy_cores_elsewhere, usable_cores
+    from blueberry.tracking.preflight import PreflightError, check_runs_root
+
+    kind = plan.kind_of_machine(torch.cuda.is_available())
+    try:
+        loaded = plan.load_parts(plan.plan_parts(quick, only), kind)
+        check_runs_root(runs_root, "--runs-root")
+    except SpecError as exc:
+        _fail(exc.render())
+    except (PreflightError, ValueError) as exc:  # a bad runs root; an unknown --only part
+        _fail(str(exc))
+    if parallel is None:
+        gpus = torch.cuda.device_count()
+        parallel = gpus if gpus else plan.cpu_parallel(usable_cores(), busy_cores_elsewhere())
+    total = sum(len(planned) for *_, planned in loaded)
+    click.echo(f"study on {kind}: {len(loaded)} part(s), {total} trials, {parallel} at once", err=True)
+    for part, path, sweep, planned in loaded:
+        click.echo(f"  {part.name}: {path} ({len(planned)} trials, sweep {sweep.sweep_id})", err=True)
+    if dry_run:
+        return
+    try:
+        results = plan.run_study(loaded, runs_root, parallel, log=lambda m: click.echo(m, err=True))
+    except SweepStateError as exc:
+        _fail(f"{exc}: move it aside to start that sweep afresh")
+    except KeyboardInterrupt:
+        _fail("study interrupted; run the same command again to resume", 130)
+    command = shlex.join(["blueberry", *sys.argv[1:]])
+    record = plan.write_record(results, runs_root, kind, command, parallel) if not quick else None
+    for r in results:
+        click.echo(f"{r.part.name}: {r.finished}/{r.planned} finished in {r.wall_s / 60:.1f} min")
+        for line in r.failed:
+            click.echo(f"  {line}")
+    if record:
+        click.echo(f"study record: {record}")
+    if any(r.failed for r in results):
+        sys.exit(1)
+
+
 @main.command(context_settings=PASS_THROUGH)
 @click.argument("spec_path", metavar="SPEC.json")
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)

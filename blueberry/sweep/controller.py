@@ -192,7 +192,9 @@ def collect(trial: Trial, runs_root: Path, metric: str, returncode: int | None, 
 
 
 class SweepRunner:
-    def __init__(self, sweep: Sweep, runs_root: str | Path, count: int | None = None, parallel: int = 1, log=print):
+    def __init__(
+        self, sweep: Sweep, runs_root: str | Path, count: int | None = None, parallel: int = 1, log=print, outer=None
+    ):
         self.sweep = sweep
         self.runs_root = Path(runs_root)
         self.dir = sweep_dir(self.runs_root, sweep)
@@ -205,7 +207,7 @@ class SweepRunner:
         self.workers: dict[str, Worker] = {}
         self.gpus = _gpu_count()
         total = len(plan(sweep, count)) if sweep.method == "grid" else self.budget
-        self.progress = SweepProgress(sweep.name, total, self.parallel, log=log)
+        self.progress = SweepProgress(sweep.name, total, self.parallel, log=log, outer=outer)
         self.log = self.progress.write  # trial lines above the live progress line, never through it
         self.durations: list[float] = []  # of the trials this controller saw finish
 

@@ -95,11 +95,13 @@ class SweepProgress:
     """Call `update(running, done)` as often as you like; it redraws at most every REDRAW_S seconds.
 
     `running`: [(trial number, run_id, run_dir or None)]; `done`: durations (s) of the trials finished by this
-    invocation, from which the sweep's ETA is estimated; `total`: the sweep's planned trials (None: unknown).
+    invocation, from which the sweep's ETA is estimated; `total`: the sweep's planned trials (None: unknown);
+    `outer`: given the trials finished by this invocation, text put before the sweep's (a study's progress).
     """
 
-    def __init__(self, name: str, total: int | None, parallel: int, stream=None, log=print):
+    def __init__(self, name: str, total: int | None, parallel: int, stream=None, log=print, outer=None):
         self.name, self.total, self.parallel = name, total, max(1, parallel)
+        self.outer = outer
         self.stream = stream or sys.stderr
         self.log = log
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -149,6 +151,8 @@ class SweepProgress:
         finished = finished_before + len(done)
         eta = self.sweep_eta_s(trials, done, finished_before)
         head = f"{self.name}: {finished}/{self.total or '?'} done"
+        if self.outer is not None:
+            head = f"{self.outer(len(done))} | {head}"
         line = " | ".join([head, *(t.text(self.total) for t in trials), f"sweep ETA {fmt_eta(eta)}"])
         if self.tty:
             self._draw(line, finished)

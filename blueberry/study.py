@@ -1,0 +1,175 @@
+"""The Blueberry report's study as data, and one command that runs all of it.
+
+Each part is one W&B sweep file per kind of machine: the CPU twin (`sweeps/cpu/`, sized so the whole study
+fits 90 minutes on two cores) and the study's own shape (`sweeps/`, for a CUDA GPU). `make run` runs the
+quick part only (Experiment 1's twin on CPU, a time-boxed study-shape ablation on CUDA); `make study` runs
+every part. Each part is an ordinary sweep, so the study resumes as sweeps do: run it again and every
+finished trial is kept, an interrupted one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from blueberry.sweep.progress import fmt_eta
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    cpu: str  # sweep file of the CPU twin
+    cuda: str  # sweep file at the study's shape
+
+
+PARTS = (
+    Part("exp1", "sweeps/cpu/ablation.yaml", "sweeps/ablation.yaml"),
+    Part("exp2", "sweeps/cpu/lr_attention_mlp.yaml", "sweeps/lr_attention_mlp.yaml"),
+    Part("exp3", "sweeps/cpu/lr_attention_moe.yaml", "sweeps/lr_attention_moe.yaml"),
+    Part("extended", "sweeps/cpu/extended_attention_moe.yaml", "sweeps/extended_attention_moe.yaml"),
+    Part("t4-lr", "sweeps/cpu/t4_lr_fine.yaml", "sweeps/t4/lr_fine.yaml"),
+    Part("t4-schedule", "sweeps/cpu/t4_schedule.yaml", "sweeps/t4/schedule.yaml"),
+    Part("t4-experts", "sweeps/cpu/t4_experts.yaml", "sweeps/t4/experts.yaml"),
+    Part("t4-accum-dropout", "sweeps/cpu/t4_accum_dropout.yaml", "sweeps/t4/accum_dropout.yaml"),
+)
+# `make run`: Experiment 1 in miniature on CPU; on CUDA the study-shape ablation, time-boxed by its steps.
+QUICK = Part("exp1", "sweeps/cpu/ablation.yaml", "sweeps/ablation_quick.yaml")
+MAX_PARALLEL = 8  # CPU trials at once, at most (each holds its own model, data and W&B process)
+
+
+def kind_of_machine(cuda_available: bool) -> str:
+    return "cuda" if cuda_available else "cpu"
+
+
+def plan_parts(quick: bool, only: tuple[str, ...] = ()) -> list[Part]:
+    """The parts to run, in the study's order; `only` picks parts by name (unknown names are an error)."""
+    if quick:
+        return [QUICK]
+    unknown = sorted(set(only) - {p.name for p in PARTS})
+    if unknown:
+        raise ValueError(f"unknown study part(s) {', '.join(unknown)}; the parts: {', '.join(p.name for p in PARTS)}")
+    return [p for p in PARTS if not only or p.name in only]
+
+
+def cpu_parallel(usable_cores: int, busy_elsewhere: float | None) -> int:
+    """CPU trials at once: one per free core, one thread each. On 2 idle cores two 1-thread trials of the CPU
+    twin did 1.36× the work of one 2-thread trial (measured; see README "The study"): small matrices
+    scale poorly across threads, and each trial's start-up (imports, data, W&B) overlaps another's training."""
+    free = usable_cores - (busy_elsewhere or 0.0)
+    return max(1, min(MAX_PARALLEL, int(free + 0.5)))
+
+
+class StudyProgress:
+    """The study-wide head of the live progress line: trials done of all planned, and a study ETA from the
+    mean wall time per trial this invocation (parts differ in trial length: the ETA settles as they finish)."""
+
+    def __init__(self, total: int, done_before: int, clock: Callable[[], float] = time.monotonic):
+        self.total, self.done_before = total, done_before
+        self.done_now = 0  # finished by this invocation in the parts before the current one
+        self.clock = clock
+        self.started = clock()
+
+    def head_for(self, part: str) -> Callable[[int], str]:
+        """The head for a part's sweep progress, given the trials that sweep has finished so far."""
+        return lambda finished_in_part: self.head(part, self.done_now + finished_in_part)
+
+    def part_finished(self, trials: int) -> None:
+        self.done_now += trials
+
+    def head(self, part: str, done_now: int) -> str:
+        done = self.done_before + done_now
+        per_trial = (self.clock() - self.started) / done_now if done_now else None
+        eta = fmt_eta(per_trial * (self.total - done)) if per_trial is not None else "?"
+        return f"study {done}/{self.total} trials, ETA {eta} · {part}"
+
+
+@dataclass
+class PartResult:
+    part: Part
+    sweep_file: str
+    sweep_id: str
+    planned: int
+    finished: int
+    failed: list[str]  # "run_id: state: reason"
+    wall_s: float  # of this invocation
+
+
+def load_parts(parts: list[Part], kind: str) -> list[tuple[Part, str, object, list[dict]]]:
+    """(part, sweep file, Sweep, planned params) for each part; every planned trial is checked to be a valid
+    run spec before anything runs (a SpecError names the file and field)."""
+    from blueberry.sweep import load_sweep, plan
+    from blueberry.sweep.validate import check_trials
+
+    loaded = []
+    for part in parts:
+        path = getattr(part, kind)
+        sweep = load_sweep(path)
+        planned = plan(sweep, None)
+        check_trials(sweep, planned)
+        loaded.append((part, path, sweep, planned))
+    return loaded
+
+
+def run_study(loaded, runs_root: str, parallel: int, log: Callable[[str], None]) -> list[PartResult]:
+    """Run the parts' sweeps one after another under one study-wide progress line; each resumes its state."""
+    from blueberry.sweep import SweepRunner
+
+    runners = [
+        (part, path, SweepRunner(sweep, runs_root, parallel=parallel, log=log)) for part, path, sweep, _ in loaded
+    ]
+    done_before = sum(t.state == "finished" for *_, runner in runners for t in runner.state.trials)
+    progress = StudyProgress(sum(len(planned) for *_, planned in loaded), done_before)
+    results = []
+    for (part, path, runner), (*_, planned) in zip(runners, loaded):
+        runner.progress.outer = progress.head_for(part.name)
+        before = sum(t.state == "finished" for t in runner.state.trials)
+        log(f"study part {part.name}: {path} ({len(planned)} trials, {before} already finished)")
+        started = time.monotonic()
+        state = runner.run()
+        finished = sum(t.state == "finished" for t in state.trials)
+        progress.part_finished(finished - before)
+        failed = [f"{t.run_id}: {t.state}: {t.reason}" for t in state.trials if t.state != "finished"]
+        results.append(
+            PartResult(part, path, runner.sweep.sweep_id, len(planned), finished, failed, time.monotonic() - started)
+        )
+    return results
+
+
+def write_record(results: list[PartResult], runs_root: str, kind: str, command: str, parallel: int) -> Path:
+    """<runs_root>/_study/<kind>.json: what ran, where and how long (wall time summed over invocations), for the
+    report's provenance section. Rewritten atomically after each invocation."""
+    from blueberry import hardware, provenance
+    from blueberry.fileio import read_json, write_text_atomic
+
+    path = Path(runs_root) / "_study" / f"{kind}.json"
+    previous = read_json(path) or {}
+    walls = {p["name"]: p.get("wall_s", 0.0) for p in previous.get("parts", []) if isinstance(p, dict)}
+    record = {
+        "command": command,
+        "kind": kind,
+        "parallel": parallel,
+        "code": provenance.code_version(),
+        "machine": hardware.detect().to_dict(),
+        "started": previous.get("started") or datetime.now(UTC).isoformat(timespec="seconds"),
+        "ended": datetime.now(UTC).isoformat(timespec="seconds"),
+        "parts": [
+            {
+                "name": r.part.name,
+                "sweep_file": r.sweep_file,
+                "sweep_id": r.sweep_id,
+                "planned": r.planned,
+                "finished": r.finished,
+                "failed": r.failed,
+                "wall_s": round(walls.get(r.part.name, 0.0) + r.wall_s, 1),
+            }
+            for r in results
+        ],
+    }
+    record["wall_s"] = round(sum(p["wall_s"] for p in record["parts"]), 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    return path

@@ -1,0 +1,93 @@
+"""The study as data (`blueberry/study.py`) and `blueberry study`: parts, parallelism, progress, record, resume."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from blueberry import study
+from blueberry.cli import main
+from blueberry.sweep import load_sweep
+
+sys.path.insert(0, str(Path(__file__).parent / "sweep"))
+from test_sweep_run import tiny_train, write_sweep  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_every_part_is_a_valid_sweep_of_three_seeds(kind, monkeypatch):
+    monkeypatch.chdir(REPO)
+    loaded = study.load_parts([*study.PARTS, study.QUICK], kind)  # raises on any invalid planned trial
+    for _, path, _, planned in loaded:
+        assert {p["seed"] for p in planned} == {1, 2, 3}, path
+        assert len(planned) % 3 == 0
+    names = [p.name for p in study.PARTS]
+    assert names[0] == "exp1" and len(set(names)) == len(names)
+    assert study.QUICK.cpu == study.PARTS[0].cpu  # make run's trials count towards make study
+
+
+def test_quick_on_cuda_is_the_study_shape_time_boxed(monkeypatch):
+    monkeypatch.chdir(REPO)
+    full, quick = load_sweep(study.PARTS[0].cuda), load_sweep(study.QUICK.cuda)
+    assert full.config["command"] == quick.config["command"]  # same spec file: the study's shape
+    assert quick.config["parameters"]["train"]["parameters"]["steps"]["value"] < 375
+
+
+def test_plan_parts_picks_and_rejects_names():
+    assert study.plan_parts(quick=True) == [study.QUICK]
+    assert [p.name for p in study.plan_parts(False, ("exp3", "exp1"))] == ["exp1", "exp3"]
+    with pytest.raises(ValueError, match="unknown study part.*nope.*exp1, exp2"):
+        study.plan_parts(False, ("nope",))
+
+
+def test_cpu_parallel_is_one_trial_per_free_core():
+    assert study.cpu_parallel(2, 0.1) == 2
+    assert study.cpu_parallel(2, 1.2) == 1
+    assert study.cpu_parallel(2, 5.0) == 1
+    assert study.cpu_parallel(64, None) == study.MAX_PARALLEL
+
+
+def test_study_progress_counts_every_part_and_estimates_from_trials_done():
+    now = [0.0]
+    progress = study.StudyProgress(total=10, done_before=2, clock=lambda: now[0])
+    head = progress.head_for("exp1")
+    assert head(0) == "study 2/10 trials, ETA ? · exp1"
+    now[0] = 60.0
+    assert head(2) == "study 4/10 trials, ETA 3:00 · exp1"  # 30 s per trial, 6 left
+    progress.part_finished(2)
+    assert progress.head_for("exp2")(1) == "study 5/10 trials, ETA 1:40 · exp2"
+
+
+def test_bad_part_and_bad_runs_root_exit_2_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(main, ["study", "--only", "exp9", "--runs-root", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "unknown study part(s) exp9" in result.output
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(main, ["study", "--quick", "--runs-root", str(tmp_path / "file")])
+    assert result.exit_code == 2 and "--runs-root" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_study_runs_its_parts_records_itself_and_resumes_without_rerunning(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    one = write_sweep(tmp_path, {"seed": {"values": [1, 2]}, "train": tiny_train()}, name="one")
+    two = write_sweep(tmp_path, {"seed": {"values": [1]}, "train": tiny_train()}, name="two")
+    parts = [study.Part("one", str(one), str(one)), study.Part("two", str(two), str(two))]
+    runs_root = str(tmp_path / "runs")
+    lines = []
+    results = study.run_study(study.load_parts(parts, "cpu"), runs_root, 2, log=lines.append)
+    assert [(r.part.name, r.planned, r.finished, r.failed) for r in results] == [("one", 2, 2, []), ("two", 1, 1, [])]
+    record = json.loads(study.write_record(results, runs_root, "cpu", "blueberry study", 2).read_text())
+    assert [p["finished"] for p in record["parts"]] == [2, 1] and record["wall_s"] > 0
+    assert record["machine"]["cpu"] and record["code"]["git_sha"]
+
+    again = study.run_study(study.load_parts(parts, "cpu"), runs_root, 2, log=lines.append)
+    assert [r.finished for r in again] == [2, 1]
+    resumed = [line for line in lines if line.startswith("study part one: ")][-1]
+    assert resumed.endswith("(2 trials, 2 already finished)")
+    assert len(list(Path(runs_root).glob("one-exp/*/status.json"))) == 2  # nothing ran twice
+    second = json.loads(study.write_record(again, runs_root, "cpu", "blueberry study", 2).read_text())
+    assert second["started"] == record["started"] and second["wall_s"] >= record["wall_s"]
