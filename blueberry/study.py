@@ -30,6 +30,7 @@ PARTS = (
     Part("exp1", "sweeps/cpu/ablation.yaml", "sweeps/ablation.yaml"),
     Part("exp2", "sweeps/cpu/lr_attention_mlp.yaml", "sweeps/lr_attention_mlp.yaml"),
     Part("exp3", "sweeps/cpu/lr_attention_moe.yaml", "sweeps/lr_attention_moe.yaml"),
+    Part("exp3-experts", "sweeps/cpu/experts_attention_moe.yaml", "sweeps/experts_attention_moe.yaml"),
     Part("extended", "sweeps/cpu/extended_attention_moe.yaml", "sweeps/extended_attention_moe.yaml"),
     Part("t4-lr", "sweeps/cpu/t4_lr_fine.yaml", "sweeps/t4/lr_fine.yaml"),
     Part("t4-schedule", "sweeps/cpu/t4_schedule.yaml", "sweeps/t4/schedule.yaml"),

@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blueberry.report import dashboard, plots, tables
+from blueberry.fileio import read_json
+from blueberry.report import claims, dashboard, plots, tables
 from blueberry.report.groups import fmt_value, group_runs, label_groups, rank, varying_keys
 from blueberry.report.integrity import integrity_section
 from blueberry.report.records import ReportError, Run
@@ -128,8 +129,53 @@ def experiment_section(experiment: str, study: Study, runs: list[Run], all_runs:
     return "\n".join(p for p in parts if p)
 
 
+def study_section(records: list[dict], runs: list[Run]) -> str:
+    """How the runs were made: each `blueberry study` record (command, commit, machine, wall time) and the
+    runs' summed training time and cost."""
+    lines = []
+    for record in records:
+        code, machine = record.get("code") or {}, record.get("machine") or {}
+        cpu, gpus = machine.get("cpu") or {}, machine.get("gpus") or []
+        where = (
+            ", ".join(g.get("name", "?") for g in gpus) or f"{cpu.get('model', '?')} ({cpu.get('cores', '?')} cores)"
+        )
+        parts = record.get("parts") or []
+        trials = sum(p.get("finished", 0) for p in parts if isinstance(p, dict))
+        lines += [
+            f"- `{record.get('command')}` on {record.get('kind')}: {where}, {record.get('parallel')} trial(s) at once",
+            f"  - commit `{code.get('git_sha')}`{' (with local changes)' if code.get('git_dirty') else ''}, "
+            f"{record.get('started')} → {record.get('ended')}",
+            f"  - {trials} trials finished in {len(parts)} parts; wall time {record.get('wall_s', 0) / 60:.1f} min",
+        ]
+    train_s = sum(r.metric("time/train_s") or 0.0 for r in runs)
+    costs = [r.metric("cost/usd") for r in runs if r.metric("cost/usd") is not None]
+    cost = f"${sum(costs):.2f} over {len(costs)} runs with a price" if costs else "no cost (no price for this device)"
+    lines.append(f"- All {len(runs)} runs: {train_s / 60:.1f} min of training (summed over runs), {cost}")
+    return "\n".join(lines) + "\n"
+
+
+def runs_appendix(by_experiment: dict) -> str:
+    """Every run id with its configuration, seed, state and final val loss: what each number above traces to."""
+    rows = []
+    for name in sorted(by_experiment, key=report_order):
+        groups = group_runs(by_experiment[name][1])
+        label_groups(groups, first="model.variant")
+        for g in groups:
+            for r in g.runs:
+                loss = r.metric("val/loss")
+                rows.append([f"`{r.id}`", name, g.label, str(r.seed), r.state, "—" if loss is None else f"{loss:.4f}"])
+    return tables.md_table(["Run", "Experiment", "Configuration", "Seed", "State", "Val loss"], rows) if rows else ""
+
+
 def report_markdown(
-    runs: list[Run], stage: Path, by_experiment: dict, timeline: str, integrity: str, source: str, jobs: list
+    runs: list[Run],
+    stage: Path,
+    by_experiment: dict,
+    timeline: str,
+    integrity: str,
+    source: str,
+    jobs: list,
+    study_records: list[dict] = (),
 ) -> str:
     states = Counter(r.state for r in runs)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"
@@ -144,12 +190,19 @@ def report_markdown(
         lines.append("*No runs found.*\n")
     lines.append("## Contents\n")
     ordered = sorted(by_experiment, key=report_order)
+    claimed = claims.claims_section(by_experiment)
+    lines += ["- How these runs were made"] + (["- The original report's claims, measured"] if claimed else [])
     lines += [f"- {by_experiment[name][0].title}: `{name}`" for name in ordered]
-    lines += ["- Timeline", "- Integrity", ""]
+    lines += ["- Timeline", "- Integrity", "- Runs", ""]
+    lines += ["## How these runs were made\n", study_section(list(study_records), runs)]
+    if claimed:
+        lines += ["## The original report's claims, measured\n", claimed]
     for name in ordered:
         study, exp_runs = by_experiment[name]
         lines.append(experiment_section(name, study, exp_runs, by_experiment, stage, jobs))
     lines += ["## Timeline\n", timeline, "## Integrity\n", integrity]
+    lines += ["## Runs\n", "Every run behind the tables, by id (its record is `runs/<experiment>/<id>/`).\n"]
+    lines.append(runs_appendix(by_experiment))
     return "\n".join(lines)
 
 
@@ -162,8 +215,10 @@ def build_report(
     readme: str | Path | None = None,
     source: str = "local run records",
     plot_cache: Path | None = None,
+    study_records: list[dict] = (),
 ) -> BuildResult:
-    """Write the report under `out`. `plot_cache`: where PNGs are kept between builds (None: draw every one)."""
+    """Write the report under `out`. `plot_cache`: where PNGs are kept between builds (None: draw every one);
+    `study_records`: what `blueberry study` recorded about how the runs were made."""
     out = Path(out)
     readme_text = None
     if readme is not None:  # check the markers before writing anything
@@ -184,7 +239,7 @@ def build_report(
     try:
         integrity = integrity_section(runs, prices, price_source)
         jobs: list[tuple[plots.Figure, Path]] = []
-        markdown = report_markdown(runs, stage, by_experiment, timeline, integrity, source, jobs)
+        markdown = report_markdown(runs, stage, by_experiment, timeline, integrity, source, jobs, study_records)
         write_report_file(stage / "REPORT.md", markdown)
         figures = plots.render_all(jobs, plot_cache)
         write_report_file(stage / "TIMELINE.md", "# Timeline\n\n" + timeline)
@@ -225,6 +280,7 @@ def run_report(
     from blueberry.report.records import load_local, load_wandb, select
 
     prices, price_source = load_prices(gpu_prices)
+    records: list[dict] = []
     if (source == "wandb" or publish) and not entity:
         raise ReportError(
             f"{'--source wandb' if source == 'wandb' else '--publish'} needs --entity (the W&B user or team)"
@@ -238,6 +294,7 @@ def run_report(
     else:
         runs = select(load_local(runs_root, cache), group=group, sweep=sweep, tags=tags)
         where = f"local run records under {runs_root}"
+        records = [r for p in sorted(Path(runs_root).glob("_study/*.json")) if (r := read_json(p))]
     log(f"{len(runs)} runs ({where}); cache: {cache.hits} reused, {cache.misses} parsed")
     result = build_report(
         runs,
@@ -247,6 +304,7 @@ def run_report(
         readme=readme,
         source=where,
         plot_cache=cache.root.parent / "plots",
+        study_records=records if source == "local" else [],
     )
     states = ", ".join(f"{n} {s}" for s, n in sorted(result.states.items())) or "no runs"
     figures = f"{result.figures.get('drawn', 0)} plots drawn, {result.figures.get('reused', 0)} unchanged"

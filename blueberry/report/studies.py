@@ -43,6 +43,12 @@ STUDIES: tuple[Study, ...] = (
         {"train.lr": 0.01},
         extended="exp3-extended",
     ),
+    Study(
+        "exp3-experts",
+        "generic",
+        "Experiment 3: experts × top-k",
+        {"model.n_experts": 4, "model.top_k": 2},
+    ),
     Study("exp2-extended", "extended", "Experiment 2: extended run"),
     Study("exp3-extended", "extended", "Experiment 3: extended run"),
     # The T4 README's timeline experiments (sweeps/t4/*.yaml); baselines = experiments/t4_preset.json.

@@ -1,0 +1,38 @@
+"""The report's provenance: how the runs were made (a `blueberry study` record) and every run by id."""
+
+import json
+
+from blueberry.report.build import run_report
+from blueberry.report.synthetic import write_run
+
+
+def test_report_says_how_the_runs_were_made_and_lists_every_run(tmp_path):
+    runs = tmp_path / "runs"
+    ids = [
+        write_run(runs, "exp1-ablation-cpu", variant=v, seed=s, minutes=2.0).name
+        for v in ("mlp", "moe")
+        for s in (1, 2)
+    ]
+    record = {
+        "command": "blueberry study",
+        "kind": "cpu",
+        "parallel": 2,
+        "code": {"git_sha": "abc123", "git_dirty": False},
+        "machine": {"cpu": {"model": "Test CPU", "cores": 2}, "gpus": []},
+        "started": "2026-12-02T05:34:00+00:00",
+        "ended": "2026-12-02T06:40:00+00:00",
+        "parts": [{"name": "exp1", "finished": 4, "wall_s": 300.0}],
+        "wall_s": 300.0,
+    }
+    (runs / "_study").mkdir()
+    (runs / "_study" / "cpu.json").write_text(json.dumps(record))
+    run_report(runs_root=runs, out=tmp_path / "out", log=lambda _: None)
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    made = text.split("## How these runs were made\n")[1].split("\n## ")[0]
+    assert "`blueberry study` on cpu: Test CPU (2 cores), 2 trial(s) at once" in made
+    assert "commit `abc123`, 2026-12-02T05:34:00+00:00 → 2026-12-02T06:40:00+00:00" in made
+    assert "4 trials finished in 1 parts; wall time 5.0 min" in made
+    assert "All 4 runs: 8.0 min of training (summed over runs), no cost" in made
+    appendix = text.split("## Runs\n")[1]
+    assert all(f"`{run_id}`" in appendix for run_id in ids)
+    assert "| exp1-ablation-cpu | moe | 2 | finished | 4.0000 |" in appendix
