@@ -290,13 +290,17 @@ def doctor(args, as_json):
         _fail(f"{spec_path or 'default spec'}: {exc}")
     from blueberry.tracking.wandb_settings import format_wandb_status, wandb_status
 
+    from blueberry import study
+
     wandb = wandb_status(spec)
+    runs = study.describe(study.kind_of_machine(torch.cuda.is_available()))
     if as_json:
         found = {"hardware": info.to_dict(), "plan": plan.header(), "torch": torch.__version__, "wandb": wandb}
-        click.echo(json.dumps(found, indent=2))
+        click.echo(json.dumps({**found, "study": runs}, indent=2))
     else:
         click.echo(format_doctor(info, plan, spec_path or "the default spec"))
         click.echo(format_wandb_status(wandb))
+        click.echo(f"make run on this machine ({runs['kind']}): {runs['make_run']}; make study: {runs['make_study']}")
 
 
 @main.command()

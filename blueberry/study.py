@@ -46,6 +46,16 @@ def kind_of_machine(cuda_available: bool) -> str:
     return "cuda" if cuda_available else "cpu"
 
 
+def describe(kind: str) -> dict:
+    """What `make run` and `make study` run on this kind of machine (for `blueberry doctor`)."""
+    shape = "the study's shapes" if kind == "cuda" else "CPU twins (sweeps/cpu/)"
+    return {
+        "kind": kind,
+        "make_run": getattr(QUICK, kind),
+        "make_study": f"{len(PARTS)} parts at {shape}: " + ", ".join(p.name for p in PARTS),
+    }
+
+
 def plan_parts(quick: bool, only: tuple[str, ...] = ()) -> list[Part]:
     """The parts to run, in the study's order; `only` picks parts by name (unknown names are an error)."""
     if quick:

@@ -163,9 +163,18 @@ def test_doctor_prints_findings_and_choices():
     result = CliRunner().invoke(main, ["doctor", "--model.d_model=64", "--train.precision=fp32"])
     assert result.exit_code == 0, result.output
     assert "CPU" in result.output and "precision  fp32" in result.output and "GPUs     none" in result.output
+    assert "make run on this machine (cpu): sweeps/cpu/ablation.yaml" in result.output  # the twin, not the study shape
     result = CliRunner().invoke(main, ["doctor", "--json", "--model.d_model=64"])
     found = json.loads(result.output)
     assert found["plan"]["device"] == "cpu" and found["hardware"]["preset"] == "CPU"
+    assert found["study"]["make_run"] == "sweeps/cpu/ablation.yaml"
+
+
+def test_make_run_on_cuda_is_the_time_boxed_study_shape():
+    from blueberry import study
+
+    assert study.describe("cuda")["make_run"] == "sweeps/ablation_quick.yaml"
+    assert "study's shapes" in study.describe("cuda")["make_study"]
     result = CliRunner().invoke(main, ["doctor", "--train.device=cuda"])
     assert result.exit_code == 2 and "no CUDA GPU" in result.output
 
