@@ -153,7 +153,8 @@ def run(spec_path, overrides, override_files, resume):
     if result.wandb_dir:
         click.echo(f"W&B {result.wandb_mode} run: {result.wandb_dir}")
         if result.wandb_mode == "offline":  # a resumed run has one offline-run-* per attempt, synced in order
-            click.echo(f"  upload later with: wandb sync {Path(result.wandb_dir).parent}/offline-run-*")
+            wandb_id = Path(result.wandb_dir).name.split("-", 3)[3]  # offline-run-<time>-<id>
+            click.echo(f"  upload later with: wandb sync {Path(result.wandb_dir).parent}/offline-run-*-{wandb_id}")
 
 
 @main.command(context_settings=PASS_THROUGH)
@@ -288,9 +289,8 @@ def doctor(args, as_json):
         plan = build(spec, device, spec.data.vocab_size, env_world().size, check_causal=False, probe=False).plan
     except ValueError as exc:
         _fail(f"{spec_path or 'default spec'}: {exc}")
-    from blueberry.tracking.wandb_settings import format_wandb_status, wandb_status
-
     from blueberry import study
+    from blueberry.tracking.wandb_settings import format_wandb_status, wandb_status
 
     wandb = wandb_status(spec)
     runs = study.describe(study.kind_of_machine(torch.cuda.is_available()))

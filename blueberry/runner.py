@@ -32,6 +32,7 @@ from blueberry.tracking.record import RunDir, claim_run_dir
 from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, make_header, wandb_config
 from blueberry.tracking.wandb_log import held_rows
 from blueberry.tracking.wandb_settings import Choice, describe, run_settings
+from blueberry.tracking.wandb_tracker import wandb_segments
 from blueberry.train.checkpoint import Checkpointer, ResumeError, checkpoint_paths, weights_digest
 from blueberry.train.metrics import MetricsProcessor
 from blueberry.train.optim import optimizer_split
@@ -343,7 +344,7 @@ def _replay_to_wandb(tracker: WandbTracker, run_dir: Path, resume_step: int, log
     Offline, wandb-core writes its log to disk every 15 s and when the run finishes, so an attempt killed
     with SIGKILL loses its last rows there (the local record has them). Online they reached the server.
     """
-    held, unreadable = held_rows((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    held, unreadable = held_rows(wandb_segments([tracker.dir, run_dir], tracker.run_id))
     for problem in unreadable:
         log(f"W&B segment unreadable, its rows are logged again: {problem}")
     for row in read_metrics(run_dir / METRICS_FILE):

@@ -306,6 +306,12 @@ class TrackingSpec(_Strict):
     )
     notes: str | None = Field(None, max_length=4096, description="W&B notes; default WANDB_NOTES.")
     runs_root: str = Field("runs", description="Directory holding the local run records.")
+    wandb_dir: str | None = Field(
+        None,
+        max_length=4096,
+        description="Where W&B writes its files (wandb.init's dir: <dir>/wandb/offline-run-*); default WANDB_DIR, "
+        "else the run's own directory, runs/<experiment>/<run_id>/.",
+    )
     wandb_checkpoints: bool = Field(
         False,
         description="Log each checkpoint to W&B as a `model` artifact (aliases latest, step-N, best) and the final "

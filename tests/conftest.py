@@ -13,6 +13,7 @@ WANDB_UNSET = (
     "WANDB_RUN_GROUP",
     "WANDB_TAGS",
     "WANDB_JOB_TYPE",
+    "WANDB_DIR",  # unset: W&B's files go in each run's record, where tests read them (tests of WANDB_DIR set it)
 )
 
 
@@ -28,7 +29,6 @@ def hermetic(monkeypatch, tmp_path, shared_cache):
         monkeypatch.delenv(name, raising=False)
     wandb_home = tmp_path / "wandb-home"
     for var, sub in (
-        ("WANDB_DIR", "dir"),
         ("WANDB_CACHE_DIR", "cache"),
         ("WANDB_DATA_DIR", "data"),
         ("WANDB_CONFIG_DIR", "config"),

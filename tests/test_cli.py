@@ -67,7 +67,7 @@ def test_a_sweep_file_given_to_run_points_to_blueberry_sweep(tmp_path):
 def test_doctor_shows_the_wandb_mode_and_why_and_the_sweep_engine(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # W&B reads wandb/settings in the working directory (in WANDB_DIR when set)
     monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.delenv("WANDB_DIR")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     (tmp_path / "wandb").mkdir()
     (tmp_path / "wandb" / "settings").write_text("[default]\nmode = disabled\n")  # as `wandb disabled` writes it
     result = invoke("doctor", "--json")

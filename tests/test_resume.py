@@ -372,3 +372,32 @@ def test_an_unreadable_wandb_segment_does_not_stop_the_resume(tmp_path, monkeypa
     logs = sorted((run_dir / "wandb").glob("offline-run-*"))
     replayed = {row["trainer/step"] for row in read_wandb_log(logs[-1]).history}
     assert {2, 4} <= replayed  # the rows the unreadable segment held are in the new one
+
+
+def test_wandb_dir_moves_wandb_files_and_the_resume_finds_them_there(tmp_path, monkeypatch):
+    """W&B's precedence for its directory: tracking.wandb_dir, else WANDB_DIR, else the run's own directory.
+    Under WANDB_DIR the resumed attempt finds the first attempt's log there and re-logs nothing it holds."""
+    elsewhere = tmp_path / "wandb-files"
+    monkeypatch.setenv("WANDB_DIR", str(elsewhere))
+    args = [*TINY, "--train.steps=6", "--train.log_every=2", "--train.eval_every=6", "--experiment=ft"]
+    args += [f"--tracking.runs_root={tmp_path / 'runs'}"]
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, step=4)
+        assert invoke(*args).exit_code == 130
+    (run_dir,) = (tmp_path / "runs" / "ft").iterdir()
+    header = json.loads((run_dir / "spec.json").read_text())["wandb"]
+    assert header["dir"] == {"value": str(elsewhere), "source": "WANDB_DIR"}
+    assert not (run_dir / "wandb").exists()
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert f"wandb sync {elsewhere}/wandb/offline-run-*-{header['id']}" in result.output
+    first, second = (read_wandb_log(s) for s in sorted((elsewhere / "wandb").glob(f"offline-run-*-{header['id']}")))
+    assert {row["trainer/step"] for row in first.history} == {2, 4}
+    assert {row["trainer/step"] for row in second.history} == {6}  # rows 2 and 4 were held: not logged again
+
+    spec_dir = tmp_path / "spec-dir"  # the spec's value wins over WANDB_DIR
+    done = invoke(*args, "--experiment=ft2", f"--tracking.wandb_dir={spec_dir}")
+    assert done.exit_code == 0, done.output
+    (run_dir,) = (tmp_path / "runs" / "ft2").iterdir()
+    assert json.loads((run_dir / "spec.json").read_text())["wandb"]["dir"]["source"] == "spec"
+    assert list((spec_dir / "wandb").glob("offline-run-*"))

@@ -30,8 +30,9 @@ RESUME_TOLERANCE = 1e-3  # relative, on every logged loss and grad norm (bf16 on
 
 def child_env(context: Context) -> dict:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    wandb = {"WANDB_MODE": "offline", "WANDB_DIR": str(context.work_dir), "WANDB_SILENT": "true"}
-    return {**os.environ, **wandb, "PYTHONPATH": path, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    wandb = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # no WANDB_DIR: W&B's files in each run's record
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_DIR"}
+    return {**env, **wandb, "PYTHONPATH": path, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
 
 def run_process(argv: list[str], env: dict, timeout_s: float) -> subprocess.CompletedProcess:

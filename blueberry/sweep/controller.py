@@ -299,7 +299,8 @@ class SweepRunner:
             self.workers[trial.run_id] = Worker(trial, Orphan(trial.pid, trial.run_id), None, log_path)
             self.log(f"  {trial.run_id}: still running from the interrupted sweep (pid {trial.pid}), waiting")
             return
-        env = {**os.environ, "WANDB_DIR": str(self.dir)}
+        # The user's environment as it is: a trial's W&B files go where a plain `blueberry run` puts them
+        env = dict(os.environ)
         launch = build_trial(
             self.sweep.config["command"],
             trial.params,

@@ -7,7 +7,8 @@ runs/<experiment>/<run_id>/
   status.json    running | finished | failed | interrupted, with the reason
   checkpoints/   step-<step>.pt, the last K (blueberry.train.checkpoint)
   checkpoints.sha256  their checksums, verified before a resume loads one
-  wandb/         the W&B offline run (`wandb sync runs/<experiment>/<run_id>/wandb/offline-run-*`);
+  wandb/         the W&B offline run (`wandb sync runs/<experiment>/<run_id>/wandb/offline-run-*`) unless
+                 tracking.wandb_dir or WANDB_DIR puts W&B's files elsewhere;
                  one offline-run-* per attempt of a resumed run, synced in order into one W&B run
 
 A live run holds an exclusive lock (flock) on its directory; the kernel drops it when the process dies,

@@ -28,6 +28,7 @@ WANDB_FIELDS = {
     "tags": ("run_tags", "WANDB_TAGS"),
     "notes": ("run_notes", "WANDB_NOTES"),
     "name": ("run_name", "WANDB_NAME"),
+    "dir": ("root_dir", "WANDB_DIR"),
 }
 
 
@@ -127,6 +128,7 @@ def run_settings(spec, tags: list[str]) -> dict[str, Choice]:
         "notes": (tracking.notes, None),
         "name": (spec.name, spec.run_name),
         "tags": (spec.tags or None, []),
+        "dir": (tracking.wandb_dir, None),  # None: the run's own directory (WandbTracker)
     }
     chosen = {"mode": Choice(mode, why)}
     for field, (explicit, default) in fields.items():

@@ -52,6 +52,7 @@ class WandbTracker:
         tags: list[str],
         notes: str | None,
         config: dict[str, Any],
+        dir: str | None = None,
         resume: str = "never",
         system_metrics: bool = True,
         log: Callable[[str], None] = print,
@@ -63,8 +64,10 @@ class WandbTracker:
         self.say = log
         self.best_val_loss = float("inf")  # lowest val/loss so far: its checkpoint gets the `best` alias
         self._last_val: tuple[int, float] | None = None  # (step, val/loss) of the latest evaluation
+        # W&B's files next to the run record unless the spec or WANDB_DIR says otherwise (wandb_settings)
+        self.dir = Path(dir) if dir else Path(run_dir)
         self.run = wandb.init(
-            dir=str(run_dir),
+            dir=str(self.dir),
             mode=mode,
             project=project,
             entity=entity,
@@ -93,6 +96,10 @@ class WandbTracker:
         self.run.define_metric("*", step_metric="trainer/step")
         for metric, summary in SUMMARISED.items():
             self.run.define_metric(metric, step_metric="trainer/step", summary=summary)
+
+    def segments(self) -> list[Path]:
+        """This W&B run's offline logs (one per attempt) under the directory it writes to."""
+        return wandb_segments([self.dir], self.run_id)
 
     @property
     def offline_dir(self) -> str | None:
@@ -144,3 +151,10 @@ class WandbTracker:
         if self.url:
             self.say(f"W&B run {state}: {self.url}")
         wandb.teardown()  # stop wandb-core so the process exits promptly
+
+
+def wandb_segments(dirs: list[Path], run_id: str) -> list[Path]:
+    """The offline logs `<dir>/wandb/offline-run-<time>-<run_id>/run-<run_id>.wandb` of one W&B run, oldest
+    first (each attempt of a resumed run writes its own)."""
+    found = {p for d in dirs for p in Path(d).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")}
+    return sorted(found, key=lambda p: p.parent.name)

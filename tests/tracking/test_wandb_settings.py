@@ -18,7 +18,7 @@ def workdir(tmp_path, monkeypatch):
     """A working directory of its own (W&B reads `wandb/settings` there); no WANDB_MODE, an API key."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.delenv("WANDB_DIR")  # WANDB_DIR moves W&B's workspace settings file: keep it in the cwd
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # WANDB_DIR moves W&B's workspace settings file: keep it in the cwd
     monkeypatch.setenv("WANDB_API_KEY", KEY)
     return tmp_path
 
