@@ -125,6 +125,28 @@ def measure_throughput(spec: RunSpec, warmup: int = 2, repeats: int = 5) -> dict
     }
 
 
+def optimizer_step_s(spec: RunSpec, repeats: int = 5) -> float:
+    """Median wall time of one optimizer step (Muon + AdamW, as the trainer builds them) on the spec's model,
+    with random gradients: the step's share of a training step is what Muon's precision choice moves."""
+    from blueberry.train.optim import build_optimizers
+
+    built = build(spec, resolve_device(spec.train.device), spec.data.vocab_size, check_causal=False, peak=False)
+    optimizers = build_optimizers(built.model, built.spec.train)
+    generator = torch.Generator(device=built.device).manual_seed(0)
+    for p in built.model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 1e-3
+    times = []
+    for _ in range(repeats + 1):  # the first builds the optimizers' state
+        start = time.perf_counter()
+        for optimizer in optimizers:
+            optimizer.step()
+        if built.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def tracking_overhead(spec: RunSpec, steps: int, repeats: int = 3) -> dict:
     """Training time with the real trackers (run record + W&B offline) against no tracker, A/B interleaved.
 

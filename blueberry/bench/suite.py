@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from blueberry.bench.contention import POLICIES, measure_contention
-from blueberry.bench.measure import first_step_latency, measure_throughput, tracking_overhead
-from blueberry.hardware import detect
+from blueberry.bench.measure import first_step_latency, measure_throughput, optimizer_step_s, tracking_overhead
+from blueberry.hardware import detect, resolve_device
 from blueberry.models import registry
 from blueberry.overrides import load_spec
 from blueberry.perf import measure_gemm_ceiling, save_ceiling
@@ -224,6 +224,27 @@ def compute_ratios(results: dict) -> dict[str, float | None]:
     return out
 
 
+def optimizer_shares(cases: list[Case], results: dict, log=print) -> dict[str, float]:
+    """The optimizer step's share of a training step (one micro-batch per step, as the bench times it; the
+    study's grad_accum 4 divides it by about 4) for each shape's MoE and dense cases at their precision."""
+    from blueberry.train.muon import orthogonaliser_dtype
+
+    shares = {}
+    for case in cases:
+        parts = case.key.split("/")
+        if len(parts) != 3 or "error" in results.get(case.key, {"error": 1}):
+            continue
+        if (parts[0], parts[2]) not in (("q", "fp32"), ("s", "bf16")):
+            continue
+        spec = load_spec(case.spec_path, case.overrides)
+        seconds = optimizer_step_s(spec)
+        results[case.key]["optimizer_step_s"] = seconds
+        shares[f"optimizer step/step {case.key}"] = seconds / results[case.key]["step_s"]
+        dtype = orthogonaliser_dtype(resolve_device(spec.train.device))
+        log(f"optimizer step {case.key}: {seconds * 1e3:.0f} ms (Newton-Schulz in {dtype})")
+    return shares
+
+
 def report_build_time(quick: bool) -> dict:
     try:
         from blueberry.report.bench import build_time
@@ -290,7 +311,7 @@ def run_bench(quick: bool = False, out_dir: str | Path = "reports/bench", log=pr
     for policy in POLICIES:
         if "ratio" in contention[policy]:
             log(f"contention ({policy}): loaded/idle step time {contention[policy]['ratio']:.2f}")
-    ratios = compute_ratios(results)
+    ratios = {**compute_ratios(results), **optimizer_shares(build_cases(quick), results, log)}
     report = report_build_time(quick)
     outcome = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -88,3 +88,16 @@ def test_chunked_loss_memory_cases_at_the_reports_vocabulary():
     assert full["v/mlp/bf16"].group == full["v/mlp/bf16/full_logits"].group  # measured in alternating rounds
     results = {"v/mlp/bf16": {"peak_rss_mb": 1000.0}, "v/mlp/bf16/full_logits": {"peak_rss_mb": 2500.0}}
     assert compute_ratios(results) == {"peak memory full logits/chunked loss v/mlp/bf16": 2.5}
+
+
+def test_optimizer_share_is_measured_for_each_shapes_plain_cases():
+    from blueberry.bench.measure import optimizer_step_s
+    from blueberry.bench.suite import optimizer_shares
+
+    spec = load_spec(QUICKSTART, [*TINY, "--model.variant=moe"])
+    assert optimizer_step_s(spec, repeats=2) > 0
+    cases = [c for c in build_cases(quick=True) if c.key in ("q/moe/fp32", "q/moe/bf16", "q/moe/fp32/eager")]
+    results = {c.key: {"step_s": 1.0} for c in cases}
+    shares = optimizer_shares(cases, results, log=lambda _: None)
+    assert list(shares) == ["optimizer step/step q/moe/fp32"]  # the shape's precision only; no variants
+    assert 0 < shares["optimizer step/step q/moe/fp32"] == results["q/moe/fp32"]["optimizer_step_s"]
