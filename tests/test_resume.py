@@ -394,10 +394,3 @@ def test_wandb_dir_moves_wandb_files_and_the_resume_finds_them_there(tmp_path, m
     first, second = (read_wandb_log(s) for s in sorted((elsewhere / "wandb").glob(f"offline-run-*-{header['id']}")))
     assert {row["trainer/step"] for row in first.history} == {2, 4}
     assert {row["trainer/step"] for row in second.history} == {6}  # rows 2 and 4 were held: not logged again
-
-    spec_dir = tmp_path / "spec-dir"  # the spec's value wins over WANDB_DIR
-    done = invoke(*args, "--experiment=ft2", f"--tracking.wandb_dir={spec_dir}")
-    assert done.exit_code == 0, done.output
-    (run_dir,) = (tmp_path / "runs" / "ft2").iterdir()
-    assert json.loads((run_dir / "spec.json").read_text())["wandb"]["dir"]["source"] == "spec"
-    assert list((spec_dir / "wandb").glob("offline-run-*"))

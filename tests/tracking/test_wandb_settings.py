@@ -72,6 +72,7 @@ def test_run_values_follow_precedence_and_say_where_they_came_from(workdir, monk
     assert (chosen["group"].value, chosen["job_type"].value, chosen["entity"].value) == ("exp1", "train", None)
     assert (chosen["tags"].value, chosen["tags"].source) == (["moe", "mine"], "spec")
     assert chosen["name"].value == spec.run_name
+    assert (chosen["dir"].value, chosen["dir"].source) == (None, "default")  # None: the run's own directory
 
     wandb_cli_setting("project", "from-file")  # as `wandb init` writes it
     monkeypatch.setenv("WANDB_RUN_GROUP", "env-group")
@@ -92,6 +93,11 @@ def test_run_values_follow_precedence_and_say_where_they_came_from(workdir, monk
         {"experiment": "exp1", "tracking": {"project": "p", "group": "g", "job_type": "train", "wandb": "offline"}}
     )
     chosen = run_settings(explicit, tags=[])
+    spec_dir = RunSpec.model_validate({"tracking": {"wandb_dir": "w"}})
+    assert (run_settings(spec_dir, tags=[])["dir"].value, run_settings(spec_dir, tags=[])["dir"].source) == (
+        "w",
+        "spec",
+    )
     assert {k: chosen[k].value for k in ("project", "group", "job_type", "mode")} == {
         "project": "p",
         "group": "g",
@@ -100,6 +106,12 @@ def test_run_values_follow_precedence_and_say_where_they_came_from(workdir, monk
     }
     assert {chosen[k].source for k in ("project", "group", "job_type")} == {"spec"}
     assert chosen["mode"].source == "set by spec"
+
+    monkeypatch.setenv("WANDB_DIR", str(workdir / "elsewhere"))  # (it also moves W&B's workspace settings file)
+    chosen = run_settings(RunSpec(experiment="exp1"), tags=[])
+    assert (chosen["dir"].value, chosen["dir"].source) == (str(workdir / "elsewhere"), "WANDB_DIR")
+    chosen = run_settings(RunSpec.model_validate({"tracking": {"wandb_dir": "w"}}), tags=[])
+    assert (chosen["dir"].value, chosen["dir"].source) == ("w", "spec")
 
 
 def test_an_invalid_wandb_environment_variable_is_named(workdir, monkeypatch):
