@@ -40,9 +40,10 @@ lock: | $(UV)
 
 # The study in miniature: Experiment 1 (seven presets x 3 seeds) as the CPU twin, or on a CUDA GPU at the
 # study's shape, time-boxed; then the report, with mean ± sd and noise verdicts. `blueberry doctor` says which.
+QUICK_EXPERIMENT ?= $(shell $(BIN)/python -c "import torch; print('exp1-ablation-quick' if torch.cuda.is_available() else 'exp1-ablation-cpu')" 2>/dev/null)
 run: install
 	$(OFFLINE) $(BIN)/blueberry study --quick
-	$(OFFLINE) $(BIN)/blueberry report
+	$(OFFLINE) $(BIN)/blueberry report --show $(QUICK_EXPERIMENT)
 
 # The whole study (every experiment x 3 seeds; CPU twins on a CPU, ≤ 90 min on 2 cores), resumable: run it
 # again after Ctrl-C. Then the findings into docs/results/ and the README's timeline.

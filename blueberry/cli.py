@@ -190,13 +190,14 @@ def schema():
 )
 @click.option("--readme", metavar="FILE", help="Also write the timeline into FILE between its timeline markers.")
 @click.option("--publish", is_flag=True, help="Also build and save a W&B Report (needs the network).")
-def report(runs_root, source, entity, project, group, sweep, tags, out, gpu_prices, readme, publish):
+@click.option("--show", "show", multiple=True, metavar="EXPERIMENT", help="Also print this experiment's tables.")
+def report(runs_root, source, entity, project, group, sweep, tags, out, gpu_prices, readme, publish, show):
     """Rebuild the study's tables, plots, timeline and dashboard from recorded runs."""
     from blueberry.report.build import run_report
     from blueberry.report.records import ReportError
 
     try:
-        run_report(
+        built = run_report(
             source=source,
             runs_root=runs_root,
             entity=entity,
@@ -212,6 +213,10 @@ def report(runs_root, source, entity, project, group, sweep, tags, out, gpu_pric
         )
     except ReportError as exc:
         _fail(str(exc), exc.code)
+    for name in show:
+        section = built.sections.get(name)
+        text = section if section else f"(no runs of experiment {name!r})"
+        click.echo("\n".join(line for line in text.splitlines() if not line.startswith("![")))
 
 
 @main.command()

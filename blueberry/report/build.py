@@ -36,6 +36,7 @@ class BuildResult:
     states: Counter = field(default_factory=Counter)
     timeline: str = ""
     figures: dict = field(default_factory=dict)  # {"reused": n, "drawn": n} PNGs
+    sections: dict[str, str] = field(default_factory=dict)  # each experiment's markdown, by name
 
 
 def write_report_file(path: Path, text: str) -> None:
@@ -176,6 +177,7 @@ def report_markdown(
     source: str,
     jobs: list,
     study_records: list[dict] = (),
+    sections: dict | None = None,
 ) -> str:
     states = Counter(r.state for r in runs)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"
@@ -197,9 +199,11 @@ def report_markdown(
     lines += ["## How these runs were made\n", study_section(list(study_records), runs)]
     if claimed:
         lines += ["## The original report's claims, measured\n", claimed]
+    sections = {} if sections is None else sections
     for name in ordered:
         study, exp_runs = by_experiment[name]
-        lines.append(experiment_section(name, study, exp_runs, by_experiment, stage, jobs))
+        sections[name] = experiment_section(name, study, exp_runs, by_experiment, stage, jobs)
+        lines.append(sections[name])
     lines += ["## Timeline\n", timeline, "## Integrity\n", integrity]
     lines += ["## Runs\n", "Every run behind the tables, by id (its record is `runs/<experiment>/<id>/`).\n"]
     lines.append(runs_appendix(by_experiment))
@@ -239,13 +243,17 @@ def build_report(
     try:
         integrity = integrity_section(runs, prices, price_source)
         jobs: list[tuple[plots.Figure, Path]] = []
-        markdown = report_markdown(runs, stage, by_experiment, timeline, integrity, source, jobs, study_records)
+        sections: dict[str, str] = {}
+        markdown = report_markdown(
+            runs, stage, by_experiment, timeline, integrity, source, jobs, study_records, sections
+        )
         write_report_file(stage / "REPORT.md", markdown)
         figures = plots.render_all(jobs, plot_cache)
         write_report_file(stage / "TIMELINE.md", "# Timeline\n\n" + timeline)
         title = f"{len(runs)} runs from {source}"
         write_report_file(stage / "dashboard.html", dashboard.render(runs, title))
-        result = BuildResult(out, states=Counter(r.state for r in runs), timeline=timeline, figures=figures)
+        states = Counter(r.state for r in runs)
+        result = BuildResult(out, states=states, timeline=timeline, figures=figures, sections=sections)
         for path in sorted(p for p in stage.rglob("*") if p.is_file()):
             target = out / path.relative_to(stage)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -36,3 +36,18 @@ def test_report_says_how_the_runs_were_made_and_lists_every_run(tmp_path):
     appendix = text.split("## Runs\n")[1]
     assert all(f"`{run_id}`" in appendix for run_id in ids)
     assert "| exp1-ablation-cpu | moe | 2 | finished | 4.0000 |" in appendix
+
+
+def test_show_prints_an_experiments_tables_without_its_images(tmp_path):
+    from click.testing import CliRunner
+
+    from blueberry.cli import main
+
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        write_run(runs, "exp1-ablation-cpu", variant="mlp", seed=seed)
+    args = ["report", "--runs-root", str(runs), "--out", str(tmp_path / "out"), "--show", "exp1-ablation-cpu"]
+    result = CliRunner().invoke(main, [*args, "--show", "nope"])
+    assert result.exit_code == 0, result.output
+    assert "| 1 | mlp | 4.0000 ± 0.0000 |" in result.output and "![" not in result.output
+    assert "(no runs of experiment 'nope')" in result.output
