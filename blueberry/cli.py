@@ -54,6 +54,7 @@ def study(quick, only, parallel, runs_root, dry_run):
     Resumable: run it again and nothing finished runs twice."""
     import shlex
     import sys
+    from datetime import UTC, datetime
 
     import torch
 
@@ -79,6 +80,7 @@ def study(quick, only, parallel, runs_root, dry_run):
         click.echo(f"  {part.name}: {path} ({len(planned)} trials, sweep {sweep.sweep_id})", err=True)
     if dry_run:
         return
+    started = datetime.now(UTC)
     try:
         results = plan.run_study(loaded, runs_root, parallel, log=lambda m: click.echo(m, err=True))
     except SweepStateError as exc:
@@ -86,7 +88,7 @@ def study(quick, only, parallel, runs_root, dry_run):
     except KeyboardInterrupt:
         _fail("study interrupted; run the same command again to resume", 130)
     command = shlex.join(["blueberry", *sys.argv[1:]])
-    record = plan.write_record(results, runs_root, kind, command, parallel) if not quick else None
+    record = plan.write_record(results, runs_root, kind, command, parallel, started) if not quick else None
     for r in results:
         click.echo(f"{r.part.name}: {r.finished}/{r.planned} finished in {r.wall_s / 60:.1f} min")
         for line in r.failed:

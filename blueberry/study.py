@@ -150,22 +150,29 @@ def run_study(loaded, runs_root: str, parallel: int, log: Callable[[str], None])
     return results
 
 
-def write_record(results: list[PartResult], runs_root: str, kind: str, command: str, parallel: int) -> Path:
-    """<runs_root>/_study/<kind>.json: what ran, where and how long (wall time summed over invocations), for the
-    report's provenance section. Rewritten atomically after each invocation."""
+def write_record(
+    results: list[PartResult], runs_root: str, kind: str, command: str, parallel: int, started: datetime
+) -> Path:
+    """<runs_root>/_study/<kind>.json: what ran, where and how long (a part's wall time summed over the
+    invocations that ran the same sweep; a changed sweep file is a new sweep), for the report's provenance
+    section. `started`: when this invocation began. Rewritten atomically after each invocation."""
     from blueberry import hardware, provenance
     from blueberry.fileio import read_json, write_text_atomic
 
     path = Path(runs_root) / "_study" / f"{kind}.json"
     previous = read_json(path) or {}
-    walls = {p["name"]: p.get("wall_s", 0.0) for p in previous.get("parts", []) if isinstance(p, dict)}
+    walls = {
+        (p.get("name"), p.get("sweep_id")): p.get("wall_s", 0.0)
+        for p in previous.get("parts", [])
+        if isinstance(p, dict)
+    }
     record = {
         "command": command,
         "kind": kind,
         "parallel": parallel,
         "code": provenance.code_version(),
         "machine": hardware.detect().to_dict(),
-        "started": previous.get("started") or datetime.now(UTC).isoformat(timespec="seconds"),
+        "started": previous.get("started") or started.isoformat(timespec="seconds"),
         "ended": datetime.now(UTC).isoformat(timespec="seconds"),
         "parts": [
             {
@@ -175,7 +182,7 @@ def write_record(results: list[PartResult], runs_root: str, kind: str, command: 
                 "planned": r.planned,
                 "finished": r.finished,
                 "failed": r.failed,
-                "wall_s": round(walls.get(r.part.name, 0.0) + r.wall_s, 1),
+                "wall_s": round(walls.get((r.part.name, r.sweep_id), 0.0) + r.wall_s, 1),
             }
             for r in results
         ],

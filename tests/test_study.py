@@ -2,6 +2,7 @@
 
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "sweep"))
 from test_sweep_run import tiny_train, write_sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+STARTED = datetime(2026, 12, 2, 5, 34, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("kind", ["cpu", "cuda"])
@@ -80,7 +82,7 @@ def test_a_study_runs_its_parts_records_itself_and_resumes_without_rerunning(tmp
     lines = []
     results = study.run_study(study.load_parts(parts, "cpu"), runs_root, 2, log=lines.append)
     assert [(r.part.name, r.planned, r.finished, r.failed) for r in results] == [("one", 2, 2, []), ("two", 1, 1, [])]
-    record = json.loads(study.write_record(results, runs_root, "cpu", "blueberry study", 2).read_text())
+    record = json.loads(study.write_record(results, runs_root, "cpu", "blueberry study", 2, STARTED).read_text())
     assert [p["finished"] for p in record["parts"]] == [2, 1] and record["wall_s"] > 0
     assert record["machine"]["cpu"] and record["code"]["git_sha"]
 
@@ -89,5 +91,6 @@ def test_a_study_runs_its_parts_records_itself_and_resumes_without_rerunning(tmp
     resumed = [line for line in lines if line.startswith("study part one: ")][-1]
     assert resumed.endswith("(2 trials, 2 already finished)")
     assert len(list(Path(runs_root).glob("one-exp/*/status.json"))) == 2  # nothing ran twice
-    second = json.loads(study.write_record(again, runs_root, "cpu", "blueberry study", 2).read_text())
-    assert second["started"] == record["started"] and second["wall_s"] >= record["wall_s"]
+    second = json.loads(study.write_record(again, runs_root, "cpu", "blueberry study", 2, STARTED).read_text())
+    assert second["started"] == record["started"] == "2026-12-02T05:34:00+00:00"
+    assert second["wall_s"] >= record["wall_s"]  # the same sweeps: their wall times add up

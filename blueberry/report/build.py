@@ -140,14 +140,17 @@ def study_section(records: list[dict], runs: list[Run]) -> str:
         where = (
             ", ".join(g.get("name", "?") for g in gpus) or f"{cpu.get('model', '?')} ({cpu.get('cores', '?')} cores)"
         )
+        dirty = " (with local changes)" if code.get("git_dirty") else ""
         parts = record.get("parts") or []
         trials = sum(p.get("finished", 0) for p in parts if isinstance(p, dict))
         lines += [
             f"- `{record.get('command')}` on {record.get('kind')}: {where}, {record.get('parallel')} trial(s) at once",
-            f"  - commit `{code.get('git_sha')}`{' (with local changes)' if code.get('git_dirty') else ''}, "
-            f"{record.get('started')} → {record.get('ended')}",
+            f"  - last run from commit `{code.get('git_sha')}`{dirty}, finished {record.get('ended')}",
             f"  - {trials} trials finished in {len(parts)} parts; wall time {record.get('wall_s', 0) / 60:.1f} min",
         ]
+    created = sorted(str(r.header.get("created_at")) for r in runs if r.header.get("created_at"))
+    if created:
+        lines.append(f"- Runs started between {created[0]} and {created[-1]} (their records' `created_at`)")
     train_s = sum(r.metric("time/train_s") or 0.0 for r in runs)
     costs = [r.metric("cost/usd") for r in runs if r.metric("cost/usd") is not None]
     cost = f"${sum(costs):.2f} over {len(costs)} runs with a price" if costs else "no cost (no price for this device)"

@@ -75,24 +75,46 @@ def spread(groups: list[Group], _: dict) -> Verdict | None:
     return text, "not reproduced" if ratio < 2 else "reproduced"
 
 
+def _effects(by_variant: dict, pairs) -> list[tuple[str, float, float | None]]:
+    """(label, gap, noise) for each (better candidate, reference) preset pair present; gap > 0: candidate better."""
+    out = []
+    for candidate, reference in pairs:
+        if candidate in by_variant and reference in by_variant:
+            gap, noise = gap_vs_noise(by_variant[candidate].loss, by_variant[reference].loss)
+            out.append((f"{candidate} vs {reference}", gap, noise))
+    return out
+
+
 def attention(groups: list[Group], _: dict) -> Verdict | None:
-    """MLA against MHA with the same feed-forward, for every feed-forward the runs have both of."""
+    """MLA against MHA with the same feed-forward, then whether that is the largest effect: against the
+    feed-forward choices with the same attention (each MoE against the dense MLP)."""
     by_variant = _by(groups, "model.variant")
-    cells, wins = [], 0
-    for preset in registry.PRESETS.values():
-        twin = registry.preset_for("mha", preset.ffn)
-        if preset.attention != "mla" or twin is None or {preset.name, twin.name} - set(by_variant):
-            continue
-        mla, mha = by_variant[preset.name], by_variant[twin.name]
-        gap, noise = gap_vs_noise(mla.loss, mha.loss)  # > 0: MLA better
-        wins += noise is not None and gap > noise
-        sign = "better" if gap > 0 else "worse"
-        noise_text = f"noise {noise:.4f}" if noise is not None else "noise n/a"
-        cells.append(f"{preset.ffn}: MLA {sign} by {abs(gap):.4f} ({noise_text})")
-    if not cells:
+    presets = registry.PRESETS.values()
+    mla_pairs = [
+        (p.name, twin.name) for p in presets if p.attention == "mla" and (twin := registry.preset_for("mha", p.ffn))
+    ]
+    ffn_pairs = [
+        (p.name, dense.name)
+        for p in presets
+        if (dense := registry.preset_for(p.attention, "mlp")) is not None and p.name != dense.name
+    ]
+    mla, ffn = _effects(by_variant, mla_pairs), _effects(by_variant, ffn_pairs)
+    if not mla:
         return None
-    verdict = "holds" if wins == len(cells) else "partly" if wins else "not reproduced"
-    return "; ".join(cells), f"{verdict}: MLA better beyond the noise in {wins} of {len(cells)} pairs"
+    wins = sum(noise is not None and gap > noise for _, gap, noise in mla)
+    cells = [f"{label}: {gap:+.4f} (noise {'n/a' if noise is None else f'{noise:.4f}'})" for label, gap, noise in mla]
+    if all(noise is None for *_, noise in mla):
+        better = sum(gap > 0 for _, gap, _ in mla)
+        verdict = f"MLA better in {better} of {len(mla)} pairs; noise not estimable (1 seed)"
+    else:
+        verdict = "holds" if wins == len(mla) else "partly" if wins else "not reproduced"
+        verdict += f": MLA better beyond the noise in {wins} of {len(mla)} pairs"
+    largest_ffn = max(ffn, key=lambda e: e[1], default=None)
+    if largest_ffn is not None:
+        cells.append(f"largest feed-forward effect: {largest_ffn[0]} {largest_ffn[1]:+.4f}")
+        if largest_ffn[1] > max(gap for _, gap, _ in mla):
+            verdict += f", but not the largest effect ({largest_ffn[0]})"
+    return "; ".join(cells), verdict
 
 
 def lr_optimum(groups: list[Group], _: dict) -> Verdict | None:
@@ -130,7 +152,11 @@ def experts(groups: list[Group], _: dict) -> Verdict | None:
     if reported is None:
         return text, "4 experts top-2 not measured"
     if reported is best:
-        return text, "4 experts top-2 is the best measured"
+        gap, noise = gap_vs_noise(best.loss, ranked[1].loss)
+        close = noise is not None and gap <= noise
+        return text, "4 experts top-2 is the best measured" + (
+            f", within the noise of {name(ranked[1])}" if close else ""
+        )
     gap, noise = gap_vs_noise(best.loss, reported.loss)
     within = noise is not None and gap <= noise
     return text, "4 experts top-2 within the noise of the best" if within else f"not reproduced: {name(best)} is better"

@@ -31,8 +31,9 @@ def test_the_reports_own_numbers_reproduce_its_claims(tmp_path):
     assert ranking[4] == "**same order; 0 of 4 neighbouring gaps beyond the noise**"
     assert "worst/best 8.775×" in row(text, '"a dramatic')[3] and row(text, '"a dramatic')[4] == "**reproduced**"
     attention = row(text, '"DeepSeek attention')
-    assert "glm4_moe: MLA better by 0.0925 (noise n/a)" in attention[3]
-    assert "0 of 2 pairs" in attention[4]  # one seed: never called beyond the noise
+    assert "attention_moe vs moe: +0.0925 (noise n/a)" in attention[3]
+    assert attention[3].endswith("largest feed-forward effect: moe vs mlp +0.0410")
+    assert attention[4] == "**MLA better in 2 of 2 pairs; noise not estimable (1 seed)**"
     lr = row(text, '"3e-3 as the optimal')
     assert lr[3].startswith("best 0.003 (0.0153)") and lr[4] == "**3e-3 is the optimum; at the grid's edge**"
 
@@ -55,7 +56,8 @@ def test_seeded_runs_that_contradict_the_claims_are_called_so(tmp_path):
     assert "`exp1-ablation-cpu`: 128d, 2 layers, 100 steps of 16×128 tokens, 3 seeds" in text  # from the specs
     assert row(text, '"a dramatic')[4] == "**not reproduced**"
     attention = row(text, '"DeepSeek attention')
-    assert "mlp: MLA worse by 0.0900" in attention[3] and attention[4].startswith("**not reproduced")
+    assert "attention_mlp vs mlp: -0.0900" in attention[3] and attention[4].startswith("**not reproduced")
+    assert attention[4].endswith("but not the largest effect (moe vs mlp)**")
     lr = row(text, '"3e-3 optimal for both')
     assert "best 0.03 (5.6000)" in lr[3]
     assert lr[4] == "**not reproduced: 3e-3 is worse beyond the noise; the optimum is at the grid's edge**"

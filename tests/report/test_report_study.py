@@ -30,7 +30,8 @@ def test_report_says_how_the_runs_were_made_and_lists_every_run(tmp_path):
     text = (tmp_path / "out" / "REPORT.md").read_text()
     made = text.split("## How these runs were made\n")[1].split("\n## ")[0]
     assert "`blueberry study` on cpu: Test CPU (2 cores), 2 trial(s) at once" in made
-    assert "commit `abc123`, 2026-12-02T05:34:00+00:00 → 2026-12-02T06:40:00+00:00" in made
+    assert "last run from commit `abc123`, finished 2026-12-02T06:40:00+00:00" in made
+    assert "- Runs started between 2025-09-25T12:00:00+0000 and 2025-09-25T12:00:00+0000" in made
     assert "4 trials finished in 1 parts; wall time 5.0 min" in made
     assert "All 4 runs: 8.0 min of training (summed over runs), no cost" in made
     appendix = text.split("## Runs\n")[1]
