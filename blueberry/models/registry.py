@@ -143,6 +143,9 @@ PRESETS = {
     )
 }
 DEFAULT_PRESET = "baseline"
+# The Blueberry report's five variants, in the order its Experiment 1 table ranked them (best first): what
+# the report's claims table checks against (blueberry/report/claims.py).
+REPORT_RANKING = ("attention_moe", "attention_mlp", "moe", "baseline", "mlp")
 
 
 def preset_for(attention: str, ffn: str) -> Preset | None:

@@ -44,12 +44,9 @@ def _beyond(better: Group, worse: Group) -> str:
     return f"gap {gap:.4f} {'>' if gap > noise else '≤'} noise {noise:.4f}"
 
 
-REPORTED_ORDER = ["attention_moe", "attention_mlp", "moe", "baseline", "mlp"]
-
-
 def ranking(groups: list[Group], _: dict) -> Verdict | None:
     by_variant = _by(groups, "model.variant")
-    present = [v for v in REPORTED_ORDER if v in by_variant]
+    present = [v for v in registry.REPORT_RANKING if v in by_variant]
     if len(present) < 2:
         return None
     measured = sorted(present, key=lambda v: by_variant[v].loss.mean)
@@ -63,7 +60,7 @@ def ranking(groups: list[Group], _: dict) -> Verdict | None:
 
 
 def spread(groups: list[Group], _: dict) -> Verdict | None:
-    done = [g for g in groups if g.ok and g.get("model.variant") in REPORTED_ORDER]
+    done = [g for g in groups if g.ok and g.get("model.variant") in registry.REPORT_RANKING]
     if len(done) < 2:
         return None
     best, worst = rank(done)[0], rank(done)[-1]

@@ -86,3 +86,34 @@ def test_system_metrics_can_be_turned_off(tmp_path):
     tracker = offline_tracker(allocate_run_dir(tmp_path, "exp", "r1"), system_metrics=False)
     assert tracker.run.settings.x_disable_stats is True
     tracker.finish("finished")
+
+
+def test_online_prints_the_run_and_sweep_urls_after_init_and_at_the_end(tmp_path, monkeypatch):
+    """No network here: wandb.init is replaced by a run that has W&B's URLs, to see what the user is shown."""
+    import wandb
+
+    class OnlineRun:
+        url = "https://wandb.ai/team/blueberry/runs/abc"
+        sweep_url = "https://wandb.ai/team/blueberry/sweeps/s1"
+        dir = str(tmp_path / "wandb" / "run-abc" / "files")
+        summary: dict = {}
+
+        def define_metric(self, *args, **kwargs):
+            pass
+
+        def finish(self, exit_code):
+            self.exit_code = exit_code
+
+    seen, run = [], OnlineRun()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.append(kwargs) or run)
+    monkeypatch.setattr(wandb, "teardown", lambda: None)
+    said = []
+    tracker = offline_tracker(tmp_path, mode="online", log=said.append)
+    tracker.finish("finished")
+    assert seen[0]["mode"] == "online" and seen[0]["settings"].quiet and not seen[0]["settings"].silent
+    assert said == [
+        "W&B run: https://wandb.ai/team/blueberry/runs/abc",
+        "W&B sweep: https://wandb.ai/team/blueberry/sweeps/s1",
+        "W&B run finished: https://wandb.ai/team/blueberry/runs/abc",
+    ]
+    assert run.exit_code == 0
