@@ -124,6 +124,17 @@ def invoke(*args):
     return result
 
 
+def interrupted(tmp_path, monkeypatch, steps: int, at: int) -> tuple[list[str], Path]:
+    """The arguments of a tiny run `ft` (eval at its end) and its run directory after a SIGINT at step `at`."""
+    args = [*TINY, f"--train.steps={steps}", "--train.log_every=2", f"--train.eval_every={steps}", "--experiment=ft"]
+    args += [f"--tracking.runs_root={tmp_path / 'runs'}"]
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, step=at)
+        assert invoke(*args).exit_code == 130
+    (run_dir,) = (tmp_path / "runs" / "ft").iterdir()
+    return args, run_dir
+
+
 # The quickstart as it is, and the DeepSeek-V3 block balancing by routing-bias updates: the biases are buffers
 # in the checkpoint, so the resumed run routes (and logs each expert's load) exactly as the clean one.
 BIAS_UPDATE = ["--model.variant=deepseek_v3", "--model.balance=bias_update", "--model.bias_update_rate=0.01"]
@@ -340,12 +351,7 @@ def test_a_corrupt_latest_checkpoint_is_skipped_kept_aside_and_the_resume_still_
     + [("spec.json", '{"resumes": 3}'), ("status.json", '{"state": "running", "started_at": "noon"}')],
 )
 def test_an_unreadable_earlier_attempt_is_left_alone_and_named(tmp_path, monkeypatch, file, text):
-    args = [*TINY, "--train.steps=4", "--train.log_every=2", "--train.eval_every=4", "--experiment=ft"]
-    args += [f"--tracking.runs_root={tmp_path / 'runs'}"]
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, step=2)
-        assert invoke(*args).exit_code == 130
-    (crashed,) = (tmp_path / "runs" / "ft").iterdir()
+    args, crashed = interrupted(tmp_path, monkeypatch, steps=4, at=2)
     (crashed / file).write_text(text)
     # W&B's service appends to its own debug logs (*.log) whenever it shuts down: those are not the record
     record = lambda: {p: p.read_bytes() for p in crashed.rglob("*") if p.is_file() and p.suffix != ".log"}  # noqa: E731
@@ -358,12 +364,7 @@ def test_an_unreadable_earlier_attempt_is_left_alone_and_named(tmp_path, monkeyp
 
 
 def test_an_unreadable_wandb_segment_does_not_stop_the_resume(tmp_path, monkeypatch):
-    args = [*TINY, "--train.steps=6", "--train.log_every=2", "--train.eval_every=6", "--experiment=ft"]
-    args += [f"--tracking.runs_root={tmp_path / 'runs'}"]
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, step=4)
-        assert invoke(*args).exit_code == 130
-    (run_dir,) = (tmp_path / "runs" / "ft").iterdir()
+    args, run_dir = interrupted(tmp_path, monkeypatch, steps=6, at=4)
     (segment,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     segment.write_bytes(b"{not a W&B log")
     result = invoke(*args)
@@ -379,12 +380,7 @@ def test_wandb_dir_moves_wandb_files_and_the_resume_finds_them_there(tmp_path, m
     Under WANDB_DIR the resumed attempt finds the first attempt's log there and re-logs nothing it holds."""
     elsewhere = tmp_path / "wandb-files"
     monkeypatch.setenv("WANDB_DIR", str(elsewhere))
-    args = [*TINY, "--train.steps=6", "--train.log_every=2", "--train.eval_every=6", "--experiment=ft"]
-    args += [f"--tracking.runs_root={tmp_path / 'runs'}"]
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, step=4)
-        assert invoke(*args).exit_code == 130
-    (run_dir,) = (tmp_path / "runs" / "ft").iterdir()
+    args, run_dir = interrupted(tmp_path, monkeypatch, steps=6, at=4)
     header = json.loads((run_dir / "spec.json").read_text())["wandb"]
     assert header["dir"] == {"value": str(elsewhere), "source": "WANDB_DIR"}
     assert not (run_dir / "wandb").exists()
