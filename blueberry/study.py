@@ -161,10 +161,11 @@ def write_record(
 
     path = Path(runs_root) / "_study" / f"{kind}.json"
     previous = read_json(path) or {}
+    found = previous.get("parts") if isinstance(previous.get("parts"), list) else []  # a record is read as found
     walls = {
-        (p.get("name"), p.get("sweep_id")): p.get("wall_s", 0.0)
-        for p in previous.get("parts", [])
-        if isinstance(p, dict)
+        (p.get("name"), p.get("sweep_id")): p["wall_s"]
+        for p in found
+        if isinstance(p, dict) and isinstance(p.get("wall_s"), (int, float))
     }
     record = {
         "command": command,
@@ -172,7 +173,9 @@ def write_record(
         "parallel": parallel,
         "code": provenance.code_version(),
         "machine": hardware.detect().to_dict(),
-        "started": previous.get("started") or started.isoformat(timespec="seconds"),
+        "started": first
+        if isinstance(first := previous.get("started"), str)
+        else started.isoformat(timespec="seconds"),
         "ended": datetime.now(UTC).isoformat(timespec="seconds"),
         "parts": [
             {

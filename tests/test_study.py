@@ -94,3 +94,11 @@ def test_a_study_runs_its_parts_records_itself_and_resumes_without_rerunning(tmp
     second = json.loads(study.write_record(again, runs_root, "cpu", "blueberry study", 2, STARTED).read_text())
     assert second["started"] == record["started"] == "2026-12-02T05:34:00+00:00"
     assert second["wall_s"] >= record["wall_s"]  # the same sweeps: their wall times add up
+
+
+def test_a_study_record_of_the_wrong_shape_is_rewritten_not_a_crash(tmp_path):
+    (tmp_path / "_study").mkdir()
+    (tmp_path / "_study" / "cpu.json").write_text('{"parts": 7, "started": 3}')
+    part = study.PartResult(study.PARTS[0], "sweeps/cpu/ablation.yaml", "s1", 21, 21, [], 60.0)
+    record = json.loads(study.write_record([part], str(tmp_path), "cpu", "blueberry study", 2, STARTED).read_text())
+    assert record["started"] == "2026-12-02T05:34:00+00:00" and record["wall_s"] == 60.0

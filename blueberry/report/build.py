@@ -130,23 +130,30 @@ def experiment_section(experiment: str, study: Study, runs: list[Run], all_runs:
     return "\n".join(p for p in parts if p)
 
 
+def _of(value, kind: type, default):
+    """`value` if it is a `kind`, else `default`: a study record is read as found, never trusted."""
+    return value if isinstance(value, kind) and not isinstance(value, bool) else default
+
+
 def study_section(records: list[dict], runs: list[Run]) -> str:
     """How the runs were made: each `blueberry study` record (command, commit, machine, wall time) and the
-    runs' summed training time and cost."""
+    runs' summed training time and cost. A record field of the wrong type shows as "?"."""
     lines = []
     for record in records:
-        code, machine = record.get("code") or {}, record.get("machine") or {}
-        cpu, gpus = machine.get("cpu") or {}, machine.get("gpus") or []
-        where = (
-            ", ".join(g.get("name", "?") for g in gpus) or f"{cpu.get('model', '?')} ({cpu.get('cores', '?')} cores)"
-        )
-        dirty = " (with local changes)" if code.get("git_dirty") else ""
-        parts = record.get("parts") or []
-        trials = sum(p.get("finished", 0) for p in parts if isinstance(p, dict))
+        code, machine = _of(record.get("code"), dict, {}), _of(record.get("machine"), dict, {})
+        cpu = _of(machine.get("cpu"), dict, {})
+        gpus = [g for g in _of(machine.get("gpus"), list, []) if isinstance(g, dict)]
+        where = ", ".join(str(g.get("name", "?")) for g in gpus)
+        where = where or f"{cpu.get('model', '?')} ({cpu.get('cores', '?')} cores)"
+        dirty = " (with local changes)" if code.get("git_dirty") is True else ""
+        parts = [p for p in _of(record.get("parts"), list, []) if isinstance(p, dict)]
+        trials = sum(_of(p.get("finished"), int, 0) for p in parts)
+        wall = _of(record.get("wall_s"), (int, float), None)
+        wall_text = "?" if wall is None else f"{wall / 60:.1f} min"
         lines += [
             f"- `{record.get('command')}` on {record.get('kind')}: {where}, {record.get('parallel')} trial(s) at once",
             f"  - last run from commit `{code.get('git_sha')}`{dirty}, finished {record.get('ended')}",
-            f"  - {trials} trials finished in {len(parts)} parts; wall time {record.get('wall_s', 0) / 60:.1f} min",
+            f"  - {trials} trials finished in {len(parts)} parts; wall time {wall_text}",
         ]
     created = sorted(str(r.header.get("created_at")) for r in runs if r.header.get("created_at"))
     if created:

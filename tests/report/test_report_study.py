@@ -52,3 +52,17 @@ def test_show_prints_an_experiments_tables_without_its_images(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| 1 | mlp | 4.0000 ± 0.0000 |" in result.output and "![" not in result.output
     assert "(no runs of experiment 'nope')" in result.output
+
+
+def test_a_study_record_of_the_wrong_shape_is_shown_as_found_not_a_crash(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "exp1-ablation-cpu", variant="mlp")
+    (runs / "_study").mkdir()
+    bad = {"command": "blueberry study", "code": "abc", "machine": {"cpu": [1], "gpus": "none"}}
+    (runs / "_study" / "cpu.json").write_text(json.dumps({**bad, "parts": [3, {"finished": "2"}], "wall_s": "long"}))
+    (runs / "_study" / "cuda.json").write_text("[1, 2]")  # valid JSON, not a record: left out
+    run_report(runs_root=runs, out=tmp_path / "out", log=lambda _: None)
+    made = (tmp_path / "out" / "REPORT.md").read_text().split("## How these runs were made\n")[1].split("\n## ")[0]
+    assert "`blueberry study` on None: ? (? cores), None trial(s) at once" in made
+    assert "0 trials finished in 1 parts; wall time ?" in made
+    assert made.count("- `blueberry study`") == 1
