@@ -308,6 +308,7 @@ class TrackingSpec(_Strict):
     runs_root: str = Field("runs", description="Directory holding the local run records.")
     wandb_dir: str | None = Field(
         None,
+        min_length=1,
         max_length=4096,
         description="Where W&B writes its files (wandb.init's dir: <dir>/wandb/offline-run-*); default WANDB_DIR, "
         "else the run's own directory, runs/<experiment>/<run_id>/.",

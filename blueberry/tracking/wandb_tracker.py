@@ -97,10 +97,6 @@ class WandbTracker:
         for metric, summary in SUMMARISED.items():
             self.run.define_metric(metric, step_metric="trainer/step", summary=summary)
 
-    def segments(self) -> list[Path]:
-        """This W&B run's offline logs (one per attempt) under the directory it writes to."""
-        return wandb_segments([self.dir], self.run_id)
-
     @property
     def offline_dir(self) -> str | None:
         return None if self.mode == "disabled" else str(Path(self.run.dir).parent)
