@@ -14,6 +14,11 @@ import click
 
 from blueberry.overrides import SpecError, load_spec
 from blueberry.spec import RunSpec
+from blueberry.threads import limit_openmp_spinning
+
+# Before anything imports torch (the commands import it lazily): OpenMP reads its spin count when torch loads it.
+# Sweep trials and torchrun's workers are `blueberry` processes too, and inherit it.
+limit_openmp_spinning()
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": ["-h", "--help"]}
 

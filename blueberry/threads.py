@@ -1,12 +1,19 @@
-"""How many CPU threads a run uses, chosen from the cores other processes leave free.
+"""How many CPU threads a run uses, chosen from the cores other processes leave free, and how long they spin.
 
 torch defaults to one OpenMP thread per core, and OpenMP's waiting threads spin. On a shared machine that
 collapses: when another process keeps a core busy, every parallel region waits at its barrier for the thread
-that lost its core while the others burn their time slices spinning. Measured on the 2-core dev machine with
-four busy processes (quickstart model, tiny shape): 1.47 s per step with two threads, 0.11 s with one.
-Sleeping waiters (OMP_WAIT_POLICY=PASSIVE) avoid the collapse too (0.036 s), but cost 2.4x (tiny shape) and
-1.3x (quickstart) on the idle machine, so the fix here is the thread count. `make bench` measures it (its
-contention rows).
+that lost its core while the others burn their time slices spinning. Two remedies, both measured by
+`make bench` (its contention rows) on the 2-core dev machine with four busy-loop processes, quickstart model:
+
+- threads from the cores free when the run starts (`choose_threads`): one thread under that load;
+- a short spin before a waiting thread sleeps (`limit_openmp_spinning`): GNU OpenMP spins 300,000 times by
+  default; after 3,000 the idle step time is unchanged (0.230 s against 0.22-0.24 s) and two threads under the
+  load take 0.93 s a step, as one thread does (0.86-0.95 s), instead of 2.7-5 s. It is what keeps a run that
+  started on an idle machine from collapsing when the load arrives later. OMP_WAIT_POLICY=PASSIVE (no spin at
+  all) costs 1.3x on the idle machine.
+
+Under that load no choice does better than about 4x the idle step: four busy processes and ours share two cores
+fairly, which leaves a one-thread run 0.4 of a core against the ~1.6 cores' worth two threads give when idle.
 
 Leaf module: standard library only.
 """
@@ -17,6 +24,19 @@ import os
 import time
 
 SAMPLE_S = 0.25  # long enough to see a busy neighbour, short next to any run
+OPENMP_SPIN_COUNT = "3000"  # GNU OpenMP's GOMP_SPINCOUNT; its default is 300,000 (see above)
+
+
+def limit_openmp_spinning(environ: dict | None = None) -> bool:
+    """Set GOMP_SPINCOUNT for this process and its children unless the user chose OpenMP's waiting.
+
+    GNU OpenMP reads it once, when torch loads it: call this before `import torch`. Returns whether it set it.
+    """
+    environ = os.environ if environ is None else environ
+    if "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ:
+        return False
+    environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
+    return True
 
 
 def usable_cores() -> int:

@@ -384,6 +384,7 @@ def test_wandb_dir_moves_wandb_files_and_the_resume_finds_them_there(tmp_path, m
     header = json.loads((run_dir / "spec.json").read_text())["wandb"]
     assert header["dir"] == {"value": str(elsewhere), "source": "WANDB_DIR"}
     assert not (run_dir / "wandb").exists()
+    time.sleep(1.1)  # W&B names a segment's folder by its start second: the resume must start in a later one
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert f"wandb sync {elsewhere}/wandb/offline-run-*-{header['id']}" in result.output

@@ -1,6 +1,9 @@
-"""Thread choice: the spec, then OMP_NUM_THREADS, then the cores other processes leave free."""
+"""Thread choice: the spec, then OMP_NUM_THREADS, then the cores other processes leave free; OpenMP's spin."""
 
 import multiprocessing
+import os
+import subprocess
+import sys
 import time
 
 from blueberry import threads
@@ -37,3 +40,18 @@ def test_a_busy_neighbour_is_seen_and_our_own_work_is_not():
         spinner.terminate()
         spinner.join()
     assert busy is not None and busy >= 0.5  # one process spinning on one core
+
+
+def test_openmp_spins_briefly_unless_the_user_chose_its_waiting():
+    environ = {}
+    assert threads.limit_openmp_spinning(environ) and environ == {"GOMP_SPINCOUNT": threads.OPENMP_SPIN_COUNT}
+    for mine in ({"GOMP_SPINCOUNT": "infinite"}, {"OMP_WAIT_POLICY": "active"}):
+        environ = dict(mine)
+        assert not threads.limit_openmp_spinning(environ) and environ == mine
+
+
+def test_the_cli_sets_the_spin_count_before_torch_is_loaded():
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, sys, blueberry.cli; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.split() == [threads.OPENMP_SPIN_COUNT, "False"], done.stderr

@@ -1,10 +1,11 @@
 """Step time under a controlled background load (called by `make bench`): no collapse when the cores are shared.
 
 A fixed workload (the quickstart model's training step on synthetic tokens, through the real trainer) runs in a
-fresh process, once on the idle machine and once while 2 × cores busy-loop processes compete for the cores, for
-torch's default (a thread per core) and for Blueberry's choice (`blueberry.threads`: threads from the cores
-other processes leave free). The ratio
-loaded ÷ idle is what a sweep trial feels on a shared machine.
+fresh process for torch's default (a thread per core, OpenMP's default spinning) and for Blueberry's choice
+(`blueberry.threads`: threads from the cores other processes leave free, a short spin), three times: on the
+idle machine, with 2 × cores busy-loop processes started before it, and with the same load arriving after it
+started (its threads already chosen on the idle machine). The ratios loaded ÷ idle are what a sweep trial feels
+on a shared machine.
 """
 
 from __future__ import annotations
@@ -19,6 +20,28 @@ import time
 from blueberry.threads import usable_cores
 
 POLICIES = ("torch default", "blueberry")
+SETTLE_S = 1.0  # let the load reach the scheduler (and the sampler) before the timed steps
+
+WORKER = """
+import json, sys
+policy, steps, path, overrides, load_arrives_later = json.loads(sys.argv[1])
+if policy == "blueberry":
+    from blueberry.threads import limit_openmp_spinning
+    limit_openmp_spinning()  # before torch loads OpenMP, as the CLI does
+import torch
+from blueberry.bench.measure import measure_throughput
+from blueberry.overrides import load_spec
+from blueberry.threads import choose_threads
+if policy == "blueberry":
+    torch.set_num_threads(choose_threads()[0])
+spec = load_spec(path, overrides)
+if load_arrives_later:
+    measure_throughput(spec, warmup=1, repeats=1)  # OpenMP's threads start on the idle machine
+    print("ready", flush=True)
+    sys.stdin.readline()  # the load is on
+r = measure_throughput(spec, warmup=2, repeats=steps)
+print(json.dumps({"step_s": r["step_s"], "threads": torch.get_num_threads()}))
+"""
 
 
 def _spin(stop_at: float) -> None:
@@ -26,53 +49,78 @@ def _spin(stop_at: float) -> None:
         pass
 
 
-def _worker(policy: str, steps: int, spec_path: str, overrides: list[str]) -> dict:
+class _Load:
+    """`n` busy-loop processes while the block runs."""
+
+    def __init__(self, n: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.spinners = [ctx.Process(target=_spin, args=(time.time() + 900,)) for _ in range(n)]
+
+    def __enter__(self):
+        for p in self.spinners:
+            p.start()
+        time.sleep(SETTLE_S)
+
+    def __exit__(self, *exc):
+        for p in self.spinners:
+            p.terminate()
+        for p in self.spinners:
+            p.join()
+
+
+def _worker(policy: str, steps: int, spec_path: str, overrides: list[str], load: int = 0, later: bool = False):
     """One measurement in a fresh process (threads and OpenMP's waiting are fixed when torch starts)."""
-    code = (
-        "import json, sys, torch\n"
-        "from blueberry.bench.measure import measure_throughput\n"
-        "from blueberry.overrides import load_spec\n"
-        "from blueberry.threads import choose_threads\n"
-        "policy, steps, path, overrides = json.loads(sys.argv[1])\n"
-        "if policy == 'blueberry':\n"
-        "    torch.set_num_threads(choose_threads()[0])\n"
-        "r = measure_throughput(load_spec(path, overrides), warmup=2, repeats=steps)\n"
-        "print(json.dumps({'step_s': r['step_s'], 'threads': torch.get_num_threads()}))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    args = json.dumps([policy, steps, spec_path, overrides])
-    out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, timeout=900)
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")  # each policy sets its own
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    args = [sys.executable, "-c", WORKER, json.dumps([policy, steps, spec_path, overrides, later])]
+    try:
+        if not later:
+            if load:
+                with _Load(load):
+                    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+            else:
+                out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+            stdout, stderr, code = out.stdout, out.stderr, out.returncode
+        else:
+            proc = subprocess.Popen(
+                args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+            ready = proc.stdout.readline()
+            if ready.strip() != "ready":
+                stdout, stderr = proc.communicate(timeout=60)
+                code = proc.returncode or 1
+            else:
+                with _Load(load):
+                    stdout, stderr = proc.communicate("\n", timeout=900)
+                code = proc.returncode
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    if code != 0:
+        return {"error": (stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def measure_contention(spec_path: str, overrides: list[str], steps: int = 5, load_factor: int = 2) -> dict:
-    """{policy: {"idle_s", "loaded_s", "ratio", "threads_idle", "threads_loaded"}}, plus the load used."""
+    """{policy: {"idle_s", "loaded_s", "ratio", "later_s", "later_ratio", "threads_*"}}, plus the load used."""
     cores = usable_cores()
-    out: dict = {"load_processes": load_factor * cores, "cores": cores}
+    load = load_factor * cores
+    out: dict = {"load_processes": load, "cores": cores}
     for policy in POLICIES:
         idle = _worker(policy, steps, spec_path, overrides)
-        ctx = multiprocessing.get_context("spawn")
-        spinners = [ctx.Process(target=_spin, args=(time.time() + 900,)) for _ in range(load_factor * cores)]
-        for p in spinners:
-            p.start()
-        try:
-            time.sleep(1.0)  # let the load reach the scheduler (and the sampler) before the worker starts
-            loaded = _worker(policy, steps, spec_path, overrides)
-        finally:
-            for p in spinners:
-                p.terminate()
-            for p in spinners:
-                p.join()
-        if "error" in idle or "error" in loaded:
-            out[policy] = {"error": idle.get("error") or loaded.get("error")}
+        loaded = _worker(policy, steps, spec_path, overrides, load=load)
+        later = _worker(policy, steps, spec_path, overrides, load=load, later=True)
+        failed = [r["error"] for r in (idle, loaded, later) if "error" in r]
+        if failed:
+            out[policy] = {"error": failed[0]}
             continue
         out[policy] = {
             "idle_s": idle["step_s"],
             "loaded_s": loaded["step_s"],
             "ratio": loaded["step_s"] / idle["step_s"],
+            "later_s": later["step_s"],
+            "later_ratio": later["step_s"] / idle["step_s"],
             "threads_idle": idle["threads"],
             "threads_loaded": loaded["threads"],
+            "threads_later": later["threads"],
         }
     return out

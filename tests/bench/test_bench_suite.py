@@ -75,9 +75,21 @@ def test_cases_ratios_targets_and_table():
         "first_step_latency": latency,
         "report_build": {"error": "report not available"},
         "targets": targets,
+        "contention": {
+            "load_processes": 4,
+            "cores": 2,
+            "torch default": {"error": "timed out"},
+            "blueberry": {
+                **{"idle_s": 0.2, "loaded_s": 0.9, "ratio": 4.5, "later_s": 1.1, "later_ratio": 5.5},
+                **{"threads_idle": 2, "threads_loaded": 1, "threads_later": 2},
+            },
+        },
     }
     table = format_table(outcome)
     assert "| 512d | x | bf16 | 2000 |" in table and "failed: RuntimeError: no" in table
+    assert "| step time at load 4 on 2 cores ÷ idle, torch default | failed: timed out |" in table
+    assert "| 4.50 (0.200 s → 0.900 s; threads 2 idle, 1 loaded) |" in table
+    assert "load arriving after the start, ÷ idle, blueberry | 5.50 (1.100 s; threads 2) |" in table
     assert "| 30.0% | no |" in table and "report not available" in table
 
 
