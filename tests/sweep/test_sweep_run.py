@@ -19,7 +19,7 @@ BLUEBERRY = str(Path(sys.executable).parent / "blueberry")
 
 def write_sweep(tmp_path, parameters, name="tiny"):
     data = parameters.setdefault("data", {"parameters": {}})["parameters"]
-    data.setdefault("max_tokens", {"value": 60_000})  # a 7K-token val set: these tests are about the sweep, not the model
+    data.setdefault("max_tokens", {"value": 60_000})  # a 7K-token val set: these tests are about the sweep
     config = {
         "name": name,
         "method": "grid",
