@@ -10,12 +10,14 @@ on a shared machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import subprocess
 import sys
 import time
+from subprocess import PIPE
 
 from blueberry.threads import usable_cores
 
@@ -73,28 +75,20 @@ def _worker(policy: str, steps: int, spec_path: str, overrides: list[str], load:
     drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")  # each policy sets its own
     env = {k: v for k, v in os.environ.items() if k not in drop}
     args = [sys.executable, "-c", WORKER, json.dumps([policy, steps, spec_path, overrides, later])]
-    try:
-        if not later:
-            if load:
-                with _Load(load):
-                    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
-            else:
-                out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
-            stdout, stderr, code = out.stdout, out.stderr, out.returncode
-        else:
-            proc = subprocess.Popen(
-                args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-            )
-            ready = proc.stdout.readline()
-            if ready.strip() != "ready":
-                stdout, stderr = proc.communicate(timeout=60)
-                code = proc.returncode or 1
-            else:
+    load_first = _Load(load) if load and not later else contextlib.nullcontext()
+    with load_first:
+        proc = subprocess.Popen(args, stdin=PIPE, stdout=PIPE, stderr=PIPE, text=True, env=env)
+        try:
+            if later and proc.stdout.readline().strip() == "ready":
                 with _Load(load):
                     stdout, stderr = proc.communicate("\n", timeout=900)
-                code = proc.returncode
-    except subprocess.TimeoutExpired:
-        return {"error": "timed out"}
+            else:  # no load arriving later, or the worker failed before it was ready
+                stdout, stderr = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return {"error": "timed out"}
+    code = proc.returncode
     if code != 0:
         return {"error": (stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(stdout.strip().splitlines()[-1])

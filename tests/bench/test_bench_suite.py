@@ -113,3 +113,10 @@ def test_optimizer_share_is_measured_for_each_shapes_plain_cases():
     shares = optimizer_shares(cases, results, log=lambda _: None)
     assert list(shares) == ["optimizer step/step q/moe/fp32"]  # the shape's precision only; no variants
     assert 0 < shares["optimizer step/step q/moe/fp32"] == results["q/moe/fp32"]["optimizer_step_s"]
+
+
+def test_contention_worker_waits_for_the_load_arriving_later():
+    from blueberry.bench.contention import _worker
+
+    later = _worker("blueberry", 1, QUICKSTART, TINY, load=0, later=True)  # warms up, says ready, measures after "go"
+    assert later["step_s"] > 0 and later["threads"] >= 1
