@@ -167,15 +167,14 @@ def write_record(
         for p in found
         if isinstance(p, dict) and isinstance(p.get("wall_s"), (int, float))
     }
+    first = previous.get("started")  # the first invocation's start, if an earlier record kept it readable
     record = {
         "command": command,
         "kind": kind,
         "parallel": parallel,
         "code": provenance.code_version(),
         "machine": hardware.detect().to_dict(),
-        "started": first
-        if isinstance(first := previous.get("started"), str)
-        else started.isoformat(timespec="seconds"),
+        "started": first if isinstance(first, str) else started.isoformat(timespec="seconds"),
         "ended": datetime.now(UTC).isoformat(timespec="seconds"),
         "parts": [
             {

@@ -88,8 +88,7 @@ def _worker(policy: str, steps: int, spec_path: str, overrides: list[str], load:
             proc.kill()
             proc.communicate()
             return {"error": "timed out"}
-    code = proc.returncode
-    if code != 0:
+    if proc.returncode != 0:
         return {"error": (stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(stdout.strip().splitlines()[-1])
 
