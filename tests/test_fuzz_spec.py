@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
@@ -77,6 +77,9 @@ def run_cli(tmp: Path, *args: str):
     assert "Traceback" not in result.output
     if isinstance(result.exception, Reached):
         code = "valid"
+    elif result.exit_code == 0 and {"-h", "--help"} & set(args):  # click's help flag, wherever it stands
+        assert result.output.startswith("Usage: "), result.output
+        code = "help"
     else:
         assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
         assert result.output.startswith("error: "), result.output
@@ -134,6 +137,7 @@ VALUE_TEXT = st.one_of(
         max_size=4,
     )
 )
+@example(overrides=["-h"])
 def test_fuzzed_overrides(overrides):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

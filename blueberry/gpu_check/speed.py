@@ -12,7 +12,7 @@ import torch
 from blueberry.bench.measure import SyntheticData, measure_throughput
 from blueberry.gpu_check.projection import project, read_experiment, training_tokens
 from blueberry.gpu_check.suite import CheckFailed, CheckSkipped, Context
-from blueberry.hardware import CPU_PRESET, detect, preset_for, price_per_hour
+from blueberry.hardware import CPU_PRESET, detect, preset_for, price_per_hour, resolve_precision
 from blueberry.models import build_model, registry
 from blueberry.overrides import load_spec
 from blueberry.perf import peak_flops
@@ -28,8 +28,11 @@ def preset_of(device: torch.device):
 
 
 def main_precision(device: torch.device) -> str:
-    """bf16, the study's precision on Ampere+ (and the CPU twin); fp16 on older GPUs, which lack fast bf16."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+    """bf16, the study's precision on Ampere+; fp16 on older GPUs, which lack fast bf16; on a CPU what
+    `train.precision: auto` picks (bf16 with AMX or AVX512-BF16, fp32 where bf16 is emulated, 20-90x slower)."""
+    if device.type == "cpu":
+        return resolve_precision("auto", device)
+    if torch.cuda.get_device_capability(device)[0] < 8:
         return "fp16"
     return "bf16"
 

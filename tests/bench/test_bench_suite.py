@@ -93,6 +93,17 @@ def test_cases_ratios_targets_and_table():
     assert "| 30.0% | no |" in table and "report not available" in table
 
 
+def test_a_cpu_without_native_bf16_measures_512d_in_fp32_and_bf16_once_at_the_quickstart():
+    cases = {case.key: case for case in build_cases(quick=False, fast="fp32")}
+    assert {"s/mlp/fp32", "s/moe/fp32/dense_equal", "s/mlp/fp32/compiled", "v/mlp/fp32/full_logits"} <= set(cases)
+    assert not [key for key in cases if key.startswith(("s/", "v/")) and "bf16" in key]
+    assert [key for key in cases if "bf16" in key] == ["q/mlp/bf16"] and cases["q/mlp/bf16"].rounds == 1
+    assert all("--train.precision=fp32" in case.overrides for key, case in cases.items() if key[0] in "sv")
+    dense = {"tflops": 0.03, "step_s": 1.0}
+    targets = check_targets({"s/mlp/fp32": dense}, {}, {"bf16": 0.002e12, "fp32": 0.1e12}, {}, {}, fast="fp32")
+    assert targets["mfu_512d_dense"]["value"] == pytest.approx(0.3)  # against the fp32 ceiling
+
+
 def test_chunked_loss_memory_cases_at_the_reports_vocabulary():
     full = {case.key: case for case in build_cases(quick=False)}
     assert "--data.vocab_size=49152" in full["v/mlp/bf16"].overrides
@@ -110,7 +121,7 @@ def test_optimizer_share_is_measured_for_each_shapes_plain_cases():
     assert optimizer_step_s(spec, repeats=2) > 0
     cases = [c for c in build_cases(quick=True) if c.key in ("q/moe/fp32", "q/moe/bf16", "q/moe/fp32/eager")]
     results = {c.key: {"step_s": 1.0} for c in cases}
-    shares = optimizer_shares(cases, results, log=lambda _: None)
+    shares = optimizer_shares(cases, results, "bf16", log=lambda _: None)
     assert list(shares) == ["optimizer step/step q/moe/fp32"]  # the shape's precision only; no variants
     assert 0 < shares["optimizer step/step q/moe/fp32"] == results["q/moe/fp32"]["optimizer_step_s"]
 
