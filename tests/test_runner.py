@@ -147,3 +147,18 @@ def test_failed_run_is_recorded_as_failed(tmp_path, monkeypatch):
     (run_dir,) = (tmp_path / "runs" / "default").iterdir()
     status = json.loads((run_dir / "status.json").read_text())
     assert status == {**status, "state": "failed", "reason": "RuntimeError: boom"}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_named_slow(tmp_path, monkeypatch, native):
+    from blueberry import runner
+
+    monkeypatch.setattr(runner, "cpu_supports_bf16", lambda: native)
+    lines = []
+    _, device = runner.device_stage(tiny_spec(tmp_path, "--train.precision=bf16", "--train.threads=1"), lines.append)
+    assert device.type == "cpu"
+    warned = [line for line in lines if "without native bf16" in line]
+    if native:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "slower than fp32, which 'auto' picks here" in warned[0]
