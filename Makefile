@@ -64,8 +64,9 @@ sweep: install
 	$(OFFLINE) $(BIN)/blueberry sweep $(SWEEP)
 
 # Two workers, work-stealing: most of a test's time on a small CPU is a `blueberry run` process importing torch,
-# transformers and wandb on one core; the other worker uses the other core meanwhile (16.5 -> 11.3 min on a
-# 2-core AVX2 EPYC). TEST_WORKERS=0 runs the suite in one process.
+# transformers and wandb on one core; the other worker uses the other core meanwhile (tests/conftest.py gives
+# each worker one thread). The suite on a 2-core AVX2 EPYC: 15-18 min in one process, 10.5 min with two.
+# TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal)

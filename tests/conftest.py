@@ -1,6 +1,13 @@
 """Hermetic tests: W&B offline into tmp dirs, no API key, Hugging Face offline, caches in tmp."""
 
+import os
+
 import pytest
+
+# `make test` runs two xdist workers on what may be two cores: each worker, and every `blueberry run` it starts,
+# takes one thread (the runner reads OMP_NUM_THREADS), so two 2-thread torch pools never wait on each other's core.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 WANDB_UNSET = (
     "WANDB_API_KEY",
