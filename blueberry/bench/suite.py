@@ -306,7 +306,8 @@ def run_bench(quick: bool = False, out_dir: str | Path = "reports/bench", log=pr
     log(f"512d cases in {fast} (what train.precision 'auto' picks here)")
     ceilings = measure_ceilings(quick)
     log(f"GEMM ceiling: fp32 {ceilings['fp32'] / 1e12:.3f} TFLOP/s, bf16 {ceilings['bf16'] / 1e12:.3f} TFLOP/s")
-    results = measure_groups(build_cases(quick, fast), quick, log)
+    cases = build_cases(quick, fast)
+    results = measure_groups(cases, quick, log)
     # Once more at the end, keeping the higher: a ceiling measured while the machine was busy is too low.
     ceilings = measure_ceilings(quick, before=ceilings)
     log(f"GEMM ceiling (best of start and end): fp32 {ceilings['fp32'] / 1e12:.3f}, bf16 {ceilings['bf16'] / 1e12:.3f}")
@@ -327,7 +328,7 @@ def run_bench(quick: bool = False, out_dir: str | Path = "reports/bench", log=pr
         if "ratio" in contention[policy]:
             c = contention[policy]
             log(f"contention ({policy}): loaded/idle step {c['ratio']:.2f}, load arriving later {c['later_ratio']:.2f}")
-    ratios = {**compute_ratios(results), **optimizer_shares(build_cases(quick, fast), results, fast, log)}
+    ratios = {**compute_ratios(results), **optimizer_shares(cases, results, fast, log)}
     report = report_build_time(quick)
     outcome = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
