@@ -26,8 +26,15 @@ WANDB_UNSET = (
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
-    """One tokenizer/token cache for the whole session: the BPE is trained once, not per test."""
-    return tmp_path_factory.mktemp("blueberry-cache")
+    """One tokenizer/token cache for the whole session: each BPE is trained once, not per test or per xdist worker.
+
+    xdist's workers share the parent of their temporary directories; cache entries are written by atomic rename
+    (blueberry/data/cache.py), so two workers filling the same entry at once leave one complete copy.
+    """
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "blueberry-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 @pytest.fixture(autouse=True)
