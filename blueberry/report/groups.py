@@ -16,6 +16,7 @@ from blueberry.spec import RunSpec
 
 # Spec fields that do not change what is being measured: runs differing only here are seeds of one configuration.
 NOT_CONFIG = ("seed", "name", "experiment", "tags", "tracking", "train.progress", "train.threads")
+_NOT_CONFIG_CHILDREN = tuple(f"{name}." for name in NOT_CONFIG)  # tracking.runs_root, …
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -44,7 +45,7 @@ def config_of(run: Run) -> dict[str, Any]:
         spec.pop(f"model.{name}", None)
     choices = registry.canonical({name: own.get(f"model.{name}") for name in registry.CHOICE_FIELDS})
     spec.update({f"model.{name}": value for name, value in choices.items()})
-    return {k: v for k, v in spec.items() if not any(k == n or k.startswith(n + ".") for n in NOT_CONFIG)}
+    return {k: v for k, v in spec.items() if k not in NOT_CONFIG and not k.startswith(_NOT_CONFIG_CHILDREN)}
 
 
 @dataclass

@@ -1,11 +1,13 @@
 """The dashboard: one self-contained file that renders its runs in a real (headless) browser."""
 
 import json
+import math
 import re
 
+import numpy as np
 from PIL import Image
 
-from blueberry.report.dashboard import render
+from blueberry.report.dashboard import dashboard_data, render
 from blueberry.report.records import History, Run, load_local
 from blueberry.report.synthetic import write_run
 
@@ -18,6 +20,29 @@ def test_page_is_self_contained_and_data_survives_escaping():
     payload = re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1)
     data = json.loads(payload)
     assert data["runs"][0]["name"] == hostile.name and data["runs"][0]["experiment"] == "e<!--"
+
+
+def test_curves_keep_six_significant_digits_exact_steps_and_null_for_non_finite():
+    rng = np.random.default_rng(0)
+    n = 5_000
+    loss = rng.lognormal(0, 4, n) * rng.choice([-1, 1], n)  # 1e-7 … 1e7, both signs
+    loss[:5] = [0.0, 999_999.5, 0.1, 1_234_567.0, 2.5e-5]
+    other = rng.uniform(0, 1, n)
+    other[::1000] = [math.nan, math.inf, -math.inf, math.nan, math.inf]  # rows thinning keeps: the first is row 0
+    steps = np.arange(1, n + 1) * 1_000_003.0  # 10 digits: the step column keeps 9
+    values = np.column_stack([steps, rng.uniform(0, 1e4, n), loss, other])
+    history = History(["step", "time", "train/loss", "train/lr"], values)
+    run = Run(id="r", name="r", experiment="e", state="finished", history=history)
+    part = dashboard_data([run], "t")["curves"][0]["t"]  # the train rows' curves
+    rows = values[np.unique(np.append(np.linspace(0, n - 1, 200).astype(int), n - 1))]  # thinned as the page is
+
+    def six(column):
+        return [float(f"{v:.6g}") if math.isfinite(v) else None for v in column]
+
+    assert part["m"]["train/loss"] == six(rows[:, 2]) and part["m"]["train/lr"] == six(rows[:, 3])
+    assert part["m"]["train/lr"][0] is None  # NaN/inf → null, which json.dumps(allow_nan=False) accepts
+    assert part["step"] == [float(f"{v:.9g}") for v in rows[:, 0]] and part["time"] == six(rows[:, 1])
+    assert all(type(v) is float for v in part["time"])  # json-ready, not numpy scalars
 
 
 def test_dashboard_renders_runs_in_headless_chromium(tmp_path, browse):
