@@ -1,5 +1,5 @@
 """`python -m blueberry ...` = the `blueberry` command; torchrun uses it: `torchrun ... -m blueberry run SPEC`."""
 
-from blueberry.cli import main
+from blueberry.cli import console_main
 
-main()
+console_main()

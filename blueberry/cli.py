@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 the run failed, 2 bad input (spec, override, data source, un
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -44,6 +45,21 @@ def _load(spec_path, overrides, override_files) -> RunSpec:
 @click.version_option(package_name="blueberry")
 def main():
     """Blueberry: correct, tracked experiments for small Mixture-of-Experts LMs."""
+
+
+def console_main():
+    """The `blueberry` console script and `python -m blueberry`: `main`, then the process exits.
+
+    Whatever the command's outcome, its work is done and its files are closed when `main` returns or raises
+    (SystemExit included). What is left is the interpreter's own teardown, whose garbage collections walk the
+    400,000-odd objects torch, transformers and W&B keep alive: 1.1 s of a tiny `blueberry run`'s 13 s on
+    the 2-core dev CPU, paid again by every sweep trial. gc.freeze() moves them out of the collector's reach;
+    the exit handlers (W&B's, logging's) still run, and the OS takes the memory back.
+    """
+    try:
+        main()
+    finally:
+        gc.freeze()
 
 
 @main.command()

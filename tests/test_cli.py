@@ -91,7 +91,11 @@ def test_unreachable_dataset_exits_2_fast(tmp_path):
 
 
 def test_make_run_path_writes_a_complete_record(tmp_path):
-    """What `make run` executes (the quickstart spec, shortened), as a real process with the console script."""
+    """The quickstart spec as a user runs it, with the console script in a real process: a complete record.
+
+    Shortened: 3 steps, one evaluation, on the first 60K tokens (a 7K-token validation set; the full one takes
+    seconds a pass on one core). The sweep tests use the same data, so the token cache is shared.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     blueberry = Path(sys.executable).parent / "blueberry"
     done = subprocess.run(
@@ -99,8 +103,9 @@ def test_make_run_path_writes_a_complete_record(tmp_path):
             str(blueberry),
             "run",
             "experiments/quickstart.json",
-            "--train.steps=3",  # each evaluation of the quickstart's validation set takes seconds on one core
+            "--train.steps=3",
             "--train.eval_every=3",
+            "--data.max_tokens=60000",
             f"--tracking.runs_root={tmp_path / 'runs'}",
         ],
         cwd=REPO,
@@ -115,6 +120,20 @@ def test_make_run_path_writes_a_complete_record(tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert json.loads((run_dir / "summary.json").read_text())["trainer/step"] == 3
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_console_script_keeps_exit_codes_and_exit_handlers_and_freezes_the_collector():
+    """`blueberry` is `console_main`: main's exit code and output, the exit handlers run, then a quick teardown."""
+    probe = (
+        "import atexit, gc, sys; from blueberry.cli import console_main; "
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+        "sys.argv = ['blueberry', *sys.argv[1:]]; console_main()"
+    )
+    version = subprocess.run([sys.executable, "-c", probe, "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and "version" in version.stdout and "frozen True" in version.stdout
+    bad = subprocess.run([sys.executable, "-c", probe, "run", "no-such-spec.json"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no-such-spec.json" in bad.stderr and "frozen True" in bad.stdout
+    assert "Traceback" not in bad.stderr
 
 
 def test_gpu_check_without_cuda_exits_2_with_one_line(tmp_path):

@@ -22,7 +22,7 @@ QUICKSTART = str(REPO / "experiments" / "quickstart.json")
 # Deterministic kernels where torch has them (warn_only: index_add's CUDA backward has none), then the CLI.
 DETERMINISTIC_CLI = (
     "import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
-    "from blueberry.cli import main; sys.argv[0] = 'blueberry'; main()"
+    "from blueberry.cli import console_main; sys.argv[0] = 'blueberry'; console_main()"
 )
 REPRODUCIBLE = ("train/loss", "train/aux_loss", "train/grad_norm", "val/loss", "val/accuracy")
 RESUME_TOLERANCE = 1e-3  # relative, on every logged loss and grad norm (bf16 on a GPU; CPU fp32 is bit-exact)
