@@ -6,6 +6,10 @@ fresh process for torch's default (a thread per core, OpenMP's default spinning)
 idle machine, with 2 × cores busy-loop processes started before it, and with the same load arriving after it
 started (its threads already chosen on the idle machine). The ratios loaded ÷ idle are what a sweep trial feels
 on a shared machine.
+
+Against them, the floor a fair scheduler sets: with `load` busy processes, each of a run's `k` threads gets
+cores ÷ (load + k) of a core, so no k-thread run does better than its idle k-thread step × (load + k) ÷ cores
+(measured: Blueberry's idle step at the thread count it takes under the load).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ SETTLE_S = 1.0  # let the load reach the scheduler (and the sampler) before the 
 
 WORKER = """
 import json, sys
-policy, steps, path, overrides, load_arrives_later = json.loads(sys.argv[1])
+policy, steps, path, overrides, load_arrives_later, threads = json.loads(sys.argv[1])
 if policy == "blueberry":
     from blueberry.threads import limit_openmp_spinning
     limit_openmp_spinning()  # before torch loads OpenMP, as the CLI does
@@ -35,7 +39,7 @@ from blueberry.bench.measure import measure_throughput
 from blueberry.overrides import load_spec
 from blueberry.threads import choose_threads
 if policy == "blueberry":
-    torch.set_num_threads(choose_threads()[0])
+    torch.set_num_threads(choose_threads(threads)[0])
 spec = load_spec(path, overrides)
 if load_arrives_later:
     measure_throughput(spec, warmup=1, repeats=1)  # OpenMP's threads start on the idle machine
@@ -70,11 +74,20 @@ class _Load:
             p.join()
 
 
-def _worker(policy: str, steps: int, spec_path: str, overrides: list[str], load: int = 0, later: bool = False):
-    """One measurement in a fresh process (threads and OpenMP's waiting are fixed when torch starts)."""
+def _worker(
+    policy: str,
+    steps: int,
+    spec_path: str,
+    overrides: list[str],
+    load: int = 0,
+    later: bool = False,
+    threads: int | None = None,
+):
+    """One measurement in a fresh process (threads and OpenMP's waiting are fixed when torch starts);
+    `threads` fixes Blueberry's thread count instead of choosing it."""
     drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")  # each policy sets its own
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    args = [sys.executable, "-c", WORKER, json.dumps([policy, steps, spec_path, overrides, later])]
+    args = [sys.executable, "-c", WORKER, json.dumps([policy, steps, spec_path, overrides, later, threads])]
     load_first = _Load(load) if load and not later else contextlib.nullcontext()
     with load_first:
         proc = subprocess.Popen(args, stdin=PIPE, stdout=PIPE, stderr=PIPE, text=True, env=env)
@@ -93,8 +106,15 @@ def _worker(policy: str, steps: int, spec_path: str, overrides: list[str], load:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def fair_share_floor(idle_s: float, idle_k_s: float, k: int, load: int, cores: int) -> float:
+    """The lowest loaded ÷ idle step a fair scheduler allows a k-thread run beside `load` busy processes:
+    each thread gets cores ÷ (load + k) of a core (all of one when the machine has a core per thread)."""
+    return idle_k_s * max(1.0, (load + k) / cores) / idle_s
+
+
 def measure_contention(spec_path: str, overrides: list[str], steps: int = 5, load_factor: int = 2) -> dict:
-    """{policy: {"idle_s", "loaded_s", "ratio", "later_s", "later_ratio", "threads_*"}}, plus the load used."""
+    """{policy: {"idle_s", "loaded_s", "ratio", "later_s", "later_ratio", "threads_*"}}, plus the load used;
+    Blueberry's also has "floor", the fair scheduler's limit for the thread count it took under the load."""
     cores = usable_cores()
     load = load_factor * cores
     out: dict = {"load_processes": load, "cores": cores}
@@ -116,4 +136,10 @@ def measure_contention(spec_path: str, overrides: list[str], steps: int = 5, loa
             "threads_loaded": loaded["threads"],
             "threads_later": later["threads"],
         }
+        if policy == "blueberry":
+            k = loaded["threads"]
+            same = idle if k == idle["threads"] else _worker(policy, steps, spec_path, overrides, threads=k)
+            if "error" not in same:
+                out[policy]["floor"] = fair_share_floor(idle["step_s"], same["step_s"], k, load, cores)
+                out[policy]["idle_threads_loaded_s"] = same["step_s"]
     return out

@@ -327,7 +327,11 @@ def run_bench(quick: bool = False, out_dir: str | Path = "reports/bench", log=pr
     for policy in POLICIES:
         if "ratio" in contention[policy]:
             c = contention[policy]
-            log(f"contention ({policy}): loaded/idle step {c['ratio']:.2f}, load arriving later {c['later_ratio']:.2f}")
+            floor = f" (a fair scheduler's floor {c['floor']:.2f})" if "floor" in c else ""
+            log(
+                f"contention ({policy}): loaded/idle step {c['ratio']:.2f}{floor}, "
+                f"load arriving later {c['later_ratio']:.2f}"
+            )
     ratios = {**compute_ratios(results), **optimizer_shares(cases, results, fast, log)}
     report = report_build_time(quick)
     outcome = {
@@ -404,9 +408,10 @@ def format_table(outcome: dict) -> str:
         if "error" in c:
             lines.append(f"| {what} | failed: {c['error']} |")
         else:
+            floor = f"; a fair scheduler's floor {c['floor']:.2f}" if "floor" in c else ""
             lines.append(
                 f"| {what} | {c['ratio']:.2f} ({c['idle_s']:.3f} s → {c['loaded_s']:.3f} s; "
-                f"threads {c['threads_idle']} idle, {c['threads_loaded']} loaded) |"
+                f"threads {c['threads_idle']} idle, {c['threads_loaded']} loaded{floor}) |"
             )
             if "later_ratio" in c:  # bench files written before the load-arriving-later measurement lack it
                 lines.append(

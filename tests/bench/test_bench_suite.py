@@ -81,14 +81,14 @@ def test_cases_ratios_targets_and_table():
             "torch default": {"error": "timed out"},
             "blueberry": {
                 **{"idle_s": 0.2, "loaded_s": 0.9, "ratio": 4.5, "later_s": 1.1, "later_ratio": 5.5},
-                **{"threads_idle": 2, "threads_loaded": 1, "threads_later": 2},
+                **{"threads_idle": 2, "threads_loaded": 1, "threads_later": 2, "floor": 4.25},
             },
         },
     }
     table = format_table(outcome)
     assert "| 512d | x | bf16 | 2000 |" in table and "failed: RuntimeError: no" in table
     assert "| step time at load 4 on 2 cores ÷ idle, torch default | failed: timed out |" in table
-    assert "| 4.50 (0.200 s → 0.900 s; threads 2 idle, 1 loaded) |" in table
+    assert "| 4.50 (0.200 s → 0.900 s; threads 2 idle, 1 loaded; a fair scheduler's floor 4.25) |" in table
     assert "load arriving after the start, ÷ idle, blueberry | 5.50 (1.100 s; threads 2) |" in table
     assert "| 30.0% | no |" in table and "report not available" in table
 
@@ -126,8 +126,18 @@ def test_optimizer_share_is_measured_for_each_shapes_plain_cases():
     assert 0 < shares["optimizer step/step q/moe/fp32"] == results["q/moe/fp32"]["optimizer_step_s"]
 
 
+def test_fair_share_floor_scales_the_idle_step_of_the_threads_taken_by_the_cpu_share_left():
+    from blueberry.bench.contention import fair_share_floor
+
+    # two idle threads 0.2 s a step, one thread 0.34 s; four busy processes + one thread share 2 cores: 0.4 each
+    assert fair_share_floor(0.2, 0.34, k=1, load=4, cores=2) == pytest.approx(0.34 / 0.4 / 0.2)
+    assert fair_share_floor(0.2, 0.2, k=2, load=4, cores=2) == pytest.approx(3.0)  # 2 of 6 threads' shares
+    assert fair_share_floor(0.2, 0.34, k=1, load=1, cores=2) == pytest.approx(1.7)  # a core each: no slowdown
+
+
 def test_contention_worker_waits_for_the_load_arriving_later():
     from blueberry.bench.contention import _worker
 
-    later = _worker("blueberry", 1, QUICKSTART, TINY, load=0, later=True)  # warms up, says ready, measures after "go"
-    assert later["step_s"] > 0 and later["threads"] >= 1
+    # warms up, says ready, measures after "go"; with the thread count given (the fair-share floor's measurement)
+    later = _worker("blueberry", 1, QUICKSTART, TINY, load=0, later=True, threads=1)
+    assert later["step_s"] > 0 and later["threads"] == 1
