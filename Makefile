@@ -10,33 +10,39 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offl
 
 install: $(STAMP)
 
-# uv installs the locked tree in seconds; pip installs torch, which uv does not find (see below).
+# uv installs the locked tree in seconds, torch included where pip's configuration names folders of wheels
+# (find-links) to take it from; elsewhere pip installs torch first.
 UV_VERSION := 0.13.9
 UV := $(BIN)/uv
+# pip's find-links: here a folder holding torch 2.13.0 as a local CPU build (an unpinned torch, or torch from an
+# index, is a multi-GB CUDA build). `make lock` resolves against them too.
+TORCH_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+FIND_LINKS = $(foreach links,$(TORCH_FIND_LINKS),--find-links $(links))
+TORCH_BY_UV = $(if $(strip $(TORCH_FIND_LINKS)),$(FIND_LINKS) torch==2.13.0)
 
 $(UV):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv==$(UV_VERSION)
 
+# From a clean clone on 2 cores, uv's cache empty: 60-72 s with torch in uv's install, 84-92 s with pip
+# installing torch first (pip resolves torch's dependencies again, then installs them one by one).
 $(STAMP): setup.cfg pyproject.toml requirements.lock Makefile | $(UV)
-	# torch first, with pip: 2.13.0 is a local CPU build here (pip's find-links); an unpinned torch pulls a
-	# multi-GB CUDA build. requirements.lock leaves torch out, so this one stays.
-	$(BIN)/pip install --quiet torch==2.13.0
-	# Everything else exactly as locked: no resolution, so nothing touches torch. Compiled to bytecode now:
-	# where Python may not write .pyc files (PYTHONDONTWRITEBYTECODE, read-only trees) every process would
-	# recompile transformers and wandb from source, seconds per `blueberry run` on a slow CPU.
-	$(UV) pip install --python $(BIN)/python --quiet --no-deps --compile-bytecode -r requirements.lock
+	$(if $(TORCH_BY_UV),: torch 2.13.0 comes from $(TORCH_FIND_LINKS),$(BIN)/pip install --quiet torch==2.13.0)
+	# Exactly as locked: no resolution, so nothing touches torch (requirements.lock leaves torch out and lists
+	# its dependencies). Compiled to bytecode now: where Python may not write .pyc files
+	# (PYTHONDONTWRITEBYTECODE, read-only trees) every process would recompile torch, transformers and wandb
+	# from source, seconds per `blueberry run` on a slow CPU.
+	$(UV) pip install --python $(BIN)/python --quiet --no-deps --compile-bytecode $(TORCH_BY_UV) -r requirements.lock
 	$(UV) pip install --python $(BIN)/python --quiet --no-deps -e .
 	touch $(STAMP)
 
 # Refresh requirements.lock after changing setup.cfg: Linux x86-64, Python 3.11, extras dev and publish,
 # numpy 2 despite the sweep engine's cap (requirements/overrides.txt), torch resolved against the local build
 # pip knows (its find-links) and left out of the lock.
-TORCH_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 lock: | $(UV)
 	echo "torch==2.13.0" > $(VENV)/torch-constraint.txt
 	$(UV) pip compile setup.cfg --extra dev --extra publish --override requirements/overrides.txt \
-		--constraint $(VENV)/torch-constraint.txt $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) \
+		--constraint $(VENV)/torch-constraint.txt $(FIND_LINKS) \
 		--no-emit-package torch --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--annotation-style line --custom-compile-command "make lock" --upgrade -o requirements.lock
 

@@ -1,14 +1,16 @@
 """The command line: exit codes, error messages, nothing written for bad input, the `make run` path."""
 
+import gc
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 from click.testing import CliRunner
 
-from blueberry.cli import main
+from blueberry.cli import OWN_PROCESS, _loading_libraries, main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,6 +136,23 @@ def test_console_script_keeps_exit_codes_and_exit_handlers_and_freezes_the_colle
     bad = subprocess.run([sys.executable, "-c", probe, "run", "no-such-spec.json"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no-such-spec.json" in bad.stderr and "frozen True" in bad.stdout
     assert "Traceback" not in bad.stderr
+
+
+def test_libraries_load_without_collections_and_only_our_own_process_freezes_them():
+    """`run`'s imports: the collector paused, then back on; frozen only in the console script's process."""
+    before = gc.get_freeze_count()
+    with click.Context(main):  # `main` in another program's process, as CliRunner calls it
+        with _loading_libraries():
+            assert not gc.isenabled()
+        assert gc.isenabled() and gc.get_freeze_count() == before
+    try:
+        with click.Context(main, obj=OWN_PROCESS):
+            with _loading_libraries():
+                assert not gc.isenabled()
+                loaded = [[] for _ in range(1000)]  # what a library keeps alive
+            assert gc.isenabled() and gc.get_freeze_count() >= before + len(loaded)
+    finally:
+        gc.unfreeze()
 
 
 def test_gpu_check_without_cuda_exits_2_with_one_line(tmp_path):
