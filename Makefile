@@ -34,6 +34,9 @@ $(STAMP): setup.cfg pyproject.toml requirements.lock Makefile | $(UV)
 	# from source, seconds per `blueberry run` on a slow CPU.
 	$(UV) pip install --python $(BIN)/python --quiet --no-deps --compile-bytecode $(TORCH_BY_UV) -r requirements.lock
 	$(UV) pip install --python $(BIN)/python --quiet --no-deps -e .
+	# Our own modules too: the editable install leaves them in this tree, which uv does not compile. An edited
+	# module's .pyc is stale and Python compiles it again, as it would without one.
+	$(BIN)/python -m compileall -q blueberry
 	touch $(STAMP)
 
 # Refresh requirements.lock after changing setup.cfg: Linux x86-64, Python 3.11, extras dev and publish,
