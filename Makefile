@@ -74,8 +74,8 @@ sweep: install
 
 # Two workers, work-stealing: most of a test's time on a small CPU is a `blueberry run` process importing torch,
 # transformers and wandb on one core; the other worker uses the other core meanwhile (tests/conftest.py gives
-# each worker one thread). The suite on a 2-core AVX2 EPYC: 15-18 min in one process, 6.5-7.5 min with two
-# (7m57s from a clean clone, the install included).
+# each worker one thread). The suite on a 2-core AVX2 EPYC: 15-18 min in one process, 5-6.5 min with two
+# (6m00s and 7m17s from clean clones, the install included, the same day on the same machine).
 # TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 test: install
