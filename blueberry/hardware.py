@@ -150,6 +150,12 @@ def cpu_supports_bf16(flags: list[str] | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def bf16_emulated(device: torch.device, precision: str) -> bool:
+    """bf16 on a CPU without native bf16: every product is emulated (20-90x slower than fp32, small ones fastest),
+    so no GEMM ceiling is a peak to compare a model with."""
+    return device.type == "cpu" and precision == "bf16" and not cpu_supports_bf16()
+
+
 def detect_cpu() -> CpuInfo:
     model = _cpuinfo_field("model name") or platform.processor() or platform.machine()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

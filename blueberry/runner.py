@@ -21,7 +21,7 @@ from blueberry.data import prepare_data
 from blueberry.distributed import World
 from blueberry.fileio import read_json
 from blueberry.gpu_monitor import GpuMonitor
-from blueberry.hardware import cpu_supports_bf16, resolve_device, resolve_precision
+from blueberry.hardware import bf16_emulated, resolve_device, resolve_precision
 from blueberry.plan import Build, build
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec
@@ -125,7 +125,7 @@ def device_stage(spec: RunSpec, log=print) -> tuple[World, torch.device]:
     device = resolve_device(spec.train.device)
     world, device = distributed.init(device)  # under torchrun: join the group, one GPU per rank
     precision = resolve_precision(spec.train.precision, device)  # before any data is prepared
-    if device.type == "cpu" and precision == "bf16" and not cpu_supports_bf16():
+    if bf16_emulated(device, precision):
         log(
             "train.precision 'bf16' on a CPU without native bf16 (no AMX or AVX512-BF16): its matrix products "
             "run 20-90x slower than fp32, which 'auto' picks here"

@@ -52,7 +52,16 @@ def test_peak_flops_sources(monkeypatch, tmp_path):
     perf.save_ceiling("fp32", 1.5e11)  # what `blueberry bench --ceiling` leaves for later runs
     peak, source = perf.peak_flops(torch.device("cpu"), "fp32", CPU_PRESET)
     assert peak == 1.5e11 and source.startswith("measured GEMM ceiling")
+    monkeypatch.setattr(perf, "bf16_emulated", lambda device, precision: False)  # an AMX CPU
     assert perf.peak_flops(torch.device("cpu"), "bf16", CPU_PRESET)[1].startswith("quick")  # cached per precision
+
+
+def test_emulated_bf16_has_no_peak_and_so_no_mfu(monkeypatch):
+    """On a CPU without native bf16 the model's small products beat any emulated ceiling: MFU would read > 100 %."""
+    monkeypatch.setattr("blueberry.hardware.cpu_supports_bf16", lambda flags=None: False)
+    peak, source = perf.peak_flops(torch.device("cpu"), "bf16", CPU_PRESET)
+    assert peak is None and "emulated" in source
+    assert perf.peak_flops(torch.device("cuda"), "bf16", preset_for("NVIDIA A100-SXM4-80GB"))[0] == 312e12
 
 
 def test_perf_tracker_adds_mfu_and_gpu_readings():

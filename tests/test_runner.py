@@ -153,7 +153,7 @@ def test_failed_run_is_recorded_as_failed(tmp_path, monkeypatch):
 def test_bf16_on_a_cpu_without_native_bf16_is_named_slow(tmp_path, monkeypatch, native):
     from blueberry import runner
 
-    monkeypatch.setattr(runner, "cpu_supports_bf16", lambda: native)
+    monkeypatch.setattr("blueberry.hardware.cpu_supports_bf16", lambda flags=None: native)
     lines = []
     _, device = runner.device_stage(tiny_spec(tmp_path, "--train.precision=bf16", "--train.threads=1"), lines.append)
     assert device.type == "cpu"

@@ -19,7 +19,7 @@ import torch
 
 from blueberry.bench.contention import POLICIES, measure_contention
 from blueberry.bench.measure import first_step_latency, measure_throughput, optimizer_step_s, tracking_overhead
-from blueberry.hardware import detect, resolve_device, resolve_precision
+from blueberry.hardware import bf16_emulated, detect, resolve_device, resolve_precision
 from blueberry.models import registry
 from blueberry.overrides import load_spec
 from blueberry.perf import measure_gemm_ceiling, save_ceiling
@@ -210,6 +210,15 @@ def measure_ceilings(quick: bool, before: dict[str, float] | None = None) -> dic
     return ceilings
 
 
+def add_mfu(results: dict, ceilings: dict[str, float], device: torch.device) -> None:
+    """Each measured case's FLOP/s ÷ the GEMM ceiling of its precision; None where bf16 is emulated, whose
+    ceiling is no peak (`perf.peak_flops`)."""
+    for result in results.values():
+        if "error" not in result:
+            emulated = bf16_emulated(device, result["precision"])
+            result["mfu"] = None if emulated else result["tflops"] * 1e12 / ceilings[result["precision"]]
+
+
 def ratio(results: dict, a: str, b: str, by: str = "tokens_per_s") -> float | None:
     if a in results and b in results and "error" not in results[a] and "error" not in results[b]:
         return results[a][by] / results[b][by]
@@ -240,13 +249,15 @@ def compute_ratios(results: dict) -> dict[str, float | None]:
 
 def optimizer_shares(cases: list[Case], results: dict, fast: str, log=print) -> dict[str, float]:
     """The optimizer step's share of a training step (one micro-batch per step, as the bench times it; the
-    study's grad_accum 4 divides it by about 4) for each shape's MoE and dense cases at their precision."""
+    study's grad_accum 4 divides it by about 4) for each shape's MoE and dense cases at their precision, and
+    the MoE/dense step with it taken out of both (`moe_dense_without_optimizer`)."""
     from blueberry.train.muon import orthogonaliser_dtype
 
     shares = {}
     for case in cases:
         parts = case.key.split("/")
-        if len(parts) != 3 or "error" in results.get(case.key, {"error": 1}):
+        plain_or_twin = len(parts) == 3 or parts[3:] == ["dense_equal"]
+        if not plain_or_twin or "error" in results.get(case.key, {"error": 1}):
             continue
         if (parts[0], parts[2]) not in (("q", "fp32"), ("s", fast)):
             continue
@@ -256,7 +267,21 @@ def optimizer_shares(cases: list[Case], results: dict, fast: str, log=print) -> 
         shares[f"optimizer step/step {case.key}"] = seconds / results[case.key]["step_s"]
         dtype = orthogonaliser_dtype(resolve_device(spec.train.device))
         log(f"optimizer step {case.key}: {seconds * 1e3:.0f} ms (Newton-Schulz in {dtype})")
-    return shares
+    return {**shares, **moe_dense_without_optimizer(results)}
+
+
+def moe_dense_without_optimizer(results: dict) -> dict[str, float]:
+    """MoE ÷ dense-twin step with each one's optimizer step taken out: the model's forward and backward alone.
+
+    The twin has the MoE's active parameters, but Muon orthogonalises every expert's matrices, so the MoE's
+    optimizer step grows with its total parameters (3x the twin's for 8 experts, top-2 and a shared one)."""
+    out = {}
+    for key, dense in results.items():
+        moe = results.get(key.removesuffix("/dense_equal"), {})
+        if key.endswith("/dense_equal") and "optimizer_step_s" in moe and "optimizer_step_s" in dense:
+            model_s = moe["step_s"] - moe["optimizer_step_s"], dense["step_s"] - dense["optimizer_step_s"]
+            out[f"MoE/dense step less the optimizer step {key.removesuffix('/dense_equal')}"] = model_s[0] / model_s[1]
+    return out
 
 
 def report_build_time(quick: bool) -> dict:
@@ -311,9 +336,7 @@ def run_bench(quick: bool = False, out_dir: str | Path = "reports/bench", log=pr
     # Once more at the end, keeping the higher: a ceiling measured while the machine was busy is too low.
     ceilings = measure_ceilings(quick, before=ceilings)
     log(f"GEMM ceiling (best of start and end): fp32 {ceilings['fp32'] / 1e12:.3f}, bf16 {ceilings['bf16'] / 1e12:.3f}")
-    for result in results.values():
-        if "error" not in result:
-            result["mfu"] = result["tflops"] * 1e12 / ceilings[result["precision"]]
+    add_mfu(results, ceilings, resolve_device("auto"))
     tracking_spec = load_spec(QUICKSTART, TINY if quick else [])
     tracking = tracking_overhead(tracking_spec, steps=10 if quick else 20, repeats=1 if quick else 5)
     log(f"tracking overhead {tracking['overhead']:+.1%}")
@@ -386,7 +409,8 @@ def format_table(outcome: dict) -> str:
             continue
         lines.append(
             f"| {r['shape']} | {r['label']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
-            f"{r['mfu']:.1%} | {r['tflops']:.3f} | {_fmt(r['peak_rss_mb'], '.0f')} | {r['first_step_s']:.2f} |"
+            f"{_fmt(r['mfu'], '.1%', 'n/a')} | {r['tflops']:.3f} | {_fmt(r['peak_rss_mb'], '.0f')} | "
+            f"{r['first_step_s']:.2f} |"
         )
     lines += ["", "| ratio | value |", "|---|---:|"]
     for name, value in outcome["ratios"].items():

@@ -4,6 +4,7 @@ No timing is asserted: figures on a shared 2-core machine are noise. `make bench
 """
 
 import pytest
+import torch
 
 from blueberry.bench.measure import measure_throughput, tracking_overhead
 from blueberry.bench.suite import QUICKSTART, TARGETS, TINY, build_cases, check_targets, compute_ratios, format_table
@@ -104,6 +105,41 @@ def test_a_cpu_without_native_bf16_measures_512d_in_fp32_and_bf16_once_at_the_qu
     assert targets["mfu_512d_dense"]["value"] == pytest.approx(0.3)  # against the fp32 ceiling
 
 
+def test_mfu_against_the_ceiling_of_the_cases_precision_and_none_where_bf16_is_emulated(monkeypatch):
+    from blueberry.bench.suite import add_mfu
+
+    def results():
+        return {
+            "fp32": {"precision": "fp32", "tflops": 0.05},
+            "bf16": {"precision": "bf16", "tflops": 0.003},
+            "failed": {"error": "RuntimeError: no"},
+        }
+
+    ceilings = {"fp32": 0.1e12, "bf16": 0.002e12}
+    for native, bf16_mfu in ((False, None), (True, 1.5)):
+        monkeypatch.setattr("blueberry.hardware.cpu_supports_bf16", lambda flags=None, native=native: native)
+        measured = results()
+        add_mfu(measured, ceilings, torch.device("cpu"))
+        assert measured["fp32"]["mfu"] == pytest.approx(0.5) and "mfu" not in measured["failed"]
+        assert measured["bf16"]["mfu"] == (bf16_mfu and pytest.approx(bf16_mfu))
+    measured["bf16"]["shape"], measured["bf16"]["label"] = "quickstart", "mlp"
+    measured["bf16"].update(mfu=None, tokens_per_s=10.0, step_s=1.0, peak_rss_mb=None, first_step_s=1.0)
+    outcome = {
+        "gemm_ceiling_flops": ceilings,
+        "hardware": {"cpu": {"model": "cpu", "cores": 2}},
+        "torch_threads": 2,
+        "load_average": [0.0, 0.0],
+        "cases": {"q/mlp/bf16": measured["bf16"]},
+        "ratios": {},
+        "tracking": {"overhead": 0.0, "log_share": 0.0, "wandb_init_s": 1.0, "steps": 2, "log_every": 1},
+        "first_step_latency": {},
+        "report_build": {"error": "x"},
+        "targets": {},
+        "contention": {},
+    }
+    assert "| quickstart | mlp | bf16 | 10 | 1.000 | n/a | 0.003 |" in format_table(outcome)
+
+
 def test_chunked_loss_memory_cases_at_the_reports_vocabulary():
     full = {case.key: case for case in build_cases(quick=False)}
     assert "--data.vocab_size=49152" in full["v/mlp/bf16"].overrides
@@ -126,6 +162,20 @@ def test_optimizer_share_is_measured_for_each_shapes_plain_cases():
     assert 0 < shares["optimizer step/step q/moe/fp32"] == results["q/moe/fp32"]["optimizer_step_s"]
 
 
+def test_moe_dense_step_without_the_optimizer_steps_compares_the_models_alone():
+    from blueberry.bench.suite import moe_dense_without_optimizer
+
+    results = {
+        "s/moe/fp32": {"step_s": 3.0, "optimizer_step_s": 1.2},
+        "s/moe/fp32/dense_equal": {"step_s": 2.0, "optimizer_step_s": 0.4},
+        "q/moe/fp32": {"step_s": 1.0},  # its optimizer step not measured (failed): no row
+        "q/moe/fp32/dense_equal": {"step_s": 1.0, "optimizer_step_s": 0.1},
+    }
+    assert moe_dense_without_optimizer(results) == {
+        "MoE/dense step less the optimizer step s/moe/fp32": pytest.approx(1.8 / 1.6)
+    }
+
+
 def test_fair_share_floor_scales_the_idle_step_of_the_threads_taken_by_the_cpu_share_left():
     from blueberry.bench.contention import fair_share_floor
 
@@ -140,4 +190,5 @@ def test_contention_worker_waits_for_the_load_arriving_later():
 
     # warms up, says ready, measures after "go"; with the thread count given (the fair-share floor's measurement)
     later = _worker("blueberry", 1, QUICKSTART, TINY, load=0, later=True, threads=1)
+    assert "error" not in later, later
     assert later["step_s"] > 0 and later["threads"] == 1
