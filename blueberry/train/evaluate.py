@@ -26,18 +26,21 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: torch.device
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size].to(device, non_blocking=True)
-        inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
-        with autocast():
+    # One autocast region for the whole evaluation: autocast keeps each weight's cast until the region ends, so
+    # every weight is cast once, not once per batch. The loss is computed outside autocast, in fp32.
+    with autocast():
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size].to(device, non_blocking=True)
+            inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
             logits = model(inputs).logits.flatten(0, 1)
-        rows = _rows_per_chunk(len(targets), logits.shape[-1], device)
-        for first in range(0, len(targets), rows):
-            chunk, chunk_targets = logits[first : first + rows].float(), targets[first : first + rows]
-            total_loss += F.cross_entropy(chunk, chunk_targets, reduction="sum").double()
-            # max's indices are argmax's (the first maximum), at a quarter of argmax's time on a CPU
-            correct += (chunk.max(-1).indices == chunk_targets).sum()
-        count += targets.numel()
+            rows = _rows_per_chunk(len(targets), logits.shape[-1], device)
+            with torch.autocast(device.type, enabled=False):
+                for first in range(0, len(targets), rows):
+                    chunk, chunk_targets = logits[first : first + rows].float(), targets[first : first + rows]
+                    total_loss += F.cross_entropy(chunk, chunk_targets, reduction="sum").double()
+                    # max's indices are argmax's (the first maximum), at a quarter of argmax's time on a CPU
+                    correct += (chunk.max(-1).indices == chunk_targets).sum()
+            count += targets.numel()
     model.train(was_training)
     loss = (total_loss / max(count, 1)).item()
     return {

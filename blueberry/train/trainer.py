@@ -162,6 +162,7 @@ class Trainer:
         self.schedulers = build_schedulers(self.optimizers, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.autocast = autocast_for(device, precision)
+        self.autocast_off = functools.partial(torch.autocast, device_type=device.type, enabled=False)
         self.sampler = data.train_sampler(cfg.batch_size, spec.seed)
         self.val_windows = data.val_windows()
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -210,21 +211,26 @@ class Trainer:
     def train_step(self, step: int) -> tuple[torch.Tensor, list[float]]:
         """grad_accum micro-batches, one optimizer step; returns the gradient norm and the LRs it used."""
         cfg = self.cfg
-        for micro in range(cfg.grad_accum):
-            index = (step - 1) * cfg.grad_accum + micro
-            batch = to_device(self.sampler.batch(index, self.world.rank, self.world.size), self.device)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            # under DDP, gradients are all-reduced on the last micro-step only
-            with distributed.sync_gradients(self.ddp_model, micro == cfg.grad_accum - 1):
-                with self.autocast():  # chunked_loss: the model returns the loss, never the whole batch's logits
+        # One autocast region around all micro-steps: autocast keeps each weight's bf16/fp16 cast until its
+        # outermost region ends, so a weight is cast once per optimizer step (when it changes), not once per
+        # micro-step. The loss and backward stay outside autocast, as before.
+        with self.autocast():
+            for micro in range(cfg.grad_accum):
+                index = (step - 1) * cfg.grad_accum + micro
+                batch = to_device(self.sampler.batch(index, self.world.rank, self.world.size), self.device)
+                inputs, targets = batch[:, :-1], batch[:, 1:]
+                # under DDP, gradients are all-reduced on the last micro-step only
+                with distributed.sync_gradients(self.ddp_model, micro == cfg.grad_accum - 1):
+                    # chunked_loss: the model returns the loss, never the whole batch's logits
                     out = self.ddp_model(inputs, targets if cfg.chunked_loss else None)
-                if cfg.chunked_loss:
-                    ce = out.loss
-                else:
-                    ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
-                loss = ce + out.aux_loss
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-            self.window.add(ce, out.aux_loss, out.router_stats)
+                    with self.autocast_off():
+                        if cfg.chunked_loss:
+                            ce = out.loss
+                        else:
+                            ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+                        loss = ce + out.aux_loss
+                        self.scaler.scale(loss / cfg.grad_accum).backward()
+                self.window.add(ce, out.aux_loss, out.router_stats)
 
         for opt in self.optimizers:
             self.scaler.unscale_(opt)

@@ -1,0 +1,71 @@
+import functools
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from blueberry.bench.measure import ListTracker, SyntheticData
+from blueberry.bench.suite import QUICKSTART, TINY
+from blueberry.models import build_model
+from blueberry.overrides import load_spec
+from blueberry.train.evaluate import evaluate
+from blueberry.train.trainer import Trainer
+
+
+def tiny_trainer(precision: str, *overrides: str, **kwargs) -> Trainer:
+    spec = load_spec(QUICKSTART, [*TINY, "--train.progress=False", *overrides])
+    data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, data.vocab_size)
+    return Trainer(spec, model, data, ListTracker(), torch.device("cpu"), precision, **kwargs)
+
+
+class CastsOf(TorchDispatchMode):
+    """Counts the dtype casts (`aten._to_copy`) whose input is one of the given tensors."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.names = {self.key(t): name for name, t in tensors}
+        self.counts = Counter()
+
+    @staticmethod
+    def key(t):
+        return t.data_ptr(), t.shape
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and (name := self.names.get(self.key(args[0]))):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_autocast_each_weight_is_cast_once_per_optimizer_step_not_per_micro_step():
+    trainer = tiny_trainer("bf16", "--model.variant=mlp", "--train.grad_accum=4")
+    # The tied embedding is left out: the chunked loss (linear_cross_entropy.py) casts the LM head itself.
+    weights = [(name, p) for name, p in trainer.model.named_parameters() if p.ndim == 2 and "tok_emb" not in name]
+    with CastsOf(weights) as casts:
+        trainer.train_step(1)
+    assert len(casts.counts) == len(weights) == 5, casts.counts  # attention's 2 and the FFN's 3
+    assert set(casts.counts.values()) == {1}, casts.counts  # 4 micro-steps, one cast each
+
+
+def test_an_evaluation_casts_each_weight_once_not_once_per_batch():
+    trainer = tiny_trainer("bf16", "--model.variant=mlp")
+    windows = torch.randint(trainer.model.vocab_size, (3 * trainer.cfg.batch_size, trainer.spec.data.seq_len + 1))
+    weights = [(name, p) for name, p in trainer.model.named_parameters() if p.ndim == 2]  # lm_head is tok_emb
+    with CastsOf(weights) as casts:
+        evaluate(trainer.model, windows, trainer.cfg.batch_size, trainer.device, trainer.autocast)  # 3 batches
+    assert len(casts.counts) == len(weights) == 6 and set(casts.counts.values()) == {1}, casts.counts
+
+
+def test_casting_once_per_step_trains_exactly_as_casting_every_micro_step():
+    """The cast is a pure function of the weight, which changes only at the optimizer step: bit-identical."""
+    args = ("bf16", "--model.variant=moe", "--train.grad_accum=2", "--train.steps=3", "--train.eval_every=3")
+    runs = []
+    for cache in (True, False):
+        trainer = tiny_trainer(*args)  # seeds the RNG that dropout draws from in train()
+        trainer.autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, cache_enabled=cache)
+        runs.append((trainer.train(), trainer.model.state_dict()))
+    (once, once_state), (every, every_state) = runs
+    for (name, a), b in zip(once_state.items(), every_state.values(), strict=True):
+        assert torch.equal(a, b), name
+    assert once["val/loss"] == every["val/loss"] and once["train/loss"] == every["train/loss"]
