@@ -162,7 +162,6 @@ class Trainer:
         self.schedulers = build_schedulers(self.optimizers, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.autocast = autocast_for(device, precision)
-        self.autocast_off = functools.partial(torch.autocast, device_type=device.type, enabled=False)
         self.sampler = data.train_sampler(cfg.batch_size, spec.seed)
         self.val_windows = data.val_windows()
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -212,8 +211,8 @@ class Trainer:
         """grad_accum micro-batches, one optimizer step; returns the gradient norm and the LRs it used."""
         cfg = self.cfg
         # One autocast region around all micro-steps: autocast keeps each weight's bf16/fp16 cast until its
-        # outermost region ends, so a weight is cast once per optimizer step (when it changes), not once per
-        # micro-step. The loss and backward stay outside autocast, as before.
+        # outermost region ends, so a weight is cast once per optimizer step (the only place it changes), not
+        # once per micro-step. The loss and backward run with autocast off, as before.
         with self.autocast():
             for micro in range(cfg.grad_accum):
                 index = (step - 1) * cfg.grad_accum + micro
@@ -223,7 +222,7 @@ class Trainer:
                 with distributed.sync_gradients(self.ddp_model, micro == cfg.grad_accum - 1):
                     # chunked_loss: the model returns the loss, never the whole batch's logits
                     out = self.ddp_model(inputs, targets if cfg.chunked_loss else None)
-                    with self.autocast_off():
+                    with torch.autocast(self.device.type, enabled=False):
                         if cfg.chunked_loss:
                             ce = out.loss
                         else:

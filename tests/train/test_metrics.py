@@ -1,13 +1,9 @@
 import pytest
 import torch
 
-from blueberry.bench.measure import ListTracker, SyntheticData
-from blueberry.bench.suite import QUICKSTART, TINY
-from blueberry.models import build_model
-from blueberry.overrides import load_spec
+from blueberry.bench.measure import ListTracker
 from blueberry.train import metrics as metrics_module
 from blueberry.train.metrics import MetricsProcessor
-from blueberry.train.trainer import Trainer
 
 
 class Clock:
@@ -36,17 +32,3 @@ def test_throughput_window_excludes_paused_time_and_rows_reach_the_tracker(monke
     summary = {"perf/tokens_per_s": 1000.0}
     processor.close(summary)
     assert summary["cost/usd"] is None and summary["cost/device_hours"] > 0  # no price on this machine
-
-
-def test_trainer_calls_the_after_optimizer_step_hooks_once_per_step():
-    spec = load_spec(QUICKSTART, [*TINY, "--model.variant=baseline", "--train.steps=3", "--train.progress=False"])
-    data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.vocab_size)
-    hooked, seen = [], []
-    model.after_optimizer_step = lambda: hooked.append(1)
-    trainer = Trainer(
-        spec, model, data, ListTracker(), torch.device("cpu"), "fp32", callbacks=[lambda t, step: seen.append(step)]
-    )
-    summary = trainer.train()
-    assert hooked == [1, 1, 1] and seen == [1, 2, 3] and summary["trainer/step"] == 3

@@ -12,12 +12,17 @@ from blueberry.train.evaluate import evaluate
 from blueberry.train.trainer import Trainer
 
 
-def tiny_trainer(precision: str, *overrides: str, **kwargs) -> Trainer:
+def tiny_model(*overrides: str):
+    """The bench's tiny spec, synthetic data and a freshly seeded model (seeding also fixes dropout's draws)."""
     spec = load_spec(QUICKSTART, [*TINY, "--train.progress=False", *overrides])
     data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.vocab_size)
-    return Trainer(spec, model, data, ListTracker(), torch.device("cpu"), precision, **kwargs)
+    return spec, data, build_model(spec.model, data.vocab_size)
+
+
+def tiny_trainer(precision: str, *overrides: str) -> Trainer:
+    spec, data, model = tiny_model(*overrides)
+    return Trainer(spec, model, data, ListTracker(), torch.device("cpu"), precision)
 
 
 class CastsOf(TorchDispatchMode):
@@ -36,6 +41,17 @@ class CastsOf(TorchDispatchMode):
         if func is torch.ops.aten._to_copy.default and (name := self.names.get(self.key(args[0]))):
             self.counts[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+def test_trainer_calls_the_after_optimizer_step_hooks_once_per_step():
+    spec, data, model = tiny_model("--model.variant=baseline", "--train.steps=3")
+    hooked, seen = [], []
+    model.after_optimizer_step = lambda: hooked.append(1)
+    trainer = Trainer(
+        spec, model, data, ListTracker(), torch.device("cpu"), "fp32", callbacks=[lambda t, step: seen.append(step)]
+    )
+    summary = trainer.train()
+    assert hooked == [1, 1, 1] and seen == [1, 2, 3] and summary["trainer/step"] == 3
 
 
 def test_under_autocast_each_weight_is_cast_once_per_optimizer_step_not_per_micro_step():
@@ -62,7 +78,7 @@ def test_casting_once_per_step_trains_exactly_as_casting_every_micro_step():
     args = ("bf16", "--model.variant=moe", "--train.grad_accum=2", "--train.steps=3", "--train.eval_every=3")
     runs = []
     for cache in (True, False):
-        trainer = tiny_trainer(*args)  # seeds the RNG that dropout draws from in train()
+        trainer = tiny_trainer(*args)  # reseeds: both runs draw the same dropout masks
         trainer.autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, cache_enabled=cache)
         runs.append((trainer.train(), trainer.model.state_dict()))
     (once, once_state), (every, every_state) = runs
