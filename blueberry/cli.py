@@ -167,18 +167,24 @@ def study(quick, only, parallel, runs_root, dry_run):
 def run(spec_path, overrides, override_files, resume):
     """Train one run from SPEC.json, with overrides such as --train.lr=0.003 or --model="{'n_experts': 8}"."""
     spec = _load(spec_path, overrides, override_files)
+    from blueberry.data import DataError
+    from blueberry.data.corpus import resolve_source
+    from blueberry.tracking.preflight import PreflightError, preflight
+
+    try:  # what can be checked before torch and transformers load (~7 s on a small CPU) is checked first
+        preflight(spec)
+        resolve_source(spec.data)  # a local dataset path that is not there, or of a format no builder reads
+    except PreflightError as exc:
+        _fail(str(exc))
+    except DataError as exc:
+        _fail(f"{spec_path}: data: {exc}")
     with _loading_libraries():
-        from blueberry.data import DataError
         from blueberry.runner import OutOfMemory, execute
-        from blueberry.tracking.preflight import PreflightError, preflight
         from blueberry.train.checkpoint import ResumeError
         from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
-        preflight(spec)
         result = execute(spec, log=lambda msg: click.echo(msg, err=True), resume=resume)
-    except PreflightError as exc:
-        _fail(str(exc))
     except DataError as exc:
         _fail(f"{spec_path}: data: {exc}")
     except ResumeError as exc:

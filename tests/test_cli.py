@@ -92,6 +92,26 @@ def test_unreachable_dataset_exits_2_fast(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_missing_dataset_or_unusable_runs_root_fails_before_torch_loads(tmp_path):
+    """Checked before the libraries load: exit 2 in a second, not after torch and transformers' ~7 s."""
+    probe = (
+        "import atexit, sys; from blueberry.cli import console_main; "
+        "atexit.register(lambda: print('torch loaded', 'torch' in sys.modules)); "
+        "sys.argv = ['blueberry', *sys.argv[1:]]; console_main()"
+    )
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for override, said in [
+        (f"--data.dataset={tmp_path / 'no-such.jsonl'}", "data: dataset file"),
+        (f"--data.dataset={a_file}", "data: unsupported file type 'a-file'"),
+        (f"--tracking.runs_root={a_file / 'runs'}", "is a file, not a directory"),
+    ]:
+        command = [sys.executable, "-c", probe, "run", str(REPO / "experiments/quickstart.json"), override]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "torch loaded False" in done.stdout
+
+
 def test_make_run_path_writes_a_complete_record(tmp_path):
     """The quickstart spec as a user runs it, with the console script in a real process: a complete record.
 

@@ -6,9 +6,21 @@
     data.val_windows()
 
 The default corpus, Jane Austen's six novels (269 chapters), ships in this package: see README.md.
+
+`prepare_data` and `PreparedData` load on first use (PEP 562): `blueberry run` checks the dataset source
+(`corpus.resolve_source`) before torch loads, so a dataset path that is not there fails in a second.
 """
 
+import importlib
+
 from blueberry.data.errors import DataError
-from blueberry.data.prepare import PreparedData, prepare_data
+
+_LAZY = {"PreparedData": "prepare", "prepare_data": "prepare"}
 
 __all__ = ["DataError", "PreparedData", "prepare_data"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
