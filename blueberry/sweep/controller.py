@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class Worker:
     process: subprocess.Popen | Orphan
     log: object
     log_path: Path
+    device: str | None = None  # the CUDA device the trial was given (None: no GPU, or an orphan's, unknown)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -205,7 +207,7 @@ class SweepRunner:
         self.parallel = max(1, parallel)
         self.metric = (sweep.config.get("metric") or {}).get("name", "val/loss")
         self.workers: dict[str, Worker] = {}
-        self.gpus = _gpu_count()
+        self.devices = visible_cuda_devices()
         total = len(plan(sweep, count)) if sweep.method == "grid" else self.budget
         self.progress = SweepProgress(sweep.name, total, self.parallel, log=log, outer=outer)
         self.log = self.progress.write  # trial lines above the live progress line, never through it
@@ -310,7 +312,8 @@ class SweepRunner:
             self.sweep.config.get("program"),
             env,
         )
-        launch.env.update(self._offline_env(len(self.workers)))
+        device = self._least_busy_device()
+        launch.env.update(self._offline_env(device))
         for key in ("WANDB_SWEEP_ID",):
             launch.env.pop(key, None)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,9 +332,16 @@ class SweepRunner:
         )
         trial.pid = process.pid
         self.state.put(trial)
-        self.workers[trial.run_id] = Worker(trial, process, log_file, log_path)
+        self.workers[trial.run_id] = Worker(trial, process, log_file, log_path, device)
 
-    def _offline_env(self, slot: int) -> dict:
+    def _least_busy_device(self) -> str | None:
+        """The visible GPU running the fewest of our trials (the first of those), or None without GPUs."""
+        if not self.devices:
+            return None
+        busy = Counter(worker.device for worker in self.workers.values())
+        return min(self.devices, key=lambda device: busy[device])
+
+    def _offline_env(self, device: str | None) -> dict:
         """What we add to the agent's environment: offline W&B, our runs root, the sweep name, devices.
 
         No WANDB_RUN_GROUP: runs honour it (W&B's precedence), and a trial's group stays its experiment.
@@ -344,8 +354,8 @@ class SweepRunner:
             "BLUEBERRY_SWEEP_ID": self.sweep.sweep_id,
             "BLUEBERRY_SWEEP_NAME": self.sweep.name,
         }
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)  # one GPU per worker
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device  # one GPU per trial
         elif self.parallel > 1:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))  # no oversubscription
         return env
@@ -409,6 +419,18 @@ class SweepRunner:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def visible_cuda_devices() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them: what the trials are pinned to.
+
+    Under CUDA_VISIBLE_DEVICES=2,3 the trials get "2" and "3", never "0" and "1" (GPUs we were not given).
+    """
+    count = _gpu_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(index) for index in range(count)]
+    return [entry.strip() for entry in visible.split(",")][:count]  # CUDA stops at the first bad entry
 
 
 def _gpu_count() -> int:

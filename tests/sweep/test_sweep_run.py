@@ -12,6 +12,8 @@ import pytest
 import yaml
 from sweep_commands import REPO, RUN_WITH_ARGS_FILE
 
+from blueberry.sweep.config import load_sweep
+from blueberry.sweep.controller import SweepRunner, visible_cuda_devices
 from blueberry.tracking.wandb_log import read_wandb_log
 
 BLUEBERRY = str(Path(sys.executable).parent / "blueberry")
@@ -169,3 +171,41 @@ def test_a_killed_controllers_trial_is_taken_over_by_the_live_one(tmp_path):
     assert all(t["state"] == "finished" for t in trials.values())
     assert trials[orphaned["run_id"]]["worker"].split(":")[0] == str(second.pid)  # claimed from the dead one
     assert sorted(p.name for p in (runs_root / "tiny-exp").iterdir()) == sorted(trials)  # none run twice
+
+
+@pytest.mark.parametrize(
+    "visible, count, devices",
+    [(None, 2, ["0", "1"]), ("2,3", 2, ["2", "3"]), ("GPU-a, GPU-b", 2, ["GPU-a", "GPU-b"]), ("", 0, [])],
+)
+def test_trials_are_pinned_to_the_gpus_this_process_was_given(monkeypatch, visible, count, devices):
+    monkeypatch.setattr("blueberry.sweep.controller._gpu_count", lambda: count)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert visible_cuda_devices() == devices
+
+
+def test_a_new_trial_goes_to_the_gpu_that_a_finished_one_freed(tmp_path, monkeypatch):
+    """Two GPUs, given as CUDA_VISIBLE_DEVICES=5,7, two trials at a time: the third trial starts when the short
+    first one ends, and takes its GPU, not the one the long second trial still runs on."""
+    monkeypatch.setattr("blueberry.sweep.controller._gpu_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    program = tmp_path / "trial.py"  # records the GPU it was given, then works for `--wait` seconds
+    program.write_text(
+        "import os, pathlib, sys, time\n"
+        "wait = sys.argv[1].split('=')[1]\n"
+        "pathlib.Path(os.environ['BLUEBERRY_RUNS_ROOT'], wait).write_text(os.environ['CUDA_VISIBLE_DEVICES'])\n"
+        "time.sleep(float(wait))\n"
+    )
+    config = {
+        "method": "grid",
+        "command": [sys.executable, str(program), "${args}"],
+        "parameters": {"wait": {"values": [0.1, 4.0, 0.2]}},
+    }
+    path = tmp_path / "gpus.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runs_root = tmp_path / "runs"
+    SweepRunner(load_sweep(path), runs_root, parallel=2, log=lambda line: None).run()
+    given = {p.name: p.read_text() for p in runs_root.iterdir() if p.is_file()}
+    assert given == {"0.1": "5", "4.0": "7", "0.2": "5"}
