@@ -201,11 +201,11 @@ def test_a_new_trial_goes_to_the_gpu_that_a_finished_one_freed(tmp_path, monkeyp
     config = {
         "method": "grid",
         "command": [sys.executable, str(program), "${args}"],
-        "parameters": {"wait": {"values": [0.1, 4.0, 0.2]}},
+        "parameters": {"wait": {"values": [0.1, 3.0, 0.2]}},
     }
     path = tmp_path / "gpus.yaml"
     path.write_text(yaml.safe_dump(config))
     runs_root = tmp_path / "runs"
     SweepRunner(load_sweep(path), runs_root, parallel=2, log=lambda line: None).run()
     given = {p.name: p.read_text() for p in runs_root.iterdir() if p.is_file()}
-    assert given == {"0.1": "5", "4.0": "7", "0.2": "5"}
+    assert given == {"0.1": "5", "3.0": "7", "0.2": "5"}
