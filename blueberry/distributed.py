@@ -102,8 +102,7 @@ def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
     if not current().distributed:
         return metrics
     keys = sorted(metrics)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     averaged = dict(zip(keys, (values / dist.get_world_size()).tolist()))
     for key in keys:
@@ -112,6 +111,21 @@ def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
             load = [v for k, v in averaged.items() if k.startswith(layer + "load_e") and k[len(layer) + 6 :].isdigit()]
             averaged.update({layer + name: value for name, value in load_statistics(load).items()})
     return averaged
+
+
+def smallest_across_ranks(value: int) -> int:
+    """The smallest of every rank's `value` (the value itself in one process), for a choice all ranks must share:
+    the micro-batch each rank picked from its own memory sets how many micro-steps, so collectives, it runs."""
+    if not current().distributed:
+        return value
+    smallest = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return int(smallest.item())
+
+
+def _collective_device() -> torch.device | None:
+    """Where a collective's tensor lives: this rank's GPU under NCCL; gloo takes CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
 
 class NullTracker:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from blueberry import distributed
 from blueberry.hardware import (
     CPU_PRESET,
     BatchChoice,
@@ -97,6 +98,10 @@ def plan_run(
         )
     t = spec.train
     batch = resolve_batch(t.batch_size, t.grad_accum, t.effective_batch, world_size, fits, preset.max_micro_batch)
+    if batch.how == "auto":  # each rank chose from its own memory; all take the smallest choice, so every rank
+        # runs the same micro-steps on its slice of one global draw (TrainSampler) and the record's batch is theirs
+        micro = distributed.smallest_across_ranks(batch.micro_batch)  # a divisor of the per-rank batch, as all are
+        batch = BatchChoice(micro, batch.effective_batch // world_size // micro, batch.effective_batch, batch.how)
     peak_value, peak_source = peak_flops(device, precision, preset) if peak else (None, "not measured")
     price, price_source = price_per_hour(t.price_per_hour, preset)
     return RunPlan(

@@ -46,6 +46,28 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.mean_metrics({"a": 1.0}) == {"a": 1.0}
 
 
+def test_two_ranks_agree_on_the_smaller_value(tmp_path):
+    """A real gloo group of 2 processes, each with its own value: both get the smaller one."""
+    code = (
+        "import sys, torch.distributed as dist; from blueberry import distributed; "
+        "dist.init_process_group('gloo', init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2); "
+        "print(distributed.smallest_across_ranks(int(sys.argv[3]))); dist.destroy_process_group()"
+    )
+    rendezvous = f"file://{tmp_path / 'rendezvous'}"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, rendezvous, str(rank), str(value)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, value in enumerate([8, 2])
+    ]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == ["2", "2"]
+
+
 def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
     """2 ranks × 4 windows ≡ 1 process × 8 windows: the sampler hands each rank its slice of one global draw."""
     monkeypatch.setenv("BLUEBERRY_PRICE_PER_HOUR", "0.5")

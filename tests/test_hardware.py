@@ -159,6 +159,16 @@ def test_plan_run_on_cpu_resolves_auto_batch_and_estimate_grows_with_batch():
     assert hardware.estimate_train_bytes(10**6, 512, 128, 2, 4, 8192, 128, micro=8) > small
 
 
+def test_plan_run_under_torchrun_takes_the_micro_batch_every_rank_fits(monkeypatch):
+    """batch_size 'auto' with 2 ranks: each picks from its own memory, then all take the smallest pick."""
+    spec = load_spec(None, ["--model.d_model=64", "--train.batch_size=auto", "--train.effective_batch=64"])
+    alone = plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512, world_size=2).batch
+    assert (alone.micro_batch, alone.grad_accum) == (32, 1)  # no process group: this rank's own pick
+    monkeypatch.setattr("blueberry.distributed.smallest_across_ranks", lambda micro: min(micro, 4))  # the other: 4
+    agreed = plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512, world_size=2).batch
+    assert (agreed.micro_batch, agreed.grad_accum, agreed.effective_batch, agreed.how) == (4, 8, 64, "auto")
+
+
 def test_doctor_prints_findings_and_choices():
     result = CliRunner().invoke(main, ["doctor", "--model.d_model=64", "--train.precision=fp32"])
     assert result.exit_code == 0, result.output
