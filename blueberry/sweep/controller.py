@@ -51,6 +51,15 @@ class Orphan:
         state = stat.rsplit(")", 1)[-1].split()[0]
         return 0 if state in ("Z", "X") or self.run_id not in cmdline else None
 
+    def device(self) -> str | None:
+        """The GPU it was pinned to (its CUDA_VISIBLE_DEVICES), where /proc shows its environment."""
+        try:
+            environ = Path(f"/proc/{self.pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        pinned = [entry.split(b"=", 1)[1] for entry in environ if entry.startswith(b"CUDA_VISIBLE_DEVICES=")]
+        return pinned[0].decode(errors="replace") if pinned else None
+
     def send_signal(self, sig: int) -> None:
         try:
             os.kill(self.pid, sig)
@@ -74,7 +83,7 @@ class Worker:
     process: subprocess.Popen | Orphan
     log: object
     log_path: Path
-    device: str | None = None  # the CUDA device the trial was given (None: no GPU, or an orphan's, unknown)
+    device: str | None = None  # the GPU the trial was pinned to (None: no GPU, or unknown)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -296,9 +305,10 @@ class SweepRunner:
             self.log(f"  {trial.run_id}: already finished, adopted")
             return
         log_path = self.dir / "logs" / f"{trial.run_id}.log"
-        if trial.pid and Orphan(trial.pid, trial.run_id).poll() is None:
-            # Still running from the sweep that was killed: wait for it rather than run it twice.
-            self.workers[trial.run_id] = Worker(trial, Orphan(trial.pid, trial.run_id), None, log_path)
+        orphan = Orphan(trial.pid, trial.run_id) if trial.pid else None
+        if orphan is not None and orphan.poll() is None:
+            # Still running from the sweep that was killed: wait for it (on its GPU) rather than run it twice.
+            self.workers[trial.run_id] = Worker(trial, orphan, None, log_path, orphan.device())
             self.log(f"  {trial.run_id}: still running from the interrupted sweep (pid {trial.pid}), waiting")
             return
         # The user's environment as it is: a trial's W&B files go where a plain `blueberry run` puts them

@@ -13,7 +13,7 @@ import yaml
 from sweep_commands import REPO, RUN_WITH_ARGS_FILE
 
 from blueberry.sweep.config import load_sweep
-from blueberry.sweep.controller import SweepRunner, visible_cuda_devices
+from blueberry.sweep.controller import Orphan, SweepRunner, visible_cuda_devices
 from blueberry.tracking.wandb_log import read_wandb_log
 
 BLUEBERRY = str(Path(sys.executable).parent / "blueberry")
@@ -209,3 +209,15 @@ def test_a_new_trial_goes_to_the_gpu_that_a_finished_one_freed(tmp_path, monkeyp
     SweepRunner(load_sweep(path), runs_root, parallel=2, log=lambda line: None).run()
     given = {p.name: p.read_text() for p in runs_root.iterdir() if p.is_file()}
     assert given == {"0.1": "5", "3.0": "7", "0.2": "5"}
+
+
+def test_an_orphaned_trial_keeps_counting_on_the_gpu_it_was_pinned_to():
+    """A trial left running by a killed sweep: the next controller reads its GPU from its environment."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "7"}
+    trial = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "t-0001"], env=env)
+    try:
+        assert Orphan(trial.pid, "t-0001").device() == "7"
+    finally:
+        trial.kill()
+        trial.wait()
+    assert Orphan(trial.pid, "t-0001").device() is None  # gone
