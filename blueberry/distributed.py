@@ -68,12 +68,20 @@ def shutdown() -> None:
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP around `model` in a distributed run (it broadcasts rank 0's weights); the model itself otherwise."""
+    """DDP around `model` in a distributed run (it broadcasts rank 0's weights); the model itself otherwise.
+
+    A model whose steps can leave parameters without a gradient (`may_skip_parameters`: experts no token chose)
+    has DDP find them each step; otherwise DDP waits for their gradients and fails at the next step.
+    """
     if not current().distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=getattr(model, "may_skip_parameters", False),
+    )
 
 
 def sync_gradients(model: torch.nn.Module, last_micro_step: bool):

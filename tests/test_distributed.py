@@ -46,26 +46,52 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.mean_metrics({"a": 1.0}) == {"a": 1.0}
 
 
-def test_two_ranks_agree_on_the_smaller_value(tmp_path):
-    """A real gloo group of 2 processes, each with its own value: both get the smaller one."""
-    code = (
-        "import sys, torch.distributed as dist; from blueberry import distributed; "
-        "dist.init_process_group('gloo', init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2); "
-        "print(distributed.smallest_across_ranks(int(sys.argv[3]))); dist.destroy_process_group()"
-    )
+def two_ranks(tmp_path, code: str, *values: str) -> list[str]:
+    """Run `code` as ranks 0 and 1 of a gloo group (argv: rendezvous, rank, the rank's value); their stdouts."""
+    join = "import sys, torch.distributed as dist\n"
+    join += "dist.init_process_group('gloo', init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)\n"
     rendezvous = f"file://{tmp_path / 'rendezvous'}"
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", code, rendezvous, str(rank), str(value)],
+            [sys.executable, "-c", join + code, rendezvous, str(rank), value],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for rank, value in enumerate([8, 2])
+        for rank, value in enumerate(values)
     ]
-    outputs = [rank.communicate(timeout=120) for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0], outputs
-    assert [out.strip() for out, _ in outputs] == ["2", "2"]
+    outputs = [rank.communicate(timeout=180) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], [err[-2000:] for _, err in outputs]
+    return [out.strip() for out, _ in outputs]
+
+
+def test_two_ranks_agree_on_the_smaller_value(tmp_path):
+    code = "from blueberry import distributed; print(distributed.smallest_across_ranks(int(sys.argv[3])))"
+    assert two_ranks(tmp_path, code, "8", "2") == ["2", "2"]
+
+
+def test_ddp_trains_the_baseline_moe_while_experts_sit_idle(tmp_path):
+    """The baseline MoE's experts are separate modules: an expert no token chose has no gradient that step. DDP
+    must not wait for it (it failed at the second step: "Expected to have finished reduction")."""
+    code = """
+import torch
+from blueberry import distributed
+from blueberry.models import build_model
+from blueberry.overrides import load_spec
+torch.set_num_threads(1)
+spec = load_spec(None, [*sys.argv[3].split(), "--model.router_noise_std=0"])
+torch.manual_seed(0)
+model = build_model(spec.model, 64)
+with torch.no_grad():
+    model.blocks[0].ffn.router.weight.zero_()  # every token picks the same 2 of the 4 experts
+ddp = distributed.wrap(model, torch.device("cpu"))
+for step in range(3):
+    ids = torch.randint(64, (2, 9))
+    ddp(ids[:, :-1], ids[:, 1:]).loss.backward()
+print(sum(p.grad is None for p in model.blocks[0].ffn.experts.parameters()))
+"""
+    spec = " ".join(["--model.variant=baseline", *DDP_TINY[1:6]])
+    assert two_ranks(tmp_path, code, spec, spec) == ["4", "4"]  # 2 idle experts × 2 matrices, on both ranks
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):

@@ -161,6 +161,10 @@ class TopKMoE(nn.Module):
     weighted by a softmax over the k chosen logits. Expert: Linear, SiLU, dropout, Linear; no biases.
     """
 
+    # Each expert is its own module: one that no token chose is not in the step's graph and gets no gradient
+    # (the optimizer leaves it alone), so DDP must look for such parameters (`BlueberryLM.may_skip_parameters`).
+    skips_idle_experts = True
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.n_experts, self.top_k, self.noise_std = spec.n_experts, spec.top_k, spec.router_noise_std

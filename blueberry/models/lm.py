@@ -113,6 +113,11 @@ class BlueberryLM(nn.Module):
         """The routed feed-forward blocks: they expose n_experts, top_k and routed_experts() for the accounting."""
         return [block.ffn for block in self.blocks if block.routed]
 
+    @property
+    def may_skip_parameters(self) -> bool:
+        """Whether a step can leave parameters without a gradient: a routed block whose idle experts sit out."""
+        return any(getattr(ffn, "skips_idle_experts", False) for ffn in self.routed_ffns())
+
     def attention_flops(self, seq_len: int) -> float:
         """Training FLOPs per token of the attention score and value products, summed over layers."""
         return sum(block.attn.flops_per_token(seq_len) for block in self.blocks)
