@@ -119,6 +119,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     summary = json.loads(records[0].read_text())
     assert summary["cost/usd"] == pytest.approx(0.5 * summary["cost/device_hours"])  # device-hours of both ranks
+    both_peaks = 2 * header["hardware"]["peak_flops"]  # the tokens/s are both ranks', so is the peak
+    assert summary["perf/mfu"] == pytest.approx(summary["perf/tflops"] * 1e12 / both_peaks)
     assert summary["trainer/tokens"] == single.summary["trainer/tokens"]  # global tokens, both ranks
     assert summary["val/loss"] == pytest.approx(single.summary["val/loss"], abs=2e-4)
     two_rows = [r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]

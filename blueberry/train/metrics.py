@@ -27,8 +27,9 @@ def peak_memory_mb(device: torch.device) -> float:
 class MetricsProcessor:
     """Turns the trainer's log-step metrics into rows for `tracker` (a Tracker: log, summary, finish).
 
-    flops_per_token and peak give perf/tflops and perf/mfu; monitor (a GpuMonitor) the gpu/* readings and the
-    energy; price_per_hour and world_size the cost/* summary keys, over the wall time since `started`.
+    flops_per_token and peak (one device's) give perf/tflops and perf/mfu, over the world_size devices whose
+    tokens the trainer counts; monitor (a GpuMonitor) the gpu/* readings and the energy; price_per_hour and
+    world_size the cost/* summary keys, over the wall time since `started`.
     """
 
     def __init__(
@@ -103,7 +104,7 @@ class MetricsProcessor:
         achieved = self.flops_per_token * values["perf/tokens_per_s"]
         out = {"perf/tflops": achieved / 1e12}
         if self.peak:
-            out["perf/mfu"] = achieved / self.peak
+            out["perf/mfu"] = achieved / (self.peak * self.world_size)  # tokens/s are every rank's
         return out
 
     def log(self, metrics: dict[str, Any], step: int) -> dict[str, Any]:

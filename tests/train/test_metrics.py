@@ -32,3 +32,15 @@ def test_throughput_window_excludes_paused_time_and_rows_reach_the_tracker(monke
     summary = {"perf/tokens_per_s": 1000.0}
     processor.close(summary)
     assert summary["cost/usd"] is None and summary["cost/device_hours"] > 0  # no price on this machine
+
+
+def test_mfu_of_a_distributed_run_is_over_every_ranks_peak(monkeypatch):
+    """The trainer counts every rank's tokens; the plan's peak is one device's: MFU divides by world × peak."""
+    clock = Clock()
+    monkeypatch.setattr(metrics_module.time, "perf_counter", clock)
+    processor = MetricsProcessor(ListTracker(), flops_per_token=1e6, peak=1e12, world_size=4)
+    processor.begin(torch.device("cpu"), tokens_per_step=1000)  # all 4 ranks' tokens
+    clock.now += 1.0
+    processor.step_done()
+    row = processor.log_train({"train/loss": 3.0}, step=1, now=processor.sync())
+    assert row["perf/tflops"] == pytest.approx(1e-3) and row["perf/mfu"] == pytest.approx(1e-3 / 4)
