@@ -234,8 +234,11 @@ class Trainer:
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        for opt in self.optimizers:
-            self.scaler.step(opt)
+        # fp16: GradScaler skips only the optimizer whose own gradients overflowed, and the other (Muon and AdamW
+        # split the parameters) would step on gradients the clip made NaN or zero: one overflow skips both.
+        if not self.scaler.is_enabled() or torch.isfinite(grad_norm).item():
+            for opt in self.optimizers:
+                self.scaler.step(opt)
         self.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)

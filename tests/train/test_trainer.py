@@ -85,3 +85,17 @@ def test_casting_once_per_step_trains_exactly_as_casting_every_micro_step():
     for (name, a), b in zip(once_state.items(), every_state.values(), strict=True):
         assert torch.equal(a, b), name
     assert once["val/loss"] == every["val/loss"] and once["train/loss"] == every["train/loss"]
+
+
+def test_an_fp16_overflow_in_one_optimizers_gradients_skips_every_optimizers_step():
+    """GradScaler skips only the optimizer whose gradients overflowed; the trainer skips Muon's and AdamW's."""
+    trainer = tiny_trainer("fp16", "--model.variant=mlp")
+    muon, adamw = trainer.optimizers
+    overflowing = muon.param_groups[0]["params"][0]
+    overflowing.register_hook(lambda grad: torch.full_like(grad, float("inf")))  # what fp16 overflow looks like
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    scale = trainer.scaler.get_scale()
+    trainer.train_step(1)
+    assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
+    assert not adamw.state and not muon.state  # neither took a step (AdamW's step count would have advanced)
+    assert trainer.scaler.get_scale() == scale / 2  # and the scale backs off, as after any overflow
