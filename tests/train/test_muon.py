@@ -61,7 +61,10 @@ def test_stack_update_equals_per_matrix_updates():
 
 
 def test_dtype_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100
     assert orthogonaliser_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4: bf16 emulated
+    assert orthogonaliser_dtype(torch.device("cuda")) == torch.float32
     monkeypatch.setattr(muon, "cpu_supports_bf16", lambda: False)  # AVX2 only
     assert orthogonaliser_dtype(torch.device("cpu")) == torch.float32
     monkeypatch.setattr(muon, "cpu_supports_bf16", lambda: True)  # AMX or AVX512-BF16
