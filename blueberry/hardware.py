@@ -33,9 +33,14 @@ class Preset:
     max_micro_batch: int  # upper bound for batch_size 'auto' (the memory probe may pick less)
     source: str = ""  # the document the peaks come from
 
+    def peak(self, precision: str) -> float | None:
+        """Data-sheet TFLOP/s of a run in `precision`; fp32 matmuls run as TF32 where the GPU has it (Ampere+)."""
+        return self.peak_tflops.get("tf32" if precision == "fp32" and "tf32" in self.peak_tflops else precision)
+
 
 # The one table of data-sheet peaks: dense tensor-core figures (fp16/bf16 with fp32 accumulate; the data sheets
-# print "with sparsity" figures, twice these) and plain fp32 (no TF32). Prices: rough 2025 cloud rental list
+# print "with sparsity" figures, twice these), TF32 tensor-core figures (what an fp32 run gets on Ampere+, where
+# `enable_tf32` switches it on) and plain fp32. Prices: rough 2025 cloud rental list
 # prices per device-hour (spot prices can be half that); they drift, so the run records which price it used and
 # where it came from. Order matters: the first preset whose words all match wins.
 PRESETS: tuple[Preset, ...] = (
@@ -44,7 +49,7 @@ PRESETS: tuple[Preset, ...] = (
         "RTX 4090",
         ("4090",),
         "bf16",
-        {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6},
+        {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
         0.40,
         128,
         "NVIDIA Ada Lovelace GPU Architecture whitepaper, GeForce RTX 4090 (FP16/BF16 tensor, FP32 accumulate)",
@@ -53,7 +58,7 @@ PRESETS: tuple[Preset, ...] = (
         "A100",
         ("a100",),
         "bf16",
-        {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+        {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
         1.50,
         256,
         "NVIDIA A100 Tensor Core GPU data sheet",
@@ -62,7 +67,7 @@ PRESETS: tuple[Preset, ...] = (
         "H100 PCIe",
         ("h100", "pcie"),
         "bf16",
-        {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
+        {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
         2.50,
         256,
         "NVIDIA H100 Tensor Core GPU data sheet (PCIe)",
@@ -71,7 +76,7 @@ PRESETS: tuple[Preset, ...] = (
         "H100",
         ("h100",),
         "bf16",
-        {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+        {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
         3.00,
         256,
         "NVIDIA H100 Tensor Core GPU data sheet (SXM)",
@@ -80,7 +85,7 @@ PRESETS: tuple[Preset, ...] = (
         "H200 NVL",
         ("h200", "nvl"),
         "bf16",
-        {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
+        {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
         3.50,
         256,
         "NVIDIA H200 Tensor Core GPU data sheet (NVL)",
@@ -89,7 +94,7 @@ PRESETS: tuple[Preset, ...] = (
         "H200",
         ("h200",),
         "bf16",
-        {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+        {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
         3.50,
         256,
         "NVIDIA H200 Tensor Core GPU data sheet (SXM)",

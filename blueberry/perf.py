@@ -101,10 +101,11 @@ def save_ceiling(precision: str, flops: float) -> None:
 def peak_flops(device: torch.device, precision: str, preset: Preset) -> tuple[float | None, str]:
     """Peak FLOP/s for MFU and its source: the GPU table, or this CPU's GEMM ceiling (cached, else measured now)."""
     if device.type == "cuda":
-        tflops = preset.peak_tflops.get(precision)
+        tflops = preset.peak(precision)  # fp32 at the TF32 peak where train/device.py switches TF32 on
         if tflops is None:
             return None, f"no {precision} peak in the table for {preset.name}"
-        return tflops * 1e12, f"data sheet ({preset.name}, {precision})"
+        kind = "tf32" if precision == "fp32" and "tf32" in preset.peak_tflops else precision
+        return tflops * 1e12, f"data sheet ({preset.name}, {kind})"
     if bf16_emulated(device, precision):
         # the quickstart's bf16 model reached 127 % of an emulated ceiling (`make bench`, AVX2 EPYC): a meaningless MFU
         return None, "bf16 is emulated on this CPU, which has no AMX or AVX512-BF16: no MFU"

@@ -47,6 +47,9 @@ def test_peak_flops_sources(monkeypatch, tmp_path):
     peak, source = perf.peak_flops(torch.device("cuda"), "bf16", preset_for("NVIDIA A100-SXM4-80GB"))
     assert peak == 312e12 and "data sheet" in source
     assert perf.peak_flops(torch.device("cuda"), "bf16", preset_for("Tesla T4"))[0] is None  # T4 has no bf16
+    peak, source = perf.peak_flops(torch.device("cuda"), "fp32", preset_for("NVIDIA H100 80GB HBM3"))
+    assert peak == 494.7e12 and source == "data sheet (H100, tf32)"  # fp32 matmuls run as TF32 on Ampere+
+    assert perf.peak_flops(torch.device("cuda"), "fp32", preset_for("Tesla T4"))[0] == 8.1e12  # no TF32 on Turing
     quick, source = perf.peak_flops(torch.device("cpu"), "fp32", CPU_PRESET)
     assert quick > 0 and source.startswith("quick")
     perf.save_ceiling("fp32", 1.5e11)  # what `blueberry bench --ceiling` leaves for later runs

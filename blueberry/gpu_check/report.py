@@ -32,9 +32,9 @@ def format_table(outcomes: list[Outcome]) -> str:
 
 def datasheet_table() -> str:
     """The data-sheet peaks the MFU figures and the projection use, with their sources."""
-    lines = ["| GPU | bf16 | fp16 | fp32 | $/h (list) | source |", "|---|---:|---:|---:|---:|---|"]
+    lines = ["| GPU | bf16 | fp16 | tf32 | fp32 | $/h (list) | source |", "|---|---:|---:|---:|---:|---:|---|"]
     for p in PRESETS:
-        peaks = [f"{p.peak_tflops[k]:g}" if k in p.peak_tflops else "—" for k in ("bf16", "fp16", "fp32")]
+        peaks = [f"{p.peak_tflops[k]:g}" if k in p.peak_tflops else "—" for k in ("bf16", "fp16", "tf32", "fp32")]
         lines.append(f"| {p.name} | {' | '.join(peaks)} | {p.usd_per_hour:.2f} | {p.source} |")
     return "\n".join(lines)
 
