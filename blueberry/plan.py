@@ -156,6 +156,7 @@ def build(
         assert_causal(model, vocab_size, seq_len=min(32, spec.data.seq_len))
     params = count_parameters(model)
     plan = plan_run(spec, device, model, vocab_size, world_size, probe=probe, peak=peak)
+    model.forget_routing_loads()  # what the batch-size probe's passes routed is no training step's
     if plan.compile:  # train.compile 'auto' resolved for this device
         model.compile()  # in place: parameter names and checkpoints stay those of the plain model
     return Build(plan.apply(spec), device, precision, model, params, plan)

@@ -169,6 +169,23 @@ def test_plan_run_under_torchrun_takes_the_micro_batch_every_rank_fits(monkeypat
     assert (agreed.micro_batch, agreed.grad_accum, agreed.effective_batch, agreed.how) == (4, 8, 64, "auto")
 
 
+def test_what_the_batch_size_probe_routed_is_forgotten_before_training(monkeypatch):
+    """On CUDA the probe runs passes in training mode on random tokens: with model.balance = bias_update, what
+    they routed must not move the first routing-bias update."""
+    from blueberry import plan
+
+    def probing_plan_run(spec, device, model, vocab_size, *args, **kwargs):
+        model(torch.randint(vocab_size, (2, 16)))  # the probe's pass
+        return plan_run(spec, device, model, vocab_size, *args, **kwargs)
+
+    monkeypatch.setattr(plan, "plan_run", probing_plan_run)
+    spec = load_spec(None, ["--model.variant=moe", "--model.d_model=64", "--model.balance=bias_update"])
+    model = plan.build(spec, torch.device("cpu"), 512, check_causal=False, peak=False).model
+    biases = [ffn.moe.gate.e_score_correction_bias.clone() for ffn in model.routed_ffns()]
+    model.after_optimizer_step()  # the first bias update, before any training step routed anything
+    assert all(torch.equal(ffn.moe.gate.e_score_correction_bias, b) for ffn, b in zip(model.routed_ffns(), biases))
+
+
 def test_doctor_prints_findings_and_choices():
     result = CliRunner().invoke(main, ["doctor", "--model.d_model=64", "--train.precision=fp32"])
     assert result.exit_code == 0, result.output

@@ -242,6 +242,10 @@ class SigmoidRouterMoE(nn.Module):
             self._load_since_update = load if self._load_since_update is None else self._load_since_update + load
         return y, routing
 
+    def forget_loads(self) -> None:
+        """Drop the loads gathered so far: forward passes that were not training steps (the batch-size probe's)."""
+        self._load_since_update = None
+
     @torch.no_grad()
     def update_bias(self, rate: float) -> None:
         """Auxiliary-loss-free balancing (DeepSeek-V3, GLM-4): after an optimizer step, raise the routing bias of

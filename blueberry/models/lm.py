@@ -129,6 +129,13 @@ class BlueberryLM(nn.Module):
             for ffn in self.routed_ffns():
                 ffn.update_bias(self.spec.bias_update_rate)
 
+    def forget_routing_loads(self) -> None:
+        """Drop the routing loads that forward passes outside training gathered (the batch-size probe's, in
+        training mode on random tokens), so the first bias update sees the first training step's alone."""
+        for ffn in self.routed_ffns():
+            if hasattr(ffn, "forget_loads"):
+                ffn.forget_loads()
+
     def optimizer_groups(self) -> OptimizerGroups:
         """One recipe for every variant: the hidden weight matrices (Muon, or decayed AdamW) and the rest.
 
