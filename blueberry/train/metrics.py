@@ -18,7 +18,7 @@ from blueberry.hardware import run_cost
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory, or the process's peak resident set on CPU."""
+    """Peak allocated GPU memory since training began, or the process's peak resident set on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -54,6 +54,8 @@ class MetricsProcessor:
     def begin(self, device: torch.device, tokens_per_step: int, elapsed_before: float = 0.0) -> None:
         """Start timing: `tokens_per_step` over all ranks; `elapsed_before` the training time of earlier attempts."""
         self.device, self.tokens_per_step = device, tokens_per_step
+        if device.type == "cuda":  # peak memory from here on: training and its evaluations, not the build's probe
+            torch.cuda.reset_peak_memory_stats(device)
         self.window_start = time.perf_counter()
         self.started = self.window_start - elapsed_before
         self.steps_timed = 0

@@ -44,3 +44,17 @@ def test_mfu_of_a_distributed_run_is_over_every_ranks_peak(monkeypatch):
     processor.step_done()
     row = processor.log_train({"train/loss": 3.0}, step=1, now=processor.sync())
     assert row["perf/tflops"] == pytest.approx(1e-3) and row["perf/mfu"] == pytest.approx(1e-3 / 4)
+
+
+def test_peak_gpu_memory_counts_from_the_start_of_training(monkeypatch):
+    """The build's batch-size probe can peak above training: the logged peak is training's (CUDA faked)."""
+    allocator = {"peak": 9000 * 2**20}  # the probe's
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocator.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator["peak"])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    processor = MetricsProcessor(ListTracker())
+    processor.begin(torch.device("cuda"), tokens_per_step=1000)
+    allocator["peak"] = 300 * 2**20  # training's
+    processor.step_done()
+    row = processor.log_train({"train/loss": 3.0}, step=1, now=processor.sync())
+    assert row["perf/peak_memory_mb"] == 300
