@@ -98,7 +98,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     mode, why = run.wandb_settings["mode"].value, run.wandb_settings["mode"].source
     claim_stage(run, resume, log)
     record_stage(run, mode, why, log)
-    stop = StopRequest().install()
+    stop = StopRequest(at_once=world.distributed).install()
     try:
         with recorded(run):
             tracker_stage(run, mode, log)
@@ -280,8 +280,8 @@ def recorded(run: Run):
     except TrainingInterrupted as exc:
         run.tracker.finish("interrupted", str(exc))
         raise
-    except KeyboardInterrupt:
-        run.tracker.finish("interrupted", "KeyboardInterrupt")
+    except KeyboardInterrupt as exc:
+        run.tracker.finish("interrupted", str(exc) or "KeyboardInterrupt")
         raise
     except torch.OutOfMemoryError as exc:
         message = _out_of_memory_advice(run.built.spec, run.built.device)

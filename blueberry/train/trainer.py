@@ -47,15 +47,20 @@ class TrainingInterrupted(Exception):
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second signal stops at once.
 
-    Handlers are installed only from the main thread (Python delivers signals there); `restore` puts back
-    the previous ones.
+    `at_once` (a torchrun run's rank 0): the first signal stops at once. torchrun hands the signal to every rank,
+    the others stop without finishing their step, and rank 0 would wait for them in the step's collectives;
+    a multi-process run is not resumed from a checkpoint anyway. Handlers are installed only from the main
+    thread (Python delivers signals there); `restore` puts back the previous ones.
     """
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
         self.signum: int | None = None
+        self.at_once = at_once
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.at_once:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} to a torchrun run: stopped at once")
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum

@@ -1,6 +1,8 @@
 import functools
+import signal
 from collections import Counter
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -9,7 +11,7 @@ from blueberry.bench.suite import QUICKSTART, TINY
 from blueberry.models import build_model
 from blueberry.overrides import load_spec
 from blueberry.train.evaluate import evaluate
-from blueberry.train.trainer import Trainer
+from blueberry.train.trainer import StopRequest, Trainer
 
 
 def tiny_model(*overrides: str):
@@ -99,3 +101,19 @@ def test_an_fp16_overflow_in_one_optimizers_gradients_skips_every_optimizers_ste
     assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
     assert not adamw.state and not muon.state  # neither took a step (AdamW's step count would have advanced)
     assert trainer.scaler.get_scale() == scale / 2  # and the scale backs off, as after any overflow
+
+
+def test_a_signal_stops_a_torchrun_runs_rank_0_at_once_and_a_single_process_after_its_step():
+    """torchrun hands the signal to every rank: the others stop mid-step, so rank 0 cannot finish its step."""
+    single = StopRequest().install()
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        assert single.signum == signal.SIGTERM  # noted: the loop checkpoints after this step, then stops
+    finally:
+        single.restore()
+    ranked = StopRequest(at_once=True).install()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM to a torchrun run: stopped at once"):
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        ranked.restore()
