@@ -152,7 +152,11 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
     run_id = given_id or f"{spec.run_name}-{spec_hash[:8]}"
     runs_root = runs_root_for(spec)  # $BLUEBERRY_RUNS_ROOT (a sweep) or tracking.runs_root
     claimed = claim_run_dir(
-        runs_root, spec.experiment, run_id, reuse=None if resume is False else _resumable(resume), create=not resume
+        runs_root,
+        spec.experiment,
+        run_id,
+        reuse=None if resume is False else _resumable(resume, log),
+        create=not resume,
     )
     if claimed is None:
         raise ResumeError(f"nothing to resume: no unfinished run {run_id} with a checkpoint in {runs_root}")
@@ -312,11 +316,16 @@ def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) 
     return stored_id, "must" if mode == previous_mode == "online" else "allow"
 
 
-def _resumable(resume: bool | None):
+def _resumable(resume: bool | None, log=print):
     """Which earlier attempt of the run id to continue (README, "Checkpoints and resume")."""
 
     def accept(path: Path, state: str) -> bool:
         if state == "finished":
+            return False
+        hardware = (read_json(path / SPEC_FILE) or {}).get("hardware")
+        ranks = hardware.get("world_size", 1) if isinstance(hardware, dict) else 1
+        if ranks != 1:  # torchrun runs never resume (execute), and one process is not their global batch
+            log(f"not resuming {path}: a torchrun run of {ranks} processes, which one process cannot continue")
             return False
         if resume:  # --resume: a failed run too, but only from a checkpoint
             return bool(checkpoint_paths(path / "checkpoints"))

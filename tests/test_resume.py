@@ -363,6 +363,22 @@ def test_an_unreadable_earlier_attempt_is_left_alone_and_named(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "runs" / "ft").iterdir()) == [crashed.name, crashed.name + "-2"]
 
 
+def test_one_process_does_not_continue_an_interrupted_torchrun_run(tmp_path, monkeypatch):
+    """Its global batch was the ranks' together: a plain `blueberry run` of the same spec starts a new attempt."""
+    args, interrupted_run = interrupted(tmp_path, monkeypatch, steps=4, at=2)
+    header = json.loads((interrupted_run / "spec.json").read_text())
+    header["hardware"]["world_size"] = 2  # as a torchrun run of 2 processes records it
+    (interrupted_run / "spec.json").write_text(json.dumps(header))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert f"not resuming {interrupted_run}: a torchrun run of 2 processes" in result.output
+    assert json.loads((interrupted_run / "status.json").read_text())["state"] == "interrupted"  # left as it was
+    assert sorted(p.name for p in interrupted_run.parent.iterdir()) == [
+        interrupted_run.name,
+        interrupted_run.name + "-2",
+    ]
+
+
 def test_an_unreadable_wandb_segment_does_not_stop_the_resume(tmp_path, monkeypatch):
     args, run_dir = interrupted(tmp_path, monkeypatch, steps=6, at=4)
     (segment,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
