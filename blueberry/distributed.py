@@ -41,6 +41,16 @@ def env_world() -> World:
     )
 
 
+def node_devices(world: World, device: torch.device) -> list[int]:
+    """CUDA indices of the GPUs on this machine that the run trains on: every local rank's under torchrun (rank 0
+    reports for them), else this process's own; none on CPU."""
+    if device.type != "cuda":
+        return []
+    if world.distributed:
+        return list(range(int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))))
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def current() -> World:
     """The initialised process group's world, else a single process."""
     if dist.is_available() and dist.is_initialized():

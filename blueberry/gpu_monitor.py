@@ -20,7 +20,10 @@ READERS = {
 
 
 class GpuMonitor:
-    def __init__(self, interval_s: float = 10.0):
+    """Samples the GPUs a run trains on: `devices` are their CUDA indices as torch numbers them (None: every
+    visible GPU), mapped to NVML through CUDA_VISIBLE_DEVICES."""
+
+    def __init__(self, interval_s: float = 10.0, devices: list[int] | None = None):
         self.interval_s = interval_s
         self._latest: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -34,7 +37,8 @@ class GpuMonitor:
 
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in visible_indices(pynvml)]
+            visible = visible_handles(pynvml)
+            self._handles = visible if devices is None else [visible[i] for i in devices if i < len(visible)]
         except Exception:  # no library, no driver, no GPU: nothing to monitor
             self._nvml, self._handles = None, []
 
@@ -113,11 +117,23 @@ class GpuMonitor:
         return {} if energy is None else {"gpu/energy_wh": energy}
 
 
-def visible_indices(nvml) -> list[int]:
-    """NVML indices of the GPUs this process may use: NVML ignores CUDA_VISIBLE_DEVICES, so apply it here."""
+def visible_handles(nvml) -> list:
+    """NVML handles of the GPUs this process may use, in CUDA's numbering: NVML ignores CUDA_VISIBLE_DEVICES, so
+    apply it here (indices or GPU-<uuid>; like CUDA, stop at the first entry that names no GPU; MIG instances
+    are not monitored)."""
     count = nvml.nvmlDeviceGetCount()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
-        return list(range(count))
-    indices = [int(v) for v in visible.split(",") if v.strip().isdigit()]
-    return [i for i in indices if i < count]
+        return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+    handles = []
+    for entry in (entry.strip() for entry in visible.split(",")):
+        try:
+            if entry.isdigit() and int(entry) < count:
+                handles.append(nvml.nvmlDeviceGetHandleByIndex(int(entry)))
+            elif entry.startswith("GPU-"):
+                handles.append(nvml.nvmlDeviceGetHandleByUUID(entry))
+            else:
+                break
+        except Exception:  # NVMLError: no such GPU
+            break
+    return handles

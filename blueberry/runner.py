@@ -229,7 +229,7 @@ def tracker_stage(run: Run, mode: str, log) -> None:
         Trackers(record, run.wandb),
         plan.flops_per_token,
         plan.peak_flops,
-        GpuMonitor().start(),  # inert without NVML
+        GpuMonitor(devices=distributed.node_devices(run.world, run.built.device)).start(),  # inert without NVML
         price_per_hour=plan.price_per_hour,
         world_size=run.world.size,
         started=run.started,

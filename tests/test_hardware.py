@@ -48,6 +48,7 @@ def fake_pynvml(names, energy_mj=None, fail_init=False):
     nvml.nvmlSystemGetDriverVersion = lambda: "550.54"
     nvml.nvmlDeviceGetCount = lambda: len(names)
     nvml.nvmlDeviceGetHandleByIndex = lambda i: i
+    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: [f"GPU-{i}" for i in range(len(names))].index(uuid)
     nvml.nvmlDeviceGetName = lambda h: names[h].encode()  # old bindings return bytes
     nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=GPUS[names[h]][1] * 2**20, used=2**30)
     nvml.nvmlDeviceGetCudaComputeCapability = lambda h: GPUS[names[h]][0]
@@ -111,6 +112,32 @@ def test_gpu_monitor_integrates_power_without_energy_counter(monkeypatch):
     monitor._last_sample -= 36.0  # pretend the last reading was 36 s ago: 250 W × 36 s = 2.5 Wh per GPU
     assert "gpu/1/power_w" in monitor.latest()
     assert monitor.stop()["gpu/energy_wh"] == pytest.approx(5.0, rel=1e-3)
+
+
+def test_gpu_monitor_reads_only_the_gpus_the_run_trains_on(monkeypatch):
+    """A run on one GPU of a 4-GPU machine: its energy, not the machine's; CUDA_VISIBLE_DEVICES maps the numbers."""
+    energy = [0.0] * 4
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(["Tesla T4"] * 4, energy_mj=energy))
+    for visible, devices, read in [(None, [2], 2), ("3,1", [1], 1), ("GPU-3, GPU-0", [0], 3), ("2,x,1", [1], None)]:
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        energy[:] = [0.0] * 4
+        monitor = GpuMonitor(interval_s=3600, devices=devices).start()
+        assert monitor.active == (read is not None)  # "2,x,1": CUDA stops at "x", so it sees one GPU only
+        if read is not None:
+            assert "gpu/util_pct" in monitor.latest() and monitor.stop() == {"gpu/energy_wh": pytest.approx(1.0)}
+            assert [e > 0 for e in energy] == [i == read for i in range(4)], (visible, energy)
+
+
+def test_a_run_monitors_its_own_gpu_or_under_torchrun_its_machines_ranks(monkeypatch):
+    from blueberry.distributed import World, node_devices
+
+    assert node_devices(World(), torch.device("cpu")) == []
+    assert node_devices(World(), torch.device("cuda", 3)) == [3]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node 4, on each machine
+    assert node_devices(World(rank=0, size=8, local_rank=0), torch.device("cuda", 0)) == [0, 1, 2, 3]
 
 
 def test_price_order_and_cost(monkeypatch, tmp_path):
