@@ -94,6 +94,31 @@ print(sum(p.grad is None for p in model.blocks[0].ffn.experts.parameters()))
     assert two_ranks(tmp_path, code, spec, spec) == ["4", "4"]  # 2 idle experts × 2 matrices, on both ranks
 
 
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_log_step(tmp_path):
+    """Each rank's loss is its own: rank 1 saw a NaN at step 5, rank 0 none. Both raise, naming step 5; rank 0
+    alone would otherwise go on into the next collective and wait for a rank that has stopped."""
+    code = """
+import torch
+from blueberry.bench.measure import ListTracker, SyntheticData
+from blueberry.bench.suite import QUICKSTART, TINY
+from blueberry.models import build_model
+from blueberry.overrides import load_spec
+from blueberry.train.trainer import Trainer, TrainingDiverged
+torch.set_num_threads(1)
+spec = load_spec(QUICKSTART, [*TINY, "--train.progress=False"])
+data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
+trainer = Trainer(spec, build_model(spec.model, data.vocab_size), data, ListTracker(), torch.device("cpu"), "fp32")
+trainer.bad_step.fill_(int(sys.argv[3]))  # this rank's first step with a NaN loss, 0 for none
+try:
+    trainer.check_finite(every_rank=True)
+    print("went on")
+except TrainingDiverged as exc:
+    print(exc)
+"""
+    said = two_ranks(tmp_path, code, "0", "5")
+    assert said == ["train loss or gradient norm became NaN/inf at step 5"] * 2
+
+
 def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
     """2 ranks × 4 windows ≡ 1 process × 8 windows: the sampler hands each rank its slice of one global draw."""
     monkeypatch.setenv("BLUEBERRY_PRICE_PER_HOUR", "0.5")

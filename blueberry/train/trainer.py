@@ -29,6 +29,7 @@ from blueberry.train.optim import build_optimizers
 from blueberry.train.schedule import build_schedulers
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NO_BAD_STEP = 2**62  # stands for "no bad step" where ranks take the smallest first bad step
 
 
 class TrainingDiverged(RuntimeError):
@@ -260,8 +261,14 @@ class Trainer:
         self.bad_step = torch.where((self.bad_step == 0) & ~finite, step, self.bad_step)
         return grad_norm, step_lrs
 
-    def check_finite(self) -> None:
-        if bad := self.bad_step.item():
+    def check_finite(self, every_rank: bool = False) -> None:
+        """Raise TrainingDiverged if a loss or gradient norm was NaN/inf. `every_rank` (a point all ranks reach,
+        the log step): under torchrun the ranks agree first, as each rank's loss is its own; else one rank would
+        stop while the others wait for it in the step's collectives."""
+        bad = self.bad_step.item()
+        if every_rank and self.world.distributed:
+            bad = distributed.smallest_across_ranks(bad or NO_BAD_STEP) % NO_BAD_STEP  # the first bad step, or 0
+        if bad:
             last_good = self.checkpointer.latest() if self.checkpointer else None
             kept = f"; last good checkpoint: {last_good}" if last_good else ""
             raise TrainingDiverged(f"train loss or gradient norm became NaN/inf at step {bad}{kept}")
@@ -270,7 +277,7 @@ class Trainer:
 
     def log_step(self, step: int, grad_norm: torch.Tensor, step_lrs: list[float]) -> None:
         now = self.metrics.sync()
-        self.check_finite()
+        self.check_finite(every_rank=True)
         metrics = {
             **distributed.mean_metrics(self.window.metrics()),  # over ranks (one collective) under DDP
             "train/lr": step_lrs[0],
