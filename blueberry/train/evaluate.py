@@ -10,12 +10,16 @@ import torch.nn.functional as F
 
 # On a CPU the loss and the accuracy are memory-bound: read in chunks of rows whose fp32 logits fit in a core's
 # cache, they cost a third of one pass over the whole batch's logits (8,192- and 49,152-token vocabularies,
-# measured on the 2-core dev machine). A GPU takes the batch whole: thousands of small kernels would cost more.
+# measured on the 2-core dev machine). A GPU takes large chunks (thousands of small kernels would cost more),
+# bounded so that the fp32 copy and cross_entropy's own stay small next to the model's bf16/fp16 logits: the
+# batch-size probe measures training's chunked loss, and a micro-batch it picked must not run out of memory here.
 CPU_CHUNK_BYTES = 2**20
+GPU_CHUNK_BYTES = 256 * 2**20
 
 
 def _rows_per_chunk(n_rows: int, vocab_size: int, device: torch.device) -> int:
-    return n_rows if device.type == "cuda" else max(1, CPU_CHUNK_BYTES // (4 * vocab_size))
+    budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    return min(n_rows, max(1, budget // (4 * vocab_size)))
 
 
 @torch.no_grad()

@@ -51,3 +51,10 @@ def test_ties_count_as_argmax_counts_them_the_first_maximum_wins():
     windows = torch.tensor([[3, 0, 5, 0, 0], [0, 1, 0, 2, 0]])
     got = evaluate(model, windows, batch_size=2, device=torch.device("cpu"))
     assert got["val/accuracy"] == reference(model, windows)[1] == 5 / 8
+
+
+def test_a_gpu_reads_the_logits_in_chunks_of_at_most_256_mib_in_fp32():
+    rows = evaluate_module._rows_per_chunk
+    assert rows(16 * 256, 49_152, torch.device("cuda")) == 1365  # the study's micro-batch: 3 chunks, not 1
+    assert rows(16 * 256, 8_192, torch.device("cuda")) == 4096  # a small vocabulary: the batch whole
+    assert rows(16 * 256, 8_192, torch.device("cpu")) == 32  # a core's cache
