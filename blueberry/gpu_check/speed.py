@@ -151,17 +151,53 @@ def check_chunked_loss(context: Context, box_s: float) -> dict:
     return {"rows": rows, "full": full, "chunked": chunked, "saved_mb": saved}
 
 
+def grouped_against_sorted(device: torch.device, dtype: torch.dtype) -> float:
+    """The largest difference between grouped_mm's outputs and gradients and the sorted dispatch's, relative to
+    their largest value, on experts of uneven token counts (not multiples of 8) and one with none."""
+    from blueberry.models.feedforward import grouped_dispatch, sorted_dispatch
+
+    gen = torch.Generator().manual_seed(0)
+    counts, d, hidden = [7, 0, 13, 41], 64, 128  # token-assignments per expert; feature sizes grouped_mm takes
+    top_idx = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[
+        torch.randperm(61, generator=gen)
+    ]
+    x = torch.randn(61, d, generator=gen).to(device, dtype).requires_grad_()
+    w_in = (torch.randn(len(counts), hidden, d, generator=gen) / d**0.5).to(device, dtype).requires_grad_()
+    w_out = (torch.randn(len(counts), d, hidden, generator=gen) / hidden**0.5).to(device, dtype).requires_grad_()
+    top_idx, weights = top_idx[:, None].to(device), torch.ones(61, 1, device=device, dtype=dtype)
+    silu = torch.nn.functional.silu
+    results = []
+    for run in (
+        lambda: grouped_dispatch(x, top_idx, weights, w_in, w_out, silu),
+        lambda: sorted_dispatch(x, top_idx, weights, len(counts), lambda e, rows: silu(rows @ w_in[e].T) @ w_out[e].T),
+    ):
+        out = run()
+        results.append([out, *torch.autograd.grad(out.float().square().sum(), (x, w_in, w_out))])
+    return max(
+        ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item() for a, b in zip(*results)
+    )
+
+
 def check_experts(context: Context, box_s: float) -> dict:
-    """Routed experts: the sorted dispatch (one host sync per layer) against grouped_mm (none); 'auto' picks."""
-    precision = f"--train.precision={main_precision(context.device)}"
+    """Routed experts: grouped_mm computes what the sorted dispatch does (an empty expert included), then their
+    speeds: sorted (one host sync per layer) against grouped_mm (none); 'auto' picks."""
+    main = main_precision(context.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(main, torch.float32)
+    try:
+        difference = grouped_against_sorted(context.device, dtype)
+    except RuntimeError as exc:  # grouped_mm has no kernel for this GPU or dtype (before Ampere, fp16)
+        raise CheckFailed(f"grouped_mm does not run here in {main}: {str(exc).splitlines()[0]}") from None
+    if difference > (3e-2 if dtype != torch.float32 else 1e-4):
+        raise CheckFailed(f"grouped_mm differs from the sorted dispatch by {difference:.1e} of the values ({main})")
     ((label, overrides),) = _preset(registry.preset_for("mha", "glm4_moe").name)
     cases = {}
     for implementation in ("sorted", "grouped"):
-        flags = [*overrides, precision, "--train.compile=false", f"--model.experts_implementation={implementation}"]
-        cases[implementation] = measure(context, flags, 1, 3)
-    rows = [(f"{label} {name}", _summary(m)) for name, m in cases.items()]
+        flags = [*overrides, f"--train.precision={main}", "--train.compile=false"]
+        cases[implementation] = measure(context, [*flags, f"--model.experts_implementation={implementation}"], 1, 3)
+    rows = [("grouped = sorted", f"values and gradients within {difference:.1e} ({main}, an empty expert)")]
+    rows += [(f"{label} {name}", _summary(m)) for name, m in cases.items()]
     rows.append(("grouped / sorted", f"{cases['grouped']['tokens_per_s'] / cases['sorted']['tokens_per_s']:.2f}x"))
-    return {"rows": rows, "cases": cases}
+    return {"rows": rows, "cases": cases, "difference": difference}
 
 
 def check_batch_auto(context: Context, box_s: float) -> dict:

@@ -8,7 +8,7 @@ import torch
 from blueberry.bench.suite import TINY
 from blueberry.gpu_check import speed
 from blueberry.gpu_check.projection import read_experiment
-from blueberry.gpu_check.suite import CheckSkipped, Context
+from blueberry.gpu_check.suite import CheckFailed, CheckSkipped, Context
 from blueberry.hardware import resolve_precision
 
 SHAPE = [*TINY, "--train.threads=1"]
@@ -43,12 +43,20 @@ def test_chunked_loss_experts_batch_auto_and_doctor_checks_run_on_cpu(context):
     assert chunked["full"]["tokens_per_s"] > 0 and chunked["chunked"]["tokens_per_s"] > 0
     experts = speed.check_experts(context, 60)
     assert set(experts["cases"]) == {"sorted", "grouped"} and experts["rows"][-1][0] == "grouped / sorted"
+    assert experts["rows"][0][0] == "grouped = sorted" and experts["difference"] < 1e-4
     auto = speed.check_batch_auto(context, 60)
     assert auto["micro_batch"] * auto["grad_accum"] == 16  # 4 of TINY's 4-window micro-batches
     doctor = speed.check_doctor(context, 60)
     assert doctor["plan"]["device"] == "cpu" and "A run of Experiment 1's spec" in doctor["doctor"]
     with pytest.raises(CheckSkipped, match="CUDA"):
         speed.check_fp16(context, 60)
+
+
+def test_the_experts_check_fails_where_grouped_mm_computes_something_else(context, monkeypatch):
+    grouped_mm = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda a, b, offs: grouped_mm(a, b, offs=offs) * 1.1)
+    with pytest.raises(CheckFailed, match="grouped_mm differs from the sorted dispatch"):
+        speed.check_experts(context, 60)
 
 
 def test_projection_check_takes_the_faster_measurement_per_preset(context):
