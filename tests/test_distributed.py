@@ -70,42 +70,35 @@ def test_two_ranks_agree_on_the_smaller_value(tmp_path):
     assert two_ranks(tmp_path, code, "8", "2") == ["2", "2"]
 
 
-def test_ddp_trains_the_baseline_moe_while_experts_sit_idle(tmp_path):
-    """The baseline MoE's experts are separate modules: an expert no token chose has no gradient that step. DDP
-    must not wait for it (it failed at the second step: "Expected to have finished reduction")."""
+def test_ddp_trains_idle_experts_and_a_nan_on_one_rank_stops_both(tmp_path):
+    """Two DDP ranks (one pair of processes for both checks: each pays torch's and transformers' imports).
+
+    1. The baseline MoE's experts are separate modules: an expert no token chose has no gradient that step, and
+       DDP must not wait for it (it failed at the second step: "Expected to have finished reduction").
+    2. Each rank's loss is its own: rank 1 saw a NaN at step 5, rank 0 none. At the log step both raise, naming
+       step 5; rank 0 alone would otherwise go on into the next collective and wait for a rank that stopped.
+    """
     code = """
 import torch
 from blueberry import distributed
-from blueberry.models import build_model
-from blueberry.overrides import load_spec
-torch.set_num_threads(1)
-spec = load_spec(None, [*sys.argv[3].split(), "--model.router_noise_std=0"])
-torch.manual_seed(0)
-model = build_model(spec.model, 64)
-with torch.no_grad():
-    model.blocks[0].ffn.router.weight.zero_()  # every token picks the same 2 of the 4 experts
-ddp = distributed.wrap(model, torch.device("cpu"))
-for step in range(3):
-    ids = torch.randint(64, (2, 9))
-    ddp(ids[:, :-1], ids[:, 1:]).loss.backward()
-print(sum(p.grad is None for p in model.blocks[0].ffn.experts.parameters()))
-"""
-    spec = " ".join(["--model.variant=baseline", *DDP_TINY[1:6]])
-    assert two_ranks(tmp_path, code, spec, spec) == ["4", "4"]  # 2 idle experts × 2 matrices, on both ranks
-
-
-def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_log_step(tmp_path):
-    """Each rank's loss is its own: rank 1 saw a NaN at step 5, rank 0 none. Both raise, naming step 5; rank 0
-    alone would otherwise go on into the next collective and wait for a rank that has stopped."""
-    code = """
-import torch
 from blueberry.bench.measure import ListTracker, SyntheticData
 from blueberry.bench.suite import QUICKSTART, TINY
 from blueberry.models import build_model
 from blueberry.overrides import load_spec
 from blueberry.train.trainer import Trainer, TrainingDiverged
 torch.set_num_threads(1)
-spec = load_spec(QUICKSTART, [*TINY, "--train.progress=False"])
+baseline = ["--model.variant=baseline", "--model.router_noise_std=0", "--train.progress=False"]
+spec = load_spec(QUICKSTART, [*TINY, *baseline])
+torch.manual_seed(0)
+model = build_model(spec.model, 64)
+with torch.no_grad():
+    for block in model.blocks:
+        block.ffn.router.weight.zero_()  # every token picks the same 2 of the 4 experts
+ddp = distributed.wrap(model, torch.device("cpu"))
+for step in range(3):
+    ids = torch.randint(64, (2, 9))
+    ddp(ids[:, :-1], ids[:, 1:]).loss.backward()
+print(sum(p.grad is None for p in model.blocks[0].ffn.experts.parameters()), "expert weights without a gradient")
 data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
 trainer = Trainer(spec, build_model(spec.model, data.vocab_size), data, ListTracker(), torch.device("cpu"), "fp32")
 trainer.bad_step.fill_(int(sys.argv[3]))  # this rank's first step with a NaN loss, 0 for none
@@ -116,7 +109,8 @@ except TrainingDiverged as exc:
     print(exc)
 """
     said = two_ranks(tmp_path, code, "0", "5")
-    assert said == ["train loss or gradient norm became NaN/inf at step 5"] * 2
+    idle = "4 expert weights without a gradient"  # 2 idle experts × 2 matrices
+    assert said == [f"{idle}\ntrain loss or gradient norm became NaN/inf at step 5"] * 2
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
