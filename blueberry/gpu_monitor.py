@@ -117,16 +117,22 @@ class GpuMonitor:
         return {} if energy is None else {"gpu/energy_wh": energy}
 
 
+def visible_device_entries() -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as its entries (indices, GPU-<uuid>, ...), or None when it is not set (all GPUs)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if visible is None else [entry.strip() for entry in visible.split(",")]
+
+
 def visible_handles(nvml) -> list:
     """NVML handles of the GPUs this process may use, in CUDA's numbering: NVML ignores CUDA_VISIBLE_DEVICES, so
     apply it here (indices or GPU-<uuid>; like CUDA, stop at the first entry that names no GPU; MIG instances
     are not monitored)."""
     count = nvml.nvmlDeviceGetCount()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
+    entries = visible_device_entries()
+    if entries is None:
         return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
     handles = []
-    for entry in (entry.strip() for entry in visible.split(",")):
+    for entry in entries:
         try:
             if entry.isdigit() and int(entry) < count:
                 handles.append(nvml.nvmlDeviceGetHandleByIndex(int(entry)))

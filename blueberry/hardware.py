@@ -33,9 +33,13 @@ class Preset:
     max_micro_batch: int  # upper bound for batch_size 'auto' (the memory probe may pick less)
     source: str = ""  # the document the peaks come from
 
+    def peak_kind(self, precision: str) -> str:
+        """Which data-sheet peak a run in `precision` gets: fp32 matmuls run as TF32 where the GPU has it."""
+        return "tf32" if precision == "fp32" and "tf32" in self.peak_tflops else precision
+
     def peak(self, precision: str) -> float | None:
-        """Data-sheet TFLOP/s of a run in `precision`; fp32 matmuls run as TF32 where the GPU has it (Ampere+)."""
-        return self.peak_tflops.get("tf32" if precision == "fp32" and "tf32" in self.peak_tflops else precision)
+        """Data-sheet TFLOP/s of a run in `precision` (see `peak_kind`)."""
+        return self.peak_tflops.get(self.peak_kind(precision))
 
 
 # The one table of data-sheet peaks: dense tensor-core figures (fp16/bf16 with fp32 accumulate; the data sheets

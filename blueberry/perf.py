@@ -104,8 +104,7 @@ def peak_flops(device: torch.device, precision: str, preset: Preset) -> tuple[fl
         tflops = preset.peak(precision)  # fp32 at the TF32 peak where train/device.py switches TF32 on
         if tflops is None:
             return None, f"no {precision} peak in the table for {preset.name}"
-        kind = "tf32" if precision == "fp32" and "tf32" in preset.peak_tflops else precision
-        return tflops * 1e12, f"data sheet ({preset.name}, {kind})"
+        return tflops * 1e12, f"data sheet ({preset.name}, {preset.peak_kind(precision)})"
     if bf16_emulated(device, precision):
         # the quickstart's bf16 model reached 127 % of an emulated ceiling (`make bench`, AVX2 EPYC): a meaningless MFU
         return None, "bf16 is emulated on this CPU, which has no AMX or AVX512-BF16: no MFU"

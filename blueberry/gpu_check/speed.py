@@ -17,6 +17,7 @@ from blueberry.models import build_model, registry
 from blueberry.overrides import load_spec
 from blueberry.perf import peak_flops
 from blueberry.plan import format_doctor, plan_run
+from blueberry.train.trainer import AUTOCAST_DTYPES
 
 # The study shape: 512d / 3 layers / 8 heads come from Experiment 1's spec; seq 256, micro-batch 16 and the
 # SmolLM tokenizer's 49,152-token vocabulary (as synthetic tokens) are set here. One micro-batch per step.
@@ -158,13 +159,12 @@ def grouped_against_sorted(device: torch.device, dtype: torch.dtype) -> float:
 
     gen = torch.Generator().manual_seed(0)
     counts, d, hidden = [7, 0, 13, 41], 64, 128  # token-assignments per expert; feature sizes grouped_mm takes
-    top_idx = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[
-        torch.randperm(61, generator=gen)
-    ]
-    x = torch.randn(61, d, generator=gen).to(device, dtype).requires_grad_()
+    shuffled = torch.randperm(sum(counts), generator=gen)
+    top_idx = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[shuffled]
+    x = torch.randn(sum(counts), d, generator=gen).to(device, dtype).requires_grad_()
     w_in = (torch.randn(len(counts), hidden, d, generator=gen) / d**0.5).to(device, dtype).requires_grad_()
     w_out = (torch.randn(len(counts), d, hidden, generator=gen) / hidden**0.5).to(device, dtype).requires_grad_()
-    top_idx, weights = top_idx[:, None].to(device), torch.ones(61, 1, device=device, dtype=dtype)
+    top_idx, weights = top_idx[:, None].to(device), torch.ones(sum(counts), 1, device=device, dtype=dtype)
     silu = torch.nn.functional.silu
     results = []
     for run in (
@@ -182,7 +182,7 @@ def check_experts(context: Context, box_s: float) -> dict:
     """Routed experts: grouped_mm computes what the sorted dispatch does (an empty expert included), then their
     speeds: sorted (one host sync per layer) against grouped_mm (none); 'auto' picks."""
     main = main_precision(context.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(main, torch.float32)
+    dtype = AUTOCAST_DTYPES.get(main, torch.float32)
     try:
         difference = grouped_against_sorted(context.device, dtype)
     except RuntimeError as exc:  # grouped_mm has no kernel for this GPU or dtype (before Ampere, fp16)

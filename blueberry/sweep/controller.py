@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blueberry.fileio import read_json
+from blueberry.gpu_monitor import visible_device_entries
 from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain
 from blueberry.sweep.progress import SweepProgress
@@ -436,11 +437,10 @@ def visible_cuda_devices() -> list[str]:
 
     Under CUDA_VISIBLE_DEVICES=2,3 the trials get "2" and "3", never "0" and "1" (GPUs we were not given).
     """
-    count = _gpu_count()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
+    count, entries = _gpu_count(), visible_device_entries()
+    if entries is None:
         return [str(index) for index in range(count)]
-    return [entry.strip() for entry in visible.split(",")][:count]  # CUDA stops at the first bad entry
+    return entries[:count]  # CUDA stops at the first bad entry
 
 
 def _gpu_count() -> int:
