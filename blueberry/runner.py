@@ -323,8 +323,8 @@ def _resumable(resume: bool | None, log=print):
         if state == "finished":
             return False
         hardware = (read_json(path / SPEC_FILE) or {}).get("hardware")
-        ranks = hardware.get("world_size", 1) if isinstance(hardware, dict) else 1
-        if ranks != 1:  # torchrun runs never resume (execute), and one process is not their global batch
+        ranks = hardware.get("world_size") if isinstance(hardware, dict) else None
+        if type(ranks) is int and ranks > 1:  # torchrun runs never resume (execute); nor is theirs one's batch
             log(f"not resuming {path}: a torchrun run of {ranks} processes, which one process cannot continue")
             return False
         if resume:  # --resume: a failed run too, but only from a checkpoint

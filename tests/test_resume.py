@@ -19,7 +19,7 @@ from test_runner import TINY
 
 from blueberry.cli import main
 from blueberry.overrides import load_spec
-from blueberry.runner import execute
+from blueberry.runner import _resumable, execute
 from blueberry.tracking import read_metrics
 from blueberry.tracking.wandb_log import read_wandb_log
 
@@ -377,6 +377,14 @@ def test_one_process_does_not_continue_an_interrupted_torchrun_run(tmp_path, mon
         interrupted_run.name,
         interrupted_run.name + "-2",
     ]
+
+
+@pytest.mark.parametrize("hardware", ["x", {"world_size": "two"}, {"world_size": None}, {"world_size": True}, {}])
+def test_a_header_not_saying_several_processes_is_no_torchrun_run(tmp_path, hardware):
+    """Valid JSON that is not what the runner writes: no claim of a torchrun run, so nothing said about one."""
+    (tmp_path / "spec.json").write_text(json.dumps({"hardware": hardware}))
+    said = []
+    assert _resumable(None, log=said.append)(tmp_path, "interrupted") and said == []
 
 
 def test_an_unreadable_wandb_segment_does_not_stop_the_resume(tmp_path, monkeypatch):
