@@ -77,9 +77,12 @@ sweep: install
 # each worker one thread). The suite on a 2-core AVX2 EPYC: 15-18 min in one process, 5-6.5 min with two
 # (6m00s and 7m17s from clean clones, the install included, the same day on the same machine).
 # TEST_WORKERS=0 runs the suite in one process.
+# PYTEST_ARGS: more pytest options; .ci/run gives `--hypothesis-profile=ci` (hypothesis's own CI profile: the
+# property tests draw the same examples every run, so CI cannot turn red by chance; locally they draw afresh).
 TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 test: install
-	$(OFFLINE) $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal)
+	$(OFFLINE) $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
 # Throughput, MFU and memory per variant, speed ratios and speed targets: one table, JSON in reports/bench/.
 bench: install
