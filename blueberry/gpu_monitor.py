@@ -117,6 +117,19 @@ class GpuMonitor:
         return {} if energy is None else {"gpu/energy_wh": energy}
 
 
+def nvidia_driver_loaded() -> bool:
+    """Whether NVML answers, that is, an NVIDIA driver is loaded (CUDA needs one): milliseconds, where asking
+    torch means importing it (seconds)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # NVMLError: no library, no driver
+        return False
+    pynvml.nvmlShutdown()
+    return True
+
+
 def visible_device_entries() -> list[str] | None:
     """CUDA_VISIBLE_DEVICES as its entries (indices, GPU-<uuid>, ...), or None when it is not set (all GPUs)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

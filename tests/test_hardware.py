@@ -88,6 +88,17 @@ def test_no_nvml_means_cpu_path_not_an_error(monkeypatch):
     assert not GpuMonitor().start().active and GpuMonitor().stop() == {}
 
 
+def test_a_sweep_counts_gpus_with_torch_only_where_nvml_finds_a_driver(monkeypatch):
+    """On a CPU machine the sweep controller never imports torch (seconds) to learn it has no GPU."""
+    from blueberry.sweep.controller import _gpu_count
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([], fail_init=True))
+    assert _gpu_count() == 0  # no driver: torch not asked
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(["Tesla T4"] * 3))
+    assert _gpu_count() == 3  # a driver: CUDA's own count
+
+
 def test_precision_rules():
     assert hardware.precision_for((7, 0), False) == "fp16"  # V100
     assert hardware.precision_for((6, 1), False) == "fp32"  # Pascal

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blueberry.fileio import read_json
-from blueberry.gpu_monitor import visible_device_entries
+from blueberry.gpu_monitor import nvidia_driver_loaded, visible_device_entries
 from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain
 from blueberry.sweep.progress import SweepProgress
@@ -444,6 +444,10 @@ def visible_cuda_devices() -> list[str]:
 
 
 def _gpu_count() -> int:
+    """CUDA's count of the GPUs this process may use; 0 at once where no NVIDIA driver is loaded (a CPU machine:
+    the controller then never imports torch)."""
+    if not nvidia_driver_loaded():
+        return 0
     try:
         import torch
 

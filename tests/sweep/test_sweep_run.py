@@ -1,4 +1,7 @@
-"""`blueberry sweep` end to end, offline: a grid runs once per point, failures are recorded, kill + resume."""
+"""`blueberry sweep` end to end, offline: a grid runs once per point, failures are recorded, kill + resume.
+
+The grid and the failing trial run the real `blueberry run`; the tests of the queue (kill + resume, two
+controllers, a dead controller's trial) run a stand-in trial that only writes its run record, seconds sooner."""
 
 import json
 import os
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sweep_commands import REPO, RUN_WITH_ARGS_FILE
+from sweep_commands import REPO, RUN_WITH_ARGS_FILE, STAND_IN_WITH_ARGS_FILE
 
 from blueberry.sweep.config import load_sweep
 from blueberry.sweep.controller import Orphan, SweepRunner, visible_cuda_devices
@@ -19,14 +22,14 @@ from blueberry.tracking.wandb_log import read_wandb_log
 BLUEBERRY = str(Path(sys.executable).parent / "blueberry")
 
 
-def write_sweep(tmp_path, parameters, name="tiny"):
+def write_sweep(tmp_path, parameters, name="tiny", command=RUN_WITH_ARGS_FILE):
     data = parameters.setdefault("data", {"parameters": {}})["parameters"]
     data.setdefault("max_tokens", {"value": 60_000})  # a 7K-token val set: these tests are about the sweep
     config = {
         "name": name,
         "method": "grid",
         "metric": {"name": "val/loss", "goal": "minimize"},
-        "command": RUN_WITH_ARGS_FILE,
+        "command": command,
         "parameters": {
             "experiment": {"value": f"{name}-exp"},
             "model": {"parameters": {"d_model": {"value": 32}, "n_layers": {"value": 1}}},
@@ -36,6 +39,11 @@ def write_sweep(tmp_path, parameters, name="tiny"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def queue_sweep(tmp_path, lrs):
+    """A grid over `lrs` whose trials are the stand-in (sweep_commands.py): for the tests of the sweep's queue."""
+    return write_sweep(tmp_path, {"train": {"parameters": {"lr": {"values": lrs}}}}, command=STAND_IN_WITH_ARGS_FILE)
 
 
 def tiny_train(**extra):
@@ -96,9 +104,8 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "1 finished, 1 failed" in done.stdout
 
 
-@pytest.mark.usefixtures("wandb_disabled")
 def test_killed_sweep_resumes_with_every_point_exactly_once(tmp_path):
-    path = write_sweep(tmp_path, {"train": tiny_train(lr={"values": [0.01, 0.02, 0.03]})})
+    path = queue_sweep(tmp_path, [0.01, 0.02, 0.03])
     runs_root = tmp_path / "runs"
     sweep = subprocess.Popen(sweep_cmd(path, runs_root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -122,10 +129,9 @@ def test_killed_sweep_resumes_with_every_point_exactly_once(tmp_path):
     assert sorted(p.name for p in records) == sorted(t["run_id"] for t in trials)  # one record per point
 
 
-@pytest.mark.usefixtures("wandb_disabled")
 def test_two_controllers_started_together_share_one_queue(tmp_path):
     """Two terminals, one sweep: every grid point runs exactly once, by one of them."""
-    path = write_sweep(tmp_path, {"train": tiny_train(lr={"values": [0.01, 0.02]})})
+    path = queue_sweep(tmp_path, [0.01, 0.02])
     runs_root = tmp_path / "runs"
     controllers = [
         subprocess.Popen(
@@ -144,9 +150,8 @@ def test_two_controllers_started_together_share_one_queue(tmp_path):
     assert {t["worker"].split(":")[0] for t in trials} <= {str(c.pid) for c in controllers}
 
 
-@pytest.mark.usefixtures("wandb_disabled")
 def test_a_killed_controllers_trial_is_taken_over_by_the_live_one(tmp_path):
-    path = write_sweep(tmp_path, {"train": tiny_train(lr={"values": [0.01, 0.02]})})
+    path = queue_sweep(tmp_path, [0.01, 0.02])
     runs_root = tmp_path / "runs"
     first = subprocess.Popen(sweep_cmd(path, runs_root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -214,8 +219,11 @@ def test_a_new_trial_goes_to_the_gpu_that_a_finished_one_freed(tmp_path, monkeyp
 def test_an_orphaned_trial_keeps_counting_on_the_gpu_it_was_pinned_to():
     """A trial left running by a killed sweep: the next controller reads its GPU from its environment."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "7"}
-    trial = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "t-0001"], env=env)
+    program = "import time; print('up', flush=True); time.sleep(30)"
+    trial = subprocess.Popen([sys.executable, "-c", program, "t-0001"], env=env, stdout=subprocess.PIPE, text=True)
     try:
+        # Popen returns once exec has begun; /proc shows the new environment a moment later: wait for the child
+        assert trial.stdout.readline() == "up\n"
         assert Orphan(trial.pid, "t-0001").device() == "7"
     finally:
         trial.kill()
