@@ -176,8 +176,8 @@ def run(spec_path, overrides, override_files, resume):
         resolve_source(spec.data)  # a local dataset path that is not there, or of a format no builder reads
     except PreflightError as exc:
         _fail(str(exc))
-    except DataError as exc:
-        _fail(f"{spec_path}: data: {exc}")
+    except DataError as exc:  # all of them about where the documents come from
+        _fail(f"{spec_path}: data.dataset: {exc}")
     with _loading_libraries():
         from blueberry.runner import OutOfMemory, execute
         from blueberry.train.checkpoint import ResumeError

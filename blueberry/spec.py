@@ -197,6 +197,8 @@ class DataSpec(_Strict):
     @field_validator("dataset", "tokenizer")
     @classmethod
     def _name_or_path(cls, value: str) -> str:
+        if not value.strip():  # "" would be read as the path ".": the working directory
+            raise ValueError("must be a name or a path, not empty")
         return check_path(value)
 
 

@@ -102,8 +102,8 @@ def test_a_missing_dataset_or_unusable_runs_root_fails_before_torch_loads(tmp_pa
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     for override, said in [
-        (f"--data.dataset={tmp_path / 'no-such.jsonl'}", "data: dataset file"),
-        (f"--data.dataset={a_file}", "data: unsupported file type 'a-file'"),
+        (f"--data.dataset={tmp_path / 'no-such.jsonl'}", "data.dataset: dataset file"),
+        (f"--data.dataset={a_file}", "data.dataset: unsupported file type 'a-file'"),
         (f"--tracking.runs_root={a_file / 'runs'}", "is a file, not a directory"),
     ]:
         command = [sys.executable, "-c", probe, "run", str(REPO / "experiments/quickstart.json"), override]

@@ -113,6 +113,8 @@ def _set(tree: dict, path: str, value) -> dict:
 
 @FUZZ
 @given(path=st.sampled_from(FIELDS + UNKNOWN), value=HOSTILE)
+@example(path="data.dataset", value="")
+@example(path="data.dataset", value="../../etc")  # a directory of no one format
 def test_fuzzed_spec_files(path, value):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -24,6 +24,8 @@ def test_unknown_keys_are_rejected_at_every_level():
         ({"data": {"seq_len": 2048}}, "max_seq_len"),
         ({"train": {"lr": -1}}, "greater than 0"),
         ({"model": {"variant": "gpt5"}}, "baseline"),
+        ({"data": {"dataset": ""}}, "not empty"),  # not the working directory
+        ({"data": {"tokenizer": " "}}, "not empty"),
     ],
 )
 def test_invalid_values_name_the_problem(raw, message):
