@@ -57,7 +57,7 @@ def load_sweep(path: str | Path) -> Sweep:
             [(str(path), "", "a sweep file must hold a mapping (method:, parameters:, command:, ...)")], INVALID
         )
     # validate=True / SweepConfig() silently drop nested `parameters:` (wandb/sweeps#8): check the schema only.
-    violations = engine().schema_violations_from_proposed_config(config)
+    violations = list(dict.fromkeys(engine().schema_violations_from_proposed_config(config)))  # it repeats some
     if violations:
         raise SpecError([(str(path), "", violation) for violation in violations], INVALID)
     if not isinstance(config.get("command"), list) or not all(

@@ -87,6 +87,14 @@ def test_schema_errors_carry_wandbs_message_and_exit_2(tmp_path):
     assert result.exit_code == 2 and "invalid sweep" in result.output and "Traceback" not in result.output
 
 
+def test_each_schema_violation_is_said_once(tmp_path):
+    bad = tmp_path / "range.yaml"
+    bad.write_text("method: bayes\nmetric: {name: val/loss}\nparameters: {seed: {min: 9, max: 1}}\ncommand: [b]\n")
+    with pytest.raises(SpecError) as err:
+        load_sweep(bad)
+    assert err.value.render().count("min 9 is not less than max 1") == 1  # W&B's engine reports it twice
+
+
 def test_a_parameter_outside_the_spec_is_caught_before_anything_runs(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text(
