@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 the run failed, 2 bad input (spec, override, data source, un
 
 from __future__ import annotations
 
+import difflib
 import gc
 import json
 import sys
@@ -28,6 +29,14 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_
 def _fail(message: str, code: int = 2):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _close_to(name: str, names: list[str]) -> str:
+    """A hint after an experiment name that has no runs: the close one (a typo), else the names that have runs."""
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; experiments with runs: {', '.join(names)}" if names else ""
 
 
 def _load(spec_path, overrides, override_files) -> RunSpec:
@@ -273,7 +282,7 @@ def report(runs_root, source, entity, project, group, sweep, tags, out, gpu_pric
         _fail(str(exc), exc.code)
     for name in show:
         section = built.sections.get(name)
-        text = section if section else f"(no runs of experiment {name!r})"
+        text = section or f"(no runs of experiment {name!r}{_close_to(name, sorted(built.sections))})"
         click.echo("\n".join(line for line in text.splitlines() if not line.startswith("![")))
 
 

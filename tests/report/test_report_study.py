@@ -48,10 +48,11 @@ def test_show_prints_an_experiments_tables_without_its_images(tmp_path):
     for seed in (1, 2):
         write_run(runs, "exp1-ablation-cpu", variant="mlp", seed=seed)
     args = ["report", "--runs-root", str(runs), "--out", str(tmp_path / "out"), "--show", "exp1-ablation-cpu"]
-    result = CliRunner().invoke(main, [*args, "--show", "nope"])
+    result = CliRunner().invoke(main, [*args, "--show", "nope", "--show", "exp1-ablation-gpu"])
     assert result.exit_code == 0, result.output
     assert "| 1 | mlp | 4.0000 ± 0.0000 |" in result.output and "![" not in result.output
-    assert "(no runs of experiment 'nope')" in result.output
+    assert "(no runs of experiment 'nope'; experiments with runs: exp1-ablation-cpu)" in result.output
+    assert "(no runs of experiment 'exp1-ablation-gpu'; did you mean 'exp1-ablation-cpu'?)" in result.output
 
 
 def test_a_study_record_of_the_wrong_shape_is_shown_as_found_not_a_crash(tmp_path):
