@@ -112,12 +112,17 @@ class PartResult:
 def load_parts(parts: list[Part], kind: str) -> list[tuple[Part, str, object, list[dict]]]:
     """(part, sweep file, Sweep, planned params) for each part; every planned trial is checked to be a valid
     run spec before anything runs (a SpecError names the file and field)."""
+    from blueberry.overrides import SpecError
     from blueberry.sweep import load_sweep, plan
+    from blueberry.sweep.config import INVALID
     from blueberry.sweep.validate import check_trials
 
     loaded = []
     for part in parts:
         path = getattr(part, kind)
+        if not Path(path).is_file():  # the sweep files, and the specs their commands name, are the repo's
+            where = f"not found in {Path.cwd()}; run `blueberry study` from the repository root"
+            raise SpecError([(path, "", where)], INVALID)
         sweep = load_sweep(path)
         planned = plan(sweep, None)
         check_trials(sweep, planned)

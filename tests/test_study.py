@@ -71,6 +71,10 @@ def test_bad_part_and_bad_runs_root_exit_2_before_anything_runs(tmp_path, monkey
     result = CliRunner().invoke(main, ["study", "--quick", "--runs-root", str(tmp_path / "file")])
     assert result.exit_code == 2 and "--runs-root" in result.output
     assert not (tmp_path / "r").exists()
+    monkeypatch.chdir(tmp_path)  # not the repository root: its sweep files are not here
+    result = CliRunner().invoke(main, ["study", "--quick", "--dry-run"])
+    assert result.exit_code == 2 and ".yaml: not found in" in result.output
+    assert "from the repository root" in result.output and "Traceback" not in result.output
 
 
 def test_a_study_runs_its_parts_records_itself_and_resumes_without_rerunning(tmp_path, monkeypatch):
