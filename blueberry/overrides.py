@@ -141,7 +141,8 @@ def read_text_capped(path: str | Path, what: str, title: str = "invalid run spec
         with open(path, "rb") as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
-        raise SpecError([(str(path), "", f"{what} file not found")], title) from None
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"  # relative: to where the command runs
+        raise SpecError([(str(path), "", f"{what} file not found{where}")], title) from None
     except OSError as exc:
         raise SpecError([(str(path), "", f"cannot read {what} file: {exc.strerror or exc}")], title) from None
     if len(data) > MAX_FILE_BYTES:

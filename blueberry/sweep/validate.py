@@ -56,8 +56,9 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
         try:
             load_spec(spec_path, overrides, tuple(files))
         except SpecError as exc:
-            where = f"{sweep.path} (run {index}: {json.dumps(params, sort_keys=True)})"
-            problems = [(f"{where} -> {w}", path, reason) for w, path, reason in exc.problems]
+            # the trial's own file first: `where` is cut to a length when shown, and the parameters can be long
+            trial = f"(run {index} of {sweep.path}: {json.dumps(params, sort_keys=True)})"
+            problems = [(f"{w} {trial}", path, reason) for w, path, reason in exc.problems]
             raise SpecError(problems, more=exc.more) from None
 
 

@@ -107,6 +107,14 @@ def test_a_parameter_outside_the_spec_is_caught_before_anything_runs(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_trials_spec_file_missing_from_the_working_directory_is_named_with_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository root, where the trials' spec files are
+    result = CliRunner().invoke(main, ["sweep", str(REPO / "sweeps/cpu/ablation.yaml"), "--runs-root", "runs"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"experiments/cpu_base.json (run 0 of {REPO / 'sweeps/cpu/ablation.yaml'}: " in result.output
+    assert f"spec file not found in {tmp_path}" in result.output and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("text", ["", "method: grid\n  bad: [indent\n", "- a list\n"])
 def test_malformed_yaml(tmp_path, text):
     path = tmp_path / "x.yaml"
