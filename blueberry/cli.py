@@ -189,6 +189,7 @@ def run(spec_path, overrides, override_files, resume):
         _fail(f"{spec_path}: data.dataset: {exc}")
     with _loading_libraries():
         from blueberry.runner import OutOfMemory, execute
+        from blueberry.tracking.wandb_tracker import WandbUnavailable
         from blueberry.train.checkpoint import ResumeError
         from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
 
@@ -204,7 +205,7 @@ def run(spec_path, overrides, override_files, resume):
         _fail(f"interrupted: {exc}; run the same command again to resume", 128 + exc.signum)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    except (TrainingDiverged, OutOfMemory) as exc:
+    except (TrainingDiverged, OutOfMemory, WandbUnavailable) as exc:  # not the input: exit 1
         _fail(f"run failed: {exc}", 1)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports the run
         return

@@ -92,6 +92,32 @@ def test_unreachable_dataset_exits_2_fast(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_wandb_unreachable_online_is_one_clear_line_and_a_failed_record(tmp_path, monkeypatch):
+    """After W&B's own retries, `wandb.init` raises (here as it did with no network): exit 1, no traceback,
+    what W&B said and what to do; the record says why it failed."""
+    import wandb
+    from test_runner import TINY
+
+    said = "Failed to get resume status for run x: context deadline exceeded\nwhile retrying: dial tcp: no such host"
+
+    def unreachable(**kwargs):
+        raise wandb.errors.CommError(said)
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    runs = tmp_path / "r"
+    result = invoke(
+        "run", str(REPO / "experiments/quickstart.json"), *TINY, "--train.steps=2", f"--tracking.runs_root={runs}"
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: run failed: W&B could not start the run (online): Failed to get resume status")
+    assert "no such host" in last and "WANDB_MODE=offline" in last and "wandb sync" in last
+    (status,) = runs.glob("*/*/status.json")
+    assert json.loads(status.read_text())["state"] == "failed" and "no such host" in status.read_text()
+
+
 def test_a_missing_dataset_or_unusable_runs_root_fails_before_torch_loads(tmp_path):
     """Checked before the libraries load: exit 2 in a second, not after torch and transformers' ~7 s."""
     probe = (

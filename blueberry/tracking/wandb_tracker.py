@@ -21,6 +21,10 @@ SUMMARISED = {"val/loss": "min,last", "val/perplexity": "min,last", "val/accurac
 ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
+class WandbUnavailable(RuntimeError):
+    """`wandb.init` failed: W&B unreachable, the login refused, a project not ours, wandb-core missing."""
+
+
 def new_run_id(name: str) -> str:
     """A fresh W&B run id: the readable run name plus 8 random base-36 characters (as W&B's own ids).
 
@@ -66,26 +70,29 @@ class WandbTracker:
         self._last_val: tuple[int, float] | None = None  # (step, val/loss) of the latest evaluation
         # W&B's files next to the run record unless the spec or WANDB_DIR says otherwise (wandb_settings)
         self.dir = Path(dir) if dir else Path(run_dir)
-        self.run = wandb.init(
-            dir=str(self.dir),
-            mode=mode,
-            project=project,
-            entity=entity,
-            group=group,
-            job_type=job_type,
-            name=name,
-            id=run_id,
-            # Online a resumed run appends to the same W&B run; offline each attempt is its own
-            # offline-run-* directory and `wandb sync` replays them in order into one run.
-            resume=resume,
-            tags=[tag[:TAG_LIMIT] for tag in tags],
-            notes=notes,
-            config=config,
-            reinit="finish_previous",
-            # quiet, not silent: W&B still prints its warnings and errors. System metrics (CPU, memory,
-            # GPU, network) are W&B's own sampler; the run record's energy and cost come from ours (NVML).
-            settings=wandb.Settings(console="off", x_disable_stats=not system_metrics, quiet=True, save_code=False),
-        )
+        try:
+            self.run = wandb.init(
+                dir=str(self.dir),
+                mode=mode,
+                project=project,
+                entity=entity,
+                group=group,
+                job_type=job_type,
+                name=name,
+                id=run_id,
+                # Online a resumed run appends to the same W&B run; offline each attempt is its own
+                # offline-run-* directory and `wandb sync` replays them in order into one run.
+                resume=resume,
+                tags=[tag[:TAG_LIMIT] for tag in tags],
+                notes=notes,
+                config=config,
+                reinit="finish_previous",
+                # quiet, not silent: W&B still prints its warnings and errors. System metrics (CPU, memory,
+                # GPU, network) are W&B's own sampler; the run record's energy and cost come from ours (NVML).
+                settings=wandb.Settings(console="off", x_disable_stats=not system_metrics, quiet=True, save_code=False),
+            )
+        except wandb.errors.Error as exc:  # after W&B's own retries (its init_timeout: 90 s by default)
+            raise WandbUnavailable(_init_failure(exc, mode)) from None
         self.url = self.run.url if mode == "online" else None
         if self.url:
             self.say(f"W&B run: {self.url}")
@@ -154,3 +161,15 @@ def wandb_segments(dirs: list[Path], run_id: str) -> list[Path]:
     first (each attempt of a resumed run writes its own)."""
     found = {p for d in dirs for p in Path(d).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")}
     return sorted(found, key=lambda p: p.parent.name)
+
+
+def _init_failure(exc: Exception, mode: str) -> str:
+    """What to tell the user when `wandb.init` failed: W&B's own words, and what to do about it."""
+    said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    said = said if len(said) <= 400 else said[:400] + "…"
+    if mode == "online":
+        advice = "check the network and your login (`wandb login`), or train offline (WANDB_MODE=offline) and "
+        advice += "upload the run later with `wandb sync`"
+    else:
+        advice = "or train without W&B (WANDB_MODE=disabled)"
+    return f"W&B could not start the run ({mode}): {said}; {advice}"
