@@ -31,6 +31,16 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def _check_out(out: str, setting: str = "--out") -> None:
+    """Where a long measurement writes its results must be writable before it starts, not after."""
+    from blueberry.tracking.preflight import PreflightError, check_writable_dir
+
+    try:
+        check_writable_dir(out, setting)
+    except PreflightError as exc:
+        _fail(str(exc))
+
+
 def _close_to(name: str, names: list[str]) -> str:
     """A hint after an experiment name that has no runs: the close one (a typo), else the names that have runs."""
     close = difflib.get_close_matches(name, names, n=1)
@@ -119,12 +129,12 @@ def study(quick, only, parallel, runs_root, dry_run):
     from blueberry import study as plan
     from blueberry.sweep.state import SweepStateError
     from blueberry.threads import busy_cores_elsewhere, usable_cores
-    from blueberry.tracking.preflight import PreflightError, check_runs_root
+    from blueberry.tracking.preflight import PreflightError, check_writable_dir
 
     kind = plan.kind_of_machine(torch.cuda.is_available())
     try:
         loaded = plan.load_parts(plan.plan_parts(quick, only), kind)
-        check_runs_root(runs_root, "--runs-root")
+        check_writable_dir(runs_root, "--runs-root")
     except SpecError as exc:
         _fail(exc.render())
     except (PreflightError, ValueError) as exc:  # a bad runs root; an unknown --only part
@@ -303,13 +313,13 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
     """Run a W&B sweep YAML offline with W&B's own sweep engine; the same command resumes it."""
     from blueberry.sweep import SweepRunner, load_sweep, plan
     from blueberry.sweep.validate import check_trials
-    from blueberry.tracking.preflight import PreflightError, check_runs_root
+    from blueberry.tracking.preflight import PreflightError, check_writable_dir
 
     try:
         swept = load_sweep(sweep_path)
         planned = plan(swept, count)
         check_trials(swept, planned)  # every planned run is a valid spec before any runs
-        check_runs_root(runs_root, "--runs-root")
+        check_writable_dir(runs_root, "--runs-root")
     except SpecError as exc:
         _fail(exc.render())
     except PreflightError as exc:
@@ -382,6 +392,7 @@ def doctor(args, as_json):
 @click.option("--out", default="reports/bench", show_default=True, help="Where the JSON and table go.")
 def bench(ceiling, quick, out):
     """Measure tokens/s, MFU and memory per variant, the speed ratios and the speed targets; print one table."""
+    _check_out(out)
     if ceiling:
         from blueberry.bench.suite import measure_ceilings
         from blueberry.perf import ceiling_cache_path
@@ -408,7 +419,10 @@ def gpu_check(out, only):
 
     import torch
 
-    if only:  # bad input first, GPU or not
+    setting = "$OUT" if not out and os.environ.get("OUT") else "--out"
+    out = out or os.environ.get("OUT") or "reports/gpu-check"
+    _check_out(out, setting)  # bad input first, GPU or not
+    if only:
         from blueberry.gpu_check import CHECKS
 
         unknown = [name for name in only if name not in [check.name for check in CHECKS]]
@@ -422,7 +436,6 @@ def gpu_check(out, only):
     from blueberry.gpu_check import CHECKS, run_gpu_check
 
     checks = [check for check in CHECKS if not only or check.name in only]
-    out = out or os.environ.get("OUT") or "reports/gpu-check"
     outcomes, table, paths = run_gpu_check(
         torch.device("cuda"), out, checks=checks, log=lambda m: click.echo(m, err=True)
     )

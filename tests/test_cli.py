@@ -210,6 +210,19 @@ def test_gpu_check_without_cuda_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in done.stderr and done.stdout == "" and not (tmp_path / "out").exists()
 
 
+def test_an_out_that_cannot_be_written_fails_before_the_measuring(tmp_path, monkeypatch):
+    """bench and gpu-check write their results at the end: an --out under a file is refused at the start."""
+    (tmp_path / "a-file").write_text("")
+    under_a_file = str(tmp_path / "a-file" / "out")
+    for args in (["bench", "--out", under_a_file], ["gpu-check", "--out", under_a_file]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.output.startswith(f"error: --out '{under_a_file}' cannot be created: ")
+        assert result.output.strip().endswith("is a file, not a directory")
+    monkeypatch.setenv("OUT", under_a_file)
+    assert invoke("gpu-check").output.startswith(f"error: $OUT '{under_a_file}' cannot be created: ")
+
+
 def test_gpu_check_names_unknown_checks():
     result = invoke("gpu-check", "--only", "nope")
     assert result.exit_code == 2 and "unknown check nope; the checks are: doctor, throughput_eager" in result.output

@@ -1,4 +1,5 @@
-"""Checks of what a run is given outside its spec, before anything runs: where its record goes and its W&B id.
+"""Checks of what a run is given outside its spec, before anything runs: where its record goes and its W&B id
+(and where other commands write their output).
 
 Each failure is a `PreflightError` naming the setting, so `blueberry run` exits 2 with a message instead of a
 traceback half-way through setting up the run.
@@ -21,20 +22,21 @@ def runs_root_for(spec: RunSpec) -> str:
     return os.environ.get("BLUEBERRY_RUNS_ROOT") or spec.tracking.runs_root
 
 
-def check_runs_root(runs_root: str | Path, setting: str = "tracking.runs_root") -> None:
-    """The runs root, or the nearest existing directory above it, must be a directory this process may write."""
-    path = Path(runs_root).expanduser()
+def check_writable_dir(directory: str | Path, setting: str = "tracking.runs_root") -> None:
+    """A directory a command will write into (a runs root, an --out), or the nearest existing directory above
+    it, must be a directory this process may write: found out before the work, not after it."""
+    path = Path(directory).expanduser()
     existing = path
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():  # a dangling link: mkdir under it fails
-            raise PreflightError(f"{setting} '{runs_root}': {existing} is a broken symbolic link")
+            raise PreflightError(f"{setting} '{directory}': {existing} is a broken symbolic link")
         existing = existing.parent
     if not existing.is_dir():
         where = "" if existing == path else f" cannot be created: {existing}"
-        raise PreflightError(f"{setting} '{runs_root}'{where} is a file, not a directory")
+        raise PreflightError(f"{setting} '{directory}'{where} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         where = "" if existing == path else f" (nor its existing parent {existing})"
-        raise PreflightError(f"{setting} '{runs_root}'{where} is not writable by this user (or is on a read-only disk)")
+        raise PreflightError(f"{setting} '{directory}'{where} is not writable by this user (or is on a read-only disk)")
 
 
 # The run record's directory is named after the run id (plus "-N" for a second attempt): it must fit NAME_MAX.
@@ -62,5 +64,5 @@ def check_wandb_run_id() -> None:
 def preflight(spec: RunSpec) -> None:
     """Everything about where and under which id `spec` would run that can be checked before it starts."""
     setting = "BLUEBERRY_RUNS_ROOT" if os.environ.get("BLUEBERRY_RUNS_ROOT") else "tracking.runs_root"
-    check_runs_root(runs_root_for(spec), setting)
+    check_writable_dir(runs_root_for(spec), setting)
     check_wandb_run_id()

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import blueberry.runner
 from blueberry.cli import main
-from blueberry.tracking.preflight import PreflightError, check_runs_root, check_wandb_run_id
+from blueberry.tracking.preflight import PreflightError, check_wandb_run_id, check_writable_dir
 from blueberry.tracking.record import claim_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def test_a_runs_root_that_is_a_file_is_refused_before_the_run(tmp_path, never_ru
 def test_a_read_only_runs_root_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only disk (root ignores chmod)
     with pytest.raises(PreflightError, match="not writable"):
-        check_runs_root(tmp_path / "runs")
+        check_writable_dir(tmp_path / "runs")
 
 
 def test_the_os_refusing_the_run_directory_is_a_preflight_error(tmp_path):
