@@ -27,6 +27,7 @@ from blueberry.report.studies import Study, extended_experiment, report_order, s
 from blueberry.report.timeline import build_timeline, insert_between_markers, timeline_markdown
 from blueberry.spec import safe_name
 from blueberry.tracking import write_text_atomic
+from blueberry.tracking.preflight import PreflightError, check_writable_dir
 
 
 @dataclass
@@ -234,13 +235,7 @@ def build_report(
     """Write the report under `out`. `plot_cache`: where PNGs are kept between builds (None: draw every one);
     `study_records`: what `blueberry study` recorded about how the runs were made."""
     out = Path(out)
-    readme_text = None
-    if readme is not None:  # check the markers before writing anything
-        try:
-            readme_text = Path(readme).read_text(encoding="utf-8")
-            insert_between_markers(readme_text, "")
-        except (OSError, ValueError) as exc:
-            raise ReportError(f"--readme {readme}: {exc}") from exc
+    readme_text = _readme_with_markers(readme)  # before writing anything
 
     by_experiment: dict[str, tuple[Study, list[Run]]] = {}
     for run in runs:
@@ -305,6 +300,11 @@ def run_report(
         )
     if source == "wandb" and not project:
         raise ReportError("--source wandb needs --project")
+    try:  # where it writes, before the runs are read (the cache lives under --out too)
+        check_writable_dir(out, "--out")
+    except PreflightError as exc:
+        raise ReportError(str(exc)) from None
+    _readme_with_markers(readme)
     cache = RunCache(Path(out) / "cache" / ("local" if source == "local" else f"wandb-{entity}-{project}"))
     if source == "wandb":
         runs = load_wandb(entity, project, group=group, sweep=sweep, tags=tags, cache=cache)
@@ -338,6 +338,18 @@ def run_report(
         log(f"W&B Report definition built: {len(definition.blocks)} blocks, {panels} panels ({entity}/{project})")
         log(f"W&B Report saved: {save_report(definition)}")
     return result
+
+
+def _readme_with_markers(readme: str | Path | None) -> str | None:
+    """The text of the --readme file, which must hold the timeline markers (ReportError if not); None if unset."""
+    if readme is None:
+        return None
+    try:
+        text = Path(readme).read_text(encoding="utf-8")
+        insert_between_markers(text, "")
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"--readme {readme}: {exc}") from exc
+    return text
 
 
 def _wandb_project(run) -> str | None:

@@ -76,7 +76,12 @@ def test_bad_input_exits_2_before_writing(tmp_path):
         main, ["report", "--runs-root", str(tmp_path / "runs"), "--out", str(out), "--readme", str(readme)]
     )
     assert marker.exit_code == 2 and "markers" in marker.output
-    assert not (out / "REPORT.md").exists() and "Traceback" not in marker.output
+    assert not out.exists() and "Traceback" not in marker.output  # not even the run cache under --out
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    on_a_file = cli.invoke(main, ["report", "--runs-root", str(tmp_path / "runs"), "--out", str(a_file)])
+    assert on_a_file.exit_code == 2 and "Traceback" not in on_a_file.output
+    assert on_a_file.output.strip() == f"error: --out '{a_file}' is a file, not a directory"
 
 
 def test_readme_timeline_and_offline_publish(tmp_path):
