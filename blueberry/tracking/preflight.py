@@ -22,9 +22,10 @@ def runs_root_for(spec: RunSpec) -> str:
     return os.environ.get("BLUEBERRY_RUNS_ROOT") or spec.tracking.runs_root
 
 
-def check_writable_dir(directory: str | Path, setting: str = "tracking.runs_root") -> None:
+def check_writable_dir(directory: str | Path, setting: str) -> None:
     """A directory a command will write into (a runs root, an --out), or the nearest existing directory above
-    it, must be a directory this process may write: found out before the work, not after it."""
+    it, must be a directory this process may write: found out before the work, not after it. `setting`: the
+    option or field that named it, for the message."""
     path = Path(directory).expanduser()
     existing = path
     while not existing.exists() and existing != existing.parent:

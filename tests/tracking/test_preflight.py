@@ -38,7 +38,7 @@ def test_a_runs_root_that_is_a_file_is_refused_before_the_run(tmp_path, never_ru
 def test_a_read_only_runs_root_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only disk (root ignores chmod)
     with pytest.raises(PreflightError, match="not writable"):
-        check_writable_dir(tmp_path / "runs")
+        check_writable_dir(tmp_path / "runs", "tracking.runs_root")
 
 
 def test_the_os_refusing_the_run_directory_is_a_preflight_error(tmp_path):
