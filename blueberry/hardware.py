@@ -7,7 +7,6 @@ dense peak FLOP/s (for MFU) and a rental price (for the run's cost).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from collections.abc import Callable
@@ -17,8 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-PRICE_ENV = "BLUEBERRY_PRICE_PER_HOUR"
-PRICE_TABLE_ENV = "BLUEBERRY_GPU_PRICES"  # shared with `blueberry report --gpu-prices`
+from blueberry.prices import PRICE_ENV, PRICE_TABLE_ENV, read_price, read_price_table
 
 
 @dataclass(frozen=True)
@@ -272,17 +270,10 @@ def price_per_hour(spec_price: float | None, preset: Preset) -> tuple[float | No
         return spec_price, "spec"
     env = os.environ.get(PRICE_ENV)
     if env:
-        try:
-            return float(env), PRICE_ENV
-        except ValueError:
-            raise ValueError(f"{PRICE_ENV}={env!r} is not a number") from None
+        return read_price(env, PRICE_ENV), PRICE_ENV
     table = os.environ.get(PRICE_TABLE_ENV)
     if table and preset.match:
-        text = Path(table).read_text() if Path(table).is_file() else table
-        try:
-            prices = {str(k).lower(): float(v) for k, v in json.loads(text).items()}
-        except (ValueError, AttributeError, TypeError):
-            raise ValueError(f"{PRICE_TABLE_ENV} is not a JSON object of GPU name -> $/h") from None
+        prices = {name.lower(): price for name, price in read_price_table(table, PRICE_TABLE_ENV).items()}
         if preset.name.lower() in prices:
             return prices[preset.name.lower()], PRICE_TABLE_ENV
     if preset.usd_per_hour is not None:

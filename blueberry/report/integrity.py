@@ -6,11 +6,9 @@ with BLUEBERRY_GPU_PRICES (a JSON object, or a path to one) or `blueberry report
 
 from __future__ import annotations
 
-import json
-import math
 import os
-from pathlib import Path
 
+from blueberry.prices import PRICE_TABLE_ENV, read_price_table
 from blueberry.report.groups import group_runs
 from blueberry.report.records import ReportError, Run
 from blueberry.report.tables import md_table
@@ -23,22 +21,12 @@ MIN_SEEDS = 3  # with fewer seeds a sample sd, and so an error bar, means little
 
 def gpu_prices(option: str | None = None) -> tuple[dict[str, float], str]:
     """(prices, where they came from): the CLI option, else BLUEBERRY_GPU_PRICES, else the defaults."""
-    for source, raw in (("--gpu-prices", option), ("BLUEBERRY_GPU_PRICES", os.environ.get("BLUEBERRY_GPU_PRICES"))):
-        if not raw:
-            continue
-        text = (
-            Path(raw).read_text(encoding="utf-8") if not raw.lstrip().startswith("{") and Path(raw).is_file() else raw
-        )
-        try:
-            prices = json.loads(text)
-        except ValueError as exc:
-            raise ReportError(f"{source}: not valid JSON ({exc}); expected e.g. '{{\"RTX 4090\": 0.18}}'") from exc
-        if not isinstance(prices, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and math.isfinite(v)
-            for v in prices.values()
-        ):
-            raise ReportError(f"{source}: expected a JSON object of GPU name → $/h (numbers ≥ 0), got {raw!r}")
-        return {str(k): float(v) for k, v in prices.items()}, source
+    for source, raw in (("--gpu-prices", option), (PRICE_TABLE_ENV, os.environ.get(PRICE_TABLE_ENV))):
+        if raw:
+            try:
+                return read_price_table(raw, source), source
+            except ValueError as exc:
+                raise ReportError(str(exc)) from None
     return dict(DEFAULT_GPU_PRICES), "defaults"
 
 

@@ -68,6 +68,10 @@ def test_bad_input_exits_2_before_writing(tmp_path):
         main, ["report", "--runs-root", str(tmp_path / "runs"), "--out", str(out), "--gpu-prices", "{bad"]
     )
     assert prices.exit_code == 2 and "--gpu-prices: not valid JSON" in prices.output
+    no_file = cli.invoke(
+        main, ["report", "--runs-root", str(tmp_path / "runs"), "--out", str(out), "--gpu-prices", "prices.json"]
+    )
+    assert no_file.exit_code == 2 and "--gpu-prices: 'prices.json' is neither a JSON object" in no_file.output
     wandb = cli.invoke(main, ["report", "--source", "wandb", "--project", "p", "--out", str(out)])
     assert wandb.exit_code == 2 and "needs --entity" in wandb.output
     readme = tmp_path / "README.md"

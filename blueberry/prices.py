@@ -1,0 +1,55 @@
+"""Prices per device-hour given by the user: one reader, so a run's cost and the report's agree on what a valid
+price is (a leaf: imports nothing of ours).
+
+A price is a finite number ≥ 0 in USD per hour. A price table is a JSON object of GPU name → price, given inline
+or as the path of a file holding one (`BLUEBERRY_GPU_PRICES`, `blueberry report --gpu-prices`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+PRICE_ENV = "BLUEBERRY_PRICE_PER_HOUR"  # one price for every run of this environment
+PRICE_TABLE_ENV = "BLUEBERRY_GPU_PRICES"  # a table: a run takes its GPU's row, the report matches GPU names
+EXAMPLE = '{"RTX 4090": 0.18}'
+
+
+def _is_price(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def read_price(raw: str, source: str) -> float:
+    """A single price, e.g. `BLUEBERRY_PRICE_PER_HOUR=0.4`; ValueError naming `source` otherwise."""
+    try:
+        price = float(raw)
+    except ValueError:
+        raise ValueError(f"{source}={raw!r} is not a number (USD per device-hour, e.g. 0.4)") from None
+    if not _is_price(price):
+        raise ValueError(f"{source}={raw!r}: a price must be a finite number ≥ 0 (USD per device-hour)")
+    return price
+
+
+def read_price_table(raw: str, source: str) -> dict[str, float]:
+    """GPU name → USD per hour from an inline JSON object or a file holding one; ValueError naming `source`."""
+    where = source
+    if not raw.lstrip().startswith("{"):
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{source}: {raw!r} is neither a JSON object nor a file (expected e.g. '{EXAMPLE}')")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{source}: cannot read {path}: {exc}") from None
+        where = f"{source} ({path})"
+    try:
+        table = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc}); expected e.g. '{EXAMPLE}'") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a JSON object of GPU name → $/h, got {type(table).__name__}")
+    wrong = {name: value for name, value in table.items() if not _is_price(value)}
+    if wrong:
+        raise ValueError(f"{where}: prices must be finite numbers ≥ 0 (USD per hour), got {wrong}")
+    return {str(name): float(value) for name, value in table.items()}

@@ -1,0 +1,64 @@
+"""The price reader a run and the report share: inline or file tables, and errors that say what is wrong."""
+
+import json
+
+import pytest
+
+from blueberry import hardware
+from blueberry.prices import read_price, read_price_table
+
+
+def test_a_table_is_read_inline_or_from_a_file(tmp_path):
+    assert read_price_table('{"T4": 0.2, "H100": 3}', "SRC") == {"T4": 0.2, "H100": 3.0}
+    table = tmp_path / "prices.json"
+    table.write_text(json.dumps({"RTX 4090": 0.18}))
+    assert read_price_table(str(table), "SRC") == {"RTX 4090": 0.18}
+    assert read_price("0.4", "SRC") == 0.4 and read_price("0", "SRC") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("/no/such/prices.json", "'/no/such/prices.json' is neither a JSON object nor a file"),
+        ("{bad", "SRC: not valid JSON"),
+        ('{"T4": -1}', "prices must be finite numbers ≥ 0 (USD per hour), got {'T4': -1}"),
+        ('{"T4": NaN, "A100": 1}', "got {'T4': nan}"),
+        ('{"T4": true}', "got {'T4': True}"),
+        ('{"T4": "0.3"}', "got {'T4': '0.3'}"),
+    ],
+)
+def test_a_wrong_table_names_its_source_and_the_problem(raw, says):
+    with pytest.raises(ValueError, match="^SRC") as error:
+        read_price_table(raw, "SRC")
+    assert says in str(error.value)
+
+
+def test_a_table_file_that_is_wrong_is_named_in_the_error(tmp_path):
+    (tmp_path / "list.json").write_text("[0.2]")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match=r"SRC \(.*list\.json\): expected a JSON object .*, got list"):
+        read_price_table(str(tmp_path / "list.json"), "SRC")
+    with pytest.raises(ValueError, match=r"SRC \(.*broken\.json\): not valid JSON"):
+        read_price_table(str(tmp_path / "broken.json"), "SRC")
+    with pytest.raises(ValueError, match="neither a JSON object nor a file"):
+        read_price_table(str(tmp_path), "SRC")  # a directory
+
+
+@pytest.mark.parametrize("raw", ["abc", "-0.5", "nan", "inf"])
+def test_a_wrong_price_is_refused(raw):
+    with pytest.raises(ValueError, match=f"^SRC='{raw}'"):
+        read_price(raw, "SRC")
+
+
+def test_a_run_refuses_the_tables_the_report_refuses(monkeypatch, tmp_path):
+    t4 = hardware.preset_for("Tesla T4")
+    monkeypatch.setenv("BLUEBERRY_GPU_PRICES", '{"T4": -0.2}')
+    with pytest.raises(ValueError, match="BLUEBERRY_GPU_PRICES: prices must be finite numbers ≥ 0"):
+        hardware.price_per_hour(None, t4)
+    table = tmp_path / "prices.json"
+    table.write_text(json.dumps({"t4": 0.25}))  # a run matches its preset's name in any case
+    monkeypatch.setenv("BLUEBERRY_GPU_PRICES", str(table))
+    assert hardware.price_per_hour(None, t4) == (0.25, "BLUEBERRY_GPU_PRICES")
+    monkeypatch.setenv("BLUEBERRY_PRICE_PER_HOUR", "-1")
+    with pytest.raises(ValueError, match="BLUEBERRY_PRICE_PER_HOUR='-1': a price must be"):
+        hardware.price_per_hour(None, hardware.CPU_PRESET)
