@@ -311,7 +311,7 @@ def report(runs_root, source, entity, project, group, sweep, tags, out, gpu_pric
 @click.option("--dry-run", is_flag=True, help="Print the planned runs and their command lines; run nothing.")
 def sweep(sweep_path, count, parallel, runs_root, dry_run):
     """Run a W&B sweep YAML offline with W&B's own sweep engine; the same command resumes it."""
-    from blueberry.sweep import SweepRunner, load_sweep, plan
+    from blueberry.sweep import UNTIL_STOPPED, SweepRunner, load_sweep, open_ended, plan
     from blueberry.sweep.validate import check_trials
     from blueberry.tracking.preflight import PreflightError, check_writable_dir
 
@@ -327,12 +327,11 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
     if dry_run:
         from blueberry.sweep.validate import describe
 
-        click.echo(describe(swept, planned))
+        click.echo(describe(swept, planned, open_ended(swept, count)))
         return
+    runs = UNTIL_STOPPED if open_ended(swept, count) else f"{len(planned)} planned run(s)"
     click.echo(
-        f"sweep {swept.sweep_id} ({swept.method}): {len(planned)} planned run(s), state in "
-        f"{runs_root}/_sweeps/{swept.sweep_id}",
-        err=True,
+        f"sweep {swept.sweep_id} ({swept.method}): {runs}; state in {runs_root}/_sweeps/{swept.sweep_id}", err=True
     )
     from blueberry.sweep.state import SweepStateError
 

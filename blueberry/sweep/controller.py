@@ -152,11 +152,19 @@ def params_problem(sweep: Sweep, trial: Trial) -> str | None:
     return None
 
 
+PREVIEW_TRIALS = 10  # what `--dry-run` shows of a random or bayes sweep with no run_cap or --count
+UNTIL_STOPPED = "no run_cap or --count, so it proposes runs until you stop it (Ctrl-C), as `wandb agent` does"
+
+
+def open_ended(sweep: Sweep, count: int | None) -> bool:
+    """A random or bayes sweep with no run_cap and no --count proposes runs until it is stopped, as `wandb agent`
+    does."""
+    return sweep.method != "grid" and trial_budget(sweep, count) is None
+
+
 def plan(sweep: Sweep, count: int | None) -> list[dict]:
     """The parameter sets a fresh sweep would run (grid: all of them; random/bayes: the first proposals)."""
-    budget = trial_budget(sweep, count)
-    if budget is None and sweep.method != "grid":
-        budget = 10
+    budget = PREVIEW_TRIALS if open_ended(sweep, count) else trial_budget(sweep, count)
     trials: list[Trial] = []
     while budget is None or len(trials) < budget:
         params = propose(sweep, trials)

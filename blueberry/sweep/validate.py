@@ -8,6 +8,7 @@ from pathlib import Path
 
 from blueberry.overrides import SpecError, load_spec
 from blueberry.sweep.config import Sweep
+from blueberry.sweep.controller import UNTIL_STOPPED
 from blueberry.sweep.launch import build_trial
 
 
@@ -62,12 +63,14 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
             raise SpecError(problems, more=exc.more) from None
 
 
-def describe(sweep: Sweep, planned: list[dict]) -> str:
+def describe(sweep: Sweep, planned: list[dict], open_ended: bool = False) -> str:
     """The dry-run listing: each planned run's parameters and the command the agent would execute."""
-    lines = [
-        f"sweep {sweep.sweep_id} ({sweep.method}, metric {sweep.config.get('metric', {}).get('name')}): "
-        f"{len(planned)} planned run(s)"
-    ]
+    heading = f"sweep {sweep.sweep_id} ({sweep.method}, metric {sweep.config.get('metric', {}).get('name')}): "
+    if open_ended:
+        heading += f"{UNTIL_STOPPED}; its first {len(planned)} proposals"
+    else:
+        heading += f"{len(planned)} planned run(s)"
+    lines = [heading]
     for index, params, launch, tmp in planned_launches(sweep, planned, sweep.sweep_id, "t{index:03d}"):
         argv = " ".join(launch.argv).replace(tmp, "<sweep-dir>")
         lines.append(f"{index:3d}  {json.dumps(params, sort_keys=True)}\n     {argv}")

@@ -128,3 +128,19 @@ def test_dry_run_prints_the_agent_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"{len(VARIANTS) * 3} planned run(s)" in result.output
     assert "/usr/bin/env blueberry run experiments/cpu_base.json --overrides <sweep-dir>/wandb/sweep-" in result.output
+
+
+def test_a_random_sweep_without_a_cap_says_it_runs_until_stopped(tmp_path):
+    sweep = tmp_path / "random.yaml"
+    sweep.write_text(
+        "method: random\nmetric: {name: val/loss, goal: minimize}\n"
+        "command: ['${env}', blueberry, run, experiments/quickstart.json, --overrides, '${args_json_file}']\n"
+        "parameters:\n  train:\n    parameters:\n      lr: {distribution: log_uniform_values, min: 0.001, max: 0.1}\n"
+    )
+    cli = CliRunner()
+    open_ended = cli.invoke(main, ["sweep", str(sweep), "--dry-run", "--runs-root", str(tmp_path / "runs")])
+    assert open_ended.exit_code == 0, open_ended.output
+    assert "runs until you stop it (Ctrl-C), as `wandb agent` does; its first 10 proposals" in open_ended.output
+    assert "planned run(s)" not in open_ended.output and open_ended.output.count("--overrides") == 10
+    capped = cli.invoke(main, ["sweep", str(sweep), "--dry-run", "--count", "3", "--runs-root", str(tmp_path / "r")])
+    assert "(random, metric val/loss): 3 planned run(s)" in capped.output and capped.output.count("--overrides") == 3
