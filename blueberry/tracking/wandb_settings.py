@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODES = ("online", "offline", "disabled")
 # W&B's mode aliases (wandb_settings.Settings.mode): "dryrun" is offline, "run" and "shared" go online.
 MODE_ALIASES = {"dryrun": "offline", "run": "online", "shared": "online"}
 # Our field -> (W&B setting, the environment variable W&B reads it from)
