@@ -7,9 +7,11 @@ up before any document is read: a cache hit never imports `datasets`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import itertools
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +91,8 @@ def resolve_source(spec: DataSpec) -> Source:
     else:
         return Source("hub", spec.dataset, f"hub:{spec.dataset}:{spec.dataset_config}:{spec.dataset_split}")
 
+    if not any(f.stat().st_size for f in files):
+        raise DataError(f"dataset {spec.dataset!r} is empty ({len(files)} file(s) of 0 bytes)")
     kwargs = {}
     if builder == "text":
         # One .txt file: its blank-line paragraphs are the documents (a split needs many documents).
@@ -109,9 +113,13 @@ def _load_dataset(spec: DataSpec, source: Source):
         with importlib.resources.as_file(resource) as path:
             return datasets.load_dataset("json", data_files=str(path), split="train")
     if source.kind == "local":
-        return datasets.load_dataset(
-            source.builder, data_files=list(source.files), split="train", **source.builder_kwargs
-        )
+        try:
+            with _datasets_log_silenced():  # it logs the error it then raises; ours names the file and the cause
+                return datasets.load_dataset(
+                    source.builder, data_files=list(source.files), split="train", **source.builder_kwargs
+                )
+        except Exception as exc:  # a builder's parse error, bad UTF-8, a truncated file, wrapped or not by datasets
+            raise DataError(f"cannot read dataset {spec.dataset!r} as {source.builder}: {_builder_error(exc)}") from exc
     try:
         return datasets.load_dataset(
             spec.dataset, spec.dataset_config, split=spec.dataset_split, streaming=spec.streaming
@@ -125,6 +133,26 @@ def _load_dataset(spec: DataSpec, source: Source):
         ) from exc
     except ValueError as exc:  # unknown config or split name
         raise DataError(f"cannot load dataset {spec.dataset!r}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _datasets_log_silenced():
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _builder_error(exc: BaseException) -> str:
+    """The builder's own error under datasets' wrappers (DatasetGenerationError says only that one occurred)."""
+    from datasets.exceptions import DatasetsError
+
+    while isinstance(exc, DatasetsError) and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _columns(ds) -> list[str]:

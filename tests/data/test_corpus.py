@@ -90,6 +90,23 @@ def test_missing_text_field_names_the_field_and_the_columns(tmp_path):
         load_documents(DataSpec(dataset=str(path)))
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("empty.txt", b"", "is empty (1 file(s) of 0 bytes)"),
+        ("empty.jsonl", b"", "is empty (1 file(s) of 0 bytes)"),
+        ("latin1.txt", "Élise\n".encode("latin-1"), "as text: UnicodeDecodeError: 'utf-8' codec can't decode"),
+        ("broken.jsonl", b'{"text": "a"\n', "as json: ArrowInvalid: JSON parse error"),
+        ("broken.parquet", b"PAR1 not really", "as parquet: ArrowInvalid"),
+    ],
+)
+def test_an_unreadable_local_file_is_a_data_error_naming_it_and_the_cause(tmp_path, name, content, says):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=f"dataset '{tmp_path / name}'") as err:
+        load_documents(DataSpec(dataset=str(tmp_path / name)))
+    assert says in str(err.value)
+
+
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_documents(DataSpec(dataset=str(tmp_path / "nope.jsonl")))
