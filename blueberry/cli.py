@@ -188,15 +188,22 @@ def run(spec_path, overrides, override_files, resume):
     spec = _load(spec_path, overrides, override_files)
     from blueberry.data import DataError
     from blueberry.data.corpus import resolve_source
+    from blueberry.data.tokenizer import check_local_tokenizer
     from blueberry.tracking.preflight import PreflightError, preflight
 
-    try:  # what can be checked before torch and transformers load (~7 s on a small CPU) is checked first
+    # What can be checked before torch and transformers load (~7 s on a small CPU) is checked first.
+    try:
         preflight(spec)
-        resolve_source(spec.data)  # a local dataset path that is not there, or of a format no builder reads
     except PreflightError as exc:
         _fail(str(exc))
-    except DataError as exc:  # all of them about where the documents come from
-        _fail(f"{spec_path}: data.dataset: {exc}")
+    for field, check in (
+        ("data.dataset", lambda: resolve_source(spec.data)),  # a local path that is not there, or of no known format
+        ("data.tokenizer", lambda: check_local_tokenizer(spec.data.tokenizer)),  # a path that is no tokenizer
+    ):
+        try:
+            check()
+        except DataError as exc:
+            _fail(f"{spec_path}: {field}: {exc}")
     with _loading_libraries():
         from blueberry.runner import OutOfMemory, execute
         from blueberry.tracking.wandb_tracker import WandbUnavailable

@@ -130,6 +130,7 @@ def test_a_missing_dataset_or_unusable_runs_root_fails_before_torch_loads(tmp_pa
     for override, said in [
         (f"--data.dataset={tmp_path / 'no-such.jsonl'}", "data.dataset: dataset file"),
         (f"--data.dataset={a_file}", "data.dataset: unsupported file type 'a-file'"),
+        (f"--data.tokenizer={tmp_path / 'no-tok'}", "data.tokenizer: tokenizer directory"),
         (f"--tracking.runs_root={a_file / 'runs'}", "is a file, not a directory"),
     ]:
         command = [sys.executable, "-c", probe, "run", str(REPO / "experiments/quickstart.json"), override]

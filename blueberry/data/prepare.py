@@ -76,8 +76,8 @@ def token_cache_key(spec: DataSpec, source: Source) -> str:
     }
     if spec.tokenizer == "bpe":
         key["vocab_size"] = spec.vocab_size  # only the trained BPE depends on it
-    elif Path(spec.tokenizer).is_dir():
-        key["tokenizer_files"] = stat_fingerprint(sorted(p for p in Path(spec.tokenizer).rglob("*") if p.is_file()))
+    elif (local := Path(spec.tokenizer).expanduser()).is_dir():
+        key["tokenizer_files"] = stat_fingerprint(sorted(p for p in local.rglob("*") if p.is_file()))
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -18,6 +18,7 @@ from blueberry.data.errors import DataError
 # Bump when train_bpe changes, so tokenizers cached under the old recipe are retrained.
 BPE_RECIPE = "bytelevel-bpe-v1"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what `save_pretrained` writes
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int):
@@ -68,18 +69,46 @@ def load_or_train_bpe(train_docs: Sequence[Document], vocab_size: int, cache_roo
     return load_bpe(path), path
 
 
+def looks_like_path(name_or_path: str) -> bool:
+    """A local path rather than a Hub name: it exists, or it is written as a path (Hub names never start so)."""
+    return Path(name_or_path).expanduser().exists() or name_or_path.startswith((".", "/", "~"))
+
+
+def check_local_tokenizer(name_or_path: str) -> None:
+    """A tokenizer given as a path must be a directory `save_pretrained` wrote; cheap (no transformers import),
+    so `blueberry run` says so before torch loads. A Hub name or `bpe` passes."""
+    if name_or_path == "bpe" or not looks_like_path(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise DataError(f"tokenizer directory {name_or_path!r} does not exist")
+    if not path.is_dir():
+        raise DataError(
+            f"tokenizer {name_or_path!r} is a file; a local tokenizer is the directory `save_pretrained` writes "
+            f"(with {' or '.join(TOKENIZER_FILES)})"
+        )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(f"tokenizer directory {name_or_path!r} holds neither {' nor '.join(TOKENIZER_FILES)}")
+
+
 def load_pretrained(name_or_path: str):
-    """AutoTokenizer for a local directory or a Hub name; offline or unreachable → DataError."""
+    """AutoTokenizer for a local directory or a Hub name; anything it cannot load → DataError saying why."""
     from transformers import AutoTokenizer
 
+    check_local_tokenizer(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser()))
     except OSError as exc:
+        if looks_like_path(name_or_path):
+            raise DataError(f"cannot load tokenizer directory {name_or_path!r}: {exc}") from exc
         raise DataError(
             f"cannot load tokenizer {name_or_path!r}: the Hugging Face Hub is unreachable or offline mode is on "
             "(HF_HUB_OFFLINE), and it is not in the local cache. Use tokenizer='bpe' or a local tokenizer "
             f"directory. Cause: {exc}"
         ) from exc
+    except Exception as exc:  # transformers' many ways to say the files are not a tokenizer it can build
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {detail}") from exc
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {name_or_path!r} has no EOS token; documents need one as separator")
     return tokenizer
