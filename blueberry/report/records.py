@@ -10,7 +10,7 @@ import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NotRequired
 
@@ -23,7 +23,7 @@ from typing_extensions import TypedDict
 
 from blueberry.fileio import read_json_file
 from blueberry.tracking import read_metrics
-from blueberry.tracking.record import RecordError
+from blueberry.tracking.record import RecordError, run_is_live
 from blueberry.tracking.schema import (
     HEADER_KEYS,
     METRICS_FILE,
@@ -382,7 +382,14 @@ def load_local(runs_root: str | Path, cache=None) -> list[Run]:
             runs[i] = run
             if cache:
                 cache.put(keys[i], stamps[i], run)
-    return runs
+    # After the cache: a run's process can die without changing a file of its record.
+    return [_crashed(run) if run.state == "running" and not run_is_live(d) else run for run, d in zip(runs, dirs)]
+
+
+def _crashed(run: Run) -> Run:
+    """W&B's name for a run whose process died without finishing: "running" in its record, its lock free."""
+    reason = "its process died without writing its status (killed, out of memory, or the machine stopped)"
+    return replace(run, state="crashed", reason=f"{reason}; `blueberry run` of the same spec resumes it")
 
 
 # ---------------------------------------------------------------- W&B API

@@ -34,6 +34,8 @@ from blueberry.spec import safe_name
 from blueberry.tracking.preflight import PreflightError
 from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, STATUS_FILE, STEP, SUMMARY_FILE, TIME
 
+PROBE_GRACE_S = 0.05  # longer than `run_is_live` holds its shared lock (two system calls)
+
 
 def allocate_run_dir(runs_root: str | Path, experiment: str, run_id: str) -> Path:
     """Create a fresh run directory (not locked); a taken id gets a numeric suffix."""
@@ -62,12 +64,35 @@ def _lock(path: Path) -> int | None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:  # not a directory, or gone: nothing to claim
         return None
+    for attempt in range(2):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if attempt == 0:  # maybe only `run_is_live` looking (a moment); a live run holds it for its lifetime
+                time.sleep(PROBE_GRACE_S)
+    os.close(fd)
+    return None
+
+
+def run_is_live(path: Path) -> bool:
+    """Whether a live process holds the run directory's lock: a record that says "running" while none does
+    belongs to a process that died without saying so (SIGKILL, the OOM killer, a machine that stopped).
+
+    It looks with a shared lock dropped at once; a claim meeting it waits PROBE_GRACE_S and tries again, so
+    looking never makes a resuming run pass its own directory by.
+    """
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
     except BlockingIOError:
-        os.close(fd)
-        return None
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock, if taken
 
 
 def claim_run_dir(

@@ -1,5 +1,6 @@
 """Report tests: synthetic run records (the real on-disk format) and a headless Chromium."""
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -57,3 +58,24 @@ def browse(chromium, tmp_path):
         return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
     return run
+
+
+@pytest.fixture
+def alive():
+    """hold(run_dir): lock a run directory as the live process of a "running" record does, until the test ends
+    (a "running" record whose lock is free is a crashed run)."""
+    held = []
+
+    def hold(run_dir):
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.append(fd)
+        return run_dir
+
+    def release_all():
+        while held:
+            os.close(held.pop())
+
+    hold.release_all = release_all
+    yield hold
+    release_all()

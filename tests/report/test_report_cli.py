@@ -19,7 +19,7 @@ def study(root):
     for lr, loss, acc in REFERENCE_T2:
         write_run(root, "exp3-lr-attention-moe-cpu", variant="attention_moe", lr=lr, val_loss=loss, val_accuracy=acc)
     write_run(root, "exp3-extended-cpu", variant="attention_moe", lr=3e-3, steps=400, eval_every=20, val_loss=0.0614)
-    write_run(
+    write_run(  # "running", and no process holds it: crashed
         root, "exp3-extended-cpu", variant="attention_moe", lr=3e-3, steps=400, eval_every=20, seed=7, state="running"
     )
     write_run(root, "notes-on-dropout", spec={"model": {"dropout": 0.0}}, val_loss=3.0)
@@ -46,7 +46,7 @@ def test_report_builds_every_section_from_runs(tmp_path):
         assert heading in report
     assert "| 1 | attention_moe | 0.0172 | 99.67% | 1.02 | 1.62 | 231.42 | 231.42 | DeepSeek Attn+MoE | 1 |" in report
     assert "**Warning:** the best LR is the largest one tried" in report
-    assert "| running |" in report and "spec.json unreadable" in report  # listed, never dropped
+    assert "| crashed |" in report and "spec.json unreadable" in report  # listed, never dropped
     assert "best `attention_moe` vs baseline `baseline`" in report  # timeline: exp1 against its named baseline
     assert (out / "TIMELINE.md").read_text().startswith("# Timeline")
     assert "exp1-ablation-mlp-lr0.01-s42" in (out / "dashboard.html").read_text()

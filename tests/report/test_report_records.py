@@ -37,8 +37,8 @@ def test_local_run_is_normalised(tmp_path):
     assert "moe/layer0/load_e0" not in run.history.columns and "moe/layer0/load_max" in run.history.columns
 
 
-def test_torn_last_line_and_broken_files_are_never_fatal(tmp_path):
-    torn = write_run(tmp_path, "e", seed=1, state="running")
+def test_torn_last_line_and_broken_files_are_never_fatal(tmp_path, alive):
+    torn = alive(write_run(tmp_path, "e", seed=1, state="running"))
     with open(torn / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 51, "train/lo')  # killed mid-write
     no_status = write_run(tmp_path, "e", seed=2)
@@ -53,6 +53,18 @@ def test_torn_last_line_and_broken_files_are_never_fatal(tmp_path):
     assert runs[str(bad_spec)].state == "unreadable" and "spec.json unreadable" in runs[str(bad_spec)].reason
     assert runs[str(bad_spec)].experiment == "e"  # from the directory when the header is unreadable
     assert runs[str(no_summary)].state == "unreadable" and "summary.json missing" in runs[str(no_summary)].reason
+
+
+def test_a_running_record_whose_process_died_is_crashed_even_from_the_cache(tmp_path, alive):
+    """W&B's "crashed": the record says running, but no live process holds its lock (SIGKILL, the OOM killer)."""
+    alive(write_run(tmp_path / "runs", "e", seed=1, state="running"))
+    cache = RunCache(tmp_path / "cache")
+    (live,) = load_local(tmp_path / "runs", cache)
+    assert live.state == "running" and live.reason is None
+    alive.release_all()  # the process dies: not a file of its record changes, but its lock goes
+    (dead,) = load_local(tmp_path / "runs", cache)
+    assert cache.hits == 1 and dead.state == "crashed" and "its process died" in dead.reason
+    assert "resumes it" in dead.reason and dead.history.last_step == live.history.last_step
 
 
 def test_missing_runs_root_is_a_clear_error(tmp_path):

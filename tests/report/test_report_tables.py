@@ -66,10 +66,10 @@ def test_seeds_are_aggregated_as_mean_and_sample_sd(tmp_path):
     assert rows[3].endswith("| 3 | — |")
 
 
-def test_failed_running_and_unreadable_runs_are_listed_not_dropped(tmp_path):
+def test_failed_running_and_unreadable_runs_are_listed_not_dropped(tmp_path, alive):
     write_run(tmp_path, "exp1-ablation", variant="mlp", seed=1, val_loss=1.0)
     write_run(tmp_path, "exp1-ablation", variant="mlp", seed=2, state="failed", reason="TrainingDiverged: nan")
-    write_run(tmp_path, "exp1-ablation", variant="moe", seed=1, state="running")
+    alive(write_run(tmp_path, "exp1-ablation", variant="moe", seed=1, state="running"))
     broken = write_run(tmp_path, "exp1-ablation", variant="baseline", seed=1)
     (broken / "status.json").unlink()
     runs = load_local(tmp_path)

@@ -1,6 +1,10 @@
+import fcntl
 import json
+import os
+import threading
 
 from blueberry.tracking import RunRecord, allocate_run_dir, read_metrics
+from blueberry.tracking.record import PROBE_GRACE_S, claim_run_dir, run_is_live
 
 
 def test_record_files_and_states(tmp_path):
@@ -34,3 +38,19 @@ def test_taken_run_ids_get_a_suffix(tmp_path):
 def test_names_cannot_escape_the_runs_root(tmp_path):
     run_dir = allocate_run_dir(tmp_path / "runs", "../../etc", "../x")
     assert (tmp_path / "runs") in run_dir.parents
+
+
+def test_a_live_run_is_told_from_a_crashed_one_and_looking_never_costs_a_resume_its_directory(tmp_path):
+    claimed = claim_run_dir(tmp_path, "exp", "run")
+    RunRecord(claimed.path, {"spec": {}})  # status "running"
+    assert run_is_live(claimed.path)
+    claimed.release()  # the process dies without a word: its lock goes with it
+    assert not run_is_live(claimed.path)
+
+    # A report looking (a shared lock, held a moment) while the crashed run is resumed: the claim waits it out.
+    probe = os.open(claimed.path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(PROBE_GRACE_S / 5, os.close, [probe]).start()
+    resumed = claim_run_dir(tmp_path, "exp", "run", reuse=lambda path, state: state == "running")
+    assert resumed.path == claimed.path and resumed.reused and resumed.previous_state == "running"
+    resumed.release()
