@@ -1,7 +1,7 @@
 """`blueberry` command line: a thin layer over spec loading and the runner.
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input (spec, override, data source, unusable checkpoint),
-130 interrupted by SIGINT, 143 by SIGTERM (128 + the signal number).
+130 interrupted by SIGINT, 143 by SIGTERM, 129 by SIGHUP (the terminal closed) (128 + the signal number).
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ class TrainSpec(_Strict):
         None,
         ge=1,
         le=10_000_000,
-        description="Checkpoint every N optimizer steps and at the end (null: only when stopped by SIGINT/SIGTERM).",
+        description="Checkpoint every N optimizer steps and at the end (null: only when stopped by a signal).",
     )
     keep_checkpoints: int = Field(3, ge=1, le=100_000, description="Keep the last K checkpoints.")
 

@@ -3,12 +3,16 @@
 Signals in-process are real ones (`signal.raise_signal`) delivered while the trainer logs a given step.
 """
 
+import fcntl
 import json
 import os
+import pty
 import random
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -163,6 +167,36 @@ def test_sigint_checkpoints_and_resume_matches_a_clean_run(tmp_path, monkeypatch
     assert (first["resume"], resumed["resume"], resumed["id"]) == ("never", "allow", first["id"])
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert [read_wandb_log(s).run_id for s in segments] == [first["id"]] * 2
+
+
+def test_a_terminal_hangup_checkpoints_and_stops_the_run(tmp_path):
+    """`blueberry run` on a terminal that goes away (an ssh session dropping): SIGHUP, then every write to the
+    terminal fails. The run saves a checkpoint of its step and stops as interrupted (exit 129), resumable."""
+    root = tmp_path / "runs"
+    argv = [str(BLUEBERRY), "run", "experiments/quickstart.json", *SHORT, "--train.steps=1000"]
+    argv += ["--train.checkpoint_every=1000", f"--tracking.runs_root={root}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    terminal, child_side = pty.openpty()
+
+    def own_session_on_that_terminal():  # what a login shell's job gets: the pty as its controlling terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen(argv, cwd=REPO, env=env, stdin=child_side, stdout=child_side, stderr=child_side,
+                               preexec_fn=own_session_on_that_terminal)  # fmt: skip
+    os.close(child_side)
+    deadline = time.monotonic() + 300
+    while not any(path.stat().st_size for path in root.glob("ft/*/metrics.jsonl")):  # a step was logged
+        assert process.poll() is None and time.monotonic() < deadline, "the run never logged a step"
+        while select.select([terminal], [], [], 0.05)[0] and os.read(terminal, 65536):
+            pass  # read what the run shows: a terminal nobody reads fills up and blocks the writer
+    os.close(terminal)  # the hangup: the kernel sends SIGHUP to the session
+    assert process.wait(timeout=300) == 128 + signal.SIGHUP
+    (run_dir,) = (root / "ft").iterdir()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["reason"].startswith("SIGHUP at step ")
+    step = int(status["reason"].split()[3].rstrip(","))
+    assert [p.name for p in (run_dir / "checkpoints").glob("*.pt")] == [f"step-{step:06d}.pt"]
 
 
 def test_nan_loss_fails_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -37,7 +39,7 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped the run after a step; a checkpoint of that step was saved."""
+    """SIGINT/SIGTERM/SIGHUP stopped the run after a step; a checkpoint of that step was saved."""
 
     def __init__(self, signum: int, step: int, checkpoint):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
@@ -45,8 +47,23 @@ class TrainingInterrupted(Exception):
         super().__init__(f"{signal.Signals(signum).name} at step {step}{saved}")
 
 
+def detach_from_terminal() -> None:
+    """Point stdout and stderr at /dev/null, as `nohup` would have: after a hangup the terminal is gone, and a
+    write to it (the progress bar, the last messages) fails with EIO before the checkpoint is saved."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed stream, or one that was never a file
+            stream.flush()
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second signal stops at once.
+
+    SIGHUP (the terminal closed: an ssh session dropped) does the same after detaching stdout and stderr from
+    the lost terminal; where SIGHUP is ignored (`nohup`) it stays ignored.
 
     `at_once` (a torchrun run's rank 0): the first signal stops at once. torchrun hands the signal to every rank,
     the others stop without finishing their step, and rank 0 would wait for them in the step's collectives;
@@ -60,6 +77,8 @@ class StopRequest:
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGHUP:
+            detach_from_terminal()
         if self.at_once:
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} to a torchrun run: stopped at once")
         if self.signum is not None:
@@ -68,7 +87,10 @@ class StopRequest:
 
     def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+            signals = [signal.SIGINT, signal.SIGTERM]
+            if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+                signals.append(signal.SIGHUP)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
         return self
 
     def restore(self) -> None:

@@ -103,6 +103,25 @@ def test_an_fp16_overflow_in_one_optimizers_gradients_skips_every_optimizers_ste
     assert trainer.scaler.get_scale() == scale / 2  # and the scale backs off, as after any overflow
 
 
+def test_sighup_is_a_stop_request_unless_nohup_ignores_it(monkeypatch):
+    """A dropped ssh session hangs the terminal up: checkpoint and stop, as on SIGTERM; under `nohup` run on."""
+    detached = []
+    monkeypatch.setattr("blueberry.train.trainer.detach_from_terminal", lambda: detached.append(True))
+    request = StopRequest().install()
+    try:
+        signal.raise_signal(signal.SIGHUP)
+        assert request.signum == signal.SIGHUP and detached == [True]  # writes to the lost terminal would fail
+    finally:
+        request.restore()
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup blueberry run ...` starts it
+    try:
+        request = StopRequest().install()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        request.restore()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_a_signal_stops_a_torchrun_runs_rank_0_at_once_and_a_single_process_after_its_step():
     """torchrun hands the signal to every rank: the others stop mid-step, so rank 0 cannot finish its step."""
     single = StopRequest().install()
