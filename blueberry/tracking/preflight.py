@@ -8,6 +8,7 @@ traceback half-way through setting up the run.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from blueberry.spec import RunSpec
@@ -38,6 +39,10 @@ def check_writable_dir(directory: str | Path, setting: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         where = "" if existing == path else f" (nor its existing parent {existing})"
         raise PreflightError(f"{setting} '{directory}'{where} is not writable by this user (or is on a read-only disk)")
+    try:  # os.access says yes to root everywhere, even where nothing can be made (/proc, a read-only mount)
+        os.rmdir(tempfile.mkdtemp(prefix=".blueberry-write-check-", dir=existing))
+    except OSError as exc:
+        raise PreflightError(f"{setting} '{directory}': nothing can be made in {existing} ({exc.strerror})") from None
 
 
 # The run record's directory is named after the run id (plus "-N" for a second attempt): it must fit NAME_MAX.

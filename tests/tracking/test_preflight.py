@@ -41,6 +41,18 @@ def test_a_read_only_runs_root_is_refused(tmp_path, monkeypatch):
         check_writable_dir(tmp_path / "runs", "tracking.runs_root")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_directory_where_nothing_can_be_made_is_refused_even_for_root(tmp_path, never_run):
+    """os.access answers yes to root for /proc; only making something there tells (and leaves nothing)."""
+    with pytest.raises(PreflightError, match=r"--out '/proc/x': nothing can be made in /proc \(No such file"):
+        check_writable_dir("/proc/x", "--out")
+    result = run_cli("--tracking.runs_root=/proc/runs")
+    assert result.exit_code == 2 and "tracking.runs_root '/proc/runs': nothing can be made in /proc" in result.output
+    (tmp_path / "empty").mkdir()
+    check_writable_dir(tmp_path / "empty" / "new" / "out", "--out")
+    assert list((tmp_path / "empty").iterdir()) == []  # the probe directory is gone
+
+
 def test_the_os_refusing_the_run_directory_is_a_preflight_error(tmp_path):
     with pytest.raises(PreflightError, match="runs root '/proc/no/such'"):
         claim_run_dir("/proc/no/such", "exp", "run")
