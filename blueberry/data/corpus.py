@@ -198,5 +198,9 @@ def load_documents(spec: DataSpec, source: Source | None = None) -> list[Documen
     ds = ds.select_columns([c for c in (spec.text_field, spec.id_field) if c in columns])
     docs = to_documents(_rows(ds, spec.max_docs), spec.text_field, spec.id_field, spec.max_chars_per_doc)
     if not docs:
-        raise DataError(f"dataset {spec.dataset!r} yielded no non-empty {spec.text_field!r} documents")
+        found = ""
+        if hasattr(ds, "__len__"):  # in memory: cheap to look again (a stream would be read anew)
+            kinds = sorted({type(row[spec.text_field]).__name__ for row in _rows(ds, 1000)})
+            found = f" (its values are {', '.join(kinds)}; text must be str)" if kinds != ["str"] else ""
+        raise DataError(f"dataset {spec.dataset!r} yielded no non-empty {spec.text_field!r} documents{found}")
     return docs

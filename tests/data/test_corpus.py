@@ -126,6 +126,15 @@ def test_an_unreadable_local_file_is_a_data_error_naming_it_and_the_cause(tmp_pa
     assert says in str(err.value)
 
 
+def test_a_text_field_that_holds_no_text_says_what_it_holds(tmp_path):
+    numbers = write_jsonl(tmp_path / "numbers.jsonl", [{"id": str(i), "body": i} for i in range(3)])
+    with pytest.raises(DataError, match=r"no non-empty 'body' documents \(its values are int; text must be str\)"):
+        load_documents(DataSpec(dataset=str(numbers), text_field="body"))
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"id": "a", "body": "  "}])
+    with pytest.raises(DataError, match=r"no non-empty 'body' documents$"):
+        load_documents(DataSpec(dataset=str(blank), text_field="body"))
+
+
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_documents(DataSpec(dataset=str(tmp_path / "nope.jsonl")))
