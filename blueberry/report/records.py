@@ -283,6 +283,7 @@ class _HeaderShape(TypedDict, total=False):
 class _StatusShape(TypedDict):
     state: Literal["running", "finished", "failed", "interrupted", "crashed"]
     reason: NotRequired[str | None]
+    host: NotRequired[str]
 
 
 # Dotted spec/header values the tables, plots and integrity section compute with: (path, accepted types).
@@ -388,7 +389,7 @@ def load_local(runs_root: str | Path, cache=None) -> list[Run]:
 
 def _crashed(run: Run) -> Run:
     """W&B's name for a run whose process died without finishing: "running" in its record, its lock free."""
-    reason = "its process died without writing its status (killed, out of memory, or the machine stopped)"
+    reason = "its process on this host died without writing its status (killed, out of memory, a reboot)"
     return replace(run, state="crashed", reason=f"{reason}; `blueberry run` of the same spec resumes it")
 
 

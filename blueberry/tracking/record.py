@@ -4,7 +4,7 @@ runs/<experiment>/<run_id>/
   spec.json      validated spec + hash, seed, data fingerprint, code version, parameter counts
   metrics.jsonl  one JSON object per logged step, append-only (a torn last line is skipped by readers)
   summary.json   final and best metrics
-  status.json    running | finished | failed | interrupted, with the reason
+  status.json    running | finished | failed | interrupted, with the reason and the host
   checkpoints/   step-<step>.pt, the last K (blueberry.train.checkpoint)
   checkpoints.sha256  their checksums, verified before a resume loads one
   wandb/         the W&B offline run (`wandb sync runs/<experiment>/<run_id>/wandb/offline-run-*`) unless
@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,9 +80,14 @@ def run_is_live(path: Path) -> bool:
     """Whether a live process holds the run directory's lock: a record that says "running" while none does
     belongs to a process that died without saying so (SIGKILL, the OOM killer, a machine that stopped).
 
-    It looks with a shared lock dropped at once; a claim meeting it waits PROBE_GRACE_S and tries again, so
-    looking never makes a resuming run pass its own directory by.
+    Only a run of this host can be told dead: a record copied from another machine (rsync of a cluster's
+    runs/) holds no lock here, its run may still be alive there. It looks with a shared lock dropped at once;
+    a claim meeting it waits PROBE_GRACE_S and tries again, so looking never makes a resuming run pass its own
+    directory by. Where it cannot tell (another host, a filesystem without locks) it answers True.
     """
+    host = (read_json(path / STATUS_FILE) or {}).get("host")
+    if host is not None and host != socket.gethostname():
+        return True
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
@@ -90,6 +96,8 @@ def run_is_live(path: Path) -> bool:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
     except BlockingIOError:
+        return True
+    except OSError:  # no flock on this filesystem: no run could lock it either
         return True
     finally:
         os.close(fd)  # drops the shared lock, if taken
@@ -246,6 +254,7 @@ class RunRecord:
 
     def _status(self, state: str, reason: str | None = None) -> None:
         status = {"state": state, "reason": reason, "started_at": self.started, "updated_at": time.time()}
+        status["host"] = socket.gethostname()  # where the lock that says "alive" can be seen (run_is_live)
         write_json_atomic(self.dir / STATUS_FILE, status)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -63,8 +63,17 @@ def test_a_running_record_whose_process_died_is_crashed_even_from_the_cache(tmp_
     assert live.state == "running" and live.reason is None
     alive.release_all()  # the process dies: not a file of its record changes, but its lock goes
     (dead,) = load_local(tmp_path / "runs", cache)
-    assert cache.hits == 1 and dead.state == "crashed" and "its process died" in dead.reason
+    assert cache.hits == 1 and dead.state == "crashed" and "its process on this host died" in dead.reason
     assert "resumes it" in dead.reason and dead.history.last_step == live.history.last_step
+
+
+def test_a_running_record_copied_from_another_host_stays_running(tmp_path):
+    """rsync of a cluster's runs/ while a run goes on there: no lock here says nothing about it."""
+    run_dir = write_run(tmp_path, "e", seed=1, state="running")
+    status = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**status, "host": "gpu-node-17"}))
+    (run,) = load_local(tmp_path)
+    assert run.state == "running" and run.reason is None
 
 
 def test_missing_runs_root_is_a_clear_error(tmp_path):

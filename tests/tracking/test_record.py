@@ -1,6 +1,7 @@
 import fcntl
 import json
 import os
+import socket
 import threading
 
 from blueberry.tracking import RunRecord, allocate_run_dir, read_metrics
@@ -42,7 +43,8 @@ def test_names_cannot_escape_the_runs_root(tmp_path):
 
 def test_a_live_run_is_told_from_a_crashed_one_and_looking_never_costs_a_resume_its_directory(tmp_path):
     claimed = claim_run_dir(tmp_path, "exp", "run")
-    RunRecord(claimed.path, {"spec": {}})  # status "running"
+    RunRecord(claimed.path, {"spec": {}})  # status "running", on this host
+    assert json.loads((claimed.path / "status.json").read_text())["host"] == socket.gethostname()
     assert run_is_live(claimed.path)
     claimed.release()  # the process dies without a word: its lock goes with it
     assert not run_is_live(claimed.path)
