@@ -1,6 +1,12 @@
 """Causal self-attention: our standard multi-head attention and transformers' DeepSeek-V3 MLA.
 
-Both take the RoPE `(cos, sin)` pair that the model computes once per forward with `DeepseekV3RotaryEmbedding`.
+Both take the RoPE `(cos, sin)` pair that the model computes once per forward with `DeepseekV3RotaryEmbedding`,
+and both attend through `causal_attention`: PyTorch's SDPA, except in training with dropout on a CPU. There
+SDPA's fused kernel cannot drop attention weights and falls back to its math path, which upcasts bf16 to fp32
+throughout and draws the dropout mask element by element: 3x the time of the fused kernel at the study's shape.
+`causal_attention` then computes the same thing itself: scores and softmax in fp32 (as the math path), the
+dropout mask drawn sparsely (`dropout.py`), and the weights-times-values product in the values' dtype (bf16
+under autocast, as SDPA's fused CPU kernel does).
 """
 
 from __future__ import annotations
@@ -10,11 +16,48 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DeepseekV3Config
+from transformers import AttentionInterface, DeepseekV3Config
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, apply_rotary_pos_emb
+
+from .dropout import zero_dropped_
 
 if TYPE_CHECKING:  # annotations only: spec imports the registry, which builds these modules
     from ..spec import ModelSpec
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, scale: float | None = None
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)`, [B, H, T, D];
+    in training with dropout on a CPU, computed here (module docstring)."""
+    if dropout_p == 0 or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+    B, H, T, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.autocast(q.device.type, enabled=False):  # CPU autocast would run the scores in bf16
+        future = torch.full((T, S), float("-inf"), device=q.device).triu_(1)  # SDPA's upper-left causal mask
+        scores = torch.baddbmm(future, q.float().flatten(0, 1), k.float().flatten(0, 1).mT, alpha=scale)
+        # A copy in the values' dtype, which the dropout zeroes in place (softmax keeps its own output for the
+        # backward pass); its 1/(1-p) scales the product, a quarter of the elements at head_dim 64.
+        weights = torch.softmax(scores, dim=-1).view(-1).to(v.dtype, copy=True)
+        zero_dropped_(weights, dropout_p)
+        out = torch.bmm(weights.view(B * H, T, S), v.flatten(0, 1)).mul_(1 / (1 - dropout_p))
+    return out.view(B, H, T, v.shape[-1])
+
+
+def blueberry_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention interface (registered as "blueberry"): `causal_attention` where the call is plain
+    causal self-attention (no mask, no grouped heads), transformers' SDPA function otherwise."""
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    plain = attention_mask is None and is_causal and getattr(module, "num_key_value_groups", 1) == 1
+    if not plain or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    return causal_attention(query, key, value, dropout, scaling).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("blueberry", blueberry_attention_forward)
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         cos, sin = rope
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -45,8 +88,8 @@ class CausalSelfAttention(nn.Module):
 class LatentAttention(nn.Module):
     """transformers' DeepSeek-V3 multi-head latent attention (MLA), run causally.
 
-    The config must select the "sdpa" implementation: with `attention_mask=None`, sdpa applies `is_causal`,
-    while "eager" applies no mask at all, which is how the reference model came to see the future.
+    The config must select the "blueberry" implementation (or "sdpa"): with `attention_mask=None`, both apply
+    `is_causal`, while "eager" applies no mask at all, which is how the reference model came to see the future.
     `causality_probe` checks this end to end.
     """
 

@@ -27,8 +27,8 @@ def deepseek_config(spec: ModelSpec) -> DeepseekV3Config:
         hidden_act="silu",
         max_position_embeddings=spec.max_seq_len,
         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
-        # Never "eager": with no mask it attends to the future (see LatentAttention).
-        attn_implementation="sdpa",
+        # `causal_attention` (attention.py registers it). Never "eager": with no mask it attends to the future.
+        attn_implementation="blueberry",
     )
 
 

@@ -19,6 +19,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
 
+from .dropout import Dropout
+
 if TYPE_CHECKING:  # annotations only: spec imports the registry, which builds these modules
     from ..spec import ModelSpec
 
@@ -174,7 +176,7 @@ class TopKMoE(nn.Module):
             nn.Sequential(
                 nn.Linear(spec.d_model, spec.expert_d_ff, bias=False),
                 nn.SiLU(),
-                nn.Dropout(spec.dropout),
+                Dropout(spec.dropout),
                 nn.Linear(spec.expert_d_ff, spec.d_model, bias=False),
             )
             for _ in range(spec.n_experts)

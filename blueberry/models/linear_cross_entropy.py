@@ -15,10 +15,17 @@ from __future__ import annotations
 import torch
 
 CHUNK_LOGIT_BYTES = 128 * 2**20  # one chunk's fp32 logits: ≤ 128 MiB, e.g. 682 rows of a 49,152-token vocabulary
+# On a CPU the passes over a chunk's logits are memory-bound: chunks that stay in the cache are faster, down to
+# where the per-chunk work (the weight gradient's accumulation, smaller matmuls) takes over. Forward + backward
+# of 4,096 rows of 512, bf16, on a 2-core AVX512-BF16 EPYC: 8,192-token vocabulary 324 ms in one chunk, 232 ms
+# in chunks of 512 rows, 259 ms of 256; 49,152-token vocabulary (1,024 rows) 671 ms in chunks of 682 rows
+# (the 128 MiB bound), 706 ms of 512.
+CPU_CHUNK_ROWS = 512
 
 
-def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_LOGIT_BYTES) -> int:
-    return max(1, chunk_bytes // (4 * vocab_size))
+def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_LOGIT_BYTES, device_type: str = "cuda") -> int:
+    rows = max(1, chunk_bytes // (4 * vocab_size))
+    return min(rows, CPU_CHUNK_ROWS) if device_type == "cpu" else rows
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -45,7 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1
                 grad_logits = grad_logits.to(compute_dtype)
                 grad_hidden[start : start + rows_per_chunk] = (grad_logits @ w).float() / n_rows
-                grad_weight += (grad_logits.T @ h).float()
+                grad_weight.add_(grad_logits.T @ h)  # accumulated in fp32
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.div_(n_rows).to(weight.dtype))
         return loss_sum / n_rows
@@ -63,9 +70,9 @@ def linear_cross_entropy(
     """mean_i CE(hidden_i @ weight.T, targets_i) without the full [N, V] logits; hidden [N, d], weight [V, d].
 
     Equals `F.cross_entropy(F.linear(hidden, weight).float(), targets)` in value and gradients (to round-off),
-    under autocast too. `rows_per_chunk` defaults to ≤ 128 MiB of fp32 logits per chunk.
+    under autocast too. `rows_per_chunk` defaults to ≤ 128 MiB of fp32 logits per chunk, ≤ 512 rows on a CPU.
     """
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    rows = rows_per_chunk or chunk_rows(weight.shape[0])
+    rows = rows_per_chunk or chunk_rows(weight.shape[0], device_type=device)
     return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, rows)

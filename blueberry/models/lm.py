@@ -16,6 +16,7 @@ from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm, DeepseekV3RotaryEmbedding
 
 from .configs import deepseek_config
+from .dropout import Dropout
 from .linear_cross_entropy import linear_cross_entropy
 from .registry import ATTENTIONS, FFNS
 
@@ -51,7 +52,7 @@ class Block(nn.Module):
         self.attn = ATTENTIONS[spec.attention].build(spec, layer_idx)
         self.ffn = FFNS[spec.ffn].build(spec)
         self.routed = FFNS[spec.ffn].routed
-        self.drop = nn.Dropout(spec.dropout)
+        self.drop = Dropout(spec.dropout)
 
     def forward(self, x, rope):
         x = x + self.drop(self.attn(self.norm1(x), rope))
@@ -68,7 +69,7 @@ class BlueberryLM(nn.Module):
         self.spec, self.vocab_size = spec, vocab_size
         self.tok_emb = nn.Embedding(vocab_size, spec.d_model)
         self.rope = DeepseekV3RotaryEmbedding(deepseek_config(spec))  # cos/sin over head_dim, shared by all layers
-        self.drop = nn.Dropout(spec.dropout)
+        self.drop = Dropout(spec.dropout)
         self.blocks = nn.ModuleList(Block(spec, i) for i in range(spec.n_layers))
         self.norm = DeepseekV3RMSNorm(spec.d_model)
         self.lm_head = nn.Linear(spec.d_model, vocab_size, bias=False)
