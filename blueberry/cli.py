@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import gc
 import json
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,8 +154,8 @@ def study(quick, only, parallel, runs_root, dry_run):
         results = plan.run_study(loaded, runs_root, parallel, log=lambda m: click.echo(m, err=True))
     except SweepStateError as exc:
         _fail(f"{exc}: move it aside to start that sweep afresh")
-    except KeyboardInterrupt:
-        _fail("study interrupted; run the same command again to resume", 130)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or the sweep's SIGTERM / SIGHUP (SweepInterrupted)
+        _fail("study interrupted; run the same command again to resume", 128 + getattr(exc, "signum", signal.SIGINT))
     command = shlex.join(["blueberry", *sys.argv[1:]])
     record = plan.write_record(results, runs_root, kind, command, parallel, started) if not quick else None
     for r in results:
@@ -347,8 +348,8 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
         state = runner.run()
     except SweepStateError as exc:
         _fail(f"{exc}: move it aside to start the sweep afresh")
-    except KeyboardInterrupt:
-        _fail("sweep interrupted; run the same command again to resume", 130)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (SweepInterrupted)
+        _fail("sweep interrupted; run the same command again to resume", 128 + getattr(exc, "signum", signal.SIGINT))
     done = [t for t in state.trials if t.state == "finished"]
     failed = [t for t in state.trials if t.state != "finished"]
     click.echo(f"sweep {swept.sweep_id}: {len(done)} finished, {len(failed)} failed or stopped")

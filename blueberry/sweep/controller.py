@@ -25,6 +25,7 @@ from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain
 from blueberry.sweep.progress import SweepProgress
 from blueberry.sweep.state import SweepState, Trial, this_worker, worker_alive
+from blueberry.terminal import detach_from_terminal, stop_signals
 from blueberry.tracking import read_metrics
 from blueberry.tracking.record import RecordError
 
@@ -245,7 +246,8 @@ class SweepRunner:
             self.log(f"  sweep state entry unreadable, left as it is: {why}")
         last_early_check = time.monotonic()
         finished_before = sum(t.state == "finished" for t in self.state.trials)
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops trials cleanly, like Ctrl-C
+        # `kill` and a closed terminal stop the trials cleanly, like Ctrl-C
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in stop_signals() if sig != signal.SIGINT}
         try:
             while True:
                 while len(self.workers) < self.parallel:
@@ -265,7 +267,8 @@ class SweepRunner:
             self._stop_all("interrupted")
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.progress.close()
         self.state.load()
         return self.state
@@ -436,8 +439,18 @@ class SweepRunner:
         self.log(f"sweep {why}: run the same command again to resume")
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP stopped the sweep (its trials stopped cleanly, resumable); `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    if signum == signal.SIGHUP:  # the terminal is gone: the messages while the trials stop must not fail
+        detach_from_terminal()
+    raise SweepInterrupted(signum)
 
 
 def visible_cuda_devices() -> list[str]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 
 from blueberry import distributed
 from blueberry.spec import RunSpec
+from blueberry.terminal import detach_from_terminal, stop_signals
 from blueberry.tracking.schema import keep_metric
 from blueberry.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from blueberry.train.device import enable_tf32, to_device
@@ -45,18 +44,6 @@ class TrainingInterrupted(Exception):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         saved = f", checkpoint {checkpoint}" if checkpoint else ", no checkpoint"
         super().__init__(f"{signal.Signals(signum).name} at step {step}{saved}")
-
-
-def detach_from_terminal() -> None:
-    """Point stdout and stderr at /dev/null, as `nohup` would have: after a hangup the terminal is gone, and a
-    write to it (the progress bar, the last messages) fails with EIO before the checkpoint is saved."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed stream, or one that was never a file
-            stream.flush()
-    for fd in (1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
 
 
 class StopRequest:
@@ -87,10 +74,7 @@ class StopRequest:
 
     def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            signals = [signal.SIGINT, signal.SIGTERM]
-            if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-                signals.append(signal.SIGHUP)
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in stop_signals()}
         return self
 
     def restore(self) -> None:

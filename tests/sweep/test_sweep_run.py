@@ -3,11 +3,15 @@
 The grid and the failing trial run the real `blueberry run`; the tests of the queue (kill + resume, two
 controllers, a dead controller's trial) run a stand-in trial that only writes its run record, seconds sooner."""
 
+import fcntl
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -127,6 +131,43 @@ def test_killed_sweep_resumes_with_every_point_exactly_once(tmp_path):
     assert all(t["state"] == "finished" for t in trials)
     records = [p for p in (runs_root / "tiny-exp").iterdir()]
     assert sorted(p.name for p in records) == sorted(t["run_id"] for t in trials)  # one record per point
+
+
+def test_a_terminal_hangup_stops_the_trials_and_the_same_command_resumes(tmp_path):
+    """`blueberry sweep` on a terminal that goes away (an ssh session dropping): SIGHUP to the controller. It
+    stops its running trial as Ctrl-C would and exits 129 (128 + SIGHUP) instead of dying with the trial left
+    running unwatched; the same command then runs every point once."""
+    path = queue_sweep(tmp_path, [0.01, 0.02])
+    runs_root = tmp_path / "runs"
+    terminal, child_side = pty.openpty()
+
+    def own_session_on_that_terminal():  # what a login shell's job gets: the pty as its controlling terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    sweep = subprocess.Popen(sweep_cmd(path, runs_root), cwd=REPO, stdin=child_side, stdout=child_side,
+                             stderr=child_side, preexec_fn=own_session_on_that_terminal)  # fmt: skip
+    os.close(child_side)
+    deadline, running = time.monotonic() + 240, []
+    while not running:  # until a trial runs
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep never started a trial"
+        while select.select([terminal], [], [], 0.05)[0] and os.read(terminal, 65536):
+            pass  # read what the sweep shows: a terminal nobody reads fills up and blocks the writer
+        try:
+            running = [t for t in state_of(runs_root) if t["state"] == "running" and t["pid"]]
+        except (ValueError, FileNotFoundError):
+            pass
+    os.close(terminal)  # the hangup: the kernel sends SIGHUP to the session
+    assert sweep.wait(timeout=120) == 128 + signal.SIGHUP
+    (trial,) = running
+    with pytest.raises(ProcessLookupError):
+        os.kill(trial["pid"], 0)  # stopped, not left running unwatched
+    assert [t["state"] for t in state_of(runs_root)] == ["running"]  # unfinished: the next command runs it
+    resumed = subprocess.run(sweep_cmd(path, runs_root), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    trials = state_of(runs_root)
+    assert sorted(t["params"]["train"]["lr"] for t in trials) == [0.01, 0.02]
+    assert all(t["state"] == "finished" for t in trials)
 
 
 def test_two_controllers_started_together_share_one_queue(tmp_path):
