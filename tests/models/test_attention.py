@@ -96,3 +96,21 @@ def test_every_variant_trains_through_causal_attention_and_stays_causal(variant,
         logits[:, : t + 1].sum().backward(retain_graph=True)
         assert embedded[0].grad[:, t + 1 :].abs().max() == 0, f"position <= {t} sees a later token"
         assert embedded[0].grad[:, : t + 1].abs().max() > 0
+
+
+def test_the_transformers_interface_falls_back_to_sdpa_for_masks_and_non_causal_calls():
+    """Only plain causal self-attention takes `causal_attention`; a mask or `is_causal=False` (never used by
+    the models here) gets transformers' own SDPA function, so "blueberry" is never less than "sdpa"."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v = _qkv()
+    module = torch.nn.Module()
+    mask = torch.ones(16, 16, dtype=torch.bool).tril()[None, None]
+    for kwargs in ({"attention_mask": mask}, {"attention_mask": None, "is_causal": False}):
+        torch.manual_seed(0)
+        got, _ = attention.blueberry_attention_forward(module, q, k, v, dropout=0.3, **kwargs)
+        torch.manual_seed(0)
+        expected, _ = sdpa_attention_forward(module, q, k, v, dropout=0.3, **kwargs)
+        assert torch.equal(got, expected)
+    plain, _ = attention.blueberry_attention_forward(module, q, k, v, None, dropout=0.0)
+    assert torch.equal(plain, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
