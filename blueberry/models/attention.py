@@ -33,16 +33,15 @@ def causal_attention(
     in training with dropout on a CPU, computed here (module docstring)."""
     if dropout_p == 0 or q.device.type != "cpu" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
-    B, H, T, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    B, H, T, S = *q.shape[:3], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(q.device.type, enabled=False):  # CPU autocast would run the scores in bf16
         future = torch.full((T, S), float("-inf"), device=q.device).triu_(1)  # SDPA's upper-left causal mask
         scores = torch.baddbmm(future, q.float().flatten(0, 1), k.float().flatten(0, 1).mT, alpha=scale)
         # A copy in the values' dtype, which the dropout zeroes in place (softmax keeps its own output for the
         # backward pass); its 1/(1-p) scales the product, a quarter of the elements at head_dim 64.
-        weights = torch.softmax(scores, dim=-1).view(-1).to(v.dtype, copy=True)
-        zero_dropped_(weights, dropout_p)
-        out = torch.bmm(weights.view(B * H, T, S), v.flatten(0, 1)).mul_(1 / (1 - dropout_p))
+        weights = zero_dropped_(torch.softmax(scores, dim=-1).to(v.dtype, copy=True), dropout_p)
+        out = torch.bmm(weights, v.flatten(0, 1)).mul_(1 / (1 - dropout_p))
     return out.view(B, H, T, v.shape[-1])
 
 

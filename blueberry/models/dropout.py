@@ -57,9 +57,10 @@ class _SparseDropout(torch.autograd.Function):
 
 
 def zero_dropped_(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Zero a Bernoulli(p) draw of the elements of a contiguous `x` in place, unscaled; autograd masks the
-    gradient the same way."""
-    return x.view(-1).index_fill_(0, dropped_positions(x.numel(), p, x.device), 0)
+    """Zero a Bernoulli(p) draw of the elements of a contiguous `x` in place, unscaled, and return x; autograd
+    masks the gradient the same way."""
+    x.view(-1).index_fill_(0, dropped_positions(x.numel(), p, x.device), 0)
+    return x
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

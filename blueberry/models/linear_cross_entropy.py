@@ -23,7 +23,8 @@ CHUNK_LOGIT_BYTES = 128 * 2**20  # one chunk's fp32 logits: ≤ 128 MiB, e.g. 68
 CPU_CHUNK_ROWS = 512
 
 
-def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_LOGIT_BYTES, device_type: str = "cuda") -> int:
+def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_LOGIT_BYTES, device_type: str | None = None) -> int:
+    """Rows per chunk: ≤ `chunk_bytes` of fp32 logits, and ≤ CPU_CHUNK_ROWS where `device_type` is "cpu"."""
     rows = max(1, chunk_bytes // (4 * vocab_size))
     return min(rows, CPU_CHUNK_ROWS) if device_type == "cpu" else rows
 
