@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from blueberry import distributed
+from blueberry.allocator import keep_freed_memory
 from blueberry.data import prepare_data
 from blueberry.distributed import World
 from blueberry.fileio import read_json
@@ -123,6 +124,8 @@ def device_stage(spec: RunSpec, log=print) -> tuple[World, torch.device]:
         log(f"torch threads: {threads} ({why})")
     torch.set_flush_denormal(True)  # denormal floats take a slow path on CPUs: steps became many times slower
     device = resolve_device(spec.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # the step's large temporaries reuse their pages (allocator.py)
     world, device = distributed.init(device)  # under torchrun: join the group, one GPU per rank
     precision = resolve_precision(spec.train.precision, device)  # before any data is prepared
     if bf16_emulated(device, precision):

@@ -162,3 +162,12 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_slow(tmp_path, monkeypatch, 
         assert warned == []
     else:
         assert len(warned) == 1 and "slower than fp32, which 'auto' picks here" in warned[0]
+
+
+def test_a_cpu_run_keeps_freed_memory(tmp_path, monkeypatch):
+    from blueberry import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "keep_freed_memory", lambda: calls.append(True))
+    runner.device_stage(tiny_spec(tmp_path, "--train.threads=1"), lambda msg: None)
+    assert calls == [True]

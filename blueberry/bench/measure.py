@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from blueberry.allocator import keep_freed_memory
 from blueberry.data.windows import TrainSampler
 from blueberry.hardware import resolve_device, resolve_precision
 from blueberry.models import build_model
@@ -99,9 +100,12 @@ def measure_throughput(spec: RunSpec, warmup: int = 2, repeats: int = 5) -> dict
 
     spec = bench_spec(spec, warmup + repeats)
     torch.set_flush_denormal(True)  # as the runner does: denormals make CPU steps many times slower
+    device = resolve_device(spec.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the runner does
     data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
     # the run's build stage, less the causality check and the peak FLOP/s (the bench measures its own ceiling)
-    built = build(spec, resolve_device(spec.train.device), data.vocab_size, check_causal=False, peak=False)
+    built = build(spec, device, data.vocab_size, check_causal=False, peak=False)
     precision, flops_total = built.precision, built.plan.flops_per_token
     tracker = ListTracker()
     reset_peak_rss()
