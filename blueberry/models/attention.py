@@ -6,7 +6,7 @@ SDPA's fused kernel cannot drop attention weights and falls back to its math pat
 throughout and draws the dropout mask element by element: 3x the time of the fused kernel at the study's shape.
 `causal_attention` then computes the same thing itself: scores and softmax in fp32 (as the math path), the
 dropout mask drawn sparsely (`dropout.py`), and the weights-times-values product in the values' dtype (bf16
-under autocast, as SDPA's fused CPU kernel does).
+under autocast, as SDPA's fused CPU kernel does), for each half of the queries over the keys it may see.
 """
 
 from __future__ import annotations
@@ -35,14 +35,27 @@ def causal_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
     B, H, T, S = *q.shape[:3], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs = []
     with torch.autocast(q.device.type, enabled=False):  # CPU autocast would run the scores in bf16
-        future = torch.full((T, S), float("-inf"), device=q.device).triu_(1)  # SDPA's upper-left causal mask
-        scores = torch.baddbmm(future, q.float().flatten(0, 1), k.float().flatten(0, 1).mT, alpha=scale)
-        # A copy in the values' dtype, which the dropout zeroes in place (softmax keeps its own output for the
-        # backward pass); its 1/(1-p) scales the product, a quarter of the elements at head_dim 64.
-        weights = zero_dropped_(torch.softmax(scores, dim=-1).to(v.dtype, copy=True), dropout_p)
-        out = torch.bmm(weights, v.flatten(0, 1)).mul_(1 / (1 - dropout_p))
+        q, k, v = q.float().flatten(0, 1), k.float().flatten(0, 1), v.flatten(0, 1)
+        for start, end in query_blocks(T):
+            keys = min(end, S)  # SDPA's upper-left causal mask: query i sees keys 0..i
+            future = torch.full((end - start, keys), float("-inf"), device=q.device).triu_(start + 1)
+            scores = torch.baddbmm(future, q[:, start:end], k[:, :keys].mT, alpha=scale)
+            # A copy in the values' dtype, which the dropout zeroes in place (softmax keeps its own output for the
+            # backward pass); its 1/(1-p) scales the product, a quarter of the elements at head_dim 64.
+            weights = zero_dropped_(torch.softmax(scores, dim=-1).to(v.dtype, copy=True), dropout_p)
+            outs.append(torch.bmm(weights, v[:, :keys]))
+        out = torch.cat(outs, dim=1).mul_(1 / (1 - dropout_p))
     return out.view(B, H, T, v.shape[-1])
+
+
+def query_blocks(n_queries: int) -> list[tuple[int, int]]:
+    """The query rows `causal_attention` computes at a time: two halves, so the first half's scores, softmax and
+    dropout skip the keys it may not see (a quarter of the score matrix). Fwd+bwd of 16 × 8 heads × 256 × 64,
+    bf16, p = 0.1, 2-core AVX512-BF16 EPYC: 71 ms in one block, 57-61 ms in two, 59-63 ms in four, 71-79 in eight."""
+    half = n_queries // 2
+    return [(0, half), (half, n_queries)] if half else [(0, n_queries)]
 
 
 def blueberry_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -18,15 +18,18 @@ def _qkv(dtype=torch.float32, B=2, H=3, T=16, D=8, Dv=None):
 
 
 def _reference(q, k, v, p, seed):
-    """float64, written out: scores, causal mask, softmax, the mask `dropped_positions` draws for `seed`, values."""
+    """float64, written out: scores, causal mask, softmax, the masks `dropped_positions` draws for `seed` (one per
+    block of queries, over the keys those may see), values."""
     q, k, v = (t.double() for t in (q, k, v))
     scores = q @ k.mT * q.shape[-1] ** -0.5
     T, S = scores.shape[-2:]
     scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     torch.manual_seed(seed)
-    keep = torch.ones(weights.numel(), dtype=torch.float64)
-    keep[dropped_positions(weights.numel(), p)] = 0
+    keep = torch.ones_like(weights).flatten(0, 1)  # [B·H, T, S]
+    for start, end in attention.query_blocks(T):  # one draw per block of queries, over the keys they may see
+        block = keep[:, start:end, :end]
+        block.copy_(block.flatten().index_fill(0, dropped_positions(block.numel(), p), 0).view(block.shape))
     return (weights * keep.view(weights.shape) / (1 - p)) @ v
 
 
@@ -53,6 +56,13 @@ def test_under_bf16_autocast_scores_stay_fp32_and_values_take_bf16():
     ref = _reference(q, k, v, 0.1, seed=7)
     # bf16 inputs, bf16 weights × values: within bf16 round-off of the float64 result (scores in bf16 would not be)
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 256])
+def test_query_blocks_cover_every_query_once(T):
+    blocks = attention.query_blocks(T)
+    assert blocks[0][0] == 0 and blocks[-1][1] == T and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(start < end for start, end in blocks) and len(blocks) == (2 if T > 1 else 1)
 
 
 def test_without_dropout_or_in_eval_it_is_sdpa():

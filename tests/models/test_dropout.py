@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blueberry.models.dropout import Dropout, dropout, dropped_positions
+from blueberry.models.dropout import Dropout, dropout, dropped_positions, geometric_gaps
 
 
 def _within(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
@@ -28,6 +28,16 @@ def test_dropped_positions_are_a_bernoulli_process(p):
     # independent trials: the trial after a dropped one is dropped with probability p too
     after = dropped[:-1] + 1
     assert _within(int(torch.isin(after, dropped).sum()), len(after), p)
+
+
+@pytest.mark.parametrize("p", [0.001, 0.1, 0.5, 0.9])
+def test_gaps_are_geometric(p):
+    torch.manual_seed(0)
+    n = 200_000
+    gaps = geometric_gaps(n, p)
+    assert gaps.dtype == torch.float64 and gaps.min() >= 1 and torch.equal(gaps, gaps.floor())
+    for k in (0, 1, 5):  # P(gap > k) = (1 - p)^k
+        assert _within(int((gaps > k).sum()), n, (1 - p) ** k)
 
 
 def test_a_round_of_draws_that_falls_short_draws_again():
