@@ -50,10 +50,13 @@ def two_ranks(tmp_path, code: str, *values: str) -> list[str]:
     """Run `code` as ranks 0 and 1 of a gloo group (argv: rendezvous, rank, the rank's value); their stdouts."""
     join = "import sys, torch.distributed as dist\n"
     join += "dist.init_process_group('gloo', init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)\n"
+    # leave the group before exiting, as the runner does (`distributed.shutdown`): a gloo process that exits
+    # inside its group can abort at interpreter teardown ("terminate called without an active exception")
+    leave = "\ndist.destroy_process_group()\n"
     rendezvous = f"file://{tmp_path / 'rendezvous'}"
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", join + code, rendezvous, str(rank), value],
+            [sys.executable, "-c", join + code + leave, rendezvous, str(rank), value],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
