@@ -144,6 +144,7 @@ def test_a_terminal_hangup_stops_the_trials_and_the_same_command_resumes(tmp_pat
     def own_session_on_that_terminal():  # what a login shell's job gets: the pty as its controlling terminal
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # and SIGHUP's default, even if this suite runs under nohup
 
     sweep = subprocess.Popen(sweep_cmd(path, runs_root), cwd=REPO, stdin=child_side, stdout=child_side,
                              stderr=child_side, preexec_fn=own_session_on_that_terminal)  # fmt: skip

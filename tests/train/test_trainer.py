@@ -107,12 +107,14 @@ def test_sighup_is_a_stop_request_unless_nohup_ignores_it(monkeypatch):
     """A dropped ssh session hangs the terminal up: checkpoint and stop, as on SIGTERM; under `nohup` run on."""
     detached = []
     monkeypatch.setattr("blueberry.train.trainer.detach_from_terminal", lambda: detached.append(True))
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as a terminal starts it (this suite may run under nohup)
     request = StopRequest().install()
     try:
         signal.raise_signal(signal.SIGHUP)
         assert request.signum == signal.SIGHUP and detached == [True]  # writes to the lost terminal would fail
     finally:
         request.restore()
+        signal.signal(signal.SIGHUP, previous)
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup blueberry run ...` starts it
     try:
         request = StopRequest().install()
