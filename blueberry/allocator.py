@@ -44,3 +44,13 @@ def keep_freed_memory(libc=None) -> bool:
         return False
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def release_freed_memory(libc=None) -> bool:
+    """Hand the heap's free memory back to the OS now (`malloc_trim(0)`), the setting above notwithstanding: the
+    bench does it between cases so that each gets its own peak. Returns whether it ran (glibc only)."""
+    libc = _libc() if libc is None else libc
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True

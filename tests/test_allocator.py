@@ -48,3 +48,11 @@ def test_the_mallopt_parameters_and_no_glibc(monkeypatch):
     assert libc.calls == [(-4, 0), (-1, -1)]  # M_MMAP_MAX = 0; M_TRIM_THRESHOLD = -1: never trim
     monkeypatch.setattr(allocator, "_libc", lambda: None)  # macOS, musl
     assert allocator.keep_freed_memory() is False
+
+
+def test_release_hands_the_free_heap_back(monkeypatch):
+    libc = FakeGlibc()
+    libc.malloc_trim = lambda pad: libc.calls.append(("malloc_trim", pad))
+    assert allocator.release_freed_memory(libc) and libc.calls == [("malloc_trim", 0)]
+    monkeypatch.setattr(allocator, "_libc", lambda: None)
+    assert allocator.release_freed_memory() is False

@@ -7,7 +7,6 @@ what the tokens are, and no tokenizer has to be trained). Every figure is a medi
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from blueberry.allocator import keep_freed_memory
+from blueberry.allocator import keep_freed_memory, release_freed_memory
 from blueberry.data.windows import TrainSampler
 from blueberry.hardware import resolve_device, resolve_precision
 from blueberry.models import build_model
@@ -70,8 +69,8 @@ class ListTracker:
 def reset_peak_rss() -> None:
     """Return freed memory to the OS and reset the kernel's peak-RSS mark (Linux), so each case gets its own peak."""
     gc.collect()
+    release_freed_memory()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
