@@ -7,7 +7,7 @@ import torch
 from tiny_models import tiny
 
 from blueberry.models import build_model, feedforward
-from blueberry.models.feedforward import sorted_dispatch
+from blueberry.models.feedforward import CPU_ROW_MULTIPLE, sorted_dispatch
 
 
 def test_sorted_dispatch_equals_per_token_loop():
@@ -65,6 +65,29 @@ def _routing(n=40, d=16, n_experts=4, k=2, seed=0):
     top_idx[top_idx == 3] = 2  # expert 3 gets no token: an empty group
     top_idx[:, 1] = torch.where(top_idx[:, 0] == top_idx[:, 1], (top_idx[:, 0] + 1) % 3, top_idx[:, 1])
     return x, top_idx, torch.rand(n, k, generator=gen)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sorted_dispatch_pads_each_experts_rows_where_onednn_computes_them(precision):
+    """oneDNN builds a kernel per matmul shape: where it runs the experts (bf16/fp16 on a CPU) every expert sees
+    a row count from a short list, and the result is what the unpadded rows give; fp32 is left unpadded."""
+    x, top_idx, top_weights = _routing()
+    mats = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    counts = [n for n in torch.bincount(top_idx.reshape(-1), minlength=4).tolist() if n]
+    results, seen = {}, {}
+    for multiple in (None, 1):
+        seen[multiple] = []
+
+        def expert(e, rows, seen=seen[multiple]):
+            seen.append(rows.shape[0])
+            return rows @ mats[e]
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = sorted_dispatch(x, top_idx, top_weights, 4, expert, row_multiple=multiple)
+        results[multiple] = (out, *torch.autograd.grad(out.float().square().sum(), (x, mats)))
+    padded = [-(-n // CPU_ROW_MULTIPLE) * CPU_ROW_MULTIPLE for n in counts]
+    assert seen == {None: padded if precision == "bf16" else counts, 1: counts}
+    torch.testing.assert_close(results[None], results[1])
 
 
 def test_grouped_dispatch_equals_sorted_dispatch_in_values_and_gradients():
