@@ -80,10 +80,10 @@ def sorted_dispatch(
     un-sorted and summed over the k slots (in a fixed order: deterministic on GPUs too, unlike an index_add).
     Against transformers' eager loop (a boolean mask, an index and an index_add per expert, and a full-size
     gradient per expert slice of the 3-D weights) the GLM-4 MoE block alone trains ≈1.4x faster on CPU at the
-    study's 512d shape, a whole 512d model 1.05-1.15x (`make bench` prints it). `index_select` rather than
-    `x[idx]`: its backward is an index_add, much faster on CPU than indexing's accumulating put. One host sync
-    per layer (the counts), as the eager loop has. `row_multiple`: each expert's rows are padded to a multiple of
-    it (default `row_multiple_for(x)`).
+    study's 512d shape, a whole 512d model 1.19-1.34x in bf16 with the row padding below (`make bench` prints
+    it). `index_select` rather than `x[idx]`: its backward is an index_add, much faster on CPU than indexing's
+    accumulating put. One host sync per layer (the counts), as the eager loop has. `row_multiple`: each
+    expert's rows are padded to a multiple of it (default `row_multiple_for(x)`).
     """
     n_tokens, k = top_idx.shape
     flat = top_idx.reshape(-1)
