@@ -416,6 +416,28 @@ def bench(ceiling, quick, out):
     click.echo(f"saved: {outcome['saved']}")
 
 
+@main.command(context_settings=PASS_THROUGH)
+@click.argument("args", metavar="SPEC.json [OVERRIDES...]", nargs=-1, type=click.UNPROCESSED)
+@click.option(
+    "--settle", default=4, show_default=True, type=click.IntRange(1, 1000), help="Steps before the one timed."
+)
+@click.option("--top", default=20, show_default=True, type=click.IntRange(1), help="Ops listed (slowest first).")
+@click.option("--json", "as_json", is_flag=True, help="Print every op as JSON.")
+def profile(args, settle, top, as_json):
+    """Time one settled training step of SPEC.json op by op (synthetic tokens, the real trainer): where it goes."""
+    if not args or not args[0].endswith(".json"):
+        _fail("profile needs a run spec: blueberry profile SPEC.json [OVERRIDES...]")
+    spec = _load(args[0], args[1:], ())
+    import torch
+
+    from blueberry.bench.step_profile import format_profile, profile_step
+    from blueberry.threads import choose_threads
+
+    torch.set_num_threads(choose_threads(spec.train.threads)[0])  # as a run chooses them
+    result = profile_step(spec, settle)
+    click.echo(json.dumps(result, indent=2) if as_json else format_profile(result, top))
+
+
 @main.command(name="gpu-check")
 @click.option("--out", help="Where the JSON and Markdown go (default: $OUT if set, else reports/gpu-check).")
 @click.option("--only", "only", multiple=True, metavar="CHECK", help="Run only this check (repeatable).")
