@@ -425,7 +425,7 @@ def bench(ceiling, quick, out):
 @click.option("--json", "as_json", is_flag=True, help="Print every op as JSON.")
 def profile(args, settle, top, as_json):
     """Time one settled training step of SPEC.json op by op (synthetic tokens, the real trainer): where it goes."""
-    if not args or not args[0].endswith(".json"):
+    if not args or args[0].startswith("--"):
         _fail("profile needs a run spec: blueberry profile SPEC.json [OVERRIDES...]")
     spec = _load(args[0], args[1:], ())
     import torch

@@ -29,5 +29,7 @@ def test_profile_command_prints_json_and_rejects_a_missing_spec():
     assert json.loads(result.output)["settle_steps"] == 1
     missing = runner.invoke(main, ["profile", "--settle", "1"])
     assert missing.exit_code == 2 and "needs a run spec" in missing.output
+    sweep_file = runner.invoke(main, ["profile", "sweeps/cpu/ablation.yaml"])
+    assert sweep_file.exit_code == 2 and "W&B sweep file, not a run spec" in sweep_file.output
     bad = runner.invoke(main, ["profile", QUICKSTART, "--train.stepz=3"])
     assert bad.exit_code == 2 and "unknown field" in bad.output
