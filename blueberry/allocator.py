@@ -19,19 +19,20 @@ Leaf module: standard library only.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_MAX = -4
 NEVER_TRIM = -1  # as M_TRIM_THRESHOLD: "disables trimming completely" (mallopt(3))
 
 
+@functools.cache
 def _libc():
-    """The C library, when it is glibc (the only one with these mallopt parameters), else None."""
-    name = ctypes.util.find_library("c")
+    """The C library this process runs on, when it is glibc (the only one with these mallopt parameters), else
+    None: the symbols already loaded (`dlopen(NULL)`), not a library looked up on disk."""
     try:
-        libc = ctypes.CDLL(name)
-    except OSError:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):  # TypeError: Windows has no dlopen(NULL)
         return None
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 

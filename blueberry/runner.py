@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from blueberry import distributed
-from blueberry.allocator import keep_freed_memory
 from blueberry.data import prepare_data
 from blueberry.distributed import World
 from blueberry.fileio import read_json
@@ -35,6 +34,7 @@ from blueberry.tracking.wandb_log import held_rows
 from blueberry.tracking.wandb_settings import Choice, describe, run_settings
 from blueberry.tracking.wandb_tracker import wandb_segments
 from blueberry.train.checkpoint import Checkpointer, ResumeError, checkpoint_paths, weights_digest
+from blueberry.train.device import prepare_process
 from blueberry.train.metrics import MetricsProcessor
 from blueberry.train.optim import optimizer_split
 from blueberry.train.trainer import StopRequest, TrainingInterrupted, train
@@ -122,10 +122,8 @@ def device_stage(spec: RunSpec, log=print) -> tuple[World, torch.device]:
     torch.set_num_threads(threads)
     if why.endswith("busy with other processes") and threads < usable_cores():  # fewer than the cores: say why
         log(f"torch threads: {threads} ({why})")
-    torch.set_flush_denormal(True)  # denormal floats take a slow path on CPUs: steps became many times slower
     device = resolve_device(spec.train.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # the step's large temporaries reuse their pages (allocator.py)
+    prepare_process(device)  # denormals flushed; on a CPU, freed memory kept
     world, device = distributed.init(device)  # under torchrun: join the group, one GPU per rank
     precision = resolve_precision(spec.train.precision, device)  # before any data is prepared
     if bf16_emulated(device, precision):

@@ -166,8 +166,9 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_slow(tmp_path, monkeypatch, 
 
 def test_a_cpu_run_keeps_freed_memory(tmp_path, monkeypatch):
     from blueberry import runner
+    from blueberry.train import device
 
     calls = []
-    monkeypatch.setattr(runner, "keep_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(device, "keep_freed_memory", lambda: calls.append(True))
     runner.device_stage(tiny_spec(tmp_path, "--train.threads=1"), lambda msg: None)
     assert calls == [True]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from blueberry.allocator import keep_freed_memory, release_freed_memory
+from blueberry.allocator import release_freed_memory
 from blueberry.data.windows import TrainSampler
 from blueberry.hardware import resolve_device, resolve_precision
 from blueberry.models import build_model
@@ -96,12 +96,11 @@ def bench_spec(spec: RunSpec, steps: int, log_every: int = 1) -> RunSpec:
 def measure_throughput(spec: RunSpec, warmup: int = 2, repeats: int = 5) -> dict:
     """Median step time of `repeats` steps after `warmup` ones, through the real trainer, plus derived figures."""
     from blueberry.train import train
+    from blueberry.train.device import prepare_process
 
     spec = bench_spec(spec, warmup + repeats)
-    torch.set_flush_denormal(True)  # as the runner does: denormals make CPU steps many times slower
     device = resolve_device(spec.train.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # as the runner does
+    prepare_process(device)  # as a run does
     data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
     # the run's build stage, less the causality check and the peak FLOP/s (the bench measures its own ceiling)
     built = build(spec, device, data.vocab_size, check_causal=False, peak=False)
@@ -158,10 +157,11 @@ def tracking_overhead(spec: RunSpec, steps: int, repeats: int = 3) -> dict:
     """
     from blueberry.tracking import RunRecord, Trackers, WandbTracker
     from blueberry.train import train
+    from blueberry.train.device import prepare_process
 
     spec = bench_spec(spec, steps, log_every=spec.train.log_every)
-    torch.set_flush_denormal(True)
     device = resolve_device(spec.train.device)
+    prepare_process(device)  # as a run does
     precision = resolve_precision(spec.train.precision, device)
     data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
     off, on, log_share, init_s = [], [], [], []
