@@ -270,20 +270,29 @@ def optimizer_shares(cases: list[Case], results: dict, fast: str, log=print) -> 
         shares[f"optimizer step/step {case.key}"] = seconds / results[case.key]["step_s"]
         dtype = orthogonaliser_dtype(resolve_device(spec.train.device))
         log(f"optimizer step {case.key}: {seconds * 1e3:.0f} ms (Newton-Schulz in {dtype})")
-    return {**shares, **moe_dense_without_optimizer(results)}
+    study_accumulation = load_spec(STUDY_512D[DENSE_512D], []).train.grad_accum
+    return {**shares, **moe_dense_without_optimizer(results, study_accumulation)}
 
 
-def moe_dense_without_optimizer(results: dict) -> dict[str, float]:
-    """MoE ÷ dense-twin step with each one's optimizer step taken out: the model's forward and backward alone.
+def moe_dense_without_optimizer(results: dict, study_accumulation: int) -> dict[str, float]:
+    """MoE ÷ dense-twin step with each one's optimizer step taken out: the model's forward and backward alone;
+    and at 512d, from the same parts, the step of the study's recipe: `study_accumulation` micro-batches, then
+    one optimizer step (the bench times one micro-batch per step: the study's would take minutes per case).
 
     The twin has the MoE's active parameters, but Muon orthogonalises every expert's matrices, so the MoE's
     optimizer step grows with its total parameters (3x the twin's for 8 experts, top-2 and a shared one)."""
     out = {}
     for key, dense in results.items():
-        moe = results.get(key.removesuffix("/dense_equal"), {})
+        moe_key = key.removesuffix("/dense_equal")
+        moe = results.get(moe_key, {})
         if key.endswith("/dense_equal") and "optimizer_step_s" in moe and "optimizer_step_s" in dense:
             model_s = moe["step_s"] - moe["optimizer_step_s"], dense["step_s"] - dense["optimizer_step_s"]
-            out[f"MoE/dense step less the optimizer step {key.removesuffix('/dense_equal')}"] = model_s[0] / model_s[1]
+            out[f"MoE/dense step less the optimizer step {moe_key}"] = model_s[0] / model_s[1]
+            if key.startswith("s/"):
+                study_s = [study_accumulation * s + r["optimizer_step_s"] for s, r in zip(model_s, (moe, dense))]
+                out[f"MoE/dense step at the study's {study_accumulation} micro-batches {moe_key}"] = (
+                    study_s[0] / study_s[1]
+                )
     return out
 
 

@@ -59,8 +59,8 @@ def orthogonalise(update: Tensor, dtype: torch.dtype, steps: int = NS_STEPS) -> 
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=EPS)
     rows, cols = x.shape[-2:]
-    gram = rows >= GRAM_MIN_ROWS and cols >= GRAM_MIN_ASPECT * rows
-    x = gram_newton_schulz(x, steps) if gram else newton_schulz(x, steps)
+    use_gram = rows >= GRAM_MIN_ROWS and cols >= GRAM_MIN_ASPECT * rows
+    x = gram_newton_schulz(x, steps) if use_gram else newton_schulz(x, steps)
     if tall:
         x = x.mT
     return x.view(update.shape)
@@ -95,8 +95,9 @@ def gram_newton_schulz(x: Tensor, steps: int = NS_STEPS, restarts: tuple[int, ..
         if step in restarts and product is not None:
             x = torch.bmm(product, x)
             gram, product = torch.bmm(x, x.mT), None
-        # The step's P = a I + Z with Z = b G + c G², applied as a M + Z M: the a M term is then summed at the
-        # matmul's (fp32) precision, where a bf16 P would round Z's diagonal against a = 3.4.
+        # The step's P = a I + Z with Z = b G + c G², applied as a M + Z M: the a M term is then added inside the
+        # matmul, before its result is rounded, where a bf16 P would round Z's diagonal against a = 3.4 (measured:
+        # twice the round-off).
         z = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         product = z + a * eye if product is None else torch.baddbmm(product, z, product, beta=a)  # P Q
         if step + 1 < steps and step + 1 not in restarts:  # the last step and a restart's need no new G

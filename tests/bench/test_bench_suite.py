@@ -171,8 +171,10 @@ def test_moe_dense_step_without_the_optimizer_steps_compares_the_models_alone():
         "q/moe/fp32": {"step_s": 1.0},  # its optimizer step not measured (failed): no row
         "q/moe/fp32/dense_equal": {"step_s": 1.0, "optimizer_step_s": 0.1},
     }
-    assert moe_dense_without_optimizer(results) == {
-        "MoE/dense step less the optimizer step s/moe/fp32": pytest.approx(1.8 / 1.6)
+    assert moe_dense_without_optimizer(results, study_accumulation=4) == {
+        "MoE/dense step less the optimizer step s/moe/fp32": pytest.approx(1.8 / 1.6),
+        # the study's step: 4 micro-batches' forward and backward, then one optimizer step
+        "MoE/dense step at the study's 4 micro-batches s/moe/fp32": pytest.approx((4 * 1.8 + 1.2) / (4 * 1.6 + 0.4)),
     }
 
 
