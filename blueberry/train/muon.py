@@ -7,8 +7,9 @@ coefficients, decoupled weight decay, LR scaled by sqrt(max(1, rows / cols))), w
 - Newton–Schulz runs in `ns_dtype`: torch casts to bf16 unconditionally, which on CPUs without native bf16
   (AVX2 only) made one 512 × 2,048 orthogonalisation take 13.8 s against 0.50 s in fp32 (an AMD EPYC).
   `orthogonaliser_dtype` picks bf16 on Ampere+ GPUs and bf16-capable CPUs (AMX, AVX512-BF16), fp32 elsewhere.
-And one difference in how, not what: a large matrix at least twice as wide as tall (after transposing a tall one)
-runs the same five steps as Gram Newton–Schulz (`gram_newton_schulz`), on its small square Gram matrix.
+And one difference in how, not what: where Newton–Schulz runs in fp32, a large matrix at least twice as wide as
+tall (after transposing a tall one) runs the same five steps as Gram Newton–Schulz (`gram_newton_schulz`), on its
+small square Gram matrix.
 Neither heavyball nor pytorch-optimizer is a dependency of the project; the loop below is small.
 """
 
@@ -24,12 +25,14 @@ from blueberry.hardware import cpu_supports_bf16
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # as torch.optim.Muon (torch/optim/_muon.py)
 NS_STEPS = 5
 EPS = 1e-7
-# Gram Newton–Schulz (see there) for a matrix at least GRAM_MIN_ASPECT times as wide as tall (after transposing)
-# and at least GRAM_MIN_ROWS tall. Five steps with one restart multiply 4r + 14 (short side)³ blocks against the
-# standard iteration's 10r + 5 (r = long side ÷ short side): fewer from r = 1.5. In bf16 on 2 AVX512-BF16 EPYC
-# cores: an 8 × 512 × 2,048 expert stack 69 ms against 112, 512 × 3,072 11 against 18, 8 × 512 × 1,024 50
-# against 56, 4 × 128 × 512 1.0 against 1.1; below 128 rows it was slower (more, smaller products), and its bf16
-# round-off 1.5-2x the standard iteration's against 1.1-1.3x from 128 rows on.
+# Gram Newton–Schulz (see there) in fp32 (or wider) for a matrix at least GRAM_MIN_ASPECT times as wide as tall
+# (after transposing) and at least GRAM_MIN_ROWS tall. Five steps with one restart multiply 4r + 14 (short side)³
+# blocks against the standard iteration's 10r + 5 (r = long side ÷ short side): fewer from r = 1.5. In fp32 on 2
+# AVX512 EPYC cores: an 8 × 512 × 2,048 expert stack 287 ms against 445, 512 × 3,072 44 against 78,
+# 8 × 512 × 1,024 214 against 241, 4 × 128 × 512 2.4 against 3.6; its result within 2e-5 of the exact one (the
+# standard iteration's: 2e-6). Not in bf16, though it was 1.4-1.7x faster there too: its results came out
+# 0.4-0.6 % smaller in norm than the standard iteration's, whatever the restarts (a bias, not noise), and each of
+# `make run`'s six variants whose matrices it took ended 0.0014-0.0020 higher in val/loss (means of 3 seeds).
 GRAM_MIN_ASPECT = 2
 GRAM_MIN_ROWS = 128
 GRAM_RESTARTS = (2,)  # steps at which Gram Newton–Schulz rebuilds X and its Gram matrix (see there)
@@ -49,8 +52,8 @@ def orthogonalise(update: Tensor, dtype: torch.dtype, steps: int = NS_STEPS) -> 
     """Newton–Schulz approximation of U V^T for each matrix of `update` ([rows, cols] or [batch, rows, cols]).
 
     Each matrix is scaled to Frobenius norm ≤ 1 (so its spectral norm is ≤ 1), then iterated on the wide
-    orientation (rows ≤ cols) as torch does: by `newton_schulz`, or by `gram_newton_schulz` where that pays
-    (`GRAM_MIN_ASPECT`, `GRAM_MIN_ROWS`).
+    orientation (rows ≤ cols) as torch does: by `newton_schulz`, or by `gram_newton_schulz` where that pays and
+    is exact (fp32 or wider, `GRAM_MIN_ASPECT`, `GRAM_MIN_ROWS`).
     """
     x = update.to(dtype)
     x = x.unsqueeze(0) if x.ndim == 2 else x
@@ -59,7 +62,7 @@ def orthogonalise(update: Tensor, dtype: torch.dtype, steps: int = NS_STEPS) -> 
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=EPS)
     rows, cols = x.shape[-2:]
-    use_gram = rows >= GRAM_MIN_ROWS and cols >= GRAM_MIN_ASPECT * rows
+    use_gram = torch.finfo(dtype).bits >= 32 and rows >= GRAM_MIN_ROWS and cols >= GRAM_MIN_ASPECT * rows
     x = gram_newton_schulz(x, steps) if use_gram else newton_schulz(x, steps)
     if tall:
         x = x.mT
@@ -82,10 +85,10 @@ def gram_newton_schulz(x: Tensor, steps: int = NS_STEPS, restarts: tuple[int, ..
 
     Each step is X <- P X with P = a I + b G + c G², a polynomial in G = X Xᵀ. So X_k = Q X_0 with Q the product
     of the steps' P, and the next Gram matrix is P G P: the steps multiply n × n matrices only, and X is
-    multiplied at the start, at each restart and once at the end. Carried along in bf16, G drifts from the true
-    Gram matrix of Q X_0: on a gradient whose singular values span three decades the result then missed the
-    exact one by 10-18 times its norm. Rebuilding X and G at step 2 (`restarts`, as DeepSpeed's Muon does)
-    keeps the round-off within 1.3x the standard iteration's (tests/train/test_muon.py).
+    multiplied at the start, at each restart and once at the end. Carried along, G drifts from the true Gram
+    matrix of Q X_0 (in fp32, on a gradient whose singular values span three decades, 10x the error of a run
+    rebuilding X and G at step 2; in bf16, 10-18 times the result's norm); `restarts` rebuild them, at step 2 as
+    DeepSpeed's Muon does.
     """
     a, b, c = NS_COEFFICIENTS
     eye = torch.eye(x.size(-2), dtype=x.dtype, device=x.device)
@@ -96,8 +99,8 @@ def gram_newton_schulz(x: Tensor, steps: int = NS_STEPS, restarts: tuple[int, ..
             x = torch.bmm(product, x)
             gram, product = torch.bmm(x, x.mT), None
         # The step's P = a I + Z with Z = b G + c G², applied as a M + Z M: the a M term is then added inside the
-        # matmul, before its result is rounded, where a bf16 P would round Z's diagonal against a = 3.4 (measured:
-        # twice the round-off).
+        # matmul, before its result is rounded, where a P formed first rounds Z's diagonal against a = 3.4 (in
+        # bf16: twice the round-off).
         z = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         product = z + a * eye if product is None else torch.baddbmm(product, z, product, beta=a)  # P Q
         if step + 1 < steps and step + 1 not in restarts:  # the last step and a restart's need no new G
