@@ -31,8 +31,8 @@ EPS = 1e-7
 # AVX512 EPYC cores: an 8 × 512 × 2,048 expert stack 287 ms against 445, 512 × 3,072 44 against 78,
 # 8 × 512 × 1,024 214 against 241, 4 × 128 × 512 2.4 against 3.6; its result within 2e-5 of the exact one (the
 # standard iteration's: 2e-6). Not in bf16, though it was 1.4-1.7x faster there too: its results came out
-# 0.4-0.6 % smaller in norm than the standard iteration's, whatever the restarts (a bias, not noise), and each of
-# `make run`'s six variants whose matrices it took ended 0.0014-0.0020 higher in val/loss (means of 3 seeds).
+# 0.4-0.6 % smaller in norm than the standard iteration's, whatever the restarts (a bias, not noise), and six of
+# `make run`'s seven variants ended 0.0014-0.0020 higher in val/loss (means of 3 seeds).
 GRAM_MIN_ASPECT = 2
 GRAM_MIN_ROWS = 128
 GRAM_RESTARTS = (2,)  # steps at which Gram Newton–Schulz rebuilds X and its Gram matrix (see there)
