@@ -18,6 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from blueberry.bench.measure import measure_throughput
+from blueberry.hardware import resolve_device
 from blueberry.spec import RunSpec
 
 MATMUL_OPS = frozenset({"mm", "bmm", "baddbmm", "addmm", "addbmm", "_grouped_mm"})
@@ -66,7 +67,7 @@ class _FirstOptimizerCycle:
 def profile_step(spec: RunSpec, settle: int = 4) -> dict:
     """One training step's time per aten op, after `settle` ≥ 1 steps: the window, the ops (slowest first) and
     the matmuls' time."""
-    clock = OpClock(sync=torch.cuda.is_available() and spec.train.device != "cpu")
+    clock = OpClock(sync=resolve_device(spec.train.device).type == "cuda")  # the device the run takes
     cycle = _FirstOptimizerCycle(clock, settle)
     handle = register_optimizer_step_post_hook(cycle)
     try:
@@ -92,6 +93,7 @@ def profile_step(spec: RunSpec, settle: int = 4) -> dict:
 
 
 def format_profile(result: dict, top: int = 20) -> str:
+    """`profile_step`'s result as a header line and a Markdown table of the `top` slowest ops."""
     window = result["window_s"]
     lines = [
         f"one step after {result['settle_steps']} ({result['precision']}, {result['threads']} threads): "
