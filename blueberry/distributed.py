@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -72,9 +73,24 @@ def init(device: torch.device) -> tuple[World, torch.device]:
     return world, device
 
 
+# gloo's worker threads drop a finished collective's tensors just after `wait()` has returned, and dropping a
+# tensor Python has seen takes the GIL. A thread that asks for it once the interpreter has begun to exit is ended
+# by Python mid-destructor and aborts the process ("terminate called without an active exception", exit 134): in
+# tests/test_distributed.py's two-rank check of a diverged step, 3 times in 54-70 runs under gdb beside a busy
+# loop on 2 cores, each a gloo thread in ~AsyncAllreduceWork while the main thread was in Py_FinalizeEx. Joining
+# those threads is not an option: a DistributedDataParallel keeps its process group alive after both are deleted.
+# So the leaving process sleeps a moment with the GIL released, and the threads finish while the interpreter is
+# whole (then none in 50 runs).
+GLOO_SETTLE_S = 0.1
+
+
 def shutdown() -> None:
+    """Leave the process group (every rank, at the end of a run), then let gloo's threads finish (see above)."""
     if dist.is_available() and dist.is_initialized():
+        uses_gloo = "gloo" in str(dist.get_backend())
         dist.destroy_process_group()
+        if uses_gloo:
+            time.sleep(GLOO_SETTLE_S)
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -50,9 +50,9 @@ def two_ranks(tmp_path, code: str, *values: str) -> list[str]:
     """Run `code` as ranks 0 and 1 of a gloo group (argv: rendezvous, rank, the rank's value); their stdouts."""
     join = "import sys, torch.distributed as dist\n"
     join += "dist.init_process_group('gloo', init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)\n"
-    # leave the group before exiting, as the runner does (`distributed.shutdown`): a gloo process that exits
-    # inside its group can abort at interpreter teardown ("terminate called without an active exception")
-    leave = "\ndist.destroy_process_group()\n"
+    # leave the group before exiting as the runner does: a gloo process that exits inside its group, or just
+    # after a collective, can abort at interpreter teardown (`distributed.shutdown`)
+    leave = "\nfrom blueberry import distributed\ndistributed.shutdown()\n"
     rendezvous = f"file://{tmp_path / 'rendezvous'}"
     ranks = [
         subprocess.Popen(
