@@ -80,7 +80,7 @@ def project(runs: list[dict], startup_s: float, here: Preset, here_precision: st
     startup_total = startup_s * sum(run["seeds"] for run in runs)
     here_peak = here.peak(here_precision)
     targets = [(here.name, here_precision, 1.0, price_here, "this GPU, measured speed")]
-    for name, price, price_source in (("T4", None, None), ("RTX 4090", REPORT_4090_PRICE, "the report's $/h")):
+    for name, price, price_source in (("T4", None, None), ("RTX 4090", REPORT_4090_PRICE, "the report's")):
         preset = next(p for p in PRESETS if p.name == name)
         if here_peak is None:
             continue

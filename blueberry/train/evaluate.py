@@ -24,7 +24,11 @@ def _rows_per_chunk(n_rows: int, vocab_size: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, batch_size: int, device: torch.device, autocast=contextlib.nullcontext):
-    """Mean next-token loss and accuracy over every target of every validation window (each scored once)."""
+    """Mean next-token loss and accuracy over every target of every validation window (each scored once).
+
+    The model runs eagerly (`model.forward`, not `model(...)`), also when `model.compile()` compiled it for
+    training: under no_grad, in eval mode and on the ragged last batch, torch.compile compiles twice more, which
+    took ~20 s of a 30-step run on an H200 (README, On a GPU), more than an eager pass over the validation set."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -36,7 +40,7 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: torch.device
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size].to(device, non_blocking=True)
             inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
-            logits = model(inputs).logits.flatten(0, 1)
+            logits = model.forward(inputs).logits.flatten(0, 1)
             rows = _rows_per_chunk(len(targets), logits.shape[-1], device)
             with torch.autocast(device.type, enabled=False):
                 for first in range(0, len(targets), rows):

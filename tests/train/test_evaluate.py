@@ -58,3 +58,19 @@ def test_a_gpu_reads_the_logits_in_chunks_of_at_most_256_mib_in_fp32():
     assert rows(16 * 256, 49_152, torch.device("cuda")) == 1365  # the study's micro-batch: 3 chunks, not 1
     assert rows(16 * 256, 8_192, torch.device("cuda")) == 4096  # a small vocabulary: the batch whole
     assert rows(16 * 256, 8_192, torch.device("cpu")) == 32  # a core's cache
+
+
+def test_a_model_compiled_for_training_is_evaluated_eagerly_without_compiling_again():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+    model, windows = TableLM(torch.randn(VOCAB, VOCAB, generator=generator)), torch.randint(VOCAB, (5, 8))
+    counter = CompileCounter()  # a backend that counts the frames dynamo hands it and runs them as they are
+    model.compile(backend=counter)
+    expected = evaluate(TableLM(model.table.detach().clone()), windows, batch_size=2, device=torch.device("cpu"))
+    assert evaluate(model, windows, batch_size=2, device=torch.device("cpu")) == expected
+    assert counter.frame_count == 0
+    model(windows[:, :-1])  # the training path still goes through the compiled call
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
