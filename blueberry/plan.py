@@ -113,7 +113,7 @@ def plan_run(
         compute_capability=capability,
         world_size=world_size,
         batch=batch,
-        compile=resolve_compile(t.compile, device),
+        compile=resolve_compile(t.compile, device, t.steps * batch.grad_accum),
         peak_flops=peak_value,
         peak_source=peak_source,
         price_per_hour=price,

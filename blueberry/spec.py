@@ -246,7 +246,8 @@ class TrainSpec(_Strict):
     progress: bool = Field(True, description="Show a progress bar.")
     compile: bool | Literal["auto"] = Field(
         "auto",
-        description="torch.compile the model; 'auto': on CUDA GPUs, not on CPU (`make bench` and "
+        description="torch.compile the model; 'auto': on CUDA GPUs for runs of at least 4,000 micro-steps (optimizer "
+        "steps × accumulation; shorter runs were faster eager on an H200), never on CPU (`make bench` and "
         "`blueberry gpu-check` measure whether it pays).",
     )
     chunked_loss: bool = Field(

@@ -207,6 +207,17 @@ def test_plan_run_under_torchrun_takes_the_micro_batch_every_rank_fits(monkeypat
     assert (agreed.micro_batch, agreed.grad_accum, agreed.effective_batch, agreed.how) == (4, 8, 64, "auto")
 
 
+def test_plan_run_decides_compile_from_the_run_s_micro_steps_after_choosing_the_batch(monkeypatch):
+    asked = []
+    monkeypatch.setattr("blueberry.plan.resolve_compile", lambda requested, device, steps: asked.append(steps))
+    fixed = load_spec(None, ["--model.d_model=64", "--train.steps=375", "--train.grad_accum=4"])
+    plan_run(fixed, torch.device("cpu"), build_model(fixed.model, 512), 512)
+    auto = ["--model.d_model=64", "--train.steps=100", "--train.batch_size=auto", "--train.effective_batch=64"]
+    spec = load_spec(None, auto)
+    batch = plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512).batch
+    assert asked == [375 * 4, 100 * batch.grad_accum]
+
+
 def test_what_the_batch_size_probe_routed_is_forgotten_before_training(monkeypatch):
     """On CUDA the probe runs passes in training mode on random tokens: with model.balance = bias_update, what
     they routed must not move the first routing-bias update."""
@@ -244,10 +255,12 @@ def test_make_run_on_cuda_is_the_time_boxed_study_shape():
     assert result.exit_code == 2 and "no CUDA GPU" in result.output
 
 
-def test_compile_auto_means_cuda_only():
-    resolve_compile = hardware.resolve_compile
-    assert resolve_compile("auto", torch.device("cuda")) and not resolve_compile("auto", torch.device("cpu"))
-    assert resolve_compile(True, torch.device("cpu")) and not resolve_compile(False, torch.device("cuda"))
+def test_compile_auto_means_cuda_and_a_run_long_enough_to_win_back_the_compile():
+    resolve_compile, long = hardware.resolve_compile, hardware.COMPILE_MIN_MICRO_STEPS
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_compile("auto", cuda, long) and not resolve_compile("auto", cpu, 10 * long)
+    assert not resolve_compile("auto", cuda, 375 * 4)  # the study's runs: eager was faster on an H200
+    assert resolve_compile(True, cpu, 1) and not resolve_compile(False, cuda, 10 * long)
     assert load_spec(None, []).train.compile == "auto"
     assert load_spec(None, ["--train.compile=false"]).train.compile is False
     assert load_spec(None, ["--train.compile=true"]).train.compile is True

@@ -61,23 +61,27 @@ def read_experiment(sweep_path: str | Path = EXPERIMENT_1) -> Experiment:
     return Experiment(str(REPO / base), presets, seeds, fixed)
 
 
-def training_tokens(experiment: Experiment, overrides: list[str]) -> int:
-    """Tokens one run of the preset trains on: optimizer steps × accumulation × micro-batch × sequence length."""
+def run_length(experiment: Experiment, overrides: list[str]) -> tuple[int, int]:
+    """(tokens, micro-steps) of one run of the preset: optimizer steps × accumulation × micro-batch × sequence
+    length, and optimizer steps × accumulation (with batch_size 'auto', whose accumulation the GPU decides: at
+    least the optimizer steps)."""
     spec = load_spec(experiment.base_spec, [*experiment.fixed, *overrides])
     t = spec.train
     if t.batch_size == "auto":
-        return t.steps * t.effective_batch * spec.data.seq_len
-    return t.steps * t.grad_accum * t.batch_size * spec.data.seq_len
+        return t.steps * t.effective_batch * spec.data.seq_len, t.steps
+    return t.steps * t.grad_accum * t.batch_size * spec.data.seq_len, t.steps * t.grad_accum
 
 
 def project(runs: list[dict], startup_s: float, here: Preset, here_precision: str, price_here: float | None) -> dict:
-    """Wall time and cost of `runs` (each {"label", "tokens", "tokens_per_s", "seeds"}) here and on a T4 / RTX 4090.
+    """Wall time and cost of `runs` (each {"label", "tokens", "tokens_per_s", "seeds", "compile_s"}) here and on a
+    T4 / RTX 4090.
 
-    Here: Σ seeds × (tokens ÷ tokens/s + startup_s). Elsewhere: the training seconds × peak here ÷ peak there
-    (the T4 at its fp16 peak: it has no bf16), the start-up unchanged. Cost = hours × $/h of one device.
+    Here: Σ seeds × (tokens ÷ tokens/s + compile_s + startup_s). Elsewhere: the training seconds × peak here ÷ peak
+    there (the T4 at its fp16 peak: it has no bf16), the start-up and compile time unchanged (host work). Cost =
+    hours × $/h of one device.
     """
     train_s = sum(run["seeds"] * run["tokens"] / run["tokens_per_s"] for run in runs)
-    startup_total = startup_s * sum(run["seeds"] for run in runs)
+    startup_total = sum(run["seeds"] * (startup_s + run.get("compile_s", 0.0)) for run in runs)
     here_peak = here.peak(here_precision)
     targets = [(here.name, here_precision, 1.0, price_here, "this GPU, measured speed")]
     for name, price, price_source in (("T4", None, None), ("RTX 4090", REPORT_4090_PRICE, "the report's")):

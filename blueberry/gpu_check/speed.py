@@ -10,9 +10,9 @@ import time
 import torch
 
 from blueberry.bench.measure import SyntheticData, measure_throughput
-from blueberry.gpu_check.projection import project, read_experiment, training_tokens
+from blueberry.gpu_check.projection import project, read_experiment, run_length
 from blueberry.gpu_check.suite import CheckFailed, CheckSkipped, Context
-from blueberry.hardware import CPU_PRESET, detect, preset_for, price_per_hour, resolve_precision
+from blueberry.hardware import CPU_PRESET, detect, preset_for, price_per_hour, resolve_compile, resolve_precision
 from blueberry.models import build_model, registry
 from blueberry.overrides import load_spec
 from blueberry.perf import peak_flops
@@ -225,25 +225,31 @@ def check_batch_auto(context: Context, box_s: float) -> dict:
 
 
 def check_projection(context: Context, box_s: float) -> dict:
-    """PROJECTION of Experiment 1 (presets × seeds at the study's steps) from the speeds measured above."""
+    """PROJECTION of Experiment 1 (presets × seeds at the study's steps) from the speeds measured above: per preset,
+    eager or compiled as `compile: auto` picks for a run of its length here, a compiled run paying its measured
+    compile time (its first steps' time over eager's)."""
     experiment = read_experiment()
-    measured = {}
-    for source in ("throughput_eager", "throughput_compiled"):
-        for label, case in context.results.get(source, {}).get("cases", {}).items():
-            if "tokens_per_s" in case and case["tokens_per_s"] > measured.get(label, {}).get("tokens_per_s", 0):
-                measured[label] = {**case, "how": source.removeprefix("throughput_")}
-    missing = [label for label, _ in experiment.presets if label not in measured]
+    speeds = {
+        source: context.results.get(f"throughput_{source}", {}).get("cases", {}) for source in ("eager", "compiled")
+    }
+    runs, measured, missing = [], {}, []
+    for label, overrides in experiment.presets:
+        tokens, micro_steps = run_length(experiment, overrides)
+        eager, compiled = speeds["eager"].get(label, {}), speeds["compiled"].get(label, {})
+        case, how, compile_s = eager, "eager", 0.0
+        if resolve_compile("auto", context.device, micro_steps) and "tokens_per_s" in compiled and eager:
+            case, how = compiled, "compiled"
+            compile_s = max(0.0, compiled.get("first_step_s", 0.0) - eager.get("first_step_s", 0.0))
+        if "tokens_per_s" not in case:
+            missing.append(label)
+            continue
+        measured[label] = how
+        runs.append(
+            {"label": label, "tokens": tokens, "tokens_per_s": case["tokens_per_s"], "compile_s": compile_s,
+             "seeds": len(experiment.seeds)}
+        )  # fmt: skip
     if missing:
         raise CheckSkipped(f"no measured speed for {', '.join(missing)}")
-    runs = [
-        {
-            "label": label,
-            "tokens": training_tokens(experiment, overrides),
-            "tokens_per_s": measured[label]["tokens_per_s"],
-            "seeds": len(experiment.seeds),
-        }
-        for label, overrides in experiment.presets
-    ]
     startup = context.results.get("blueberry_run", {}).get("startup_s", 0.0)
     preset = preset_of(context.device)
     price, _ = price_per_hour(None, preset)
@@ -254,4 +260,4 @@ def check_projection(context: Context, box_s: float) -> dict:
         rows.append((f"PROJECTION {row['gpu']}", f"{row['wall_s'] / 60:.1f} min, {cost} ({row['basis']})"))
     note = f"{result['runs']} runs; start-up {startup:.0f} s per run" + ("" if startup else " (not measured)")
     rows.append(("projection basis", note))
-    return {"rows": rows, **result, "measured": {k: v["how"] for k, v in measured.items()}}
+    return {"rows": rows, **result, "measured": measured}

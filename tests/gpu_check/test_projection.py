@@ -2,7 +2,7 @@
 
 import pytest
 
-from blueberry.gpu_check.projection import REPORT_4090_PRICE, project, read_experiment, training_tokens
+from blueberry.gpu_check.projection import REPORT_4090_PRICE, project, read_experiment, run_length
 from blueberry.hardware import PRESETS
 from blueberry.models import registry
 
@@ -14,7 +14,7 @@ def test_experiment_1_is_the_sweep_grid_times_its_seeds():
     assert experiment.base_spec.endswith("experiments/baseline.json")
     assert "--experiment=exp1-ablation" in experiment.fixed
     # 375 optimizer steps × 4 accumulation × 16 windows × 256 tokens
-    assert training_tokens(experiment, experiment.presets[1][1]) == 375 * 4 * 16 * 256
+    assert run_length(experiment, experiment.presets[1][1]) == (375 * 4 * 16 * 256, 375 * 4)
 
 
 def test_projection_arithmetic_here_and_scaled_by_data_sheet_peaks():
@@ -34,6 +34,9 @@ def test_projection_arithmetic_here_and_scaled_by_data_sheet_peaks():
     assert rtx4090["wall_s"] == pytest.approx(90.0 * 989.4 / 165.2 + 30.0)
     assert rtx4090["usd_per_hour"] == REPORT_4090_PRICE == 0.18
     assert "data-sheet" in rtx4090["basis"]
+    runs[0]["compile_s"] = 20.0  # a compiled run pays its compile time, on every GPU (host work)
+    again = project(runs, startup_s=5.0, here=h100, here_precision="bf16", price_here=3.0)["targets"]
+    assert [t["wall_s"] - old["wall_s"] for t, old in zip(again, (here, t4, rtx4090))] == pytest.approx([60.0] * 3)
 
 
 def test_projection_without_a_peak_or_price_stays_here_and_costs_nothing():

@@ -59,16 +59,28 @@ def test_the_experts_check_fails_where_grouped_mm_computes_something_else(contex
         speed.check_experts(context, 60)
 
 
-def test_projection_check_takes_the_faster_measurement_per_preset(context):
+def test_projection_takes_the_speed_compile_auto_would_run_at_and_charges_a_compiled_run_its_compile(
+    context, monkeypatch
+):
     labels = [label for label, _ in read_experiment().presets]
-    context.results["throughput_eager"] = {"cases": {label: {"tokens_per_s": 1000.0} for label in labels}}
-    context.results["throughput_compiled"] = {"cases": {"mlp": {"tokens_per_s": 2000.0}, "moe": {"error": "x"}}}
+    context.results["throughput_eager"] = {
+        "cases": {label: {"tokens_per_s": 1000.0, "first_step_s": 1.0} for label in labels}
+    }
+    context.results["throughput_compiled"] = {
+        "cases": {"mlp": {"tokens_per_s": 2000.0, "first_step_s": 16.0}, "moe": {"error": "x"}}
+    }
     context.results["blueberry_run"] = {"startup_s": 10.0}
-    figures = speed.check_projection(context, 5)
-    assert figures["measured"]["mlp"] == "compiled" and figures["measured"]["moe"] == "eager"
     tokens = 375 * 4 * 16 * 256
-    assert figures["train_s_here"] == pytest.approx(3 * tokens * ((len(labels) - 1) / 1000 + 1 / 2000))
+    figures = speed.check_projection(context, 5)  # the study's 1,500 micro-steps: auto runs them eagerly
+    assert set(figures["measured"].values()) == {"eager"}
+    assert figures["train_s_here"] == pytest.approx(3 * tokens * len(labels) / 1000)
     assert figures["rows"][0][0] == "PROJECTION CPU" and "start-up 10 s" in figures["rows"][-1][1]
+    monkeypatch.setattr(speed, "resolve_compile", lambda requested, device, micro_steps: micro_steps >= 1500)
+    figures = speed.check_projection(context, 5)  # as if auto compiled runs this long
+    assert figures["measured"]["mlp"] == "compiled" and figures["measured"]["moe"] == "eager"  # moe: no compiled speed
+    assert figures["train_s_here"] == pytest.approx(3 * tokens * ((len(labels) - 1) / 1000 + 1 / 2000))
+    here = figures["targets"][0]
+    assert here["wall_s"] == pytest.approx(figures["train_s_here"] + 3 * len(labels) * 10.0 + 3 * 15.0)
 
 
 def test_projection_is_skipped_when_a_preset_was_not_measured(context):
