@@ -206,7 +206,7 @@ def run(spec_path, overrides, override_files, resume):
         except DataError as exc:
             _fail(f"{spec_path}: {field}: {exc}")
     with _loading_libraries():
-        from blueberry.runner import OutOfMemory, execute
+        from blueberry.runner import SETUP_STAGES, OutOfMemory, execute
         from blueberry.tracking.wandb_tracker import WandbUnavailable
         from blueberry.train.checkpoint import ResumeError
         from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
@@ -235,6 +235,11 @@ def run(spec_path, overrides, override_files, resume):
     mfu = f"MFU {s['perf/mfu']:.1%}" if s.get("perf/mfu") is not None else "MFU n/a"
     cost = f"cost ${s['cost/usd']:.4f}" if s.get("cost/usd") is not None else "cost n/a (no price for this device)"
     click.echo(f"{mfu}, {cost}")
+    setup = {name: s.get(f"time/setup/{key}_s") for key, name in SETUP_STAGES.items()}
+    parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in setup.items() if seconds is not None)
+    click.echo(
+        f"{sum(v or 0 for v in setup.values()):.1f} s before training ({parts}), {s['time/train_s']:.1f} s training"
+    )
     click.echo(f"run record: {result.run_dir}")
     if result.wandb_dir:
         click.echo(f"W&B {result.wandb_mode} run: {result.wandb_dir}")

@@ -39,6 +39,9 @@ from blueberry.train.metrics import MetricsProcessor
 from blueberry.train.optim import optimizer_split
 from blueberry.train.trainer import StopRequest, TrainingInterrupted, train
 
+# What a run records of its time before training, as time/setup/<stage>_s in its summary, in the words printed
+SETUP_STAGES = {"start": "Python + imports", "device": "device", "build": "data + model", "tracking": "record + W&B"}
+
 
 class OutOfMemory(RuntimeError):
     """The GPU ran out of memory; the message names the batch size and a smaller one to try."""
@@ -71,6 +74,7 @@ class Run:
     wandb_settings: dict[str, Choice] = field(default_factory=dict)  # wandb.init values and their sources
     wandb_id: str | None = None
     wandb_resume: str | None = None  # W&B's resume policy for wandb_id
+    setup_s: dict[str, float] = field(default_factory=dict)  # time/setup/* seconds, into the summary
 
 
 def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResult:
@@ -80,13 +84,16 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     also a failed one and requires a checkpoint, False always starts a new run directory.
     """
     started = time.time()
-    world, device = device_stage(spec, log)
+    setup_s = {"time/setup/start_s": _process_age_s()}  # Python, imports, the spec: before this function
+    with _timed(setup_s, "time/setup/device_s"):
+        world, device = device_stage(spec, log)
     if world.distributed:  # the other ranks cannot follow rank 0 into a checkpoint: always a new run
         if resume:
             raise ResumeError("resuming a multi-process (torchrun) run is not supported: start it again")
         resume = False
-    data, built = build_stage(spec, world, device)
-    run = Run(spec, world, data, built, started)
+    with _timed(setup_s, "time/setup/build_s"):
+        data, built = build_stage(spec, world, device)
+    run = Run(spec, world, data, built, started, setup_s=setup_s)
     if not world.is_main:  # rank 0 alone tracks and records; the others train in step with it
         try:
             summary = train(built.spec, built.model, data, distributed.NullTracker(), built.device, built.precision)
@@ -97,12 +104,14 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResul
     ours = [spec.model.label, *([sweep_tag(run.sweep["name"])] if run.sweep else [])]
     run.wandb_settings = run_settings(spec, tags=ours)  # the spec, else W&B's own settings, else our defaults
     mode, why = run.wandb_settings["mode"].value, run.wandb_settings["mode"].source
+    tracking = time.monotonic()
     claim_stage(run, resume, log)
     record_stage(run, mode, why, log)
     stop = StopRequest(at_once=world.distributed).install()
     try:
         with recorded(run):
             tracker_stage(run, mode, log)
+            setup_s["time/setup/tracking_s"] = time.monotonic() - tracking
             summary = train_stage(run, stop)
             finalise_stage(run, summary, mode)
     finally:
@@ -265,6 +274,7 @@ def train_stage(run: Run, stop: StopRequest) -> dict:
 def finalise_stage(run: Run, summary: dict, mode: str) -> None:
     """The summary's closing figures (weights digest, baselines, energy, cost), the final weights as a W&B
     model artifact when checkpoints go to W&B; the run is finished."""
+    summary.update({key: value for key, value in run.setup_s.items() if value is not None})
     summary["weights/sha256"] = weights_digest(run.built.model)
     summary["unigram_loss"] = run.data.unigram_loss
     summary["params/total"] = run.built.params.total
@@ -298,6 +308,26 @@ def recorded(run: Run):
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], key: str):
+    start = time.monotonic()
+    yield
+    seconds[key] = time.monotonic() - start
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc), so the run records what Python and the imports took
+    before the run began; None where /proc is missing."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as handle:
+            start_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime", encoding="ascii") as handle:
+            uptime = float(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) -> tuple[str, str | None]:

@@ -76,6 +76,12 @@ def test_run_record_is_complete_and_matches_wandb(tmp_path):
         log.config["train"] == spec.to_json_dict()["train"] and log.config["params_total"] == header["params"]["total"]
     )
     assert log.summary["val/loss"]["min"] == pytest.approx(result.summary["val/best_loss"])
+    # where the time before training went, in the record and in W&B's summary
+    setup = {k: v for k, v in json.loads((result.run_dir / "summary.json").read_text()).items() if "setup/" in k}
+    stages = ("start", "device", "build", "tracking")
+    assert set(setup) == {f"time/setup/{stage}_s" for stage in stages} and all(v >= 0 for v in setup.values())
+    assert setup["time/setup/start_s"] > 0  # this process's age when the run began (pytest, imports)
+    assert all(log.summary[key] == pytest.approx(value) for key, value in setup.items())
 
 
 def wandb_header(run_dir):

@@ -22,7 +22,7 @@ CHECKS = [
     Check("fp16_gradscaler", "one preset in fp16 + GradScaler (the T4 path)", 20, speed.check_fp16),
     Check("chunked_loss", "peak memory: chunked LM-head loss vs full fp32 logits", 25, speed.check_chunked_loss),
     Check("experts", "routed experts: sorted dispatch vs grouped_mm", 25, speed.check_experts),
-    Check("batch_auto", "batch_size 'auto': the size it picks, and steps at it", 30, speed.check_batch_auto),
+    Check("batch_auto", "batch_size 'auto': the size it picks, and steps at it", 40, speed.check_batch_auto),
     Check(
         "blueberry_run", "a real `blueberry run`, W&B offline: telemetry, energy, cost", 90, runs.check_blueberry_run
     ),

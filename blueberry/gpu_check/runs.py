@@ -16,6 +16,7 @@ import torch
 
 from blueberry.gpu_check.projection import REPO, read_experiment
 from blueberry.gpu_check.suite import CheckFailed, Context
+from blueberry.runner import SETUP_STAGES
 from blueberry.tracking import read_metrics
 
 QUICKSTART = str(REPO / "experiments" / "quickstart.json")
@@ -71,6 +72,7 @@ def telemetry(run_dir: Path) -> dict:
         "train_s": summary.get("time/train_s"),
         "tokens_per_s": summary.get("perf/tokens_per_s"),
         "tokens": summary.get("trainer/tokens"),
+        "setup_s": {stage: summary.get(f"time/setup/{stage}_s") for stage in SETUP_STAGES},
     }
 
 
@@ -96,6 +98,8 @@ def check_blueberry_run(context: Context, box_s: float) -> dict:
     energy = "n/a" if found["energy_wh"] is None else f"{found['energy_wh']:.3f} Wh"
     cost = "n/a" if found["cost_usd"] is None else f"${found['cost_usd']:.5f}"
     rows.append(("summary", f"energy {energy}, cost {cost}"))
+    stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in found["setup_s"].items() if seconds is not None)
+    rows.append(("before training (s)", stages or "not recorded"))
     result = {"rows": rows, **found, "wall_s": wall, "startup_s": startup}
     problems = []
     if context.device.type == "cuda" and (not found["gpu_rows"] or found["energy_wh"] is None):
