@@ -42,6 +42,9 @@ class ModelOutput:
 class OptimizerGroups(NamedTuple):
     matrices: list[nn.Parameter]  # every hidden weight matrix, routed-expert stacks [E, out, in] included
     no_decay: list[nn.Parameter]  # the tied embedding, norm gains, biases
+    # matrices that hold several equal matrices stacked by rows: a fused expert stack [E, 2 × I, H] holds each
+    # expert's gate and up projections (blocks 2), which Muon orthogonalises one by one
+    row_blocks: dict[nn.Parameter, int]
 
 
 class Block(nn.Module):
@@ -141,17 +144,21 @@ class BlueberryLM(nn.Module):
         """One recipe for every variant: the hidden weight matrices (Muon, or decayed AdamW) and the rest.
 
         Whatever module holds an expert, its matrix is a hidden matrix: a routed-expert stack [E, out, in]
-        (GLM-4, DeepSeek-V3) is E of them, as the top-k MoE's Linear experts are. The tied embedding
-        (= lm_head), norm gains and biases never decay.
+        (GLM-4, DeepSeek-V3) is E of them, as the top-k MoE's Linear experts are, and transformers' fused
+        `gate_up_proj` [E, 2 × I, H] is 2E: each expert's gate and up projection, separate Linear layers in the
+        shared experts, the dense SwiGLU and the reference's experts. The tied embedding (= lm_head), norm gains
+        and biases never decay.
         """
-        groups = OptimizerGroups([], [])
-        for p in self.parameters():  # the tied weight appears once
+        groups = OptimizerGroups([], [], {})
+        for name, p in self.named_parameters():  # the tied weight appears once
             if p.numel() == 0:  # GLM-4 still builds a (0-wide) shared expert when n_shared_experts = 0
                 continue
             if p is self.tok_emb.weight or p.ndim < 2:
                 groups.no_decay.append(p)
             else:
                 groups.matrices.append(p)
+                if p.ndim == 3 and name.endswith("gate_up_proj"):
+                    groups.row_blocks[p] = 2
         return groups
 
 

@@ -3,7 +3,9 @@
 The update is torch.optim.Muon's (Nesterov momentum, five quintic Newton–Schulz steps with Keller Jordan's
 coefficients, decoupled weight decay, LR scaled by sqrt(max(1, rows / cols))), with two differences:
 - a 3-D parameter [experts, out, in] is a stack of matrices, orthogonalised one matrix per expert in one
-  batched Newton–Schulz: whatever module holds an expert, its matrix gets the same update;
+  batched Newton–Schulz: whatever module holds an expert, its matrix gets the same update; a parameter given
+  `row_blocks` n holds n equal matrices stacked by rows in each of its matrices (a fused [gate; up] projection:
+  2), each orthogonalised and LR-scaled as the separate matrix it stands for;
 - Newton–Schulz runs in `ns_dtype`: torch casts to bf16 unconditionally, which on CPUs without native bf16
   (AVX2 only) made one 512 × 2,048 orthogonalisation take 13.8 s against 0.50 s in fp32 (an AMD EPYC).
   `orthogonaliser_dtype` picks bf16 on Ampere+ GPUs and bf16-capable CPUs (AMX, AVX512-BF16), fp32 elsewhere.
@@ -120,13 +122,17 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         weight_decay: float = 0.0,
         ns_dtype: torch.dtype = torch.bfloat16,
+        row_blocks: dict[Tensor, int] | None = None,
     ):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+        self.row_blocks = dict(row_blocks or {})  # parameter -> equal matrices stacked by rows (module docstring)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim not in (2, 3):
                     raise ValueError(f"Muon takes matrices or stacks of matrices, got a parameter of shape {p.shape}")
-        self.ns_dtype = ns_dtype  # not a group entry: checkpoints hold only plain values
+                if p.shape[-2] % self.row_blocks.get(p, 1):
+                    raise ValueError(f"{p.shape[-2]} rows do not split into {self.row_blocks[p]} equal matrices")
+        self.ns_dtype = ns_dtype  # neither is a group entry: checkpoints hold only plain values
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -145,7 +151,10 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                rows, cols = p.shape[-2:]
+                blocks = self.row_blocks.get(p, 1)
+                rows, cols = p.shape[-2] // blocks, p.shape[-1]
+                matrices = update.reshape(-1, rows, cols)  # [blocks of every matrix, rows, cols]
                 p.mul_(1 - lr * decay)
-                p.add_(orthogonalise(update, self.ns_dtype), alpha=-lr * math.sqrt(max(1, rows / cols)))
+                orthogonal = orthogonalise(matrices, self.ns_dtype)
+                p.view(orthogonal.shape).add_(orthogonal, alpha=-lr * math.sqrt(max(1, rows / cols)))
         return loss

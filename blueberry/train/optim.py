@@ -35,6 +35,7 @@ def build_optimizers(model: torch.nn.Module, spec: TrainSpec) -> list[torch.opti
                 nesterov=True,
                 weight_decay=spec.muon_weight_decay,
                 ns_dtype=orthogonaliser_dtype(device),
+                row_blocks=groups.row_blocks,
             )
         )
     optimizers.append(
@@ -46,7 +47,7 @@ def build_optimizers(model: torch.nn.Module, spec: TrainSpec) -> list[torch.opti
 def optimizer_split(model: torch.nn.Module, spec: TrainSpec) -> dict[str, int]:
     """Parameters under each optimizer, for the run header: {"muon": n, "adamw": n} (all AdamW with adamw)."""
     groups = model.optimizer_groups()
-    matrices, rest = (sum(p.numel() for p in group) for group in groups)
+    matrices, rest = (sum(p.numel() for p in group) for group in (groups.matrices, groups.no_decay))
     if spec.optimizer == "adamw":
         return {"muon": 0, "adamw": matrices + rest}
     return {"muon": matrices, "adamw": rest}

@@ -96,13 +96,17 @@ def test_attention_moe_counts():
 def test_optimizer_groups_partition_parameters(variant):
     model = meta_build(variant)
     groups = model.optimizer_groups()
-    ids = [id(p) for group in groups for p in group]
+    ids = [id(p) for group in (groups.matrices, groups.no_decay) for p in group]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
     assert any(p is model.tok_emb.weight for p in groups.no_decay)
     assert all(p.ndim in (2, 3) for p in groups.matrices)
     assert all(p.ndim < 2 or p is model.tok_emb.weight for p in groups.no_decay)
     # GLM-4 stores experts as [E, out, in] stacks: with the other matrices
     assert any(p.ndim == 3 for p in groups.matrices) == (variant == "attention_moe")
+    # its fused gate_up_proj [E, 2 × I, H] holds each expert's gate and up projections: two matrices, not one
+    fused = {p for name, p in model.named_parameters() if name.endswith("gate_up_proj")}
+    assert set(groups.row_blocks) == fused and set(groups.row_blocks.values()) <= {2}
+    assert bool(fused) == (variant == "attention_moe") and fused <= set(groups.matrices)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -127,6 +127,23 @@ def test_stack_update_equals_per_matrix_updates():
         torch.testing.assert_close(stack.detach()[e], slices[e].detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_fused_gate_up_stack_is_updated_as_its_separate_gate_and_up_matrices():
+    """transformers stores each routed expert's gate and up projections as one [2 × I, H] matrix; Muon updates
+    them as the reference's separate gate_proj and up_proj Linear layers (orthogonalised, LR-scaled by I / H)."""
+    gen = torch.Generator().manual_seed(4)
+    fused = torch.nn.Parameter(torch.randn(3, 2 * 24, 16, generator=gen) * 0.02)  # 3 experts, I = 24, H = 16
+    joint = torch.nn.Parameter(fused.detach().clone())
+    halves = [torch.nn.Parameter(half.clone()) for e in range(3) for half in fused.detach()[e].chunk(2)]
+    grads = [torch.randn(3, 48, 16, generator=gen) for _ in range(2)]
+    steps(Muon([fused], lr=0.02, ns_dtype=torch.float32, row_blocks={fused: 2}), [fused], [[g] for g in grads])
+    steps(Muon(halves, lr=0.02, ns_dtype=torch.float32), halves, [[h for e in g for h in e.chunk(2)] for g in grads])
+    steps(Muon([joint], lr=0.02, ns_dtype=torch.float32), [joint], [[g] for g in grads])
+    torch.testing.assert_close(fused.detach(), torch.stack([h.detach() for h in halves]).view(3, 48, 16))
+    assert (joint - fused).abs().max() > 1e-3  # one orthogonalisation of [gate; up] is another update
+    with pytest.raises(ValueError, match="do not split into 2"):
+        Muon([odd := torch.nn.Parameter(torch.zeros(2, 5, 4))], lr=0.01, row_blocks={odd: 2})
+
+
 def test_dtype_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100
     assert orthogonaliser_dtype(torch.device("cuda")) == torch.bfloat16
