@@ -212,7 +212,8 @@ def run(spec_path, overrides, override_files, resume):
         from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
-        result = execute(spec, log=lambda msg: click.echo(msg, err=True), resume=resume)
+        own_process = click.get_current_context().obj == OWN_PROCESS
+        result = execute(spec, log=lambda msg: click.echo(msg, err=True), resume=resume, own_process=own_process)
     except DataError as exc:
         _fail(f"{spec_path}: data: {exc}")
     except ResumeError as exc:

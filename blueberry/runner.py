@@ -77,14 +77,15 @@ class Run:
     setup_s: dict[str, float] = field(default_factory=dict)  # time/setup/* seconds, into the summary
 
 
-def execute(spec: RunSpec, *, log=print, resume: bool | None = None) -> RunResult:
+def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process: bool = False) -> RunResult:
     """Run `spec`. Bad input fails before anything is written; a failure mid-run is recorded as such.
 
     `resume`: None continues an unfinished attempt of the same run id (crashed or interrupted), True
-    also a failed one and requires a checkpoint, False always starts a new run directory.
+    also a failed one and requires a checkpoint, False always starts a new run directory. `own_process`: the
+    process was started for this run (`blueberry run`), so its age now is the run's start-up (time/setup/start_s).
     """
     started = time.time()
-    setup_s = {"time/setup/start_s": _process_age_s()}  # Python, imports, the spec: before this function
+    setup_s = {"time/setup/start_s": _process_age_s() if own_process else None}  # Python, imports, the spec
     with _timed(setup_s, "time/setup/device_s"):
         world, device = device_stage(spec, log)
     if world.distributed:  # the other ranks cannot follow rank 0 into a checkpoint: always a new run
