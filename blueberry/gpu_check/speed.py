@@ -259,5 +259,7 @@ def check_projection(context: Context, box_s: float) -> dict:
         cost = "n/a (no price)" if row["cost_usd"] is None else f"${row['cost_usd']:.2f} at ${row['usd_per_hour']}/h"
         rows.append((f"PROJECTION {row['gpu']}", f"{row['wall_s'] / 60:.1f} min, {cost} ({row['basis']})"))
     note = f"{result['runs']} runs; start-up {startup:.0f} s per run" + ("" if startup else " (not measured)")
+    picked = list(measured.values())
+    note += f"; presets as compile: auto runs them: {picked.count('eager')} eager, {picked.count('compiled')} compiled"
     rows.append(("projection basis", note))
     return {"rows": rows, **result, "measured": measured}

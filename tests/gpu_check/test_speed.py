@@ -75,6 +75,7 @@ def test_projection_takes_the_speed_compile_auto_would_run_at_and_charges_a_comp
     assert set(figures["measured"].values()) == {"eager"}
     assert figures["train_s_here"] == pytest.approx(3 * tokens * len(labels) / 1000)
     assert figures["rows"][0][0] == "PROJECTION CPU" and "start-up 10 s" in figures["rows"][-1][1]
+    assert f"{len(labels)} eager, 0 compiled" in figures["rows"][-1][1]
     monkeypatch.setattr(speed, "resolve_compile", lambda requested, device, micro_steps: micro_steps >= 1500)
     figures = speed.check_projection(context, 5)  # as if auto compiled runs this long
     assert figures["measured"]["mlp"] == "compiled" and figures["measured"]["moe"] == "eager"  # moe: no compiled speed
