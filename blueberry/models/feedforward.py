@@ -161,7 +161,7 @@ def grouped_mm_runs_fast(x: torch.Tensor, *sizes: int) -> bool:
     """Whether 'auto' takes `grouped_dispatch` for input x: on a CUDA GPU of compute capability ≥ 8.0 computing in
     bf16, with feature sizes grouped_mm accepts. On CPU the sorted dispatch is faster (`make bench`)."""
     if not hasattr(F, "grouped_mm") or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 8:
-        return False  # torch < 2.10 has no public grouped_mm; setup.cfg allows torch >= 2.9
+        return False  # setup.cfg allows torch >= 2.9; an older torch may have no public grouped_mm
     bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
     return (bf16 or x.dtype == torch.bfloat16) and all(size % 8 == 0 for size in sizes)
 
