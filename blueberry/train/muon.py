@@ -125,6 +125,8 @@ class Muon(torch.optim.Optimizer):
         row_blocks: dict[Tensor, int] | None = None,
     ):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+        # neither is a group entry: checkpoints hold only plain values
+        self.ns_dtype = ns_dtype
         self.row_blocks = dict(row_blocks or {})  # parameter -> equal matrices stacked by rows (module docstring)
         for group in self.param_groups:
             for p in group["params"]:
@@ -132,7 +134,6 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes matrices or stacks of matrices, got a parameter of shape {p.shape}")
                 if p.shape[-2] % self.row_blocks.get(p, 1):
                     raise ValueError(f"{p.shape[-2]} rows do not split into {self.row_blocks[p]} equal matrices")
-        self.ns_dtype = ns_dtype  # neither is a group entry: checkpoints hold only plain values
 
     @torch.no_grad()
     def step(self, closure=None):
