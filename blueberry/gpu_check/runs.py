@@ -62,6 +62,8 @@ def telemetry(run_dir: Path) -> dict:
     """What a run recorded about the GPU and its cost: rows with gpu/* keys, and the summary's energy and cost."""
     rows = read_metrics(run_dir / "metrics.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
+    if not isinstance(summary, dict):
+        raise CheckFailed(f"{run_dir / 'summary.json'} holds a JSON {type(summary).__name__}, not an object")
     gpu_rows = [row for row in rows if any(key.startswith("gpu/") for key in row)]
     return {
         "metric_rows": len(rows),
@@ -98,7 +100,8 @@ def check_blueberry_run(context: Context, box_s: float) -> dict:
     energy = "n/a" if found["energy_wh"] is None else f"{found['energy_wh']:.3f} Wh"
     cost = "n/a" if found["cost_usd"] is None else f"${found['cost_usd']:.5f}"
     rows.append(("summary", f"energy {energy}, cost {cost}"))
-    stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in found["setup_s"].items() if seconds is not None)
+    setup = found["setup_s"].items()
+    stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in setup if isinstance(seconds, (int, float)))
     rows.append(("before training (s)", stages or "not recorded"))
     result = {"rows": rows, **found, "wall_s": wall, "startup_s": startup}
     problems = []

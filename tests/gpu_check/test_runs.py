@@ -27,6 +27,9 @@ def test_telemetry_counts_gpu_rows_and_reads_energy_and_cost(tmp_path):
     assert found["metric_rows"] == 3 and found["gpu_rows"] == 2
     assert found["gpu_keys"] == ["gpu/power_w", "gpu/util_pct"]
     assert (found["energy_wh"], found["cost_usd"], found["tokens"]) == (1.5, 0.01, 4e5)
+    (tmp_path / "run" / "summary.json").write_text("[]")  # valid JSON, not a run's summary
+    with pytest.raises(CheckFailed, match="holds a JSON list, not an object"):
+        telemetry(tmp_path / "run")
 
 
 def test_compare_records_reports_the_largest_relative_difference(tmp_path):
