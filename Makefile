@@ -85,8 +85,9 @@ test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
 # Throughput, MFU and memory per variant, speed ratios and speed targets: one table, JSON in reports/bench/.
+# make bench AGAINST=REV: instead, the study's 512d dense and MoE steps at git revision REV against this tree.
 bench: install
-	$(OFFLINE) $(BIN)/blueberry bench
+	$(OFFLINE) $(BIN)/blueberry bench $(if $(AGAINST),--against $(AGAINST))
 
 # On a machine with an NVIDIA GPU: prove and measure the CUDA path (≤ 8 min on an H100/H200); table on stdout,
 # JSON + Markdown in $OUT if set, else reports/gpu-check/. Without a CUDA GPU it says so and exits 2.

@@ -403,9 +403,33 @@ def doctor(args, as_json):
 @click.option("--ceiling", is_flag=True, help="Only measure (and cache) this CPU's fp32/bf16 GEMM ceilings.")
 @click.option("--quick", is_flag=True, help="Tiny shapes, few cases: checks the bench works, measures little.")
 @click.option("--out", default="reports/bench", show_default=True, help="Where the JSON and table go.")
-def bench(ceiling, quick, out):
-    """Measure tokens/s, MFU and memory per variant, the speed ratios and the speed targets; print one table."""
+@click.option(
+    "--against",
+    metavar="REV",
+    help="Instead: the study's 512d dense and MoE steps at git revision REV against this tree, interleaved.",
+)
+@click.option(
+    "--spec",
+    "specs",
+    multiple=True,
+    metavar="SPEC.json",
+    help="With --against: the spec files to compare, relative to the checkout (repeatable).",
+)
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1), help="With --against: pairs.")
+def bench(ceiling, quick, out, against, specs, rounds):
+    """Measure tokens/s, MFU and memory per variant, the speed ratios and the speed targets; print one table.
+    With --against REV: how much faster (or slower) this tree trains than revision REV, measured interleaved."""
     _check_out(out)
+    if against:
+        from blueberry.bench.compare import DEFAULT_SPECS, CompareError, compare, format_comparison, save_comparison
+
+        try:
+            outcome = compare(against, specs or DEFAULT_SPECS, rounds, log=lambda msg: click.echo(msg, err=True))
+        except CompareError as exc:
+            _fail(str(exc))
+        click.echo(format_comparison(outcome))
+        click.echo(f"saved: {save_comparison(outcome, out)}")
+        return
     if ceiling:
         from blueberry.bench.suite import measure_ceilings
         from blueberry.perf import ceiling_cache_path

@@ -1,0 +1,106 @@
+"""`blueberry bench --against REV`: the interleaving, the summary, the worktree's life, bad input, and one real
+measurement of a tree's own code. No timing is asserted."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from blueberry.bench import compare as cmp
+from blueberry.bench.suite import TINY
+from blueberry.cli import main
+
+REPO = Path(cmp.__file__).resolve().parents[2]
+IS_CHECKOUT = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--git-dir"], capture_output=True).returncode == 0
+needs_git = pytest.mark.skipif(not IS_CHECKOUT, reason="needs a git checkout of Blueberry")
+
+
+def _worktrees() -> list[str]:
+    out = subprocess.run(["git", "-C", str(REPO), "worktree", "list", "--porcelain"], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if line.startswith("worktree ")]
+
+
+def test_versions_alternate_which_goes_first():
+    assert cmp.interleaved_order(3) == [
+        (0, "base"),
+        (0, "current"),
+        (1, "current"),
+        (1, "base"),
+        (2, "base"),
+        (2, "current"),
+    ]
+
+
+def test_speedup_is_taken_within_each_round():
+    rows = [
+        {"round": 0, "version": "base", "step_s": 2.0},
+        {"round": 0, "version": "current", "step_s": 1.0},
+        {"round": 1, "version": "current", "step_s": 3.0},
+        {"round": 1, "version": "base", "step_s": 4.5},  # a slower moment for both: the ratio is still 1.5
+        {"round": 2, "version": "base", "step_s": 2.0},
+        {"round": 2, "version": "current", "error": "boom"},
+    ]
+    s = cmp.summarise(rows)
+    assert s["speedup"] == pytest.approx(1.75) and s["speedup_range"] == pytest.approx([1.5, 2.0])
+    assert s["rounds"] == 2 and s["failed"] == ["boom"]
+    assert s["base_step_s"] == 2.0 and s["current_step_s"] == 2.0
+    assert "1.75×" in cmp.format_comparison(
+        {
+            "against": {"revision": "x", "commit": "0" * 40},
+            "precision": "bf16",
+            "threads": 2,
+            "warmup": 3,
+            "repeats": 3,
+            "load_average": [0.1, 0.2],
+            "summary": {"a.json": s, "b.json": cmp.summarise([rows[-1]])},
+        }
+    )
+
+
+@needs_git
+def test_compare_checks_out_the_revision_measures_interleaved_and_cleans_up(tmp_path):
+    before = _worktrees()
+    calls = []
+
+    def fake_measure(tree, spec, overrides, threads, warmup, repeats):
+        calls.append((tree, spec))
+        assert (tree / spec).is_file() and (tree / "blueberry" / "bench" / "measure.py").is_file()
+        assert overrides[0].startswith("--train.precision=") and threads >= 1
+        return {"step_s": 2.0 if tree != REPO else 1.0}
+
+    outcome = cmp.compare(
+        "HEAD", ("experiments/quickstart.json",), rounds=2, tree=REPO, measure=fake_measure, log=lambda m: None
+    )
+    base_tree = calls[0][0]
+    assert [tree == REPO for tree, _ in calls] == [False, True, True, False]
+    assert base_tree != REPO and not base_tree.exists() and _worktrees() == before  # the worktree is gone
+    summary = outcome["summary"]["experiments/quickstart.json"]
+    assert summary["speedup"] == 2.0 and summary["rounds"] == 2
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert outcome["against"]["commit"] == head.stdout.strip()
+    saved = cmp.save_comparison(outcome, tmp_path)
+    assert saved.is_file() and saved.with_suffix(".md").read_text().startswith("`HEAD`")
+
+
+@needs_git
+def test_bad_revision_or_spec_is_a_clear_error():
+    result = CliRunner().invoke(main, ["bench", "--against", "no-such-revision"])
+    assert result.exit_code == 2 and "no such revision" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["bench", "--against", "HEAD", "--spec", "experiments/nope.json"])
+    assert result.exit_code == 2 and "no spec file experiments/nope.json" in result.output
+
+
+def test_not_a_checkout_is_a_clear_error(tmp_path):
+    with pytest.raises(cmp.CompareError, match="needs a git checkout"):
+        cmp.resolve_revision(tmp_path, "HEAD")
+
+
+def test_a_measurement_runs_the_trees_own_code(tmp_path):
+    result = cmp.measure_in(REPO, "experiments/quickstart.json", TINY, threads=1, warmup=1, repeats=1)
+    assert result["step_s"] > 0 and result["tokens_per_s"] > 0 and result["precision"] == "fp32"
+    # A tree without Blueberry in it cannot be measured, and says so instead of measuring the installed package.
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "quickstart.json").write_text((REPO / "experiments" / "quickstart.json").read_text())
+    result = cmp.measure_in(tmp_path, "experiments/quickstart.json", TINY, threads=1, warmup=1, repeats=1)
+    assert "error" in result
