@@ -415,16 +415,20 @@ def doctor(args, as_json):
     metavar="SPEC.json",
     help="With --against: the spec files to compare, relative to the checkout (repeatable).",
 )
-@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1), help="With --against: pairs.")
+@click.option("--rounds", type=click.IntRange(1), help="With --against: interleaved pairs [default: 3].")
 def bench(ceiling, quick, out, against, specs, rounds):
     """Measure tokens/s, MFU and memory per variant, the speed ratios and the speed targets; print one table.
     With --against REV: how much faster (or slower) this tree trains than revision REV, measured interleaved."""
+    if against and (ceiling or quick):
+        _fail("--against measures two versions of the study's steps; it does not combine with --ceiling or --quick")
+    if not against and (specs or rounds):
+        _fail("--spec and --rounds choose what --against compares; give --against REV with them")
     _check_out(out)
     if against:
         from blueberry.bench.compare import DEFAULT_SPECS, CompareError, compare, format_comparison, save_comparison
 
         try:
-            outcome = compare(against, specs or DEFAULT_SPECS, rounds, log=lambda msg: click.echo(msg, err=True))
+            outcome = compare(against, specs or DEFAULT_SPECS, rounds or 3, log=lambda msg: click.echo(msg, err=True))
         except CompareError as exc:
             _fail(str(exc))
         click.echo(format_comparison(outcome))

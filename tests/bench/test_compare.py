@@ -91,6 +91,13 @@ def test_bad_revision_or_spec_is_a_clear_error():
     assert result.exit_code == 2 and "no spec file experiments/nope.json" in result.output
 
 
+def test_options_that_do_not_go_together_are_refused():
+    result = CliRunner().invoke(main, ["bench", "--against", "HEAD", "--quick"])
+    assert result.exit_code == 2 and "does not combine with --ceiling or --quick" in result.output
+    result = CliRunner().invoke(main, ["bench", "--rounds", "5"])
+    assert result.exit_code == 2 and "give --against REV" in result.output
+
+
 def test_not_a_checkout_is_a_clear_error(tmp_path):
     with pytest.raises(cmp.CompareError, match="needs a git checkout"):
         cmp.resolve_revision(tmp_path, "HEAD")
