@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,10 @@ class CompareError(Exception):
 
 
 def _git(tree: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
+    try:
+        done = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise CompareError("--against needs git, which is not installed here") from None
     if done.returncode != 0:
         raise CompareError(f"git {' '.join(args)}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
     return done.stdout.strip()
@@ -58,9 +62,11 @@ def _git(tree: Path, *args: str) -> str:
 
 def resolve_revision(tree: Path, revision: str) -> str:
     """The full commit `revision` names in the checkout at `tree` (CompareError if none)."""
+    if shutil.which("git") is None:
+        raise CompareError("--against needs git, which is not installed here")
     try:
         _git(tree, "rev-parse", "--git-dir")
-    except (CompareError, FileNotFoundError) as exc:
+    except CompareError as exc:
         raise CompareError(f"--against needs a git checkout of Blueberry; {tree} is not one") from exc
     try:
         return _git(tree, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")

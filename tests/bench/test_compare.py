@@ -1,6 +1,7 @@
 """`blueberry bench --against REV`: the interleaving, the summary, the worktree's life, bad input, and one real
 measurement of a tree's own code. No timing is asserted."""
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from blueberry.bench.suite import TINY
 from blueberry.cli import main
 
 REPO = Path(cmp.__file__).resolve().parents[2]
-IS_CHECKOUT = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--git-dir"], capture_output=True).returncode == 0
+IS_CHECKOUT = bool(shutil.which("git")) and (
+    subprocess.run(["git", "-C", str(REPO), "rev-parse", "--git-dir"], capture_output=True).returncode == 0
+)
 needs_git = pytest.mark.skipif(not IS_CHECKOUT, reason="needs a git checkout of Blueberry")
 
 
@@ -98,6 +101,7 @@ def test_options_that_do_not_go_together_are_refused():
     assert result.exit_code == 2 and "give --against REV" in result.output
 
 
+@needs_git
 def test_not_a_checkout_is_a_clear_error(tmp_path):
     with pytest.raises(cmp.CompareError, match="needs a git checkout"):
         cmp.resolve_revision(tmp_path, "HEAD")
