@@ -94,7 +94,10 @@ def measure_in(tree: Path, spec_path: str, overrides: list[str], threads: int, w
     done = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        result = json.loads((done.stdout.strip().splitlines() or [""])[-1])
+    except ValueError:
+        return {"error": "the measurement printed no result"}
     if not Path(result.pop("package")).resolve().is_relative_to(tree.resolve()):  # it measured other code
         return {"error": f"imported blueberry from outside {tree}"}
     return result
