@@ -94,11 +94,24 @@ def measure_in(tree: Path, spec_path: str, overrides: list[str], threads: int, w
     done = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
+    return read_result((done.stdout.strip().splitlines() or [""])[-1], tree)
+
+
+def read_result(line: str, tree: Path) -> dict:
+    """The worker's last line as a measurement, or {"error": why} when it is not one (no JSON, not the worker's
+    object, or Blueberry imported from outside `tree`, i.e. other code measured)."""
     try:
-        result = json.loads((done.stdout.strip().splitlines() or [""])[-1])
+        result = json.loads(line)
     except ValueError:
         return {"error": "the measurement printed no result"}
-    if not Path(result.pop("package")).resolve().is_relative_to(tree.resolve()):  # it measured other code
+    if not (
+        isinstance(result, dict)
+        and isinstance(result.get("package"), str)
+        and isinstance(result.get("step_s"), (int, float))
+        and result["step_s"] > 0
+    ):
+        return {"error": f"the measurement printed {line[:80]!r}, not a step time"}
+    if not Path(result.pop("package")).resolve().is_relative_to(tree.resolve()):
         return {"error": f"imported blueberry from outside {tree}"}
     return result
 

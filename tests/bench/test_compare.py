@@ -115,3 +115,12 @@ def test_a_measurement_runs_the_trees_own_code(tmp_path):
     (tmp_path / "experiments" / "quickstart.json").write_text((REPO / "experiments" / "quickstart.json").read_text())
     result = cmp.measure_in(tmp_path, "experiments/quickstart.json", TINY, threads=1, warmup=1, repeats=1)
     assert "error" in result
+
+
+def test_a_result_line_that_is_not_a_measurement_is_a_failed_row(tmp_path):
+    for line in ["[]", "{}", '{"package": 1, "step_s": 1.0}', f'{{"package": "{tmp_path}/b.py", "step_s": "x"}}']:
+        assert "not a step time" in cmp.read_result(line, tmp_path)["error"]
+    assert cmp.read_result("", tmp_path) == {"error": "the measurement printed no result"}
+    good = f'{{"package": "{tmp_path}/blueberry/__init__.py", "step_s": 1.5, "tokens_per_s": 10, "precision": "fp32"}}'
+    assert cmp.read_result(good, tmp_path) == {"step_s": 1.5, "tokens_per_s": 10, "precision": "fp32"}
+    assert "outside" in cmp.read_result(good, tmp_path / "other")["error"]
