@@ -51,10 +51,8 @@ class CompareError(Exception):
 
 
 def _git(tree: Path, *args: str) -> str:
-    try:
-        done = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise CompareError("--against needs git, which is not installed here") from None
+    """`git -C tree args`; its output, or CompareError with git's last line (resolve_revision checks git exists)."""
+    done = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise CompareError(f"git {' '.join(args)}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
     return done.stdout.strip()
