@@ -158,7 +158,9 @@ def build(
     plan = plan_run(spec, device, model, vocab_size, world_size, probe=probe, peak=peak)
     model.forget_routing_loads()  # what the batch-size probe's passes routed is no training step's
     if plan.compile:  # train.compile 'auto' resolved for this device
-        model.compile()  # in place: parameter names and checkpoints stay those of the plain model
+        # In place: parameter names and checkpoints stay those of the plain model. A distributed run wraps this
+        # compiled module in DDP, the order PyTorch's "Where to apply torch.compile?" page gives for DDP.
+        model.compile()
     return Build(plan.apply(spec), device, precision, model, params, plan)
 
 
