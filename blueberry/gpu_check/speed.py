@@ -273,4 +273,31 @@ def check_projection(context: Context, box_s: float) -> dict:
     picked = list(measured.values())
     note += f"; presets as compile: auto runs them: {picked.count('eager')} eager, {picked.count('compiled')} compiled"
     rows.append(("projection basis", note))
-    return {"rows": rows, **result, "measured": measured}
+    swept = project_compiled_sweep(context, experiment, speeds, startup, preset, price)
+    rows.append(swept["row"])
+    return {"rows": rows, **result, "measured": measured, "compiled_sweep": swept}
+
+
+def project_compiled_sweep(context: Context, experiment, speeds: dict, startup: float, preset, price) -> dict:
+    """PROJECTION of Experiment 1 run as one sweep with every run compiled, on this GPU: each preset's first seed
+    compiles with Inductor's caches cold, the others find them warm and pay the warm/cold share of the compile
+    time measured on the first preset (`check_compiled`). What `compile: auto` would gain by compiling sweeps."""
+    label = f"PROJECTION {preset.name}, a sweep compiling every run"
+    timing = context.results.get("throughput_compiled", {}).get("compile_first_steps_s")
+    missing = [name for name, _ in experiment.presets if "tokens_per_s" not in speeds["compiled"].get(name, {})]
+    if not timing or missing:
+        return {"row": (label, f"not projected: no compiled speed for {', '.join(missing) or 'the warm compile'}")}
+    eager_first = speeds["eager"].get(timing["preset"], {}).get("first_step_s", 0.0)
+    warm_share = max(0.0, timing["warm"] - eager_first) / max(1e-9, timing["cold"] - eager_first)
+    runs = []
+    for name, overrides in experiment.presets:
+        compiled, eager = speeds["compiled"][name], speeds["eager"].get(name, {})
+        cold_s = max(0.0, compiled.get("first_step_s", 0.0) - eager.get("first_step_s", 0.0))
+        tokens, _ = run_length(experiment, overrides)
+        one = {"label": name, "tokens": tokens, "tokens_per_s": compiled["tokens_per_s"]}
+        runs += [{**one, "seeds": 1, "compile_s": cold_s}]
+        runs += [{**one, "seeds": len(experiment.seeds) - 1, "compile_s": cold_s * warm_share}]
+    here = project(runs, startup, preset, main_precision(context.device), price)["targets"][0]
+    cost = "n/a (no price)" if here["cost_usd"] is None else f"${here['cost_usd']:.2f}"
+    basis = f"each preset's first seed compiles cold, the others at {warm_share:.2f} of that (warm caches)"
+    return {"row": (label, f"{here['wall_s'] / 60:.1f} min, {cost} ({basis})"), "warm_share": warm_share, **here}

@@ -95,14 +95,39 @@ def test_projection_takes_the_speed_compile_auto_would_run_at_and_charges_a_comp
     figures = speed.check_projection(context, 5)  # the study's 1,500 micro-steps: auto runs them eagerly
     assert set(figures["measured"].values()) == {"eager"}
     assert figures["train_s_here"] == pytest.approx(3 * tokens * len(labels) / 1000)
-    assert figures["rows"][0][0] == "PROJECTION CPU" and "start-up 10 s" in figures["rows"][-1][1]
-    assert f"{len(labels)} eager, 0 compiled" in figures["rows"][-1][1]
+    basis = dict(figures["rows"])["projection basis"]
+    assert figures["rows"][0][0] == "PROJECTION CPU" and "start-up 10 s" in basis
+    assert f"{len(labels)} eager, 0 compiled" in basis
+    not_compiled = ", ".join(label for label in labels if label != "mlp")
+    assert figures["rows"][-1] == (
+        "PROJECTION CPU, a sweep compiling every run",
+        f"not projected: no compiled speed for {not_compiled}",
+    )
     monkeypatch.setattr(speed, "resolve_compile", lambda requested, device, micro_steps: micro_steps >= 1500)
     figures = speed.check_projection(context, 5)  # as if auto compiled runs this long
     assert figures["measured"]["mlp"] == "compiled" and figures["measured"]["moe"] == "eager"  # moe: no compiled speed
     assert figures["train_s_here"] == pytest.approx(3 * tokens * ((len(labels) - 1) / 1000 + 1 / 2000))
     here = figures["targets"][0]
     assert here["wall_s"] == pytest.approx(figures["train_s_here"] + 3 * len(labels) * 10.0 + 3 * 15.0)
+
+
+def test_projection_of_a_sweep_compiling_every_run_charges_each_presets_first_seed_a_cold_compile(context):
+    labels = [label for label, _ in read_experiment().presets]
+    context.results["throughput_eager"] = {
+        "cases": {label: {"tokens_per_s": 1000.0, "first_step_s": 1.0} for label in labels}
+    }
+    context.results["throughput_compiled"] = {  # every preset compiled: 15 s cold; warm, the first one took 3 s
+        "cases": {label: {"tokens_per_s": 2000.0, "first_step_s": 16.0} for label in labels},
+        "compile_first_steps_s": {"preset": labels[0], "cold": 16.0, "warm": 4.0},
+    }
+    context.results["blueberry_run"] = {"startup_s": 10.0}
+    figures = speed.check_projection(context, 5)
+    swept, tokens, seeds = figures["compiled_sweep"], 375 * 4 * 16 * 256, len(read_experiment().seeds)
+    assert swept["warm_share"] == pytest.approx(0.2)  # (4 - 1) / (16 - 1)
+    per_preset = seeds * tokens / 2000 + seeds * 10.0 + 15.0 + (seeds - 1) * 15.0 * 0.2
+    assert swept["wall_s"] == pytest.approx(len(labels) * per_preset)
+    assert figures["rows"][-1][0] == "PROJECTION CPU, a sweep compiling every run"
+    assert figures["rows"][-1][1].startswith(f"{swept['wall_s'] / 60:.1f} min")
 
 
 def test_projection_is_skipped_when_a_preset_was_not_measured(context):
