@@ -10,9 +10,17 @@ import time
 import torch
 
 from blueberry.bench.measure import SyntheticData, measure_throughput
-from blueberry.gpu_check.projection import project, read_experiment, run_length
+from blueberry.gpu_check.projection import Experiment, project, read_experiment, run_length
 from blueberry.gpu_check.suite import CheckFailed, CheckSkipped, Context
-from blueberry.hardware import CPU_PRESET, detect, preset_for, price_per_hour, resolve_compile, resolve_precision
+from blueberry.hardware import (
+    CPU_PRESET,
+    Preset,
+    detect,
+    preset_for,
+    price_per_hour,
+    resolve_compile,
+    resolve_precision,
+)
 from blueberry.models import build_model, registry
 from blueberry.overrides import load_spec
 from blueberry.perf import peak_flops
@@ -278,7 +286,9 @@ def check_projection(context: Context, box_s: float) -> dict:
     return {"rows": rows, **result, "measured": measured, "compiled_sweep": swept}
 
 
-def project_compiled_sweep(context: Context, experiment, speeds: dict, startup: float, preset, price) -> dict:
+def project_compiled_sweep(
+    context: Context, experiment: Experiment, speeds: dict, startup: float, preset: Preset, price: float | None
+) -> dict:
     """PROJECTION of Experiment 1 run as one sweep with every run compiled, on this GPU: each preset's first seed
     compiles with Inductor's caches cold, the others find them warm and pay the warm/cold share of the compile
     time measured on the first preset (`check_compiled`). What `compile: auto` would gain by compiling sweeps."""
