@@ -78,11 +78,28 @@ def telemetry(run_dir: Path) -> dict:
     }
 
 
+def slowest_imports(stderr: str, n: int = 5) -> list[tuple[str, float]]:
+    """The `n` packages whose modules took longest to import, in seconds, from Python's `-X importtime` lines
+    (`import time: self [us] | cumulative | module`): each module's own time added up by its top-level package,
+    so the figures do not overlap, and modules a package loads lazily later count too."""
+    seconds: dict[str, float] = {}
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or line.count("|") != 2:
+            continue
+        own, _, module = line.removeprefix("import time:").split("|")
+        if own.strip().isdigit():
+            package = module.strip().split(".")[0]
+            seconds[package] = seconds.get(package, 0.0) + int(own) / 1e6
+    return sorted(seconds.items(), key=lambda item: -item[1])[:n]
+
+
 def check_blueberry_run(context: Context, box_s: float) -> dict:
-    """`blueberry run` of Experiment 1's dense preset, cut short, W&B offline: telemetry rows, energy, cost."""
+    """`blueberry run` of Experiment 1's dense preset, cut short, W&B offline: telemetry rows, energy, cost, and
+    where its start-up went (the import times Python's `-X importtime` prints)."""
     experiment = read_experiment()
     root = context.work_dir / "run"
-    argv = [sys.executable, "-m", "blueberry", "run", experiment.base_spec, *experiment.fixed, "--model.variant=mlp"]
+    argv = [sys.executable, "-X", "importtime", "-m", "blueberry", "run", experiment.base_spec, *experiment.fixed]
+    argv += ["--model.variant=mlp"]
     argv += ["--train.steps=30", "--train.grad_accum=1", "--train.log_every=5", "--train.eval_every=30"]
     argv += ["--train.progress=false", "--tracking.wandb=offline", f"--tracking.runs_root={root}"]
     argv += [f"--train.device={context.device.type}", *context.run_shape]
@@ -103,7 +120,9 @@ def check_blueberry_run(context: Context, box_s: float) -> dict:
     setup = found["setup_s"].items()
     stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in setup if isinstance(seconds, (int, float)))
     rows.append(("before training (s)", stages or "not recorded"))
-    result = {"rows": rows, **found, "wall_s": wall, "startup_s": startup}
+    imports = slowest_imports(done.stderr)
+    rows.append(("slowest imports (s)", ", ".join(f"{name} {s:.1f}" for name, s in imports) or "not recorded"))
+    result = {"rows": rows, **found, "wall_s": wall, "startup_s": startup, "slowest_imports": imports}
     problems = []
     if context.device.type == "cuda" and (not found["gpu_rows"] or found["energy_wh"] is None):
         problems.append("no GPU telemetry rows or no energy in the summary")

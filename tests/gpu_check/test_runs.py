@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from blueberry.gpu_check.runs import compare_records, run_process, telemetry
+from blueberry.gpu_check.runs import compare_records, run_process, slowest_imports, telemetry
 from blueberry.gpu_check.suite import CheckFailed
 
 
@@ -52,3 +52,20 @@ def test_a_process_past_its_time_box_is_killed(tmp_path):
         run_process([sys.executable, "-c", "import time; time.sleep(60)"], {}, 1)
     done = run_process([sys.executable, "-c", "print('hi')"], {}, 30)
     assert done.returncode == 0 and done.stdout == "hi\n"
+
+
+def test_slowest_imports_adds_up_each_packages_own_import_times():
+    done = run_process([sys.executable, "-X", "importtime", "-c", "import json, email.message"], {}, 30)
+    found = dict(slowest_imports(done.stderr, n=100))
+    assert found["json"] > 0 and found["email"] > 0 and "email.message" not in found  # by top-level package
+    lines = [
+        "import time: self [us] | cumulative | imported package",
+        "import time:    300000 |     300000 |   torch._C",
+        "import time:   1000000 |    1300000 | torch",
+        "import time:     10000 |    1510000 | transformers",
+        "progress 10% | loss 3.2",  # a line of the run's own
+        "import time:   1500000 |    1500000 |     torch._dynamo",  # imported later, by transformers
+        "import time:   1200000 |    1200000 | transformers.models.deepseek_v3",  # a lazy import, later still
+    ]
+    assert slowest_imports("\n".join(lines)) == [("torch", pytest.approx(2.8)), ("transformers", pytest.approx(1.21))]
+    assert [name for name, _ in slowest_imports("\n".join(lines), n=1)] == ["torch"]
