@@ -156,7 +156,6 @@ def build(
         assert_causal(model, vocab_size, seq_len=min(32, spec.data.seq_len))
     params = count_parameters(model)
     plan = plan_run(spec, device, model, vocab_size, world_size, probe=probe, peak=peak)
-    model.forget_routing_loads()  # what the batch-size probe's passes routed is no training step's
     if plan.compile:  # train.compile 'auto' resolved for this device
         # In place: parameter names and checkpoints stay those of the plain model. A distributed run wraps this
         # compiled module in DDP, the order PyTorch's "Where to apply torch.compile?" page gives for DDP.

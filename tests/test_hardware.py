@@ -218,9 +218,9 @@ def test_plan_run_decides_compile_from_the_run_s_micro_steps_after_choosing_the_
     assert asked == [375 * 4, 100 * batch.grad_accum]
 
 
-def test_what_the_batch_size_probe_routed_is_forgotten_before_training(monkeypatch):
+def test_what_the_batch_size_probe_routed_never_moves_a_routing_bias(monkeypatch):
     """On CUDA the probe runs passes in training mode on random tokens: with model.balance = bias_update, what
-    they routed must not move the first routing-bias update."""
+    they routed must not move the first routing-bias update (only the trainer's micro-steps note their loads)."""
     from blueberry import plan
 
     def probing_plan_run(spec, device, model, vocab_size, *args, **kwargs):

@@ -255,7 +255,7 @@ class SigmoidRouterMoE(nn.Module):
         self.moe = moe
         self.n_experts, self.top_k = n_experts, top_k
         self._router_output = None
-        self._load_since_update: torch.Tensor | None = None  # summed per-call loads, training only
+        self._load_since_update: torch.Tensor | None = None  # the training steps' loads, from note_load
         self.moe.gate.register_forward_hook(self._keep_router_output)
 
     def _keep_router_output(self, module, args, output) -> None:
@@ -271,15 +271,17 @@ class SigmoidRouterMoE(nn.Module):
         # The Switch-style loss on the sigmoid scores normalised per token: added to the loss with
         # model.balance = aux_loss, else only logged.
         scores = router_logits.sigmoid()
-        routing = switch_balance(scores / scores.sum(dim=-1, keepdim=True), top_idx)
-        if self.training:
-            load = routing.load.detach()
-            self._load_since_update = load if self._load_since_update is None else self._load_since_update + load
-        return y, routing
+        return y, switch_balance(scores / scores.sum(dim=-1, keepdim=True), top_idx)
 
-    def forget_loads(self) -> None:
-        """Drop the loads gathered so far: forward passes that were not training steps (the batch-size probe's)."""
-        self._load_since_update = None
+    @torch.no_grad()
+    def note_load(self, load: torch.Tensor) -> None:
+        """Add one training micro-step's load (its `Routing.load`) to those the next `update_bias` evens out.
+
+        The trainer calls this, not `forward`: a forward that kept state would hand `torch.compile` one graph for
+        the first micro-step after an update (nothing kept yet) and another for the rest, and a forward that was
+        not a training step (the batch-size probe's, the causality check's) would count.
+        """
+        self._load_since_update = load if self._load_since_update is None else self._load_since_update + load
 
     @torch.no_grad()
     def update_bias(self, rate: float) -> None:

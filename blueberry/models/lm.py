@@ -133,12 +133,12 @@ class BlueberryLM(nn.Module):
             for ffn in self.routed_ffns():
                 ffn.update_bias(self.spec.bias_update_rate)
 
-    def forget_routing_loads(self) -> None:
-        """Drop the routing loads that forward passes outside training gathered (the batch-size probe's, in
-        training mode on random tokens), so the first bias update sees the first training step's alone."""
-        for ffn in self.routed_ffns():
-            if hasattr(ffn, "forget_loads"):
-                ffn.forget_loads()
+    def note_routing(self, router_stats: list[RouterStats]) -> None:
+        """Called by the Trainer after each training micro-step's forward, with its `router_stats`: with
+        model.balance = bias_update each routed layer keeps its load for the next `after_optimizer_step`."""
+        if self.spec.balance == "bias_update":
+            for stats in router_stats:
+                self.blocks[stats.layer].ffn.note_load(stats.load)
 
     def optimizer_groups(self) -> OptimizerGroups:
         """One recipe for every variant: the hidden weight matrices (Muon, or decayed AdamW) and the rest.

@@ -143,9 +143,11 @@ class MetricWindow:
 class Trainer:
     """Trains `model` per `spec.train` (after torchtitan's train.py: the parts are built here, `train` loops).
 
-    `tracker` receives the rows: a MetricsProcessor, or any Tracker (then wrapped in a plain one). After every
-    optimizer step the trainer calls `model.after_optimizer_step()` if the model defines it, then each of
-    `callbacks` as callback(trainer, step): the place for updates outside backprop (e.g. router biases).
+    `tracker` receives the rows: a MetricsProcessor, or any Tracker (then wrapped in a plain one). After each
+    micro-step's forward the trainer hands the model its routing statistics, `model.note_routing(router_stats)`,
+    and after every optimizer step calls `model.after_optimizer_step()`, each if the model defines it, then each
+    of `callbacks` as callback(trainer, step): the place for updates outside backprop (e.g. router biases), kept
+    out of the forward, which `torch.compile` traces.
     """
 
     def __init__(
@@ -180,6 +182,7 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world.size * spec.data.seq_len  # all ranks
         self.clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         self.metrics = tracker if isinstance(tracker, MetricsProcessor) else MetricsProcessor(tracker)
+        self.note_routing = getattr(model, "note_routing", None)
         hook = getattr(model, "after_optimizer_step", None)
         self.after_step = [*([lambda trainer, step: hook()] if hook else []), *callbacks]
 
@@ -242,6 +245,8 @@ class Trainer:
                         loss = ce + out.aux_loss
                         self.scaler.scale(loss / cfg.grad_accum).backward()
                 self.window.add(ce, out.aux_loss, out.router_stats)
+                if self.note_routing is not None:
+                    self.note_routing(out.router_stats)
 
         for opt in self.optimizers:
             self.scaler.unscale_(opt)

@@ -56,6 +56,26 @@ def test_trainer_calls_the_after_optimizer_step_hooks_once_per_step():
     assert hooked == [1, 1, 1] and seen == [1, 2, 3] and summary["trainer/step"] == 3
 
 
+def test_a_compiled_moe_model_traces_one_graph_over_micro_steps_and_routing_bias_updates():
+    """The forward keeps no state (the trainer notes each micro-step's routing loads), so torch.compile traces the
+    model once: not once for the first micro-step after a bias update and again for the others. Experts grouped
+    (as on a GPU: the sorted dispatch splits at its per-expert counts), compiled without Inductor (seconds)."""
+    from torch._dynamo.utils import counters
+
+    flags = ["--model.variant=deepseek_v3", "--model.experts_implementation=grouped", "--train.grad_accum=2"]
+    spec, data, model = tiny_model(*flags, "--train.steps=3", "--train.eval_every=3")
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile(backend="aot_eager")
+    noted, note = [], model.note_routing
+    model.note_routing = lambda stats: (noted.append([s.layer for s in stats]), note(stats))
+    Trainer(spec, model, data, ListTracker(), torch.device("cpu"), "bf16").train()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert noted == [[0]] * 6  # every micro-step's loads (3 steps × 2), of the one routed layer
+    assert all(ffn._load_since_update is None for ffn in model.routed_ffns())  # each step's update took them
+    torch._dynamo.reset()
+
+
 def test_under_autocast_each_weight_is_cast_once_per_optimizer_step_not_per_micro_step():
     trainer = tiny_trainer("bf16", "--model.variant=mlp", "--train.grad_accum=4")
     # The tied embedding is left out: the chunked loss (linear_cross_entropy.py) casts the LM head itself.
