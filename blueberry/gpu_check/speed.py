@@ -243,6 +243,11 @@ def check_batch_auto(context: Context, box_s: float) -> dict:
     return {"rows": rows, "micro_batch": chosen.micro_batch, "grad_accum": chosen.grad_accum, "run": ran}
 
 
+def compile_cost_s(compiled: dict, eager: dict) -> float:
+    """What compiling cost a run: its first steps' time over eager's (measurements from `measure`)."""
+    return max(0.0, compiled.get("first_step_s", 0.0) - eager.get("first_step_s", 0.0))
+
+
 def check_projection(context: Context, box_s: float) -> dict:
     """PROJECTION of Experiment 1 (presets × seeds at the study's steps) from the speeds measured above: per preset,
     eager or compiled as `compile: auto` picks for a run of its length here, a compiled run paying its measured
@@ -258,7 +263,7 @@ def check_projection(context: Context, box_s: float) -> dict:
         case, how, compile_s = eager, "eager", 0.0
         if resolve_compile("auto", context.device, micro_steps) and "tokens_per_s" in compiled and eager:
             case, how = compiled, "compiled"
-            compile_s = max(0.0, compiled.get("first_step_s", 0.0) - eager.get("first_step_s", 0.0))
+            compile_s = compile_cost_s(compiled, eager)
         if "tokens_per_s" not in case:
             missing.append(label)
             continue
@@ -302,7 +307,7 @@ def project_compiled_sweep(
     runs = []
     for name, overrides in experiment.presets:
         compiled, eager = speeds["compiled"][name], speeds["eager"].get(name, {})
-        cold_s = max(0.0, compiled.get("first_step_s", 0.0) - eager.get("first_step_s", 0.0))
+        cold_s = compile_cost_s(compiled, eager)
         tokens, _ = run_length(experiment, overrides)
         one = {"label": name, "tokens": tokens, "tokens_per_s": compiled["tokens_per_s"]}
         runs += [{**one, "seeds": 1, "compile_s": cold_s}]
