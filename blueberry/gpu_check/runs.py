@@ -87,7 +87,7 @@ def slowest_imports(stderr: str, n: int = 5) -> list[tuple[str, float]]:
         if not line.startswith("import time:") or line.count("|") != 2:
             continue
         own, _, module = line.removeprefix("import time:").split("|")
-        if own.strip().isdigit():
+        if own.strip().isdigit() and module.strip():
             package = module.strip().split(".")[0]
             seconds[package] = seconds.get(package, 0.0) + int(own) / 1e6
     return sorted(seconds.items(), key=lambda item: -item[1])[:n]
