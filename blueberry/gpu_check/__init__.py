@@ -28,9 +28,9 @@ CHECKS = [
     ),
     Check("kill_resume", "SIGKILL and resume vs an uninterrupted run", 75, runs.check_kill_resume),
     Check("torchrun", "torchrun on every GPU: NCCL all-reduce and a run", 50, runs.check_torchrun),
-    # In 150 s an H200 compiled five of the seven presets (12-26 s each, 123 s with the warm recompile) and
-    # skipped the two DeepSeek ones; 210 s leaves room for them. The overall budget still caps it.
-    Check("throughput_compiled", "every preset at the study shape, bf16, torch.compile", 210, speed.check_compiled),
+    # The seven presets compile in 12-30 s each on an H200 (209 s with the warm recompile on a slower host; a
+    # preset starts only if the slowest so far still fits). The overall budget still caps it.
+    Check("throughput_compiled", "every preset at the study shape, bf16, torch.compile", 240, speed.check_compiled),
     Check(
         "projection",
         "PROJECTION: Experiment 1's wall time and cost here, on a T4, on an RTX 4090",

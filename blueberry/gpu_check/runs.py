@@ -4,6 +4,7 @@ session, so a time box ends it and all its children."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -93,6 +94,22 @@ def slowest_imports(stderr: str, n: int = 5) -> list[tuple[str, float]]:
     return sorted(seconds.items(), key=lambda item: -item[1])[:n]
 
 
+def without_bytecode_cache(packages: list[str]) -> list[str]:
+    """Of `packages`, those whose top module has no cached bytecode beside its source (`__pycache__/*.pyc`, or
+    under `sys.pycache_prefix`): Python compiles them from source on every import, as under
+    PYTHONDONTWRITEBYTECODE=1 with packages installed without their .pyc (`pip install --no-compile`)."""
+    missing = []
+    for name in packages:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # a module that cannot be found from here, or one without a spec
+            continue
+        if spec and spec.origin and spec.origin.endswith(".py"):
+            if not Path(importlib.util.cache_from_source(spec.origin)).exists():
+                missing.append(name)
+    return missing
+
+
 def check_blueberry_run(context: Context, box_s: float) -> dict:
     """`blueberry run` of Experiment 1's dense preset, cut short, W&B offline: telemetry rows, energy, cost, and
     where its start-up went (the import times Python's `-X importtime` prints)."""
@@ -122,7 +139,13 @@ def check_blueberry_run(context: Context, box_s: float) -> dict:
     rows.append(("before training (s)", stages or "not recorded"))
     imports = slowest_imports(done.stderr)
     rows.append(("slowest imports (s)", ", ".join(f"{name} {s:.1f}" for name, s in imports) or "not recorded"))
-    result = {"rows": rows, **found, "wall_s": wall, "startup_s": startup, "slowest_imports": imports}
+    uncached = without_bytecode_cache([name for name, _ in imports])
+    caches = f"missing for {', '.join(uncached)}: every run compiles them from source" if uncached else "present"
+    if uncached and sys.flags.dont_write_bytecode:
+        caches += " (PYTHONDONTWRITEBYTECODE is set: none are written)"
+    rows.append(("bytecode caches", caches))
+    result = {"rows": rows, **found, "wall_s": wall, "startup_s": startup, "slowest_imports": imports,
+              "without_bytecode_cache": uncached}  # fmt: skip
     problems = []
     if context.device.type == "cuda" and (not found["gpu_rows"] or found["energy_wh"] is None):
         problems.append("no GPU telemetry rows or no energy in the summary")

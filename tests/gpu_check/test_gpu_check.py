@@ -44,6 +44,9 @@ def test_real_run_and_kill_resume_checks_on_cpu(tmp_path):
     assert [part.split()[0] for part in before.split(", ")] == ["start", "device", "build", "tracking"]
     slowest = run.figures["slowest_imports"]  # where "start" went, from the run's -X importtime
     assert "torch" in dict(slowest) and dict(run.rows)["slowest imports (s)"].startswith(slowest[0][0])
+    assert dict(run.rows)["bytecode caches"].startswith(
+        "missing for" if run.figures["without_bytecode_cache"] else "present"
+    )
     assert resume.status == "ok", resume.error
     assert resume.figures["max_rel_diff"] == 0.0 and resume.figures["weights_equal"]
     assert resume.figures["killed_after_checkpoint"] >= 10

@@ -1,11 +1,18 @@
 """The launched-run checks' parts: what a run record says about the GPU, resume comparison, time boxes."""
 
 import json
+import py_compile
 import sys
 
 import pytest
 
-from blueberry.gpu_check.runs import compare_records, run_process, slowest_imports, telemetry
+from blueberry.gpu_check.runs import (
+    compare_records,
+    run_process,
+    slowest_imports,
+    telemetry,
+    without_bytecode_cache,
+)
 from blueberry.gpu_check.suite import CheckFailed
 
 
@@ -69,3 +76,12 @@ def test_slowest_imports_adds_up_each_packages_own_import_times():
     ]
     assert slowest_imports("\n".join(lines)) == [("torch", pytest.approx(2.8)), ("transformers", pytest.approx(1.21))]
     assert [name for name, _ in slowest_imports("\n".join(lines), n=1)] == ["torch"]
+
+
+def test_without_bytecode_cache_names_the_packages_python_compiles_from_source(tmp_path, monkeypatch):
+    for name in ("cached", "uncached"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("x = 1\n")
+    py_compile.compile(str(tmp_path / "cached" / "__init__.py"), doraise=True)  # writes __pycache__/*.pyc
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert without_bytecode_cache(["cached", "uncached", "no_such_package", "sys"]) == ["uncached"]  # sys: built in
