@@ -17,6 +17,9 @@ READERS = {
     "power_w": lambda nvml, h: nvml.nvmlDeviceGetPowerUsage(h) / 1000,
     "temp_c": lambda nvml, h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),
 }
+# What a run on a MIG slice gets, and from which handle: NVML counts the slice's own memory; it has no utilisation
+# per slice, and the power and energy are the whole board's, spent by the other slices too, so they are left out.
+MIG_READERS = {"mem_used_mb": "slice", "temp_c": "board"}
 
 
 class GpuMonitor:
@@ -39,8 +42,9 @@ class GpuMonitor:
             self._nvml = pynvml
             visible = visible_handles(pynvml)
             self._handles = visible if devices is None else [visible[i] for i in devices if i < len(visible)]
+            self._boards = [mig_board(pynvml, handle) for handle in self._handles]  # None: a whole GPU
         except Exception:  # no library, no driver, no GPU: nothing to monitor
-            self._nvml, self._handles = None, []
+            self._nvml, self._handles, self._boards = None, [], []
 
     @property
     def active(self) -> bool:
@@ -49,7 +53,7 @@ class GpuMonitor:
     def start(self) -> GpuMonitor:
         if not self.active:
             return self
-        self._energy_start = [self._energy_mj(h) for h in self._handles]
+        self._energy_start = [self._energy_mj(h) if b is None else None for h, b in zip(self._handles, self._boards)]
         self._energy_j = [0.0] * len(self._handles)
         self.sample()
         self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
@@ -70,11 +74,14 @@ class GpuMonitor:
         """Read every GPU once; a metric NVML cannot read on this GPU is left out."""
         nvml, now = self._nvml, time.monotonic()
         reading: dict[str, float] = {}
-        for i, handle in enumerate(self._handles):
+        for i, (handle, board) in enumerate(zip(self._handles, self._boards)):
             prefix = f"gpu/{i}/" if len(self._handles) > 1 else "gpu/"
-            for key, read in READERS.items():
+            reads = {key: handle for key in READERS} if board is None else {
+                key: handle if source == "slice" else board for key, source in MIG_READERS.items()
+            }  # fmt: skip
+            for key, target in reads.items():
                 try:
-                    reading[prefix + key] = float(read(nvml, handle))
+                    reading[prefix + key] = float(READERS[key](nvml, target))
                 except Exception:
                     pass
             if prefix + "power_w" in reading and self._last_sample is not None:
@@ -136,23 +143,87 @@ def visible_device_entries() -> list[str] | None:
     return None if visible is None else [entry.strip() for entry in visible.split(",")]
 
 
+def unpinned_device_names() -> list[str] | None:
+    """With CUDA_VISIBLE_DEVICES not set, how it would name each GPU this process may use: its index, or for a
+    MIG slice its MIG-<uuid> (an index names the whole board); None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # NVMLError: no library, no driver
+        return None
+    try:
+        names = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            slices = mig_slices(pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+            names += [str(index)] if slices is None else [nvml_text(pynvml.nvmlDeviceGetUUID(h)) for h in slices]
+        return names
+    except Exception:  # NVMLError while asking: the caller names them by index
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def nvml_text(value) -> str:
+    """A string from NVML: older bindings return bytes."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def visible_handles(nvml) -> list:
     """NVML handles of the GPUs this process may use, in CUDA's numbering: NVML ignores CUDA_VISIBLE_DEVICES, so
-    apply it here (indices or GPU-<uuid>; like CUDA, stop at the first entry that names no GPU; MIG instances
-    are not monitored)."""
+    apply it here (indices, GPU-<uuid> or MIG-<uuid>; like CUDA, stop at the first entry that names no GPU). Not
+    set, every GPU, or where MIG is on, its slices (`gpu_or_slices`)."""
     count = nvml.nvmlDeviceGetCount()
     entries = visible_device_entries()
     if entries is None:
-        return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        return [h for i in range(count) for h in gpu_or_slices(nvml, nvml.nvmlDeviceGetHandleByIndex(i))]
     handles = []
     for entry in entries:
         try:
             if entry.isdigit() and int(entry) < count:
                 handles.append(nvml.nvmlDeviceGetHandleByIndex(int(entry)))
-            elif entry.startswith("GPU-"):
+            elif entry.startswith(("GPU-", "MIG-")):  # MIG-<uuid> since driver R470; the older MIG-GPU-… is not
                 handles.append(nvml.nvmlDeviceGetHandleByUUID(entry))
             else:
                 break
         except Exception:  # NVMLError: no such GPU
             break
     return handles
+
+
+def gpu_or_slices(nvml, handle) -> list:
+    """A GPU's handle, or where MIG is on, its slices' handles (`mig_slices`)."""
+    slices = mig_slices(nvml, handle)
+    return [handle] if slices is None else slices
+
+
+def mig_slices(nvml, handle) -> list | None:
+    """Where MIG is on, the GPU's slices' handles in NVML's order (`nvidia-smi -L`'s), taken for CUDA's; a
+    container given one slice sees that one alone. None where MIG is off."""
+    try:
+        if nvml.nvmlDeviceGetMigMode(handle)[0] != nvml.NVML_DEVICE_MIG_ENABLE:
+            return None
+        slots = nvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+    except Exception:  # NVMLError: a GPU without MIG, or a driver without the call
+        return None
+    slices = []
+    for slot in range(slots):
+        try:
+            slices.append(nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot))
+        except Exception:  # NVMLError: no slice in this slot, or not one this process may see
+            continue
+    return slices
+
+
+def mig_board(nvml, handle):
+    """The whole GPU a MIG slice's handle belongs to (the slice's own handle where NVML does not say); None for a
+    whole GPU's handle."""
+    try:
+        if not nvml.nvmlDeviceIsMigDeviceHandle(handle):
+            return None
+    except Exception:  # NVMLError: a driver or GPU without MIG
+        return None
+    try:
+        return nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+    except Exception:
+        return handle

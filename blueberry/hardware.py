@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from blueberry.gpu_monitor import nvml_text
 from blueberry.prices import PRICE_ENV, PRICE_TABLE_ENV, read_price, read_price_table
 
 
@@ -30,6 +32,8 @@ class Preset:
     usd_per_hour: float | None  # typical rental price of one device; override with train.price_per_hour
     max_micro_batch: int  # upper bound for batch_size 'auto' (the memory probe may pick less)
     source: str = ""  # the document the peaks come from
+    board: str = ""  # for a MIG slice, the whole GPU's preset; its peaks and price are `share` of that one's
+    share: float = 1.0
 
     def peak_kind(self, precision: str) -> str:
         """Which data-sheet peak a run in `precision` gets: fp32 matmuls run as TF32 where the GPU has it."""
@@ -181,14 +185,14 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
     except Exception as exc:  # NVMLError_LibraryNotFound / DriverNotLoaded on machines without a GPU
         return [], f"NVML unavailable: {exc}"
     try:
-        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        driver = nvml_text(pynvml.nvmlSystemGetDriverVersion())
         gpus = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             gpus.append(
                 GpuInfo(
                     index=index,
-                    name=_text(pynvml.nvmlDeviceGetName(handle)),
+                    name=nvml_text(pynvml.nvmlDeviceGetName(handle)),
                     memory_mb=pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20,
                     compute_capability=tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle)),
                     driver=driver,
@@ -204,22 +208,45 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
             pass
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def detect() -> HardwareInfo:
     gpus, why = detect_gpus()
     return HardwareInfo(detect_cpu(), gpus, why, torch.cuda.is_available())
 
 
 def preset_for(gpu_name: str) -> Preset:
-    """The preset whose match words all appear in the NVML name; unknown GPUs get a generic fp32 preset."""
+    """The preset whose match words all appear in the GPU's name; unknown GPUs get a generic fp32 preset. A MIG
+    slice of a known GPU gets its share of the board's peaks and price (see `mig_slice`)."""
     lowered = gpu_name.lower()
-    for preset in PRESETS:
-        if all(word in lowered for word in preset.match):
-            return preset
-    return Preset(gpu_name, (), "fp32", {}, None, 64)
+    preset = next((p for p in PRESETS if all(word in lowered for word in p.match)), None)
+    if preset is None:
+        return Preset(gpu_name, (), "fp32", {}, None, 64)
+    if (slice_ := mig_slice(gpu_name)) is None:
+        return preset
+    profile, used, total = slice_
+    return replace(
+        preset,
+        name=f"{preset.name} MIG {profile}",
+        peak_tflops={kind: tflops * used / total for kind, tflops in preset.peak_tflops.items()},
+        usd_per_hour=None if preset.usd_per_hour is None else preset.usd_per_hour * used / total,
+        source=f"{preset.source}, × {used}/{total} for a MIG {profile} slice",
+        board=preset.name,
+        share=used / total,
+    )
+
+
+# CUDA names a MIG slice "<board> MIG 3g.40gb" (3 of the board's compute slices, 40 GB), or "MIG 1c.3g.40gb" for a
+# compute instance of 1 slice in that GPU instance; NVIDIA's MIG user guide, "MIG Device Names".
+MIG_PROFILE = re.compile(r"\bMIG ((?:(\d+)c\.)?(\d+)g\.\d+gb)\b", re.IGNORECASE)
+
+
+def mig_slice(gpu_name: str) -> tuple[str, int, int] | None:
+    """A MIG slice's profile, its compute slices and the board's (4 on an A30, 7 on the A100, H100, H200 and
+    newer); None for a whole GPU. The share is of the GPCs: a slice's SM count can differ from it by a few %."""
+    match = MIG_PROFILE.search(gpu_name)
+    if match is None:
+        return None
+    profile, compute_instance, gpu_instance = match.groups()
+    return profile, int(compute_instance or gpu_instance), 4 if "a30" in gpu_name.lower() else 7
 
 
 def precision_for(compute_capability: tuple[int, int] | None, cpu_bf16: bool) -> str:
@@ -288,6 +315,10 @@ def price_per_hour(spec_price: float | None, preset: Preset) -> tuple[float | No
         prices = {name.lower(): price for name, price in read_price_table(table, PRICE_TABLE_ENV).items()}
         if preset.name.lower() in prices:
             return prices[preset.name.lower()], PRICE_TABLE_ENV
+        if preset.board and preset.board.lower() in prices:  # a MIG slice: its share of the whole GPU's price
+            return prices[
+                preset.board.lower()
+            ] * preset.share, f"{PRICE_TABLE_ENV} ({preset.board}) × {preset.share:.3g}"
     if preset.usd_per_hour is not None:
         return preset.usd_per_hour, f"table ({preset.name})"
     return None, "no price for this device; set train.price_per_hour to get a cost"

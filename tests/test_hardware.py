@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from blueberry import hardware
 from blueberry.cli import main
-from blueberry.gpu_monitor import GpuMonitor
+from blueberry.gpu_monitor import GpuMonitor, unpinned_device_names
 from blueberry.models import build_model
 from blueberry.overrides import load_spec
 from blueberry.plan import plan_run
@@ -24,9 +24,12 @@ GPUS = {
 }
 
 
-def fake_pynvml(names, energy_mj=None, fail_init=False):
-    """A module with the NVML calls blueberry uses; handles are indices into `names`."""
+def fake_pynvml(names, energy_mj=None, fail_init=False, mig_slices=None):
+    """A module with the NVML calls blueberry uses; handles are indices into `names`. `mig_slices` {GPU index:
+    slices} turns MIG on there: a slice's handle is (GPU, slot), its UUID MIG-<GPU>-<slot>, and NVML reads only
+    its memory (512 MiB used)."""
     nvml = types.ModuleType("pynvml")
+    mig_slices = mig_slices or {}
 
     class NVMLError(Exception):
         pass
@@ -56,6 +59,42 @@ def fake_pynvml(names, energy_mj=None, fail_init=False):
     nvml.nvmlDeviceGetPowerUsage = lambda h: 250_000  # milliwatts
     nvml.nvmlDeviceGetTemperature = lambda h, sensor: 66
     nvml.nvmlDeviceGetTotalEnergyConsumption = energy
+
+    def whole_gpu_only(read):  # NVML answers Not Supported for a slice's handle
+        def call(h, *args):
+            if isinstance(h, tuple):
+                raise NVMLError("Not Supported")
+            return read(h, *args)
+
+        return call
+
+    for name in ("UtilizationRates", "PowerUsage", "Temperature", "TotalEnergyConsumption"):
+        setattr(nvml, f"nvmlDeviceGet{name}", whole_gpu_only(getattr(nvml, f"nvmlDeviceGet{name}")))
+    memory = nvml.nvmlDeviceGetMemoryInfo
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=2**29) if isinstance(h, tuple) else memory(h)
+    by_uuid = nvml.nvmlDeviceGetHandleByUUID
+
+    def handle_by_uuid(uuid):
+        if uuid.startswith("MIG-"):
+            gpu, slot = map(int, uuid.removeprefix("MIG-").split("-"))
+            if slot >= mig_slices.get(gpu, 0):
+                raise NVMLError("Not Found")
+            return gpu, slot
+        return by_uuid(uuid)
+
+    def slice_by_index(h, slot):
+        if slot >= mig_slices.get(h, 0):
+            raise NVMLError("Not Found")
+        return h, slot
+
+    nvml.NVML_DEVICE_MIG_ENABLE = 1
+    nvml.nvmlDeviceGetHandleByUUID = handle_by_uuid
+    nvml.nvmlDeviceGetMigMode = lambda h: [int(h in mig_slices)] * 2
+    nvml.nvmlDeviceGetMaxMigDeviceCount = lambda h: 7
+    nvml.nvmlDeviceGetMigDeviceHandleByIndex = slice_by_index
+    nvml.nvmlDeviceIsMigDeviceHandle = lambda h: isinstance(h, tuple)
+    nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle = lambda h: h[0]
+    nvml.nvmlDeviceGetUUID = lambda h: (f"MIG-{h[0]}-{h[1]}" if isinstance(h, tuple) else f"GPU-{h}").encode()
     return nvml
 
 
@@ -140,6 +179,50 @@ def test_gpu_monitor_reads_only_the_gpus_the_run_trains_on(monkeypatch):
         if read is not None:
             assert "gpu/util_pct" in monitor.latest() and monitor.stop() == {"gpu/energy_wh": pytest.approx(1.0)}
             assert [e > 0 for e in energy] == [i == read for i in range(4)], (visible, energy)
+
+
+def test_gpu_monitor_on_a_mig_slice_reads_its_memory_and_the_boards_temperature_but_no_power(monkeypatch):
+    """A slice named in CUDA_VISIBLE_DEVICES, or the one a container sees with the variable unset: NVML has no
+    utilisation per slice, and the board's power and energy are spent by the other slices too."""
+    energy = [0.0, 0.0]
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(["Tesla T4"] * 2, energy, mig_slices={1: 3}))
+    for visible, devices in [("MIG-1-2", [0]), (None, [1])]:  # unset: GPU 0 whole, then GPU 1's three slices
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        monitor = GpuMonitor(interval_s=3600, devices=devices).start()
+        assert monitor.latest() == {"gpu/mem_used_mb": 512, "gpu/temp_c": 66}
+        assert monitor.stop() == {} and energy == [0.0, 0.0]  # no energy: not the board's counter
+    assert len(GpuMonitor(interval_s=3600).start()._handles) == 4  # GPU 0 and GPU 1's three slices
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-1-5,0")  # no such slice: CUDA stops there, so do we
+    assert not GpuMonitor(interval_s=3600).active
+
+
+def test_without_cuda_visible_devices_a_mig_slice_is_named_by_its_uuid(monkeypatch):
+    """What a sweep pins its trials to: CUDA_VISIBLE_DEVICES=1 would name GPU 1's whole board, not a slice."""
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(["Tesla T4"] * 2, mig_slices={1: 2}))
+    assert unpinned_device_names() == ["0", "MIG-1-0", "MIG-1-1"]
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([], fail_init=True))
+    assert unpinned_device_names() is None  # no driver
+
+
+def test_a_mig_slice_gets_its_share_of_the_boards_peak_and_price(monkeypatch):
+    a100 = hardware.preset_for("NVIDIA A100-SXM4-80GB")
+    slice_ = hardware.preset_for("NVIDIA A100-SXM4-80GB MIG 3g.40gb")  # CUDA's name for the slice
+    assert (slice_.name, slice_.board, slice_.precision) == ("A100 MIG 3g.40gb", "A100", "bf16")
+    assert slice_.peak("bf16") == pytest.approx(312.0 * 3 / 7) and slice_.usd_per_hour == pytest.approx(1.5 * 3 / 7)
+    assert "3/7" in slice_.source and a100.share == 1.0
+    compute_instance = hardware.preset_for("NVIDIA H100 80GB HBM3 MIG 1c.3g.40gb")  # 1 compute slice of a 3g
+    assert compute_instance.peak("bf16") == pytest.approx(989.4 / 7)
+    assert hardware.mig_slice("NVIDIA A30 MIG 2g.12gb") == ("2g.12gb", 2, 4)  # the A30 has 4 slices
+    assert hardware.mig_slice("NVIDIA A100-SXM4-80GB") is None
+    assert hardware.preset_for("Some GPU MIG 1g.5gb").peak_tflops == {}  # unknown: nothing to share
+    monkeypatch.setenv("BLUEBERRY_GPU_PRICES", json.dumps({"A100": 2.1}))  # the board's price in the report's table
+    price, source = hardware.price_per_hour(None, slice_)
+    assert price == pytest.approx(0.9) and source.startswith("BLUEBERRY_GPU_PRICES (A100)")
+    monkeypatch.setenv("BLUEBERRY_GPU_PRICES", json.dumps({"A100 MIG 3g.40gb": 0.5}))  # the slice's own
+    assert hardware.price_per_hour(None, slice_) == (0.5, "BLUEBERRY_GPU_PRICES")
 
 
 def test_a_run_monitors_its_own_gpu_or_under_torchrun_its_machines_ranks(monkeypatch):

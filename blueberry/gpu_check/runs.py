@@ -17,6 +17,7 @@ import torch
 
 from blueberry.gpu_check.projection import REPO, read_experiment
 from blueberry.gpu_check.suite import CheckFailed, Context
+from blueberry.hardware import mig_slice
 from blueberry.runner import SETUP_STAGES
 from blueberry.tracking import read_metrics
 
@@ -147,7 +148,9 @@ def check_blueberry_run(context: Context, box_s: float) -> dict:
     result = {"rows": rows, **found, "wall_s": wall, "startup_s": startup, "slowest_imports": imports,
               "without_bytecode_cache": uncached}  # fmt: skip
     problems = []
-    if context.device.type == "cuda" and (not found["gpu_rows"] or found["energy_wh"] is None):
+    # a MIG slice has no energy of its own: the board's power is spent by the other slices too (gpu_monitor.py)
+    on_slice = context.device.type == "cuda" and mig_slice(torch.cuda.get_device_name(context.device)) is not None
+    if context.device.type == "cuda" and (not found["gpu_rows"] or (found["energy_wh"] is None and not on_slice)):
         problems.append("no GPU telemetry rows or no energy in the summary")
     if context.device.type == "cuda" and found["cost_usd"] is None:
         problems.append("no cost in the summary")

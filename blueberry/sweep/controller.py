@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blueberry.fileio import read_json
-from blueberry.gpu_monitor import nvidia_driver_loaded, visible_device_entries
+from blueberry.gpu_monitor import nvidia_driver_loaded, unpinned_device_names, visible_device_entries
 from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain
 from blueberry.sweep.progress import SweepProgress
@@ -459,8 +459,8 @@ def visible_cuda_devices() -> list[str]:
     Under CUDA_VISIBLE_DEVICES=2,3 the trials get "2" and "3", never "0" and "1" (GPUs we were not given).
     """
     count, entries = _gpu_count(), visible_device_entries()
-    if entries is None:
-        return [str(index) for index in range(count)]
+    if entries is None:  # on a MIG host, the slices' MIG-<uuid>: an index would name the whole board
+        return (unpinned_device_names() or [str(index) for index in range(count)])[:count]
     return entries[:count]  # CUDA stops at the first bad entry
 
 

@@ -233,6 +233,13 @@ def test_trials_are_pinned_to_the_gpus_this_process_was_given(monkeypatch, visib
     assert visible_cuda_devices() == devices
 
 
+def test_on_a_mig_host_trials_are_pinned_to_slices_not_boards(monkeypatch):
+    monkeypatch.setattr("blueberry.sweep.controller._gpu_count", lambda: 2)
+    monkeypatch.setattr("blueberry.sweep.controller.unpinned_device_names", lambda: ["MIG-a", "MIG-b", "MIG-c"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_cuda_devices() == ["MIG-a", "MIG-b"]  # as many as CUDA counts
+
+
 def test_a_new_trial_goes_to_the_gpu_that_a_finished_one_freed(tmp_path, monkeypatch):
     """Two GPUs, given as CUDA_VISIBLE_DEVICES=5,7, two trials at a time: the third trial starts when the short
     first one ends, and takes its GPU, not the one the long second trial still runs on."""
