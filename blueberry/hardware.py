@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from blueberry.gpu_monitor import nvml_text
+from blueberry.gpu_monitor import mig_board, nvml_text, visible_handles
 from blueberry.prices import PRICE_ENV, PRICE_TABLE_ENV, read_price, read_price_table
 
 
@@ -175,7 +175,9 @@ def detect_cpu() -> CpuInfo:
 
 
 def detect_gpus() -> tuple[list[GpuInfo], str]:
-    """NVIDIA GPUs through NVML, and how detection went. Any NVML failure means no GPUs, not an error."""
+    """The NVIDIA GPUs this process may use, through NVML, numbered as CUDA numbers them (CUDA_VISIBLE_DEVICES
+    applied; a MIG slice named after its board, as CUDA names it), and how detection went. Any NVML failure means
+    no GPUs, not an error."""
     try:
         import pynvml
     except ImportError:
@@ -187,14 +189,15 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
     try:
         driver = nvml_text(pynvml.nvmlSystemGetDriverVersion())
         gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        for index, handle in enumerate(visible_handles(pynvml)):
+            board = mig_board(pynvml, handle) or handle  # a slice's board, else the GPU itself
+            name, board_name = (nvml_text(pynvml.nvmlDeviceGetName(h)) for h in (handle, board))
             gpus.append(
                 GpuInfo(
                     index=index,
-                    name=nvml_text(pynvml.nvmlDeviceGetName(handle)),
+                    name=name if board_name in name else f"{board_name} {name}",
                     memory_mb=pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20,
-                    compute_capability=tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle)),
+                    compute_capability=tuple(pynvml.nvmlDeviceGetCudaComputeCapability(board)),
                     driver=driver,
                 )
             )

@@ -68,10 +68,12 @@ def fake_pynvml(names, energy_mj=None, fail_init=False, mig_slices=None):
 
         return call
 
-    for name in ("UtilizationRates", "PowerUsage", "Temperature", "TotalEnergyConsumption"):
+    for name in ("UtilizationRates", "PowerUsage", "Temperature", "TotalEnergyConsumption", "CudaComputeCapability"):
         setattr(nvml, f"nvmlDeviceGet{name}", whole_gpu_only(getattr(nvml, f"nvmlDeviceGet{name}")))
-    memory = nvml.nvmlDeviceGetMemoryInfo
-    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=2**29) if isinstance(h, tuple) else memory(h)
+    memory, name = nvml.nvmlDeviceGetMemoryInfo, nvml.nvmlDeviceGetName
+    slice_memory = types.SimpleNamespace(total=10240 * 2**20, used=2**29)
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: slice_memory if isinstance(h, tuple) else memory(h)
+    nvml.nvmlDeviceGetName = lambda h: b"MIG 1g.10gb" if isinstance(h, tuple) else name(h)
     by_uuid = nvml.nvmlDeviceGetHandleByUUID
 
     def handle_by_uuid(uuid):
@@ -197,6 +199,21 @@ def test_gpu_monitor_on_a_mig_slice_reads_its_memory_and_the_boards_temperature_
     assert len(GpuMonitor(interval_s=3600).start()._handles) == 4  # GPU 0 and GPU 1's three slices
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-1-5,0")  # no such slice: CUDA stops there, so do we
     assert not GpuMonitor(interval_s=3600).active
+
+
+def test_doctor_lists_the_gpus_this_process_may_use_as_cuda_numbers_and_names_them(monkeypatch):
+    a100 = "NVIDIA A100-SXM4-80GB"
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([a100, a100, a100], mig_slices={1: 2}))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpus, _ = hardware.detect_gpus()  # GPU 0 whole, GPU 1's two slices, GPU 2 whole
+    assert [(g.index, g.name, g.memory_mb) for g in gpus] == [
+        (0, a100, 81920), (1, f"{a100} MIG 1g.10gb", 10240), (2, f"{a100} MIG 1g.10gb", 10240), (3, a100, 81920)
+    ]  # fmt: skip
+    assert gpus[1].compute_capability == (8, 0)  # the board's: NVML has none for a slice
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,MIG-1-1")
+    info = hardware.detect()
+    assert [(g.index, g.name) for g in info.gpus] == [(0, a100), (1, f"{a100} MIG 1g.10gb")]
+    assert hardware.preset_for(info.gpus[1].name).name == "A100 MIG 1g.10gb"
 
 
 def test_without_cuda_visible_devices_a_mig_slice_is_named_by_its_uuid(monkeypatch):
