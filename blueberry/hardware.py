@@ -244,7 +244,8 @@ MIG_PROFILE = re.compile(r"\bMIG ((?:(\d+)c\.)?(\d+)g\.\d+gb)\b", re.IGNORECASE)
 
 def mig_slice(gpu_name: str) -> tuple[str, int, int] | None:
     """A MIG slice's profile, its compute slices and the board's (4 on an A30, 7 on the A100, H100, H200 and
-    newer); None for a whole GPU. The share is of the GPCs: a slice's SM count can differ from it by a few %."""
+    newer); None for a whole GPU. A share of compute slices, not of SMs: an A100's 1g slice has 14 of its 108 SMs,
+    13 % where 1/7 is 14 %, so a slice's peak and MFU are approximate."""
     match = MIG_PROFILE.search(gpu_name)
     if match is None:
         return None
@@ -319,9 +320,8 @@ def price_per_hour(spec_price: float | None, preset: Preset) -> tuple[float | No
         if preset.name.lower() in prices:
             return prices[preset.name.lower()], PRICE_TABLE_ENV
         if preset.board and preset.board.lower() in prices:  # a MIG slice: its share of the whole GPU's price
-            return prices[
-                preset.board.lower()
-            ] * preset.share, f"{PRICE_TABLE_ENV} ({preset.board}) × {preset.share:.3g}"
+            board_price = prices[preset.board.lower()]
+            return board_price * preset.share, f"{PRICE_TABLE_ENV} ({preset.board}) × {preset.share:.3g}"
     if preset.usd_per_hour is not None:
         return preset.usd_per_hour, f"table ({preset.name})"
     return None, "no price for this device; set train.price_per_hour to get a cost"
