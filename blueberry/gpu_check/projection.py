@@ -2,8 +2,12 @@
 
 Experiment 1 is read from its sweep file (`sweeps/ablation.yaml`): the grid of its `parameters:` (the presets)
 times its seeds, each run of its base spec. The projection is arithmetic, labelled as such wherever it is shown:
-training tokens ÷ measured tokens/s + a measured fixed start-up per run, on this GPU; on another GPU the
-training part scales by the ratio of the data-sheet peaks (equal MFU assumed), the start-up stays.
+training tokens ÷ measured tokens/s + a measured fixed start-up per run, on this GPU. On another GPU a step is
+taken as host overhead (launching kernels: the host's, so it stays) plus compute, and only the compute scales, by
+the ratio of the data-sheet peaks. The compute's share of a step comes from one preset measured at two
+micro-batch sizes (`compute_flops_per_s`); without that second size, the whole step scales (equal MFU assumed).
+At the study's micro-batch of 16 a big GPU mostly waits on the host (MFU 1-3 % on an H200), so equal MFU would
+make a slower GPU look several times slower than it is.
 """
 
 from __future__ import annotations
@@ -72,16 +76,30 @@ def run_length(experiment: Experiment, overrides: list[str]) -> tuple[int, int]:
     return t.steps * t.grad_accum * t.batch_size * spec.data.seq_len, t.steps * t.grad_accum
 
 
-def project(runs: list[dict], startup_s: float, here: Preset, here_precision: str, price_here: float | None) -> dict:
-    """Wall time and cost of `runs` (each {"label", "tokens", "tokens_per_s", "seeds", "compile_s"}) here and on a
-    T4 / RTX 4090.
+def compute_flops_per_s(small: dict, large: dict, large_micro_steps: int) -> float | None:
+    """The GPU's compute speed, in FLOP/s, from one configuration measured (`measure`'s figures) at one micro-step
+    of a small micro-batch and at `large_micro_steps` micro-steps of a larger one, taking each micro-step as a fixed
+    host overhead plus its FLOPs at that speed. None where the two cannot tell them apart (no larger micro-batch,
+    or the larger step no slower per token)."""
+    flops = [m["tokens_per_step"] * m["flops_per_token"] for m in (small, large)]
+    extra_flops = flops[1] - large_micro_steps * flops[0]
+    extra_s = large["step_s"] - large_micro_steps * small["step_s"]
+    if extra_flops <= 0 or extra_s <= 0:
+        return None
+    return extra_flops / extra_s
 
-    Here: Σ seeds × (tokens ÷ tokens/s + compile_s + startup_s). Elsewhere: the training seconds × peak here ÷ peak
-    there (the T4 at its fp16 peak: it has no bf16), the start-up and compile time unchanged (host work). Cost =
-    hours × $/h of one device.
+
+def project(runs: list[dict], startup_s: float, here: Preset, here_precision: str, price_here: float | None) -> dict:
+    """Wall time and cost of `runs` (each {"label", "tokens", "tokens_per_s", "seeds", "compile_s",
+    "compute_share"}) here and on a T4 / RTX 4090.
+
+    Here: Σ seeds × (tokens ÷ tokens/s + compile_s + startup_s). Elsewhere: each run's training seconds with their
+    compute share (1 if not given: equal MFU) × peak here ÷ peak there (the T4 at its fp16 peak: it has no bf16),
+    the rest, the start-up and the compile time unchanged (host work). Cost = hours × $/h of one device.
     """
     train_s = sum(run["seeds"] * run["tokens"] / run["tokens_per_s"] for run in runs)
     startup_total = sum(run["seeds"] * (startup_s + run.get("compile_s", 0.0)) for run in runs)
+    shares = [run.get("compute_share", 1.0) for run in runs]
     here_peak = here.peak(here_precision)
     targets = [(here.name, here_precision, 1.0, price_here, "this GPU, measured speed")]
     for name, price, price_source in (("T4", None, None), ("RTX 4090", REPORT_4090_PRICE, "the report's")):
@@ -89,14 +107,23 @@ def project(runs: list[dict], startup_s: float, here: Preset, here_precision: st
         if here_peak is None:
             continue
         target_peak = preset.peak_tflops[preset.precision]
-        label = f"scaled by data-sheet peak {here_peak:g} → {target_peak:g} TFLOP/s ({preset.precision})"
+        scaled = f"data-sheet peak {here_peak:g} → {target_peak:g} TFLOP/s ({preset.precision})"
+        if min(shares) < 1.0:
+            label = (
+                f"compute ({min(shares):.0%}–{max(shares):.0%} of a step here) scaled by {scaled}, host overhead kept"
+            )
+        else:
+            label = f"scaled by {scaled}"
         price = price if price is not None else preset.usd_per_hour
         targets.append(
             (name, preset.precision, here_peak / target_peak, price, f"{label}; {price_source or 'list'} $/h")
         )
     rows = []
     for name, precision, factor, price, basis in targets:
-        seconds = train_s * factor + startup_total
+        seconds = startup_total + sum(
+            run["seeds"] * run["tokens"] / run["tokens_per_s"] * (1 - share + share * factor)
+            for run, share in zip(runs, shares)
+        )
         rows.append(
             {
                 "gpu": name,

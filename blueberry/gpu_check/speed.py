@@ -10,7 +10,7 @@ import time
 import torch
 
 from blueberry.bench.measure import SyntheticData, measure_throughput
-from blueberry.gpu_check.projection import Experiment, project, read_experiment, run_length
+from blueberry.gpu_check.projection import Experiment, compute_flops_per_s, project, read_experiment, run_length
 from blueberry.gpu_check.suite import CheckFailed, CheckSkipped, Context
 from blueberry.hardware import (
     CPU_PRESET,
@@ -231,7 +231,7 @@ def check_batch_auto(context: Context, box_s: float) -> dict:
     chosen = plan.batch
     micro = [*overrides, f"--train.batch_size={chosen.micro_batch}", f"--train.grad_accum={chosen.grad_accum}"]
     try:
-        ran = measure(context, micro, 1, 1)
+        ran = measure(context, micro, 2, 4)  # the projection's second micro-batch size: 4 timed steps, not 1
     except torch.OutOfMemoryError as exc:
         raise CheckFailed(f"out of memory at the chosen micro-batch {chosen.micro_batch}") from exc
     total = (
@@ -256,6 +256,7 @@ def check_projection(context: Context, box_s: float) -> dict:
     speeds = {
         source: context.results.get(f"throughput_{source}", {}).get("cases", {}) for source in ("eager", "compiled")
     }
+    compute, model_row = compute_model(context, speeds["eager"])
     runs, measured, missing = [], {}, []
     for label, overrides in experiment.presets:
         tokens, micro_steps = run_length(experiment, overrides)
@@ -270,7 +271,7 @@ def check_projection(context: Context, box_s: float) -> dict:
         measured[label] = how
         runs.append(
             {"label": label, "tokens": tokens, "tokens_per_s": case["tokens_per_s"], "compile_s": compile_s,
-             "seeds": len(experiment.seeds)}
+             "seeds": len(experiment.seeds), "compute_share": compute_share(case, compute)}
         )  # fmt: skip
     if missing:
         raise CheckSkipped(f"no measured speed for {', '.join(missing)}")
@@ -286,9 +287,40 @@ def check_projection(context: Context, box_s: float) -> dict:
     picked = list(measured.values())
     note += f"; presets as compile: auto runs them: {picked.count('eager')} eager, {picked.count('compiled')} compiled"
     rows.append(("projection basis", note))
+    rows.append(model_row)
     swept = project_compiled_sweep(context, experiment, speeds, startup, preset, price)
     rows.append(swept["row"])
-    return {"rows": rows, **result, "measured": measured, "compiled_sweep": swept}
+    return {"rows": rows, **result, "measured": measured, "runs_projected": runs, "compiled_sweep": swept}
+
+
+def compute_model(context: Context, eager: dict) -> tuple[float | None, tuple[str, str]]:
+    """This GPU's compute speed (FLOP/s; None if not measured) from the dense preset at the study's micro-batch
+    (`check_eager`) and at batch 'auto''s (`check_batch_auto`), and the row that says what the projection took."""
+    ((label, _),) = _preset(registry.preset_for("mha", "mlp").name)
+    small, auto = eager.get(label, {}), context.results.get("batch_auto", {})
+    large = auto.get("run", {})
+    needed = ("step_s", "tokens_per_step", "flops_per_token")
+    flops_s = None
+    if all(key in small and key in large for key in needed):
+        flops_s = compute_flops_per_s(small, large, auto["grad_accum"])
+    if flops_s is None:
+        return None, ("projection model", "equal MFU on every GPU: no second micro-batch size to split a step by")
+    peak_tflops = preset_of(context.device).peak(main_precision(context.device))  # the data sheet's; None on CPU
+    of_peak = f" ({flops_s / 1e12 / peak_tflops:.0%} of the data-sheet peak)" if peak_tflops else ""
+    overhead_ms = (small["step_s"] - small["tokens_per_step"] * small["flops_per_token"] / flops_s) * 1e3
+    text = (
+        f"a micro-step = host overhead + its FLOPs at {flops_s / 1e12:.0f} TFLOP/s{of_peak}, from {label}'s steps "
+        f"of {small['tokens_per_step']:,} and {large['tokens_per_step']:,} tokens; {label}'s overhead "
+        f"{overhead_ms:.1f} ms a micro-step here, kept on the other GPUs"
+    )
+    return flops_s, ("projection model", text)
+
+
+def compute_share(case: dict, flops_s: float | None) -> float:
+    """The share of a measured step spent computing at `flops_s`: its achieved FLOP/s over that, at most 1."""
+    if flops_s is None or "flops_per_token" not in case:
+        return 1.0
+    return min(1.0, case["tokens_per_s"] * case["flops_per_token"] / flops_s)
 
 
 def project_compiled_sweep(

@@ -2,7 +2,13 @@
 
 import pytest
 
-from blueberry.gpu_check.projection import REPORT_4090_PRICE, project, read_experiment, run_length
+from blueberry.gpu_check.projection import (
+    REPORT_4090_PRICE,
+    compute_flops_per_s,
+    project,
+    read_experiment,
+    run_length,
+)
 from blueberry.hardware import PRESETS
 from blueberry.models import registry
 
@@ -44,3 +50,27 @@ def test_projection_without_a_peak_or_price_stays_here_and_costs_nothing():
     result = project([{"label": "a", "tokens": 10, "tokens_per_s": 1.0, "seeds": 1}], 0.0, unknown, "bf16", None)
     assert [row["gpu"] for row in result["targets"]] == ["Some GPU"]
     assert result["targets"][0]["cost_usd"] is None and result["targets"][0]["wall_s"] == 10.0
+
+
+def _step(tokens: int, micro_steps: int, overhead_s=0.030, flops_per_s=500e12, flops_per_token=2e8) -> dict:
+    """`measure`'s figures for a step of `micro_steps` micro-steps: a host overhead each, plus the FLOPs."""
+    step_s = micro_steps * overhead_s + tokens * flops_per_token / flops_per_s
+    return {"tokens_per_step": tokens, "flops_per_token": flops_per_token, "step_s": step_s}
+
+
+def test_a_step_splits_into_host_overhead_and_compute_from_two_micro_batch_sizes():
+    small = _step(4096, 1)  # the study's micro-batch: 30 ms of overhead, 1.6 ms of compute
+    assert compute_flops_per_s(small, _step(16384, 1), 1) == pytest.approx(500e12)  # one micro-step of 64
+    assert compute_flops_per_s(small, _step(16384, 2), 2) == pytest.approx(500e12)  # two micro-steps of 32
+    assert compute_flops_per_s(small, _step(8192, 2), 2) is None  # the same micro-batch twice: no second size
+    assert compute_flops_per_s(small, {**_step(16384, 1), "step_s": small["step_s"]}, 1) is None  # no slower
+
+
+def test_on_another_gpu_only_a_steps_compute_scales_and_the_host_overhead_stays():
+    h100 = next(p for p in PRESETS if p.name == "H100")
+    runs = [{"label": "a", "tokens": 6_000_000, "tokens_per_s": 600_000.0, "seeds": 1, "compute_share": 0.1}]
+    here, t4, rtx4090 = project(runs, startup_s=5.0, here=h100, here_precision="bf16", price_here=3.0)["targets"]
+    assert here["wall_s"] == pytest.approx(10.0 + 5.0)  # here: as measured
+    assert t4["wall_s"] == pytest.approx(10.0 * (0.9 + 0.1 * 989.4 / 65.0) + 5.0)
+    assert rtx4090["wall_s"] == pytest.approx(10.0 * (0.9 + 0.1 * 989.4 / 165.2) + 5.0)
+    assert "compute (10%–10% of a step here)" in t4["basis"] and "host overhead kept" in t4["basis"]

@@ -130,6 +130,25 @@ def test_projection_of_a_sweep_compiling_every_run_charges_each_presets_first_se
     assert figures["rows"][-1][1].startswith(f"{swept['wall_s'] / 60:.1f} min")
 
 
+def test_projection_splits_each_presets_step_by_the_compute_speed_from_two_micro_batch_sizes(context):
+    labels = [label for label, _ in read_experiment().presets]
+    fpt = 2e8
+    small = {"tokens_per_step": 4096, "flops_per_token": fpt, "step_s": 0.030 + 4096 * fpt / 500e12}
+    cases = {label: {**small, "tokens_per_s": 4096 / small["step_s"], "first_step_s": 1.0} for label in labels}
+    context.results["throughput_eager"] = {"cases": cases}
+    large = {"tokens_per_step": 16384, "flops_per_token": fpt, "step_s": 0.030 + 16384 * fpt / 500e12}
+    context.results["batch_auto"] = {"run": large, "grad_accum": 1}
+    figures = speed.check_projection(context, 5)
+    share = 4096 * fpt / 500e12 / small["step_s"]  # 1.6 ms of compute in a 31.6 ms micro-step
+    assert [run["compute_share"] for run in figures["runs_projected"]] == pytest.approx([share] * len(labels))
+    model = dict(figures["rows"])["projection model"]
+    assert model.startswith("a micro-step = host overhead + its FLOPs at 500 TFLOP/s") and "30.0 ms" in model
+    del context.results["batch_auto"]  # no second size: every step scales whole (equal MFU)
+    figures = speed.check_projection(context, 5)
+    assert {run["compute_share"] for run in figures["runs_projected"]} == {1.0}
+    assert dict(figures["rows"])["projection model"].startswith("equal MFU")
+
+
 def test_projection_is_skipped_when_a_preset_was_not_measured(context):
     context.results["throughput_eager"] = {"cases": {"mlp": {"tokens_per_s": 1.0}}}
     with pytest.raises(CheckSkipped, match="no measured speed for baseline"):
