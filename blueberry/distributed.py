@@ -157,6 +157,24 @@ def smallest_across_ranks(value: int) -> int:
     return int(smallest.item())
 
 
+def gather_to_main(obj) -> list | None:
+    """Every rank's `obj` on rank 0, in rank order (None on the others); `[obj]` in one process."""
+    if not current().distributed:
+        return [obj]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (what the others pass is ignored); `obj` itself in one process."""
+    if not current().distributed:
+        return obj
+    holder = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def _collective_device() -> torch.device | None:
     """Where a collective's tensor lives: this rank's GPU under NCCL; gloo takes CPU tensors."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None

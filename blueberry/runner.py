@@ -33,7 +33,7 @@ from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, make_header, wand
 from blueberry.tracking.wandb_log import held_rows
 from blueberry.tracking.wandb_settings import Choice, describe, run_settings
 from blueberry.tracking.wandb_tracker import wandb_segments
-from blueberry.train.checkpoint import Checkpointer, ResumeError, checkpoint_paths, weights_digest
+from blueberry.train.checkpoint import Checkpointer, FollowerCheckpointer, ResumeError, checkpoint_paths, weights_digest
 from blueberry.train.device import prepare_process
 from blueberry.train.metrics import MetricsProcessor
 from blueberry.train.optim import optimizer_split
@@ -88,16 +88,17 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
     setup_s = {"time/setup/start_s": _process_age_s() if own_process else None}  # Python, imports, the spec
     with _timed(setup_s, "time/setup/device_s"):
         world, device = device_stage(spec, log)
-    if world.distributed:  # the other ranks cannot follow rank 0 into a checkpoint: always a new run
-        if resume:
-            raise ResumeError("resuming a multi-process (torchrun) run is not supported: start it again")
-        resume = False
     with _timed(setup_s, "time/setup/build_s"):
         data, built = build_stage(spec, world, device)
     run = Run(spec, world, data, built, started, setup_s=setup_s)
-    if not world.is_main:  # rank 0 alone tracks and records; the others train in step with it
+    if not world.is_main:  # rank 0 alone tracks, records and decides the resume; the others train in step with it
         try:
-            summary = train(built.spec, built.model, data, distributed.NullTracker(), built.device, built.precision)
+            follower = FollowerCheckpointer(built.spec.train.checkpoint_every)
+            resume_state = distributed.broadcast_from_main(None)  # the checkpoint rank 0 resumes from (train_stage)
+            summary = train(
+                built.spec, built.model, data, distributed.NullTracker(), built.device, built.precision,
+                checkpointer=follower, resume=resume_state,
+            )  # fmt: skip
             return RunResult(run_dir=None, wandb_dir=None, wandb_mode="disabled", summary=summary)
         finally:
             distributed.shutdown()
@@ -166,7 +167,7 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
         runs_root,
         spec.experiment,
         run_id,
-        reuse=None if resume is False else _resumable(resume, log),
+        reuse=None if resume is False else _resumable(resume, log, run.world.size),
         create=not resume,
     )
     if claimed is None:
@@ -253,6 +254,7 @@ def tracker_stage(run: Run, mode: str, log) -> None:
 
 def train_stage(run: Run, stop: StopRequest) -> dict:
     built = run.built
+    distributed.broadcast_from_main(run.resume_state)  # under torchrun, to the other ranks (execute)
     progress = _progress_bar(run.spec)
     try:
         return train(
@@ -348,16 +350,20 @@ def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) 
     return stored_id, "must" if mode == previous_mode == "online" else "allow"
 
 
-def _resumable(resume: bool | None, log=print):
-    """Which earlier attempt of the run id to continue (README, "Checkpoints and resume")."""
+def _resumable(resume: bool | None, log=print, world_size: int = 1):
+    """Which earlier attempt of the run id to continue (README, "Checkpoints and resume"): only one run with as
+    many processes as this one, whose global batch was the same."""
 
     def accept(path: Path, state: str) -> bool:
         if state == "finished":
             return False
         hardware = (read_json(path / SPEC_FILE) or {}).get("hardware")
         ranks = hardware.get("world_size") if isinstance(hardware, dict) else None
-        if type(ranks) is int and ranks > 1:  # torchrun runs never resume (execute); nor is theirs one's batch
-            log(f"not resuming {path}: a torchrun run of {ranks} processes, which one process cannot continue")
+        ranks = ranks if type(ranks) is int and ranks > 0 else 1  # records that do not say: one process
+        if ranks != world_size:  # the global batch is the processes' together
+            theirs = f"a torchrun run of {ranks} processes" if ranks > 1 else "a one-process run"
+            ours = f"{world_size} processes" if world_size > 1 else "one process"
+            log(f"not resuming {path}: {theirs}, which {ours} cannot continue")
             return False
         if resume:  # --resume: a failed run too, but only from a checkpoint
             return bool(checkpoint_paths(path / "checkpoints"))

@@ -151,3 +151,35 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
     row = [r for r in read_metrics(run_dir / "metrics.jsonl") if "moe/layer0/load_max" in r][-1]
     loads = [row[f"moe/layer0/load_e{e}"] for e in range(4)]
     assert sum(loads) == pytest.approx(1.0) and row["moe/layer0/load_max"] == max(loads)  # max of the means
+
+
+def test_an_interrupted_torchrun_run_resumes_bit_exact_from_its_checkpoint(tmp_path):
+    """Dropout on, so each rank draws its own masks, and a checkpoint between two log steps, so each rank holds its
+    own loss sums: the checkpoint keeps every rank's, and the resumed run ends as the uninterrupted one."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text("{}")
+    tiny = [*DDP_TINY, "--model.dropout=0.1", "--train.batch_size=4", "--train.log_every=3"]
+    tiny += ["--train.checkpoint_every=4", "--train.keep_checkpoints=2"]
+
+    def torchrun_run(root: Path) -> tuple[Path, str]:
+        argv = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "blueberry", "run", str(spec_file), *tiny]
+        done = subprocess.run([*argv, f"--tracking.runs_root={root}"], capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (summary,) = root.glob("*/*/summary.json")  # one record: a resume continues it
+        return summary.parent, done.stdout + done.stderr
+
+    uninterrupted, _ = torchrun_run(tmp_path / "a")
+    run_dir, _ = torchrun_run(tmp_path / "b")
+    (run_dir / "checkpoints" / "step-000012.pt").unlink()  # as if killed after the checkpoint of step 8
+    status = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**status, "state": "interrupted"}))
+    resumed, said = torchrun_run(tmp_path / "b")
+    assert resumed == run_dir and "resuming the interrupted run from step 8" in said
+    metrics = [read_metrics(d / "metrics.jsonl") for d in (uninterrupted, run_dir)]
+    keys = ("step", "train/loss", "train/grad_norm", "val/loss")
+    assert [[{k: r.get(k) for k in keys} for r in rows] for rows in metrics[1:]] == [
+        [{k: r.get(k) for k in keys} for r in metrics[0]]
+    ]  # every logged value, the steps after the resume included
+    digests = [json.loads((d / "summary.json").read_text())["weights/sha256"] for d in (uninterrupted, run_dir)]
+    assert digests[0] == digests[1]

@@ -191,3 +191,20 @@ class Checkpointer:
                 os.replace(path, aside)
                 skipped.append((aside, str(exc)))
         return None, skipped
+
+
+class FollowerCheckpointer:
+    """What a torchrun rank other than 0 checkpoints with: it writes nothing, but knows the steps rank 0 saves at,
+    for at those steps every rank hands rank 0 its own RNG states and metric window (`Trainer.checkpoint`)."""
+
+    def __init__(self, every: int | None):
+        self.every = every
+
+    def due(self, step: int) -> bool:
+        return self.every is not None and step % self.every == 0
+
+    def latest(self) -> None:
+        return None
+
+    def save(self, state: dict, step: int) -> None:
+        return None

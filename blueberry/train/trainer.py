@@ -54,8 +54,8 @@ class StopRequest:
 
     `at_once` (a torchrun run's rank 0): the first signal stops at once. torchrun hands the signal to every rank,
     the others stop without finishing their step, and rank 0 would wait for them in the step's collectives;
-    a multi-process run is not resumed from a checkpoint anyway. Handlers are installed only from the main
-    thread (Python delivers signals there); `restore` puts back the previous ones.
+    such a run resumes from its last periodic checkpoint (`train.checkpoint_every`). Handlers are installed only
+    from the main thread (Python delivers signals there); `restore` puts back the previous ones.
     """
 
     def __init__(self, at_once: bool = False):
@@ -208,17 +208,25 @@ class Trainer:
             "rng": rng_state(),
         }
 
+    def rank_state(self) -> dict:
+        """What differs between torchrun ranks: each draws its own dropout masks and sums its own losses."""
+        window = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.window.state_dict().items()}
+        window["load"], window["balance"] = [t.cpu() for t in window["load"]], [t.cpu() for t in window["balance"]]
+        return {"rng": rng_state(), "window": window}
+
     def load_state_dict(self, state: dict) -> None:
+        # A torchrun checkpoint holds every rank's RNG states and metric window; rank 0's are also the plain ones.
+        own = state["ranks"][self.world.rank] if "ranks" in state else {"rng": state["rng"], "window": state["window"]}
         self.model.load_state_dict(state["model"])
         for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
         for sched, sched_state in zip(self.schedulers, state["schedulers"], strict=True):
             sched.load_state_dict(sched_state)
         self.scaler.load_state_dict(state["scaler"])
-        self.window.load_state_dict(state["window"])
+        self.window.load_state_dict(own["window"])
         self.start_step, self.best_val, self.elapsed_before = state["step"], state["best_val"], state["elapsed_s"]
         self.summary = dict(state["summary"])  # complete even if the run died after its final checkpoint
-        set_rng_state(state["rng"])  # last: nothing above may draw from the RNGs the loop uses
+        set_rng_state(own["rng"])  # last: nothing above may draw from the RNGs the loop uses
 
     # --- one optimizer step ----------------------------------------------------------------------------
 
@@ -313,10 +321,14 @@ class Trainer:
             self.summary.update(val)
 
     def checkpoint(self, step: int):
-        """Save a checkpoint of `step` (after checking the loss is finite); its path."""
+        """Save a checkpoint of `step` (after checking the loss is finite); its path. Under torchrun every rank
+        comes here at the same steps and rank 0 saves every rank's `rank_state` with its own state."""
         self.check_finite()
         with self.metrics.paused():
-            return self.checkpointer.save(self.state_dict(), step)
+            state = self.state_dict()
+            if self.world.distributed:
+                state["ranks"] = distributed.gather_to_main(self.rank_state())  # None on ranks other than 0
+            return self.checkpointer.save(state, step)
 
     def checkpoint_due(self, step: int, stopping: bool) -> bool:
         if self.checkpointer is None:
