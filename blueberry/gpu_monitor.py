@@ -42,9 +42,9 @@ class GpuMonitor:
             self._nvml = pynvml
             visible = visible_handles(pynvml)
             self._handles = visible if devices is None else [visible[i] for i in devices if i < len(visible)]
-            self._boards = [mig_board(pynvml, handle) for handle in self._handles]  # None: a whole GPU
+            self._reads = [metric_handles(pynvml, handle) for handle in self._handles]
         except Exception:  # no library, no driver, no GPU: nothing to monitor
-            self._nvml, self._handles, self._boards = None, [], []
+            self._nvml, self._handles, self._reads = None, [], []
 
     @property
     def active(self) -> bool:
@@ -53,7 +53,10 @@ class GpuMonitor:
     def start(self) -> GpuMonitor:
         if not self.active:
             return self
-        self._energy_start = [self._energy_mj(h) if b is None else None for h, b in zip(self._handles, self._boards)]
+        # the energy counter of a GPU whose power is read: not a MIG slice's, which is the whole board's
+        self._energy_start = [
+            self._energy_mj(h) if "power_w" in r else None for h, r in zip(self._handles, self._reads)
+        ]
         self._energy_j = [0.0] * len(self._handles)
         self.sample()
         self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
@@ -74,11 +77,8 @@ class GpuMonitor:
         """Read every GPU once; a metric NVML cannot read on this GPU is left out."""
         nvml, now = self._nvml, time.monotonic()
         reading: dict[str, float] = {}
-        for i, (handle, board) in enumerate(zip(self._handles, self._boards)):
+        for i, reads in enumerate(self._reads):
             prefix = f"gpu/{i}/" if len(self._handles) > 1 else "gpu/"
-            reads = {key: handle for key in READERS} if board is None else {
-                key: handle if source == "slice" else board for key, source in MIG_READERS.items()
-            }  # fmt: skip
             for key, target in reads.items():
                 try:
                     reading[prefix + key] = float(READERS[key](nvml, target))
@@ -213,6 +213,15 @@ def mig_slices(nvml, handle) -> list | None:
         except Exception:  # NVMLError: no slice in this slot, or not one this process may see
             continue
     return slices
+
+
+def metric_handles(nvml, handle) -> dict:
+    """The handle each metric of one GPU is read from: for a whole GPU its own, for every metric; for a MIG slice
+    those of MIG_READERS, each from the slice or its board."""
+    board = mig_board(nvml, handle)
+    if board is None:
+        return {key: handle for key in READERS}
+    return {key: handle if source == "slice" else board for key, source in MIG_READERS.items()}
 
 
 def mig_board(nvml, handle):

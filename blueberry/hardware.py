@@ -190,14 +190,16 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
         driver = nvml_text(pynvml.nvmlSystemGetDriverVersion())
         gpus = []
         for index, handle in enumerate(visible_handles(pynvml)):
-            board = mig_board(pynvml, handle) or handle  # a slice's board, else the GPU itself
-            name, board_name = (nvml_text(pynvml.nvmlDeviceGetName(h)) for h in (handle, board))
+            name, board = nvml_text(pynvml.nvmlDeviceGetName(handle)), mig_board(pynvml, handle)
+            if board is not None:  # a MIG slice: NVML may name the profile alone ("MIG 1g.10gb"), CUDA adds the board
+                board_name = nvml_text(pynvml.nvmlDeviceGetName(board))
+                name = name if board_name in name else f"{board_name} {name}"
             gpus.append(
                 GpuInfo(
                     index=index,
-                    name=name if board_name in name else f"{board_name} {name}",
+                    name=name,
                     memory_mb=pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20,
-                    compute_capability=tuple(pynvml.nvmlDeviceGetCudaComputeCapability(board)),
+                    compute_capability=tuple(pynvml.nvmlDeviceGetCudaComputeCapability(board or handle)),
                     driver=driver,
                 )
             )

@@ -131,7 +131,10 @@ class MetricWindow:
         return metrics
 
     def state_dict(self) -> dict:
-        return {"loss": self.loss, "aux": self.aux, "load": self.load, "balance": self.balance, "micro": self.micro}
+        """On the CPU: a checkpoint holds it, and under torchrun every rank's goes to rank 0 (`Trainer.rank_state`)."""
+        cpu = [t.cpu() for t in (self.loss, self.aux)]
+        load, balance = [t.cpu() for t in self.load], [t.cpu() for t in self.balance]
+        return {"loss": cpu[0], "aux": cpu[1], "load": load, "balance": balance, "micro": self.micro}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss, self.aux = state["loss"].to(self.device), state["aux"].to(self.device)
@@ -210,9 +213,7 @@ class Trainer:
 
     def rank_state(self) -> dict:
         """What differs between torchrun ranks: each draws its own dropout masks and sums its own losses."""
-        window = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.window.state_dict().items()}
-        window["load"], window["balance"] = [t.cpu() for t in window["load"]], [t.cpu() for t in window["balance"]]
-        return {"rng": rng_state(), "window": window}
+        return {"rng": rng_state(), "window": self.window.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         # A torchrun checkpoint holds every rank's RNG states and metric window; rank 0's are also the plain ones.
