@@ -206,6 +206,7 @@ def run(spec_path, overrides, override_files, resume):
         except DataError as exc:
             _fail(f"{spec_path}: {field}: {exc}")
     with _loading_libraries():
+        from blueberry.distributed import env_world
         from blueberry.runner import SETUP_STAGES, OutOfMemory, execute
         from blueberry.tracking.wandb_tracker import WandbUnavailable
         from blueberry.train.checkpoint import ResumeError
@@ -221,6 +222,8 @@ def run(spec_path, overrides, override_files, resume):
     except ValueError as exc:  # device/precision not available here: still an input problem
         _fail(f"{spec_path}: {exc}")
     except TrainingInterrupted as exc:
+        if not env_world().is_main:  # a torchrun rank: rank 0 says where the checkpoint of every rank went
+            sys.exit(128 + exc.signum)
         _fail(f"interrupted: {exc}; run the same command again to resume", 128 + exc.signum)
     except KeyboardInterrupt:
         _fail("interrupted", 130)

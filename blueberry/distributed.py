@@ -175,6 +175,37 @@ def broadcast_from_main(obj):
     return holder[0]
 
 
+class StopVote:
+    """Whether a signal asked any rank to stop, answered alike on every rank at the same step.
+
+    torchrun hands a SIGINT/SIGTERM/SIGHUP to each of its ranks (and, across machines, perhaps to some only), each
+    at its own moment in the step; a rank that stopped alone would leave the others waiting in the next step's
+    collectives. So each step every rank sends the signal it has received (0 for none) when the step starts, and at
+    the step's end all take the largest: they stop after the same step. The vote travels on a gloo group of its
+    own, on the CPU, while the step runs: it adds no wait on the GPU and no collective to the step's. In one
+    process it is the signal received by the step's end. `signal_number` returns this process's signal or None.
+    """
+
+    def __init__(self, signal_number):
+        self.signal_number = signal_number
+        self.group = dist.new_group(backend="gloo") if current().distributed else None  # every rank creates it
+        self._sent: torch.Tensor | None = None
+        self._work = None
+
+    def send(self) -> None:
+        """At a step's start: this rank's signal so far, on its way to the others."""
+        if self.group is not None:
+            self._sent = torch.tensor([self.signal_number() or 0], dtype=torch.int64)
+            self._work = dist.all_reduce(self._sent, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+
+    def result(self) -> int | None:
+        """At the step's end: the signal that stops the run after this step (every rank's answer), or None."""
+        if self.group is None:
+            return self.signal_number()
+        self._work.wait()
+        return int(self._sent.item()) or None
+
+
 def _collective_device() -> torch.device | None:
     """Where a collective's tensor lives: this rank's GPU under NCCL; gloo takes CPU tensors."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None

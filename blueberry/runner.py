@@ -92,15 +92,17 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
         data, built = build_stage(spec, world, device)
     run = Run(spec, world, data, built, started, setup_s=setup_s)
     if not world.is_main:  # rank 0 alone tracks, records and decides the resume; the others train in step with it
+        stop = StopRequest().install()  # a signal stops every rank after the same step (distributed.StopVote)
         try:
             follower = FollowerCheckpointer(built.spec.train.checkpoint_every)
             resume_state = distributed.broadcast_from_main(None)  # the checkpoint rank 0 resumes from (train_stage)
             summary = train(
                 built.spec, built.model, data, distributed.NullTracker(), built.device, built.precision,
-                checkpointer=follower, resume=resume_state,
+                checkpointer=follower, resume=resume_state, stop=stop,
             )  # fmt: skip
             return RunResult(run_dir=None, wandb_dir=None, wandb_mode="disabled", summary=summary)
         finally:
+            stop.restore()
             distributed.shutdown()
     run.sweep = sweep_context()
     ours = [spec.model.label, *([sweep_tag(run.sweep["name"])] if run.sweep else [])]
@@ -109,7 +111,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
     tracking = time.monotonic()
     claim_stage(run, resume, log)
     record_stage(run, mode, why, log)
-    stop = StopRequest(at_once=world.distributed).install()
+    stop = StopRequest().install()
     try:
         with recorded(run):
             tracker_stage(run, mode, log)

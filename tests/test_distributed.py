@@ -3,9 +3,12 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 import torch.distributed as dist
@@ -71,6 +74,26 @@ def two_ranks(tmp_path, code: str, *values: str) -> list[str]:
 def test_two_ranks_agree_on_the_smaller_value(tmp_path):
     code = "from blueberry import distributed; print(distributed.smallest_across_ranks(int(sys.argv[3])))"
     assert two_ranks(tmp_path, code, "8", "2") == ["2", "2"]
+
+
+def test_a_signal_one_rank_received_stops_every_rank_after_the_same_step(tmp_path):
+    """Rank 1's signal arrives during step 1, after its vote was sent: neither rank stops after step 1, both after
+    step 2. A rank that stopped alone would leave the other waiting in the next step's collectives."""
+    code = """
+from blueberry import distributed
+received = [None]
+vote = distributed.StopVote(lambda: received[0])
+answers = []
+for step in (1, 2, 3):
+    vote.send()
+    if step == 1 and sys.argv[3] == "15":
+        received[0] = 15  # SIGTERM, on this rank only, while the step runs
+    answers.append(vote.result())
+    if answers[-1]:
+        break
+print(answers)
+"""
+    assert two_ranks(tmp_path, code, "0", "15") == ["[None, 15]"] * 2
 
 
 def test_ddp_trains_idle_experts_and_a_nan_on_one_rank_stops_both(tmp_path):
@@ -181,5 +204,48 @@ def test_an_interrupted_torchrun_run_resumes_bit_exact_from_its_checkpoint(tmp_p
     assert [[{k: r.get(k) for k in keys} for r in rows] for rows in metrics[1:]] == [
         [{k: r.get(k) for k in keys} for r in metrics[0]]
     ]  # every logged value, the steps after the resume included
+    digests = [json.loads((d / "summary.json").read_text())["weights/sha256"] for d in (uninterrupted, run_dir)]
+    assert digests[0] == digests[1]
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_step_and_the_run_resumes_bit_exact(tmp_path):
+    """torchrun hands the SIGTERM to each rank: they finish their step and the next (the vote travels during it),
+    rank 0 saves a checkpoint with every rank's RNG states and loss sums, the record says `interrupted`, and
+    running the command again ends as the uninterrupted run."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text("{}")
+    tiny = [*DDP_TINY, "--model.dropout=0.1", "--train.batch_size=4", "--train.log_every=3", "--train.steps=150"]
+    argv = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "blueberry", "run", str(spec_file), *tiny]
+
+    def run_to_the_end(root: Path) -> tuple[Path, str]:
+        done = subprocess.run([*argv, f"--tracking.runs_root={root}"], capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (summary,) = root.glob("*/*/summary.json")  # one record: a resume continues it
+        return summary.parent, done.stdout + done.stderr
+
+    uninterrupted, _ = run_to_the_end(tmp_path / "a")
+    stopped = subprocess.Popen([*argv, f"--tracking.runs_root={tmp_path / 'b'}"], stdout=PIPE, stderr=PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not any(read_metrics(f) for f in (tmp_path / "b").glob("*/*/metrics.jsonl")):  # training has begun
+        assert stopped.poll() is None and time.monotonic() < deadline, stopped.communicate()[1][-3000:]
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode != 0
+    (run_dir,) = (tmp_path / "b").glob("*/*/status.json")
+    run_dir = run_dir.parent
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted", err[-3000:]
+    step = int(status["reason"].split(" at step ")[1].split(",")[0])
+    assert 3 <= step < 150 and status["reason"].startswith(f"SIGTERM at step {step}, checkpoint ")
+    assert (run_dir / "checkpoints" / f"step-{step:06d}.pt").exists()
+    assert "error: interrupted: SIGTERM at step" in err  # each rank stopped at that step, not at once
+
+    resumed, said = run_to_the_end(tmp_path / "b")
+    assert resumed == run_dir and f"resuming the interrupted run from step {step}" in said
+    metrics = [read_metrics(d / "metrics.jsonl") for d in (uninterrupted, run_dir)]
+    keys = ("step", "train/loss", "train/grad_norm", "val/loss")
+    assert [{k: r.get(k) for k in keys} for r in metrics[1]] == [{k: r.get(k) for k in keys} for r in metrics[0]]
     digests = [json.loads((d / "summary.json").read_text())["weights/sha256"] for d in (uninterrupted, run_dir)]
     assert digests[0] == digests[1]

@@ -52,22 +52,18 @@ class StopRequest:
     SIGHUP (the terminal closed: an ssh session dropped) does the same after detaching stdout and stderr from
     the lost terminal; where SIGHUP is ignored (`nohup`) it stays ignored.
 
-    `at_once` (a torchrun run's rank 0): the first signal stops at once. torchrun hands the signal to every rank,
-    the others stop without finishing their step, and rank 0 would wait for them in the step's collectives;
-    such a run resumes from its last periodic checkpoint (`train.checkpoint_every`). Handlers are installed only
-    from the main thread (Python delivers signals there); `restore` puts back the previous ones.
+    Under torchrun every rank has one, and the ranks agree on the step to stop after (`distributed.StopVote`).
+    Handlers are installed only from the main thread (Python delivers signals there); `restore` puts back the
+    previous ones.
     """
 
-    def __init__(self, at_once: bool = False):
+    def __init__(self):
         self.signum: int | None = None
-        self.at_once = at_once
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGHUP:
             detach_from_terminal()
-        if self.at_once:
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} to a torchrun run: stopped at once")
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
@@ -195,6 +191,7 @@ class Trainer:
         self.start_step, self.elapsed_before = 0, 0.0
         # First step whose loss or (unscaled) grad norm was NaN/inf, 0 for none: kept on the device, read at syncs.
         self.bad_step = torch.zeros((), dtype=torch.long, device=device)
+        self.stop_vote = distributed.StopVote(lambda: self.stop.signum if self.stop is not None else None)
 
     # --- checkpoint state ------------------------------------------------------------------------------
 
@@ -352,6 +349,7 @@ class Trainer:
                 self.progress.update(self.start_step)
         self.metrics.begin(self.device, self.tokens_per_step, self.elapsed_before)
         for step in range(self.start_step + 1, cfg.steps + 1):
+            self.stop_vote.send()
             grad_norm, step_lrs = self.train_step(step)
             self.metrics.step_done()
             is_last = step == cfg.steps
@@ -361,10 +359,10 @@ class Trainer:
                 self.eval_step(step)
             if self.progress is not None:
                 self.progress.update(1)
-            stopping = self.stop is not None and self.stop.signum is not None
-            path = self.checkpoint(step) if self.checkpoint_due(step, stopping) else None
-            if stopping:
-                raise TrainingInterrupted(self.stop.signum, step, path)
+            signum = self.stop_vote.result()  # under torchrun, every rank's answer: they stop after the same step
+            path = self.checkpoint(step) if self.checkpoint_due(step, signum is not None) else None
+            if signum is not None:
+                raise TrainingInterrupted(signum, step, path)
         self.summary.update(
             {
                 "val/best_loss": self.best_val,
