@@ -6,6 +6,7 @@ latest reading. Without NVML (CPU machines) it is inert: no thread, no metrics, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -124,17 +125,28 @@ class GpuMonitor:
         return {} if energy is None else {"gpu/energy_wh": energy}
 
 
+@contextlib.contextmanager
+def nvml_session():
+    """pynvml, initialised for the block and shut down after it. Raises ImportError without nvidia-ml-py and
+    NVMLError without the NVML library or a driver (the GpuMonitor keeps its session for the whole run)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        yield pynvml
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
 def nvidia_driver_loaded() -> bool:
     """Whether NVML answers, that is, an NVIDIA driver is loaded (CUDA needs one): milliseconds, where asking
     torch means importing it (seconds)."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # NVMLError: no library, no driver
+        with nvml_session():
+            return True
+    except Exception:  # no library, no driver
         return False
-    pynvml.nvmlShutdown()
-    return True
 
 
 def visible_device_entries() -> list[str] | None:
@@ -147,21 +159,14 @@ def unpinned_device_names() -> list[str] | None:
     """With CUDA_VISIBLE_DEVICES not set, how it would name each GPU this process may use: its index, or for a
     MIG slice its MIG-<uuid> (an index names the whole board); None without NVML."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # NVMLError: no library, no driver
+        with nvml_session() as nvml:
+            names = []
+            for index in range(nvml.nvmlDeviceGetCount()):
+                slices = mig_slices(nvml, nvml.nvmlDeviceGetHandleByIndex(index))
+                names += [str(index)] if slices is None else [nvml_text(nvml.nvmlDeviceGetUUID(h)) for h in slices]
+            return names
+    except Exception:  # no library, no driver, or an NVMLError while asking: the caller names them by index
         return None
-    try:
-        names = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            slices = mig_slices(pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
-            names += [str(index)] if slices is None else [nvml_text(pynvml.nvmlDeviceGetUUID(h)) for h in slices]
-        return names
-    except Exception:  # NVMLError while asking: the caller names them by index
-        return None
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def nvml_text(value) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from blueberry.gpu_monitor import mig_board, nvml_text, visible_handles
+from blueberry.gpu_monitor import mig_board, nvml_session, nvml_text, visible_handles
 from blueberry.prices import PRICE_ENV, PRICE_TABLE_ENV, read_price, read_price_table
 
 
@@ -179,13 +179,16 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
     applied; a MIG slice named after its board, as CUDA names it), and how detection went. Any NVML failure means
     no GPUs, not an error."""
     try:
-        import pynvml
+        with nvml_session() as pynvml:
+            return _query_gpus(pynvml)
     except ImportError:
         return [], "nvidia-ml-py not installed"
-    try:
-        pynvml.nvmlInit()
     except Exception as exc:  # NVMLError_LibraryNotFound / DriverNotLoaded on machines without a GPU
         return [], f"NVML unavailable: {exc}"
+
+
+def _query_gpus(pynvml) -> tuple[list[GpuInfo], str]:
+    """`detect_gpus` within an NVML session; a failing query also means no GPUs."""
     try:
         driver = nvml_text(pynvml.nvmlSystemGetDriverVersion())
         gpus = []
@@ -206,11 +209,6 @@ def detect_gpus() -> tuple[list[GpuInfo], str]:
         return gpus, "ok"
     except Exception as exc:
         return [], f"NVML query failed: {exc}"
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 def detect() -> HardwareInfo:

@@ -37,6 +37,10 @@ def fake_pynvml(names, energy_mj=None, fail_init=False, mig_slices=None):
     def init():
         if fail_init:
             raise NVMLError("NVML Shared Library Not Found")
+        nvml.sessions += 1
+
+    def shutdown():
+        nvml.sessions -= 1
 
     def energy(handle):
         if energy_mj is None:
@@ -47,7 +51,8 @@ def fake_pynvml(names, energy_mj=None, fail_init=False, mig_slices=None):
     nvml.NVMLError = NVMLError
     nvml.NVML_TEMPERATURE_GPU = 0
     nvml.nvmlInit = init
-    nvml.nvmlShutdown = lambda: None
+    nvml.nvmlShutdown = shutdown
+    nvml.sessions = 0  # NVML initialisations not shut down yet
     nvml.nvmlSystemGetDriverVersion = lambda: "550.54"
     nvml.nvmlDeviceGetCount = lambda: len(names)
     nvml.nvmlDeviceGetHandleByIndex = lambda i: i
@@ -127,6 +132,24 @@ def test_no_nvml_means_cpu_path_not_an_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed at all
     assert hardware.detect_gpus() == ([], "nvidia-ml-py not installed")
     assert not GpuMonitor().start().active and GpuMonitor().stop() == {}
+
+
+def test_every_one_off_nvml_query_shuts_nvml_down_also_when_a_query_fails(monkeypatch):
+    from blueberry.gpu_monitor import nvidia_driver_loaded, unpinned_device_names
+
+    nvml = fake_pynvml(["Tesla T4", "NVIDIA A100-SXM4-80GB"], mig_slices={1: 2})
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert nvidia_driver_loaded() and nvml.sessions == 0
+    assert unpinned_device_names() == ["0", "MIG-1-0", "MIG-1-1"] and nvml.sessions == 0
+    assert hardware.detect_gpus()[1] == "ok" and nvml.sessions == 0
+
+    def broken(*args):
+        raise nvml.NVMLError("Unknown Error")
+
+    monkeypatch.setattr(nvml, "nvmlDeviceGetCount", broken)
+    monkeypatch.setattr(nvml, "nvmlSystemGetDriverVersion", broken)
+    assert unpinned_device_names() is None and nvml.sessions == 0
+    assert hardware.detect_gpus() == ([], "NVML query failed: Unknown Error") and nvml.sessions == 0
 
 
 def test_a_sweep_counts_gpus_with_torch_only_where_nvml_finds_a_driver(monkeypatch):
