@@ -42,6 +42,30 @@ def env_world() -> World:
     )
 
 
+def torchrun_job() -> dict | None:
+    """The torchrun job this process belongs to: {"id": its rendezvous id (TORCHELASTIC_RUN_ID: a fresh uuid per
+    `torchrun --standalone`, the --rdzv-id given across machines), "restart": how many times torchrun has restarted
+    its ranks after a failure (TORCHELASTIC_RESTART_COUNT, with --max-restarts)}; None outside torchrun."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job is None:
+        return None
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"id": job, "restart": int(restart) if restart.isdigit() else 0}
+
+
+def restart_hazard() -> str | None:
+    """A warning where torchrun may restart the ranks (--max-restarts) while they share its rendezvous store: the
+    restarted ranks can read the previous start's addresses from it and fail to connect (pytorch/pytorch#135712;
+    `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` gives each start a store of its own)."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if restarts in ("", "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return (
+        f"torchrun --max-restarts={restarts} with its shared rendezvous store: a restart can fail to connect the "
+        "ranks (pytorch/pytorch#135712); start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+    )
+
+
 def node_devices(world: World, device: torch.device) -> list[int]:
     """CUDA indices of the GPUs on this machine that the run trains on: every local rank's under torchrun (rank 0
     reports for them), else this process's own; none on CPU."""

@@ -138,6 +138,9 @@ def device_stage(spec: RunSpec, log=print) -> tuple[World, torch.device]:
     device = resolve_device(spec.train.device)
     prepare_process(device)  # denormals flushed; on a CPU, freed memory kept
     world, device = distributed.init(device)  # under torchrun: join the group, one GPU per rank
+    hazard = distributed.restart_hazard()
+    if hazard and world.is_main:
+        log(hazard)
     precision = resolve_precision(spec.train.precision, device)  # before any data is prepared
     if bf16_emulated(device, precision):
         log(
@@ -169,7 +172,7 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
         runs_root,
         spec.experiment,
         run_id,
-        reuse=None if resume is False else _resumable(resume, log, run.world.size),
+        reuse=None if resume is False else _resumable(resume, log, run.world.size, distributed.torchrun_job()),
         create=not resume,
     )
     if claimed is None:
@@ -208,6 +211,7 @@ def record_stage(run: Run, mode: str, why: str, log) -> None:
         sweep=run.sweep,
         wandb={"id": run.wandb_id, "resume": run.wandb_resume, **describe(run.wandb_settings)},
         code=code_version(),
+        torchrun=distributed.torchrun_job(),  # a restart of this job continues this record (_resumable)
         libraries=library_versions(),
     )
     resume_step = run.resume_state["step"] if run.resume_state else 0
@@ -352,14 +356,17 @@ def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) 
     return stored_id, "must" if mode == previous_mode == "online" else "allow"
 
 
-def _resumable(resume: bool | None, log=print, world_size: int = 1):
+def _resumable(resume: bool | None, log=print, world_size: int = 1, job: dict | None = None):
     """Which earlier attempt of the run id to continue (README, "Checkpoints and resume"): only one run with as
-    many processes as this one, whose global batch was the same."""
+    many processes as this one, whose global batch was the same. `job` (`distributed.torchrun_job`): after torchrun
+    restarted its ranks (--max-restarts), the attempt an earlier start of the same job left failed, too: a rank
+    that died fails rank 0's next collective, and the run is meant to go on."""
 
     def accept(path: Path, state: str) -> bool:
         if state == "finished":
             return False
-        hardware = (read_json(path / SPEC_FILE) or {}).get("hardware")
+        header = read_json(path / SPEC_FILE) or {}
+        hardware = header.get("hardware")
         ranks = hardware.get("world_size") if isinstance(hardware, dict) else None
         ranks = ranks if type(ranks) is int and ranks > 0 else 1  # records that do not say: one process
         if ranks != world_size:  # the global batch is the processes' together
@@ -369,6 +376,11 @@ def _resumable(resume: bool | None, log=print, world_size: int = 1):
             return False
         if resume:  # --resume: a failed run too, but only from a checkpoint
             return bool(checkpoint_paths(path / "checkpoints"))
+        if state == "failed" and job and job["restart"] > 0:
+            theirs = header.get("torchrun")
+            theirs = theirs if isinstance(theirs, dict) else {}
+            restart = theirs.get("restart")
+            return theirs.get("id") == job["id"] and type(restart) is int and restart < job["restart"]
         return state in ("running", "interrupted")  # crashed or stopped; from step 0 if it left no checkpoint
 
     return accept

@@ -422,6 +422,26 @@ def test_a_header_not_saying_several_processes_is_no_torchrun_run(tmp_path, hard
     assert _resumable(None, log=said.append)(tmp_path, "interrupted") and said == []
 
 
+@pytest.mark.parametrize(
+    ("theirs", "ours", "continued"),
+    [
+        ({"id": "job", "restart": 0}, {"id": "job", "restart": 1}, True),  # torchrun restarted this job's ranks
+        ({"id": "job", "restart": 1}, {"id": "job", "restart": 3}, True),
+        ({"id": "job", "restart": 0}, {"id": "job", "restart": 0}, False),  # a first start: a failed run stays
+        ({"id": "job", "restart": 1}, {"id": "job", "restart": 1}, False),  # not left by an earlier start
+        ({"id": "other", "restart": 0}, {"id": "job", "restart": 1}, False),  # another torchrun job's run
+        ({"id": "job", "restart": "0"}, {"id": "job", "restart": 1}, False),
+        ("job", {"id": "job", "restart": 1}, False),
+        (None, {"id": "job", "restart": 1}, False),
+        ({"id": "job", "restart": 0}, None, False),  # not under torchrun
+    ],
+)
+def test_a_torchrun_restart_continues_the_run_its_job_left_failed(tmp_path, theirs, ours, continued):
+    (tmp_path / "spec.json").write_text(json.dumps({"hardware": {"world_size": 2}, "torchrun": theirs}))
+    assert _resumable(None, world_size=2, job=ours)(tmp_path, "failed") is continued
+    assert _resumable(None, world_size=2, job=ours)(tmp_path, "finished") is False
+
+
 def test_an_unreadable_wandb_segment_does_not_stop_the_resume(tmp_path, monkeypatch):
     args, run_dir = interrupted(tmp_path, monkeypatch, steps=6, at=4)
     (segment,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
