@@ -44,8 +44,9 @@ def env_world() -> World:
 
 def torchrun_job() -> dict | None:
     """The torchrun job this process belongs to: {"id": its rendezvous id (TORCHELASTIC_RUN_ID: a fresh uuid per
-    `torchrun --standalone`, the --rdzv-id given across machines), "restart": how many times torchrun has restarted
-    its ranks after a failure (TORCHELASTIC_RESTART_COUNT, with --max-restarts)}; None outside torchrun."""
+    `torchrun --standalone`, the --rdzv-id given across machines, where "none", torchrun's default, names no job
+    in particular), "restart": how many times torchrun has restarted its ranks after a failure
+    (TORCHELASTIC_RESTART_COUNT, with --max-restarts)}; None outside torchrun."""
     job = os.environ.get("TORCHELASTIC_RUN_ID")
     if job is None:
         return None

@@ -380,7 +380,8 @@ def _resumable(resume: bool | None, log=print, world_size: int = 1, job: dict | 
             theirs = header.get("torchrun")
             theirs = theirs if isinstance(theirs, dict) else {}
             restart = theirs.get("restart")
-            return theirs.get("id") == job["id"] and type(restart) is int and restart < job["restart"]
+            same_job = theirs.get("id") == job["id"] != "none"  # torchrun's default --rdzv-id is every job's
+            return same_job and type(restart) is int and restart < job["restart"]
         return state in ("running", "interrupted")  # crashed or stopped; from step 0 if it left no checkpoint
 
     return accept

@@ -430,6 +430,7 @@ def test_a_header_not_saying_several_processes_is_no_torchrun_run(tmp_path, hard
         ({"id": "job", "restart": 0}, {"id": "job", "restart": 0}, False),  # a first start: a failed run stays
         ({"id": "job", "restart": 1}, {"id": "job", "restart": 1}, False),  # not left by an earlier start
         ({"id": "other", "restart": 0}, {"id": "job", "restart": 1}, False),  # another torchrun job's run
+        ({"id": "none", "restart": 0}, {"id": "none", "restart": 1}, False),  # no --rdzv-id: any job's
         ({"id": "job", "restart": "0"}, {"id": "job", "restart": 1}, False),
         ("job", {"id": "job", "restart": 1}, False),
         (None, {"id": "job", "restart": 1}, False),
