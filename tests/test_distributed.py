@@ -205,12 +205,12 @@ def rank_pid(marker: str, rank: int) -> int | None:
     return None
 
 
-def test_a_torchrun_run_stopped_by_sigterm_or_by_a_dead_rank_goes_on_bit_exact_from_its_checkpoint(tmp_path):
+def test_a_torchrun_run_stopped_by_sigterm_then_by_a_dead_rank_ends_bit_exact_as_an_uninterrupted_one(tmp_path):
     """Dropout on, so each rank draws its own masks, and checkpoints between log steps, so each rank holds its own
-    loss sums: a checkpoint keeps every rank's, and both interrupted runs end as the uninterrupted one.
+    loss sums: a checkpoint keeps every rank's. One run, interrupted twice:
 
     1. SIGTERM to torchrun, which hands it to each rank: they finish their step and the next (the vote travels
-       during it), rank 0 saves a checkpoint, the record says `interrupted`; the same command continues it.
+       during it), rank 0 saves a checkpoint, the record says `interrupted`. The same command continues it.
     2. Rank 1 killed after the checkpoint of step 20: rank 0's next collective fails (the record says `failed`),
        torchrun --max-restarts starts both ranks again, and the job's new start continues that record (without
        it, a new run at step 0).
@@ -225,15 +225,10 @@ def test_a_torchrun_run_stopped_by_sigterm_or_by_a_dead_rank_goes_on_bit_exact_f
     # torchrun's ranks otherwise share its rendezvous store across restarts and may read the previous start's
     # addresses (pytorch/pytorch#135712): README, "More than one GPU"
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    reference_root, root = tmp_path / "uninterrupted", tmp_path / "interrupted"
 
     def start(root: Path) -> subprocess.Popen:
         return subprocess.Popen([*argv, f"--tracking.runs_root={root}"], stdout=PIPE, stderr=PIPE, text=True, env=env)
-
-    def finish(job: subprocess.Popen, root: Path) -> tuple[Path, str]:
-        out, err = job.communicate(timeout=240)
-        assert job.returncode == 0, err[-3000:]
-        (summary,) = root.glob("*/*/summary.json")  # one record: what went on continued it
-        return summary.parent, out + err
 
     def wait_until(job: subprocess.Popen, ready) -> None:
         deadline = time.monotonic() + 180
@@ -241,16 +236,10 @@ def test_a_torchrun_run_stopped_by_sigterm_or_by_a_dead_rank_goes_on_bit_exact_f
             assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
             time.sleep(0.05)
 
-    def same_run(run_dir: Path) -> None:
-        metrics = [read_metrics(d / "metrics.jsonl") for d in (reference, run_dir)]
-        keys = ("step", "train/loss", "train/grad_norm", "val/loss")
-        assert [{k: r.get(k) for k in keys} for r in metrics[1]] == [{k: r.get(k) for k in keys} for r in metrics[0]]
-        digests = [json.loads((d / "summary.json").read_text())["weights/sha256"] for d in (reference, run_dir)]
-        assert digests[0] == digests[1]
+    reference = start(reference_root)
+    _, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err[-3000:]
 
-    reference, _ = finish(start(tmp_path / "a"), tmp_path / "a")
-
-    root = tmp_path / "stopped"
     job = start(root)
     wait_until(job, lambda: any(read_metrics(f) for f in root.glob("*/*/metrics.jsonl")))  # training has begun
     job.send_signal(signal.SIGTERM)
@@ -259,20 +248,27 @@ def test_a_torchrun_run_stopped_by_sigterm_or_by_a_dead_rank_goes_on_bit_exact_f
     (run_dir,) = [path.parent for path in root.glob("*/*/status.json")]
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted", err[-3000:]
-    step = int(status["reason"].split(" at step ")[1].split(",")[0])
-    assert 3 <= step < 60 and status["reason"].startswith(f"SIGTERM at step {step}, checkpoint ")
-    assert (run_dir / "checkpoints" / f"step-{step:06d}.pt").exists()
+    stopped_at = int(status["reason"].split(" at step ")[1].split(",")[0])
+    assert 3 <= stopped_at < 20 and status["reason"].startswith(f"SIGTERM at step {stopped_at}, checkpoint ")
+    assert (run_dir / "checkpoints" / f"step-{stopped_at:06d}.pt").exists()
     assert err.count("error: interrupted: SIGTERM at step") == 1  # rank 0 says it; rank 1 stopped at that step too
-    resumed, said = finish(start(root), root)
-    assert resumed == run_dir and f"resuming the interrupted run from step {step}" in said
-    same_run(run_dir)
 
-    root = tmp_path / "rank-died"
-    job = start(root)
-    wait_until(job, lambda: any(root.glob("*/*/checkpoints/step-000020.pt")))
+    job = start(root)  # the same command continues the run
+    wait_until(job, lambda: (run_dir / "checkpoints" / "step-000020.pt").exists())
     os.kill(rank_pid(str(root), rank=1), signal.SIGKILL)
-    run_dir, said = finish(job, root)
+    out, err = job.communicate(timeout=240)
+    assert job.returncode == 0, err[-3000:]
+    assert [path.parent for path in root.glob("*/*/spec.json")] == [run_dir]  # one record throughout
+    said = out + err
+    assert f"resuming the interrupted run from step {stopped_at}" in said
     assert "resuming the failed run from step" in said and "max-restarts" not in said  # no warning needed
     header = json.loads((run_dir / "spec.json").read_text())
-    assert header["torchrun"]["restart"] == 1 and header["resumes"][0]["step"] >= 20
-    same_run(run_dir)
+    assert header["torchrun"]["restart"] == 1 and [r["step"] for r in header["resumes"]][0] == stopped_at
+    assert header["resumes"][1]["step"] >= 20
+
+    (reference_dir,) = [path.parent for path in reference_root.glob("*/*/spec.json")]
+    metrics = [read_metrics(d / "metrics.jsonl") for d in (reference_dir, run_dir)]
+    keys = ("step", "train/loss", "train/grad_norm", "val/loss")
+    assert [{k: r.get(k) for k in keys} for r in metrics[1]] == [{k: r.get(k) for k in keys} for r in metrics[0]]
+    digests = [json.loads((d / "summary.json").read_text())["weights/sha256"] for d in (reference_dir, run_dir)]
+    assert digests[0] == digests[1]
