@@ -168,11 +168,13 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
     given_id = os.environ.get("WANDB_RUN_ID")
     run_id = given_id or f"{spec.run_name}-{spec_hash[:8]}"
     runs_root = runs_root_for(spec)  # $BLUEBERRY_RUNS_ROOT (a sweep) or tracking.runs_root
+    job = distributed.torchrun_job()
+    restarted = job is not None and job["restart"] > 0  # --no-resume too continues its own job's attempt then
     claimed = claim_run_dir(
         runs_root,
         spec.experiment,
         run_id,
-        reuse=None if resume is False else _resumable(resume, log, run.world.size, distributed.torchrun_job()),
+        reuse=None if resume is False and not restarted else _resumable(resume, log, run.world.size, job),
         create=not resume,
     )
     if claimed is None:
@@ -359,8 +361,8 @@ def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) 
 def _resumable(resume: bool | None, log=print, world_size: int = 1, job: dict | None = None):
     """Which earlier attempt of the run id to continue (README, "Checkpoints and resume"): only one run with as
     many processes as this one, whose global batch was the same. `job` (`distributed.torchrun_job`): after torchrun
-    restarted its ranks (--max-restarts), the attempt an earlier start of the same job left failed, too: a rank
-    that died fails rank 0's next collective, and the run is meant to go on."""
+    restarted its ranks (--max-restarts), the attempt an earlier start of the same job left, in any state but
+    finished, whatever `resume` says: a rank that died fails rank 0's next collective, and the run is to go on."""
 
     def accept(path: Path, state: str) -> bool:
         if state == "finished":
@@ -372,19 +374,29 @@ def _resumable(resume: bool | None, log=print, world_size: int = 1, job: dict | 
         if ranks != world_size:  # the global batch is the processes' together
             theirs = f"a torchrun run of {ranks} processes" if ranks > 1 else "a one-process run"
             ours = f"{world_size} processes" if world_size > 1 else "one process"
-            log(f"not resuming {path}: {theirs}, which {ours} cannot continue")
+            if resume is not False:
+                log(f"not resuming {path}: {theirs}, which {ours} cannot continue")
             return False
+        own = _left_by_an_earlier_start(header, job)
+        if resume is False:  # --no-resume: a new run, unless torchrun restarted this one
+            return own
         if resume:  # --resume: a failed run too, but only from a checkpoint
-            return bool(checkpoint_paths(path / "checkpoints"))
-        if state == "failed" and job and job["restart"] > 0:
-            theirs = header.get("torchrun")
-            theirs = theirs if isinstance(theirs, dict) else {}
-            restart = theirs.get("restart")
-            same_job = theirs.get("id") == job["id"] != "none"  # torchrun's default --rdzv-id is every job's
-            return same_job and type(restart) is int and restart < job["restart"]
-        return state in ("running", "interrupted")  # crashed or stopped; from step 0 if it left no checkpoint
+            return own or bool(checkpoint_paths(path / "checkpoints"))
+        return own or state in ("running", "interrupted")  # crashed or stopped; from step 0 if no checkpoint
 
     return accept
+
+
+def _left_by_an_earlier_start(header: dict, job: dict | None) -> bool:
+    """Whether the attempt whose spec.json is `header` is this torchrun job's, from a start before torchrun
+    restarted the ranks: the same rendezvous id (not torchrun's default, "none", which every job has) and a
+    smaller restart count."""
+    if not job or job["restart"] == 0:
+        return False
+    theirs = header.get("torchrun")
+    theirs = theirs if isinstance(theirs, dict) else {}
+    restart = theirs.get("restart")
+    return theirs.get("id") == job["id"] != "none" and type(restart) is int and restart < job["restart"]
 
 
 def _resume_state(claimed: RunDir, checkpointer: Checkpointer, spec_hash: str, log=print) -> dict | None:

@@ -440,7 +440,11 @@ def test_a_header_not_saying_several_processes_is_no_torchrun_run(tmp_path, hard
 def test_a_torchrun_restart_continues_the_run_its_job_left_failed(tmp_path, theirs, ours, continued):
     (tmp_path / "spec.json").write_text(json.dumps({"hardware": {"world_size": 2}, "torchrun": theirs}))
     assert _resumable(None, world_size=2, job=ours)(tmp_path, "failed") is continued
+    assert _resumable(False, world_size=2, job=ours)(tmp_path, "failed") is continued  # --no-resume too
+    assert _resumable(False, world_size=2, job=ours)(tmp_path, "running") is continued  # rank 0 died
+    assert _resumable(True, world_size=2, job=ours)(tmp_path, "failed") is continued  # --resume, no checkpoint
     assert _resumable(None, world_size=2, job=ours)(tmp_path, "finished") is False
+    assert _resumable(None, world_size=4, job=ours)(tmp_path, "failed") is False  # an elastic job, now of other size
 
 
 def test_an_unreadable_wandb_segment_does_not_stop_the_resume(tmp_path, monkeypatch):
