@@ -459,6 +459,8 @@ def visible_cuda_devices() -> list[str]:
     Under CUDA_VISIBLE_DEVICES=2,3 the trials get "2" and "3", never "0" and "1" (GPUs we were not given).
     """
     count, entries = _gpu_count(), visible_device_entries()
+    if count == 0:  # no GPU to pin trials to: NVML is not asked again for names
+        return []
     if entries is None:  # on a MIG host, the slices' MIG-<uuid>: an index would name the whole board
         return (unpinned_device_names() or [str(index) for index in range(count)])[:count]
     return entries[:count]  # CUDA stops at the first bad entry

@@ -194,8 +194,9 @@ class Checkpointer:
 
 
 class FollowerCheckpointer:
-    """What a torchrun rank other than 0 checkpoints with: it writes nothing, but knows the steps rank 0 saves at,
-    for at those steps every rank hands rank 0 its own RNG states and metric window (`Trainer.checkpoint`)."""
+    """What a torchrun rank other than 0 checkpoints with: it writes nothing (`Trainer.checkpoint` saves only on
+    rank 0), but knows the steps rank 0 saves at, for at those steps every rank hands rank 0 its own RNG states and
+    metric window."""
 
     def __init__(self, every: int | None):
         self.every = every
@@ -203,7 +204,4 @@ class FollowerCheckpointer:
     due = Checkpointer.due  # the same steps as rank 0's Checkpointer
 
     def latest(self) -> None:
-        return None
-
-    def save(self, state: dict, step: int) -> None:
         return None

@@ -320,12 +320,16 @@ class Trainer:
 
     def checkpoint(self, step: int):
         """Save a checkpoint of `step` (after checking the loss is finite); its path. Under torchrun every rank
-        comes here at the same steps and rank 0 saves every rank's `rank_state` with its own state."""
+        comes here at the same steps and hands rank 0 its `rank_state`, which rank 0 saves with its own state;
+        the other ranks save nothing (None)."""
         self.check_finite()
         with self.metrics.paused():
+            ranks = distributed.gather_to_main(self.rank_state()) if self.world.distributed else None
+            if not self.world.is_main:
+                return None
             state = self.state_dict()
-            if self.world.distributed:
-                state["ranks"] = distributed.gather_to_main(self.rank_state())  # None on ranks other than 0
+            if ranks is not None:
+                state["ranks"] = ranks
             return self.checkpointer.save(state, step)
 
     def checkpoint_due(self, step: int, stopping: bool) -> bool:
