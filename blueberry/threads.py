@@ -20,8 +20,10 @@ Leaf module: standard library only.
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from pathlib import Path
 
 SAMPLE_S = 0.25  # long enough to see a busy neighbour, short next to any run
 OPENMP_SPIN_COUNT = "3000"  # GNU OpenMP's GOMP_SPINCOUNT; its default is 300,000 (see above)
@@ -39,42 +41,80 @@ def limit_openmp_spinning(environ: dict | None = None) -> bool:
     return True
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, e.g. under taskset or a container's cpuset)."""
+def cpu_set() -> set[int]:
+    """The CPUs this process may run on (its affinity: taskset, a container's cpuset, a SLURM allocation)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return os.sched_getaffinity(0)
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
 
 
-def _busy_jiffies() -> tuple[int, int]:
-    """(busy, total) clock ticks over all CPUs since boot, from the first line of /proc/stat."""
-    with open("/proc/stat", encoding="ascii") as handle:
-        fields = [int(v) for v in handle.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
+def cgroup_cpu_limit(membership: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """Cores' worth of CPU time this process's cgroup (v2) and its parents allow (`docker --cpus`, Kubernetes
+    CPU limits), or None: no limit, or no cgroup v2."""
+    try:
+        with open(membership, encoding="ascii") as handle:
+            own = next(line[3:].strip() for line in handle if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return None
+    root = Path(root)
+    folder, limits = root / own.lstrip("/"), []
+    for path in (folder, *folder.parents):
+        if not path.is_relative_to(root):
+            break
+        try:
+            quota, period = (path / "cpu.max").read_text(encoding="ascii").split()
+            if quota != "max":
+                limits.append(int(quota) / int(period))
+        except (OSError, ValueError):
+            continue
+    return min(limits, default=None)
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPUs, capped by its cgroup's CPU limit (rounded up), at least one."""
+    cores, limit = len(cpu_set()), cgroup_cpu_limit()
+    return max(1, min(cores, math.ceil(limit))) if limit else max(1, cores)
+
+
+def busy_jiffies(cpus: set[int], stat: str = "/proc/stat") -> tuple[int, int]:
+    """(busy, total) clock ticks since boot summed over `cpus`, from their `cpuN` lines of /proc/stat."""
+    busy = total = 0
+    with open(stat, encoding="ascii") as handle:
+        for line in handle:
+            name, *values = line.split()
+            if not name.startswith("cpu"):
+                break  # the per-CPU lines come first
+            if name == "cpu" or int(name[3:]) not in cpus:
+                continue
+            fields = [int(v) for v in values[:8]]
+            idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+            busy, total = busy + sum(fields) - idle, total + sum(fields)
+    return busy, total
 
 
 def busy_cores_elsewhere(sample_s: float = SAMPLE_S) -> float | None:
-    """Cores' worth of CPU other processes used over `sample_s` seconds (None where /proc/stat is missing)."""
+    """Cores' worth of CPU other processes used on this process's CPUs over `sample_s` seconds (None where
+    /proc/stat is missing)."""
+    cpus = cpu_set()
     try:
-        busy0, total0 = _busy_jiffies()
+        busy0, total0 = busy_jiffies(cpus)
         own0 = time.process_time()
         time.sleep(sample_s)
-        busy1, total1 = _busy_jiffies()
+        busy1, total1 = busy_jiffies(cpus)
         own1 = time.process_time()
     except (OSError, ValueError, IndexError):
         return None
     if total1 <= total0:
         return None
-    cpus = os.cpu_count() or 1
-    busy = (busy1 - busy0) / (total1 - total0) * cpus  # in cores
+    busy = (busy1 - busy0) / (total1 - total0) * len(cpus)  # in cores
     return max(0.0, busy - (own1 - own0) / sample_s)
 
 
 def choose_threads(requested: int | None = None, environ: dict | None = None) -> tuple[int, str]:
     """(threads, why): the spec's `train.threads`, else OMP_NUM_THREADS (set by the user or by `blueberry sweep
-    --parallel`), else the usable cores not kept busy by other processes, at least one."""
+    --parallel`), else this process's CPUs not kept busy by other processes, within its cgroup's CPU limit, at
+    least one."""
     environ = os.environ if environ is None else environ
     if requested:
         return requested, "train.threads"
@@ -85,5 +125,5 @@ def choose_threads(requested: int | None = None, environ: dict | None = None) ->
     busy = busy_cores_elsewhere()
     if busy is None:
         return cores, f"{cores} usable cores"
-    free = max(1, min(cores, round(cores - busy)))
+    free = max(1, min(cores, round(len(cpu_set()) - busy)))
     return free, f"{cores} usable cores, {busy:.1f} busy with other processes"

@@ -11,6 +11,7 @@ from blueberry import threads
 
 def test_spec_then_environment_then_free_cores(monkeypatch):
     monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(threads, "cpu_set", lambda: set(range(8)))
     monkeypatch.setattr(threads, "busy_cores_elsewhere", lambda sample_s=0: 5.4)
     assert threads.choose_threads(3, {"OMP_NUM_THREADS": "2"}) == (3, "train.threads")
     assert threads.choose_threads(None, {"OMP_NUM_THREADS": "2"}) == (2, "OMP_NUM_THREADS")
@@ -19,6 +20,40 @@ def test_spec_then_environment_then_free_cores(monkeypatch):
     assert threads.choose_threads(None, {}) == (1, "8 usable cores, 12.0 busy with other processes")
     monkeypatch.setattr(threads, "busy_cores_elsewhere", lambda sample_s=0: None)  # no /proc/stat
     assert threads.choose_threads(None, {}) == (8, "8 usable cores")
+    # A cgroup limit of 2 cores on 8 CPUs of which 5.4 are busy: the limit, not the free CPUs, binds.
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores_elsewhere", lambda sample_s=0: 5.4)
+    assert threads.choose_threads(None, {})[0] == 2
+
+
+def test_busy_time_counts_only_this_process_cpus(tmp_path):
+    # A job pinned to CPUs 2-3 of a host whose CPUs 0-1 are busy: its own CPUs are idle.
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  400 0 0 200 0 0 0 0 0 0\n"
+        "cpu0 100 0 0 0 0 0 0 0 0 0\ncpu1 100 0 0 0 0 0 0 0 0 0\n"
+        "cpu2 0 0 0 90 10 0 0 0 0 0\ncpu3 5 0 0 95 0 0 0 0 0 0\nintr 1 2 3\n"
+    )
+    assert threads.busy_jiffies({2, 3}, str(stat)) == (5, 200)
+    assert threads.busy_jiffies({0, 1, 2, 3}, str(stat)) == (205, 400)
+
+
+def test_the_cgroup_cpu_limit_is_the_tightest_on_the_path_to_the_root(tmp_path, monkeypatch):
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/kubepods/pod1/ctr\n")
+    root = tmp_path / "fs"
+    (root / "kubepods/pod1/ctr").mkdir(parents=True)
+    (root / "kubepods/pod1/ctr/cpu.max").write_text("max 100000\n")
+    assert threads.cgroup_cpu_limit(str(membership), str(root)) is None
+    (root / "kubepods/pod1/cpu.max").write_text("150000 100000\n")  # --cpus=1.5 on the pod
+    (root / "kubepods/cpu.max").write_text("400000 100000\n")
+    assert threads.cgroup_cpu_limit(str(membership), str(root)) == 1.5
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 1.5)
+    monkeypatch.setattr(threads, "cpu_set", lambda: set(range(8)))
+    assert threads.usable_cores() == 2  # threads for the limit, rounded up
+    monkeypatch.undo()
+    membership.write_text("1:cpu:/\n")  # cgroup v1 only
+    assert threads.cgroup_cpu_limit(str(membership), str(root)) is None
 
 
 def _spin(seconds):

@@ -412,7 +412,9 @@ def run_from_wandb(api_run: Any, rows: list[dict] | None) -> Run:
     config = {k: v for k, v in dict(api_run.config).items() if not k.startswith("_")}
     spec = {k: config[k] for k in SPEC_KEYS if k in config}
     summary = {}
-    for key, value in dict(api_run.summary).items():
+    # summary_metrics: plain JSON values; api_run.summary wraps nested ones (define_metric's {"min", "last"}) in
+    # SummarySubDict, which is no dict.
+    for key, value in api_run.summary_metrics.items():
         if key.startswith("_"):
             continue
         if isinstance(value, dict) and "last" in value:  # define_metric(summary="min,last")

@@ -26,6 +26,7 @@ from blueberry.sweep.launch import build_trial, plain
 from blueberry.sweep.progress import SweepProgress
 from blueberry.sweep.state import SweepState, Trial, this_worker, worker_alive
 from blueberry.terminal import detach_from_terminal, stop_signals
+from blueberry.threads import usable_cores
 from blueberry.tracking import read_metrics
 from blueberry.tracking.record import RecordError
 
@@ -137,17 +138,23 @@ def parameter_paths(parameters: dict, prefix: str = "") -> set[str]:
 
 
 def params_problem(sweep: Sweep, trial: Trial) -> str | None:
-    """Why a trial's parameters are not a set this sweep's engine proposes (other names), or None."""
-    found: set[str] = set()
-    stack = [("", trial.params)]
-    while stack:
-        prefix, node = stack.pop()
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                stack.append((f"{prefix}{key}.", value))
+    """Why a trial's parameters are not a set this sweep's engine proposes (other names), or None. A trial's
+    params are opened along the sweep's own nested `parameters:` sections only: a parameter whose values are
+    dicts (`values: [{variant: mlp}, …]`) is one parameter."""
+
+    def names(params: dict, section: dict, prefix: str) -> set[str]:
+        found: set[str] = set()
+        for key, value in params.items():
+            entry = section.get(key)
+            nested = entry.get("parameters") if isinstance(entry, dict) else None
+            if isinstance(nested, dict) and isinstance(value, dict):
+                found |= names(value, nested, f"{prefix}{key}.")
             else:
                 found.add(f"{prefix}{key}")
-    expected = parameter_paths(sweep.config.get("parameters") or {})
+        return found
+
+    parameters = sweep.config.get("parameters") or {}
+    found, expected = names(trial.params, parameters, ""), parameter_paths(parameters)
     if found != expected:
         return f"{trial.run_id}: parameters {sorted(found)[:5]} are not this sweep's {sorted(expected)[:5]}"
     return None
@@ -379,7 +386,7 @@ class SweepRunner:
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device  # one GPU per trial
         elif self.parallel > 1:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))  # no oversubscription
+            env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // self.parallel))  # no oversubscription
         return env
 
     def _reap(self) -> None:

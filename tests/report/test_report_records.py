@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
+from wandb.apis.public.summary import HTTPSummary
 
 from blueberry.report.cache import RunCache
 from blueberry.report.records import History, ReportError, load_local, load_wandb, read_local_run, select, wandb_filters
@@ -121,6 +122,7 @@ def test_cache_reuses_unchanged_runs_and_rereads_changed_ones(tmp_path):
 
 
 def fake_api_run(run_id="r1", state="finished"):
+    summary = {"val/loss": {"min": 3.9, "last": 4.0}, "val/accuracy": {"max": 0.3, "last": 0.29}, "_step": 20}
     return SimpleNamespace(
         id=run_id,
         name=f"exp2-{run_id}",
@@ -142,7 +144,9 @@ def fake_api_run(run_id="r1", state="finished"):
             "params_total": 100,
             "params_active": 80,
         },
-        summary={"val/loss": {"min": 3.9, "last": 4.0}, "val/accuracy": {"max": 0.3, "last": 0.29}, "_step": 20},
+        summary_metrics=summary,
+        # As wandb.apis.public.Run has it: nested values wrapped in SummarySubDict, not dicts.
+        summary=HTTPSummary(SimpleNamespace(dir=""), None, summary=summary),
         scan_history=mock.Mock(
             return_value=iter(
                 [

@@ -140,3 +140,31 @@ def test_fuzzed_state_entries_never_stop_the_sweep(index, field, value):
             propose(GRID, state.trials)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             pytest.fail(f"the engine refused a trial the state accepted: {type(exc).__name__}: {exc}")
+
+
+def test_a_parameter_whose_values_are_dicts_is_one_parameter_and_the_grid_moves_on():
+    # W&B allows dict values (`${args}` passes them as --model={...}); opening them as nested parameters made
+    # every such trial unreadable, and the engine proposed the first grid point again and again.
+    sweep = Sweep(
+        path=None,
+        config={
+            "method": "grid",
+            "metric": {"name": "val/loss", "goal": "minimize"},
+            "command": ["x"],
+            "parameters": {
+                "model": {"values": [{"variant": "mlp"}, {"variant": "moe", "n_experts": 4}]},
+                "train": {"parameters": {"lr": {"values": [0.01]}, "adam_betas": {"value": {"b1": 0.9}}}},
+            },
+        },
+        name="d",
+        sweep_id="d-0",
+    )
+    trials: list[Trial] = []
+    while (params := propose(sweep, trials)) is not None:
+        trial = Trial(run_id=f"d-0-t{len(trials):03d}", params=params, state="finished")
+        assert params_problem(sweep, trial) is None, params
+        trials.append(trial)
+    assert [t.params["model"]["variant"] for t in trials] == ["mlp", "moe"]
+    assert trials[0].params["train"] == {"lr": 0.01, "adam_betas": {"b1": 0.9}}
+    other = Trial(run_id="d-0-t009", params={"model": {"variant": "mlp"}, "train": {"lr": 0.01}}, state="finished")
+    assert "are not this sweep's" in params_problem(sweep, other)
