@@ -391,7 +391,10 @@ def doctor(args, as_json):
     from blueberry import study
     from blueberry.tracking.wandb_settings import format_wandb_status, wandb_status
 
-    wandb = wandb_status(spec)
+    try:
+        wandb = wandb_status(spec)
+    except ValueError as exc:  # a W&B variable W&B rejects: every run would fail on it
+        _fail(str(exc))
     runs = study.describe(study.kind_of_machine(torch.cuda.is_available()))
     if as_json:
         found = {"hardware": info.to_dict(), "plan": plan.header(), "torch": torch.__version__, "wandb": wandb}

@@ -15,7 +15,7 @@ from blueberry.spec import RunSpec
 
 
 class PreflightError(ValueError):
-    """A setting outside the spec (runs root, WANDB_RUN_ID) that the run cannot use."""
+    """A setting outside the spec (runs root, WANDB_RUN_ID, W&B's environment) that the run cannot use."""
 
 
 def runs_root_for(spec: RunSpec) -> str:
@@ -72,3 +72,10 @@ def preflight(spec: RunSpec) -> None:
     setting = "BLUEBERRY_RUNS_ROOT" if os.environ.get("BLUEBERRY_RUNS_ROOT") else "tracking.runs_root"
     check_writable_dir(runs_root_for(spec), setting)
     check_wandb_run_id()
+    if spec.tracking.wandb != "disabled":
+        from blueberry.tracking.wandb_settings import load_wandb_settings
+
+        try:  # a W&B variable W&B rejects, found now rather than after the data and model are built
+            load_wandb_settings()
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None

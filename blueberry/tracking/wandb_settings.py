@@ -43,13 +43,11 @@ def global_settings_path() -> Path:
     return Path(config_dir).expanduser() / "settings" if config_dir else Path("~/.config/wandb/settings").expanduser()
 
 
-def wandb_settings() -> dict[str, Choice]:
-    """The values W&B's own settings (environment, then the settings files) give our fields, with their source.
-
-    Fields they leave unset are absent.
-    """
+def load_wandb_settings():
+    """W&B's Settings from its settings files and environment, as `wandb.setup` loads them; ValueError naming
+    the variable when W&B rejects one (wandb.init would fail on it too, with a traceback)."""
     from pydantic import ValidationError
-    from wandb.sdk.lib.settings_file import SettingsFiles
+    from wandb.errors import UsageError
     from wandb.sdk.wandb_settings import Settings
 
     settings = Settings(quiet=True)  # quiet: no "Loading settings from ..." line
@@ -57,10 +55,23 @@ def wandb_settings() -> dict[str, Choice]:
     settings.update_from_system_settings()
     try:
         settings.update_from_env_vars(dict(os.environ))
-    except ValidationError as exc:  # wandb.init would fail on it too, with a traceback
+    except ValidationError as exc:
         error = exc.errors()[0]
         env_var = {setting: var for setting, var in WANDB_FIELDS.values()}.get(error["loc"][0], f"{error['loc'][0]}")
         raise ValueError(f"W&B environment variable {env_var}={error.get('input')!r}: {error['msg']}") from None
+    except UsageError as exc:  # W&B's own validators (e.g. a project name with '/') raise this instead
+        raise ValueError(f"W&B environment: {exc}") from None
+    return settings
+
+
+def wandb_settings() -> dict[str, Choice]:
+    """The values W&B's own settings (environment, then the settings files) give our fields, with their source.
+
+    Fields they leave unset are absent.
+    """
+    from wandb.sdk.lib.settings_file import SettingsFiles
+
+    settings = load_wandb_settings()
     # The working directory's file wins over the global one.
     files = {
         path: SettingsFiles(global_settings=None, local_settings=Path(path)).all()
@@ -83,14 +94,17 @@ def wandb_settings() -> dict[str, Choice]:
 
 
 def has_api_key() -> bool:
-    """An API key in the environment or the netrc file (no network call)."""
+    """An API key in the environment or in the netrc file for W&B's server, as W&B's CLI finds it: the host is
+    `base_url` (WANDB_BASE_URL, or the settings file `wandb login --host` writes, else W&B's default server,
+    which `wandb login` stores its key under). No network call."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    settings = load_wandb_settings()
     try:
         from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
 
-        return bool(read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")))
-    except Exception:  # a private helper: if it moves or fails, assume no key
+        return bool(settings.api_key or read_netrc_auth(host=settings.base_url))
+    except Exception:  # a private helper: if it moves or fails (a malformed netrc), assume no key
         return False
 
 

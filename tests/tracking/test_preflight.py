@@ -79,3 +79,14 @@ def test_a_wandb_run_id_that_wandb_rejects_is_refused(run_id, monkeypatch, tmp_p
 def test_an_accepted_or_empty_run_id_passes(run_id, monkeypatch):
     monkeypatch.setenv("WANDB_RUN_ID", run_id)
     check_wandb_run_id()
+
+
+@pytest.mark.parametrize(("variable", "value"), [("WANDB_PROJECT", "me/proj"), ("WANDB_MODE", "ofline")])
+def test_a_wandb_variable_wandb_rejects_is_refused_before_the_run(variable, value, monkeypatch, tmp_path, never_run):
+    monkeypatch.setenv(variable, value)
+    result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}")
+    assert result.exit_code == 2 and value in result.output, result.output
+    assert len(result.output) < 500 and not (tmp_path / "runs").exists()
+    args = ["run", str(REPO / "experiments/quickstart.json"), "--tracking.wandb=disabled"]
+    result = CliRunner().invoke(main, args)  # no W&B, so its settings do not matter: the run starts
+    assert "the run started" in str(result.exception)

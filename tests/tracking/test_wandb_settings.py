@@ -118,3 +118,25 @@ def test_an_invalid_wandb_environment_variable_is_named(workdir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "ofline")
     with pytest.raises(ValueError, match="W&B environment variable WANDB_MODE='ofline': Input should be"):
         resolve_mode("auto")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "me/proj")  # W&B's own validator: a UsageError, not a ValidationError
+    with pytest.raises(ValueError, match="W&B environment: Invalid project name 'me/proj'"):
+        resolve_mode("auto")
+
+
+def test_a_key_saved_by_wandb_login_is_found_for_the_server_wandb_uses(workdir, monkeypatch):
+    from wandb.sdk.lib.wbauth.wbnetrc import write_netrc_auth
+    from wandb.sdk.wandb_settings import Settings
+
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("NETRC", str(workdir / "netrc"))
+    assert resolve_mode("auto") == ("offline", "default: no API key")
+    write_netrc_auth(host=Settings().base_url, api_key=KEY)  # what `wandb login` does: W&B's default server
+    assert resolve_mode("auto") == ("online", "default: API key found")
+    assert resolve_mode("online") == ("online", "set by spec")
+    # `wandb login --host` saves the key under that host and the host in W&B's global settings file.
+    wandb_cli_setting("base_url", "https://wandb.example.org", globally=True)
+    assert resolve_mode("auto") == ("offline", "default: no API key")
+    write_netrc_auth(host="https://wandb.example.org", api_key=KEY)
+    assert resolve_mode("auto") == ("online", "default: API key found")
