@@ -1,8 +1,8 @@
 """One run, end to end, in named stages (after lightning-hydra-template's src/train.py):
 
-device, build (data, model, causality check, plan) → claim the run directory and resume → trackers
-(run record, W&B, metrics processor) → train → finalise. `recorded` maps a failure to the run's status,
-in one place.
+device, build (data, model, causality check, plan) → claim the run directory and resume → header → W&B
+(first: if it cannot start, the record is left as it was) → run record → trackers (metrics processor) →
+train → finalise. `recorded` maps a failure to the run's status, in one place.
 """
 
 from __future__ import annotations
@@ -110,9 +110,11 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
     mode, why = run.wandb_settings["mode"].value, run.wandb_settings["mode"].source
     tracking = time.monotonic()
     claim_stage(run, resume, log)
-    record_stage(run, mode, why, log)
+    header_stage(run, mode, why, log)
     stop = StopRequest().install()
     try:
+        wandb_stage(run, log)  # before the record is touched: a W&B that cannot start leaves it as it was
+        record_stage(run)
         with recorded(run):
             tracker_stage(run, mode, log)
             setup_s["time/setup/tracking_s"] = time.monotonic() - tracking
@@ -192,12 +194,14 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
     run.claimed = claimed
 
 
-def record_stage(run: Run, mode: str, why: str, log) -> None:
-    """Write the run record's header and mark the run running; say what runs where."""
+def header_stage(run: Run, mode: str, why: str, log) -> None:
+    """The run record's header (the W&B run it continues, for a resumed one); say what runs where."""
     spec, built, data, claimed = run.spec, run.built, run.data, run.claimed
     params = built.params
     split = optimizer_split(built.model, spec.train)  # parameters under Muon / AdamW
     run.wandb_id, run.wandb_resume = wandb_identity(claimed, os.environ.get("WANDB_RUN_ID"), mode, spec.run_name)
+    if claimed.reused:  # the W&B run to continue lives where its first attempt put it
+        run.wandb_settings = {**run.wandb_settings, **stored_wandb_place(claimed.path)}
     run.header = make_header(
         run_id=claimed.path.name,
         spec=spec,
@@ -217,7 +221,6 @@ def record_stage(run: Run, mode: str, why: str, log) -> None:
         libraries=library_versions(),
     )
     resume_step = run.resume_state["step"] if run.resume_state else 0
-    run.tracker = RunRecord(claimed.path, run.header, resume_step=resume_step if claimed.reused else None)
     log(
         f"run {claimed.path.name}: {spec.model.label}, {params.total / 1e6:.2f}M params "
         f"({params.active / 1e6:.2f}M active; {split['muon'] / 1e6:.2f}M under Muon, "
@@ -230,19 +233,29 @@ def record_stage(run: Run, mode: str, why: str, log) -> None:
         )
 
 
-def tracker_stage(run: Run, mode: str, log) -> None:
-    """W&B next to the run record, both behind the metrics processor (MFU, GPU readings, cost)."""
-    spec, header, claimed, plan = run.spec, run.header, run.claimed, run.built.plan
-    record = run.tracker
+def wandb_stage(run: Run, log=print) -> None:
+    """Start the W&B run (WandbUnavailable if W&B cannot)."""
     run.wandb = WandbTracker(
-        claimed.path,
+        run.claimed.path,
         **{name: choice.value for name, choice in run.wandb_settings.items()},
         run_id=run.wandb_id,
         resume=run.wandb_resume,
-        system_metrics=spec.tracking.system_metrics,
+        system_metrics=run.spec.tracking.system_metrics,
         log=log,
-        config=wandb_config(header),
+        config=wandb_config(run.header),
     )
+
+
+def record_stage(run: Run) -> None:
+    """Write the run record's header and mark the run running."""
+    resume_step = (run.resume_state["step"] if run.resume_state else 0) if run.claimed.reused else None
+    run.tracker = RunRecord(run.claimed.path, run.header, resume_step=resume_step)
+
+
+def tracker_stage(run: Run, mode: str, log) -> None:
+    """W&B and the run record behind the metrics processor (MFU, GPU readings, cost)."""
+    spec, claimed, plan = run.spec, run.claimed, run.built.plan
+    record = run.tracker
     if run.resume_state:  # the `best` checkpoint alias goes on from the resumed run's best
         run.wandb.best_val_loss = run.resume_state.get("best_val", float("inf"))
     run.tracker = MetricsProcessor(
@@ -356,6 +369,22 @@ def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) 
     then = previous.get("mode")  # {"value", "source"}; a plain string in records before sources were kept
     previous_mode = then.get("value") if isinstance(then, dict) else then
     return stored_id, "must" if mode == previous_mode == "online" else "allow"
+
+
+FIRST = " (first attempt)"  # the source of a W&B value a resumed run keeps from its first attempt
+
+
+def stored_wandb_place(run_dir: Path) -> dict[str, Choice]:
+    """The W&B project, entity and directory an earlier attempt of this run used (its spec.json), so a resume
+    continues that W&B run whatever the environment says now; fields it did not record are absent."""
+    previous = (read_json(run_dir / SPEC_FILE) or {}).get("wandb") or {}
+    place = {}
+    for field_name in ("project", "entity", "dir"):
+        stored = previous.get(field_name)
+        if isinstance(stored, dict) and "value" in stored:
+            source = str(stored.get("source"))
+            place[field_name] = Choice(stored["value"], source if source.endswith(FIRST) else f"{source}{FIRST}")
+    return place
 
 
 def _resumable(resume: bool | None, log=print, world_size: int = 1, job: dict | None = None):

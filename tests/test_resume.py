@@ -475,3 +475,46 @@ def test_wandb_dir_moves_wandb_files_and_the_resume_finds_them_there(tmp_path, m
     first, second = (read_wandb_log(s) for s in sorted((elsewhere / "wandb").glob(f"offline-run-*-{header['id']}")))
     assert {row["trainer/step"] for row in first.history} == {2, 4}
     assert {row["trainer/step"] for row in second.history} == {6}  # rows 2 and 4 were held: not logged again
+
+
+def test_a_resume_whose_wandb_cannot_start_leaves_the_run_resumable(tmp_path, monkeypatch):
+    """W&B starts before the record is touched: a failed start leaves the interrupted run as it was (state,
+    header), and the next attempt resumes it from its checkpoint instead of starting a new run at step 0."""
+    import wandb
+
+    args, run_dir = interrupted(tmp_path, monkeypatch, steps=4, at=2)
+    header = (run_dir / "spec.json").read_text()
+
+    def unreachable(**kwargs):
+        raise wandb.errors.CommError("Failed to get resume status: dial tcp: no such host")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(wandb, "init", unreachable)
+        patch.setenv("WANDB_MODE", "online")
+        patch.setenv("WANDB_API_KEY", "x" * 40)
+        result = invoke(*args)
+    assert result.exit_code == 1 and "W&B could not start the run (online)" in result.output
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    assert (run_dir / "spec.json").read_text() == header
+    result = invoke(*args)
+    assert result.exit_code == 0 and "resuming the interrupted run from step 2" in result.output, result.output
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]
+    assert [r["step"] for r in json.loads((run_dir / "spec.json").read_text())["resumes"]] == [2]
+
+
+def test_a_resume_continues_the_wandb_project_of_its_first_attempt(tmp_path, monkeypatch):
+    """The W&B run to continue lives in the project its first attempt used, whatever the environment says now."""
+    with monkeypatch.context() as patch:
+        patch.setenv("WANDB_PROJECT", "proj-a")
+        args, run_dir = interrupted(tmp_path, monkeypatch, steps=4, at=2)
+    assert json.loads((run_dir / "spec.json").read_text())["wandb"]["project"]["value"] == "proj-a"
+    for _ in range(2):  # the source says so once, however many resumes
+        monkeypatch.setenv("WANDB_PROJECT", "proj-b")
+        result = invoke(*args, "--train.steps=4")
+        project = json.loads((run_dir / "spec.json").read_text())["wandb"]["project"]
+        assert project == {"value": "proj-a", "source": "WANDB_PROJECT (first attempt)"}, result.output
+        (run_dir / "status.json").write_text(
+            json.dumps({**json.loads((run_dir / "status.json").read_text()), "state": "interrupted"})
+        )
+    segments = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert {read_wandb_log(s.parent).project for s in segments} == {"proj-a"}
