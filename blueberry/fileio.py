@@ -15,11 +15,23 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# What open() would give a new file; read once, at import (setting and restoring it races other threads).
+NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_writer(path: Path, binary: bool = False, mode: int | None = None, fsync: bool = False):
     """Yield a handle on a temp file next to `path`; on success it replaces `path`, on error it is removed.
 
-    `mode`: chmod the result (mkstemp makes 0600). `fsync`: flush to disk before the rename (checkpoints).
+    `mode`: the result's permissions; by default those open() gives a new file under the umask (mkstemp's
+    0600 would hide run records from colleagues on a shared runs root). `fsync`: flush to disk before the
+    rename (checkpoints).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,8 +42,7 @@ def atomic_writer(path: Path, binary: bool = False, mode: int | None = None, fsy
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, NEW_FILE_MODE if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,7 +50,7 @@ def atomic_writer(path: Path, binary: bool = False, mode: int | None = None, fsy
 
 
 def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
-    """Write `text` atomically. `mode`: chmod the result (mkstemp makes 0600)."""
+    """Write `text` atomically. `mode`: the result's permissions (default: as open() under the umask)."""
     with atomic_writer(path, mode=mode) as handle:
         handle.write(text)
 

@@ -158,10 +158,14 @@ def test_sigint_checkpoints_and_resume_matches_a_clean_run(tmp_path, monkeypatch
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000004.pt"]
     assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
     first = json.loads((run_dir / "spec.json").read_text())["wandb"]
+    saved = torch.load(run_dir / "checkpoints" / "step-000004.pt", weights_only=True)
+    assert saved["wall_s"] > saved["elapsed_s"] > 0  # the first attempt's wall time (set-up included), for the cost
 
     result = invoke(*args, f"--tracking.runs_root={root}", "--resume")
     assert result.exit_code == 0, result.output
     assert comparable(run_dir) == comparable(clean.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["cost/device_hours"] * 3600 > saved["wall_s"]  # the resumed run's cost covers both attempts
     # The resume continues the W&B run the first attempt created, explicitly; never a new id.
     resumed = json.loads((run_dir / "spec.json").read_text())["wandb"]
     assert (first["resume"], resumed["resume"], resumed["id"]) == ("never", "allow", first["id"])

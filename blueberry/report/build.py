@@ -11,6 +11,7 @@ build leaves the previous report intact.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -41,11 +42,9 @@ class BuildResult:
 
 
 def write_report_file(path: Path, text: str) -> None:
-    """Atomically, readable as any file the user writes (not mkstemp's 0600)."""
+    """Atomically, its folder made if need be."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    mask = os.umask(0)
-    os.umask(mask)
-    write_text_atomic(path, text, mode=0o666 & ~mask)
+    write_text_atomic(path, text)
 
 
 def _images(stage: Path, exp_dir: str, made: list[Path | None]) -> str:
@@ -264,12 +263,33 @@ def build_report(
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
             result.files.append(target)
+        _remove_stale(out, {str(f.relative_to(out)) for f in result.files})
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     if readme_text is not None:
         write_report_file(Path(readme), insert_between_markers(readme_text, timeline))
         result.files.append(Path(readme))
     return result
+
+
+MANIFEST = ".report-files"  # under out/: what the last build wrote there
+
+
+def _remove_stale(out: Path, written: set[str]) -> None:
+    """Remove what the previous build wrote and this one did not (an experiment gone, a plot no longer drawn),
+    then its emptied folders; anything else in `out` (the cache, other tools' files) is left alone."""
+    previous = read_json(out / MANIFEST) or {}
+    listed = previous.get("files")
+    for name in {n for n in listed if isinstance(n, str)} - written if isinstance(listed, list) else ():
+        path = out / name
+        if ".." in Path(name).parts or Path(name).is_absolute() or not path.is_file():
+            continue
+        path.unlink()
+        for folder in path.parents:
+            if folder == out or any(folder.iterdir()):
+                break
+            folder.rmdir()
+    write_report_file(out / MANIFEST, json.dumps({"files": sorted(written)}, indent=1) + "\n")
 
 
 def run_report(

@@ -15,7 +15,10 @@ from blueberry.report.records import Run
 from blueberry.spec import RunSpec
 
 # Spec fields that do not change what is being measured: runs differing only here are seeds of one configuration.
-NOT_CONFIG = ("seed", "name", "experiment", "tags", "tracking", "train.progress", "train.threads")
+NOT_CONFIG = (
+    "seed", "name", "experiment", "tags", "tracking",
+    "train.progress", "train.threads", "train.price_per_hour", "train.keep_checkpoints",
+)  # fmt: skip
 _NOT_CONFIG_CHILDREN = tuple(f"{name}." for name in NOT_CONFIG)  # tracking.runs_root, …
 
 
@@ -93,7 +96,16 @@ class Group:
 
     @property
     def ok(self) -> list[Run]:
-        return [r for r in self.runs if r.ok]
+        """The finished runs aggregated: one per seed, the newest (a finished spec run again is `<id>-2`, the
+        same seed: counted twice it would pass for two seeds with no spread between them)."""
+        newest: dict[Any, Run] = {}
+        for run in self.runs:
+            if run.ok:
+                seed = run.seed if run.seed is not None else id(run)  # no seed recorded: each run its own
+                if seed not in newest or _started(run) >= _started(newest[seed]):
+                    newest[seed] = run
+        kept = {id(run) for run in newest.values()}
+        return [r for r in self.runs if id(r) in kept]
 
     @property
     def seeds(self) -> list:
@@ -118,15 +130,20 @@ class Group:
     def states(self) -> str:
         """ "3" or "2 (+1 failed)": finished seeds, then the runs not aggregated."""
         others: dict[str, int] = {}
+        kept = {id(run) for run in self.ok}
         for run in self.runs:
-            if not run.ok:
-                state = run.state if run.state != "finished" else "no val/loss"
+            if id(run) not in kept:
+                state = "older run of a seed" if run.ok else run.state if run.state != "finished" else "no val/loss"
                 others[state] = others.get(state, 0) + 1
         extra = ", ".join(f"+{n} {state}" for state, n in sorted(others.items()))
         return f"{len(self.ok)}" + (f" ({extra})" if extra else "")
 
     def get(self, dotted: str) -> Any:
         return self.config.get(dotted)
+
+
+def _started(run: Run) -> tuple[str, str]:
+    return str(run.header.get("created_at") or ""), run.id
 
 
 def group_runs(runs: list[Run]) -> list[Group]:

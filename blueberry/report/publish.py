@@ -39,7 +39,8 @@ def report_definition(runs: list[Run], entity: str, project: str, title: str = "
             entity=entity,
             project=project,
             name=experiment,
-            filters=[expr.Metric("Group") == experiment],
+            # finished runs only, as the local tables aggregate (a crashed run's curve would skew the mean)
+            filters=[expr.Metric("Group") == experiment, expr.Metric("State") == "finished"],
             groupby=[f"config.{by}"],
         )
         panels = [

@@ -29,7 +29,7 @@ class MetricsProcessor:
 
     flops_per_token and peak (one device's) give perf/tflops and perf/mfu, over the world_size devices whose
     tokens the trainer counts; monitor (a GpuMonitor) the gpu/* readings and the energy; price_per_hour and
-    world_size the cost/* summary keys, over the wall time since `started`.
+    world_size the cost/* summary keys, over the wall time since `started` (plus earlier attempts', `begin`).
     """
 
     def __init__(
@@ -48,12 +48,17 @@ class MetricsProcessor:
         self.started_wall = time.time() if started is None else started
         self.device = torch.device("cpu")
         self.tokens_per_step = 0
+        self.wall_before = 0.0
 
     # --- the training window ---------------------------------------------------------------------------
 
-    def begin(self, device: torch.device, tokens_per_step: int, elapsed_before: float = 0.0) -> None:
-        """Start timing: `tokens_per_step` over all ranks; `elapsed_before` the training time of earlier attempts."""
+    def begin(
+        self, device: torch.device, tokens_per_step: int, elapsed_before: float = 0.0, wall_before: float = 0.0
+    ) -> None:
+        """Start timing: `tokens_per_step` over all ranks; `elapsed_before` the training time and `wall_before`
+        the wall time (set-up included: what the cost is paid for) of earlier attempts, up to their checkpoint."""
         self.device, self.tokens_per_step = device, tokens_per_step
+        self.wall_before = wall_before
         if device.type == "cuda":  # peak memory from here on: training and its evaluations, not the build's probe
             torch.cuda.reset_peak_memory_stats(device)
         self.window_start = time.perf_counter()
@@ -71,6 +76,10 @@ class MetricsProcessor:
             yield
         finally:
             self.window_start += time.perf_counter() - paused_at
+
+    def wall_s(self) -> float:
+        """The run's wall time so far: this attempt's since it started, plus earlier attempts' (begin)."""
+        return time.time() - self.started_wall + self.wall_before
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -130,7 +139,7 @@ class MetricsProcessor:
         """Stop the GPU sampler and add its energy and the run's cost to `summary` (in place)."""
         if self.monitor is not None:
             summary.update(self.monitor.stop())
-        summary.update(run_cost(self.price_per_hour, time.time() - self.started_wall, self.world_size))
+        summary.update(run_cost(self.price_per_hour, self.wall_s(), self.world_size))
 
     def finish(self, state: str, reason: str | None = None) -> None:
         self.tracker.finish(state, reason)

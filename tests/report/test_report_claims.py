@@ -67,6 +67,22 @@ def test_seeded_runs_that_contradict_the_claims_are_called_so(tmp_path):
     assert "4 experts" not in text  # no expert search among the runs: no row
 
 
+def test_one_seed_never_gives_a_verdict_beyond_the_noise(tmp_path):
+    # One seed per LR: 3e-3 is not the best, but by how much against the noise cannot be told.
+    for lr, loss in ((1e-3, 6.0), (3e-3, 5.9), (1e-2, 5.7)):
+        write_run(tmp_path, "exp3-lr-attention-moe-cpu", variant="attention_moe", lr=lr, val_loss=loss)
+    for experts_, loss in ((4, 5.8), (8, 5.6)):
+        spec = {"model": {"n_experts": experts_, "top_k": 2}}
+        write_run(tmp_path, "exp3-experts-cpu", variant="attention_moe", spec=spec, val_loss=loss)
+    text = section(tmp_path)
+    lr = row(text, '"3e-3 optimal for both')
+    assert lr[4] == (
+        "**3e-3 is not the optimum; noise not estimable (fewer than 2 seeds); the optimum is at the grid's edge**"
+    )
+    (experts,) = [line for line in text.splitlines() if "4 experts top-2" in line]
+    assert "**8 experts top-2 measured better; noise not estimable (fewer than 2 seeds)**" in experts
+
+
 def test_no_study_runs_no_section(tmp_path):
     write_run(tmp_path, "my-experiment")
     assert section(tmp_path) == ""

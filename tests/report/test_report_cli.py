@@ -58,6 +58,24 @@ def test_report_builds_every_section_from_runs(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".build-")]  # staging cleaned up
 
 
+def test_a_rebuild_removes_what_the_last_build_wrote_and_this_one_did_not(tmp_path):
+    import shutil
+
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    write_run(runs, "exp1-ablation", variant="mlp", val_loss=1.0)
+    write_run(runs, "notes-on-dropout", spec={"model": {"dropout": 0.0}}, val_loss=3.0)
+    (out / "gpu-check").mkdir(parents=True)
+    (out / "gpu-check" / "results.md").write_text("another tool's file")  # not ours: left alone
+    build = ["report", "--runs-root", str(runs), "--out", str(out)]
+    assert CliRunner().invoke(main, build).exit_code == 0
+    assert (out / "notes-on-dropout" / "final_val_loss.png").exists()
+    shutil.rmtree(runs / "notes-on-dropout")
+    assert CliRunner().invoke(main, build).exit_code == 0
+    assert not (out / "notes-on-dropout").exists() and "notes-on-dropout" not in (out / "REPORT.md").read_text()
+    assert (out / "exp1-ablation" / "val_loss_vs_time.png").exists() and (out / "gpu-check" / "results.md").exists()
+    assert (out / "cache").is_dir()
+
+
 def test_bad_input_exits_2_before_writing(tmp_path):
     cli = CliRunner()
     out = tmp_path / "reports"

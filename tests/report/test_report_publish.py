@@ -23,7 +23,7 @@ def test_definition_has_the_comparisons_per_experiment():
     for grid, (experiment, by) in zip(grids, [("exp1-ablation", "variant"), ("exp2-lr-attention-mlp", "train.lr")]):
         (runset,) = grid.runsets
         assert runset.entity == "my-team" and runset.name == experiment and runset.groupby == [f"config.{by}"]
-        assert experiment in str(runset.filters)
+        assert experiment in str(runset.filters) and "finished" in str(runset.filters)
         lines = [p for p in grid.panels if isinstance(p, wr.LinePlot)]
         assert [p.y for p in lines] == [["train/loss"], ["val/loss"], ["val/accuracy"], ["val/perplexity"]]
         assert all(p.x == "trainer/step" and p.groupby == wr.Config(by) for p in lines)

@@ -66,6 +66,22 @@ def test_seeds_are_aggregated_as_mean_and_sample_sd(tmp_path):
     assert rows[3].endswith("| 3 | — |")
 
 
+def test_a_seed_run_again_counts_once_its_newest_run(tmp_path):
+    # A finished spec run again is <id>-2 with the same seed (on CPU the same numbers): counted twice it would
+    # pass for two seeds with no spread, and the gap to the next configuration for one beyond the noise.
+    write_run(tmp_path, "exp1-ablation", variant="mlp", seed=1, val_loss=1.0, run_id="a")
+    write_run(tmp_path, "exp1-ablation", variant="mlp", seed=1, val_loss=1.1, run_id="a-2",
+              created_at="2025-09-26T12:00:00+0000")  # fmt: skip
+    write_run(tmp_path, "exp1-ablation", variant="mlp", seed=2, val_loss=1.3, run_id="b")
+    write_run(tmp_path, "exp1-ablation", variant="baseline", seed=1, val_loss=2.0, run_id="c")
+    write_run(tmp_path, "exp1-ablation", variant="baseline", seed=1, val_loss=2.0, run_id="c-2")
+    (mlp,) = [g for g in group_runs(load_local(tmp_path)) if g.get("model.variant") == "mlp"]
+    assert [r.id for r in mlp.ok] == ["a-2", "b"] and mlp.loss.values == [1.1, 1.3]
+    assert mlp.states == "2 (+1 older run of a seed)"
+    text, _ = ablation_table(load_local(tmp_path))
+    assert "| 1 (+1 older run of a seed) | — |" in text  # baseline: one seed, so no noise estimate
+
+
 def test_failed_running_and_unreadable_runs_are_listed_not_dropped(tmp_path, alive):
     write_run(tmp_path, "exp1-ablation", variant="mlp", seed=1, val_loss=1.0)
     write_run(tmp_path, "exp1-ablation", variant="mlp", seed=2, state="failed", reason="TrainingDiverged: nan")

@@ -34,6 +34,17 @@ def test_throughput_window_excludes_paused_time_and_rows_reach_the_tracker(monke
     assert summary["cost/usd"] is None and summary["cost/device_hours"] > 0  # no price on this machine
 
 
+def test_a_resumed_run_costs_its_earlier_attempts_wall_time_too(monkeypatch):
+    # 2 devices at $3.60/h: 1,000 s before the checkpoint it resumed from, then 800 s in this attempt.
+    monkeypatch.setattr(metrics_module.time, "time", lambda: 10_800.0)
+    processor = MetricsProcessor(ListTracker(), price_per_hour=3.6, world_size=2, started=10_000.0)
+    processor.begin(torch.device("cpu"), tokens_per_step=1000, elapsed_before=900.0, wall_before=1000.0)
+    assert processor.wall_s() == 1800.0  # what the next checkpoint stores as wall_s
+    summary = {}
+    processor.close(summary)
+    assert summary["cost/device_hours"] == pytest.approx(1.0) and summary["cost/usd"] == pytest.approx(3.6)
+
+
 def test_mfu_of_a_distributed_run_is_over_every_ranks_peak(monkeypatch):
     """The trainer counts every rank's tokens; the plan's peak is one device's: MFU divides by world × peak."""
     clock = Clock()
