@@ -15,7 +15,16 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from wandb.apis.public.summary import HTTPSummary
 
 from blueberry.report.cache import RunCache
-from blueberry.report.records import History, ReportError, load_local, load_wandb, read_local_run, select, wandb_filters
+from blueberry.report.records import (
+    History,
+    ReportError,
+    load_local,
+    load_wandb,
+    read_local_run,
+    run_from_wandb,
+    select,
+    wandb_filters,
+)
 from blueberry.report.synthetic import write_run
 
 
@@ -156,6 +165,17 @@ def fake_api_run(run_id="r1", state="finished"):
             )
         ),
     )
+
+
+def test_a_sweep_that_nulls_the_variant_still_names_the_preset_its_pair_makes():
+    # sweeps/factorial.yaml sets model.variant null (the pair decides); W&B keeps the sweep's null in the config
+    # and the runner's derived top-level `variant` names the preset, as the local record's spec does.
+    api_run = fake_api_run()
+    api_run.config["model"] = {"variant": None, "attention": "mla", "ffn": "deepseek_moe"}
+    api_run.config["variant"] = "deepseek_v3"
+    assert run_from_wandb(api_run, []).variant == "deepseek_v3"
+    api_run.config["model"], api_run.config["variant"] = {"variant": None, "attention": "mla", "ffn": "mlp"}, "x-y"
+    assert run_from_wandb(api_run, []).variant is None  # not a preset: nothing to name
 
 
 def test_wandb_loader_normalises_runs_and_uses_the_cache(tmp_path, monkeypatch):
