@@ -188,6 +188,8 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
     )
     try:
         run.resume_state = _resume_state(claimed, run.checkpointer, spec_hash, log)
+        if resume and run.resume_state is None and not restarted:  # every checkpoint it had was set aside
+            raise ResumeError(f"nothing to resume: {claimed.path} has no readable checkpoint")
     except BaseException:
         claimed.release()
         raise
@@ -305,6 +307,8 @@ def finalise_stage(run: Run, summary: dict, mode: str) -> None:
     summary["params/active"] = run.built.params.active
     run.tracker.close(summary)
     run.tracker.summary(summary)
+    if run.claimed.reused and mode != "disabled":  # W&B's best-so-far summaries saw only this attempt's rows
+        run.wandb.summarise_history(read_metrics(run.claimed.path / METRICS_FILE))
     if run.spec.tracking.wandb_checkpoints and mode != "disabled":
         final = {"step": run.spec.train.steps, "val/loss": summary["val/loss"]}
         run.wandb.log_weights(run.built.model.state_dict(), final)

@@ -167,6 +167,12 @@ class ModelSpec(_Strict):
         min_experts = registry.FFNS[self.ffn].min_experts
         if self.n_experts < min_experts:
             raise ValueError(f"the {self.ffn} router needs n_experts >= {min_experts}")
+        grouped = self.experts_implementation in ("grouped", "grouped_mm") and registry.FFNS[self.ffn].routed
+        if grouped and (self.d_model % 8 or self.expert_d_ff % 8):  # 'auto' checks this and takes 'sorted'
+            raise ValueError(
+                f"experts_implementation '{self.experts_implementation}' needs d_model ({self.d_model}) and "
+                f"expert_d_ff ({self.expert_d_ff}) to be multiples of 8 (grouped_mm's 16-byte strides)"
+            )
         return self
 
 

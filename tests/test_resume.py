@@ -384,6 +384,16 @@ def test_a_corrupt_latest_checkpoint_is_skipped_kept_aside_and_the_resume_still_
     assert comparable(run_dir) == comparable(clean.run_dir)
 
 
+def test_resume_on_request_with_every_checkpoint_corrupt_exits_2_and_leaves_the_run(tmp_path, monkeypatch):
+    args, run_dir = interrupted(tmp_path, monkeypatch, steps=4, at=2)
+    (checkpoint,) = (run_dir / "checkpoints").glob("step-*.pt")
+    checkpoint.write_bytes(b"not a checkpoint")
+    result = invoke(*args, "--resume")  # --resume promises a checkpoint: not step 0
+    assert result.exit_code == 2 and f"{run_dir} has no readable checkpoint" in result.output, result.output
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]
+
+
 @pytest.mark.parametrize(
     "file, text",
     [("metrics.jsonl", "[1, 2]\n"), ("metrics.jsonl", '{"step": "2"}\n{"step": 4}\n'), ("status.json", "[]")]

@@ -26,11 +26,18 @@ def test_unknown_keys_are_rejected_at_every_level():
         ({"model": {"variant": "gpt5"}}, "baseline"),
         ({"data": {"dataset": ""}}, "not empty"),  # not the working directory
         ({"data": {"tokenizer": " "}}, "not empty"),
+        ({"model": {"expert_d_ff": 36, "experts_implementation": "grouped"}}, "multiples of 8"),
+        ({"model": {"variant": "moe", "expert_d_ff": 36, "experts_implementation": "grouped_mm"}}, "multiples of 8"),
     ],
 )
 def test_invalid_values_name_the_problem(raw, message):
     with pytest.raises(ValidationError, match=message):
         RunSpec.model_validate(raw)
+
+
+def test_grouped_experts_check_only_routed_feed_forwards():
+    RunSpec.model_validate({"model": {"variant": "mlp", "expert_d_ff": 36, "experts_implementation": "grouped"}})
+    RunSpec.model_validate({"model": {"expert_d_ff": 36, "experts_implementation": "auto"}})  # auto falls back
 
 
 def test_hash_is_stable_and_sensitive():

@@ -145,6 +145,16 @@ class WandbTracker:
         """One summary update; W&B's own min/last summaries stay, and a missing value (None) is left out."""
         self.run.summary.update({k: v for k, v in values.items() if k not in SUMMARISED and v is not None})
 
+    def summarise_history(self, rows: list[dict[str, Any]]) -> None:
+        """Set the SUMMARISED metrics' summaries from the whole run's rows: W&B computes them over the rows
+        logged in this process, which after a resume are only this attempt's (the earlier attempts' rows are in
+        their own segments, or already on the server)."""
+        for metric, kinds in SUMMARISED.items():
+            values = [row[metric] for row in rows if isinstance(row.get(metric), (int, float))]
+            if values:
+                best = min if "min" in kinds else max
+                self.run.summary[metric] = {kinds.split(",")[0]: best(values), "last": values[-1]}
+
     def finish(self, state: str, reason: str | None = None) -> None:
         import wandb
 

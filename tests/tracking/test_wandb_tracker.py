@@ -117,3 +117,22 @@ def test_online_prints_the_run_and_sweep_urls_after_init_and_at_the_end(tmp_path
         "W&B run finished: https://wandb.ai/team/blueberry/runs/abc",
     ]
     assert run.exit_code == 0
+
+
+def test_a_resumed_runs_best_so_far_summaries_cover_every_attempt(tmp_path):
+    """W&B's define_metric min/max are over the rows logged in its process: after a resume only the last
+    attempt's, and `wandb sync` keeps the last segment's summary. The runner sets them from the whole record."""
+    import time
+
+    first = offline_tracker(tmp_path, run_id="r1")
+    first.log({"val/loss": 2.0, "val/accuracy": 0.5}, step=10)
+    first.finish("interrupted", "SIGTERM at step 10")
+    time.sleep(1.1)  # W&B names a segment's folder by its start second
+    second = offline_tracker(tmp_path, run_id="r1", resume="allow")
+    second.log({"val/loss": 2.5, "val/accuracy": 0.4}, step=20)
+    rows = [{"step": 10, "val/loss": 2.0, "val/accuracy": 0.5}, {"step": 20, "val/loss": 2.5, "val/accuracy": 0.4}]
+    second.summarise_history(rows)
+    second.finish("finished")
+    segments = sorted((tmp_path / "wandb").glob("offline-run-*-r1"))
+    summary = read_wandb_log(segments[-1]).summary
+    assert summary["val/loss"] == {"min": 2.0, "last": 2.5} and summary["val/accuracy"] == {"max": 0.5, "last": 0.4}
