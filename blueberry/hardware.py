@@ -79,6 +79,15 @@ PRESETS: tuple[Preset, ...] = (
         "NVIDIA H100 Tensor Core GPU data sheet (PCIe)",
     ),
     Preset(
+        "H100 NVL",
+        ("h100", "nvl"),
+        "bf16",
+        {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+        3.00,
+        256,
+        "NVIDIA H100 Tensor Core GPU data sheet (NVL)",
+    ),
+    Preset(
         "H100",
         ("h100",),
         "bf16",

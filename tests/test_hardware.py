@@ -169,6 +169,8 @@ def test_precision_rules():
     assert hardware.precision_for(None, cpu_bf16=True) == "bf16"
     assert hardware.precision_for(None, cpu_bf16=False) == "fp32"
     assert hardware.preset_for("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert hardware.preset_for("NVIDIA H100 NVL").peak("bf16") == 835.5  # not the SXM board's 989.4
+    assert hardware.preset_for("NVIDIA H100 80GB HBM3").peak("bf16") == 989.4
     assert hardware.preset_for("Some Future GPU").precision == "fp32"
     with pytest.raises(ValueError, match="fp16"):
         hardware.resolve_precision("fp16", torch.device("cpu"))

@@ -1,21 +1,24 @@
 """Integrity section: each run's causality probe, leakage audit and seed count, and its cost on a GPU.
 
-Cost = GPU $/h × the run's wall time. The price table is an assumption, not a measurement: override it
-with BLUEBERRY_GPU_PRICES (a JSON object, or a path to one) or `blueberry report --gpu-prices`.
+Cost = GPU $/h × the run's device-hours (wall time × devices). The price table is an assumption, not a
+measurement: override it with BLUEBERRY_GPU_PRICES (a JSON object, or a path to one) or `blueberry report
+--gpu-prices`.
 """
 
 from __future__ import annotations
 
 import os
 
+from blueberry.hardware import PRESETS, preset_for
 from blueberry.prices import PRICE_TABLE_ENV, read_price_table
 from blueberry.report.groups import group_runs
 from blueberry.report.records import ReportError, Run
 from blueberry.report.tables import md_table
 
-# $/h, rough cloud rental list prices (override: --gpu-prices, README "Reports"). A run that
-# recorded its own cost (summary cost/usd) keeps it unless prices are overridden.
-DEFAULT_GPU_PRICES = {"T4": 0.35, "RTX 4090": 0.40, "A100": 1.50, "H100": 3.00, "H100 PCIe": 2.50}
+# $/h: the presets' rough cloud rental list prices, the ones runs price themselves with (override:
+# --gpu-prices, README "Reports"). A run that recorded its own cost (summary cost/usd) keeps it unless prices
+# are overridden.
+DEFAULT_GPU_PRICES = {p.name: p.usd_per_hour for p in PRESETS if p.usd_per_hour is not None}
 MIN_SEEDS = 3  # with fewer seeds a sample sd, and so an error bar, means little
 
 
@@ -38,24 +41,35 @@ def device_of(run: Run) -> tuple[str, str | None]:
 
 
 def cost(run: Run, prices: dict[str, float], overridden: bool = False) -> str:
-    """The run's cost: its own recorded cost/usd unless prices were overridden, else price × wall time."""
+    """The run's cost: its own recorded cost/usd unless prices were overridden (and name its GPU), else the
+    table's price × the run's device-hours, a MIG slice paying its share of its board's price, as a run does."""
     device, gpu = device_of(run)
-    seconds = run.metric("time/train_s")
+    recorded = run.metric("cost/usd")
+    if recorded is not None and not (overridden and device == "cuda" and gpu and _table_price(gpu, prices)):
+        return f"${recorded:.4f} (recorded)"  # a CPU run given a price too
     if device == "cpu":
         return "n/a (CPU)"
-    if run.metric("cost/usd") is not None and not overridden:
-        return f"${run.metric('cost/usd'):.4f} (recorded)"
     if device != "cuda":
         return "n/a (device not recorded)"
     if not gpu:
         return "n/a (GPU model not recorded)"
-    # Longest matching name first, so "RTX 4090 D" would not be priced as "RTX 4090".
-    match = next((k for k in sorted(prices, key=len, reverse=True) if k.lower() in gpu.lower()), None)
-    if match is None:
+    price = _table_price(gpu, prices)
+    if price is None:
         return f"n/a (no price for {gpu})"
-    if seconds is None:
-        return "n/a (no wall time)"
-    return f"${prices[match] * seconds / 3600:.4f}"
+    hours = run.metric("cost/device_hours")  # wall time × devices, earlier attempts included
+    if hours is None:
+        seconds, hardware = run.metric("time/train_s"), run.header.get("hardware") or {}
+        if seconds is None:
+            return "n/a (no wall time)"
+        hours = seconds / 3600 * (hardware.get("world_size") or 1)
+    return f"${price * hours:.4f}"
+
+
+def _table_price(gpu: str, prices: dict[str, float]) -> float | None:
+    """One device's $/h from a table of GPU names: the longest name in the GPU's (so "RTX 4090 D" would not be
+    priced as "RTX 4090"), times the share of a MIG slice."""
+    match = next((k for k in sorted(prices, key=len, reverse=True) if k.lower() in gpu.lower()), None)
+    return None if match is None else prices[match] * preset_for(gpu).share
 
 
 def _causality(run: Run) -> str:

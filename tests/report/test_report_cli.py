@@ -151,6 +151,25 @@ def test_cost_per_run_uses_the_gpu_table_and_is_na_on_cpu(tmp_path, monkeypatch)
     assert cost(cpu, {"RTX 4090": 0.18}) == "n/a (CPU)"
     assert cost(unnamed, {"RTX 4090": 0.18}) == "n/a (GPU model not recorded)"
     assert cost(gpu, {"T4": 0.35}) == "n/a (no price for NVIDIA GeForce RTX 4090)"
+    # As a run prices itself: its device-hours (8 ranks), a MIG slice its share of the board; a recorded cost stays
+    # where the table has no price for the GPU, and for a CPU run given a price.
+    mig = read_local_run(
+        write_run(
+            tmp_path, "e", seed=4, minutes=60,
+            hardware={"device": "cuda:0", "gpu_name": "NVIDIA A100-SXM4-40GB MIG 1g.5gb", "world_size": 1},
+        )
+    )  # fmt: skip
+    assert cost(mig, {"A100": 1.4}) == "$0.2000"  # 1 of 7 compute slices
+    ranks = read_local_run(
+        write_run(tmp_path, "e", seed=5, minutes=30, hardware={"device": "cuda:0", "gpu_name": "NVIDIA H100 80GB HBM3",
+                                                              "world_size": 8})
+    )  # fmt: skip
+    assert cost(ranks, {"H100": 2.0}) == "$8.0000"
+    priced_cpu = read_local_run(write_run(tmp_path, "e", seed=6))
+    priced_cpu.summary["cost/usd"] = 0.01
+    assert cost(priced_cpu, {"RTX 4090": 0.18}, overridden=True) == "$0.0100 (recorded)"
+    gpu.summary["cost/usd"] = 0.5
+    assert cost(gpu, {"T4": 0.35}, overridden=True) == "$0.5000 (recorded)"
     monkeypatch.setenv("BLUEBERRY_GPU_PRICES", json.dumps({"4090": 1.0}))
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["report", "--runs-root", str(tmp_path), "--out", str(out)])
