@@ -225,8 +225,8 @@ def run(spec_path, overrides, override_files, resume):
         if not env_world().is_main:  # a torchrun rank: rank 0 says where the checkpoint of every rank went
             sys.exit(128 + exc.signum)
         _fail(f"interrupted: {exc}; run the same command again to resume", 128 + exc.signum)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    except KeyboardInterrupt as exc:  # Ctrl-C outside training, or a second signal (StoppedAtOnce)
+        _fail(f"interrupted: {exc}" if str(exc) else "interrupted", 128 + getattr(exc, "signum", signal.SIGINT))
     except (TrainingDiverged, OutOfMemory, WandbUnavailable) as exc:  # not the input: exit 1
         _fail(f"run failed: {exc}", 1)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports the run

@@ -46,6 +46,14 @@ class TrainingInterrupted(Exception):
         super().__init__(f"{signal.Signals(signum).name} at step {step}{saved}")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second stop signal: the run stops where it is, without a checkpoint; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} again: stopped at once, no checkpoint")
+        self.signum = signum
+
+
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second signal stops at once.
 
@@ -65,7 +73,7 @@ class StopRequest:
         if signum == signal.SIGHUP:
             detach_from_terminal()
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.signum = signum
 
     def install(self) -> StopRequest:

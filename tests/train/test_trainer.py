@@ -2,16 +2,20 @@ import functools
 import signal
 from collections import Counter
 
+import pytest
 import torch
+from click.testing import CliRunner
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import blueberry.runner
 from blueberry import distributed
 from blueberry.bench.measure import ListTracker, SyntheticData
 from blueberry.bench.suite import QUICKSTART, TINY
+from blueberry.cli import main
 from blueberry.models import build_model
 from blueberry.overrides import load_spec
 from blueberry.train.evaluate import evaluate
-from blueberry.train.trainer import StopRequest, Trainer
+from blueberry.train.trainer import StoppedAtOnce, StopRequest, Trainer
 
 
 def tiny_model(*overrides: str):
@@ -142,6 +146,25 @@ def test_sighup_is_a_stop_request_unless_nohup_ignores_it(monkeypatch):
         request.restore()
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_second_signal_stops_at_once_and_says_which(monkeypatch):
+    request = StopRequest().install()
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(StoppedAtOnce, match="SIGTERM again: stopped at once, no checkpoint") as stopped:
+            signal.raise_signal(signal.SIGTERM)
+        assert stopped.value.signum == signal.SIGTERM
+    finally:
+        request.restore()
+
+    def execute(spec, **kwargs):
+        raise StoppedAtOnce(signal.SIGTERM)
+
+    monkeypatch.setattr(blueberry.runner, "execute", execute)
+    result = CliRunner().invoke(main, ["run", str(QUICKSTART), "--tracking.wandb=disabled"])
+    assert result.exit_code == 128 + signal.SIGTERM  # as the first SIGTERM's exit, not Ctrl-C's 130
+    assert result.output.strip().endswith("error: interrupted: SIGTERM again: stopped at once, no checkpoint")
 
 
 def test_a_signal_is_noted_and_in_one_process_stops_the_run_after_the_step_it_arrived_in():
