@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -94,7 +94,7 @@ class Group:
     runs: list[Run] = field(default_factory=list)
     label: str = ""
 
-    @property
+    @cached_property  # read for every cell of every table; `runs` is complete once group_runs returns
     def ok(self) -> list[Run]:
         """The finished runs aggregated: one per seed, the newest (a finished spec run again is `<id>-2`, the
         same seed: counted twice it would pass for two seeds with no spread between them)."""
