@@ -77,8 +77,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():  # saved per visible GPU: a resume may see fewer (IndexError)
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
     py = state["python"]
     random.setstate((py["version"], tuple(py["keys"]), py["gauss"]))
     np_state = state["numpy"]

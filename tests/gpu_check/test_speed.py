@@ -73,6 +73,38 @@ def test_the_compiled_check_compiles_the_first_preset_twice_the_second_time_with
     )
 
 
+def test_a_preset_that_crashes_is_its_own_result_and_the_others_are_kept(context, monkeypatch):
+    presets = read_experiment().presets
+
+    def fake_measure(context, overrides, *args):
+        if overrides[: len(presets[1][1])] == presets[1][1]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return {"tokens_per_s": 1000.0, "first_step_s": 1.0, "mfu": None, "peak_memory_mb": 1.0}
+
+    monkeypatch.setattr(speed, "measure", fake_measure)
+    with pytest.raises(CheckFailed, match=f"failed: {presets[1][0]}") as failed:
+        speed.measure_presets(context, 600, [])
+    figures = failed.value.figures
+    assert len(figures["cases"]) == len(presets) and figures["cases"][presets[1][0]]["error"].startswith("RuntimeError")
+    assert sum("tokens_per_s" in case for case in figures["cases"].values()) == len(presets) - 1
+
+
+def test_the_compiled_check_keeps_its_time_box(context, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(speed.time, "monotonic", lambda: clock[0])
+
+    def fake_measure(context, overrides, *args):  # every compiled preset takes 3 s
+        clock[0] += 3.0
+        return {"tokens_per_s": 1000.0, "first_step_s": 3.0, "mfu": None, "peak_memory_mb": 1.0}
+
+    monkeypatch.setattr(speed, "measure", fake_measure)
+    figures = speed.check_compiled(context, 7.0)  # the first preset and its warm rerun fit, a third would not
+    assert clock[0] <= 7.0 and "compile_first_steps_s" in figures
+    figures = speed.check_compiled(context, 5.0)  # only the first: no warm rerun, no second preset
+    assert clock[0] <= 7.0 + 5.0 and figures["rows"][1][1] == "skipped: time box spent"
+    assert "compile_first_steps_s" not in figures
+
+
 def test_the_experts_check_fails_where_grouped_mm_computes_something_else(context, monkeypatch):
     grouped_mm = torch.nn.functional.grouped_mm
     monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda a, b, offs: grouped_mm(a, b, offs=offs) * 1.1)

@@ -69,6 +69,20 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     assert (random.random(), np.random.rand(), np.random.randn()) == expected[1:]
 
 
+def test_a_checkpoint_from_a_node_of_8_gpus_resumes_on_one(monkeypatch):
+    # rng_state saves one CUDA generator state per visible GPU; torch's set_rng_state_all indexes each device.
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    monkeypatch.setattr(
+        torch.cuda, "get_rng_state_all", lambda: [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    )
+    state = rng_state()
+    set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], state["cuda"][0])
+
+
 def test_weights_digest_sees_one_changed_bit():
     model = torch.nn.Linear(3, 2)
     before = weights_digest(model)
