@@ -183,11 +183,13 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
         raise ResumeError(f"nothing to resume: no unfinished run {run_id} with a checkpoint in {runs_root}")
     for skipped, why in claimed.skipped:
         log(f"not resuming {skipped}: its record is unreadable ({why}); left as it is")
+    legacy = (spec.legacy_spec_hash(),)  # what records and checkpoints made before the bookkeeping left it hold
     run.checkpointer = Checkpointer(
-        claimed.path / "checkpoints", spec_hash, spec.train.checkpoint_every, spec.train.keep_checkpoints
-    )
+        claimed.path / "checkpoints", spec_hash, spec.train.checkpoint_every, spec.train.keep_checkpoints,
+        also_accept=legacy,
+    )  # fmt: skip
     try:
-        run.resume_state = _resume_state(claimed, run.checkpointer, spec_hash, log)
+        run.resume_state = _resume_state(claimed, run.checkpointer, (spec_hash, *legacy), log)
         if resume and run.resume_state is None and not restarted:  # every checkpoint it had was set aside
             raise ResumeError(f"nothing to resume: {claimed.path} has no readable checkpoint")
     except BaseException:
@@ -432,16 +434,17 @@ def _left_by_an_earlier_start(header: dict, job: dict | None) -> bool:
     return theirs.get("id") == job["id"] != "none" and type(restart) is int and restart < job["restart"]
 
 
-def _resume_state(claimed: RunDir, checkpointer: Checkpointer, spec_hash: str, log=print) -> dict | None:
-    """The latest checkpoint of a reused run directory, checked against this spec; None to start at step 0."""
+def _resume_state(claimed: RunDir, checkpointer: Checkpointer, hashes: tuple[str, ...], log=print) -> dict | None:
+    """The latest checkpoint of a reused run directory, checked against this spec (`hashes`: its spec_hash, then
+    other hashes earlier records may hold of it); None to start at step 0."""
     if not claimed.reused:
         return None
     spec_file = claimed.path / SPEC_FILE
-    previous_hash = (read_json(spec_file) or {}).get("spec_hash") if spec_file.exists() else spec_hash
-    if previous_hash != spec_hash:
+    previous_hash = (read_json(spec_file) or {}).get("spec_hash") if spec_file.exists() else hashes[0]
+    if previous_hash not in hashes:
         raise ResumeError(
             f"{claimed.path} holds a run of another spec (spec hash {str(previous_hash)[:12]}, "
-            f"this spec {spec_hash[:12]}): use another run id or --no-resume"
+            f"this spec {hashes[0][:12]}): use another run id or --no-resume"
         )
     checkpointer.clean_partial()
     state, skipped = checkpointer.load_newest()

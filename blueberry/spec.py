@@ -371,9 +371,25 @@ class RunSpec(_Strict):
         return self.model_dump(mode="json")
 
     def spec_hash(self) -> str:
-        """Hash of the validated spec (canonical JSON): same spec, same hash."""
-        canonical = json.dumps(self.to_json_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """The run's identity: a hash of the validated spec (canonical JSON) less BOOKKEEPING. A run started again
+        with the same spec, or with other bookkeeping settings, is found by it and resumed."""
+        return _digest(self.model_dump(mode="json", exclude=BOOKKEEPING))
+
+    def legacy_spec_hash(self) -> str:
+        """spec_hash as run records and checkpoints written before 2026-12-04 hold it: over every field."""
+        return _digest(self.to_json_dict())
+
+
+# Settings that pace, show, keep or price a run, never its math (train.threads changes the order of float sums,
+# not what is summed): a run started again with other values of these is the same run.
+BOOKKEEPING = {
+    "train": {"progress", "threads", "checkpoint_every", "keep_checkpoints", "price_per_hour"},
+    "tracking": {"runs_root"},
+}
+
+
+def _digest(tree: dict) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def safe_name(text: str) -> str:

@@ -532,3 +532,22 @@ def test_a_resume_continues_the_wandb_project_of_its_first_attempt(tmp_path, mon
         )
     segments = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert {read_wandb_log(s.parent).project for s in segments} == {"proj-a"}
+
+
+def test_a_run_started_again_with_other_bookkeeping_resumes_and_so_does_one_recorded_under_the_older_hash(
+    tmp_path, monkeypatch
+):
+    """Progress bar, threads, checkpoint interval, kept checkpoints, price and runs root never change the math: a
+    crashed run restarted with `--train.progress=false --train.threads=1` (under nohup, say) is the same run.
+    Records written before the hash left those out hold the hash of every field: still the same run."""
+    args, run_dir = interrupted(tmp_path, monkeypatch, steps=6, at=2)
+    result = invoke(*args, "--train.progress=false", "--train.threads=1", "--train.keep_checkpoints=5")
+    assert result.exit_code == 0 and "resuming the interrupted run from step 2" in result.output, result.output
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]
+
+    args, run_dir = interrupted(tmp_path / "legacy", monkeypatch, steps=6, at=2)
+    header = json.loads((run_dir / "spec.json").read_text())
+    spec = load_spec(QUICKSTART, args)
+    (run_dir / "spec.json").write_text(json.dumps({**header, "spec_hash": spec.legacy_spec_hash()}))
+    result = invoke(*args)
+    assert result.exit_code == 0 and "resuming the interrupted run from step 2" in result.output, result.output

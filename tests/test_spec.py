@@ -44,3 +44,23 @@ def test_hash_is_stable_and_sensitive():
     a, b = RunSpec(), RunSpec.model_validate({"train": {"lr": 0.003}})
     assert a.spec_hash() == RunSpec().spec_hash()
     assert a.spec_hash() != b.spec_hash()
+
+
+def test_the_hash_leaves_out_bookkeeping_so_a_run_started_again_with_it_is_the_same_run():
+    plain = RunSpec()
+    kept = RunSpec.model_validate(
+        {
+            "train": {
+                "progress": False,
+                "threads": 3,
+                "checkpoint_every": 7,
+                "keep_checkpoints": 9,
+                "price_per_hour": 1,
+            },
+            "tracking": {"runs_root": "elsewhere"},
+        }
+    )
+    assert kept.spec_hash() == plain.spec_hash() and kept.legacy_spec_hash() != plain.legacy_spec_hash()
+    for changed in ({"seed": 1}, {"model": {"dropout": 0.0}}, {"train": {"grad_accum": 2}}):
+        assert RunSpec.model_validate(changed).spec_hash() != plain.spec_hash()
+    assert RunSpec.model_validate({"tracking": {"project": "p"}}).spec_hash() != plain.spec_hash()

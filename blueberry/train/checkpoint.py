@@ -118,8 +118,10 @@ class Checkpointer:
         every: int | None,
         keep: int,
         on_save: Callable[[Path, int], None] | None = None,
+        also_accept: tuple[str, ...] = (),
     ):
         self.dir, self.spec_hash, self.every, self.keep, self.on_save = Path(directory), spec_hash, every, keep, on_save
+        self.also_accept = also_accept  # other hashes of this spec (RunSpec.legacy_spec_hash) a checkpoint may hold
         self.manifest = self.dir.with_name(self.dir.name + ".sha256")
 
     def _record_checksums(self, checksums: dict[str, str]) -> None:
@@ -170,7 +172,7 @@ class Checkpointer:
         except Exception as exc:  # truncated, corrupt or not a checkpoint at all
             raise CorruptCheckpoint(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
         found = state.get("spec_hash") if isinstance(state, dict) else None
-        if found != self.spec_hash:
+        if found != self.spec_hash and found not in self.also_accept:
             raise ResumeError(
                 f"checkpoint {path} belongs to another spec (spec hash {str(found)[:12]}, this spec "
                 f"{self.spec_hash[:12]}): resume with the spec it was written for, or start a new run"

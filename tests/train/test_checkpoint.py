@@ -83,6 +83,14 @@ def test_a_checkpoint_from_a_node_of_8_gpus_resumes_on_one(monkeypatch):
     assert len(restored) == 1 and torch.equal(restored[0], state["cuda"][0])
 
 
+def test_a_checkpoint_holding_an_older_hash_of_the_spec_is_accepted_when_named(tmp_path):
+    Checkpointer(tmp_path, "old" * 16, every=1, keep=1).save({"x": torch.ones(1)}, step=1)
+    (path,) = checkpoint_paths(tmp_path)
+    assert Checkpointer(tmp_path, "new" * 16, every=1, keep=1, also_accept=("old" * 16,)).load(path)["step"] == 1
+    with pytest.raises(ResumeError, match="belongs to another spec"):
+        Checkpointer(tmp_path, "new" * 16, every=1, keep=1).load(path)
+
+
 def test_weights_digest_sees_one_changed_bit():
     model = torch.nn.Linear(3, 2)
     before = weights_digest(model)
