@@ -59,6 +59,8 @@ def describe(kind: str) -> dict:
 def plan_parts(quick: bool, only: tuple[str, ...] = ()) -> list[Part]:
     """The parts to run, in the study's order; `only` picks parts by name (unknown names are an error)."""
     if quick:
+        if only:
+            raise ValueError("--quick runs Experiment 1 in miniature: it takes no --only")
         return [QUICK]
     unknown = sorted(set(only) - {p.name for p in PARTS})
     if unknown:

@@ -43,6 +43,8 @@ def test_plan_parts_picks_and_rejects_names():
     assert [p.name for p in study.plan_parts(False, ("exp3", "exp1"))] == ["exp1", "exp3"]
     with pytest.raises(ValueError, match="unknown study part.*nope.*exp1, exp2"):
         study.plan_parts(False, ("nope",))
+    with pytest.raises(ValueError, match="takes no --only"):  # it ran Experiment 1 whatever --only said
+        study.plan_parts(True, ("exp2",))
 
 
 def test_cpu_parallel_is_one_trial_per_free_core():

@@ -215,7 +215,9 @@ def report_markdown(
         sections[name] = experiment_section(name, study, exp_runs, by_experiment, stage, jobs)
         lines.append(sections[name])
     lines += ["## Timeline\n", timeline, "## Integrity\n", integrity]
-    lines += ["## Runs\n", "Every run behind the tables, by id (its record is `runs/<experiment>/<id>/`).\n"]
+    local = source.startswith("local")
+    where = source + ("; a local run's record is `<runs root>/<experiment>/<id>/`" if local else "")
+    lines += ["## Runs\n", f"Every run behind the tables, by id ({where}).\n"]
     lines.append(runs_appendix(by_experiment))
     return "\n".join(lines)
 
@@ -334,6 +336,9 @@ def run_report(
         where = f"local run records under {runs_root}"
         records = [r for p in sorted(Path(runs_root).glob("_study/*.json")) if (r := read_json(p))]
     log(f"{len(runs)} runs ({where}); cache: {cache.hits} reused, {cache.misses} parsed")
+    if not runs and (group or sweep or tags):  # a typo in a filter must not empty the last build's report
+        asked = ", ".join(f"--{k} {v}" for k, v in (("group", group), ("sweep", sweep), ("tag", ", ".join(tags))) if v)
+        raise ReportError(f"no runs match {asked} in {where}; nothing written")
     result = build_report(
         runs,
         out,

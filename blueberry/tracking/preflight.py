@@ -11,11 +11,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from blueberry.prices import PRICE_ENV, PRICE_TABLE_ENV, read_price, read_price_table
 from blueberry.spec import RunSpec
 
 
 class PreflightError(ValueError):
-    """A setting outside the spec (runs root, WANDB_RUN_ID, W&B's environment) that the run cannot use."""
+    """A setting outside the spec (runs root, WANDB_RUN_ID, W&B's environment, prices) that the run cannot use."""
 
 
 def runs_root_for(spec: RunSpec) -> str:
@@ -72,6 +73,7 @@ def preflight(spec: RunSpec) -> None:
     setting = "BLUEBERRY_RUNS_ROOT" if os.environ.get("BLUEBERRY_RUNS_ROOT") else "tracking.runs_root"
     check_writable_dir(runs_root_for(spec), setting)
     check_wandb_run_id()
+    check_price_variables()
     if spec.tracking.wandb != "disabled":
         from blueberry.tracking.wandb_settings import load_wandb_settings
 
@@ -79,3 +81,22 @@ def preflight(spec: RunSpec) -> None:
             load_wandb_settings()
         except ValueError as exc:
             raise PreflightError(str(exc)) from None
+        # W&B falls back to a temp folder where it cannot write, so the record would point where nothing is
+        wandb_dir, setting = (
+            (spec.tracking.wandb_dir, "tracking.wandb_dir")
+            if spec.tracking.wandb_dir
+            else (os.environ.get("WANDB_DIR"), "WANDB_DIR")
+        )
+        if wandb_dir:
+            check_writable_dir(wandb_dir, setting)
+
+
+def check_price_variables() -> None:
+    """BLUEBERRY_PRICE_PER_HOUR and BLUEBERRY_GPU_PRICES must parse, whatever device the run finds (a run reads
+    them only where they price its device)."""
+    for variable, read in ((PRICE_ENV, read_price), (PRICE_TABLE_ENV, read_price_table)):
+        if os.environ.get(variable):
+            try:
+                read(os.environ[variable], variable)
+            except ValueError as exc:
+                raise PreflightError(str(exc)) from None

@@ -76,6 +76,17 @@ def test_a_rebuild_removes_what_the_last_build_wrote_and_this_one_did_not(tmp_pa
     assert (out / "cache").is_dir()
 
 
+def test_a_filter_matching_no_run_exits_2_and_leaves_the_last_report(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    write_run(runs, "exp1-ablation", variant="mlp", val_loss=1.0)
+    assert CliRunner().invoke(main, ["report", "--runs-root", str(runs), "--out", str(out)]).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "cache" not in p.parts}
+    result = CliRunner().invoke(main, ["report", "--runs-root", str(runs), "--out", str(out), "--group", "nosuch"])
+    assert result.exit_code == 2 and "no runs match --group nosuch" in result.output, result.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "cache" not in p.parts} == before
+    assert f"local run records under {runs}; a local run's record is" in (out / "REPORT.md").read_text()
+
+
 def test_bad_input_exits_2_before_writing(tmp_path):
     cli = CliRunner()
     out = tmp_path / "reports"

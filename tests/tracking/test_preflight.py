@@ -90,3 +90,26 @@ def test_a_wandb_variable_wandb_rejects_is_refused_before_the_run(variable, valu
     args = ["run", str(REPO / "experiments/quickstart.json"), "--tracking.wandb=disabled"]
     result = CliRunner().invoke(main, args)  # no W&B, so its settings do not matter: the run starts
     assert "the run started" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("BLUEBERRY_GPU_PRICES", "{bad", "BLUEBERRY_GPU_PRICES"),
+        ("BLUEBERRY_PRICE_PER_HOUR", "-1", "BLUEBERRY_PRICE_PER_HOUR"),
+    ],
+)
+def test_a_bad_price_variable_is_refused_on_any_device(variable, value, said, monkeypatch, tmp_path, never_run):
+    # On a CPU a run reads neither (no GPU to price): a typo must not wait for the first GPU run to show.
+    monkeypatch.setenv(variable, value)
+    result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}")
+    assert result.exit_code == 2 and said in result.output and not (tmp_path / "runs").exists(), result.output
+
+
+def test_a_wandb_dir_that_cannot_be_written_is_refused(monkeypatch, tmp_path, never_run):
+    # W&B would fall back to a temp folder while the record names this one.
+    result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}", "--tracking.wandb_dir=/proc/x")
+    assert result.exit_code == 2 and "tracking.wandb_dir '/proc/x'" in result.output, result.output
+    monkeypatch.setenv("WANDB_DIR", "/proc/y")
+    result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}")
+    assert result.exit_code == 2 and "WANDB_DIR '/proc/y'" in result.output, result.output
