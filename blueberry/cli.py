@@ -154,7 +154,7 @@ def study(quick, only, parallel, runs_root, dry_run):
         results = plan.run_study(loaded, runs_root, parallel, log=lambda m: click.echo(m, err=True))
     except SweepStateError as exc:
         _fail(f"{exc}: move it aside to start that sweep afresh")
-    except KeyboardInterrupt as exc:  # Ctrl-C, or the sweep's SIGTERM / SIGHUP (SweepInterrupted)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or the sweep's SIGTERM / SIGHUP (terminal.StopSignal)
         _fail("study interrupted; run the same command again to resume", 128 + getattr(exc, "signum", signal.SIGINT))
     command = shlex.join(["blueberry", *sys.argv[1:]])
     record = plan.write_record(results, runs_root, kind, command, parallel, started) if not quick else None
@@ -357,7 +357,7 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
         state = runner.run()
     except SweepStateError as exc:
         _fail(f"{exc}: move it aside to start the sweep afresh")
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (SweepInterrupted)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (terminal.StopSignal)
         _fail("sweep interrupted; run the same command again to resume", 128 + getattr(exc, "signum", signal.SIGINT))
     done = [t for t in state.trials if t.state == "finished"]
     failed = [t for t in state.trials if t.state != "finished"]
@@ -373,7 +373,7 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def doctor(args, as_json):
     """Show the hardware found (NVML GPUs, CPU) and what a run of SPEC.json (default spec if none) would choose."""
-    spec_path = args[0] if args and args[0].endswith(".json") else None
+    spec_path = args[0] if args and (args[0].endswith(".json") or Path(args[0]).is_file()) else None
     spec = _load(spec_path, args[1:] if spec_path else args, ())
     import torch
 
@@ -432,11 +432,17 @@ def bench(ceiling, quick, out, against, specs, rounds):
     _check_out(out)
     if against:
         from blueberry.bench.compare import DEFAULT_SPECS, CompareError, compare, format_comparison, save_comparison
+        from blueberry.terminal import stop_signals_raise
 
         try:
-            outcome = compare(against, specs or DEFAULT_SPECS, rounds or 3, log=lambda msg: click.echo(msg, err=True))
+            with stop_signals_raise():  # so the checked-out worktree is removed on `kill` too
+                outcome = compare(
+                    against, specs or DEFAULT_SPECS, rounds or 3, log=lambda msg: click.echo(msg, err=True)
+                )
         except CompareError as exc:
             _fail(str(exc))
+        except KeyboardInterrupt as exc:
+            _fail("bench interrupted", 128 + getattr(exc, "signum", signal.SIGINT))
         click.echo(format_comparison(outcome))
         click.echo(f"saved: {save_comparison(outcome, out)}")
         return

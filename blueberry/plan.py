@@ -104,6 +104,14 @@ def plan_run(
         batch = BatchChoice(micro, batch.effective_batch // world_size // micro, batch.effective_batch, batch.how)
     peak_value, peak_source = peak_flops(device, precision, preset) if peak else (None, "not measured")
     price, price_source = price_per_hour(t.price_per_hour, preset)
+    compiled = resolve_compile(t.compile, device, t.steps * batch.grad_accum)
+    experts = spec.model.experts_implementation
+    if compiled and experts in ("grouped", "grouped_mm") and precision != "bf16":
+        # torch's compiler traces grouped_mm only for bf16 inputs: the first compiled step would fail
+        raise ValueError(
+            f"model.experts_implementation '{experts}' cannot be compiled in {precision} (torch.compile traces "
+            "grouped_mm in bf16 only): use 'sorted' or 'auto', train.precision bf16, or train.compile false"
+        )
     return RunPlan(
         device=str(device),
         precision=precision,
@@ -113,7 +121,7 @@ def plan_run(
         compute_capability=capability,
         world_size=world_size,
         batch=batch,
-        compile=resolve_compile(t.compile, device, t.steps * batch.grad_accum),
+        compile=compiled,
         peak_flops=peak_value,
         peak_source=peak_source,
         price_per_hour=price,

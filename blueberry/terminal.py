@@ -27,3 +27,28 @@ def detach_from_terminal() -> None:
     for fd in (1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+
+
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP raised as Ctrl-C is, so the work stops cleanly (`finally` blocks run); `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop(signum, frame):
+    if signum == signal.SIGHUP:  # the terminal is gone: the messages while the work stops must not fail
+        detach_from_terminal()
+    raise StopSignal(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Within: `kill` and a closed terminal stop the work like Ctrl-C (StopSignal, a KeyboardInterrupt)."""
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in stop_signals() if sig != signal.SIGINT}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -104,20 +104,20 @@ def test_wandb_unreachable_online_is_one_clear_line_and_nothing_recorded(tmp_pat
     def unreachable(**kwargs):
         raise wandb.errors.CommError(said)
 
-    monkeypatch.setattr(wandb, "init", unreachable)
-    monkeypatch.setenv("WANDB_MODE", "online")
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     runs = tmp_path / "r"
-    result = invoke(
-        "run", str(REPO / "experiments/quickstart.json"), *TINY, "--train.steps=2", f"--tracking.runs_root={runs}"
-    )
+    with monkeypatch.context() as patch:
+        patch.setattr(wandb, "init", unreachable)
+        patch.setenv("WANDB_MODE", "online")
+        patch.setenv("WANDB_API_KEY", "x" * 40)
+        result = invoke(
+            "run", str(REPO / "experiments/quickstart.json"), *TINY, "--train.steps=2", f"--tracking.runs_root={runs}"
+        )
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: run failed: W&B could not start the run (online): Failed to get resume status")
     assert "no such host" in last and "WANDB_MODE=offline" in last and "wandb sync" in last
     (run_dir,) = runs.glob("*/*")
     assert list(run_dir.iterdir()) == []
-    monkeypatch.undo()
     result = invoke(
         "run", str(REPO / "experiments/quickstart.json"), *TINY, "--train.steps=2", f"--tracking.runs_root={runs}"
     )

@@ -322,6 +322,16 @@ def test_plan_run_on_cpu_resolves_auto_batch_and_estimate_grows_with_batch():
     assert hardware.estimate_train_bytes(10**6, 512, 128, 2, 4, 8192, 128, micro=8) > small
 
 
+def test_grouped_experts_compiled_outside_bf16_are_refused_before_the_run():
+    # torch 2.13 traces grouped_mm for bf16 inputs only: the first compiled fp32/fp16 step would crash mid-run.
+    flags = ["--model.d_model=64", "--model.experts_implementation=grouped", "--train.precision=fp32"]
+    spec = load_spec(None, [*flags, "--train.compile=true"])
+    with pytest.raises(ValueError, match="'grouped' cannot be compiled in fp32"):
+        plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512, peak=False)
+    spec = load_spec(None, [*flags, "--train.compile=false"])  # eager grouped_mm takes fp32 on CPU
+    assert not plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512, peak=False).compile
+
+
 def test_plan_run_under_torchrun_takes_the_micro_batch_every_rank_fits(monkeypatch):
     """batch_size 'auto' with 2 ranks: each picks from its own memory, then all take the smallest pick."""
     spec = load_spec(None, ["--model.d_model=64", "--train.batch_size=auto", "--train.effective_batch=64"])

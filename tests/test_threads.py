@@ -48,10 +48,10 @@ def test_the_cgroup_cpu_limit_is_the_tightest_on_the_path_to_the_root(tmp_path, 
     (root / "kubepods/pod1/cpu.max").write_text("150000 100000\n")  # --cpus=1.5 on the pod
     (root / "kubepods/cpu.max").write_text("400000 100000\n")
     assert threads.cgroup_cpu_limit(str(membership), str(root)) == 1.5
-    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 1.5)
-    monkeypatch.setattr(threads, "cpu_set", lambda: set(range(8)))
-    assert threads.usable_cores() == 2  # threads for the limit, rounded up
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(threads, "cgroup_cpu_limit", lambda: 1.5)
+        patch.setattr(threads, "cpu_set", lambda: set(range(8)))
+        assert threads.usable_cores() == 2  # threads for the limit, rounded up
     membership.write_text("1:cpu:/\n")  # cgroup v1 only
     assert threads.cgroup_cpu_limit(str(membership), str(root)) is None
 

@@ -25,7 +25,7 @@ from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain
 from blueberry.sweep.progress import SweepProgress
 from blueberry.sweep.state import SweepState, Trial, this_worker, worker_alive
-from blueberry.terminal import detach_from_terminal, stop_signals
+from blueberry.terminal import stop_signals_raise
 from blueberry.threads import usable_cores
 from blueberry.tracking import read_metrics
 from blueberry.tracking.record import RecordError
@@ -251,34 +251,34 @@ class SweepRunner:
             self.log(f"joining sweep {self.sweep.sweep_id}: another `blueberry sweep` works on it (pid {pids})")
         for _, why in self.state.unreadable:
             self.log(f"  sweep state entry unreadable, left as it is: {why}")
-        last_early_check = time.monotonic()
         finished_before = sum(t.state == "finished" for t in self.state.trials)
-        # `kill` and a closed terminal stop the trials cleanly, like Ctrl-C
-        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in stop_signals() if sig != signal.SIGINT}
         try:
-            while True:
-                while len(self.workers) < self.parallel:
-                    trial = self.resumable.pop(0) if self.resumable else self._new_trial()
-                    if trial is None:
-                        break
-                    self._start(trial)
-                if not self.workers and not self._others_working():
-                    break
-                time.sleep(POLL_S)
-                self._reap()
-                self._show_progress(finished_before)
-                if "early_terminate" in self.sweep.config and time.monotonic() - last_early_check > EARLY_STOP_EVERY_S:
-                    self._early_terminate()
-                    last_early_check = time.monotonic()
+            with stop_signals_raise():  # `kill` and a closed terminal stop the trials cleanly, like Ctrl-C
+                self._loop(finished_before)
         except KeyboardInterrupt:
             self._stop_all("interrupted")
             raise
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self.progress.close()
         self.state.load()
         return self.state
+
+    def _loop(self, finished_before: int) -> None:
+        last_early_check = time.monotonic()
+        while True:
+            while len(self.workers) < self.parallel:
+                trial = self.resumable.pop(0) if self.resumable else self._new_trial()
+                if trial is None:
+                    break
+                self._start(trial)
+            if not self.workers and not self._others_working():
+                break
+            time.sleep(POLL_S)
+            self._reap()
+            self._show_progress(finished_before)
+            if "early_terminate" in self.sweep.config and time.monotonic() - last_early_check > EARLY_STOP_EVERY_S:
+                self._early_terminate()
+                last_early_check = time.monotonic()
 
     def _show_progress(self, finished_before: int) -> None:
         number = {t.run_id: i + 1 for i, t in enumerate(self.state.trials)}
@@ -444,20 +444,6 @@ class SweepRunner:
                 worker.log.close()
             self.state.put(worker.trial)
         self.log(f"sweep {why}: run the same command again to resume")
-
-
-class SweepInterrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP stopped the sweep (its trials stopped cleanly, resumable); `signum` says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupt(signum, frame):
-    if signum == signal.SIGHUP:  # the terminal is gone: the messages while the trials stop must not fail
-        detach_from_terminal()
-    raise SweepInterrupted(signum)
 
 
 def visible_cuda_devices() -> list[str]:
