@@ -49,7 +49,7 @@ def planned_launches(sweep: Sweep, planned: list[dict], sweep_id: str, run_id: s
 
 def check_trials(sweep: Sweep, planned: list[dict]) -> None:
     """Validate each planned trial exactly as its `blueberry run` would; raise SpecError naming the trial."""
-    for index, params, launch, _ in planned_launches(sweep, planned, "check", "check-{index}"):
+    for index, params, launch, tmp in planned_launches(sweep, planned, "check", "check-{index}"):
         parsed = run_arguments(launch.argv)
         if parsed is None:
             return  # not a blueberry command: nothing of ours to check
@@ -59,7 +59,11 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
         except SpecError as exc:
             # the trial's own file first: `where` is cut to a length when shown, and the parameters can be long
             trial = f"(run {index} of {sweep.path}: {json.dumps(params, sort_keys=True)})"
-            problems = [(f"{w} {trial}", path, reason) for w, path, reason in exc.problems]
+            # a problem in the parameters file the agent writes is the sweep's parameters: not a temp path to show
+            named = [
+                ("the sweep's parameters" if w.startswith(tmp) else w, path, reason) for w, path, reason in exc.problems
+            ]
+            problems = [(f"{w} {trial}", path, reason) for w, path, reason in named]
             raise SpecError(problems, more=exc.more) from None
 
 

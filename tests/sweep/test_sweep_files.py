@@ -105,6 +105,10 @@ def test_a_parameter_outside_the_spec_is_caught_before_anything_runs(tmp_path):
     result = CliRunner().invoke(main, ["sweep", str(bad), "--runs-root", str(tmp_path / "runs")])
     assert result.exit_code == 2 and "train.lrr: unknown field" in result.output
     assert not (tmp_path / "runs").exists()
+    bad.write_text(bad.read_text().replace("lrr", "lr").replace("0.1", "-1"))  # a bad value: in the parameters
+    result = CliRunner().invoke(main, ["sweep", str(bad), "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and f"the sweep's parameters (run 0 of {bad}: " in result.output, result.output
+    assert "train.lr: " in result.output and "/tmp" not in result.output.replace(str(tmp_path), "")
 
 
 def test_a_trials_spec_file_missing_from_the_working_directory_is_named_with_it(tmp_path, monkeypatch):
