@@ -129,7 +129,7 @@ def study(quick, only, parallel, runs_root, dry_run):
 
     from blueberry import study as plan
     from blueberry.sweep.state import SweepStateError
-    from blueberry.threads import busy_cores_elsewhere, usable_cores
+    from blueberry.threads import busy_cores_elsewhere, free_cores
     from blueberry.tracking.preflight import PreflightError, check_writable_dir
 
     kind = plan.kind_of_machine(torch.cuda.is_available())
@@ -142,7 +142,7 @@ def study(quick, only, parallel, runs_root, dry_run):
         _fail(str(exc))
     if parallel is None:
         gpus = torch.cuda.device_count()
-        parallel = gpus if gpus else plan.cpu_parallel(usable_cores(), busy_cores_elsewhere())
+        parallel = gpus if gpus else plan.cpu_parallel(free_cores(busy_cores_elsewhere()))
     total = sum(len(planned) for *_, planned in loaded)
     click.echo(f"study on {kind}: {len(loaded)} part(s), {total} trials, {parallel} at once", err=True)
     for part, path, sweep, planned in loaded:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from blueberry.gpu_monitor import mig_board, nvml_session, nvml_text, visible_handles
-from blueberry.prices import PRICE_ENV, PRICE_TABLE_ENV, read_price, read_price_table
+from blueberry.prices import LIST_PRICES, PRICE_ENV, PRICE_TABLE_ENV, read_price, read_price_table
 
 
 @dataclass(frozen=True)
@@ -46,17 +46,24 @@ class Preset:
 
 # The one table of data-sheet peaks: dense tensor-core figures (fp16/bf16 with fp32 accumulate; the data sheets
 # print "with sparsity" figures, twice these), TF32 tensor-core figures (what an fp32 run gets on Ampere+, where
-# `enable_tf32` switches it on) and plain fp32. Prices: rough 2025 cloud rental list
-# prices per device-hour (spot prices can be half that); they drift, so the run records which price it used and
-# where it came from. Order matters: the first preset whose words all match wins.
+# `enable_tf32` switches it on) and plain fp32. Prices: prices.LIST_PRICES; they drift, so the run records which
+# price it used and where it came from. Order matters: the first preset whose words all match wins.
 PRESETS: tuple[Preset, ...] = (
-    Preset("T4", ("t4",), "fp16", {"fp16": 65.0, "fp32": 8.1}, 0.35, 64, "NVIDIA T4 Tensor Core GPU data sheet"),
+    Preset(
+        "T4",
+        ("t4",),
+        "fp16",
+        {"fp16": 65.0, "fp32": 8.1},
+        LIST_PRICES["T4"],
+        64,
+        "NVIDIA T4 Tensor Core GPU data sheet",
+    ),
     Preset(
         "RTX 4090",
         ("4090",),
         "bf16",
         {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
-        0.40,
+        LIST_PRICES["RTX 4090"],
         128,
         "NVIDIA Ada Lovelace GPU Architecture whitepaper, GeForce RTX 4090 (FP16/BF16 tensor, FP32 accumulate)",
     ),
@@ -65,7 +72,7 @@ PRESETS: tuple[Preset, ...] = (
         ("a100",),
         "bf16",
         {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
-        1.50,
+        LIST_PRICES["A100"],
         256,
         "NVIDIA A100 Tensor Core GPU data sheet",
     ),
@@ -74,7 +81,7 @@ PRESETS: tuple[Preset, ...] = (
         ("h100", "pcie"),
         "bf16",
         {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
-        2.50,
+        LIST_PRICES["H100 PCIe"],
         256,
         "NVIDIA H100 Tensor Core GPU data sheet (PCIe)",
     ),
@@ -83,7 +90,7 @@ PRESETS: tuple[Preset, ...] = (
         ("h100", "nvl"),
         "bf16",
         {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
-        3.00,
+        LIST_PRICES["H100 NVL"],
         256,
         "NVIDIA H100 Tensor Core GPU data sheet (NVL)",
     ),
@@ -92,7 +99,7 @@ PRESETS: tuple[Preset, ...] = (
         ("h100",),
         "bf16",
         {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
-        3.00,
+        LIST_PRICES["H100"],
         256,
         "NVIDIA H100 Tensor Core GPU data sheet (SXM)",
     ),
@@ -101,7 +108,7 @@ PRESETS: tuple[Preset, ...] = (
         ("h200", "nvl"),
         "bf16",
         {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
-        3.50,
+        LIST_PRICES["H200 NVL"],
         256,
         "NVIDIA H200 Tensor Core GPU data sheet (NVL)",
     ),
@@ -110,7 +117,7 @@ PRESETS: tuple[Preset, ...] = (
         ("h200",),
         "bf16",
         {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
-        3.50,
+        LIST_PRICES["H200"],
         256,
         "NVIDIA H200 Tensor Core GPU data sheet (SXM)",
     ),

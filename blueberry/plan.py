@@ -25,7 +25,7 @@ from blueberry.hardware import (
     resolve_compile,
     resolve_precision,
 )
-from blueberry.models import ParamCounts, assert_causal, build_model, count_parameters
+from blueberry.models import ParamCounts, assert_causal, build_model, count_parameters, registry
 from blueberry.perf import flops_per_token, peak_flops
 from blueberry.spec import RunSpec
 from blueberry.train.trainer import autocast_for
@@ -106,7 +106,8 @@ def plan_run(
     price, price_source = price_per_hour(t.price_per_hour, preset)
     compiled = resolve_compile(t.compile, device, t.steps * batch.grad_accum)
     experts = spec.model.experts_implementation
-    if compiled and experts in ("grouped", "grouped_mm") and precision != "bf16":
+    routed = registry.FFNS[spec.model.ffn].routed
+    if compiled and routed and experts in ("grouped", "grouped_mm") and precision != "bf16":
         # torch's compiler traces grouped_mm only for bf16 inputs: the first compiled step would fail
         raise ValueError(
             f"model.experts_implementation '{experts}' cannot be compiled in {precision} (torch.compile traces "

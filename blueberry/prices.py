@@ -14,6 +14,12 @@ from pathlib import Path
 PRICE_ENV = "BLUEBERRY_PRICE_PER_HOUR"  # one price for every run of this environment
 PRICE_TABLE_ENV = "BLUEBERRY_GPU_PRICES"  # a table: a run takes its GPU's row, the report matches GPU names
 EXAMPLE = '{"RTX 4090": 0.18}'
+# Rough 2025 cloud rental list prices per device-hour (spot prices can be half that), by hardware preset name:
+# what a run on such a GPU pays unless told otherwise, and the report's default table.
+LIST_PRICES = {
+    "T4": 0.35, "RTX 4090": 0.40, "A100": 1.50, "H100 PCIe": 2.50, "H100 NVL": 3.00, "H100": 3.00,
+    "H200 NVL": 3.50, "H200": 3.50,
+}  # fmt: skip
 
 
 def _is_price(value) -> bool:

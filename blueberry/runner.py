@@ -172,18 +172,17 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
     runs_root = runs_root_for(spec)  # $BLUEBERRY_RUNS_ROOT (a sweep) or tracking.runs_root
     job = distributed.torchrun_job()
     restarted = job is not None and job["restart"] > 0  # --no-resume too continues its own job's attempt then
-    claimed = claim_run_dir(
-        runs_root,
-        spec.experiment,
-        run_id,
-        reuse=None if resume is False and not restarted else _resumable(resume, log, run.world.size, job),
-        create=not resume,
-    )
+    reuse = None if resume is False and not restarted else _resumable(resume, log, run.world.size, job)
+    legacy = (spec.legacy_spec_hash(),)  # what records and checkpoints made before the bookkeeping left it hold
+    claimed = None
+    if not given_id and reuse is not None and legacy[0][:8] != spec_hash[:8]:  # such a run, under its older name
+        claimed = claim_run_dir(runs_root, spec.experiment, f"{spec.run_name}-{legacy[0][:8]}", reuse, create=False)
+    if claimed is None:
+        claimed = claim_run_dir(runs_root, spec.experiment, run_id, reuse, create=not resume)
     if claimed is None:
         raise ResumeError(f"nothing to resume: no unfinished run {run_id} with a checkpoint in {runs_root}")
     for skipped, why in claimed.skipped:
         log(f"not resuming {skipped}: its record is unreadable ({why}); left as it is")
-    legacy = (spec.legacy_spec_hash(),)  # what records and checkpoints made before the bookkeeping left it hold
     run.checkpointer = Checkpointer(
         claimed.path / "checkpoints", spec_hash, spec.train.checkpoint_every, spec.train.keep_checkpoints,
         also_accept=legacy,

@@ -68,12 +68,11 @@ def plan_parts(quick: bool, only: tuple[str, ...] = ()) -> list[Part]:
     return [p for p in PARTS if not only or p.name in only]
 
 
-def cpu_parallel(usable_cores: int, busy_elsewhere: float | None) -> int:
+def cpu_parallel(free_cores: float) -> int:
     """CPU trials at once: one per free core, one thread each. On 2 idle cores two 1-thread trials of the CPU
     twin did 1.36× the work of one 2-thread trial (measured; see README "The study"): small matrices
     scale poorly across threads, and each trial's start-up (imports, data, W&B) overlaps another's training."""
-    free = usable_cores - (busy_elsewhere or 0.0)
-    return max(1, min(MAX_PARALLEL, int(free + 0.5)))
+    return max(1, min(MAX_PARALLEL, int(free_cores + 0.5)))
 
 
 class StudyProgress:

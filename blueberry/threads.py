@@ -125,5 +125,10 @@ def choose_threads(requested: int | None = None, environ: dict | None = None) ->
     busy = busy_cores_elsewhere()
     if busy is None:
         return cores, f"{cores} usable cores"
-    free = max(1, min(cores, round(len(cpu_set()) - busy)))
-    return free, f"{cores} usable cores, {busy:.1f} busy with other processes"
+    return max(1, round(free_cores(busy))), f"{cores} usable cores, {busy:.1f} busy with other processes"
+
+
+def free_cores(busy: float | None) -> float:
+    """Cores' worth this process can use: its CPUs less what others keep busy on them (`busy_cores_elsewhere`),
+    within its cgroup's CPU limit."""
+    return min(usable_cores(), len(cpu_set()) - (busy or 0.0))

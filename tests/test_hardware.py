@@ -330,6 +330,8 @@ def test_grouped_experts_compiled_outside_bf16_are_refused_before_the_run():
         plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512, peak=False)
     spec = load_spec(None, [*flags, "--train.compile=false"])  # eager grouped_mm takes fp32 on CPU
     assert not plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512, peak=False).compile
+    spec = load_spec(None, [*flags, "--train.compile=true", "--model.variant=mlp"])  # dense: no experts to group
+    assert plan_run(spec, torch.device("cpu"), build_model(spec.model, 512), 512, peak=False).compile
 
 
 def test_plan_run_under_torchrun_takes_the_micro_batch_every_rank_fits(monkeypatch):

@@ -5,6 +5,7 @@ Signals in-process are real ones (`signal.raise_signal`) delivered while the tra
 
 import fcntl
 import json
+import math
 import os
 import pty
 import random
@@ -548,6 +549,36 @@ def test_a_run_started_again_with_other_bookkeeping_resumes_and_so_does_one_reco
     args, run_dir = interrupted(tmp_path / "legacy", monkeypatch, steps=6, at=2)
     header = json.loads((run_dir / "spec.json").read_text())
     spec = load_spec(QUICKSTART, args)
-    (run_dir / "spec.json").write_text(json.dumps({**header, "spec_hash": spec.legacy_spec_hash()}))
+    old_dir = run_dir.with_name(f"{spec.run_name}-{spec.legacy_spec_hash()[:8]}")  # as such a run was named
+    run_dir.rename(old_dir)
+    (old_dir / "spec.json").write_text(json.dumps({**header, "spec_hash": spec.legacy_spec_hash()}))
     result = invoke(*args)
     assert result.exit_code == 0 and "resuming the interrupted run from step 2" in result.output, result.output
+    assert [p.name for p in old_dir.parent.iterdir()] == [old_dir.name]
+    assert json.loads((old_dir / "status.json").read_text())["state"] == "finished"
+
+
+def test_a_resumed_runs_wandb_best_so_far_covers_the_earlier_attempt(tmp_path, monkeypatch):
+    """When a resumed run finishes, the runner sets W&B's val/loss min from the whole record: here the best
+    evaluation is the first attempt's, which W&B's own min (over the last attempt's rows) would miss."""
+    from blueberry.train import trainer
+
+    real, losses = trainer.evaluate, []
+
+    def evaluate(*args, **kwargs):  # the first evaluation is the best, later ones worse
+        losses.append(1.0 if not losses else 2.0 + len(losses) / 10)
+        return {**real(*args, **kwargs), "val/loss": losses[-1], "val/perplexity": math.exp(losses[-1])}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    args = [*TINY, "--train.steps=6", "--train.log_every=2", "--train.eval_every=2", "--experiment=ft"]
+    args += [f"--tracking.runs_root={tmp_path / 'runs'}"]
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, step=2)
+        assert invoke(*args).exit_code == 130
+    assert losses == [1.0]  # the first attempt evaluated at step 2 and stopped
+    time.sleep(1.1)  # W&B names a segment's folder by its start second
+    assert invoke(*args).exit_code == 0
+    (run_dir,) = (tmp_path / "runs" / "ft").iterdir()
+    assert [r["val/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r] == [1.0, 2.1, 2.2]
+    last = read_wandb_log(sorted((run_dir / "wandb").glob("offline-run-*"))[-1])
+    assert last.summary["val/loss"] == {"min": 1.0, "last": 2.2}

@@ -48,10 +48,10 @@ def test_plan_parts_picks_and_rejects_names():
 
 
 def test_cpu_parallel_is_one_trial_per_free_core():
-    assert study.cpu_parallel(2, 0.1) == 2
-    assert study.cpu_parallel(2, 1.2) == 1
-    assert study.cpu_parallel(2, 5.0) == 1
-    assert study.cpu_parallel(64, None) == study.MAX_PARALLEL
+    assert study.cpu_parallel(1.9) == 2
+    assert study.cpu_parallel(0.8) == 1
+    assert study.cpu_parallel(-3.0) == 1
+    assert study.cpu_parallel(64) == study.MAX_PARALLEL
 
 
 def test_study_progress_counts_every_part_and_estimates_from_trials_done():

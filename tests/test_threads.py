@@ -20,10 +20,13 @@ def test_spec_then_environment_then_free_cores(monkeypatch):
     assert threads.choose_threads(None, {}) == (1, "8 usable cores, 12.0 busy with other processes")
     monkeypatch.setattr(threads, "busy_cores_elsewhere", lambda sample_s=0: None)  # no /proc/stat
     assert threads.choose_threads(None, {}) == (8, "8 usable cores")
-    # A cgroup limit of 2 cores on 8 CPUs of which 5.4 are busy: the limit, not the free CPUs, binds.
+    # A cgroup limit of 2 cores on 8 CPUs of which 5.4 are busy: the limit, not the free CPUs, binds (a study's
+    # parallel trials too, from the same free_cores).
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
     monkeypatch.setattr(threads, "busy_cores_elsewhere", lambda sample_s=0: 5.4)
     assert threads.choose_threads(None, {})[0] == 2
+    monkeypatch.setattr(threads, "cpu_set", lambda: set(range(64)))  # --cpus=2 on a host with 30 cores busy
+    assert threads.free_cores(30.0) == 2 and threads.free_cores(63.5) == 0.5
 
 
 def test_busy_time_counts_only_this_process_cpus(tmp_path):

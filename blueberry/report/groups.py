@@ -17,7 +17,7 @@ from blueberry.spec import RunSpec
 # Spec fields that do not change what is being measured: runs differing only here are seeds of one configuration.
 NOT_CONFIG = (
     "seed", "name", "experiment", "tags", "tracking",
-    "train.progress", "train.threads", "train.price_per_hour", "train.keep_checkpoints",
+    "train.progress", "train.threads", "train.price_per_hour", "train.keep_checkpoints", "train.checkpoint_every",
 )  # fmt: skip
 _NOT_CONFIG_CHILDREN = tuple(f"{name}." for name in NOT_CONFIG)  # tracking.runs_root, …
 

@@ -9,28 +9,24 @@ from __future__ import annotations
 
 import os
 
-from blueberry.hardware import PRESETS, preset_for
-from blueberry.prices import PRICE_TABLE_ENV, read_price_table
+from blueberry.prices import LIST_PRICES, PRICE_TABLE_ENV, read_price_table
 from blueberry.report.groups import group_runs
 from blueberry.report.records import ReportError, Run
 from blueberry.report.tables import md_table
 
-# $/h: the presets' rough cloud rental list prices, the ones runs price themselves with (override:
-# --gpu-prices, README "Reports"). A run that recorded its own cost (summary cost/usd) keeps it unless prices
-# are overridden.
-DEFAULT_GPU_PRICES = {p.name: p.usd_per_hour for p in PRESETS if p.usd_per_hour is not None}
 MIN_SEEDS = 3  # with fewer seeds a sample sd, and so an error bar, means little
 
 
 def gpu_prices(option: str | None = None) -> tuple[dict[str, float], str]:
-    """(prices, where they came from): the CLI option, else BLUEBERRY_GPU_PRICES, else the defaults."""
+    """(prices, where they came from): the CLI option, else BLUEBERRY_GPU_PRICES, else the list prices runs price
+    themselves with (prices.LIST_PRICES). A run that recorded its own cost keeps it unless prices are given."""
     for source, raw in (("--gpu-prices", option), (PRICE_TABLE_ENV, os.environ.get(PRICE_TABLE_ENV))):
         if raw:
             try:
                 return read_price_table(raw, source), source
             except ValueError as exc:
                 raise ReportError(str(exc)) from None
-    return dict(DEFAULT_GPU_PRICES), "defaults"
+    return dict(LIST_PRICES), "defaults"
 
 
 def device_of(run: Run) -> tuple[str, str | None]:
@@ -45,7 +41,7 @@ def cost(run: Run, prices: dict[str, float], overridden: bool = False) -> str:
     table's price × the run's device-hours, a MIG slice paying its share of its board's price, as a run does."""
     device, gpu = device_of(run)
     recorded = run.metric("cost/usd")
-    if recorded is not None and not (overridden and device == "cuda" and gpu and _table_price(gpu, prices)):
+    if recorded is not None and not (overridden and device == "cuda" and gpu and _table_price(gpu, prices) is not None):
         return f"${recorded:.4f} (recorded)"  # a CPU run given a price too
     if device == "cpu":
         return "n/a (CPU)"
@@ -68,6 +64,8 @@ def cost(run: Run, prices: dict[str, float], overridden: bool = False) -> str:
 def _table_price(gpu: str, prices: dict[str, float]) -> float | None:
     """One device's $/h from a table of GPU names: the longest name in the GPU's (so "RTX 4090 D" would not be
     priced as "RTX 4090"), times the share of a MIG slice."""
+    from blueberry.hardware import preset_for  # imports torch: only for a GPU run priced here
+
     match = next((k for k in sorted(prices, key=len, reverse=True) if k.lower() in gpu.lower()), None)
     return None if match is None else prices[match] * preset_for(gpu).share
 

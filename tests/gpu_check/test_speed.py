@@ -89,6 +89,22 @@ def test_a_preset_that_crashes_is_its_own_result_and_the_others_are_kept(context
     assert sum("tokens_per_s" in case for case in figures["cases"].values()) == len(presets) - 1
 
 
+def test_a_compiled_preset_that_crashes_keeps_the_others_and_the_first_ones_compile_times(context, monkeypatch):
+    presets = read_experiment().presets
+
+    def fake_measure(context, overrides, *args):
+        if overrides[: len(presets[2][1])] == presets[2][1]:
+            raise RuntimeError("InductorError: compile failed")
+        return {"tokens_per_s": 1000.0, "first_step_s": 1.0, "mfu": None, "peak_memory_mb": 1.0}
+
+    monkeypatch.setattr(speed, "measure", fake_measure)
+    with pytest.raises(CheckFailed, match=f"failed: {presets[2][0]}") as failed:
+        speed.check_compiled(context, 600)
+    figures = failed.value.figures
+    assert list(figures["cases"]) == [label for label, _ in presets] and "compile_first_steps_s" in figures
+    assert sum("tokens_per_s" in case for case in figures["cases"].values()) == len(presets) - 1
+
+
 def test_the_compiled_check_keeps_its_time_box(context, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(speed.time, "monotonic", lambda: clock[0])

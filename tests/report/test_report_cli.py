@@ -181,6 +181,7 @@ def test_cost_per_run_uses_the_gpu_table_and_is_na_on_cpu(tmp_path, monkeypatch)
     assert cost(priced_cpu, {"RTX 4090": 0.18}, overridden=True) == "$0.0100 (recorded)"
     gpu.summary["cost/usd"] = 0.5
     assert cost(gpu, {"T4": 0.35}, overridden=True) == "$0.5000 (recorded)"
+    assert cost(gpu, {"RTX 4090": 0.0}, overridden=True) == "$0.0000"  # a free GPU is a price too
     monkeypatch.setenv("BLUEBERRY_GPU_PRICES", json.dumps({"4090": 1.0}))
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["report", "--runs-root", str(tmp_path), "--out", str(out)])

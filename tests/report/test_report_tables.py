@@ -82,6 +82,13 @@ def test_a_seed_run_again_counts_once_its_newest_run(tmp_path):
     assert "| 1 (+1 older run of a seed) | — |" in text  # baseline: one seed, so no noise estimate
 
 
+def test_bookkeeping_settings_do_not_split_a_configuration(tmp_path):
+    for seed, train in enumerate(({}, {"checkpoint_every": 3000}, {"keep_checkpoints": 7}, {"price_per_hour": 1.0})):
+        write_run(tmp_path, "exp3-extended", variant="attention_moe", seed=seed + 1, spec={"train": train})
+    (group,) = group_runs(load_local(tmp_path))
+    assert len(group.ok) == 4
+
+
 def test_failed_running_and_unreadable_runs_are_listed_not_dropped(tmp_path, alive):
     write_run(tmp_path, "exp1-ablation", variant="mlp", seed=1, val_loss=1.0)
     write_run(tmp_path, "exp1-ablation", variant="mlp", seed=2, state="failed", reason="TrainingDiverged: nan")
