@@ -60,7 +60,9 @@ def load_wandb_settings():
         env_var = {setting: var for setting, var in WANDB_FIELDS.values()}.get(error["loc"][0], f"{error['loc'][0]}")
         raise ValueError(f"W&B environment variable {env_var}={error.get('input')!r}: {error['msg']}") from None
     except UsageError as exc:  # W&B's own validators (e.g. a project name with '/') raise this instead
-        raise ValueError(f"W&B environment: {exc}") from None
+        said = str(exc)  # names the value, not the variable: find the variable holding it
+        named = [var for _, var in WANDB_FIELDS.values() if os.environ.get(var) and repr(os.environ[var]) in said]
+        raise ValueError(f"W&B environment{' variable ' + named[0] if named else ''}: {said}") from None
     return settings
 
 

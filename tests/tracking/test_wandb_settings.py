@@ -120,7 +120,7 @@ def test_an_invalid_wandb_environment_variable_is_named(workdir, monkeypatch):
         resolve_mode("auto")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_PROJECT", "me/proj")  # W&B's own validator: a UsageError, not a ValidationError
-    with pytest.raises(ValueError, match="W&B environment: Invalid project name 'me/proj'"):
+    with pytest.raises(ValueError, match="W&B environment variable WANDB_PROJECT: Invalid project name 'me/proj'"):
         resolve_mode("auto")
 
 
