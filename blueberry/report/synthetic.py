@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blueberry.fileio import write_json_atomic
+from blueberry.fileio import finite, write_json_atomic
 from blueberry.models import registry
 from blueberry.spec import RunSpec
 from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, STATUS_FILE, SUMMARY_FILE, make_header
@@ -115,7 +115,7 @@ def _write_metrics(path: Path, spec: RunSpec, last: int, loss: float, acc: float
             train = loss + (UNIGRAM - loss) * decay + 0.05 * rng.standard_normal()
             speed = tok_s * (1 + 0.02 * rng.standard_normal())
             row = (
-                f'{{"step": {step}, "time": {t:.3f}, "train/loss": {train:.6f}, "train/aux_loss": 0.01, {moe}'
+                f'{{"step": {step}, "time": {t:.3f}, "train/loss": {_number(train)}, "train/aux_loss": 0.01, {moe}'
                 f'"train/lr": {cfg.lr:.6g}, "train/grad_norm": {0.5 + decay:.4f}, '
                 f'"trainer/tokens": {step * cfg.batch_size * 128}, "perf/tokens_per_s": {speed:.1f}, '
                 f'"perf/step_time_s": 0.1, "perf/peak_memory_mb": 512.0, "perf/elapsed_s": {t:.3f}'
@@ -127,8 +127,15 @@ def _write_metrics(path: Path, spec: RunSpec, last: int, loss: float, acc: float
             vp = ppl if step == total else math.exp(min(vl, 20))
             lines.append(
                 json.dumps(
-                    {"step": step, "time": t + 0.5, "val/loss": vl, "val/accuracy": va, "val/perplexity": vp}
-                    | {"val/tokens": 1000, "trainer/tokens": step * cfg.batch_size * 128}
+                    finite(
+                        {"step": step, "time": t + 0.5, "val/loss": vl, "val/accuracy": va, "val/perplexity": vp}
+                        | {"val/tokens": 1000, "trainer/tokens": step * cfg.batch_size * 128}
+                    )
                 )
             )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _number(value: float) -> str:
+    """A JSON number, or as the run record writes NaN/inf (fileio.finite): a string."""
+    return f"{value:.6f}" if math.isfinite(value) else f'"{value}"'

@@ -18,8 +18,14 @@ ASSESSMENT = ((0.95, "Near best"), (0.75, "Good"), (0.40, "Moderate"), (0.0, "Po
 
 def md_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    """One table cell: a line of its own (a multi-line failure reason would end the table), `|` escaped, and no
+    raw HTML from run ids or reasons (`<` as `&lt;`)."""
+    return " ".join(str(value).split("\n")).replace("\r", " ").replace("|", "\\|").replace("<", "&lt;")
 
 
 def fmt_loss(s: Stat) -> str:
@@ -88,13 +94,13 @@ def statistics(groups: list[Group]) -> str:
     params = [g.params("total") for g in done if g.params("total")]
     lines = [f"**Statistics** over {len(done)} configurations (per-configuration means; ± is the sample sd):", ""]
     ratio = min(loss) / max(loss) if max(loss) > 0 else math.nan
-    lines.append(_stat_line("Loss", loss, ".4f") + f", best/worst {ratio:.2f}x ({1 / ratio:.1f}x gap)")
+    gap = f"{1 / ratio:.1f}x" if ratio > 0 else "n/a"  # nan > 0 is False too
+    lines.append(_stat_line("Loss", loss, ".4f") + f", best/worst {ratio:.2f}x ({gap} gap)")
     if acc:
         lines.append(_stat_line("Accuracy", acc, ".2f", "%", 100))
     if minutes:
-        lines.append(
-            _stat_line("Time", minutes, ".2f", " min") + f", slowest/fastest {max(minutes) / min(minutes):.1f}x"
-        )
+        spread = f"{max(minutes) / min(minutes):.1f}x" if min(minutes) > 0 else "n/a"  # a run of no recorded time
+        lines.append(_stat_line("Time", minutes, ".2f", " min") + f", slowest/fastest {spread}")
     if params:
         line = _stat_line("Params", params, ".2f", " M", 1e-6)
         lines.append(line + f", largest/smallest {max(params) / min(params):.1f}x")

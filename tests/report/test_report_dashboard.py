@@ -63,6 +63,14 @@ def test_dashboard_renders_runs_in_headless_chromium(tmp_path, browse):
     assert len(re.findall(r'<path[^>]*class="curve"', dom.stdout)) == 5  # best 5 runs overlaid by default
     assert "7 of 7 runs" in dom.stdout
 
+    # The filter, typed as a user would: "—" finds only the runs with a missing value (the failed one), not
+    # every row through the empty checkbox column.
+    typed = tmp_path / "typed.html"
+    typing = '<script>$("filter").value = "—"; $("filter").dispatchEvent(new Event("input"));</script>'
+    typed.write_text(page.read_text(encoding="utf-8").replace("</body>", typing + "</body>"), encoding="utf-8")
+    dom = browse(typed, "--dump-dom")
+    assert "1 of 7 runs" in dom.stdout, re.findall(r'<span id="count">[^<]*', dom.stdout)
+
     shot = tmp_path / "shot.png"
     result = browse(page, f"--screenshot={shot}", "--window-size=1280,1100")
     assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]

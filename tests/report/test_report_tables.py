@@ -89,6 +89,24 @@ def test_bookkeeping_settings_do_not_split_a_configuration(tmp_path):
     assert len(group.ok) == 4
 
 
+def test_a_run_of_no_time_or_a_multi_line_reason_keeps_the_tables_whole(tmp_path):
+    write_run(tmp_path, "exp1-ablation", variant="mlp", seed=1, val_loss=1.0, minutes=0.0)
+    write_run(tmp_path, "exp1-ablation", variant="moe", seed=1, val_loss=2.0)
+    reason = "RuntimeError: CUDA error: device-side assert\nCUDA kernel errors | <b>later</b>"
+    write_run(tmp_path, "exp1-ablation", variant="baseline", seed=1, state="failed", reason=reason)
+    runs = load_local(tmp_path)
+    text, _ = ablation_table(runs)
+    assert "slowest/fastest n/a" in text  # not a ZeroDivisionError
+    (row,) = [line for line in not_aggregated(runs).splitlines() if "device-side assert" in line]
+    assert "CUDA kernel errors \\| &lt;b>later&lt;/b>" in row and row.endswith("|")
+
+
+def test_a_nan_val_loss_is_a_readable_run_without_a_final_loss(tmp_path):
+    write_run(tmp_path, "exp1-ablation", variant="mlp", seed=1, val_loss=float("nan"))
+    (run,) = load_local(tmp_path)
+    assert run.state == "finished" and not run.ok
+
+
 def test_failed_running_and_unreadable_runs_are_listed_not_dropped(tmp_path, alive):
     write_run(tmp_path, "exp1-ablation", variant="mlp", seed=1, val_loss=1.0)
     write_run(tmp_path, "exp1-ablation", variant="mlp", seed=2, state="failed", reason="TrainingDiverged: nan")
