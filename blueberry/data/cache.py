@@ -35,3 +35,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after a successful rename
+
+
+def set_aside(entry: Path) -> None:
+    """Move a damaged cache entry out of its name (kept, hidden, for a look) so a fresh one can take it; another
+    process may have done so first."""
+    with contextlib.suppress(OSError):
+        os.rename(entry, entry.with_name(f".{entry.name}.damaged-{os.getpid()}"))

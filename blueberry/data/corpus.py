@@ -78,8 +78,11 @@ def resolve_source(spec: DataSpec) -> Source:
             raise DataError(f"unsupported file type {path.name!r}; use one of {sorted(BUILDERS)} (optionally .gz)")
         files = [path.resolve()]
     elif path.is_dir():
-        files = sorted(
-            f for f in path.resolve().rglob("*") if f.is_file() and _builder_for(f) and not f.name.startswith(".")
+        root = path.resolve()
+        files = sorted(  # hidden files and folders (.ipynb_checkpoints, .git) are no data: a copy would train twice
+            f
+            for f in root.rglob("*")
+            if f.is_file() and _builder_for(f) and not any(p.startswith(".") for p in f.relative_to(root).parts)
         )
         builders = {_builder_for(f) for f in files}
         if len(builders) != 1:
@@ -196,7 +199,10 @@ def load_documents(spec: DataSpec, source: Source | None = None) -> list[Documen
     if spec.text_field not in columns:
         raise DataError(f"dataset {spec.dataset!r} has no text field {spec.text_field!r}; columns: {columns}")
     ds = ds.select_columns([c for c in (spec.text_field, spec.id_field) if c in columns])
-    docs = to_documents(_rows(ds, spec.max_docs), spec.text_field, spec.id_field, spec.max_chars_per_doc)
+    try:
+        docs = to_documents(_rows(ds, spec.max_docs), spec.text_field, spec.id_field, spec.max_chars_per_doc)
+    except UnicodeDecodeError as exc:  # Arrow's JSON reader leaves UTF-8 to be checked as rows are read
+        raise DataError(f"cannot read dataset {spec.dataset!r}: not UTF-8 text ({exc})") from exc
     if not docs:
         found = ""
         if hasattr(ds, "__len__"):  # in memory: cheap to look again (a stream would be read anew)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from blueberry.data import audit
-from blueberry.data.cache import atomic_dir, cache_root
+from blueberry.data.cache import atomic_dir, cache_root, set_aside
 from blueberry.data.corpus import Source, load_documents, resolve_source, stat_fingerprint
 from blueberry.data.errors import DataError
 from blueberry.data.split import split_documents
@@ -181,7 +181,14 @@ def prepare_data(spec: DataSpec, seed: int, cache_dir: str | Path | None = None)
     root = cache_root(cache_dir)
     source = resolve_source(spec)
     entry = root / "tokens" / token_cache_key(spec, source)[:24]
-    cached = _load(root, entry, spec)
+    try:
+        cached = _load(root, entry, spec)
+    except DataError:  # the spec's tokenizer cannot be loaded: say so
+        raise
+    except Exception:  # a damaged entry (files cut short by a crash before they reached the disk, a hand edit)
+        cached = None
+    if cached is None and entry.exists():
+        set_aside(entry)  # else the new entry's rename onto it fails, and every run would build it again
     tokenizer, train, val, meta, split_ids = cached or _build(spec, source, root, entry)
 
     if len(train) < spec.seq_len + 1:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from blueberry.data.cache import atomic_dir
+from blueberry.data.cache import atomic_dir, set_aside
 from blueberry.data.corpus import Document, text_sha256
 from blueberry.data.errors import DataError
 
@@ -61,11 +61,17 @@ def load_or_train_bpe(train_docs: Sequence[Document], vocab_size: int, cache_roo
     from transformers import PreTrainedTokenizerFast
 
     path = bpe_cache_dir(train_docs, vocab_size, cache_root)
-    if not (path / "tokenizer.json").is_file():
-        backend = train_bpe((doc.text for doc in train_docs), vocab_size)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS, pad_token=PAD)
-        with atomic_dir(path) as tmp:
-            tokenizer.save_pretrained(str(tmp))
+    if (path / "tokenizer.json").is_file():
+        try:
+            return load_bpe(path), path
+        except Exception:  # damaged (cut short by a crash, edited by hand): trained again under its name
+            set_aside(path)
+    elif path.exists():  # a folder without its tokenizer.json: damaged too
+        set_aside(path)
+    backend = train_bpe((doc.text for doc in train_docs), vocab_size)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    with atomic_dir(path) as tmp:
+        tokenizer.save_pretrained(str(tmp))
     return load_bpe(path), path
 
 
@@ -115,9 +121,10 @@ def load_pretrained(name_or_path: str):
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids per text, with no special tokens (EOS is added between documents by the caller)."""
+    """Token ids per text, with no special tokens (EOS is added between documents by the caller): a document that
+    contains the text `<|endoftext|>` gets it as plain text, not as a document boundary."""
     # verbose=False: whole documents exceed a pretrained tokenizer's model_max_length, which is harmless here.
-    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, verbose=False, split_special_tokens=True)["input_ids"]
 
 
 def vocab_digest(tokenizer) -> str:

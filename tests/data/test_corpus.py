@@ -115,6 +115,7 @@ def test_missing_text_field_names_the_field_and_the_columns(tmp_path):
         ("empty.txt", b"", "is empty (1 file(s) of 0 bytes)"),
         ("empty.jsonl", b"", "is empty (1 file(s) of 0 bytes)"),
         ("latin1.txt", "Élise\n".encode("latin-1"), "as text: UnicodeDecodeError: 'utf-8' codec can't decode"),
+        ("latin1.jsonl", '{"id": "a", "text": "Élise"}\n'.encode("latin-1"), "not UTF-8 text"),
         ("broken.jsonl", b'{"text": "a"\n', "as json: ArrowInvalid: JSON parse error"),
         ("broken.parquet", b"PAR1 not really", "as parquet: ArrowInvalid"),
     ],
@@ -161,3 +162,12 @@ def test_offline_hub_tokenizer_fails_fast_and_clearly(tmp_path, network_attempts
     with pytest.raises(DataError, match="HuggingFaceTB/SmolLM-135M.*offline"):
         prepare_data(DataSpec(dataset=str(path), text_field="body", tokenizer="HuggingFaceTB/SmolLM-135M"), seed=0)
     assert network_attempts == []
+
+
+def test_hidden_folders_in_a_dataset_folder_are_no_data(tmp_path):
+    # Jupyter leaves .ipynb_checkpoints/ copies beside a notebook's files: read, every document would train twice.
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    write_jsonl(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.jsonl", ROWS)
+    docs = load_documents(DataSpec(dataset=str(tmp_path), text_field="body"))
+    assert len(docs) == len(ROWS)

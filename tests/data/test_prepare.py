@@ -142,3 +142,43 @@ def test_local_jsonl_end_to_end(tmp_path):
     data = prepare_data(DataSpec(dataset=str(path), vocab_size=300, seq_len=32, max_tokens=5_000), seed=0)
     assert data.stats["train_tokens"] == 5_000 and data.vocab_size == 300
     assert data.leakage["shared_doc_ids"] == 0
+
+
+@pytest.mark.parametrize("damage", ["cut train.npy", "lose split.json", "lose meta.json", "cut the BPE"])
+def test_a_damaged_cache_entry_is_set_aside_and_built_again(tmp_path, damage):
+    """Files cut short by a crash before they reached the disk, or a hand edit: the next run rebuilds the entry
+    (it gave a traceback, or was silently rebuilt by every run) and keeps the damaged one aside, hidden."""
+    docs = load_documents(SPEC)[:60]
+    path = tmp_path / "local.jsonl"
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    spec, cache = DataSpec(dataset=str(path), vocab_size=300, seq_len=32, max_tokens=5_000), tmp_path / "cache"
+    first = prepare_data(spec, seed=0, cache_dir=cache)
+    (entry,) = (cache / "tokens").iterdir()
+    (bpe,) = (cache / "tokenizers").iterdir()
+    if damage == "cut train.npy":
+        (entry / "train.npy").write_bytes((entry / "train.npy").read_bytes()[:100])
+    elif damage == "lose split.json":
+        (entry / "split.json").unlink()
+    elif damage == "lose meta.json":
+        (entry / "meta.json").unlink()
+    else:
+        (bpe / "tokenizer.json").write_text((bpe / "tokenizer.json").read_text()[:500])
+    again = prepare_data(spec, seed=0, cache_dir=cache)
+    assert again.fingerprint == first.fingerprint and torch.equal(again.train_tokens, first.train_tokens)
+    assert (entry / "meta.json").is_file() and (entry / "split.json").is_file()
+    aside = [p.name for folder in ("tokens", "tokenizers") for p in (cache / folder).iterdir() if ".damaged-" in p.name]
+    assert len(aside) == (2 if damage == "cut the BPE" else 1)  # a damaged BPE takes its token entry with it
+    third = prepare_data(spec, seed=0, cache_dir=cache)  # repaired: a cache hit from now on
+    assert third.fingerprint == first.fingerprint
+
+
+def test_the_text_endoftext_inside_a_document_is_no_document_boundary(tmp_path):
+    docs = load_documents(SPEC)[:60]
+    path = tmp_path / "local.jsonl"
+    texts = [d.text for d in docs]
+    texts[3] = texts[3] + " quoted: <|endoftext|> in the text"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    data = prepare_data(DataSpec(dataset=str(path), vocab_size=300, seq_len=32), seed=0, cache_dir=tmp_path / "c")
+    eos = data.tokenizer.eos_token_id
+    boundaries = int((data.train_tokens == eos).sum()) + int((data.val_tokens == eos).sum())
+    assert boundaries == len(texts)  # one EOS after each document, none inside
