@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from blueberry.fileio import atomic_writer  # noqa: E402
+from blueberry.models import registry  # noqa: E402
 from blueberry.report.groups import Group  # noqa: E402
 
 MAX_CURVES = 10  # more lines than this are unreadable: plot the best ones and say so
@@ -37,6 +38,7 @@ CURVES_2X2 = (
     ("val/perplexity", "val perplexity"),
 )
 DPI = 100
+MARKED_POINTS = 5  # lines of this many points or fewer get markers
 # Below this many figures to draw, a process pool costs more to start (~1 s of imports each) than it saves.
 MIN_PARALLEL = 8
 
@@ -89,10 +91,21 @@ def _shown(groups: list[Group]) -> tuple[list[Group], str]:
     return done[:MAX_CURVES], f" (best {MAX_CURVES} of {len(done)})"
 
 
+def _slots(groups: list[Group]) -> list[int]:
+    """Colour slots: by model category where the groups are models of distinct categories (the study's plots
+    colour models so, and a category keeps its colour in every plot), else by rank."""
+    order = [preset.category for preset in registry.PRESETS.values()]
+    model = ({name: g.get(f"model.{name}") for name in ("variant", "attention", "ffn")} for g in groups)
+    categories = [registry.category(m) for m in model]
+    if len(set(categories)) == len(categories) and all(c in order for c in categories):
+        return [order.index(c) for c in categories]
+    return list(range(len(groups)))
+
+
 def _lines(groups: list[Group], metric: str, x: str) -> list[dict]:
     """One line per group (its colour slot kept when a group has no curve, as the legend's order is)."""
     lines = []
-    for slot, group in enumerate(groups):
+    for slot, group in zip(_slots(groups), groups):
         curve = band(group, metric, x)
         if curve is not None:
             xs, mean, lo, hi = (np.asarray(a, dtype=float).tolist() for a in curve)
@@ -183,7 +196,8 @@ def _draw_lines(ax, lines: list[dict]) -> None:
     colors = plt.cm.tab10(np.arange(10))
     for line in lines:
         color = colors[line["slot"] % 10]
-        ax.plot(line["x"], line["y"], color=color, label=line["label"], lw=1.6)
+        few = len(line["x"]) <= MARKED_POINTS  # a run evaluated once or twice: a line alone would not show
+        ax.plot(line["x"], line["y"], color=color, label=line["label"], lw=1.6, marker="o" if few else None)
         if line["band"]:
             ax.fill_between(line["x"], line["lo"], line["hi"], color=color, alpha=0.18, lw=0)
 

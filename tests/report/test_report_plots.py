@@ -79,3 +79,31 @@ def test_figure_key_follows_the_data_drawn(tmp_path):
     assert figure.key() != plots.bars(groups, "val/loss", "other title", "loss").key()
     groups[0].runs[0].summary["val/loss"] += 1e-12  # any change in a drawn value is a new picture
     assert figure.key() != plots.bars(groups, "val/loss", "t", "loss").key()
+
+
+def test_models_keep_their_category_colour_in_every_plot_and_an_lr_grid_is_coloured_by_rank(tmp_path):
+    # reference-facts §11: the ablation's curves are coloured by category, so a model's colour does not depend on
+    # where it ranks or which other models the experiment holds.
+    ablation(tmp_path / "a", variants=("mlp", "baseline", "moe"))
+    ablation(tmp_path / "b", variants=("moe", "attention_moe"))
+    slots = {}
+    for root in ("a", "b"):
+        groups = group_runs(load_local(tmp_path / root))
+        label_groups(groups, "model.variant")
+        figure = plots.val_loss_curves(groups, "t")
+        for line in figure.data["lines"]:
+            slots.setdefault(line["label"].split(" ")[0], set()).add(line["slot"])
+    assert all(len(s) == 1 for s in slots.values()) and len({min(s) for s in slots.values()}) == len(slots)
+    for lr in (1e-3, 3e-3):
+        write_run(tmp_path / "lr", "exp2-lr-attention-mlp", variant="attention_mlp", lr=lr)
+    groups = group_runs(load_local(tmp_path / "lr"))
+    assert [line["slot"] for line in plots.val_loss_curves(groups, "t").data["lines"]] == [0, 1]
+
+
+def test_a_curve_of_a_few_evaluations_is_drawn_with_markers(tmp_path):
+    # The CPU twin evaluates once at its end: a one-point line without a marker draws nothing at all.
+    for root, eval_every, marker in (("once", 100, "o"), ("often", 10, "None")):
+        write_run(tmp_path / root, "exp1-ablation", variant="mlp", steps=100, eval_every=eval_every)
+        figure = plots.val_loss_curves(group_runs(load_local(tmp_path / root)), "t")
+        (line,) = plots.DRAW[figure.kind](figure.data).axes[0].lines
+        assert line.get_marker() == marker and len(line.get_xdata()) == (1 if marker == "o" else 10)
