@@ -369,8 +369,9 @@ def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) 
     """
     if not claimed.reused:
         return (given_id, None) if given_id else (new_run_id(name), "never")
-    previous = (read_json(claimed.path / SPEC_FILE) or {}).get("wandb") or {}
-    stored_id = given_id or previous.get("id") or claimed.path.name  # records before ids were stored: the dir name
+    previous = _stored_wandb(claimed.path)
+    stored = previous.get("id") if isinstance(previous.get("id"), str) else None
+    stored_id = given_id or stored or claimed.path.name  # records before ids were stored: the dir name
     then = previous.get("mode")  # {"value", "source"}; a plain string in records before sources were kept
     previous_mode = then.get("value") if isinstance(then, dict) else then
     return stored_id, "must" if mode == previous_mode == "online" else "allow"
@@ -382,14 +383,19 @@ FIRST = " (first attempt)"  # the source of a W&B value a resumed run keeps from
 def stored_wandb_place(run_dir: Path) -> dict[str, Choice]:
     """The W&B project, entity and directory an earlier attempt of this run used (its spec.json), so a resume
     continues that W&B run whatever the environment says now; fields it did not record are absent."""
-    previous = (read_json(run_dir / SPEC_FILE) or {}).get("wandb") or {}
-    place = {}
+    previous, place = _stored_wandb(run_dir), {}
     for field_name in ("project", "entity", "dir"):
         stored = previous.get(field_name)
         if isinstance(stored, dict) and "value" in stored:
             source = str(stored.get("source"))
             place[field_name] = Choice(stored["value"], source if source.endswith(FIRST) else f"{source}{FIRST}")
     return place
+
+
+def _stored_wandb(run_dir: Path) -> dict:
+    """The `wandb` section an earlier attempt wrote into spec.json ({} where missing or not an object)."""
+    section = (read_json(run_dir / SPEC_FILE) or {}).get("wandb")
+    return section if isinstance(section, dict) else {}
 
 
 def _resumable(resume: bool | None, log=print, world_size: int = 1, job: dict | None = None):

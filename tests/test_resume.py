@@ -582,3 +582,14 @@ def test_a_resumed_runs_wandb_best_so_far_covers_the_earlier_attempt(tmp_path, m
     assert [r["val/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r] == [1.0, 2.1, 2.2]
     last = read_wandb_log(sorted((run_dir / "wandb").glob("offline-run-*"))[-1])
     assert last.summary["val/loss"] == {"min": 1.0, "last": 2.2}
+
+
+@pytest.mark.parametrize("section", [["proj"], "proj", {"project": "p", "id": 5}, {"project": ["p"]}])
+def test_an_earlier_attempts_wandb_section_of_another_shape_is_read_as_absent(tmp_path, section):
+    from blueberry.runner import stored_wandb_place, wandb_identity
+    from blueberry.tracking.record import RunDir
+
+    (tmp_path / "spec.json").write_text(json.dumps({"wandb": section}))
+    assert stored_wandb_place(tmp_path) == {}
+    claimed = RunDir(tmp_path, None, reused=True)
+    assert wandb_identity(claimed, None, "offline", "n") == (tmp_path.name, "allow")  # the directory's name

@@ -413,10 +413,16 @@ def run_from_wandb(api_run: Any, rows: list[dict] | None) -> Run:
     config = {k: v for k, v in dict(api_run.config).items() if not k.startswith("_")}
     spec = {k: config[k] for k in SPEC_KEYS if k in config}
     model = spec.get("model")
-    if isinstance(model, dict) and model.get("variant") is None and config.get("variant") in registry.PRESETS:
+    named = config.get("variant")
+    if (
+        isinstance(model, dict)
+        and model.get("variant") is None
+        and isinstance(named, str)
+        and named in registry.PRESETS
+    ):
         # A sweep that sets `variant: null` (sweeps/factorial.yaml) keeps it so in W&B's config, where sweep
         # parameters win; the pair it chose may be a preset, named by the derived top-level `variant`.
-        spec["model"] = {**model, "variant": config["variant"]}
+        spec["model"] = {**model, "variant": named}
     summary = {}
     # summary_metrics: plain JSON values; api_run.summary wraps nested ones (define_metric's {"min", "last"}) in
     # SummarySubDict, which is no dict.

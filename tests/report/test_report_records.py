@@ -176,6 +176,8 @@ def test_a_sweep_that_nulls_the_variant_still_names_the_preset_its_pair_makes():
     assert run_from_wandb(api_run, []).variant == "deepseek_v3"
     api_run.config["model"], api_run.config["variant"] = {"variant": None, "attention": "mla", "ffn": "mlp"}, "x-y"
     assert run_from_wandb(api_run, []).variant is None  # not a preset: nothing to name
+    api_run.config["variant"] = ["deepseek_v3"]  # valid JSON, not what the runner writes
+    assert run_from_wandb(api_run, []).variant is None
 
 
 def test_wandb_loader_normalises_runs_and_uses_the_cache(tmp_path, monkeypatch):
