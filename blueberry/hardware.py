@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from blueberry.gpu_monitor import mig_board, nvml_session, nvml_text, visible_handles
 from blueberry.prices import LIST_PRICES, PRICE_ENV, PRICE_TABLE_ENV, read_price, read_price_table
+from blueberry.threads import usable_cores
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ CPU_PRESET = Preset("CPU", (), "fp32", {}, None, 32)
 @dataclass(frozen=True)
 class CpuInfo:
     model: str
-    cores: int  # usable by this process (affinity), not the host's total
+    cores: int  # usable by this process (threads.usable_cores: affinity, cgroup limit), not the host's total
     torch_threads: int
     bf16: bool  # AVX512-BF16 or AMX: bf16 autocast pays off
     amx: bool
@@ -185,7 +186,7 @@ def bf16_emulated(device: torch.device, precision: str) -> bool:
 
 def detect_cpu() -> CpuInfo:
     model = _cpuinfo_field("model name") or platform.processor() or platform.machine()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     flags = (_cpuinfo_field("flags") or "").split()
     return CpuInfo(model, cores, torch.get_num_threads(), cpu_supports_bf16(flags), "amx_bf16" in flags)
 

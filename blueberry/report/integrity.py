@@ -41,7 +41,9 @@ def cost(run: Run, prices: dict[str, float], overridden: bool = False) -> str:
     table's price × the run's device-hours, a MIG slice paying its share of its board's price, as a run does."""
     device, gpu = device_of(run)
     recorded = run.metric("cost/usd")
-    if recorded is not None and not (overridden and device == "cuda" and gpu and _table_price(gpu, prices) is not None):
+    priced = device == "cuda" and gpu and (overridden or recorded is None)
+    price = _table_price(gpu, prices) if priced else None
+    if recorded is not None and price is None:
         return f"${recorded:.4f} (recorded)"  # a CPU run given a price too
     if device == "cpu":
         return "n/a (CPU)"
@@ -49,7 +51,6 @@ def cost(run: Run, prices: dict[str, float], overridden: bool = False) -> str:
         return "n/a (device not recorded)"
     if not gpu:
         return "n/a (GPU model not recorded)"
-    price = _table_price(gpu, prices)
     if price is None:
         return f"n/a (no price for {gpu})"
     hours = run.metric("cost/device_hours")  # wall time × devices, earlier attempts included

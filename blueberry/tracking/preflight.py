@@ -82,11 +82,8 @@ def preflight(spec: RunSpec) -> None:
         except ValueError as exc:
             raise PreflightError(str(exc)) from None
         # W&B falls back to a temp folder where it cannot write, so the record would point where nothing is
-        wandb_dir, setting = (
-            (spec.tracking.wandb_dir, "tracking.wandb_dir")
-            if spec.tracking.wandb_dir
-            else (os.environ.get("WANDB_DIR"), "WANDB_DIR")
-        )
+        wandb_dir = spec.tracking.wandb_dir or os.environ.get("WANDB_DIR")
+        setting = "tracking.wandb_dir" if spec.tracking.wandb_dir else "WANDB_DIR"
         if wandb_dir:
             check_writable_dir(wandb_dir, setting)
 

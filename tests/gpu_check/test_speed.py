@@ -73,15 +73,20 @@ def test_the_compiled_check_compiles_the_first_preset_twice_the_second_time_with
     )
 
 
-def test_a_preset_that_crashes_is_its_own_result_and_the_others_are_kept(context, monkeypatch):
-    presets = read_experiment().presets
+def crashing_on(preset_overrides: list[str], error: str):
+    """A stand-in for speed.measure: 1 s and 1,000 tokens/s for every preset, a RuntimeError for this one."""
 
     def fake_measure(context, overrides, *args):
-        if overrides[: len(presets[1][1])] == presets[1][1]:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if overrides[: len(preset_overrides)] == preset_overrides:
+            raise RuntimeError(error)
         return {"tokens_per_s": 1000.0, "first_step_s": 1.0, "mfu": None, "peak_memory_mb": 1.0}
 
-    monkeypatch.setattr(speed, "measure", fake_measure)
+    return fake_measure
+
+
+def test_a_preset_that_crashes_is_its_own_result_and_the_others_are_kept(context, monkeypatch):
+    presets = read_experiment().presets
+    monkeypatch.setattr(speed, "measure", crashing_on(presets[1][1], "CUDA error: an illegal memory access"))
     with pytest.raises(CheckFailed, match=f"failed: {presets[1][0]}") as failed:
         speed.measure_presets(context, 600, [])
     figures = failed.value.figures
@@ -91,13 +96,7 @@ def test_a_preset_that_crashes_is_its_own_result_and_the_others_are_kept(context
 
 def test_a_compiled_preset_that_crashes_keeps_the_others_and_the_first_ones_compile_times(context, monkeypatch):
     presets = read_experiment().presets
-
-    def fake_measure(context, overrides, *args):
-        if overrides[: len(presets[2][1])] == presets[2][1]:
-            raise RuntimeError("InductorError: compile failed")
-        return {"tokens_per_s": 1000.0, "first_step_s": 1.0, "mfu": None, "peak_memory_mb": 1.0}
-
-    monkeypatch.setattr(speed, "measure", fake_measure)
+    monkeypatch.setattr(speed, "measure", crashing_on(presets[2][1], "InductorError: compile failed"))
     with pytest.raises(CheckFailed, match=f"failed: {presets[2][0]}") as failed:
         speed.check_compiled(context, 600)
     figures = failed.value.figures
