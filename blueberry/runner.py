@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -322,17 +323,18 @@ def recorded(run: Run):
     try:
         yield
     except TrainingInterrupted as exc:
-        run.tracker.finish("interrupted", str(exc))
+        run.tracker.finish("interrupted", str(exc), 128 + exc.signum)
         raise
     except KeyboardInterrupt as exc:
-        run.tracker.finish("interrupted", str(exc) or "KeyboardInterrupt")
+        signum = getattr(exc, "signum", signal.SIGINT)
+        run.tracker.finish("interrupted", str(exc) or "KeyboardInterrupt", 128 + signum)
         raise
     except torch.OutOfMemoryError as exc:
         message = _out_of_memory_advice(run.built.spec, run.built.device)
-        run.tracker.finish("failed", message)
+        run.tracker.finish("failed", message, 1)
         raise OutOfMemory(message) from exc
     except BaseException as exc:
-        run.tracker.finish("failed", f"{type(exc).__name__}: {exc}")
+        run.tracker.finish("failed", f"{type(exc).__name__}: {exc}", 1)
         raise
 
 

@@ -61,9 +61,9 @@ class ListTracker:
         if self.inner is not None:
             self.inner.summary(values)
 
-    def finish(self, state, reason=None):
+    def finish(self, state, reason=None, exit_code=0):
         if self.inner is not None:
-            self.inner.finish(state, reason)
+            self.inner.finish(state, reason, exit_code)
 
 
 def reset_peak_rss() -> None:

@@ -12,7 +12,9 @@ class Tracker(Protocol):
 
     def summary(self, values: dict[str, Any]) -> None: ...
 
-    def finish(self, state: str, reason: str | None = None) -> None: ...
+    def finish(self, state: str, reason: str | None = None, exit_code: int = 0) -> None:
+        """`exit_code`: the process's exit status for this end (0 finished, 1 failed, 128 + the signal's number
+        interrupted: the convention W&B documents for runs stopped by a signal), recorded as W&B records it."""
 
 
 class Trackers:
@@ -29,6 +31,6 @@ class Trackers:
         for tracker in self.trackers:
             tracker.summary(values)
 
-    def finish(self, state: str, reason: str | None = None) -> None:
+    def finish(self, state: str, reason: str | None = None, exit_code: int = 0) -> None:
         for tracker in self.trackers:
-            tracker.finish(state, reason)
+            tracker.finish(state, reason, exit_code)

@@ -252,8 +252,10 @@ class RunRecord:
         self._metrics = open(self.dir / METRICS_FILE, "a", encoding="utf-8")
         self._status("running")
 
-    def _status(self, state: str, reason: str | None = None) -> None:
+    def _status(self, state: str, reason: str | None = None, exit_code: int | None = None) -> None:
         status = {"state": state, "reason": reason, "started_at": self.started, "updated_at": time.time()}
+        if exit_code is not None:  # the run has ended; the same exit code W&B records
+            status["exit_code"] = exit_code
         status["host"] = socket.gethostname()  # where the lock that says "alive" can be seen (run_is_live)
         write_json_atomic(self.dir / STATUS_FILE, status)
 
@@ -266,6 +268,6 @@ class RunRecord:
         self._summary.update(values)
         write_json_atomic(self.dir / SUMMARY_FILE, self._summary)
 
-    def finish(self, state: str, reason: str | None = None) -> None:
+    def finish(self, state: str, reason: str | None = None, exit_code: int = 0) -> None:
         self._metrics.close()
-        self._status(state, reason)
+        self._status(state, reason, exit_code)

@@ -155,12 +155,12 @@ class WandbTracker:
                 best = min if "min" in kinds else max
                 self.run.summary[metric] = {kinds.split(",")[0]: best(values), "last": values[-1]}
 
-    def finish(self, state: str, reason: str | None = None) -> None:
+    def finish(self, state: str, reason: str | None = None, exit_code: int = 0) -> None:
         import wandb
 
         if reason:
             self.run.summary.update({"status/reason": reason})
-        self.run.finish(exit_code=0 if state == "finished" else 1)
+        self.run.finish(exit_code=exit_code)
         if self.url:
             self.say(f"W&B run {state}: {self.url}")
         wandb.teardown()  # stop wandb-core so the process exits promptly

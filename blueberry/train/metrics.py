@@ -141,5 +141,5 @@ class MetricsProcessor:
             summary.update(self.monitor.stop())
         summary.update(run_cost(self.price_per_hour, self.wall_s(), self.world_size))
 
-    def finish(self, state: str, reason: str | None = None) -> None:
-        self.tracker.finish(state, reason)
+    def finish(self, state: str, reason: str | None = None, exit_code: int = 0) -> None:
+        self.tracker.finish(state, reason, exit_code)
