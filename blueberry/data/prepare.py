@@ -99,6 +99,13 @@ def data_fingerprint(train: np.ndarray, val: np.ndarray, tokenizer) -> str:
     return h.hexdigest()
 
 
+def docs_in_stream(stream: np.ndarray, eos_id: int) -> int:
+    """Documents with tokens in `stream`: one EOS closes each (texts never encode to EOS: `encode` splits
+    special tokens), and a stream cut by a cap ends inside one more."""
+    closed = int(np.count_nonzero(stream == eos_id))
+    return closed + int(len(stream) > 0 and stream[-1] != eos_id)
+
+
 def _tokenizer_name(spec: DataSpec) -> str:
     return f"bpe-{spec.vocab_size}" if spec.tokenizer == "bpe" else spec.tokenizer
 
@@ -134,6 +141,8 @@ def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
         "stats": {
             "corpus": spec.dataset,
             "corpus_fingerprint": source.fingerprint,
+            # The splits' documents and characters; under data.max_tokens the streams hold only the first
+            # train/val_docs_used of them (the last one maybe cut; see prepare_data).
             "n_docs_train": len(train_docs),
             "n_docs_val": len(val_docs),
             "train_chars": sum(len(d.text) for d in train_docs),
@@ -197,7 +206,13 @@ def prepare_data(spec: DataSpec, seed: int, cache_dir: str | Path | None = None)
     train_ids = set(split_ids["train"])
     leakage = audit.leakage(train, val, spec.leakage_ngram, spec.seq_len, meta["eos_id"])
     leakage["shared_doc_ids"] = sum(doc_id in train_ids for doc_id in split_ids["val"])
-    stats = {**meta["stats"], "val_windows": len(targets), "val_targets": targets.numel()}
+    stats = {
+        **meta["stats"],
+        "train_docs_used": docs_in_stream(train, meta["eos_id"]),
+        "val_docs_used": docs_in_stream(val, meta["eos_id"]),
+        "val_windows": len(targets),
+        "val_targets": targets.numel(),
+    }
     elapsed, state = time.perf_counter() - started, "cache hit" if cached else "built"
     log.info("data %s: %d train / %d val tokens (%s, %.2fs)", spec.dataset, len(train), len(val), state, elapsed)
     return PreparedData(

@@ -133,6 +133,13 @@ def test_max_tokens_caps_train_and_val(trained_on, monkeypatch):
     full = prepare_data(SPEC, seed=0)
     assert torch.equal(capped.train_tokens, full.train_tokens[:20_000])
     assert capped.fingerprint != full.fingerprint
+    # The split's document counts are the whole split's; *_docs_used counts those the capped stream holds:
+    # every document that starts (one token after the previous one's EOS) before the cap.
+    ends = (full.train_tokens == full.eos_id).nonzero().flatten()
+    starts = torch.cat([torch.zeros(1, dtype=ends.dtype), ends[:-1] + 1])
+    assert capped.stats["train_docs_used"] == int((starts < 20_000).sum()) < full.stats["train_docs_used"]
+    assert full.stats["train_docs_used"] == full.stats["n_docs_train"] == capped.stats["n_docs_train"]
+    assert capped.stats["val_docs_used"] < full.stats["val_docs_used"] == full.stats["n_docs_val"]
 
 
 def test_local_jsonl_end_to_end(tmp_path):
