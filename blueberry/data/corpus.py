@@ -122,7 +122,10 @@ def _load_dataset(spec: DataSpec, source: Source):
                     source.builder, data_files=list(source.files), split="train", **source.builder_kwargs
                 )
         except Exception as exc:  # a builder's parse error, bad UTF-8, a truncated file, wrapped or not by datasets
-            raise DataError(f"cannot read dataset {spec.dataset!r} as {source.builder}: {_builder_error(exc)}") from exc
+            raise DataError(
+                f"cannot read dataset {spec.dataset!r} as {source.builder}: {_which_file(spec, source)}"
+                f"{_builder_error(exc)}"
+            ) from exc
     try:
         return datasets.load_dataset(
             spec.dataset, spec.dataset_config, split=spec.dataset_split, streaming=spec.streaming
@@ -147,6 +150,26 @@ def _datasets_log_silenced():
         yield
     finally:
         logger.setLevel(level)
+
+
+def _which_file(spec: DataSpec, source: Source) -> str:
+    """'file <name>: ' for the first of a folder's files the builder cannot read alone, else ''. Read streaming
+    (nothing cached), in the order the failed load read them, so finding it costs about what that load did."""
+    import datasets
+
+    if len(source.files) < 2:
+        return ""
+    for file in source.files:
+        try:
+            with _datasets_log_silenced():
+                rows = datasets.load_dataset(
+                    source.builder, data_files=[file], split="train", streaming=True, **source.builder_kwargs
+                )
+                for _ in rows:  # rows as Python objects: bad UTF-8 in a JSON string shows only here
+                    pass
+        except Exception:
+            return f"file {str(Path(file).relative_to(Path(spec.dataset).expanduser().resolve()))!r}: "
+    return ""
 
 
 def _builder_error(exc: BaseException) -> str:
@@ -202,7 +225,9 @@ def load_documents(spec: DataSpec, source: Source | None = None) -> list[Documen
     try:
         docs = to_documents(_rows(ds, spec.max_docs), spec.text_field, spec.id_field, spec.max_chars_per_doc)
     except UnicodeDecodeError as exc:  # Arrow's JSON reader leaves UTF-8 to be checked as rows are read
-        raise DataError(f"cannot read dataset {spec.dataset!r}: not UTF-8 text ({exc})") from exc
+        raise DataError(
+            f"cannot read dataset {spec.dataset!r}: {_which_file(spec, source)}not UTF-8 text ({exc})"
+        ) from exc
     if not docs:
         found = ""
         if hasattr(ds, "__len__"):  # in memory: cheap to look again (a stream would be read anew)

@@ -127,6 +127,24 @@ def test_an_unreadable_local_file_is_a_data_error_naming_it_and_the_cause(tmp_pa
     assert says in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("b.jsonl", b'{"id": "b", "body": "a"\n', "as json: file 'b.jsonl': ArrowInvalid: JSON parse error"),
+        ("sub/b.jsonl", '{"id": "b", "body": "Élise"}\n'.encode("latin-1"), "file 'sub/b.jsonl': not UTF-8 text"),
+    ],
+)
+def test_an_unreadable_file_in_a_dataset_folder_is_named(tmp_path, name, content, says):
+    """The builder's error alone does not say which of a folder's files it could not read."""
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    for good in ("a.jsonl", "c.jsonl"):
+        write_jsonl(tmp_path / "corpus" / good, ROWS)
+    (tmp_path / "corpus" / name).write_bytes(content)
+    with pytest.raises(DataError, match=f"dataset '{tmp_path / 'corpus'}'") as err:
+        load_documents(DataSpec(dataset=str(tmp_path / "corpus"), text_field="body"))
+    assert says in str(err.value)
+
+
 def test_a_text_field_that_holds_no_text_says_what_it_holds(tmp_path):
     numbers = write_jsonl(tmp_path / "numbers.jsonl", [{"id": str(i), "body": i} for i in range(3)])
     with pytest.raises(DataError, match=r"no non-empty 'body' documents \(its values are int; text must be str\)"):
