@@ -60,6 +60,20 @@ def test_trainer_calls_the_after_optimizer_step_hooks_once_per_step():
     assert hooked == [1, 1, 1] and seen == [1, 2, 3] and summary["trainer/step"] == 3
 
 
+def test_the_lr_schedule_moves_once_per_optimizer_step_not_per_micro_step():
+    """Warmup and decay count optimizer steps (the reference counted micro-steps: with grad_accum 4 its schedule
+    ran 4x too fast). Muon's LR and AdamW's (its ratio of it) both follow lr_factor of the updates done so far."""
+    from blueberry.train.schedule import lr_factor
+
+    trainer = tiny_trainer("fp32", "--train.grad_accum=4", "--train.steps=20", "--train.warmup_fraction=0.2")
+    cfg = trainer.cfg
+    for step in (1, 2, 3):
+        _, step_lrs = trainer.train_step(step)
+        factor = lr_factor(step - 1, cfg)
+        assert step_lrs == pytest.approx([cfg.lr * factor, cfg.lr * cfg.adamw_lr_ratio * factor])
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(cfg.lr * lr_factor(3, cfg))
+
+
 def test_a_compiled_moe_model_traces_one_graph_over_micro_steps_and_routing_bias_updates():
     """The forward keeps no state (the trainer notes each micro-step's routing loads), so torch.compile traces the
     model once: not once for the first micro-step after a bias update and again for the others. Experts grouped
