@@ -276,7 +276,7 @@ def schema():
 @click.option("--source", type=click.Choice(["local", "wandb"]), default="local", show_default=True)
 @click.option("--entity", help="W&B entity (for --source wandb and --publish).")
 @click.option("--project", help="W&B project (for --source wandb; --publish defaults to the runs' project).")
-@click.option("--group", help="Only this experiment (W&B group).")
+@click.option("--group", help="Only runs of this W&B group (by default a run's group is its experiment).")
 @click.option("--sweep", help="Only runs of this sweep (id or name).")
 @click.option("--tag", "tags", multiple=True, help="Only runs with this tag; may repeat (all must match).")
 @click.option("--out", default="reports", show_default=True, help="Output directory (cache in OUT/cache).")

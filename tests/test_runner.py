@@ -107,6 +107,21 @@ def test_every_fresh_run_gets_a_fresh_wandb_id_and_wandb_settings_apply(tmp_path
     assert first.summary["cost/usd"] is None and "cost/usd" not in logs[0].summary  # no price on CPU: left out
 
 
+def test_the_report_filters_a_run_on_the_group_and_tags_wandb_was_given(tmp_path, monkeypatch):
+    """W&B's own settings (WANDB_RUN_GROUP, WANDB_TAGS) decide a run's group and add tags; the local report's
+    --group/--tag match what W&B got, as `report --source wandb` does, not what the spec alone says."""
+    from blueberry.report.records import read_local_run, select
+
+    monkeypatch.setenv("WANDB_RUN_GROUP", "g1")
+    monkeypatch.setenv("WANDB_TAGS", "mytag")
+    spec = tiny_spec(tmp_path, "--train.steps=2", "--train.threads=1")
+    result = execute(spec, log=lambda msg: None)
+    log, run = read_wandb_log(result.wandb_dir), read_local_run(result.run_dir)
+    assert (run.group, run.tags) == (log.group, log.tags) == ("g1", [spec.model.label, "mytag"])
+    assert run.experiment == spec.experiment != "g1"  # the report's tables stay per experiment
+    assert select([run], group="g1", tags=("mytag",)) == [run] and select([run], group=spec.experiment) == []
+
+
 def test_a_sweep_trial_keeps_the_id_it_is_given(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_RUN_ID", "trial-7x2k")
     result = execute(tiny_spec(tmp_path, "--train.steps=2", "--train.threads=1"), log=lambda msg: None)

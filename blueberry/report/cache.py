@@ -17,7 +17,7 @@ import numpy as np
 from blueberry.fileio import atomic_writer
 from blueberry.report.records import Run
 
-VERSION = 1  # bump when Run or History changes shape
+VERSION = 2  # bump when Run or History changes shape
 
 
 class RunCache:

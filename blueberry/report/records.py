@@ -138,7 +138,8 @@ class Run:
     state: str
     reason: str | None = None
     sweep: dict | None = None  # {"id": ..., "name": ...} for sweep runs
-    tags: list[str] = field(default_factory=list)
+    group: str | None = None  # the W&B group (tracking.group, WANDB_RUN_GROUP); None: the experiment
+    tags: list[str] = field(default_factory=list)  # the W&B tags
     spec: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     header: dict = field(default_factory=dict)
@@ -188,6 +189,7 @@ class Run:
             "state": self.state,
             "reason": self.reason,
             "sweep": self.sweep,
+            "group": self.group,
             "tags": self.tags,
             "spec": self.spec,
             "summary": self.summary,
@@ -349,7 +351,6 @@ def read_local_run(run_dir: Path) -> Run:
     if problems:
         state, reason = "unreadable", "; ".join(problems)
 
-    tags = run_tags(spec)  # what the runner sends to W&B, but the sweep's tag (the sweep is a field here)
     return Run(
         id=str(header.get("run_id") or run_dir.name),
         name=str(header.get("name") or spec.get("name") or run_dir.name),
@@ -357,13 +358,25 @@ def read_local_run(run_dir: Path) -> Run:
         state=state,
         reason=reason,
         sweep=header.get("sweep") or None,
-        tags=tags,
+        group=_sent_to_wandb(header, "group", str),
+        tags=_sent_to_wandb(header, "tags", list) or run_tags(spec),
         spec=spec,
         summary=summary,
         header={k: header[k] for k in HEADER_KEYS if k in header},
         history=history,
         source=str(run_dir),
     )
+
+
+def _sent_to_wandb(header: dict, field_name: str, kind: type) -> Any:
+    """The W&B value the runner chose for `field_name` (the header's `wandb` section: the spec, else W&B's
+    settings such as WANDB_TAGS, else our defaults), or None where not recorded as a `kind`."""
+    section = header.get("wandb")
+    chosen = section.get(field_name) if isinstance(section, dict) else None
+    value = chosen.get("value") if isinstance(chosen, dict) else None
+    if kind is list and isinstance(value, list):
+        return [str(tag) for tag in value if isinstance(tag, str)]
+    return value if isinstance(value, kind) else None
 
 
 def load_local(runs_root: str | Path, cache=None) -> list[Run]:
@@ -442,10 +455,11 @@ def run_from_wandb(api_run: Any, rows: list[dict] | None) -> Run:
     return Run(
         id=api_run.id,
         name=api_run.name or api_run.id,
-        experiment=api_run.group or config.get("experiment") or "ungrouped",
+        experiment=config.get("experiment") or api_run.group or "ungrouped",
         state=state,
         reason=summary.get("status/reason"),
         sweep={"id": sweep.id, "name": getattr(sweep, "name", None)} if sweep else None,
+        group=api_run.group or None,
         tags=list(api_run.tags or []),
         spec=spec,
         summary=summary,
@@ -498,10 +512,11 @@ def load_wandb(
 
 
 def select(runs: list[Run], *, group=None, sweep=None, tags=()) -> list[Run]:
-    """Filter local runs like the W&B query does; an unreadable run is kept when it cannot be judged."""
+    """Filter local runs like the W&B query does (on the group and tags W&B was given); an unreadable run is
+    kept when it cannot be judged."""
 
     def keep(run: Run) -> bool:
-        if group and run.experiment != group:
+        if group and (run.group or run.experiment) != group:
             return False
         if run.state == "unreadable" and not run.spec:
             return True

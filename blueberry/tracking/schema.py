@@ -113,7 +113,8 @@ def model_label(model: dict) -> str | None:
     return f"{model['attention']}-{model['ffn']}"
 
 
-def run_tags(spec: dict, sweep: dict | None = None) -> list[str]:
-    """The W&B tags of a run (its model label, the spec's tags, the sweep's name): what the report filters on."""
+def run_tags(spec: dict) -> list[str]:
+    """A run's W&B tags as its spec gives them (its model label, the spec's tags), for records that do not say
+    which tags W&B was given (the header's `wandb` section, kept since W&B settings are recorded)."""
     variant = model_label(spec["model"]) if isinstance(spec.get("model"), dict) else None
-    return [t for t in [variant, *spec.get("tags", []), *([sweep_tag(sweep["name"])] if sweep else [])] if t]
+    return [t for t in [variant, *spec.get("tags", [])] if t]
