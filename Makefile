@@ -63,7 +63,7 @@ study: install
 	$(OFFLINE) $(BIN)/blueberry study
 	$(OFFLINE) $(BIN)/blueberry report --out $(RESULTS) --readme README.md
 
-# One run of the default spec (≈2 minutes on 2 CPU cores).
+# One run of the default spec (1-4 minutes on 2 CPU cores; README, "Two commands").
 quickstart: install
 	$(OFFLINE) $(BIN)/blueberry run experiments/quickstart.json
 
@@ -74,8 +74,8 @@ sweep: install
 
 # Two workers, work-stealing: most of a test's time on a small CPU is a `blueberry run` process importing torch,
 # transformers and wandb on one core; the other worker uses the other core meanwhile (tests/conftest.py gives
-# each worker one thread). The suite on a 2-core AVX2 EPYC: 15-18 min in one process, 5-6.5 min with two
-# (6m00s and 7m17s from clean clones, the install included, the same day on the same machine).
+# each worker one thread). The suite on a 2-core AVX2 EPYC: 15-18 min in one process, 6-10 min with two from a
+# clean clone, the install included (README: make test).
 # TEST_WORKERS=0 runs the suite in one process.
 # PYTEST_ARGS: more pytest options; .ci/run gives `--hypothesis-profile=ci` (hypothesis's own CI profile: the
 # property tests draw the same examples every run, so CI cannot turn red by chance; locally they draw afresh).
@@ -102,5 +102,6 @@ lint: install
 	$(BIN)/ruff check blueberry tests scripts
 	$(BIN)/ruff format --check blueberry tests scripts
 
+# The virtualenv and pytest's cache; never runs/ (run records, checkpoints, W&B runs not yet synced).
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache

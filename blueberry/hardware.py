@@ -411,9 +411,10 @@ def memory_available_bytes() -> int | None:
     return None
 
 
-def cuda_probe_fits(
-    model, vocab_size: int, seq_len: int, autocast, device: torch.device, headroom: float = 0.85, chunked_loss=True
-):
+GPU_MEMORY_HEADROOM = 0.85  # the share of a GPU's memory a batch size may plan to use (the rest: fragmentation)
+
+
+def cuda_probe_fits(model, vocab_size: int, seq_len: int, autocast, device: torch.device, chunked_loss=True):
     """A `fits(micro)` that runs one forward+backward at that micro-batch and checks the peak memory.
 
     Optimizer states do not exist yet during the probe, so three fp32 copies of the parameters are added.
@@ -437,6 +438,6 @@ def cuda_probe_fits(
         finally:
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-        return peak + optimizer_bytes <= headroom * total
+        return peak + optimizer_bytes <= GPU_MEMORY_HEADROOM * total
 
     return fits

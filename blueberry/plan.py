@@ -14,6 +14,7 @@ import torch
 from blueberry import distributed
 from blueberry.hardware import (
     CPU_PRESET,
+    GPU_MEMORY_HEADROOM,
     BatchChoice,
     HardwareInfo,
     cuda_probe_fits,
@@ -76,7 +77,7 @@ def plan_run(
     if device.type == "cuda":
         gpu_name = torch.cuda.get_device_name(device)
         preset, capability = preset_for(gpu_name), tuple(torch.cuda.get_device_capability(device))
-        budget = 0.85 * torch.cuda.get_device_properties(device).total_memory
+        budget = GPU_MEMORY_HEADROOM * torch.cuda.get_device_properties(device).total_memory
     else:
         gpu_name, preset, capability = None, CPU_PRESET, None
         budget = 0.5 * (memory_available_bytes() or 8 * 2**30)

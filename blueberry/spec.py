@@ -181,7 +181,8 @@ class DataSpec(_Strict):
 
     dataset: str = Field(
         "austen",
-        description="'austen' (embedded corpus), a local .jsonl/.json/.parquet/.txt file or directory, "
+        description="'austen' (embedded corpus), a local .jsonl/.json/.parquet/.txt/.csv file (optionally .gz) "
+        "or directory of them, "
         "or a Hugging Face dataset name.",
     )
     dataset_config: str | None = Field(None, description="HF dataset config name (e.g. cosmopedia-v2).")
@@ -248,7 +249,12 @@ class TrainSpec(_Strict):
     log_every: int = Field(10, ge=1, le=10_000_000, description="Log train metrics every N optimizer steps.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: torch's choice).")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch CPU threads (default: OMP_NUM_THREADS, else the usable cores other processes leave free).",
+    )
     progress: bool = Field(True, description="Show a progress bar.")
     compile: bool | Literal["auto"] = Field(
         "auto",

@@ -33,7 +33,6 @@ from blueberry.tracking.preflight import PreflightError, check_writable_dir
 
 @dataclass
 class BuildResult:
-    out: Path
     files: list[Path] = field(default_factory=list)
     states: Counter = field(default_factory=Counter)
     timeline: str = ""
@@ -259,7 +258,7 @@ def build_report(
         title = f"{len(runs)} runs from {source}"
         write_report_file(stage / "dashboard.html", dashboard.render(runs, title))
         states = Counter(r.state for r in runs)
-        result = BuildResult(out, states=states, timeline=timeline, figures=figures, sections=sections)
+        result = BuildResult(states=states, timeline=timeline, figures=figures, sections=sections)
         for path in sorted(p for p in stage.rglob("*") if p.is_file()):
             target = out / path.relative_to(stage)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,7 @@ def wandb_status(spec) -> dict[str, Any]:
         engine = version("sweeps")
     except PackageNotFoundError:
         engine = None
-    chosen = run_settings(spec, tags=[spec.model.variant])
+    chosen = run_settings(spec, tags=[spec.model.label])
     return {"wandb": version("wandb"), "sweep_engine": engine, "run": describe(chosen)}
 
 

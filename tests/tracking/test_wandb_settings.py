@@ -140,3 +140,11 @@ def test_a_key_saved_by_wandb_login_is_found_for_the_server_wandb_uses(workdir, 
     assert resolve_mode("auto") == ("offline", "default: no API key")
     write_netrc_auth(host="https://wandb.example.org", api_key=KEY)
     assert resolve_mode("auto") == ("online", "default: API key found")
+
+
+def test_the_doctor_shows_the_tags_a_run_of_the_spec_gets(workdir):
+    """A model no preset names is tagged attention-ffn, as the runner tags it (spec.model.label)."""
+    from blueberry.tracking.wandb_settings import wandb_status
+
+    spec = RunSpec.model_validate({"model": {"attention": "mla", "ffn": "topk_moe"}})
+    assert wandb_status(spec)["run"]["tags"]["value"] == [spec.model.label] == ["mla-topk_moe"]
