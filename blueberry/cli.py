@@ -207,6 +207,7 @@ def run(spec_path, overrides, override_files, resume):
             _fail(f"{spec_path}: {field}: {exc}")
     with _loading_libraries():
         from blueberry.distributed import env_world
+        from blueberry.hardware import NotRunnableHere
         from blueberry.runner import SETUP_STAGES, OutOfMemory, execute
         from blueberry.tracking.wandb_tracker import WandbUnavailable
         from blueberry.train.checkpoint import ResumeError
@@ -219,7 +220,7 @@ def run(spec_path, overrides, override_files, resume):
         _fail(f"{spec_path}: data: {exc}")
     except ResumeError as exc:
         _fail(f"cannot resume: {exc}")
-    except ValueError as exc:  # device/precision not available here: still an input problem
+    except NotRunnableHere as exc:  # device/precision not available here: still an input problem
         _fail(f"{spec_path}: {exc}")
     except TrainingInterrupted as exc:
         if not env_world().is_main:  # a torchrun rank: rank 0 says where the checkpoint of every rank went
@@ -378,7 +379,7 @@ def doctor(args, as_json):
     import torch
 
     from blueberry.distributed import env_world
-    from blueberry.hardware import detect, resolve_device
+    from blueberry.hardware import NotRunnableHere, detect, resolve_device
     from blueberry.plan import build, format_doctor
 
     info = detect()
@@ -386,7 +387,7 @@ def doctor(args, as_json):
         device = resolve_device(spec.train.device)
         # the spec's vocabulary size stands in for the tokenizer's: no data is prepared to answer
         plan = build(spec, device, spec.data.vocab_size, env_world().size, check_causal=False, probe=False).plan
-    except ValueError as exc:
+    except NotRunnableHere as exc:
         _fail(f"{spec_path or 'default spec'}: {exc}")
     from blueberry import study
     from blueberry.tracking.wandb_settings import format_wandb_status, wandb_status

@@ -22,6 +22,12 @@ from blueberry.prices import LIST_PRICES, PRICE_ENV, PRICE_TABLE_ENV, read_price
 from blueberry.threads import usable_cores
 
 
+class NotRunnableHere(ValueError):
+    """A valid spec that asks for what this machine or this launch lacks (a CUDA device where there is none, a
+    batch that does not split over the ranks): the input's problem, said as such (exit 2), where any other
+    ValueError in a run is a bug and keeps its traceback."""
+
+
 @dataclass(frozen=True)
 class Preset:
     """One kind of device: what `auto` settings pick on it, its peak and its price."""
@@ -284,14 +290,14 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA GPU is available (use 'auto' or 'cpu')")
+        raise NotRunnableHere("train.device is 'cuda' but no CUDA GPU is available (use 'auto' or 'cpu')")
     return torch.device(requested)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """fp32 | bf16 | fp16: bf16 on Ampere+ and bf16-capable CPUs, fp16 (+GradScaler) on T4/Volta."""
     if requested == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision 'fp16' needs a CUDA GPU (use 'bf16' or 'fp32' on CPU)")
+        raise NotRunnableHere("train.precision 'fp16' needs a CUDA GPU (use 'bf16' or 'fp32' on CPU)")
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -380,7 +386,7 @@ def resolve_batch(
     if batch_size != "auto":
         return BatchChoice(batch_size, grad_accum, batch_size * grad_accum * world, "spec")
     if effective_batch % world:
-        raise ValueError(f"train.effective_batch ({effective_batch}) is not divisible by the {world} ranks")
+        raise NotRunnableHere(f"train.effective_batch ({effective_batch}) is not divisible by the {world} ranks")
     per_rank = effective_batch // world
     micro = choose_micro_batch(per_rank, fits, cap)
     return BatchChoice(micro, per_rank // micro, effective_batch, "auto")

@@ -17,6 +17,7 @@ from blueberry.hardware import (
     GPU_MEMORY_HEADROOM,
     BatchChoice,
     HardwareInfo,
+    NotRunnableHere,
     cuda_probe_fits,
     estimate_train_bytes,
     memory_available_bytes,
@@ -110,7 +111,7 @@ def plan_run(
     routed = registry.FFNS[spec.model.ffn].routed
     if compiled and routed and experts in ("grouped", "grouped_mm") and precision != "bf16":
         # torch's compiler traces grouped_mm only for bf16 inputs: the first compiled step would fail
-        raise ValueError(
+        raise NotRunnableHere(
             f"model.experts_implementation '{experts}' cannot be compiled in {precision} (torch.compile traces "
             "grouped_mm in bf16 only): use 'sorted' or 'auto', train.precision bf16, or train.compile false"
         )

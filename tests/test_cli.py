@@ -234,3 +234,28 @@ def test_an_out_that_cannot_be_written_fails_before_the_measuring(tmp_path, monk
 def test_gpu_check_names_unknown_checks():
     result = invoke("gpu-check", "--only", "nope")
     assert result.exit_code == 2 and "unknown check nope; the checks are: doctor, throughput_eager" in result.output
+
+
+def test_a_spec_this_machine_cannot_run_is_exit_2_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """train.device=cuda without a GPU is the input's problem: exit 2, named, nothing written. A ValueError from
+    deep inside a run is a bug: it is not dressed up as bad input (exit 2, the spec blamed) but raised."""
+    import torch
+    from test_runner import TINY
+
+    import blueberry.runner as runner
+
+    runs, spec = tmp_path / "runs", str(REPO / "experiments/quickstart.json")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = invoke("run", spec, *TINY, "--train.device=cuda", f"--tracking.runs_root={runs}")
+    assert result.exit_code == 2 and "train.device is 'cuda' but no CUDA GPU" in result.output, result.output
+    assert not runs.exists()
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(runner, "train", bug)
+    result = invoke("run", spec, *TINY, "--train.steps=2", f"--tracking.runs_root={runs}")
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError), result.output
+    (run_dir,) = runs.glob("*/*")
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and status["reason"] == "ValueError: an internal invariant broke"
