@@ -22,14 +22,14 @@ from blueberry.data import prepare_data
 from blueberry.distributed import World
 from blueberry.fileio import read_json
 from blueberry.gpu_monitor import GpuMonitor
-from blueberry.hardware import bf16_emulated, resolve_device, resolve_precision
+from blueberry.hardware import NotRunnableHere, bf16_emulated, resolve_device, resolve_precision
 from blueberry.plan import Build, build
 from blueberry.provenance import code_version, library_versions
-from blueberry.spec import RunSpec
+from blueberry.spec import RunSpec, safe_name
 from blueberry.threads import choose_threads, usable_cores
 from blueberry.tracking import RunRecord, Trackers, WandbTracker, new_run_id, read_metrics, sweep_tag
 from blueberry.tracking.preflight import runs_root_for
-from blueberry.tracking.record import RunDir, claim_run_dir
+from blueberry.tracking.record import RunDir, claim_run_dir, locked_by_a_live_process
 from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, make_header, wandb_config
 from blueberry.tracking.wandb_log import held_rows
 from blueberry.tracking.wandb_settings import Choice, describe, run_settings
@@ -171,6 +171,9 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
     given_id = os.environ.get("WANDB_RUN_ID")
     run_id = given_id or f"{spec.run_name}-{spec_hash[:8]}"
     runs_root = runs_root_for(spec)  # $BLUEBERRY_RUNS_ROOT (a sweep) or tracking.runs_root
+    live = Path(runs_root) / safe_name(spec.experiment) / safe_name(given_id) if given_id else None
+    if live is not None and locked_by_a_live_process(live):  # a second directory would write the same W&B run
+        raise NotRunnableHere(f"WANDB_RUN_ID={given_id}: a live process is running that run ({live})")
     job = distributed.torchrun_job()
     restarted = job is not None and job["restart"] > 0  # --no-resume too continues its own job's attempt then
     reuse = None if resume is False and not restarted else _resumable(resume, log, run.world.size, job)

@@ -129,6 +129,22 @@ def test_a_sweep_trial_keeps_the_id_it_is_given(tmp_path, monkeypatch):
     assert wandb_header(result.run_dir)["id"] == read_wandb_log(result.wandb_dir).run_id == "trial-7x2k"
 
 
+def test_a_given_run_id_a_live_process_runs_is_refused_not_run_twice(tmp_path, monkeypatch):
+    """Two processes with one WANDB_RUN_ID (a trial launched again while the first still runs) would write two
+    records of one W&B run: the second is refused, and runs once the first is gone."""
+    from blueberry.hardware import NotRunnableHere
+    from blueberry.tracking.record import claim_run_dir
+
+    monkeypatch.setenv("WANDB_RUN_ID", "trial-7x2k")
+    spec = tiny_spec(tmp_path, "--train.steps=2", "--train.threads=1")
+    first = claim_run_dir(tmp_path / "runs", spec.experiment, "trial-7x2k")  # holds the lock, as a live run does
+    with pytest.raises(NotRunnableHere, match="WANDB_RUN_ID=trial-7x2k: a live process is running that run"):
+        execute(spec, log=lambda msg: None)
+    assert [p.name for p in first.path.parent.iterdir()] == ["trial-7x2k"]  # no second directory
+    first.release()
+    assert execute(spec, log=lambda msg: None).run_dir == first.path
+
+
 def test_resume_policy_is_must_only_when_both_attempts_are_online(tmp_path):
     from blueberry.runner import wandb_identity
     from blueberry.tracking.record import RunDir

@@ -398,13 +398,19 @@ def load_local(runs_root: str | Path, cache=None) -> list[Run]:
             if cache:
                 cache.put(keys[i], stamps[i], run)
     # After the cache: a run's process can die without changing a file of its record.
-    return [_crashed(run) if run.state == "running" and not run_is_live(d) else run for run, d in zip(runs, dirs)]
+    return [_settled(run, run_dir) for run, run_dir in zip(runs, dirs)]
 
 
-def _crashed(run: Run) -> Run:
-    """W&B's name for a run whose process died without finishing: "running" in its record, its lock free."""
+def _settled(run: Run, run_dir: Path) -> Run:
+    """A run read as "running" whose lock is free: it ended since it was read (a run writes its status before
+    it lets go of the lock), read again; else it died without finishing, W&B's "crashed"."""
+    if run.state != "running" or run_is_live(run_dir):
+        return run
+    again = read_local_run(run_dir)
+    if again.state != "running":
+        return again
     reason = "its process on this host died without writing its status (killed, out of memory, a reboot)"
-    return replace(run, state="crashed", reason=f"{reason}; `blueberry run` of the same spec resumes it")
+    return replace(again, state="crashed", reason=f"{reason}; `blueberry run` of the same spec resumes it")
 
 
 # ---------------------------------------------------------------- W&B API

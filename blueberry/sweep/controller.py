@@ -44,24 +44,27 @@ class Orphan:
 
     def poll(self) -> int | None:
         """None while the trial's process lives; 0 once it is gone (its run record says how it ended)."""
-        proc = Path(f"/proc/{self.pid}")
         try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError:
             return 0
-        # A zombie (nobody reaps orphans in some containers) has exited; a reused pid is another process.
+        # A zombie (nobody reaps orphans in some containers) has exited; a reused pid is another process. The
+        # trial is known by the WANDB_RUN_ID it was started with: its command line names the run only in some
+        # sweep commands (${args_json_file} does, ${args} does not).
         state = stat.rsplit(")", 1)[-1].split()[0]
-        return 0 if state in ("Z", "X") or self.run_id not in cmdline else None
+        return 0 if state in ("Z", "X") or self._environ().get("WANDB_RUN_ID") != self.run_id else None
 
     def device(self) -> str | None:
         """The GPU it was pinned to (its CUDA_VISIBLE_DEVICES), where /proc shows its environment."""
+        return self._environ().get("CUDA_VISIBLE_DEVICES")
+
+    def _environ(self) -> dict[str, str]:
+        """The environment the process started with ({} where /proc does not show it)."""
         try:
-            environ = Path(f"/proc/{self.pid}/environ").read_bytes().split(b"\0")
+            entries = Path(f"/proc/{self.pid}/environ").read_bytes().split(b"\0")
         except OSError:
-            return None
-        pinned = [entry.split(b"=", 1)[1] for entry in environ if entry.startswith(b"CUDA_VISIBLE_DEVICES=")]
-        return pinned[0].decode(errors="replace") if pinned else None
+            return {}
+        return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
 
     def send_signal(self, sig: int) -> None:
         try:

@@ -76,6 +76,17 @@ def _lock(path: Path) -> int | None:
     return None
 
 
+def locked_by_a_live_process(path: Path) -> bool:
+    """Whether a live process of this host holds the run directory's lock (False where there is no directory)."""
+    if not path.is_dir():
+        return False
+    fd = _lock(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def run_is_live(path: Path) -> bool:
     """Whether a live process holds the run directory's lock: a record that says "running" while none does
     belongs to a process that died without saying so (SIGKILL, the OOM killer, a machine that stopped).

@@ -77,6 +77,24 @@ def test_a_running_record_whose_process_died_is_crashed_even_from_the_cache(tmp_
     assert "resumes it" in dead.reason and dead.history.last_step == live.history.last_step
 
 
+def test_a_run_that_ends_while_the_report_reads_is_not_called_crashed(tmp_path, monkeypatch):
+    """Read as running; before its lock is looked at, the run writes its end and lets go of the lock (as every
+    run ends): the report reads it again and finds it finished, not dead."""
+    import blueberry.report.records as records
+
+    run_dir = write_run(tmp_path, "e", seed=1)
+    ended = (run_dir / "status.json").read_text()
+    (run_dir / "status.json").write_text(json.dumps({**json.loads(ended), "state": "running"}))
+
+    def ends_meanwhile(path):
+        (path / "status.json").write_text(ended)
+        return False  # its lock is free now
+
+    monkeypatch.setattr(records, "run_is_live", ends_meanwhile)
+    (run,) = load_local(tmp_path)
+    assert run.state == "finished" and run.reason is None
+
+
 def test_a_running_record_copied_from_another_host_stays_running(tmp_path):
     """rsync of a cluster's runs/ while a run goes on there: no lock here says nothing about it."""
     run_dir = write_run(tmp_path, "e", seed=1, state="running")

@@ -265,6 +265,23 @@ def test_a_new_trial_goes_to_the_gpu_that_a_finished_one_freed(tmp_path, monkeyp
     assert given == {"0.1": "5", "3.0": "7", "0.2": "5"}
 
 
+def test_an_orphaned_trial_is_known_by_its_run_id_whatever_its_command_line():
+    """A sweep's command with ${args} names no run id: a trial left running by a killed sweep is still waited
+    for (it was launched again at once, writing a second record under the same W&B id), and a process that took
+    its pid after it ended is not it."""
+    program = "import time; print('up', flush=True); time.sleep(30)"
+    env = {**os.environ, "WANDB_RUN_ID": "t-0001"}
+    trial = subprocess.Popen([sys.executable, "-c", program, "--seed=1"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert trial.stdout.readline() == "up\n"
+        assert Orphan(trial.pid, "t-0001").poll() is None  # alive: wait for it
+        assert Orphan(trial.pid, "t-0002").poll() == 0  # another run's pid now
+    finally:
+        trial.kill()
+        trial.wait()
+    assert Orphan(trial.pid, "t-0001").poll() == 0  # gone
+
+
 def test_an_orphaned_trial_keeps_counting_on_the_gpu_it_was_pinned_to():
     """A trial left running by a killed sweep: the next controller reads its GPU from its environment."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "7"}
