@@ -130,12 +130,13 @@ def study(quick, only, parallel, runs_root, dry_run):
     from blueberry import study as plan
     from blueberry.sweep.state import SweepStateError
     from blueberry.threads import busy_cores_elsewhere, free_cores
-    from blueberry.tracking.preflight import PreflightError, check_writable_dir
+    from blueberry.tracking.preflight import PreflightError, check_environment, check_writable_dir
 
     kind = plan.kind_of_machine(torch.cuda.is_available())
     try:
         loaded = plan.load_parts(plan.plan_parts(quick, only), kind)
         check_writable_dir(runs_root, "--runs-root")
+        check_environment()
     except SpecError as exc:
         _fail(exc.render())
     except (PreflightError, ValueError) as exc:  # a bad runs root; an unknown --only part
@@ -331,13 +332,14 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
     """Run a W&B sweep YAML offline with W&B's own sweep engine; the same command resumes it."""
     from blueberry.sweep import UNTIL_STOPPED, SweepRunner, load_sweep, open_ended, plan
     from blueberry.sweep.validate import check_trials
-    from blueberry.tracking.preflight import PreflightError, check_writable_dir
+    from blueberry.tracking.preflight import PreflightError, check_environment, check_writable_dir
 
     try:
         swept = load_sweep(sweep_path)
         planned = plan(swept, count)
         check_trials(swept, planned)  # every planned run is a valid spec before any runs
         check_writable_dir(runs_root, "--runs-root")
+        check_environment()
     except SpecError as exc:
         _fail(exc.render())
     except PreflightError as exc:
@@ -381,8 +383,13 @@ def doctor(args, as_json):
     from blueberry.distributed import env_world
     from blueberry.hardware import NotRunnableHere, detect, resolve_device
     from blueberry.plan import build, format_doctor
+    from blueberry.tracking.preflight import PreflightError, check_price_variables
 
     info = detect()
+    try:
+        check_price_variables()  # as a run refuses them
+    except PreflightError as exc:
+        _fail(str(exc))
     try:
         device = resolve_device(spec.train.device)
         # the spec's vocabulary size stands in for the tokenizer's: no data is prepared to answer
@@ -478,10 +485,18 @@ def profile(args, settle, top, as_json):
     import torch
 
     from blueberry.bench.step_profile import format_profile, profile_step
+    from blueberry.hardware import NotRunnableHere
     from blueberry.threads import choose_threads
+    from blueberry.tracking.preflight import PreflightError, check_price_variables
 
     torch.set_num_threads(choose_threads(spec.train.threads)[0])  # as a run chooses them
-    result = profile_step(spec, settle)
+    try:
+        check_price_variables()  # the plan prices the step's device
+        result = profile_step(spec, settle)
+    except PreflightError as exc:
+        _fail(str(exc))
+    except NotRunnableHere as exc:
+        _fail(f"{args[0]}: {exc}")
     click.echo(json.dumps(result, indent=2) if as_json else format_profile(result, top))
 
 

@@ -75,17 +75,30 @@ def preflight(spec: RunSpec) -> None:
     check_wandb_run_id()
     check_price_variables()
     if spec.tracking.wandb != "disabled":
-        from blueberry.tracking.wandb_settings import load_wandb_settings
+        check_wandb_environment(spec.tracking.wandb_dir)
 
-        try:  # a W&B variable W&B rejects, found now rather than after the data and model are built
-            load_wandb_settings()
-        except ValueError as exc:
-            raise PreflightError(str(exc)) from None
-        # W&B falls back to a temp folder where it cannot write, so the record would point where nothing is
-        wandb_dir = spec.tracking.wandb_dir or os.environ.get("WANDB_DIR")
-        setting = "tracking.wandb_dir" if spec.tracking.wandb_dir else "WANDB_DIR"
-        if wandb_dir:
-            check_writable_dir(wandb_dir, setting)
+
+def check_environment() -> None:
+    """What every run of a sweep or a study inherits from this environment (prices, W&B's variables), checked
+    once before the first trial: else each trial fails on it alone, and each failure uses up its grid point."""
+    check_price_variables()
+    check_wandb_environment()
+
+
+def check_wandb_environment(wandb_dir: str | None = None) -> None:
+    """W&B's variables and settings must be ones W&B accepts, and W&B's directory (`wandb_dir`, a spec's, else
+    WANDB_DIR) writable."""
+    from blueberry.tracking.wandb_settings import load_wandb_settings
+
+    try:  # a W&B variable W&B rejects, found now rather than after the data and model are built
+        load_wandb_settings()
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from None
+    # W&B falls back to a temp folder where it cannot write, so the record would point where nothing is
+    setting = "tracking.wandb_dir" if wandb_dir else "WANDB_DIR"
+    wandb_dir = wandb_dir or os.environ.get("WANDB_DIR")
+    if wandb_dir:
+        check_writable_dir(wandb_dir, setting)
 
 
 def check_price_variables() -> None:

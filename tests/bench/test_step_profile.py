@@ -34,3 +34,18 @@ def test_profile_command_prints_json_and_rejects_a_missing_spec():
     assert sweep_file.exit_code == 2 and "W&B sweep file, not a run spec" in sweep_file.output
     bad = runner.invoke(main, ["profile", QUICKSTART, "--train.stepz=3"])
     assert bad.exit_code == 2 and "unknown field" in bad.output
+
+
+def test_profile_and_doctor_refuse_what_a_run_refuses_without_a_traceback(monkeypatch):
+    """A spec this machine cannot run and a price variable that does not parse: exit 2, named, as `run` does."""
+    import torch
+
+    runner = CliRunner()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (["profile", QUICKSTART], ["doctor", QUICKSTART]):
+        result = runner.invoke(main, [*command, *TINY, "--train.device=cuda"])
+        assert result.exit_code == 2 and "train.device is 'cuda' but no CUDA GPU" in result.output, result.output
+        monkeypatch.setenv("BLUEBERRY_PRICE_PER_HOUR", "abc")
+        result = runner.invoke(main, [*command, *TINY])
+        assert result.exit_code == 2 and "BLUEBERRY_PRICE_PER_HOUR='abc' is not a number" in result.output
+        monkeypatch.delenv("BLUEBERRY_PRICE_PER_HOUR")

@@ -111,6 +111,28 @@ def test_a_parameter_outside_the_spec_is_caught_before_anything_runs(tmp_path):
     assert "train.lr: " in result.output and "/tmp" not in result.output.replace(str(tmp_path), "")
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("BLUEBERRY_PRICE_PER_HOUR", "abc", "BLUEBERRY_PRICE_PER_HOUR='abc' is not a number"),
+        ("WANDB_MODE", "bogus", "WANDB_MODE"),
+        ("WANDB_DIR", "/proc/x", "WANDB_DIR '/proc/x'"),
+    ],
+)
+@pytest.mark.parametrize("command", ["sweep", "study"])
+def test_an_environment_every_trial_would_fail_on_is_refused_before_the_first(
+    tmp_path, monkeypatch, variable, value, says, command
+):
+    """Each trial checks its environment and exits 2; a sweep that let them start recorded every grid point as
+    failed, for good: fixing the environment then ran nothing. Checked once, before any state is written."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv(variable, value)
+    args = ["sweep", "sweeps/cpu/ablation.yaml"] if command == "sweep" else ["study", "--quick"]
+    result = CliRunner().invoke(main, [*args, "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_trials_spec_file_missing_from_the_working_directory_is_named_with_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the repository root, where the trials' spec files are
     result = CliRunner().invoke(main, ["sweep", str(REPO / "sweeps/cpu/ablation.yaml"), "--runs-root", "runs"])
