@@ -179,6 +179,22 @@ def load_spec(
 ) -> RunSpec:
     """Read a spec file, merge overrides (files first, then argv, in order) and validate once."""
     base_source = str(spec_path) if spec_path else "defaults"
+    raw, sources = merged_spec(spec_path, overrides, override_files)
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        blame = _Blame(sources, base_source)
+        errors = exc.errors(include_url=False, include_context=False)
+        problems = [_problem(err, blame) for err in errors[:MAX_PROBLEMS]]
+        raise SpecError(problems, more=len(errors) - len(problems)) from None
+
+
+def merged_spec(
+    spec_path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), override_files: tuple[str, ...] = ()
+) -> tuple[dict, dict[str, str]]:
+    """The spec as written, its overrides merged in (files first, then argv, in order), not yet validated; and
+    the source that set each leaf (the last one applied)."""
+    base_source = str(spec_path) if spec_path else "defaults"
     raw = read_json_object(spec_path, "spec") if spec_path else {}
     sources: dict[str, str] = {path: base_source for path in leaf_paths(raw)}
     layers = [(str(f), expand_dotted(read_json_object(f, "overrides"), str(f))) for f in override_files]
@@ -188,13 +204,7 @@ def load_spec(
         for path in leaf_paths(layer):  # re-insert: later layers come last and win the blame below
             sources.pop(path, None)
             sources[path] = source
-    try:
-        return RunSpec.model_validate(raw)
-    except ValidationError as exc:
-        blame = _Blame(sources, base_source)
-        errors = exc.errors(include_url=False, include_context=False)
-        problems = [_problem(err, blame) for err in errors[:MAX_PROBLEMS]]
-        raise SpecError(problems, more=len(errors) - len(problems)) from None
+    return raw, sources
 
 
 class _Blame:

@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from blueberry.overrides import SpecError, load_spec
+from blueberry.overrides import SpecError, load_spec, merged_spec
 from blueberry.sweep.config import Sweep
 from blueberry.sweep.controller import UNTIL_STOPPED
 from blueberry.sweep.launch import build_trial
@@ -55,7 +55,7 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
             return  # not a blueberry command: nothing of ours to check
         spec_path, overrides, files = parsed
         try:
-            load_spec(spec_path, overrides, tuple(files))
+            spec = load_spec(spec_path, overrides, tuple(files))
         except SpecError as exc:
             # the trial's own file first: `where` is cut to a length when shown, and the parameters can be long
             trial = f"(run {index} of {sweep.path}: {json.dumps(params, sort_keys=True)})"
@@ -65,6 +65,34 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
             ]
             problems = [(f"{w} {trial}", path, reason) for w, path, reason in named]
             raise SpecError(problems, more=exc.more) from None
+        written = merged_spec(spec_path, overrides, tuple(files))[0]
+        missed = unreached(params, written, spec.model_dump(mode="json"))
+        if missed:
+            where = f"{sweep.path}: command (run {index}: {json.dumps(params, sort_keys=True)})"
+            reason = (
+                "the parameter's value does not reach the run (the command passes no ${args}, ${args_json_file} "
+                "or similar macro, or sets the field itself after it)"
+            )
+            raise SpecError([(where, path, reason) for path in missed])
+
+
+def unreached(params: dict, written: dict, validated: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the swept values the run does not get: compared with the spec as its command line writes
+    it (before validation fills in derived fields, e.g. a null model.variant), or, for a field it leaves out (the
+    agent drops a false flag from ${args_no_boolean_flags}), with the value the run then has. A parameter whose
+    values are dicts (`model: {variant: mlp}`) is opened: each of its fields must be there."""
+    missed = []
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            missed += unreached(value, _section(written, key), _section(validated, key), f"{name}.")
+        elif written.get(key, validated.get(key)) != value:
+            missed.append(name)
+    return missed
+
+
+def _section(tree: dict, key: str) -> dict:
+    return tree[key] if isinstance(tree.get(key), dict) else {}
 
 
 def describe(sweep: Sweep, planned: list[dict], open_ended: bool = False) -> str:

@@ -133,6 +133,30 @@ def test_an_environment_every_trial_would_fail_on_is_refused_before_the_first(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "missed"),
+    [
+        ("[blueberry, run, experiments/cpu_base.json]", "train.lr"),  # no macro: every trial the base spec
+        ("[blueberry, run, experiments/cpu_base.json, '${args}', --train.lr=0.01]", "train.lr"),  # set after it
+        ("[blueberry, run, experiments/cpu_base.json, '${args_no_boolean_flags}']", None),  # a false flag dropped
+    ],
+)
+def test_a_swept_value_that_does_not_reach_the_run_is_caught_before_anything_runs(tmp_path, command, missed):
+    """Else each trial trains another spec than its parameters say, and the results are filed under them."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        f"method: grid\ncommand: {command}\n"
+        "parameters: {train: {parameters: {lr: {values: [0.001, 0.002]}}},\n"
+        "             data: {parameters: {streaming: {value: false}}}}\n"
+    )
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"], catch_exceptions=False)
+    if missed is None:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 2 and f"{path}: command (run 0: " in result.output, result.output
+        assert f"{missed}: the parameter's value does not reach the run" in result.output
+
+
 def test_a_trials_spec_file_missing_from_the_working_directory_is_named_with_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the repository root, where the trials' spec files are
     result = CliRunner().invoke(main, ["sweep", str(REPO / "sweeps/cpu/ablation.yaml"), "--runs-root", "runs"])
