@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from blueberry.overrides import SpecError, load_spec
+
 # The study's 512d dense and MoE presets at its recipe (grad_accum 4): what the CPU-speed targets compare.
 DEFAULT_SPECS = ("experiments/mlp_512d.json", "experiments/moe_8e_2k_512d.json")
 VERSIONS = ("base", "current")
@@ -163,6 +165,11 @@ def compare(
         raise CompareError(f"no spec file {', '.join(missing)} in {tree}")
     precision, threads = native_precision(), usable_cores()
     overrides = [f"--train.precision={precision}"]
+    for spec in specs:  # a spec this tree cannot read would fail every round, after the base is checked out
+        try:
+            load_spec(tree / spec, overrides)
+        except SpecError as exc:
+            raise CompareError(exc.render()) from None
     what = f"{len(specs)} spec(s) × {rounds} round(s), {precision}, {threads} threads"
     log(f"{revision} ({commit[:12]}) against {tree}: {what}")
     started, load_before = time.time(), os.getloadavg()[0]

@@ -92,6 +92,10 @@ def test_bad_revision_or_spec_is_a_clear_error():
     assert result.exit_code == 2 and "no such revision" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["bench", "--against", "HEAD", "--spec", "experiments/nope.json"])
     assert result.exit_code == 2 and "no spec file experiments/nope.json" in result.output
+    before = _worktrees()  # a file that is no run spec: refused before the base is checked out, not per round
+    result = CliRunner().invoke(main, ["bench", "--against", "HEAD", "--spec", "sweeps/cpu/ablation.yaml"])
+    assert result.exit_code == 2 and "ablation.yaml: not valid JSON" in result.output, result.output
+    assert _worktrees() == before and "round" not in result.output
 
 
 def test_options_that_do_not_go_together_are_refused():
