@@ -223,6 +223,8 @@ def run(spec_path, overrides, override_files, resume):
         _fail(f"cannot resume: {exc}")
     except NotRunnableHere as exc:  # device/precision not available here: still an input problem
         _fail(f"{spec_path}: {exc}")
+    except PreflightError as exc:  # the runs root changed since preflight (or access() could not tell)
+        _fail(str(exc))
     except TrainingInterrupted as exc:
         if not env_world().is_main:  # a torchrun rank: rank 0 says where the checkpoint of every rank went
             sys.exit(128 + exc.signum)

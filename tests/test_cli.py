@@ -259,3 +259,16 @@ def test_a_spec_this_machine_cannot_run_is_exit_2_and_a_bug_keeps_its_traceback(
     (run_dir,) = runs.glob("*/*")
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and status["reason"] == "ValueError: an internal invariant broke"
+
+
+def test_a_runs_root_whose_experiment_folder_is_a_file_is_exit_2(tmp_path):
+    """Preflight passes (the runs root is a writable directory); making runs/<experiment>/ then meets a file."""
+    from test_runner import TINY
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").write_text("x")
+    result = invoke(
+        "run", str(REPO / "experiments/quickstart.json"), *TINY, f"--tracking.runs_root={tmp_path / 'runs'}"
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().endswith(f"{tmp_path / 'runs' / 'quickstart'} is a file, not a directory")

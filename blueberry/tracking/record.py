@@ -196,7 +196,9 @@ def _make_dir(path: Path, runs_root: str | Path, parents: bool = False) -> None:
     try:
         path.mkdir(parents=parents, exist_ok=parents)
     except FileExistsError:
-        raise
+        if parents:  # with exist_ok: the path is there, and no directory
+            raise PreflightError(f"runs root '{runs_root}': {path} is a file, not a directory") from None
+        raise  # a run directory another process made first: the caller tries the next name
     except OSError as exc:
         raise PreflightError(f"runs root '{runs_root}': cannot create {path}: {exc.strerror or exc}") from None
 
