@@ -96,6 +96,8 @@ class SweepState:
         self.load()
 
     def load(self) -> None:
+        if self.path.exists() and not self.path.is_file():
+            raise SweepStateError(f"sweep state {self.path} is not a file")
         if not self.path.is_file():
             self.trials, self.unreadable = [], []
             return
@@ -119,8 +121,11 @@ class SweepState:
     @contextmanager
     def locked(self) -> Iterator[SweepState]:
         """Hold the sweep's lock, with the state as on disk now; `save()` inside it to publish changes."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path.with_name("state.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.with_name("state.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a file where its folder goes, a read-only disk
+            raise SweepStateError(f"sweep state {self.path.parent}: cannot be made ({exc.strerror or exc})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, or by the kernel if this process dies
             self.load()

@@ -103,6 +103,21 @@ def test_a_wholly_unreadable_state_is_a_clear_error(tmp_path, text):
         SweepState(tmp_path / "state.json", "g-0", "g")
 
 
+@pytest.mark.parametrize("blocked", ["state.json", "sweep", "runs"])
+def test_a_state_path_that_is_not_what_it_should_be_is_a_clear_error(tmp_path, blocked):
+    """state.json a folder, the sweep's folder or the runs root's a file: named, no traceback from the OS."""
+    path = tmp_path / "runs" / "sweep" / "state.json"
+    blocker = {"sweep": path.parent, "runs": path.parent.parent}.get(blocked)
+    if blocker is None:
+        path.mkdir(parents=True)  # a folder where state.json goes
+    else:
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("")  # a file where a folder goes
+    with pytest.raises(SweepStateError, match="sweep state .*(is not a file|cannot be made)"):
+        with SweepState(path, "g-0", "g").locked() as state:
+            state.save()
+
+
 HOSTILE = st.one_of(
     st.none(),
     st.booleans(),
