@@ -153,6 +153,19 @@ def read_text_capped(path: str | Path, what: str, title: str = "invalid run spec
         raise SpecError([(str(path), "", f"cannot read {what} file: not UTF-8 text ({exc.reason})")], title) from None
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice (json.loads would keep the last, silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 def read_json_object(path: str | Path, what: str) -> dict:
     """Read a JSON object from a file, or raise SpecError naming the file."""
     path = Path(path)
@@ -160,7 +173,9 @@ def read_json_object(path: str | Path, what: str) -> dict:
     if not text.strip():
         raise SpecError([(str(path), "", f"{what} file is empty")])
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKey as exc:
+        raise SpecError([(str(path), "", f"key {clip(str(exc))!r} appears twice in one object")]) from None
     except json.JSONDecodeError as exc:
         raise SpecError(
             [(str(path), "", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]

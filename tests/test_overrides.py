@@ -188,3 +188,16 @@ def test_the_coercions_kept():
 def test_a_name_or_path_the_os_would_refuse_is_a_spec_error(override, message):
     with pytest.raises(SpecError, match=message):
         load_spec(None, [override])
+
+
+def test_a_key_given_twice_in_a_spec_or_overrides_file_is_refused(tmp_path):
+    """JSON keeps the last of two equal keys, silently: a spec saying seed 1 and seed 2 ran seed 2."""
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"experiment": "x", "seed": 1, "train": {"lr": 0.1, "lr": 0.2}}')
+    with pytest.raises(SpecError, match=f"{spec}: key 'lr' appears twice in one object"):
+        load_spec(spec)
+    spec.write_text('{"experiment": "x"}')
+    overrides = tmp_path / "o.json"
+    overrides.write_text('{"seed": 1, "seed": 2}')
+    with pytest.raises(SpecError, match=f"{overrides}: key 'seed' appears twice"):
+        load_spec(spec, [], (str(overrides),))

@@ -44,12 +44,28 @@ class Sweep:
         return self.config.get("run_cap")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (it keeps the last, silently: `method: grid`
+    then `method: random` ran a random sweep)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = []
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:  # (a list, not a set: YAML keys need not be hashable before the mapping is built)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.append(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep YAML; errors name the file and carry W&B's own violation messages."""
     path = Path(path)
     text = read_text_capped(path, "sweep", INVALID)
     try:
-        config = yaml.safe_load(text)
+        config = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise SpecError([(str(path), "", f"not valid YAML: {exc}")], INVALID) from None
     if not isinstance(config, dict):

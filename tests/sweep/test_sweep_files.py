@@ -173,6 +173,14 @@ def test_malformed_yaml(tmp_path, text):
         load_sweep(path)
 
 
+def test_a_key_given_twice_is_refused_naming_it_and_the_line(tmp_path):
+    """YAML keeps the last of two equal keys, silently: `method: grid` then `method: random` ran a random sweep."""
+    path = tmp_path / "x.yaml"
+    path.write_text("method: grid\ncommand: [a]\nparameters:\n  seed: {values: [1]}\n  seed: {values: [2]}\n")
+    with pytest.raises(SpecError, match=r"key 'seed' appears twice in one mapping\n.*line 5, column 3"):
+        load_sweep(path)
+
+
 def test_dry_run_prints_the_agent_command(tmp_path):
     result = CliRunner().invoke(main, ["sweep", str(REPO / "sweeps/cpu/ablation.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output
