@@ -71,7 +71,8 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
             where = f"{sweep.path}: command (run {index}: {json.dumps(params, sort_keys=True)})"
             reason = (
                 "the parameter's value does not reach the run (the command passes no ${args}, ${args_json_file} "
-                "or similar macro, or sets the field itself after it)"
+                "or similar macro, sets the field itself after it, or drops it: a false flag under "
+                "${args_no_boolean_flags} leaves the spec's own value)"
             )
             raise SpecError([(where, path, reason) for path in missed])
 
