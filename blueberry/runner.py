@@ -112,9 +112,12 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
     tracking = time.monotonic()
     claim_stage(run, resume, log)
     header_stage(run, mode, why, log)
-    stop = StopRequest().install()
+    stop = None
     try:
         wandb_stage(run, log)  # before the record is touched: a W&B that cannot start leaves it as it was
+        # From here a stop signal stops training cleanly; before, Ctrl-C interrupts W&B's wait for its server
+        # at once (a KeyboardInterrupt out of wandb.init, exit 130), rather than after W&B's own time-out.
+        stop = StopRequest().install()
         record_stage(run)
         with recorded(run):
             tracker_stage(run, mode, log)
@@ -122,7 +125,8 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
             summary = train_stage(run, stop)
             finalise_stage(run, summary, mode)
     finally:
-        stop.restore()
+        if stop is not None:
+            stop.restore()
         run.claimed.release()
         distributed.shutdown()
     wandb_dir = run.wandb.offline_dir if run.wandb else None

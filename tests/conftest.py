@@ -11,6 +11,7 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
 
 WANDB_UNSET = (
     "WANDB_API_KEY",
+    "WANDB_IDENTITY_TOKEN_FILE",
     "WANDB_BASE_URL",
     "WANDB_ENTITY",
     "WANDB_PROJECT",

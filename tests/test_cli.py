@@ -272,3 +272,26 @@ def test_a_runs_root_whose_experiment_folder_is_a_file_is_exit_2(tmp_path):
     )
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert result.output.strip().endswith(f"{tmp_path / 'runs' / 'quickstart'} is a file, not a directory")
+
+
+def test_ctrl_c_while_wandb_starts_interrupts_at_once(tmp_path, monkeypatch):
+    """Online, wandb.init waits for the server (90 s by default): Ctrl-C then must raise there (exit 130), not
+    only set the run's stop flag, which nothing reads until training starts."""
+    import signal
+
+    from test_runner import TINY
+
+    import blueberry.runner as runner
+
+    seen = []
+
+    def waiting_for_the_server(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGINT))
+        raise KeyboardInterrupt  # what Python's own SIGINT handler raises in the wait
+
+    monkeypatch.setattr(runner, "WandbTracker", waiting_for_the_server)
+    runs = tmp_path / "runs"
+    result = invoke("run", str(REPO / "experiments/quickstart.json"), *TINY, f"--tracking.runs_root={runs}")
+    assert seen == [signal.default_int_handler] and result.exit_code == 130, result.output
+    (run_dir,) = runs.glob("*/*")
+    assert list(run_dir.iterdir()) == []  # the record untouched: the next run starts it afresh

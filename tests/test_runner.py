@@ -77,6 +77,12 @@ def test_run_record_is_complete_and_matches_wandb(tmp_path):
         log.config["train"] == spec.to_json_dict()["train"] and log.config["params_total"] == header["params"]["total"]
     )
     assert log.summary["val/loss"]["min"] == pytest.approx(result.summary["val/best_loss"])
+    final = {
+        "final/val_loss": "val/loss",
+        "final/val_accuracy": "val/accuracy",
+        "final/val_perplexity": "val/perplexity",
+    }
+    assert {k: log.summary[k] for k in final} == {k: pytest.approx(result.summary[v]) for k, v in final.items()}
     # where the time before training went, in the record and in W&B's summary
     setup = {k: v for k, v in json.loads((result.run_dir / "summary.json").read_text()).items() if "setup/" in k}
     stages = ("start", "device", "build", "tracking")

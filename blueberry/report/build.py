@@ -23,7 +23,7 @@ from blueberry.fileio import read_json
 from blueberry.report import claims, dashboard, plots, tables
 from blueberry.report.groups import fmt_value, group_runs, label_groups, rank, varying_keys
 from blueberry.report.integrity import integrity_section
-from blueberry.report.records import ReportError, Run
+from blueberry.report.records import ReportError, Run, need_wandb_credentials
 from blueberry.report.studies import Study, extended_experiment, report_order, study_for
 from blueberry.report.timeline import build_timeline, insert_between_markers, timeline_markdown
 from blueberry.spec import safe_name
@@ -321,6 +321,8 @@ def run_report(
         )
     if source == "wandb" and not project:
         raise ReportError("--source wandb needs --project")
+    if source == "wandb":
+        need_wandb_credentials("--source wandb")
     try:  # where it writes, before the runs are read (the cache lives under --out too)
         check_writable_dir(out, "--out")
     except PreflightError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from blueberry.report.records import ReportError, Run
+from blueberry.report.records import ReportError, Run, need_wandb_credentials
 from blueberry.report.studies import study_for
 
 LINE_METRICS = ("train/loss", "val/loss", "val/accuracy", "val/perplexity")
@@ -35,12 +35,14 @@ def report_definition(runs: list[Run], entity: str, project: str, title: str = "
     for experiment in experiments:
         study = study_for(experiment)
         by = "train.lr" if study.kind == "lr" else "variant"  # the runner logs `variant` as a top-level config key
+        # its runs' W&B groups: the experiment, unless tracking.group or WANDB_RUN_GROUP said otherwise
+        groups = sorted({r.group or r.experiment for r in runs if r.experiment == experiment})
         runset = wr.Runset(
             entity=entity,
             project=project,
             name=experiment,
             # finished runs only, as the local tables aggregate (a crashed run's curve would skew the mean)
-            filters=[expr.Metric("Group") == experiment, expr.Metric("State") == "finished"],
+            filters=[expr.Metric("Group").isin(groups), expr.Metric("State") == "finished"],
             groupby=[f"config.{by}"],
         )
         panels = [
@@ -57,7 +59,7 @@ def report_definition(runs: list[Run], entity: str, project: str, title: str = "
         panels.append(
             wr.BarPlot(
                 title="final val loss",
-                metrics=["val/loss"],
+                metrics=["final/val_loss"],  # a number: val/loss's summary is W&B's {"min", "last"}
                 groupby=wr.Config(by),
                 groupby_aggfunc="mean",
                 groupby_rangefunc="stddev",
@@ -70,7 +72,9 @@ def report_definition(runs: list[Run], entity: str, project: str, title: str = "
                 columns=[
                     wr.ParallelCoordinatesPlotColumn(metric=wr.Config("train.lr"), display_name="lr", log=True),
                     wr.ParallelCoordinatesPlotColumn(metric=wr.Config("variant"), display_name="variant"),
-                    wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric("val/loss"), display_name="val loss"),
+                    wr.ParallelCoordinatesPlotColumn(
+                        metric=wr.SummaryMetric("final/val_loss"), display_name="val loss"
+                    ),
                 ],
             )
         )
@@ -93,6 +97,7 @@ def publish(report) -> str:
             "rerun with WANDB_MODE=online and an API key)",
             code=1,
         )
+    need_wandb_credentials("--publish", code=1)
     try:
         report.save()
     except Exception as exc:  # no key, no network, no such project: surfaced by several libraries

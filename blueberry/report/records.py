@@ -37,6 +37,7 @@ from blueberry.tracking.schema import (
     header_from_wandb_config,
     keep_metric,
     run_tags,
+    sweep_tag,
 )
 
 NOT_AN_OBJECT_LINE = re.compile(rb"^[ \t]*[^{\s]", re.MULTILINE)
@@ -422,7 +423,7 @@ def wandb_filters(group: str | None = None, sweep: str | None = None, tags: tupl
     if group:
         clauses.append({"group": group})
     if sweep:  # the sweep id, or its name via the runner's "sweep:<name>" tag
-        clauses.append({"$or": [{"sweep": sweep}, {"tags": {"$in": [f"sweep:{sweep}"]}}]})
+        clauses.append({"$or": [{"sweep": sweep}, {"tags": {"$in": [sweep_tag(sweep)]}}]})  # cut as the runner cuts it
     clauses.extend({"tags": {"$in": [tag]}} for tag in tags)
     return {"$and": clauses} if clauses else {}
 
@@ -473,6 +474,19 @@ def run_from_wandb(api_run: Any, rows: list[dict] | None) -> Run:
         history=history,
         source="/".join(api_run.path),
     )
+
+
+def need_wandb_credentials(what: str, code: int = 2) -> None:
+    """ReportError unless W&B would find credentials: without them wandb.Api() asks for a key on the terminal
+    and waits there."""
+    from blueberry.tracking.wandb_settings import has_api_key
+
+    try:
+        found = has_api_key()
+    except ValueError as exc:  # a W&B variable W&B rejects
+        raise ReportError(str(exc)) from None
+    if not found:
+        raise ReportError(f"{what} needs W&B credentials: set WANDB_API_KEY or run `wandb login`", code=code)
 
 
 def load_wandb(

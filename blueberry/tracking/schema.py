@@ -81,19 +81,30 @@ def wandb_config(header: dict) -> dict:
         "data_fingerprint": data["fingerprint"],
         "unigram_loss": data["unigram_loss"],
         "leakage_val_windows": data["leakage"]["val_windows_with_train_ngram"],
+        "leakage_ngram": data["leakage"].get("ngram"),
+        "causality_ok": (header.get("causality") or {}).get("ok"),
         "hardware": header["hardware"],
     }
 
 
 def header_from_wandb_config(config: dict, created_at: str | None = None) -> dict:
-    """The header keys the report uses, rebuilt from a W&B run config written by `wandb_config`."""
+    """The header keys the report uses, rebuilt from a W&B run config written by `wandb_config` (the
+    integrity section's device, causality and leakage included: else a report from W&B priced no run and said
+    none passed the causality probe)."""
+    causal = config.get("causality_ok")
+    hardware = config.get("hardware")
     return {
         "params": {"total": config.get("params_total"), "active": config.get("params_active")},
         "data": {
             "fingerprint": config.get("data_fingerprint"),
             "unigram_loss": config.get("unigram_loss"),
-            "leakage": {"val_windows_with_train_ngram": config.get("leakage_val_windows")},
+            "leakage": {
+                "val_windows_with_train_ngram": config.get("leakage_val_windows"),
+                "ngram": config.get("leakage_ngram"),
+            },
         },
+        **({"causality": {"checked": True, "ok": causal}} if isinstance(causal, bool) else {}),
+        **({"hardware": hardware} if isinstance(hardware, dict) else {}),
         "created_at": created_at,
     }
 

@@ -96,10 +96,11 @@ def wandb_settings() -> dict[str, Choice]:
 
 
 def has_api_key() -> bool:
-    """An API key in the environment or in the netrc file for W&B's server, as W&B's CLI finds it: the host is
+    """Credentials for W&B's server as W&B finds them (wbauth.authenticate): an API key or an identity token file
+    (WANDB_IDENTITY_TOKEN_FILE, W&B's OIDC login) in the environment, else a key in the netrc file for the host
     `base_url` (WANDB_BASE_URL, or the settings file `wandb login --host` writes, else W&B's default server,
     which `wandb login` stores its key under). No network call."""
-    if os.environ.get("WANDB_API_KEY"):
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     settings = load_wandb_settings()
     try:

@@ -142,8 +142,12 @@ class WandbTracker:
         self.run.log_artifact(artifact, aliases=aliases)
 
     def summary(self, values: dict[str, Any]) -> None:
-        """One summary update; W&B's own min/last summaries stay, and a missing value (None) is left out."""
-        self.run.summary.update({k: v for k, v in values.items() if k not in SUMMARISED and v is not None})
+        """One summary update; W&B's own min/last summaries stay, and a missing value (None) is left out. The
+        SUMMARISED metrics' values also go in as flat scalars, `final/val_loss` ...: W&B's panels and run
+        tables plot a summary number, and `val/loss`'s summary is the {"min", "last"} dict."""
+        kept = {k: v for k, v in values.items() if k not in SUMMARISED and v is not None}
+        final = {f"final/{k.replace('/', '_')}": v for k, v in values.items() if k in SUMMARISED and v is not None}
+        self.run.summary.update({**kept, **final})
 
     def summarise_history(self, rows: list[dict[str, Any]]) -> None:
         """Set the SUMMARISED metrics' summaries from the whole run's rows: W&B computes them over the rows

@@ -122,6 +122,8 @@ def test_select_filters_like_the_wandb_query(tmp_path):
     assert sorted(r.experiment for r in select(runs, tags=("exp2",))) == ["a", "b"]
     sweep = {"$or": [{"sweep": "abc123"}, {"tags": {"$in": ["sweep:abc123"]}}]}
     assert wandb_filters("a", "abc123", ("exp2",)) == {"$and": [{"group": "a"}, sweep, {"tags": {"$in": ["exp2"]}}]}
+    long = "n" * 70  # the runner's sweep tag is cut to W&B's 64 characters: the filter looks for the same
+    assert wandb_filters(sweep=long)["$and"][0]["$or"][1] == {"tags": {"$in": [f"sweep:{long}"[:64]]}}
 
 
 def test_cache_reuses_unchanged_runs_and_rereads_changed_ones(tmp_path):

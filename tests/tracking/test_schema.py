@@ -26,7 +26,11 @@ def test_wandb_config_round_trips_the_header_keys_the_report_reads(tmp_path):
     header = json.loads((write_run(tmp_path, "exp") / "spec.json").read_text())
     config = wandb_config(header)
     assert config["variant"] == "baseline" and config["model"] == header["spec"]["model"]
-    back = header_from_wandb_config(config, header["created_at"])
+    back = header_from_wandb_config(json.loads(json.dumps(config)), header["created_at"])  # as W&B stores it
     assert back["params"] == {k: header["params"][k] for k in ("total", "active")}
     assert back["data"]["fingerprint"] == header["data"]["fingerprint"]
     assert set(back) <= set(HEADER_KEYS)
+    # What the report's integrity section reads: the device (its cost), the causality probe, the leakage audit.
+    assert back["hardware"] == header["hardware"] and back["causality"] == header["causality"]
+    leakage = header["data"]["leakage"]
+    assert back["data"]["leakage"] == {k: leakage[k] for k in ("val_windows_with_train_ngram", "ngram")}

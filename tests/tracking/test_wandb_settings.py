@@ -142,6 +142,15 @@ def test_a_key_saved_by_wandb_login_is_found_for_the_server_wandb_uses(workdir, 
     assert resolve_mode("auto") == ("online", "default: API key found")
 
 
+def test_an_identity_token_file_is_credentials_as_wandb_takes_it(workdir, monkeypatch):
+    """W&B's OIDC login (WANDB_IDENTITY_TOKEN_FILE, no API key): an online run stays online."""
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("NETRC", str(workdir / "netrc"))  # no key there either
+    assert resolve_mode("online")[0] == "offline"
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(workdir / "token"))
+    assert resolve_mode("online") == ("online", "set by spec")
+
+
 def test_the_doctor_shows_the_tags_a_run_of_the_spec_gets(workdir):
     """A model no preset names is tagged attention-ffn, as the runner tags it (spec.model.label)."""
     from blueberry.tracking.wandb_settings import wandb_status

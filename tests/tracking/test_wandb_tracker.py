@@ -80,6 +80,7 @@ def test_checkpoints_get_best_alias_and_summary_has_no_none(tmp_path):
     assert model["type"] == "model" and model["metadata"]["step"] == 30
     assert "cost/usd" not in log.summary and log.summary["params/total"] == 7
     assert log.summary["val/loss"] == {"min": 2.0, "last": 2.5}  # W&B's own min/last, not overwritten
+    assert log.summary["final/val_loss"] == 2.5  # and a number W&B's panels can plot
 
 
 def test_system_metrics_can_be_turned_off(tmp_path):
