@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from pathlib import Path
 
-from blueberry.overrides import SpecError, load_spec, merged_spec
+from pydantic import ValidationError
+
+from blueberry.overrides import SpecError, deep_merge, expand_dotted, leaf_paths, load_spec, merged_spec
+from blueberry.spec import RunSpec
 from blueberry.sweep.config import Sweep
 from blueberry.sweep.controller import UNTIL_STOPPED
 from blueberry.sweep.launch import build_trial
@@ -55,7 +59,7 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
             return  # not a blueberry command: nothing of ours to check
         spec_path, overrides, files = parsed
         try:
-            spec = load_spec(spec_path, overrides, tuple(files))
+            run = load_spec(spec_path, overrides, tuple(files))
         except SpecError as exc:
             # the trial's own file first: `where` is cut to a length when shown, and the parameters can be long
             trial = f"(run {index} of {sweep.path}: {json.dumps(params, sort_keys=True)})"
@@ -65,8 +69,7 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
             ]
             problems = [(f"{w} {trial}", path, reason) for w, path, reason in named]
             raise SpecError(problems, more=exc.more) from None
-        written = merged_spec(spec_path, overrides, tuple(files))[0]
-        missed = unreached(params, written, spec.model_dump(mode="json"))
+        missed = unreached(params, merged_spec(spec_path, overrides, tuple(files))[0], run)
         if missed:
             where = f"{sweep.path}: command (run {index}: {json.dumps(params, sort_keys=True)})"
             reason = (
@@ -77,23 +80,30 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
             raise SpecError([(where, path, reason) for path in missed])
 
 
-def unreached(params: dict, written: dict, validated: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the swept values the run does not get: compared with the spec as its command line writes
-    it (before validation fills in derived fields, e.g. a null model.variant), or, for a field it leaves out (the
-    agent drops a false flag from ${args_no_boolean_flags}), with the value the run then has. A parameter whose
-    values are dicts (`model: {variant: mlp}`) is opened: each of its fields must be there."""
-    missed = []
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            missed += unreached(value, _section(written, key), _section(validated, key), f"{name}.")
-        elif written.get(key, validated.get(key)) != value:
-            missed.append(name)
-    return missed
+_MISSING = object()
 
 
-def _section(tree: dict, key: str) -> dict:
-    return tree[key] if isinstance(tree.get(key), dict) else {}
+def unreached(params: dict, written: dict, run: RunSpec) -> list[str]:
+    """Dotted names of the swept values the run does not get. The run's spec (`run`, from its command line, which
+    `written` is before validation) is compared, field by field, with the spec it would be if the parameters were
+    applied last, as `${args_json_file}` applies them: so dotted names (`train.lr:`), quoted numbers that
+    validation reads as numbers and fields validation derives (a null model.variant) compare as the run sees
+    them. Parameters the spec cannot take at all are not this check's: they fail validation."""
+    swept = expand_dotted(params, "the sweep's parameters")
+    try:
+        meant = RunSpec.model_validate(deep_merge(copy.deepcopy(written), swept)).model_dump(mode="json")
+    except ValidationError:
+        return []
+    got = run.model_dump(mode="json")
+    return [path for path in leaf_paths(swept) if _at(meant, path) != _at(got, path)]
+
+
+def _at(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
 
 
 def describe(sweep: Sweep, planned: list[dict], open_ended: bool = False) -> str:

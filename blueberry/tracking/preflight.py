@@ -74,7 +74,7 @@ def preflight(spec: RunSpec) -> None:
     check_writable_dir(runs_root_for(spec), setting)
     check_wandb_run_id()
     check_price_variables()
-    if spec.tracking.wandb != "disabled":
+    if spec.tracking.wandb != "disabled":  # else W&B's settings are not read (wandb_settings.run_settings)
         check_wandb_environment(spec.tracking.wandb_dir)
 
 

@@ -132,7 +132,8 @@ def run_settings(spec, tags: list[str]) -> dict[str, Choice]:
 
     `tags`: ours, always given (the variant, the sweep); the user's tags (spec, else WANDB_TAGS) follow.
     """
-    found = wandb_settings()
+    # A run with W&B disabled reads none of W&B's settings: a W&B variable it would reject does not concern it.
+    found = wandb_settings() if spec.tracking.wandb != "disabled" else {}
     mode, why = resolve_mode(spec.tracking.wandb, found)
     tracking = spec.tracking
     # field: (the spec's explicit value or None, our default)

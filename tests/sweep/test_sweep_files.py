@@ -139,16 +139,23 @@ def test_an_environment_every_trial_would_fail_on_is_refused_before_the_first(
         ("[blueberry, run, experiments/cpu_base.json]", "train.lr"),  # no macro: every trial the base spec
         ("[blueberry, run, experiments/cpu_base.json, '${args}', --train.lr=0.01]", "train.lr"),  # set after it
         ("[blueberry, run, experiments/cpu_base.json, '${args_no_boolean_flags}']", None),  # a false flag dropped
+        ("[blueberry, run, experiments/cpu_base.json, '${args}']", None),
+        ("[blueberry, run, experiments/cpu_base.json, '${args_no_equals}']", None),
+        ("[blueberry, run, experiments/cpu_base.json, --overrides, '${args_json_file}']", None),
     ],
 )
-def test_a_swept_value_that_does_not_reach_the_run_is_caught_before_anything_runs(tmp_path, command, missed):
-    """Else each trial trains another spec than its parameters say, and the results are filed under them."""
+@pytest.mark.parametrize("names", ["nested", "dotted"])
+def test_a_swept_value_that_does_not_reach_the_run_is_caught_before_anything_runs(tmp_path, command, missed, names):
+    """Else each trial trains another spec than its parameters say, and the results are filed under them. Names
+    nested (`train: {parameters: {lr: ...}}`) or dotted (`train.lr:`), and a quoted number the run reads as one,
+    reach the run through every macro."""
+    parameters = {
+        "nested": "{train: {parameters: {lr: {values: [0.001, 0.002]}}}, seed: {values: ['1', '2']},\n"
+        "  data: {parameters: {streaming: {value: false}}}}\n",
+        "dotted": "{train.lr: {values: [0.001, 0.002]}, seed: {values: ['1', '2']}, data.streaming: {value: false}}\n",
+    }[names]
     path = tmp_path / "s.yaml"
-    path.write_text(
-        f"method: grid\ncommand: {command}\n"
-        "parameters: {train: {parameters: {lr: {values: [0.001, 0.002]}}},\n"
-        "             data: {parameters: {streaming: {value: false}}}}\n"
-    )
+    path.write_text(f"method: grid\ncommand: {command}\nparameters: {parameters}")
     result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"], catch_exceptions=False)
     if missed is None:
         assert result.exit_code == 0, result.output
@@ -179,6 +186,12 @@ def test_a_key_given_twice_is_refused_naming_it_and_the_line(tmp_path):
     path.write_text("method: grid\ncommand: [a]\nparameters:\n  seed: {values: [1]}\n  seed: {values: [2]}\n")
     with pytest.raises(SpecError, match=r"key 'seed' appears twice in one mapping\n.*line 5, column 3"):
         load_sweep(path)
+    # A merge key is no duplicate: the mapping's own keys override what it merges, as YAML says.
+    path.write_text(
+        "method: grid\ncommand: [a]\nparameters:\n  seed: &base {values: [1, 2], distribution: categorical}\n"
+        "  other: {<<: *base, values: [3]}\n"
+    )
+    assert load_sweep(path).config["parameters"]["other"] == {"values": [3], "distribution": "categorical"}
 
 
 def test_dry_run_prints_the_agent_command(tmp_path):

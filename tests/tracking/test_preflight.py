@@ -92,6 +92,17 @@ def test_a_wandb_variable_wandb_rejects_is_refused_before_the_run(variable, valu
     assert "the run started" in str(result.exception)
 
 
+def test_a_run_with_wandb_disabled_reads_no_wandb_setting(monkeypatch):
+    """The runner chooses W&B's values from W&B's settings; with W&B disabled it reads none, so a variable W&B
+    would reject is no traceback half-way through the run's set-up."""
+    from blueberry.overrides import load_spec
+    from blueberry.tracking.wandb_settings import run_settings
+
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    spec = load_spec(REPO / "experiments/quickstart.json", ["--tracking.wandb=disabled"])
+    assert run_settings(spec, tags=[])["mode"].value == "disabled"
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "said"),
     [
