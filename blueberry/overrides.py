@@ -125,6 +125,15 @@ def deep_merge(base: dict, update: dict) -> dict:
     return base
 
 
+def value_at(tree: Any, dotted: str, default: Any = None) -> Any:
+    """tree["a"]["b"] for "a.b", or `default` where a part is missing or not a dict."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree
+
+
 def leaf_paths(tree: dict, prefix: str = "") -> list[str]:
     paths = []
     for key, value in tree.items():

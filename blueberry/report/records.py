@@ -23,6 +23,7 @@ from typing_extensions import TypedDict
 
 from blueberry.fileio import read_json_file
 from blueberry.models import registry
+from blueberry.overrides import value_at
 from blueberry.tracking import read_metrics
 from blueberry.tracking.record import RecordError, run_is_live
 from blueberry.tracking.schema import (
@@ -149,12 +150,7 @@ class Run:
 
     def get(self, dotted: str, default: Any = None) -> Any:
         """A spec value by dotted path, e.g. "train.lr"."""
-        node: Any = self.spec
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        return value_at(self.spec, dotted, default)
 
     @property
     def variant(self) -> str | None:
@@ -314,9 +310,7 @@ def shape_problem(name: str, data: dict, adapter: TypeAdapter) -> str | None:
         return f"{name}: {'.'.join(map(str, err['loc']))}: {err['msg']}" + (f" (and {more} more)" if more else "")
     if adapter is _HEADER:
         for dotted, types in _USED_VALUES:
-            node: Any = data
-            for part in dotted.split("."):
-                node = node.get(part, ...) if isinstance(node, dict) else ...
+            node = value_at(data, dotted, ...)
             if node is not ... and (isinstance(node, bool) or not isinstance(node, types)):
                 return f"{name}: {dotted}: {type(node).__name__} where {' or '.join(t.__name__ for t in types)} belongs"
     return None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from blueberry.overrides import SpecError, deep_merge, expand_dotted, leaf_paths, load_spec, merged_spec
+from blueberry.overrides import SpecError, deep_merge, expand_dotted, leaf_paths, load_spec, merged_spec, value_at
 from blueberry.spec import RunSpec
 from blueberry.sweep.config import Sweep
 from blueberry.sweep.controller import UNTIL_STOPPED
@@ -95,15 +95,7 @@ def unreached(params: dict, written: dict, run: RunSpec) -> list[str]:
     except ValidationError:
         return []
     got = run.model_dump(mode="json")
-    return [path for path in leaf_paths(swept) if _at(meant, path) != _at(got, path)]
-
-
-def _at(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return _MISSING
-        tree = tree[part]
-    return tree
+    return [path for path in leaf_paths(swept) if value_at(meant, path, _MISSING) != value_at(got, path, _MISSING)]
 
 
 def describe(sweep: Sweep, planned: list[dict], open_ended: bool = False) -> str:
