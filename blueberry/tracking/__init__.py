@@ -2,7 +2,7 @@
 
 from blueberry.fileio import write_json_atomic, write_text_atomic
 from blueberry.tracking.base import Tracker, Trackers
-from blueberry.tracking.record import RunRecord, allocate_run_dir, read_metrics
+from blueberry.tracking.record import RunRecord, read_metrics
 from blueberry.tracking.wandb_settings import resolve_mode
 from blueberry.tracking.wandb_tracker import WandbTracker, new_run_id, sweep_tag
 
@@ -11,7 +11,6 @@ __all__ = [
     "Tracker",
     "Trackers",
     "WandbTracker",
-    "allocate_run_dir",
     "new_run_id",
     "read_metrics",
     "resolve_mode",

@@ -38,13 +38,6 @@ from blueberry.tracking.schema import METRICS_FILE, SPEC_FILE, STATUS_FILE, STEP
 PROBE_GRACE_S = 0.05  # longer than `run_is_live` holds its shared lock (two system calls)
 
 
-def allocate_run_dir(runs_root: str | Path, experiment: str, run_id: str) -> Path:
-    """Create a fresh run directory (not locked); a taken id gets a numeric suffix."""
-    claimed = claim_run_dir(runs_root, experiment, run_id)
-    claimed.release()
-    return claimed.path
-
-
 @dataclass
 class RunDir:
     """A run directory claimed by this process, and whether an earlier attempt of the run left it."""

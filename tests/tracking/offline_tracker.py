@@ -1,6 +1,15 @@
-"""One offline W&B tracker for the tracking tests: the usual run, any argument overridden."""
+"""For the tracking tests: a fresh run directory, and one offline W&B tracker (the usual run, any argument
+overridden)."""
 
 from blueberry.tracking import WandbTracker, new_run_id
+from blueberry.tracking.record import claim_run_dir
+
+
+def fresh_run_dir(runs_root, experiment, run_id):
+    """A new run directory, not locked (a taken id gets a numeric suffix)."""
+    claimed = claim_run_dir(runs_root, experiment, run_id)
+    claimed.release()
+    return claimed.path
 
 
 def offline_tracker(run_dir, **overrides) -> WandbTracker:

@@ -4,12 +4,14 @@ import os
 import socket
 import threading
 
-from blueberry.tracking import RunRecord, allocate_run_dir, read_metrics
+from offline_tracker import fresh_run_dir
+
+from blueberry.tracking import RunRecord, read_metrics
 from blueberry.tracking.record import PROBE_GRACE_S, claim_run_dir, run_is_live
 
 
 def test_record_files_and_states(tmp_path):
-    run_dir = allocate_run_dir(tmp_path, "exp", "run-a")
+    run_dir = fresh_run_dir(tmp_path, "exp", "run-a")
     record = RunRecord(run_dir, {"spec": {"seed": 1}})
     assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
     record.log({"train/loss": 2.5}, step=1)
@@ -31,13 +33,13 @@ def test_torn_last_line_is_skipped(tmp_path):
 
 
 def test_taken_run_ids_get_a_suffix(tmp_path):
-    first = allocate_run_dir(tmp_path, "exp", "same")
-    second = allocate_run_dir(tmp_path, "exp", "same")
+    first = fresh_run_dir(tmp_path, "exp", "same")
+    second = fresh_run_dir(tmp_path, "exp", "same")
     assert (first.name, second.name) == ("same", "same-2")
 
 
 def test_names_cannot_escape_the_runs_root(tmp_path):
-    run_dir = allocate_run_dir(tmp_path / "runs", "../../etc", "../x")
+    run_dir = fresh_run_dir(tmp_path / "runs", "../../etc", "../x")
     assert (tmp_path / "runs") in run_dir.parents
 
 

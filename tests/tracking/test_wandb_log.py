@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
-from offline_tracker import offline_tracker
+from offline_tracker import fresh_run_dir, offline_tracker
 
-from blueberry.tracking import RunRecord, Trackers, allocate_run_dir
+from blueberry.tracking import RunRecord, Trackers
 from blueberry.tracking.wandb_log import WandbLogError, held_rows, read_wandb_log
 
 
@@ -51,7 +51,7 @@ def leet_inspect(path: Path) -> dict:
 
 
 def test_decoder_reads_what_wandb_leet_reads(tmp_path):
-    run_dir = allocate_run_dir(tmp_path, "exp", "r1")
+    run_dir = fresh_run_dir(tmp_path, "exp", "r1")
     tracker = offline_tracker(
         run_dir,
         project="blueberry-test",
@@ -96,7 +96,7 @@ set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "blueberry-hypothesis")
 @pytest.fixture
 def segment_bytes(tmp_path) -> bytes:
     """A real offline W&B log (made inside the hermetic environment: a function-scoped fixture)."""
-    run_dir = allocate_run_dir(tmp_path / "made", "exp", "r1")
+    run_dir = fresh_run_dir(tmp_path / "made", "exp", "r1")
     tracker = offline_tracker(run_dir, name="r1", run_id="r1", tags=[])
     trackers = Trackers(RunRecord(run_dir, {}), tracker)
     for step in range(1, 40):

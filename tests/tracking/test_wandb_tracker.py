@@ -1,9 +1,9 @@
 import re
 
 import torch
-from offline_tracker import offline_tracker
+from offline_tracker import fresh_run_dir, offline_tracker
 
-from blueberry.tracking import RunRecord, Trackers, allocate_run_dir, new_run_id, resolve_mode, sweep_tag
+from blueberry.tracking import RunRecord, Trackers, new_run_id, resolve_mode, sweep_tag
 from blueberry.tracking.wandb_log import read_wandb_log
 
 
@@ -25,7 +25,7 @@ def test_mode_online_needs_key_and_respects_env(monkeypatch):
 
 
 def test_offline_run_holds_what_was_logged(tmp_path):
-    run_dir = allocate_run_dir(tmp_path, "exp", "r1")
+    run_dir = fresh_run_dir(tmp_path, "exp", "r1")
     tracker = offline_tracker(run_dir, run_id="r1", tags=["moe", "t"], config={"model": {"n_experts": 4}, "seed": 1})
     trackers = Trackers(RunRecord(run_dir, {}), tracker)
     for step in (1, 2, 3):
@@ -55,7 +55,7 @@ def test_run_ids_are_fresh_and_sweep_tags_fit_wandb_limit():
 
 
 def test_checkpoints_get_best_alias_and_summary_has_no_none(tmp_path):
-    run_dir = allocate_run_dir(tmp_path, "exp", "r1")
+    run_dir = fresh_run_dir(tmp_path, "exp", "r1")
     tracker = offline_tracker(run_dir, tags=["moe", "sweep:" + "y" * 80])
     assert tracker.run.settings.x_disable_stats is False  # W&B system metrics on by default
     checkpoint = run_dir / "step.pt"
@@ -84,7 +84,7 @@ def test_checkpoints_get_best_alias_and_summary_has_no_none(tmp_path):
 
 
 def test_system_metrics_can_be_turned_off(tmp_path):
-    tracker = offline_tracker(allocate_run_dir(tmp_path, "exp", "r1"), system_metrics=False)
+    tracker = offline_tracker(fresh_run_dir(tmp_path, "exp", "r1"), system_metrics=False)
     assert tracker.run.settings.x_disable_stats is True
     tracker.finish("finished")
 
