@@ -57,7 +57,8 @@ class Figure:
 
 
 def band(group: Group, metric: str, x: str = "step"):
-    """(x, mean, min, max) over the group's finished seeds, at the steps every seed logged.
+    """(x, mean, min, max, n) over the group's finished seeds that logged `metric` (n of them), at the steps
+    every one of them logged.
 
     With x="time" the x value is the mean wall time (minutes) of the seeds at each step.
     """
@@ -78,7 +79,7 @@ def band(group: Group, metric: str, x: str = "step"):
         ts.append(t[idx][pos] / 60)
     ys = np.array(ys)
     xs = np.mean(ts, axis=0) if x == "time" else steps
-    return xs, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
+    return xs, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0), len(curves)
 
 
 # ---------------------------------------------------------------- phase 1: groups → figure data
@@ -108,8 +109,8 @@ def _lines(groups: list[Group], metric: str, x: str) -> list[dict]:
     for slot, group in zip(_slots(groups), groups):
         curve = band(group, metric, x)
         if curve is not None:
-            xs, mean, lo, hi = (np.asarray(a, dtype=float).tolist() for a in curve)
-            n = group.loss.n
+            *arrays, n = curve  # n: the seeds drawn, which a run that never logged `metric` is not among
+            xs, mean, lo, hi = (np.asarray(a, dtype=float).tolist() for a in arrays)
             lines.append(
                 {"slot": slot, "label": f"{group.label} (n={n})", "x": xs, "y": mean, "lo": lo, "hi": hi, "band": n > 1}
             )
@@ -176,12 +177,19 @@ def lr_sweep(groups: list[Group], title: str) -> Figure | None:
         return None
     panels = []
     for metric, name in (("val/loss", "val loss"), ("val/accuracy", "val accuracy")):
-        stats = [g.stat(metric) for g in done]
-        panels.append({"name": name, "means": [s.mean for s in stats], "sds": [s.sd or 0.0 for s in stats]})
+        # an LR none of whose runs recorded the metric has no point in this panel
+        points = [(g.get("train.lr"), g.stat(metric)) for g in done if g.stat(metric).mean is not None]
+        panels.append(
+            {
+                "name": name,
+                "lrs": [lr for lr, _ in points],
+                "means": [s.mean for _, s in points],
+                "sds": [s.sd or 0.0 for _, s in points],
+            }
+        )
     return Figure(
         "lr_sweep",
         {
-            "lrs": [g.get("train.lr") for g in done],
             "panels": panels,
             "best_lr": min(done, key=lambda g: g.loss.mean).get("train.lr"),
             "title": f"{title}: final metrics vs LR (mean ± sd over seeds)",
@@ -248,7 +256,7 @@ def _draw_bars(d: dict):
 def _draw_lr_sweep(d: dict):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for ax, panel in zip(axes, d["panels"]):
-        ax.errorbar(d["lrs"], panel["means"], yerr=panel["sds"], marker="o", capsize=4)
+        ax.errorbar(panel["lrs"], panel["means"], yerr=panel["sds"], marker="o", capsize=4)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (train.lr)")
         ax.set_ylabel(panel["name"])

@@ -1,6 +1,7 @@
 """Plots are drawn from their data alone: an unchanged figure is reused, a changed one redrawn, in parallel too."""
 
 import hashlib
+import json
 
 from blueberry.report import plots
 from blueberry.report.build import run_report
@@ -107,3 +108,29 @@ def test_a_curve_of_a_few_evaluations_is_drawn_with_markers(tmp_path):
         figure = plots.val_loss_curves(group_runs(load_local(tmp_path / root)), "t")
         (line,) = plots.DRAW[figure.kind](figure.data).axes[0].lines
         assert line.get_marker() == marker and len(line.get_xdata()) == (1 if marker == "o" else 10)
+
+
+def test_an_lr_without_a_recorded_accuracy_leaves_only_its_accuracy_point_out_and_the_report_builds(tmp_path):
+    root = tmp_path / "runs"
+    for lr in (1e-2, 3e-2):
+        run_dir = write_run(root, "t4-lr", variant="baseline", lr=lr, seed=1)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    del summary["val/accuracy"]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    figure = plots.lr_sweep(group_runs(load_local(root)), "t")
+    loss, accuracy = figure.data["panels"]
+    assert (loss["lrs"], accuracy["lrs"]) == ([1e-2, 3e-2], [1e-2])
+    plots.DRAW[figure.kind](figure.data)
+    assert build(root, tmp_path / "out").figures["drawn"] >= 1
+    assert (tmp_path / "out" / "t4-lr" / "lr_sweep.png").exists()
+
+
+def test_a_curve_is_labelled_with_the_seeds_it_is_drawn_from(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (1, 2, 3):
+        run_dir = write_run(root, "exp1-ablation", variant="mlp", seed=seed)
+    metrics = run_dir / "metrics.jsonl"  # seed 3 finished, but its history holds no val row
+    rows = [row for row in metrics.read_text().splitlines() if "val/loss" not in row]
+    metrics.write_text("\n".join(rows) + "\n")
+    (line,) = plots.val_loss_curves(group_runs(load_local(root)), "t").data["lines"]
+    assert line["label"].endswith("(n=2)") and line["band"]
