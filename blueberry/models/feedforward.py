@@ -3,8 +3,8 @@
 (The dense FFN is transformers' `DeepseekV3MLP` as is; `registry.py` maps `model.ffn` to these.) Every MoE
 block returns `(output, Routing)` so the model can log each layer's expert load and add a Switch-style balance
 loss, and exposes `n_experts`, `top_k` and `routed_experts()` for the parameter and FLOP accounting. All
-dispatch tokens to experts with `sorted_dispatch`, which for the transformers blocks is registered as an
-experts implementation.
+dispatch tokens to experts with `sorted_dispatch` (for the transformers blocks registered as an experts
+implementation) or, where `grouped_mm_runs_fast` says so or the spec asks, with one `grouped_dispatch`.
 """
 
 from __future__ import annotations
@@ -196,8 +196,12 @@ class TopKMoE(nn.Module):
     weighted by a softmax over the k chosen logits. Expert: Linear, SiLU, dropout, Linear; no biases.
     """
 
-    # Each expert is its own module: one that no token chose is not in the step's graph and gets no gradient
-    # (the optimizer leaves it alone), so DDP must look for such parameters (`BlueberryLM.may_skip_parameters`).
+    # Each expert is its own module. Under `sorted_dispatch` one that no token chose is not in the step's graph
+    # and gets no gradient (the optimizer leaves it alone, momentum included), so DDP must look for such
+    # parameters (`BlueberryLM.may_skip_parameters`). `grouped_dispatch` stacks every expert's weights, so
+    # there an idle expert gets a zero gradient and its optimizer steps on its momentum, as the GLM-4 and
+    # DeepSeek-V3 expert stacks always do. Both need an expert idle for a whole optimizer step, which is rare
+    # (`moe/layer<i>/idle_experts` counts them at each log step).
     skips_idle_experts = True
 
     def __init__(self, spec: ModelSpec):
