@@ -219,12 +219,18 @@ CLAIMS = (
 
 
 def scale(groups: list[Group]) -> str:
-    """The measured scale, from a run's spec."""
-    run = next(r for g in groups for r in g.ok)
-    get = run.get
-    accum = get("train.grad_accum") or 1
-    tokens = f"{get('train.batch_size')}×{get('data.seq_len')}" + (f"×{accum}" if accum > 1 else "")
-    seeds = max(g.loss.n for g in groups if g.ok)
+    """The measured scale, from the runs' specs: a field that differs between the runs shows each value."""
+    runs = [r for g in groups for r in g.ok]
+
+    def get(dotted: str, default=None) -> str:
+        values = {r.get(dotted, default) for r in runs}
+        numbers = sorted(v for v in values if isinstance(v, int | float))
+        return "/".join(str(v) for v in numbers + sorted(str(v) for v in values if v not in numbers))
+
+    accum = get("train.grad_accum", 1)
+    tokens = f"{get('train.batch_size')}×{get('data.seq_len')}" + (f"×{accum}" if accum != "1" else "")
+    counts = sorted({g.loss.n for g in groups if g.ok})  # seeds per configuration
+    seeds = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else counts[0]
     shape = f"{get('model.d_model')}d, {get('model.n_layers')} layers"
     return f"{shape}, {get('train.steps')} steps of {tokens} tokens, {seeds} seeds"
 

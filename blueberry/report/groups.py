@@ -168,18 +168,16 @@ def fmt_value(value: Any) -> str:
 
 
 def label_groups(groups: list[Group], first: str | None = None) -> None:
-    """Label each group by what distinguishes it: `first` (e.g. the variant) if that alone does, else the diff."""
-    if first and len({g.get(first) for g in groups}) == len(groups):
-        for g in groups:
-            value = fmt_value(g.get(first))
-            g.label = value if first == "model.variant" else f"{first.split('.')[-1]}={value}"
-        return
+    """Label each group by everything that differs between the groups, `first` (e.g. the variant) first and,
+    for the variant, by its bare name: "mlp", or "mlp, steps=400" where more than the variant differs."""
     keys = varying_keys(groups)
-    if first in keys:
-        keys.remove(first)
-        keys.insert(0, first)
+    if first and (first in keys or len(groups) == 1):
+        keys = [first] + [k for k in keys if k != first]
     for g in groups:
-        g.label = ", ".join(f"{k.split('.')[-1]}={fmt_value(g.get(k))}" for k in keys) or "(one configuration)"
+        parts = [f"{k.split('.')[-1]}={fmt_value(g.get(k))}" for k in keys]
+        if parts and keys[0] == "model.variant":
+            parts[0] = fmt_value(g.get(keys[0]))
+        g.label = ", ".join(parts) or "(one configuration)"
 
 
 def rank(groups: list[Group]) -> list[Group]:

@@ -86,3 +86,10 @@ def test_one_seed_never_gives_a_verdict_beyond_the_noise(tmp_path):
 def test_no_study_runs_no_section(tmp_path):
     write_run(tmp_path, "my-experiment")
     assert section(tmp_path) == ""
+
+
+def test_the_scale_of_runs_that_differ_names_every_value(tmp_path):
+    for variant, steps, seeds in (("mlp", 100, (1, 2, 3)), ("moe", 400, (1,))):
+        for seed in seeds:
+            write_run(tmp_path, "exp1-ablation-cpu", variant=variant, seed=seed, steps=steps)
+    assert "`exp1-ablation-cpu`: 128d, 2 layers, 100/400 steps of 16×128 tokens, 1–3 seeds" in section(tmp_path)

@@ -5,7 +5,7 @@ import statistics
 
 from report_reference import REFERENCE_T1, REFERENCE_T2, write_reference_t1
 
-from blueberry.report.groups import group_runs
+from blueberry.report.groups import group_runs, label_groups
 from blueberry.report.records import Run, load_local
 from blueberry.report.synthetic import write_run
 from blueberry.report.tables import (
@@ -219,3 +219,20 @@ def test_ablation_table_states_the_optimizer_split_when_runs_record_it(tmp_path)
     lines = text.splitlines()
     assert "| Active (M) | Muon / AdamW (M) | Category |" in lines[0]
     assert lines[2].startswith("| 1 | deepseek_v3 |") and "| 1.50 / 0.50 | DeepSeek-V3 block |" in lines[2]
+
+
+def test_configurations_that_differ_in_more_than_the_variant_say_so_in_their_labels(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path, "exp1-ablation", variant="baseline", seed=seed, steps=100)
+        write_run(tmp_path, "exp1-ablation", variant="mlp", seed=seed, steps=400, spec={"train": {"precision": "bf16"}})
+    write_run(tmp_path, "exp1-ablation", variant="moe", seed=1, steps=100)
+    text, ranked = ablation_table(load_local(tmp_path))
+    assert sorted(g.label for g in ranked) == [
+        "baseline, precision=auto, steps=100",
+        "mlp, precision=bf16, steps=400",
+        "moe, precision=auto, steps=100",
+    ]
+    assert "| mlp, precision=bf16, steps=400 |" in text
+    alike = [g for g in group_runs(load_local(tmp_path)) if g.get("train.steps") == 100]
+    label_groups(alike, first="model.variant")  # where only the variant differs, its bare name
+    assert sorted(g.label for g in alike) == ["baseline", "moe"]
