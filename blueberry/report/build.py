@@ -22,7 +22,7 @@ from pathlib import Path
 from blueberry.fileio import read_json
 from blueberry.report import claims, dashboard, plots, tables
 from blueberry.report.groups import fmt_value, group_runs, label_groups, rank, varying_keys
-from blueberry.report.integrity import integrity_section
+from blueberry.report.integrity import integrity_section, run_cost
 from blueberry.report.records import ReportError, Run, need_wandb_credentials
 from blueberry.report.studies import Study, extended_experiment, report_order, study_for
 from blueberry.report.timeline import build_timeline, insert_between_markers, timeline_markdown
@@ -79,7 +79,8 @@ def _lr_parts(experiment: str, study: Study, runs: list[Run], all_runs: dict, st
     """One LR table per setting of everything else (usually one), then the T3 phases with the extended run."""
     parts = []
     sweeps = tables.lr_groups(runs)
-    differing = varying_keys([groups[0] for groups in sweeps])
+    # what sets the sweeps apart (each one's first group stands for it; the LR varies within every sweep)
+    differing = [k for k in varying_keys([groups[0] for groups in sweeps]) if k != "train.lr"]
     for i, groups in enumerate(sweeps):
         label_groups(groups, first="train.lr")
         sub = safe_name(experiment) if len(sweeps) == 1 else f"{safe_name(experiment)}/sweep{i + 1}"
@@ -134,9 +135,10 @@ def _of(value, kind: type, default):
     return value if isinstance(value, kind) and not isinstance(value, bool) else default
 
 
-def study_section(records: list[dict], runs: list[Run]) -> str:
+def study_section(records: list[dict], runs: list[Run], costs: list[float] = ()) -> str:
     """How the runs were made: each `blueberry study` record (command, commit, machine, wall time) and the
-    runs' summed training time and cost. A record field of the wrong type shows as "?"."""
+    runs' summed training time and cost (`costs`: those of the runs with one, as the Integrity table gives
+    them). A record field of the wrong type shows as "?"."""
     lines = []
     for record in records:
         code, machine = _of(record.get("code"), dict, {}), _of(record.get("machine"), dict, {})
@@ -158,7 +160,6 @@ def study_section(records: list[dict], runs: list[Run]) -> str:
     if created:
         lines.append(f"- Runs started between {created[0]} and {created[-1]} (their records' `created_at`)")
     train_s = sum(r.metric("time/train_s") or 0.0 for r in runs)
-    costs = [r.metric("cost/usd") for r in runs if r.metric("cost/usd") is not None]
     cost = f"${sum(costs):.2f} over {len(costs)} runs with a price" if costs else "no cost (no price for this device)"
     lines.append(f"- All {len(runs)} runs: {train_s / 60:.1f} min of training (summed over runs), {cost}")
     return "\n".join(lines) + "\n"
@@ -187,6 +188,7 @@ def report_markdown(
     jobs: list,
     study_records: list[dict] = (),
     sections: dict | None = None,
+    costs: list[float] = (),
 ) -> str:
     states = Counter(r.state for r in runs)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"
@@ -205,7 +207,7 @@ def report_markdown(
     lines += ["- How these runs were made"] + (["- The original report's claims, measured"] if claimed else [])
     lines += [f"- {by_experiment[name][0].title}: `{name}`" for name in ordered]
     lines += ["- Timeline", "- Integrity", "- Runs", ""]
-    lines += ["## How these runs were made\n", study_section(list(study_records), runs)]
+    lines += ["## How these runs were made\n", study_section(list(study_records), runs, costs)]
     if claimed:
         lines += ["## The original report's claims, measured\n", claimed]
     sections = {} if sections is None else sections
@@ -247,11 +249,13 @@ def build_report(
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".build-"))
     try:
         integrity = integrity_section(runs, prices, price_source)
+        priced = (run_cost(r, prices, price_source != "defaults")[0] for r in runs if r.spec)
         jobs: list[tuple[plots.Figure, Path]] = []
         sections: dict[str, str] = {}
         markdown = report_markdown(
-            runs, stage, by_experiment, timeline, integrity, source, jobs, study_records, sections
-        )
+            runs, stage, by_experiment, timeline, integrity, source, jobs, study_records, sections,
+            costs=[usd for usd in priced if usd is not None],
+        )  # fmt: skip
         write_report_file(stage / "REPORT.md", markdown)
         figures = plots.render_all(jobs, plot_cache)
         write_report_file(stage / "TIMELINE.md", "# Timeline\n\n" + timeline)

@@ -36,30 +36,39 @@ def device_of(run: Run) -> tuple[str, str | None]:
     return device.split(":")[0], hw.get("gpu_name")
 
 
-def cost(run: Run, prices: dict[str, float], overridden: bool = False) -> str:
-    """The run's cost: its own recorded cost/usd unless prices were overridden (and name its GPU), else the
-    table's price × the run's device-hours, a MIG slice paying its share of its board's price, as a run does."""
+def run_cost(run: Run, prices: dict[str, float], overridden: bool = False) -> tuple[float | None, str]:
+    """(dollars, "recorded" or "priced") or (None, why there is none): the run's own recorded cost/usd unless
+    prices were overridden (and name its GPU), else the table's price × the run's device-hours, a MIG slice
+    paying its share of its board's price, as a run does."""
     device, gpu = device_of(run)
     recorded = run.metric("cost/usd")
     priced = device == "cuda" and gpu and (overridden or recorded is None)
     price = _table_price(gpu, prices) if priced else None
     if recorded is not None and price is None:
-        return f"${recorded:.4f} (recorded)"  # a CPU run given a price too
+        return recorded, "recorded"  # a CPU run given a price too
     if device == "cpu":
-        return "n/a (CPU)"
+        return None, "CPU"
     if device != "cuda":
-        return "n/a (device not recorded)"
+        return None, "device not recorded"
     if not gpu:
-        return "n/a (GPU model not recorded)"
+        return None, "GPU model not recorded"
     if price is None:
-        return f"n/a (no price for {gpu})"
+        return None, f"no price for {gpu}"
     hours = run.metric("cost/device_hours")  # wall time × devices, earlier attempts included
     if hours is None:
         seconds, hardware = run.metric("time/train_s"), run.header.get("hardware") or {}
         if seconds is None:
-            return "n/a (no wall time)"
+            return None, "no wall time"
         hours = seconds / 3600 * (hardware.get("world_size") or 1)
-    return f"${price * hours:.4f}"
+    return price * hours, "priced"
+
+
+def cost(run: Run, prices: dict[str, float], overridden: bool = False) -> str:
+    """`run_cost` as the Integrity table shows it."""
+    usd, how = run_cost(run, prices, overridden)
+    if usd is None:
+        return f"n/a ({how})"
+    return f"${usd:.4f}" + (" (recorded)" if how == "recorded" else "")
 
 
 def _table_price(gpu: str, prices: dict[str, float]) -> float | None:

@@ -186,9 +186,10 @@ def test_cost_per_run_uses_the_gpu_table_and_is_na_on_cpu(tmp_path, monkeypatch)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["report", "--runs-root", str(tmp_path), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert (
-        "| $0.5000 |" in (out / "REPORT.md").read_text() and "BLUEBERRY_GPU_PRICES" in (out / "REPORT.md").read_text()
-    )
+    report = (out / "REPORT.md").read_text()
+    assert "| $0.5000 |" in report and "BLUEBERRY_GPU_PRICES" in report
+    # the summed cost at the top is the Integrity table's, so the two never disagree
+    assert "min of training (summed over runs), $0.50 over 1 runs with a price" in report
 
 
 def test_lr_experiment_with_two_models_gets_one_lr_table_each(tmp_path, monkeypatch):
@@ -204,3 +205,9 @@ def test_lr_experiment_with_two_models_gets_one_lr_table_each(tmp_path, monkeypa
     assert "### model.variant=attention_mlp" in text and "### model.variant=attention_moe" in text
     assert text.count("| Learning Rate |") == 2 and text.count("Best LR: **3e-3 (0.003)**") == 2
     assert "Warning" not in text  # 3e-3 sits inside the grid
+    for lr, steps in ((1e-3, 100), (3e-3, 100), (1e-2, 60)):  # one sweep's LRs with unequal steps: two tables
+        write_run(tmp_path / "steps", "t4-lr", variant="mlp", lr=lr, steps=steps)
+    runs = load_local(tmp_path / "steps")
+    text = build.experiment_section("t4-lr", study_for("t4-lr"), runs, {}, tmp_path / "stage", jobs=[])
+    headings = sorted(line for line in text.splitlines() if line.startswith("### "))
+    assert headings == ["### train.steps=100", "### train.steps=60"]  # the LR differs within a table, not between
