@@ -17,7 +17,7 @@ MAX_POINTS = 200  # per curve: keeps a 1,000-run page at a few MB; the run recor
 
 
 def _num(value, digits: int = 6):
-    """Round for the page (5-6 significant digits is plenty on screen); NaN/inf → null."""
+    """Round for the page (6 significant digits, more than it shows of a loss or an accuracy); NaN/inf → null."""
     if value is None:
         return None
     value = float(value)
@@ -76,10 +76,11 @@ def dashboard_data(runs: list[Run], title: str) -> dict:
                 "val_loss": _num(run.metric("val/loss")),
                 "val_acc": _num(run.metric("val/accuracy")),
                 "val_ppl": _num(run.metric("val/perplexity")),
-                "params_m": _num(params / 1e6, 4) if params else None,
-                "active_m": _num(active / 1e6, 4) if active else None,
-                "minutes": _num(minutes / 60, 4) if minutes else None,
-                "tokens_per_s": _num(run.metric("perf/tokens_per_s"), 5),
+                # the page shows these with fixed decimals (123.46 M, 513234 tokens/s): kept to 9 digits
+                "params_m": _num(params / 1e6, 9) if params else None,
+                "active_m": _num(active / 1e6, 9) if active else None,
+                "minutes": _num(minutes / 60, 9) if minutes else None,
+                "tokens_per_s": _num(run.metric("perf/tokens_per_s"), 9),
             }
         )
         train, val = _part(run, TRAIN_METRICS), _part(run, VAL_METRICS)

@@ -45,6 +45,16 @@ def test_curves_keep_six_significant_digits_exact_steps_and_null_for_non_finite(
     assert all(type(v) is float for v in part["time"])  # json-ready, not numpy scalars
 
 
+def test_sizes_times_and_speeds_keep_the_digits_the_page_shows(tmp_path):
+    # the page prints params and minutes with 2 decimals and tokens/s whole: a study-shape GPU run's
+    # 231,423,680 params and 513,234 tokens/s must not reach it as 231.4 and 513230
+    run_dir = write_run(tmp_path, "e", minutes=123.456, tokens_per_s=513_234.0, params=(231_423_680, 77_140_000))
+    (row,) = dashboard_data([load_local(tmp_path)[0]], "t")["runs"]
+    assert f"{row['params_m']:.2f}" == "231.42" and f"{row['active_m']:.2f}" == "77.14"
+    assert f"{row['minutes']:.2f}" == "123.46" and f"{row['tokens_per_s']:.0f}" == "513234"
+    assert run_dir.name == row["id"]
+
+
 def test_dashboard_renders_runs_in_headless_chromium(tmp_path, browse):
     root = tmp_path / "runs"
     for seed in (1, 2):
