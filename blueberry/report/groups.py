@@ -40,9 +40,14 @@ def _defaults() -> dict[str, Any]:
 
 def config_of(run: Run) -> dict[str, Any]:
     """The run's flattened spec minus NOT_CONFIG. A field the run's spec lacks (it predates the field) takes
-    today's default: new spec fields default to the old behaviour, so such runs still group with newer ones."""
+    today's default: new spec fields default to the old behaviour, so such runs still group with newer ones.
+    Precision 'auto' is the precision the run's hardware got (its record says which): a bf16 run and an fp32
+    run of one spec, on two machines, are two configurations."""
     own = flatten(run.spec)
     spec = {**_defaults(), **own}
+    resolved = (run.header.get("hardware") or {}).get("precision")
+    if spec.get("train.precision") == "auto" and resolved:
+        spec["train.precision"] = resolved
     # the model's choices as registry.canonical states them: a preset stands for its attention and ffn
     for name in registry.CHOICE_FIELDS:
         spec.pop(f"model.{name}", None)

@@ -228,11 +228,20 @@ def test_configurations_that_differ_in_more_than_the_variant_say_so_in_their_lab
     write_run(tmp_path, "exp1-ablation", variant="moe", seed=1, steps=100)
     text, ranked = ablation_table(load_local(tmp_path))
     assert sorted(g.label for g in ranked) == [
-        "baseline, precision=auto, steps=100",
+        "baseline, precision=fp32, steps=100",  # 'auto', and the run's record says what it resolved to
         "mlp, precision=bf16, steps=400",
-        "moe, precision=auto, steps=100",
+        "moe, precision=fp32, steps=100",
     ]
     assert "| mlp, precision=bf16, steps=400 |" in text
     alike = [g for g in group_runs(load_local(tmp_path)) if g.get("train.steps") == 100]
     label_groups(alike, first="model.variant")  # where only the variant differs, its bare name
     assert sorted(g.label for g in alike) == ["baseline", "moe"]
+
+
+def test_one_spec_run_in_two_precisions_is_two_configurations_and_says_which(tmp_path):
+    # precision 'auto' resolves per machine (bf16 on a GPU or an AMX CPU, fp32 elsewhere): not seeds of one
+    for seed, device, precision in ((1, "cpu", "fp32"), (2, "cpu", "fp32"), (3, "cuda:0", "bf16")):
+        write_run(tmp_path, "misc", variant="moe", seed=seed, hardware={"device": device, "precision": precision})
+    write_run(tmp_path, "misc", variant="moe", seed=4, spec={"train": {"precision": "bf16"}})  # asked for bf16
+    text, ranked = generic_table(load_local(tmp_path))
+    assert sorted((g.label, len(g.ok)) for g in ranked) == [("precision=bf16", 2), ("precision=fp32", 2)]
