@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +85,32 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SpecError(
             [(str(path), "command", "a list of strings is required (the `blueberry run` command line)")], INVALID
         )
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    _engine_accepts(path, config)
+    digest = hashlib.sha256(json.dumps(_str_keys(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = str(config.get("name") or path.stem)
     return Sweep(path=path, config=config, name=name, sweep_id=f"{_slug(name)}-{digest}")
+
+
+def _engine_accepts(path: Path, config: dict) -> None:
+    """SpecError unless W&B's engine can propose a run and judge early termination for `config`: its schema
+    allows what its engine refuses (a distribution in a grid, bayes or hyperband without `metric:`, method
+    `custom`), which would otherwise surface only once trials run."""
+    try:
+        engine().next_run(config, [], validate=False)
+        if config.get("early_terminate"):
+            engine().stop_runs(config, [])
+    except ValueError as exc:
+        message = re.sub(r"\.wbnest\[[0-9a-f]+\]", "", str(exc))  # the engine's name for a nested section
+        raise SpecError([(str(path), "", f"W&B's sweep engine refuses it: {message}")], INVALID) from None
+
+
+def _str_keys(value):
+    """`value` with every mapping key a string, as JSON (and W&B) has them: YAML allows `{1: a, b: c}`."""
+    if isinstance(value, dict):
+        return {str(k): _str_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_str_keys(v) for v in value]
+    return value
 
 
 def _slug(text: str) -> str:

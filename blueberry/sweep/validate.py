@@ -103,8 +103,10 @@ def describe(sweep: Sweep, planned: list[dict], open_ended: bool = False) -> str
     heading = f"sweep {sweep.sweep_id} ({sweep.method}, metric {sweep.config.get('metric', {}).get('name')}): "
     if open_ended:
         heading += f"{UNTIL_STOPPED}; its first {len(planned)} proposals"
-    else:
+    elif sweep.method == "grid":
         heading += f"{len(planned)} planned run(s)"
+    else:  # the engine draws a run's values when it starts: these are a sample of what the sweep will run
+        heading += f"{len(planned)} run(s), each one's values drawn when it starts; a sample of them"
     lines = [heading]
     for index, params, launch, tmp in planned_launches(sweep, planned, sweep.sweep_id, "t{index:03d}"):
         argv = " ".join(launch.argv).replace(tmp, "<sweep-dir>")

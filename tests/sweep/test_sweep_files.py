@@ -87,6 +87,32 @@ def test_schema_errors_carry_wandbs_message_and_exit_2(tmp_path):
     assert result.exit_code == 2 and "invalid sweep" in result.output and "Traceback" not in result.output
 
 
+ENGINE_REFUSES = {  # W&B's schema allows these; its engine raises on the first proposal or early-termination check
+    "method: grid\nparameters: {train: {parameters: {lr: {min: 0.001, max: 0.1}}}}\n": "Parameter train.lr is a",
+    "method: bayes\nparameters: {seed: {values: [1, 2]}}\n": 'Bayesian search requires "metric" section',
+    "method: custom\nparameters: {seed: {values: [1, 2]}}\n": "Invalid search type custom",
+    "method: random\nparameters: {seed: {values: [1, 2]}}\nearly_terminate: {type: hyperband, min_iter: 2}\n": (
+        'early terminate requires "metric" section'
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("text", ENGINE_REFUSES)
+def test_what_wandbs_engine_refuses_is_refused_before_any_trial_with_its_message(tmp_path, text):
+    bad = tmp_path / "engine.yaml"
+    bad.write_text(text + "command: [blueberry, run, experiments/quickstart.json, '${args}']\n")
+    result = CliRunner().invoke(main, ["sweep", str(bad), "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{bad}: W&B's sweep engine refuses it: {ENGINE_REFUSES[text]}" in result.output
+    assert not (tmp_path / "runs").exists()  # nothing written, no trial started
+
+
+def test_a_mapping_with_keys_of_two_types_is_a_sweep_like_any_other(tmp_path):
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("method: grid\nparameters: {tags: {value: {1: a, b: c}}}\ncommand: [blueberry]\n")
+    assert load_sweep(mixed).sweep_id.startswith("mixed-")
+
+
 def test_each_schema_violation_is_said_once(tmp_path):
     bad = tmp_path / "range.yaml"
     bad.write_text("method: bayes\nmetric: {name: val/loss}\nparameters: {seed: {min: 9, max: 1}}\ncommand: [b]\n")
@@ -214,4 +240,5 @@ def test_a_random_sweep_without_a_cap_says_it_runs_until_stopped(tmp_path):
     assert "runs until you stop it (Ctrl-C), as `wandb agent` does; its first 10 proposals" in open_ended.output
     assert "planned run(s)" not in open_ended.output and open_ended.output.count("--overrides") == 10
     capped = cli.invoke(main, ["sweep", str(sweep), "--dry-run", "--count", "3", "--runs-root", str(tmp_path / "r")])
-    assert "(random, metric val/loss): 3 planned run(s)" in capped.output and capped.output.count("--overrides") == 3
+    assert "(random, metric val/loss): 3 run(s), each one's values drawn when it starts; a sample" in capped.output
+    assert capped.output.count("--overrides") == 3
