@@ -415,6 +415,18 @@ def doctor(args, as_json):
         click.echo(f"make run on this machine ({runs['kind']}): {runs['make_run']}; make study: {runs['make_study']}")
 
 
+def _need_checkout(command: str, *folders: str) -> None:
+    """Exit 2 unless blueberry runs from a checkout holding `folders`: these commands measure its specs."""
+    from blueberry.provenance import SOURCE_TREE, checkout_with
+
+    if checkout_with(*folders) is None:
+        _fail(
+            f"{command} measures the specs in a Blueberry checkout's {' and '.join(f + '/' for f in folders)}, "
+            f"which {SOURCE_TREE} (where the package is installed) does not hold: install it from a clone "
+            "with `pip install -e .` (or `make install`)"
+        )
+
+
 @main.command()
 @click.option("--ceiling", is_flag=True, help="Only measure (and cache) this CPU's fp32/bf16 GEMM ceilings.")
 @click.option("--quick", is_flag=True, help="Tiny shapes, few cases: checks the bench works, measures little.")
@@ -465,6 +477,7 @@ def bench(ceiling, quick, out, against, specs, rounds):
         if not quick:
             click.echo(f"cached in {ceiling_cache_path()} (runs use it for perf/mfu)")
         return
+    _need_checkout("blueberry bench", "experiments")
     from blueberry.bench import format_table, run_bench
 
     outcome = run_bench(quick=quick, out_dir=out, log=lambda msg: click.echo(msg, err=True))
@@ -521,6 +534,7 @@ def gpu_check(out, only):
         unknown = [name for name in only if name not in [check.name for check in CHECKS]]
         if unknown:
             _fail(f"unknown check {', '.join(unknown)}; the checks are: {', '.join(c.name for c in CHECKS)}")
+    _need_checkout("blueberry gpu-check", "experiments", "sweeps")
     if not torch.cuda.is_available():
         from blueberry.hardware import detect_gpus
 

@@ -8,18 +8,31 @@ from pathlib import Path
 
 LIBRARIES = ("blueberry", "torch", "transformers", "tokenizers", "datasets", "wandb", "pydantic")
 
+# The folder holding the package: a checkout of Blueberry under an editable install (`make install`,
+# `pip install -e .`) or a clone on PYTHONPATH; site-packages under `pip install .`, which holds no
+# experiments/ or sweeps/ and whose git repository, if any, is someone else's project.
+SOURCE_TREE = Path(__file__).resolve().parent.parent
+
+
+def checkout_with(*folders: str) -> Path | None:
+    """SOURCE_TREE if it holds every one of `folders` (e.g. "experiments", "sweeps"), else None."""
+    return SOURCE_TREE if all((SOURCE_TREE / name).is_dir() for name in folders) else None
+
 
 def code_version() -> dict:
-    """Git SHA (and whether the tree had local changes) of the checkout blueberry runs from, if any."""
-    root = Path(__file__).resolve().parent.parent
+    """Git SHA (and whether the tree had local changes) of the checkout blueberry runs from, if any: only a
+    repository whose top level is SOURCE_TREE, not one that merely contains an installed copy."""
 
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
+            done = subprocess.run(["git", *args], cwd=SOURCE_TREE, capture_output=True, text=True, timeout=5)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != SOURCE_TREE:
+        return {"git_sha": None, "git_dirty": None, "package_version": _version("blueberry")}
     sha = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None
     return {"git_sha": sha, "git_dirty": dirty, "package_version": _version("blueberry")}

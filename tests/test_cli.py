@@ -296,3 +296,19 @@ def test_ctrl_c_while_wandb_starts_interrupts_at_once(tmp_path, monkeypatch):
     assert seen == [before] and result.exit_code == 130, result.output  # not the run's stop-flag handler
     (run_dir,) = runs.glob("*/*")
     assert list(run_dir.iterdir()) == []  # the record untouched: the next run starts it afresh
+
+
+def test_bench_and_gpu_check_installed_without_a_checkout_say_so_before_measuring(tmp_path, monkeypatch):
+    """`pip install .` puts the package in site-packages, without experiments/ or sweeps/: exit 2, not a
+    traceback after the GEMM ceiling (bench) or every check failed (gpu-check)."""
+    import blueberry.provenance as provenance
+
+    site = tmp_path / "site-packages"
+    (site / "blueberry").mkdir(parents=True)
+    monkeypatch.setattr(provenance, "SOURCE_TREE", site)
+    for args, folders in ((["bench", "--quick"], "experiments/"), (["gpu-check"], "experiments/ and sweeps/")):
+        result = invoke(*args, "--out", str(tmp_path / "out"))
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.output.startswith(f"error: blueberry {args[0]} measures the specs in a Blueberry checkout's ")
+        assert f"{folders}, which {site} (where the package is installed) does not hold" in result.output
+        assert "`pip install -e .`" in result.output and not (tmp_path / "out").exists()

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from blueberry.overrides import SpecError, load_spec
+from blueberry.provenance import SOURCE_TREE
 
 # The study's 512d dense and MoE presets at its recipe (grad_accum 4): what the CPU-speed targets compare.
 DEFAULT_SPECS = ("experiments/mlp_512d.json", "experiments/moe_8e_2k_512d.json")
@@ -158,7 +159,7 @@ def compare(
     from blueberry.bench.suite import native_precision
     from blueberry.threads import usable_cores
 
-    tree = Path(tree or Path(__file__).resolve().parents[2])
+    tree = Path(tree or SOURCE_TREE)
     commit = resolve_revision(tree, revision)
     missing = [spec for spec in specs if not (tree / spec).is_file()]
     if missing:

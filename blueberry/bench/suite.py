@@ -23,9 +23,9 @@ from blueberry.hardware import bf16_emulated, detect, resolve_device, resolve_pr
 from blueberry.models import registry
 from blueberry.overrides import load_spec
 from blueberry.perf import measure_gemm_ceiling, save_ceiling
-from blueberry.provenance import code_version, library_versions
+from blueberry.provenance import SOURCE_TREE, code_version, library_versions
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"  # the checkout's specs, wherever bench runs
+EXPERIMENTS = SOURCE_TREE / "experiments"  # the checkout's specs, wherever bench runs (the CLI checks they exist)
 QUICKSTART = str(EXPERIMENTS / "quickstart.json")
 # The presets with a 512d experiment file (registry.py), and the dense one whose MFU is a target.
 STUDY_512D = {p.name: str(EXPERIMENTS / p.bench_spec) for p in registry.PRESETS.values() if p.bench_spec}

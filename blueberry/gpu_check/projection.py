@@ -21,8 +21,9 @@ import yaml
 
 from blueberry.hardware import PRESETS, Preset
 from blueberry.overrides import load_spec
+from blueberry.provenance import SOURCE_TREE
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = SOURCE_TREE  # the checkout: its sweeps/ and experiments/ (the CLI checks they exist)
 EXPERIMENT_1 = REPO / "sweeps" / "ablation.yaml"
 REPORT_4090_PRICE = 0.18  # $/h: the Blueberry report's RTX 4090 price (reference-facts §11)
 
