@@ -179,9 +179,15 @@ def label_groups(groups: list[Group], first: str | None = None) -> None:
     if first and (first in keys or len(groups) == 1):
         keys = [first] + [k for k in keys if k != first]
     for g in groups:
-        parts = [f"{k.split('.')[-1]}={fmt_value(g.get(k))}" for k in keys]
-        if parts and keys[0] == "model.variant":
-            parts[0] = fmt_value(g.get(keys[0]))
+        parts = []
+        for k in keys:
+            if k not in g.config:  # a preset's attention and ffn: its variant names them
+                continue
+            if k == keys[0] == "model.variant":
+                if g.get(k) is not None:  # no preset: its attention and ffn say what it is
+                    parts.append(fmt_value(g.get(k)))
+                continue
+            parts.append(f"{k.split('.')[-1]}={fmt_value(g.get(k))}")
         g.label = ", ".join(parts) or "(one configuration)"
 
 

@@ -93,3 +93,22 @@ def test_the_scale_of_runs_that_differ_names_every_value(tmp_path):
         for seed in seeds:
             write_run(tmp_path, "exp1-ablation-cpu", variant=variant, seed=seed, steps=steps)
     assert "`exp1-ablation-cpu`: 128d, 2 layers, 100/400 steps of 16×128 tokens, 1–3 seeds" in section(tmp_path)
+
+
+def test_configurations_that_differ_in_more_than_the_claims_axis_are_not_judged(tmp_path):
+    # one mlp seed ran on a GPU in bf16 (precision 'auto'): a configuration of its own, which a ranking of
+    # variants would have mistaken for mlp (and its spread compared mlp with mlp)
+    for variant, loss in (("mlp", 4.0), ("moe", 3.9)):
+        for seed in (1, 2, 3):
+            write_run(tmp_path, "exp1-ablation", variant=variant, seed=seed, val_loss=loss + seed / 100)
+    write_run(
+        tmp_path,
+        "exp1-ablation",
+        variant="mlp",
+        seed=4,
+        val_loss=3.0,
+        hardware={"device": "cuda:0", "precision": "bf16"},
+    )
+    text = section(tmp_path)
+    for claim in ("Ranking", '"a dramatic', '"DeepSeek attention'):
+        assert row(text, claim)[3:] == ["—", "**not judged: its configurations also differ in train.precision**"]

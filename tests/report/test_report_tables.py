@@ -245,3 +245,13 @@ def test_one_spec_run_in_two_precisions_is_two_configurations_and_says_which(tmp
     write_run(tmp_path, "misc", variant="moe", seed=4, spec={"train": {"precision": "bf16"}})  # asked for bf16
     text, ranked = generic_table(load_local(tmp_path))
     assert sorted((g.label, len(g.ok)) for g in ranked) == [("precision=bf16", 2), ("precision=fp32", 2)]
+
+
+def test_a_factorial_labels_presets_by_name_and_the_others_by_attention_and_ffn(tmp_path):
+    # sweeps/cpu/factorial.yaml: every attention x ffn, `variant: null`; most pairs are presets, mla + topk_moe is not
+    for attention, ffn in (("mha", "mlp"), ("mla", "mlp"), ("mla", "topk_moe")):
+        model = {"variant": None, "attention": attention, "ffn": ffn}
+        write_run(tmp_path, "factorial-cpu", seed=1, spec={"model": model})
+    groups = group_runs(load_local(tmp_path))
+    label_groups(groups, first="model.variant")
+    assert sorted(g.label for g in groups) == ["attention=mla, ffn=topk_moe", "attention_mlp", "mlp"]
