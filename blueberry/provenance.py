@@ -21,7 +21,8 @@ def checkout_with(*folders: str) -> Path | None:
 
 def code_version() -> dict:
     """Git SHA (and whether the tree had local changes) of the checkout blueberry runs from, if any: only a
-    repository whose top level is SOURCE_TREE, not one that merely contains an installed copy."""
+    repository that tracks this package's files (a clone, or a monorepo holding Blueberry), not one that
+    merely contains an installed copy (a project whose .venv holds site-packages)."""
 
     def git(*args: str) -> str | None:
         try:
@@ -30,8 +31,7 @@ def code_version() -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    top = git("rev-parse", "--show-toplevel")
-    if top is None or Path(top).resolve() != SOURCE_TREE:
+    if git("ls-files", "--error-unmatch", "blueberry/provenance.py") is None:  # this file, from SOURCE_TREE
         return {"git_sha": None, "git_dirty": None, "package_version": _version("blueberry")}
     sha = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None

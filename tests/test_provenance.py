@@ -9,24 +9,36 @@ def git(cwd, *args):
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def commit_in(path):
-    git(path, "init", "-q")
-    git(path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "first")
-    return git(path, "rev-parse", "HEAD")
+def package_in(tree):
+    (tree / "blueberry").mkdir(parents=True)
+    (tree / "blueberry" / "provenance.py").write_text("")
+    return tree
+
+
+def commit_in(repo, *paths):
+    git(repo, "init", "-q")
+    if paths:
+        git(repo, "add", *paths)
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "first")
+    return git(repo, "rev-parse", "HEAD")
 
 
 def test_a_package_installed_inside_someone_elses_repository_records_no_commit(tmp_path, monkeypatch):
-    project = tmp_path / "their-project"  # their .venv/lib/python3.x/site-packages holds our package
-    site = project / ".venv" / "lib" / "site-packages"
-    (site / "blueberry").mkdir(parents=True)
+    project = tmp_path / "their-project"  # their .venv/lib/python3.x/site-packages holds our package, untracked
+    site = package_in(project / ".venv" / "lib" / "site-packages")
     commit_in(project)
     monkeypatch.setattr(provenance, "SOURCE_TREE", site)
     assert provenance.code_version()["git_sha"] is None and provenance.code_version()["git_dirty"] is None
 
 
-def test_a_checkout_records_its_commit_and_whether_it_had_changes(tmp_path, monkeypatch):
-    checkout = tmp_path / "blueberry-clone"
-    (checkout / "blueberry").mkdir(parents=True)
-    sha = commit_in(checkout)
-    monkeypatch.setattr(provenance, "SOURCE_TREE", checkout.resolve())
+def test_a_clone_or_a_monorepo_holding_blueberry_records_its_commit_and_whether_it_had_changes(tmp_path, monkeypatch):
+    clone = package_in(tmp_path / "blueberry-clone")
+    sha = commit_in(clone, "blueberry")
+    monkeypatch.setattr(provenance, "SOURCE_TREE", clone)
     assert provenance.code_version()["git_sha"] == sha and provenance.code_version()["git_dirty"] is False
+    mono = tmp_path / "mono"
+    research = package_in(mono / "research")
+    sha = commit_in(mono, "research")
+    (research / "blueberry" / "provenance.py").write_text("# changed")
+    monkeypatch.setattr(provenance, "SOURCE_TREE", research)
+    assert provenance.code_version()["git_sha"] == sha and provenance.code_version()["git_dirty"] is True

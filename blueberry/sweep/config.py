@@ -86,7 +86,11 @@ def load_sweep(path: str | Path) -> Sweep:
             [(str(path), "command", "a list of strings is required (the `blueberry run` command line)")], INVALID
         )
     _engine_accepts(path, config)
-    digest = hashlib.sha256(json.dumps(_str_keys(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    try:
+        canonical = json.dumps(config, sort_keys=True, default=str)
+    except TypeError:  # keys of two types in one mapping cannot be sorted; no earlier version had an id for these
+        canonical = json.dumps(_str_keys(config), sort_keys=True, default=str)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:8]
     name = str(config.get("name") or path.stem)
     return Sweep(path=path, config=config, name=name, sweep_id=f"{_slug(name)}-{digest}")
 

@@ -111,6 +111,9 @@ def test_a_mapping_with_keys_of_two_types_is_a_sweep_like_any_other(tmp_path):
     mixed = tmp_path / "mixed.yaml"
     mixed.write_text("method: grid\nparameters: {tags: {value: {1: a, b: c}}}\ncommand: [blueberry]\n")
     assert load_sweep(mixed).sweep_id.startswith("mixed-")
+    ints = tmp_path / "ints.yaml"  # keys of one type keep the id they always had (its state stays found)
+    ints.write_text("method: grid\nparameters: {tags: {value: {2: a, 10: b}}}\ncommand: [blueberry]\n")
+    assert load_sweep(ints).sweep_id == "ints-ddb6fe2e"  # as computed at 19ea960
 
 
 def test_each_schema_violation_is_said_once(tmp_path):
