@@ -1,8 +1,9 @@
 """Documents from the embedded Austen corpus, a local file or directory, or the Hugging Face Hub.
 
-Everything goes through `datasets.load_dataset`; the source is resolved first (cheaply, without
-`datasets`, which is imported only when documents are actually read) so the token cache can be looked
-up before any document is read: a cache hit never imports `datasets`.
+Everything goes through `datasets.load_dataset`; the source is resolved first (cheaply: without
+`datasets`, which is imported only when documents are actually read, save for a folder's split names) so
+the token cache can be looked up before any document is read: a cache hit of the embedded corpus or a
+file never imports `datasets`.
 """
 
 from __future__ import annotations
@@ -66,12 +67,23 @@ def stat_fingerprint(files: Iterable[Path]) -> str:
 
 def resolve_source(spec: DataSpec) -> Source:
     """Decide where the documents come from: embedded name, then an existing local path, then the Hub."""
+    path = Path(spec.dataset).expanduser()
+    local = spec.dataset in EMBEDDED or path.is_file() or path.is_dir()
+    if local and spec.dataset_config is not None:
+        raise DataError(
+            f"dataset_config {spec.dataset_config!r} names a configuration of a Hub dataset; {spec.dataset!r} is "
+            "embedded or a local file or folder, which has none"
+        )
+    if spec.dataset_split != "train" and not path.is_dir() and local:
+        raise DataError(
+            f"dataset {spec.dataset!r} is one file, which the datasets library reads as split 'train' only "
+            f"(dataset_split {spec.dataset_split!r}); the validation split is carved from it (data.val_fraction)"
+        )
     if spec.dataset in EMBEDDED:
         resource = importlib.resources.files("blueberry.data").joinpath(EMBEDDED[spec.dataset])
         digest = hashlib.sha256(resource.read_bytes()).hexdigest()
         return Source("embedded", spec.dataset, digest, "json", (EMBEDDED[spec.dataset],))
 
-    path = Path(spec.dataset).expanduser()
     if path.is_file():
         builder = _builder_for(path)
         if builder is None:
@@ -84,6 +96,8 @@ def resolve_source(spec: DataSpec) -> Source:
             for f in root.rglob("*")
             if f.is_file() and _builder_for(f) and not any(p.startswith(".") for p in f.relative_to(root).parts)
         )
+        if files:
+            files = _files_of_split(spec, root, files)
         builders = {_builder_for(f) for f in files}
         if len(builders) != 1:
             found = "no data files" if not builders else f"mixed formats {sorted(builders)}"
@@ -102,6 +116,25 @@ def resolve_source(spec: DataSpec) -> Source:
         # A directory of .txt files: each file is one document.
         kwargs["sample_by"] = "paragraph" if path.is_file() else "document"
     return Source("local", str(path), stat_fingerprint(files), builder, tuple(map(str, files)), kwargs)
+
+
+def _files_of_split(spec: DataSpec, root: Path, files: list[Path]) -> list[Path]:
+    """The folder's files of split `spec.dataset_split`, as the datasets library reads a data folder: files or
+    folders named after a split (train, validation/valid/dev/val, test/eval, ...) hold that split, and a folder
+    naming none is all 'train'. So a held-out test.jsonl beside train.jsonl never lands in training."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    found = DataFilesDict.from_patterns(get_data_patterns(str(root)), base_path=str(root))
+    splits = {str(name): {Path(f) for f in split_files} for name, split_files in found.items()}
+    if spec.dataset_split not in splits:
+        raise DataError(
+            f"directory {spec.dataset!r} has no split {spec.dataset_split!r} (dataset_split); its file names make "
+            f"the splits {sorted(splits)}, as the datasets library reads a data folder"
+        )
+    chosen = [f for f in files if f in splits[spec.dataset_split]]
+    if not chosen:
+        raise DataError(f"split {spec.dataset_split!r} of directory {spec.dataset!r} holds no data files")
+    return chosen
 
 
 def _load_dataset(spec: DataSpec, source: Source):
@@ -159,16 +192,22 @@ def _which_file(spec: DataSpec, source: Source) -> str:
 
     if len(source.files) < 2:
         return ""
+    root, first_columns = Path(spec.dataset).expanduser().resolve(), None
     for file in source.files:
+        name = str(Path(file).relative_to(root))
         try:
             with _datasets_log_silenced():
                 rows = datasets.load_dataset(
                     source.builder, data_files=[file], split="train", streaming=True, **source.builder_kwargs
                 )
-                for _ in rows:  # rows as Python objects: bad UTF-8 in a JSON string shows only here
-                    pass
+                columns = None
+                for row in rows:  # rows as Python objects: bad UTF-8 in a JSON string shows only here
+                    columns = columns or sorted(row)
         except Exception:
-            return f"file {str(Path(file).relative_to(Path(spec.dataset).expanduser().resolve()))!r}: "
+            return f"file {name!r}: "
+        first_columns = first_columns or (name, columns)
+        if columns and columns != first_columns[1]:  # readable alone, but not one table with the others
+            return f"file {name!r} has columns {columns}, {first_columns[0]!r} has {first_columns[1]}: "
     return ""
 
 
@@ -197,17 +236,26 @@ def _rows(ds, max_docs: int | None) -> Iterator[dict]:
     return itertools.islice(ds, max_docs)
 
 
-def to_documents(rows: Iterable[dict], text_field: str, id_field: str | None, max_chars: int | None) -> list[Document]:
-    """Rows → Documents: ids from `id_field` or a hash of the full text; empty texts are dropped."""
-    docs = []
-    for row in rows:
+def to_documents(
+    rows: Iterable[dict], text_field: str, id_field: str | None, max_chars: int | None, dataset: str = "dataset"
+) -> list[Document]:
+    """Rows → Documents: ids from `id_field` or a hash of the full text; empty or null texts are dropped, and a
+    text that is not a string (a list, a number) is an error: dropping it would silently shrink the corpus."""
+    docs, wrong = [], {}
+    for index, row in enumerate(rows):
         text = row.get(text_field)
-        if not isinstance(text, str) or not text.strip():
+        if text is not None and not isinstance(text, str):
+            wrong.setdefault(type(text).__name__, index)
+            continue
+        if text is None or not text.strip():
             continue
         doc_id = row.get(id_field) if id_field else None
         # Hash the full text, not the cut one, so max_chars_per_doc never moves a document across splits.
         doc_id = str(doc_id) if doc_id not in (None, "") else text_sha256(text)
         docs.append(Document(doc_id, text[:max_chars] if max_chars else text))
+    if wrong:
+        found = ", ".join(f"{kind} (first in row {index})" for kind, index in wrong.items())
+        raise DataError(f"dataset {dataset!r}: field {text_field!r} must be text in every row; found {found}")
     return docs
 
 
@@ -223,15 +271,12 @@ def load_documents(spec: DataSpec, source: Source | None = None) -> list[Documen
         raise DataError(f"dataset {spec.dataset!r} has no text field {spec.text_field!r}; columns: {columns}")
     ds = ds.select_columns([c for c in (spec.text_field, spec.id_field) if c in columns])
     try:
-        docs = to_documents(_rows(ds, spec.max_docs), spec.text_field, spec.id_field, spec.max_chars_per_doc)
+        rows = _rows(ds, spec.max_docs)
+        docs = to_documents(rows, spec.text_field, spec.id_field, spec.max_chars_per_doc, spec.dataset)
     except UnicodeDecodeError as exc:  # Arrow's JSON reader leaves UTF-8 to be checked as rows are read
         raise DataError(
             f"cannot read dataset {spec.dataset!r}: {_which_file(spec, source)}not UTF-8 text ({exc})"
         ) from exc
     if not docs:
-        found = ""
-        if hasattr(ds, "__len__"):  # in memory: cheap to look again (a stream would be read anew)
-            kinds = sorted({type(row[spec.text_field]).__name__ for row in _rows(ds, 1000)})
-            found = f" (its values are {', '.join(kinds)}; text must be str)" if kinds != ["str"] else ""
-        raise DataError(f"dataset {spec.dataset!r} yielded no non-empty {spec.text_field!r} documents{found}")
+        raise DataError(f"dataset {spec.dataset!r} yielded no non-empty {spec.text_field!r} documents")
     return docs

@@ -25,7 +25,7 @@ import torch
 
 from blueberry.data import audit
 from blueberry.data.cache import atomic_dir, cache_root, set_aside
-from blueberry.data.corpus import Source, load_documents, resolve_source, stat_fingerprint
+from blueberry.data.corpus import Source, load_documents, resolve_source, stat_fingerprint, text_sha256
 from blueberry.data.errors import DataError
 from blueberry.data.split import split_documents
 from blueberry.data.tokenizer import encode, load_bpe, load_or_train_bpe, load_pretrained, vocab_digest
@@ -34,8 +34,9 @@ from blueberry.spec import DataSpec
 
 log = logging.getLogger(__name__)
 
-# Bump when the token streams for the same spec would change (e.g. how documents are joined).
-TOKENS_VERSION = 1
+# Bump when the token streams for the same spec would change (e.g. how documents are joined), or what an entry
+# records does (2: val_docs_in_train).
+TOKENS_VERSION = 2
 
 
 @dataclass
@@ -111,7 +112,8 @@ def _tokenizer_name(spec: DataSpec) -> str:
 
 
 def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
-    """Read, split, tokenize and write one cache entry; returns (tokenizer, train, val, meta, split ids)."""
+    """Read, split, tokenize and write one cache entry (split.json: which document ids each split holds);
+    returns (tokenizer, train, val, meta)."""
     docs = load_documents(spec, source)
     train_docs, val_docs = split_documents(docs, spec.val_fraction)
     if not train_docs or not val_docs:
@@ -134,9 +136,13 @@ def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
     val = val_full[: val_cap(spec.max_tokens, spec.val_fraction)]
     val_chars = sum(len(d.text) for d in val_docs)
 
+    # The split hashes document ids, so no id is in both splits; a document copied under another id (a web
+    # scrape, a corpus joined twice) is, and only its text tells.
+    train_texts = {text_sha256(d.text) for d in train_docs}
     meta = {
         "tokenizer": tokenizer_ref,
         "eos_id": eos_id,
+        "val_docs_in_train": sum(text_sha256(d.text) in train_texts for d in val_docs),
         "fingerprint": data_fingerprint(train, val, tokenizer),
         "stats": {
             "corpus": spec.dataset,
@@ -161,12 +167,12 @@ def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
         np.save(tmp / "val.npy", val)
         (tmp / "split.json").write_text(json.dumps(split_ids))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    return tokenizer, train, val, meta, split_ids
+    return tokenizer, train, val, meta
 
 
 def _load(root: Path, entry: Path, spec: DataSpec):
     """A complete cache entry, or None if it (or the BPE it refers to) is missing."""
-    if not (entry / "meta.json").is_file():
+    if not (entry / "meta.json").is_file() or not (entry / "split.json").is_file():
         return None
     meta = json.loads((entry / "meta.json").read_text())
     if meta["tokenizer"]["kind"] == "bpe":
@@ -177,7 +183,7 @@ def _load(root: Path, entry: Path, spec: DataSpec):
     else:
         tokenizer = load_pretrained(spec.tokenizer)
     train, val = np.load(entry / "train.npy"), np.load(entry / "val.npy")
-    return tokenizer, train, val, meta, json.loads((entry / "split.json").read_text())
+    return tokenizer, train, val, meta
 
 
 def prepare_data(spec: DataSpec, seed: int, cache_dir: str | Path | None = None) -> PreparedData:
@@ -198,14 +204,24 @@ def prepare_data(spec: DataSpec, seed: int, cache_dir: str | Path | None = None)
         cached = None
     if cached is None and entry.exists():
         set_aside(entry)  # else the new entry's rename onto it fails, and every run would build it again
-    tokenizer, train, val, meta, split_ids = cached or _build(spec, source, root, entry)
+    try:
+        tokenizer, train, val, meta = cached or _build(spec, source, root, entry)
+    except OSError as exc:  # reading the data raises DataError: this is the cache (not a folder, read-only, full)
+        raise DataError(
+            f"cannot write the data cache {root} (BLUEBERRY_CACHE, else ~/.cache/blueberry): "
+            f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+        ) from exc
 
     if len(train) < spec.seq_len + 1:
         raise DataError(f"training split has {len(train)} tokens, fewer than seq_len+1 = {spec.seq_len + 1}")
     targets = val_windows(torch.from_numpy(val), spec.seq_len)[:, 1:]
-    train_ids = set(split_ids["train"])
     leakage = audit.leakage(train, val, spec.leakage_ngram, spec.seq_len, meta["eos_id"])
-    leakage["shared_doc_ids"] = sum(doc_id in train_ids for doc_id in split_ids["val"])
+    leakage["val_docs_in_train"] = meta["val_docs_in_train"]  # validation documents whose text is a train one's
+    if leakage["val_docs_in_train"]:
+        log.warning(
+            "data %s: %d validation documents are also training documents (same text, other ids): val loss "
+            "measures them as seen; drop the copies", spec.dataset, leakage["val_docs_in_train"],
+        )  # fmt: skip
     stats = {
         **meta["stats"],
         "train_docs_used": docs_in_stream(train, meta["eos_id"]),

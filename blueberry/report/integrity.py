@@ -95,8 +95,8 @@ def _leakage(run: Run) -> str:
     if share is None:
         return "not recorded"
     text = f"{share:.2%} of val windows share a {leak.get('ngram', '?')}-gram"
-    if leak.get("shared_doc_ids"):
-        text += f"; **{leak['shared_doc_ids']} shared doc ids**"
+    if leak.get("val_docs_in_train"):
+        text += f"; **{leak['val_docs_in_train']} val documents also in train**"
     return text
 
 

@@ -66,7 +66,7 @@ def write_run(
         params={"total": params[0], "active": params[1], "embedding": params[1] // 2},
         data={
             "fingerprint": "0" * 64,
-            "leakage": {"ngram": 13, "val_windows_with_train_ngram": 0.0018, "shared_doc_ids": 0},
+            "leakage": {"ngram": 13, "val_windows_with_train_ngram": 0.0018, "val_docs_in_train": 0},
             "unigram_loss": UNIGRAM,
         },
         hardware=hardware or {"device": "cpu", "precision": "fp32", "threads": 2},

@@ -132,6 +132,8 @@ def test_an_unreadable_local_file_is_a_data_error_naming_it_and_the_cause(tmp_pa
     [
         ("b.jsonl", b'{"id": "b", "body": "a"\n', "as json: file 'b.jsonl': ArrowInvalid: JSON parse error"),
         ("sub/b.jsonl", '{"id": "b", "body": "Élise"}\n'.encode("latin-1"), "file 'sub/b.jsonl': not UTF-8 text"),
+        # readable alone, not as one table with the rest: a metadata file left in the folder
+        ("info.json", b'{"description": "about"}', "file 'info.json' has columns ['description'], 'a.jsonl' has"),
     ],
 )
 def test_an_unreadable_file_in_a_dataset_folder_is_named(tmp_path, name, content, says):
@@ -147,8 +149,13 @@ def test_an_unreadable_file_in_a_dataset_folder_is_named(tmp_path, name, content
 
 def test_a_text_field_that_holds_no_text_says_what_it_holds(tmp_path):
     numbers = write_jsonl(tmp_path / "numbers.jsonl", [{"id": str(i), "body": i} for i in range(3)])
-    with pytest.raises(DataError, match=r"no non-empty 'body' documents \(its values are int; text must be str\)"):
+    with pytest.raises(DataError, match=r"field 'body' must be text in every row; found int \(first in row 0\)$"):
         load_documents(DataSpec(dataset=str(numbers), text_field="body"))
+    # some rows only: were they dropped, half the corpus would vanish without a word
+    mixed = [{"id": str(i), "body": f"text {i}" if i % 2 else ["a", "b"]} for i in range(40)]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", mixed)
+    with pytest.raises(DataError, match=r"'body' must be text in every row; found list \(first in row 0\)$"):
+        load_documents(DataSpec(dataset=str(mixed), text_field="body"))
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"id": "a", "body": "  "}])
     with pytest.raises(DataError, match=r"no non-empty 'body' documents$"):
         load_documents(DataSpec(dataset=str(blank), text_field="body"))
@@ -189,3 +196,32 @@ def test_hidden_folders_in_a_dataset_folder_are_no_data(tmp_path):
     write_jsonl(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.jsonl", ROWS)
     docs = load_documents(DataSpec(dataset=str(tmp_path), text_field="body"))
     assert len(docs) == len(ROWS)
+
+
+def test_a_data_folder_is_split_by_its_file_names_as_the_datasets_library_reads_one(tmp_path):
+    # train.jsonl beside a held-out test.jsonl: only the split asked for is read, as load_dataset(data_dir=) does
+    folder = tmp_path / "hf-style"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"id": f"tr{i}", "text": f"train {i}"} for i in range(6)])
+    write_jsonl(folder / "test.jsonl", [{"id": f"te{i}", "text": f"test {i}"} for i in range(3)])
+    train = load_documents(DataSpec(dataset=str(folder)))
+    test = load_documents(DataSpec(dataset=str(folder), dataset_split="test"))
+    assert {d.id for d in train} == {f"tr{i}" for i in range(6)} and {d.id for d in test} == {"te0", "te1", "te2"}
+    with pytest.raises(
+        DataError, match=r"has no split 'validation' \(dataset_split\); .* the splits \['test', 'train'\]"
+    ):
+        load_documents(DataSpec(dataset=str(folder), dataset_split="validation"))
+    plain = tmp_path / "plain"  # no split names: every file is 'train'
+    plain.mkdir()
+    write_jsonl(plain / "a.jsonl", ROWS)
+    write_jsonl(plain / "b.jsonl", ROWS)
+    assert len(load_documents(DataSpec(dataset=str(plain), text_field="body"))) == 2 * len(ROWS)
+
+
+def test_split_and_config_names_a_local_file_cannot_honour_are_refused(tmp_path):
+    single = write_jsonl(tmp_path / "one.jsonl", ROWS)
+    for dataset in (str(single), "austen"):
+        with pytest.raises(DataError, match=r"one file, which the datasets library reads as split 'train' only"):
+            load_documents(DataSpec(dataset=dataset, dataset_split="test"))
+        with pytest.raises(DataError, match=r"dataset_config 'x' names a configuration of a Hub dataset"):
+            load_documents(DataSpec(dataset=dataset, dataset_config="x"))

@@ -13,7 +13,7 @@ import torch
 
 import blueberry.data.prepare as prepare_module
 import blueberry.data.tokenizer as tokenizer_module
-from blueberry.data import PreparedData, prepare_data
+from blueberry.data import DataError, PreparedData, prepare_data
 from blueberry.data.audit import leakage
 from blueberry.data.corpus import load_documents
 from blueberry.data.split import split_documents
@@ -73,7 +73,7 @@ def test_tokenizer_is_trained_on_train_documents_only(trained_on):
 def test_austen_split_and_audits(data):
     assert data.stats["n_docs_train"] + data.stats["n_docs_val"] == 269
     assert (data.stats["n_docs_train"], data.stats["n_docs_val"]) == (246, 23)
-    assert data.leakage["shared_doc_ids"] == 0
+    assert data.leakage["val_docs_in_train"] == 0
     assert data.leakage["ngram"] == 13
     assert data.leakage["val_windows_with_train_ngram"] < 0.01
     assert data.leakage["val_ngrams_in_train"] < 0.01
@@ -148,7 +148,7 @@ def test_local_jsonl_end_to_end(tmp_path):
     path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
     data = prepare_data(DataSpec(dataset=str(path), vocab_size=300, seq_len=32, max_tokens=5_000), seed=0)
     assert data.stats["train_tokens"] == 5_000 and data.vocab_size == 300
-    assert data.leakage["shared_doc_ids"] == 0
+    assert data.leakage["val_docs_in_train"] == 0
 
 
 @pytest.mark.parametrize("damage", ["cut train.npy", "lose split.json", "lose meta.json", "cut the BPE"])
@@ -189,3 +189,28 @@ def test_the_text_endoftext_inside_a_document_is_no_document_boundary(tmp_path):
     eos = data.tokenizer.eos_token_id
     boundaries = int((data.train_tokens == eos).sum()) + int((data.val_tokens == eos).sum())
     assert boundaries == len(texts)  # one EOS after each document, none inside
+
+
+def test_documents_copied_under_other_ids_are_counted_as_val_documents_also_in_train(tmp_path, caplog):
+    # the split hashes ids, so a chapter joined twice (X, X-copy) lands in both splits: no id is shared, the text is
+    docs = load_documents(SPEC)[:60]
+    path = tmp_path / "twice.jsonl"
+    rows = [{"id": f"{d.id}{copy}", "text": d.text} for d in docs for copy in ("", "-copy")]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train, val = split_documents(load_documents(DataSpec(dataset=str(path))), SPEC.val_fraction)
+    crossed = len({d.text for d in val} & {d.text for d in train})
+    with caplog.at_level("WARNING", logger="blueberry.data.prepare"):
+        data = prepare_data(DataSpec(dataset=str(path), vocab_size=300, seq_len=32), seed=0, cache_dir=tmp_path / "c")
+    assert data.leakage["val_docs_in_train"] == crossed > 0
+    assert f"{crossed} validation documents are also training documents" in caplog.text
+
+
+def test_a_cache_that_cannot_be_written_is_a_data_error_naming_it(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    docs = load_documents(SPEC)[:60]
+    path = tmp_path / "local.jsonl"
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    with pytest.raises(DataError, match=r"cannot write the data cache .*a-file/cache \(BLUEBERRY_CACHE, else"):
+        prepare_data(
+            DataSpec(dataset=str(path), vocab_size=300, seq_len=32), seed=0, cache_dir=tmp_path / "a-file" / "cache"
+        )
