@@ -119,22 +119,46 @@ def resolve_source(spec: DataSpec) -> Source:
 
 
 def _files_of_split(spec: DataSpec, root: Path, files: list[Path]) -> list[Path]:
-    """The folder's files of split `spec.dataset_split`, as the datasets library reads a data folder: files or
-    folders named after a split (train, validation/valid/dev/val, test/eval, ...) hold that split, and a folder
-    naming none is all 'train'. So a held-out test.jsonl beside train.jsonl never lands in training."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
+    """The folder's data files of split `spec.dataset_split`, as the datasets library reads a data folder: files
+    or folders named after a split (train, validation/valid/dev/val, test/eval, ...) hold that split, and a
+    folder naming none is all 'train'. So a held-out test.jsonl beside train.jsonl never lands in training.
 
-    found = DataFilesDict.from_patterns(get_data_patterns(str(root)), base_path=str(root))
-    splits = {str(name): {Path(f) for f in split_files} for name, split_files in found.items()}
+    Only the data files count (an eval.py beside them names no split); datasets' own patterns are matched
+    against their names in an in-memory mirror of the folder."""
+    import uuid
+
+    import fsspec
+    from datasets.data_files import DEFAULT_PATTERNS_ALL, DataFilesDict, EmptyDatasetError, get_data_patterns
+
+    names = {f.relative_to(root).as_posix(): f for f in files}
+    memory, mirror = fsspec.filesystem("memory"), f"blueberry-splits-{uuid.uuid4().hex}"
+    try:
+        for name in names:
+            memory.pipe(f"memory://{mirror}/{name}", b"")
+        try:
+            patterns = get_data_patterns(f"memory://{mirror}")
+        except EmptyDatasetError:  # every file inside folders datasets skips (__data__/)
+            patterns = DEFAULT_PATTERNS_ALL
+        if patterns == DEFAULT_PATTERNS_ALL:  # no split names: every data file is 'train'
+            splits = {"train": set(names)}
+        else:
+            found = DataFilesDict.from_patterns(patterns, base_path=f"memory://{mirror}")
+            splits = {str(split): {url.split(f"{mirror}/", 1)[1] for url in urls} for split, urls in found.items()}
+    finally:
+        memory.rm(f"memory://{mirror}", recursive=True)
+    unnamed = sorted(set(names) - set().union(*splits.values()))
+    if unnamed:  # datasets would leave them out without a word
+        raise DataError(
+            f"directory {spec.dataset!r}: {', '.join(unnamed[:5])} {'names' if len(unnamed) == 1 else 'name'} "
+            "no split while other files do "
+            f"({', '.join(sorted(set().union(*splits.values()))[:5])}); rename them or give them a folder of their own"
+        )
     if spec.dataset_split not in splits:
         raise DataError(
             f"directory {spec.dataset!r} has no split {spec.dataset_split!r} (dataset_split); its file names make "
             f"the splits {sorted(splits)}, as the datasets library reads a data folder"
         )
-    chosen = [f for f in files if f in splits[spec.dataset_split]]
-    if not chosen:
-        raise DataError(f"split {spec.dataset_split!r} of directory {spec.dataset!r} holds no data files")
-    return chosen
+    return [file for name, file in names.items() if name in splits[spec.dataset_split]]
 
 
 def _load_dataset(spec: DataSpec, source: Source):
@@ -205,8 +229,10 @@ def _which_file(spec: DataSpec, source: Source) -> str:
                     columns = columns or sorted(row)
         except Exception:
             return f"file {name!r}: "
+        if columns is None:
+            return f"file {name!r} has no rows: "
         first_columns = first_columns or (name, columns)
-        if columns and columns != first_columns[1]:  # readable alone, but not one table with the others
+        if columns != first_columns[1]:  # readable alone, but not one table with the others
             return f"file {name!r} has columns {columns}, {first_columns[0]!r} has {first_columns[1]}: "
     return ""
 

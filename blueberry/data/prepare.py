@@ -206,11 +206,13 @@ def prepare_data(spec: DataSpec, seed: int, cache_dir: str | Path | None = None)
         set_aside(entry)  # else the new entry's rename onto it fails, and every run would build it again
     try:
         tokenizer, train, val, meta = cached or _build(spec, source, root, entry)
-    except OSError as exc:  # reading the data raises DataError: this is the cache (not a folder, read-only, full)
-        raise DataError(
-            f"cannot write the data cache {root} (BLUEBERRY_CACHE, else ~/.cache/blueberry): "
-            f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
-        ) from exc
+    except OSError as exc:  # a cache that cannot be written (not a folder, read-only, full): ours or datasets'
+        where = f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+        if exc.filename and Path(exc.filename).resolve().is_relative_to(root.resolve()):
+            raise DataError(
+                f"cannot write the data cache {root} (BLUEBERRY_CACHE, else ~/.cache/blueberry): {where}"
+            ) from exc
+        raise DataError(f"cannot prepare dataset {spec.dataset!r}: {where}") from exc
 
     if len(train) < spec.seq_len + 1:
         raise DataError(f"training split has {len(train)} tokens, fewer than seq_len+1 = {spec.seq_len + 1}")

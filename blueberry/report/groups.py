@@ -181,7 +181,10 @@ def label_groups(groups: list[Group], first: str | None = None) -> None:
     for g in groups:
         parts = []
         for k in keys:
-            if k not in g.config:  # a preset's attention and ffn: its variant names them
+            if k not in g.config and k in ("model.attention", "model.ffn"):  # a preset: its variant names them
+                continue
+            if k not in g.config:  # left out by registry.canonical as the default (model.balance)
+                parts.append(f"{k.split('.')[-1]}=default")
                 continue
             if k == keys[0] == "model.variant":
                 if g.get(k) is not None:  # no preset: its attention and ffn say what it is

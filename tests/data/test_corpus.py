@@ -134,6 +134,7 @@ def test_an_unreadable_local_file_is_a_data_error_naming_it_and_the_cause(tmp_pa
         ("sub/b.jsonl", '{"id": "b", "body": "Élise"}\n'.encode("latin-1"), "file 'sub/b.jsonl': not UTF-8 text"),
         # readable alone, not as one table with the rest: a metadata file left in the folder
         ("info.json", b'{"description": "about"}', "file 'info.json' has columns ['description'], 'a.jsonl' has"),
+        ("0-empty.jsonl", b"\n", "file '0-empty.jsonl' has no rows: "),
     ],
 )
 def test_an_unreadable_file_in_a_dataset_folder_is_named(tmp_path, name, content, says):
@@ -216,6 +217,13 @@ def test_a_data_folder_is_split_by_its_file_names_as_the_datasets_library_reads_
     write_jsonl(plain / "a.jsonl", ROWS)
     write_jsonl(plain / "b.jsonl", ROWS)
     assert len(load_documents(DataSpec(dataset=str(plain), text_field="body"))) == 2 * len(ROWS)
+    (plain / "eval.py").write_text("")  # only data files are read for split names: no 'test' split here
+    (plain / "__data__").mkdir()  # a folder datasets would skip is data like any other here
+    write_jsonl(plain / "__data__" / "c.jsonl", ROWS)
+    assert len(load_documents(DataSpec(dataset=str(plain), text_field="body"))) == 3 * len(ROWS)
+    write_jsonl(folder / "extra.jsonl", ROWS)  # datasets would drop it beside train/test: refused, not dropped
+    with pytest.raises(DataError, match=r"extra.jsonl names no split while other files do \(test.jsonl, train.jsonl\)"):
+        load_documents(DataSpec(dataset=str(folder)))
 
 
 def test_split_and_config_names_a_local_file_cannot_honour_are_refused(tmp_path):

@@ -214,3 +214,13 @@ def test_a_cache_that_cannot_be_written_is_a_data_error_naming_it(tmp_path):
         prepare_data(
             DataSpec(dataset=str(path), vocab_size=300, seq_len=32), seed=0, cache_dir=tmp_path / "a-file" / "cache"
         )
+
+
+def test_a_datasets_cache_that_cannot_be_written_is_named_as_itself_not_as_ours(tmp_path, monkeypatch):
+    import datasets
+
+    (tmp_path / "a-file").write_text("")  # the embedded corpus is read through datasets, which caches it too
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "a-file" / "hf")
+    with pytest.raises(DataError) as err:
+        prepare_data(DataSpec(vocab_size=300, seq_len=32), seed=0, cache_dir=tmp_path / "ours")
+    assert "a-file/hf" in str(err.value) and "BLUEBERRY_CACHE" not in str(err.value)

@@ -255,3 +255,8 @@ def test_a_factorial_labels_presets_by_name_and_the_others_by_attention_and_ffn(
     groups = group_runs(load_local(tmp_path))
     label_groups(groups, first="model.variant")
     assert sorted(g.label for g in groups) == ["attention=mla, ffn=topk_moe", "attention_mlp", "mlp"]
+    for balance in (None, "aux_loss"):  # the ffn's default balance is left out of the config, not unknown
+        write_run(tmp_path / "balance", "misc", variant="moe", seed=1, spec={"model": {"balance": balance}})
+    groups = group_runs(load_local(tmp_path / "balance"))
+    label_groups(groups, first="model.variant")
+    assert sorted(g.label for g in groups) == ["balance=aux_loss", "balance=default"]
