@@ -269,15 +269,17 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         # fp16: GradScaler skips only the optimizer whose own gradients overflowed, and the other (Muon and AdamW
         # split the parameters) would step on gradients the clip made NaN or zero: one overflow skips both.
-        if not self.scaler.is_enabled() or torch.isfinite(grad_norm).item():
+        stepped = not self.scaler.is_enabled() or torch.isfinite(grad_norm).item()
+        if stepped:
             for opt in self.optimizers:
                 self.scaler.step(opt)
         self.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         step_lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers]  # the LRs this update used
-        for sched in self.schedulers:
-            sched.step()
+        if stepped:  # the schedule counts updates: a skipped one leaves it where it was, as accelerate's does
+            for sched in self.schedulers:
+                sched.step()
         for callback in self.after_step:
             callback(self, step)
         # The window sums stay NaN/inf once a bad value entered. With fp16 an inf grad norm is the

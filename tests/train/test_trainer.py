@@ -135,10 +135,14 @@ def test_an_fp16_overflow_in_one_optimizers_gradients_skips_every_optimizers_ste
     overflowing.register_hook(lambda grad: torch.full_like(grad, float("inf")))  # what fp16 overflow looks like
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     scale = trainer.scaler.get_scale()
+    lrs = [sched.get_last_lr() for sched in trainer.schedulers]
     trainer.train_step(1)
     assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
     assert not adamw.state and not muon.state  # neither took a step (AdamW's step count would have advanced)
     assert trainer.scaler.get_scale() == scale / 2  # and the scale backs off, as after any overflow
+    # nor did the LR schedule: it counts updates, so the skipped one does not use up a warmup step
+    assert [sched.get_last_lr() for sched in trainer.schedulers] == lrs
+    assert all(sched.last_epoch == 0 for sched in trainer.schedulers)
 
 
 def test_sighup_is_a_stop_request_unless_nohup_ignores_it(monkeypatch):
