@@ -52,16 +52,19 @@ lock: | $(UV)
 # The study in miniature: Experiment 1 (seven presets x 3 seeds) as the CPU twin, or on a CUDA GPU at the
 # study's shape, time-boxed; then the report, with mean ± sd and noise verdicts. `blueberry doctor` says which.
 QUICK_EXPERIMENT ?= $(shell $(BIN)/python -c "import torch; print('exp1-ablation-quick' if torch.cuda.is_available() else 'exp1-ablation-cpu')" 2>/dev/null)
+# A failed trial (exit 1) still gets its report, then make fails; bad input (2) or an interruption gets none.
 run: install
-	$(OFFLINE) $(BIN)/blueberry study --quick
-	$(OFFLINE) $(BIN)/blueberry report --show $(QUICK_EXPERIMENT)
+	$(OFFLINE) $(BIN)/blueberry study --quick; status=$$?; \
+	if [ $$status -le 1 ]; then $(OFFLINE) $(BIN)/blueberry report --show $(QUICK_EXPERIMENT) || exit; fi; \
+	exit $$status
 
 # The whole study (every experiment x 3 seeds; CPU twins on a CPU, ≤ 90 min on 2 cores), resumable: run it
 # again after Ctrl-C. Then the findings into docs/results/ and the README's timeline.
 RESULTS ?= docs/results
 study: install
-	$(OFFLINE) $(BIN)/blueberry study
-	$(OFFLINE) $(BIN)/blueberry report --out $(RESULTS) --readme README.md
+	$(OFFLINE) $(BIN)/blueberry study; status=$$?; \
+	if [ $$status -le 1 ]; then $(OFFLINE) $(BIN)/blueberry report --out $(RESULTS) --readme README.md || exit; fi; \
+	exit $$status
 
 # One run of the default spec (1-4 minutes on 2 CPU cores; README, "Two commands").
 quickstart: install

@@ -150,22 +150,34 @@ def study(quick, only, parallel, runs_root, dry_run):
         click.echo(f"  {part.name}: {path} ({len(planned)} trials, sweep {sweep.sweep_id})", err=True)
     if dry_run:
         return
-    started = datetime.now(UTC)
+    started, results = datetime.now(UTC), []
+    command = shlex.join(["blueberry", *sys.argv[1:]])
+    recorded = not quick or plan.quick_is_the_studys(kind)
+
+    def record():
+        return plan.write_record(results, runs_root, kind, command, parallel, started) if recorded else None
+
     try:
-        results = plan.run_study(loaded, runs_root, parallel, log=lambda m: click.echo(m, err=True))
+        plan.run_study(loaded, runs_root, parallel, log=lambda m: click.echo(m, err=True), results=results)
     except SweepStateError as exc:
+        record()
         _fail(f"{exc}: move it aside to start that sweep afresh")
     except KeyboardInterrupt as exc:  # Ctrl-C, or the sweep's SIGTERM / SIGHUP (terminal.StopSignal)
+        record()  # the time the interrupted invocation spent counts when the study is resumed
         _fail("study interrupted; run the same command again to resume", 128 + getattr(exc, "signum", signal.SIGINT))
-    command = shlex.join(["blueberry", *sys.argv[1:]])
-    record = plan.write_record(results, runs_root, kind, command, parallel, started) if not quick else None
+    path = record()
     for r in results:
         click.echo(f"{r.part.name}: {r.finished}/{r.planned} finished in {r.wall_s / 60:.1f} min")
         for line in r.failed:
             click.echo(f"  {line}")
-    if record:
-        click.echo(f"study record: {record}")
+    if path:
+        click.echo(f"study record: {path}")
     if any(r.failed for r in results):
+        click.echo(
+            "failed trials stay failed when the study is run again, as a W&B sweep's do; to run them again, move "
+            f"{runs_root}/_sweeps/<sweep-id>/state.json aside and run it again (its finished trials are adopted)",
+            err=True,
+        )
         sys.exit(1)
 
 

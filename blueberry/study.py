@@ -42,6 +42,12 @@ QUICK = Part("exp1", "sweeps/cpu/ablation.yaml", "sweeps/ablation_quick.yaml")
 MAX_PARALLEL = 8  # CPU trials at once, at most (each holds its own model, data and W&B process)
 
 
+def quick_is_the_studys(kind: str) -> bool:
+    """Whether `--quick` runs the study's own sweep of its part on this kind of machine (on a CPU: make run's
+    trials count towards make study, so its time goes in the study record too; on CUDA it is time-boxed)."""
+    return getattr(QUICK, kind) == getattr(next(part for part in PARTS if part.name == QUICK.name), kind)
+
+
 def kind_of_machine(cuda_available: bool) -> str:
     return "cuda" if cuda_available else "cpu"
 
@@ -131,8 +137,12 @@ def load_parts(parts: list[Part], kind: str) -> list[tuple[Part, str, object, li
     return loaded
 
 
-def run_study(loaded, runs_root: str, parallel: int, log: Callable[[str], None]) -> list[PartResult]:
-    """Run the parts' sweeps one after another under one study-wide progress line; each resumes its state."""
+def run_study(
+    loaded, runs_root: str, parallel: int, log: Callable[[str], None], results: list[PartResult] | None = None
+) -> list[PartResult]:
+    """Run the parts' sweeps one after another under one study-wide progress line; each resumes its state.
+    `results`, when given, is filled as each part ends, an interrupted one included (its time so far), so the
+    caller can record them though the interruption propagates."""
     from blueberry.sweep import SweepRunner
 
     runners = [
@@ -140,19 +150,20 @@ def run_study(loaded, runs_root: str, parallel: int, log: Callable[[str], None])
     ]
     done_before = sum(t.state == "finished" for *_, runner in runners for t in runner.state.trials)
     progress = StudyProgress(sum(len(planned) for *_, planned in loaded), done_before)
-    results = []
+    results = [] if results is None else results
     for (part, path, runner), (*_, planned) in zip(runners, loaded):
         runner.progress.outer = progress.head_for(part.name)
         before = sum(t.state == "finished" for t in runner.state.trials)
         log(f"study part {part.name}: {path} ({len(planned)} trials, {before} already finished)")
         started = time.monotonic()
-        state = runner.run()
-        finished = sum(t.state == "finished" for t in state.trials)
+        try:
+            runner.run()
+        finally:  # interrupted too: the part's time so far is part of the study's
+            finished = sum(t.state == "finished" for t in runner.state.trials)
+            failed = [f"{t.run_id}: {t.state}: {t.reason}" for t in runner.state.trials if t.state != "finished"]
+            wall = time.monotonic() - started
+            results.append(PartResult(part, path, runner.sweep.sweep_id, len(planned), finished, failed, wall))
         progress.part_finished(finished - before)
-        failed = [f"{t.run_id}: {t.state}: {t.reason}" for t in state.trials if t.state != "finished"]
-        results.append(
-            PartResult(part, path, runner.sweep.sweep_id, len(planned), finished, failed, time.monotonic() - started)
-        )
     return results
 
 
@@ -160,18 +171,20 @@ def write_record(
     results: list[PartResult], runs_root: str, kind: str, command: str, parallel: int, started: datetime
 ) -> Path:
     """<runs_root>/_study/<kind>.json: what ran, where and how long (a part's wall time summed over the
-    invocations that ran the same sweep; a changed sweep file is a new sweep), for the report's provenance
-    section. `started`: when this invocation began. Rewritten atomically after each invocation."""
+    invocations that ran the same sweep, interrupted ones included; a changed sweep file is a new sweep), for the
+    report's provenance section. Parts this invocation did not run (`--only`) keep their earlier entries.
+    `started`: when this invocation began. Rewritten atomically after each invocation."""
     from blueberry import hardware, provenance
     from blueberry.fileio import read_json, write_text_atomic
 
     path = Path(runs_root) / "_study" / f"{kind}.json"
     previous = read_json(path) or {}
     found = previous.get("parts") if isinstance(previous.get("parts"), list) else []  # a record is read as found
+    kept = {p["name"]: p for p in found if isinstance(p, dict) and isinstance(p.get("name"), str)}
     walls = {
         (p.get("name"), p.get("sweep_id")): p["wall_s"]
-        for p in found
-        if isinstance(p, dict) and isinstance(p.get("wall_s"), (int, float))
+        for p in kept.values()
+        if isinstance(p.get("wall_s"), (int, float))
     }
     first = previous.get("started")  # the first invocation's start, if an earlier record kept it readable
     record = {
@@ -182,20 +195,20 @@ def write_record(
         "machine": hardware.detect().to_dict(),
         "started": first if isinstance(first, str) else started.isoformat(timespec="seconds"),
         "ended": datetime.now(UTC).isoformat(timespec="seconds"),
-        "parts": [
-            {
-                "name": r.part.name,
-                "sweep_file": r.sweep_file,
-                "sweep_id": r.sweep_id,
-                "planned": r.planned,
-                "finished": r.finished,
-                "failed": r.failed,
-                "wall_s": round(walls.get((r.part.name, r.sweep_id), 0.0) + r.wall_s, 1),
-            }
-            for r in results
-        ],
     }
-    record["wall_s"] = round(sum(p["wall_s"] for p in record["parts"]), 1)
+    for r in results:
+        kept[r.part.name] = {
+            "name": r.part.name,
+            "sweep_file": r.sweep_file,
+            "sweep_id": r.sweep_id,
+            "planned": r.planned,
+            "finished": r.finished,
+            "failed": r.failed,
+            "wall_s": round(walls.get((r.part.name, r.sweep_id), 0.0) + r.wall_s, 1),
+        }
+    order = [part.name for part in PARTS]  # the study's order, whichever invocation ran a part
+    record["parts"] = sorted(kept.values(), key=lambda p: order.index(p["name"]) if p["name"] in order else len(order))
+    record["wall_s"] = round(sum(p["wall_s"] for p in record["parts"] if isinstance(p.get("wall_s"), (int, float))), 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return path

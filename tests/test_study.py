@@ -108,3 +108,57 @@ def test_a_study_record_of_the_wrong_shape_is_rewritten_not_a_crash(tmp_path):
     part = study.PartResult(study.PARTS[0], "sweeps/cpu/ablation.yaml", "s1", 21, 21, [], 60.0)
     record = json.loads(study.write_record([part], str(tmp_path), "cpu", "blueberry study", 2, STARTED).read_text())
     assert record["started"] == "2026-12-02T05:34:00+00:00" and record["wall_s"] == 60.0
+
+
+def test_a_record_keeps_the_parts_an_only_invocation_did_not_run_and_sums_the_one_it_did(tmp_path):
+    def part(name, wall):
+        return study.PartResult(
+            next(p for p in study.PARTS if p.name == name), f"{name}.yaml", f"s-{name}", 3, 3, [], wall
+        )
+
+    study.write_record(
+        [part(n, 600.0) for n in ("exp1", "exp2", "exp3")], str(tmp_path), "cpu", "blueberry study", 2, STARTED
+    )
+    path = study.write_record([part("exp2", 60.0)], str(tmp_path), "cpu", "blueberry study --only exp2", 2, STARTED)
+    record = json.loads(path.read_text())
+    assert [(p["name"], p["wall_s"]) for p in record["parts"]] == [("exp1", 600.0), ("exp2", 660.0), ("exp3", 600.0)]
+    assert record["wall_s"] == 1860.0 and record["command"] == "blueberry study --only exp2"
+
+
+def test_an_interrupted_part_is_in_the_results_with_its_time_so_far(monkeypatch):
+    import blueberry.sweep
+
+    class Interrupted:
+        def __init__(self, sweep, runs_root, parallel, log):
+            self.sweep, self.state = sweep, type("State", (), {"trials": []})()
+            self.progress = type("Progress", (), {"outer": None})()
+
+        def run(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(blueberry.sweep, "SweepRunner", Interrupted)
+    sweep = type("Sweep", (), {"sweep_id": "s-exp1"})()
+    results = []
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study([(study.PARTS[0], "a.yaml", sweep, [{}, {}])], "runs", 1, log=lambda m: None, results=results)
+    assert [(r.part.name, r.sweep_id, r.planned, r.finished) for r in results] == [("exp1", "s-exp1", 2, 0)]
+    assert results[0].wall_s >= 0
+
+
+def test_make_runs_quick_study_counts_towards_the_study_on_a_cpu_only():
+    assert study.quick_is_the_studys("cpu") and not study.quick_is_the_studys("cuda")
+
+
+def test_an_interrupted_study_records_the_time_it_spent_and_exits_130(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+
+    def interrupted(loaded, runs_root, parallel, log, results):
+        part, path, sweep, planned = loaded[0]
+        results.append(study.PartResult(part, path, sweep.sweep_id, len(planned), 5, [], 120.0))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "run_study", interrupted)
+    result = CliRunner().invoke(main, ["study", "--only", "exp2", "--runs-root", str(tmp_path)])
+    assert result.exit_code == 130 and "study interrupted; run the same command again to resume" in result.output
+    record = json.loads((tmp_path / "_study" / "cpu.json").read_text())
+    assert [(p["name"], p["finished"], p["wall_s"]) for p in record["parts"]] == [("exp2", 5, 120.0)]

@@ -135,6 +135,9 @@ def _of(value, kind: type, default):
     return value if isinstance(value, kind) and not isinstance(value, bool) else default
 
 
+_RECORD_FIELDS = (("command", str), ("kind", str), ("parallel", int), ("ended", str))
+
+
 def study_section(records: list[dict], runs: list[Run], costs: list[float] = ()) -> str:
     """How the runs were made: each `blueberry study` record (command, commit, machine, wall time) and the
     runs' summed training time and cost (`costs`: those of the runs with one, as the Integrity table gives
@@ -151,9 +154,12 @@ def study_section(records: list[dict], runs: list[Run], costs: list[float] = ())
         trials = sum(_of(p.get("finished"), int, 0) for p in parts)
         wall = _of(record.get("wall_s"), (int, float), None)
         wall_text = "?" if wall is None else f"{wall / 60:.1f} min"
+        command, kind, parallel, ended = (_of(record.get(k), t, "?") for k, t in _RECORD_FIELDS)
+        sha = _of(code.get("git_sha"), str, None)
+        commit = f"commit `{sha}`{dirty}" if sha else "code outside a git checkout"
         lines += [
-            f"- `{record.get('command')}` on {record.get('kind')}: {where}, {record.get('parallel')} trial(s) at once",
-            f"  - last run from commit `{code.get('git_sha')}`{dirty}, finished {record.get('ended')}",
+            f"- `{command}` on {kind}: {where}, {parallel} trial(s) at once",
+            f"  - last run from {commit}, finished {ended}",
             f"  - {trials} trials finished in {len(parts)} parts; wall time {wall_text}",
         ]
     created = sorted(str(r.header.get("created_at")) for r in runs if r.header.get("created_at"))

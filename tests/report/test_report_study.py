@@ -64,6 +64,7 @@ def test_a_study_record_of_the_wrong_shape_is_shown_as_found_not_a_crash(tmp_pat
     (runs / "_study" / "cuda.json").write_text("[1, 2]")  # valid JSON, not a record: left out
     run_report(runs_root=runs, out=tmp_path / "out", log=lambda _: None)
     made = (tmp_path / "out" / "REPORT.md").read_text().split("## How these runs were made\n")[1].split("\n## ")[0]
-    assert "`blueberry study` on None: ? (? cores), None trial(s) at once" in made
+    assert "`blueberry study` on ?: ? (? cores), ? trial(s) at once" in made  # a missing field reads "?"
+    assert "last run from code outside a git checkout, finished ?" in made  # no commit recorded (pip install .)
     assert "0 trials finished in 1 parts; wall time ?" in made
     assert made.count("- `blueberry study`") == 1
