@@ -216,3 +216,16 @@ def test_a_cpu_run_keeps_freed_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(device, "keep_freed_memory", lambda: calls.append(True))
     runner.device_stage(tiny_spec(tmp_path, "--train.threads=1"), lambda msg: None)
     assert calls == [True]
+
+
+def test_a_runs_cost_pays_for_its_processs_start_up_too(tmp_path, monkeypatch):
+    """`blueberry run` pays from the moment its process started (Python, imports): 1 h of start-up at $1/h."""
+    import blueberry.runner as runner
+
+    monkeypatch.setattr(runner, "_process_age_s", lambda: 3600.0)
+    spec = tiny_spec(
+        tmp_path, "--train.steps=2", "--train.eval_every=2", "--train.threads=1", "--train.price_per_hour=1"
+    )
+    result = execute(spec, log=lambda msg: None, resume=False, own_process=True)
+    assert result.summary["time/setup/start_s"] == 3600.0
+    assert 1.0 < result.summary["cost/usd"] < 1.1  # the hour of start-up, plus the seconds of the run itself
