@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from blueberry.gpu_monitor import mig_board, nvml_session, nvml_text, visible_handles
-from blueberry.prices import LIST_PRICES, PRICE_ENV, PRICE_TABLE_ENV, read_price, read_price_table
+from blueberry.prices import (
+    LIST_PRICES,
+    PRICE_ENV,
+    PRICE_TABLE_ENV,
+    names_words,
+    read_price,
+    read_price_table,
+    table_price,
+)
 from blueberry.threads import usable_cores
 
 
@@ -41,6 +49,7 @@ class Preset:
     source: str = ""  # the document the peaks come from
     board: str = ""  # for a MIG slice, the whole GPU's preset; its peaks and price are `share` of that one's
     share: float = 1.0
+    device_name: str = ""  # the GPU's own name (NVML's, CUDA's), which a price table's rows are matched against
 
     def peak_kind(self, precision: str) -> str:
         """Which data-sheet peak a run in `precision` gets: fp32 matmuls run as TF32 where the GPU has it."""
@@ -240,17 +249,18 @@ def detect() -> HardwareInfo:
 
 
 def preset_for(gpu_name: str) -> Preset:
-    """The preset whose match words all appear in the GPU's name; unknown GPUs get a generic fp32 preset. A MIG
-    slice of a known GPU gets its share of the board's peaks and price (see `mig_slice`)."""
-    lowered = gpu_name.lower()
-    preset = next((p for p in PRESETS if all(word in lowered for word in p.match)), None)
+    """The preset whose match words are all words of the GPU's name; unknown GPUs get a generic fp32 preset (no
+    peaks, no list price). A MIG slice gets its share of the board's peaks and price, and of a price table's
+    row for the board (see `mig_slice`)."""
+    preset = next((p for p in PRESETS if names_words(gpu_name, p.match)), None)
     if preset is None:
-        return Preset(gpu_name, (), "fp32", {}, None, 64)
+        preset = Preset(MIG_PROFILE.split(gpu_name)[0].strip(), (), "fp32", {}, None, 64)
     if (slice_ := mig_slice(gpu_name)) is None:
-        return preset
+        return replace(preset, device_name=gpu_name)
     profile, used, total = slice_
     return replace(
         preset,
+        device_name=gpu_name,
         name=f"{preset.name} MIG {profile}",
         peak_tflops={kind: tflops * used / total for kind, tflops in preset.peak_tflops.items()},
         usd_per_hour=None if preset.usd_per_hour is None else preset.usd_per_hour * used / total,
@@ -338,13 +348,12 @@ def price_per_hour(spec_price: float | None, preset: Preset) -> tuple[float | No
     if env:
         return read_price(env, PRICE_ENV), PRICE_ENV
     table = os.environ.get(PRICE_TABLE_ENV)
-    if table and preset.match:
-        prices = {name.lower(): price for name, price in read_price_table(table, PRICE_TABLE_ENV).items()}
-        if preset.name.lower() in prices:
-            return prices[preset.name.lower()], PRICE_TABLE_ENV
-        if preset.board and preset.board.lower() in prices:  # a MIG slice: its share of the whole GPU's price
-            board_price = prices[preset.board.lower()]
-            return board_price * preset.share, f"{PRICE_TABLE_ENV} ({preset.board}) × {preset.share:.3g}"
+    if table and preset.device_name:  # a GPU (the CPU has no name to match)
+        found = table_price(preset.device_name or preset.name, read_price_table(table, PRICE_TABLE_ENV), preset.share)
+        if found is not None:  # a MIG slice priced from its board's row pays its share
+            price, row = found
+            board_row = preset.share != 1 and "mig" not in row.lower().split()
+            return price, f"{PRICE_TABLE_ENV} ({row})" + (f" × {preset.share:.3g}" if board_row else "")
     if preset.usd_per_hour is not None:
         return preset.usd_per_hour, f"table ({preset.name})"
     return None, "no price for this device; set train.price_per_hour to get a cost"

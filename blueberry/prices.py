@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 PRICE_ENV = "BLUEBERRY_PRICE_PER_HOUR"  # one price for every run of this environment
@@ -59,3 +60,21 @@ def read_price_table(raw: str, source: str) -> dict[str, float]:
     if wrong:
         raise ValueError(f"{where}: prices must be finite numbers ≥ 0 (USD per hour), got {wrong}")
     return {str(name): float(value) for name, value in table.items()}
+
+
+def names_words(name: str, words) -> bool:
+    """Whether every one of `words` is a word of the device name `name` (case-insensitive), not a piece of one:
+    "A100" is in "NVIDIA A100-SXM4-80GB" but not in "NVIDIA RTX A1000", "T4" not in "NVIDIA T400"."""
+    lowered = name.lower()
+    return all(re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", lowered) for word in words)
+
+
+def table_price(device_name: str, table: dict[str, float], share: float = 1.0) -> tuple[float, str] | None:
+    """A device's $/h from a table of GPU names, the one lookup a run and the report both use: the longest row
+    whose words are all words of the device's name ("H100 NVL" before "H100"). A row naming a MIG slice
+    ("A100 MIG 3g.40gb") is that slice's price; a board's row is multiplied by `share`, the slice's share of
+    its board (1 for a whole GPU). (price, the row) or None."""
+    for row in sorted(table, key=len, reverse=True):
+        if names_words(device_name, row.split()):
+            return (table[row] if "mig" in row.lower().split() else table[row] * share), row
+    return None

@@ -264,7 +264,7 @@ def test_a_mig_slice_gets_its_share_of_the_boards_peak_and_price(monkeypatch):
     price, source = hardware.price_per_hour(None, slice_)
     assert price == pytest.approx(0.9) and source.startswith("BLUEBERRY_GPU_PRICES (A100)")
     monkeypatch.setenv("BLUEBERRY_GPU_PRICES", json.dumps({"A100 MIG 3g.40gb": 0.5}))  # the slice's own
-    assert hardware.price_per_hour(None, slice_) == (0.5, "BLUEBERRY_GPU_PRICES")
+    assert hardware.price_per_hour(None, slice_) == (0.5, "BLUEBERRY_GPU_PRICES (A100 MIG 3g.40gb)")
 
 
 def test_a_run_monitors_its_own_gpu_or_under_torchrun_its_machines_ranks(monkeypatch):
@@ -281,7 +281,7 @@ def test_price_order_and_cost(monkeypatch, tmp_path):
     assert hardware.price_per_hour(None, t4) == (0.35, "table (T4)")
     assert hardware.price_per_hour(None, hardware.CPU_PRESET)[0] is None
     monkeypatch.setenv("BLUEBERRY_GPU_PRICES", json.dumps({"T4": 0.2}))
-    assert hardware.price_per_hour(None, t4) == (0.2, "BLUEBERRY_GPU_PRICES")
+    assert hardware.price_per_hour(None, t4) == (0.2, "BLUEBERRY_GPU_PRICES (T4)")
     monkeypatch.setenv("BLUEBERRY_PRICE_PER_HOUR", "0.5")
     assert hardware.price_per_hour(None, hardware.CPU_PRESET) == (0.5, "BLUEBERRY_PRICE_PER_HOUR")
     assert hardware.price_per_hour(1.25, t4) == (1.25, "spec")

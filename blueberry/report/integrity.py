@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from blueberry.prices import LIST_PRICES, PRICE_TABLE_ENV, read_price_table
+from blueberry.prices import LIST_PRICES, PRICE_TABLE_ENV, read_price_table, table_price
 from blueberry.report.groups import group_runs
 from blueberry.report.records import ReportError, Run
 from blueberry.report.tables import md_table
@@ -72,12 +72,11 @@ def cost(run: Run, prices: dict[str, float], overridden: bool = False) -> str:
 
 
 def _table_price(gpu: str, prices: dict[str, float]) -> float | None:
-    """One device's $/h from a table of GPU names: the longest name in the GPU's (so "RTX 4090 D" would not be
-    priced as "RTX 4090"), times the share of a MIG slice."""
+    """One device's $/h from a table of GPU names, as a run looks it up (prices.table_price)."""
     from blueberry.hardware import preset_for  # imports torch: only for a GPU run priced here
 
-    match = next((k for k in sorted(prices, key=len, reverse=True) if k.lower() in gpu.lower()), None)
-    return None if match is None else prices[match] * preset_for(gpu).share
+    found = table_price(gpu, prices, preset_for(gpu).share)
+    return None if found is None else found[0]
 
 
 def _causality(run: Run) -> str:
