@@ -157,13 +157,19 @@ def study(quick, only, parallel, runs_root, dry_run):
     def record():
         return plan.write_record(results, runs_root, kind, command, parallel, started) if recorded else None
 
+    def record_on_the_way_out():  # the study's own exit code and message matter more than its record
+        try:
+            record()
+        except OSError as exc:
+            click.echo(f"warning: the study record could not be written: {exc}", err=True)
+
     try:
         plan.run_study(loaded, runs_root, parallel, log=lambda m: click.echo(m, err=True), results=results)
     except SweepStateError as exc:
-        record()
+        record_on_the_way_out()
         _fail(f"{exc}: move it aside to start that sweep afresh")
     except KeyboardInterrupt as exc:  # Ctrl-C, or the sweep's SIGTERM / SIGHUP (terminal.StopSignal)
-        record()  # the time the interrupted invocation spent counts when the study is resumed
+        record_on_the_way_out()  # the time the interrupted invocation spent counts when the study is resumed
         _fail("study interrupted; run the same command again to resume", 128 + getattr(exc, "signum", signal.SIGINT))
     path = record()
     for r in results:

@@ -120,6 +120,15 @@ PRESETS: tuple[Preset, ...] = (
         "NVIDIA H100 Tensor Core GPU data sheet (SXM)",
     ),
     Preset(
+        "GH200",
+        ("gh200",),
+        "bf16",
+        {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+        LIST_PRICES["GH200"],
+        256,
+        "NVIDIA GH200 Grace Hopper Superchip data sheet (its Hopper GPU's dense peaks are the H100 SXM's)",
+    ),
+    Preset(
         "H200 NVL",
         ("h200", "nvl"),
         "bf16",
@@ -349,7 +358,7 @@ def price_per_hour(spec_price: float | None, preset: Preset) -> tuple[float | No
         return read_price(env, PRICE_ENV), PRICE_ENV
     table = os.environ.get(PRICE_TABLE_ENV)
     if table and preset.device_name:  # a GPU (the CPU has no name to match)
-        found = table_price(preset.device_name or preset.name, read_price_table(table, PRICE_TABLE_ENV), preset.share)
+        found = table_price(preset.device_name, read_price_table(table, PRICE_TABLE_ENV), preset.share)
         if found is not None:  # a MIG slice priced from its board's row pays its share
             price, row = found
             board_row = preset.share != 1 and "mig" not in row.lower().split()

@@ -19,7 +19,7 @@ EXAMPLE = '{"RTX 4090": 0.18}'
 # what a run on such a GPU pays unless told otherwise, and the report's default table.
 LIST_PRICES = {
     "T4": 0.35, "RTX 4090": 0.40, "A100": 1.50, "H100 PCIe": 2.50, "H100 NVL": 3.00, "H100": 3.00,
-    "H200 NVL": 3.50, "H200": 3.50,
+    "H200 NVL": 3.50, "H200": 3.50, "GH200": 3.50,
 }  # fmt: skip
 
 
@@ -66,7 +66,8 @@ def names_words(name: str, words) -> bool:
     """Whether every one of `words` is a word of the device name `name` (case-insensitive), not a piece of one:
     "A100" is in "NVIDIA A100-SXM4-80GB" but not in "NVIDIA RTX A1000", "T4" not in "NVIDIA T400"."""
     lowered = name.lower()
-    return all(re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", lowered) for word in words)
+    # "." joins a MIG profile's parts: "3g.40gb" is not a word of "1c.3g.40gb" (a compute instance of that slice)
+    return all(re.search(rf"(?<![a-z0-9.]){re.escape(word.lower())}(?![a-z0-9.])", lowered) for word in words)
 
 
 def table_price(device_name: str, table: dict[str, float], share: float = 1.0) -> tuple[float, str] | None:

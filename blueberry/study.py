@@ -167,6 +167,10 @@ def run_study(
     return results
 
 
+def _seconds(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def write_record(
     results: list[PartResult], runs_root: str, kind: str, command: str, parallel: int, started: datetime
 ) -> Path:
@@ -180,12 +184,10 @@ def write_record(
     path = Path(runs_root) / "_study" / f"{kind}.json"
     previous = read_json(path) or {}
     found = previous.get("parts") if isinstance(previous.get("parts"), list) else []  # a record is read as found
-    kept = {p["name"]: p for p in found if isinstance(p, dict) and isinstance(p.get("name"), str)}
-    walls = {
-        (p.get("name"), p.get("sweep_id")): p["wall_s"]
-        for p in kept.values()
-        if isinstance(p.get("wall_s"), (int, float))
-    }
+    # the study's parts in its order (and any this invocation ran); an entry of a part no longer in it is dropped
+    order = list(dict.fromkeys([part.name for part in PARTS] + [r.part.name for r in results]))
+    kept = {p["name"]: p for p in found if isinstance(p, dict) and p.get("name") in order}
+    walls = {(p.get("name"), p.get("sweep_id")): p["wall_s"] for p in kept.values() if _seconds(p.get("wall_s"))}
     first = previous.get("started")  # the first invocation's start, if an earlier record kept it readable
     record = {
         "command": command,
@@ -206,9 +208,8 @@ def write_record(
             "failed": r.failed,
             "wall_s": round(walls.get((r.part.name, r.sweep_id), 0.0) + r.wall_s, 1),
         }
-    order = [part.name for part in PARTS]  # the study's order, whichever invocation ran a part
-    record["parts"] = sorted(kept.values(), key=lambda p: order.index(p["name"]) if p["name"] in order else len(order))
-    record["wall_s"] = round(sum(p["wall_s"] for p in record["parts"] if isinstance(p.get("wall_s"), (int, float))), 1)
+    record["parts"] = sorted(kept.values(), key=lambda p: order.index(p["name"]))
+    record["wall_s"] = round(sum(p["wall_s"] for p in record["parts"] if _seconds(p.get("wall_s"))), 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return path

@@ -71,6 +71,8 @@ SAME_PRICE = [
     ("NVIDIA GeForce RTX 4090", {"NVIDIA GeForce RTX 4090": 0.18}, 0.18),  # a row as NVML names the GPU
     ("NVIDIA A100-SXM4-80GB MIG 3g.40gb", {"A100": 1.4, "A100 MIG 3g.40gb": 0.5}, 0.5),  # the slice's own row wins
     ("NVIDIA A100-SXM4-80GB MIG 3g.40gb", {"A100": 1.4}, 0.6),  # else the board's, times 3/7
+    # a compute instance of that slice is 1/7 of the board, not the 3g slice's price
+    ("NVIDIA A100-SXM4-80GB MIG 1c.3g.40gb", {"A100": 1.4, "A100 MIG 3g.40gb": 0.6}, 0.2),
     ("NVIDIA A30 MIG 1g.6gb", {"A30": 0.6}, 0.15),  # no preset for the A30, but its slices are quarters
     ("NVIDIA L4", {"L4": 0.7}, 0.7),  # a GPU without a preset, priced by the table
     ("NVIDIA RTX A1000 6GB Laptop GPU", {"A100": 1.5}, None),  # "A100" is not a word of "A1000"
@@ -95,3 +97,5 @@ def test_a_preset_matches_whole_words_of_the_gpus_name():
     assert hardware.preset_for("Tesla T4").name == "T4"
     assert hardware.preset_for("NVIDIA RTX A1000").peak_tflops == {}  # was the A100's 312 TFLOP/s
     assert hardware.preset_for("NVIDIA T400 4GB").peak_tflops == {}  # was the T4's
+    assert hardware.preset_for("NVIDIA GH200 480GB").name == "GH200"  # its Hopper GPU (was: H200 by accident)
+    assert hardware.preset_for("NVIDIA H200 NVL").name == "H200 NVL"

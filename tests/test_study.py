@@ -123,6 +123,22 @@ def test_a_record_keeps_the_parts_an_only_invocation_did_not_run_and_sums_the_on
     record = json.loads(path.read_text())
     assert [(p["name"], p["wall_s"]) for p in record["parts"]] == [("exp1", 600.0), ("exp2", 660.0), ("exp3", 600.0)]
     assert record["wall_s"] == 1860.0 and record["command"] == "blueberry study --only exp2"
+    record["parts"] += [{"name": "a-part-since-removed", "wall_s": 100.0}, {"name": "t4-lr", "wall_s": True}, 7]
+    path.write_text(json.dumps(record))
+    again = json.loads(study.write_record([], str(tmp_path), "cpu", "blueberry study", 2, STARTED).read_text())
+    assert [p["name"] for p in again["parts"]] == ["exp1", "exp2", "exp3", "t4-lr"] and again["wall_s"] == 1860.0
+
+
+def test_a_record_that_cannot_be_written_leaves_an_interrupted_study_its_exit_130(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "_study").write_text("")  # a file where the record's folder goes
+
+    def interrupted(loaded, runs_root, parallel, log, results):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "run_study", interrupted)
+    result = CliRunner().invoke(main, ["study", "--only", "exp2", "--runs-root", str(tmp_path)])
+    assert result.exit_code == 130 and "warning: the study record could not be written" in result.output
 
 
 def test_an_interrupted_part_is_in_the_results_with_its_time_so_far(monkeypatch):

@@ -156,7 +156,8 @@ def study_section(records: list[dict], runs: list[Run], costs: list[float] = ())
         wall_text = "?" if wall is None else f"{wall / 60:.1f} min"
         command, kind, parallel, ended = (_of(record.get(k), t, "?") for k, t in _RECORD_FIELDS)
         sha = _of(code.get("git_sha"), str, None)
-        commit = f"commit `{sha}`{dirty}" if sha else "code outside a git checkout"
+        # a recorded null: run from an installed copy (pip install .); no code record at all: unknown
+        commit = f"commit `{sha}`{dirty}" if sha else "code outside a git checkout" if "git_sha" in code else "?"
         lines += [
             f"- `{command}` on {kind}: {where}, {parallel} trial(s) at once",
             f"  - last run from {commit}, finished {ended}",

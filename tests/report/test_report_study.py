@@ -65,6 +65,16 @@ def test_a_study_record_of_the_wrong_shape_is_shown_as_found_not_a_crash(tmp_pat
     run_report(runs_root=runs, out=tmp_path / "out", log=lambda _: None)
     made = (tmp_path / "out" / "REPORT.md").read_text().split("## How these runs were made\n")[1].split("\n## ")[0]
     assert "`blueberry study` on ?: ? (? cores), ? trial(s) at once" in made  # a missing field reads "?"
-    assert "last run from code outside a git checkout, finished ?" in made  # no commit recorded (pip install .)
+    assert "last run from ?, finished ?" in made  # a code record of the wrong shape: unknown
     assert "0 trials finished in 1 parts; wall time ?" in made
     assert made.count("- `blueberry study`") == 1
+
+
+def test_a_study_run_from_an_installed_copy_says_so_where_a_commit_would_be(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "exp1-ablation-cpu", variant="mlp")
+    (runs / "_study").mkdir()
+    record = {"command": "blueberry study", "code": {"git_sha": None, "git_dirty": None}, "parts": []}
+    (runs / "_study" / "cpu.json").write_text(json.dumps(record))  # what pip install . records
+    run_report(runs_root=runs, out=tmp_path / "out", log=lambda _: None)
+    assert "last run from code outside a git checkout, finished ?" in (tmp_path / "out" / "REPORT.md").read_text()
