@@ -207,8 +207,7 @@ def run(spec_path, overrides, override_files, resume):
     """Train one run from SPEC.json, with overrides such as --train.lr=0.003 or --model="{'n_experts': 8}"."""
     spec = _load(spec_path, overrides, override_files)
     from blueberry.data import DataError
-    from blueberry.data.corpus import resolve_source
-    from blueberry.data.tokenizer import check_local_tokenizer
+    from blueberry.data.inputs import input_problems
     from blueberry.tracking.preflight import PreflightError, preflight
 
     # What can be checked before torch and transformers load (~7 s on a small CPU) is checked first.
@@ -216,14 +215,8 @@ def run(spec_path, overrides, override_files, resume):
         preflight(spec)
     except PreflightError as exc:
         _fail(str(exc))
-    for field, check in (
-        ("data.dataset", lambda: resolve_source(spec.data)),  # a local path that is not there, or of no known format
-        ("data.tokenizer", lambda: check_local_tokenizer(spec.data.tokenizer)),  # a path that is no tokenizer
-    ):
-        try:
-            check()
-        except DataError as exc:
-            _fail(f"{spec_path}: {field}: {exc}")
+    for field, problem in input_problems(spec.data)[:1]:
+        _fail(f"{spec_path}: {field}: {problem}")
     with _loading_libraries():
         from blueberry.distributed import env_world
         from blueberry.hardware import NotRunnableHere
@@ -280,8 +273,12 @@ def run(spec_path, overrides, override_files, resume):
 @click.option("--overrides", "override_files", multiple=True, metavar="FILE")
 @click.option("--print", "print_spec", is_flag=True, help="Print the full validated spec.")
 def validate(spec_path, overrides, override_files, print_spec):
-    """Validate SPEC.json (and overrides) without running."""
+    """Validate SPEC.json (and overrides) without running: the spec, and its data inputs as a run checks them."""
+    from blueberry.data.inputs import input_problems
+
     spec = _load(spec_path, overrides, override_files)
+    for field, problem in input_problems(spec.data)[:1]:
+        _fail(f"{spec_path}: {field}: {problem}")
     if print_spec:
         click.echo(json.dumps(spec.to_json_dict(), indent=2))
     click.echo(f"ok: {spec_path} -> run '{spec.run_name}' ({spec.model.label}), spec hash {spec.spec_hash()[:12]}")

@@ -32,6 +32,15 @@ def test_validate_ok():
     assert "quickstart-attention_moe-lr0.003-s42" in result.output
 
 
+def test_validate_checks_the_data_inputs_as_a_run_does(tmp_path):
+    spec = str(REPO / "experiments/quickstart.json")
+    result = invoke("validate", spec, f"--data.dataset={tmp_path / 'gone.jsonl'}")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output == f"error: {spec}: data.dataset: dataset file '{tmp_path / 'gone.jsonl'}' does not exist\n"
+    result = invoke("validate", spec, f"--data.tokenizer={tmp_path}")
+    assert result.exit_code == 2 and f"{spec}: data.tokenizer: " in result.output
+
+
 def test_every_experiment_spec_validates():
     for path in sorted((REPO / "experiments").glob("*.json")):
         assert invoke("validate", str(path)).exit_code == 0, path

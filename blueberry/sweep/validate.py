@@ -52,7 +52,11 @@ def planned_launches(sweep: Sweep, planned: list[dict], sweep_id: str, run_id: s
 
 
 def check_trials(sweep: Sweep, planned: list[dict]) -> None:
-    """Validate each planned trial exactly as its `blueberry run` would; raise SpecError naming the trial."""
+    """Validate each planned trial exactly as its `blueberry run` would (its spec, and its data inputs as a run
+    checks them before torch loads); raise SpecError naming the trial."""
+    from blueberry.data.inputs import input_problems
+
+    data_checked: set[str] = set()
     for index, params, launch, tmp in planned_launches(sweep, planned, "check", "check-{index}"):
         parsed = run_arguments(launch.argv)
         if parsed is None:
@@ -69,6 +73,13 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
             ]
             problems = [(f"{w} {trial}", path, reason) for w, path, reason in named]
             raise SpecError(problems, more=exc.more) from None
+        data = run.data.model_dump_json()  # trials mostly share their data: each distinct one checked once
+        if data not in data_checked:
+            data_checked.add(data)
+            trial = f"(run {index} of {sweep.path}: {json.dumps(params, sort_keys=True)})"
+            problems = input_problems(run.data)
+            if problems:
+                raise SpecError([(f"{spec_path} {trial}", field, problem) for field, problem in problems])
         missed = unreached(params, merged_spec(spec_path, overrides, tuple(files))[0], run)
         if missed:
             where = f"{sweep.path}: command (run {index}: {json.dumps(params, sort_keys=True)})"

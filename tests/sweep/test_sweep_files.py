@@ -201,6 +201,22 @@ def test_a_trials_spec_file_missing_from_the_working_directory_is_named_with_it(
     assert f"spec file not found in {tmp_path}" in result.output and not (tmp_path / "runs").exists()
 
 
+def test_a_dataset_every_trial_would_refuse_is_caught_before_the_first_starts(tmp_path, monkeypatch):
+    # else each trial would fail on it in turn and the sweep record them all as failed, for good
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "method: grid\nparameters:\n  seed: {values: [1, 2]}\n"
+        f"  data: {{parameters: {{dataset: {{value: {tmp_path / 'gone.jsonl'}}}}}}}\n"
+        "command: [blueberry, run, experiments/quickstart.json, '${args}']\n"
+    )
+    result = CliRunner().invoke(main, ["sweep", str(bad), "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"experiments/quickstart.json (run 0 of {bad}: " in result.output
+    assert f"data.dataset: dataset file '{tmp_path / 'gone.jsonl'}' does not exist" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("text", ["", "method: grid\n  bad: [indent\n", "- a list\n"])
 def test_malformed_yaml(tmp_path, text):
     path = tmp_path / "x.yaml"
