@@ -95,16 +95,18 @@ def test_grid_runs_every_point_once_and_records_the_sweep(tmp_path):
 
 @pytest.mark.usefixtures("wandb_disabled")
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
-    missing = str(tmp_path / "no-such-corpus.jsonl")
+    # a corpus of one short document: there, and readable (the sweep's checks pass), but too small to split
+    tiny = str(tmp_path / "tiny-corpus.jsonl")
+    Path(tiny).write_text('{"text": "one short document"}\n')
     path = write_sweep(
-        tmp_path, {"train": tiny_train(), "data": {"parameters": {"dataset": {"values": [missing, "austen"]}}}}
+        tmp_path, {"train": tiny_train(), "data": {"parameters": {"dataset": {"values": [tiny, "austen"]}}}}
     )
     runs_root = tmp_path / "runs"
     done = subprocess.run(sweep_cmd(path, runs_root), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     trials = {t["params"]["data"]["dataset"]: t for t in state_of(runs_root)}
     assert trials["austen"]["state"] == "finished"
-    assert trials[missing]["state"] == "failed" and "no-such-corpus" in trials[missing]["reason"]
+    assert trials[tiny]["state"] == "failed" and "both splits need at least one document" in trials[tiny]["reason"]
     assert "1 finished, 1 failed" in done.stdout
 
 
