@@ -9,8 +9,10 @@ termination (`early_terminate:`) asks `sweeps.stop_runs` about running trials.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,9 +188,16 @@ def plan(sweep: Sweep, count: int | None) -> list[dict]:
 
 
 def find_record(runs_root: Path, run_id: str) -> Path | None:
-    """The run record a trial wrote (runs/<experiment>/<run_id>/), whatever experiment its spec named."""
-    matches = sorted(Path(runs_root).glob(f"*/{run_id}/status.json"))
-    return matches[-1].parent if matches else None
+    """The run record a trial wrote (runs/<experiment>/<run_id>/), whatever experiment its spec named: its newest
+    attempt, `<run_id>-N` with the highest N where a run of this id failed before (a trial run again after its
+    sweep's state was moved aside makes a new attempt, as claim_run_dir numbers them)."""
+    attempt = re.compile(rf"{re.escape(run_id)}(?:-(\d+))?")
+    found = []
+    for status in Path(runs_root).glob(f"*/{glob.escape(run_id)}*/status.json"):
+        match = attempt.fullmatch(status.parent.name)
+        if match:
+            found.append((int(match.group(1) or 1), str(status.parent)))
+    return Path(max(found)[1]) if found else None
 
 
 def metric_rows(run_dir: Path, metric: str) -> list[dict]:

@@ -20,7 +20,7 @@ import yaml
 from sweep_commands import REPO, RUN_WITH_ARGS_FILE, STAND_IN_WITH_ARGS_FILE
 
 from blueberry.sweep.config import load_sweep
-from blueberry.sweep.controller import Orphan, SweepRunner, visible_cuda_devices
+from blueberry.sweep.controller import Orphan, SweepRunner, find_record, visible_cuda_devices
 from blueberry.tracking.wandb_log import read_wandb_log
 
 BLUEBERRY = str(Path(sys.executable).parent / "blueberry")
@@ -297,3 +297,13 @@ def test_an_orphaned_trial_keeps_counting_on_the_gpu_it_was_pinned_to():
         trial.kill()
         trial.wait()
     assert Orphan(trial.pid, "t-0001").device() is None  # gone
+
+
+def test_a_trial_run_again_is_read_from_its_newest_attempt(tmp_path):
+    """A failed trial run again (its sweep's state moved aside) trains in `<run_id>-2`, as claim_run_dir numbers a
+    new attempt beside a failed one: the sweep must read that one, not the old failure."""
+    for name, state in (("s-t000", "failed"), ("s-t000-2", "failed"), ("s-t000-10", "finished"), ("s-t0001", "x")):
+        (tmp_path / "exp" / name).mkdir(parents=True)
+        (tmp_path / "exp" / name / "status.json").write_text(json.dumps({"state": state}))
+    assert find_record(tmp_path, "s-t000") == tmp_path / "exp" / "s-t000-10"  # -10 after -2: by number
+    assert find_record(tmp_path, "s-t0001") == tmp_path / "exp" / "s-t0001" and find_record(tmp_path, "s-t9") is None
