@@ -294,8 +294,10 @@ _USED_VALUES = (
     ("spec.train.checkpoint_every", (int, type(None))),
     ("spec.tracking.project", (str, type(None))),  # None: W&B's settings chose it
     ("hardware.gpu_name", (str, type(None))),
+    ("hardware.precision", (str, type(None))),  # precision 'auto' as it resolved: part of a configuration
     ("data.leakage", (dict,)),
     ("data.leakage.val_windows_with_train_ngram", (int, float, type(None))),
+    ("data.leakage.val_docs_in_train", (int, type(None))),
 )
 _HEADER = TypeAdapter(_HeaderShape)
 _STATUS = TypeAdapter(_StatusShape)

@@ -389,3 +389,24 @@ def test_fuzzed_records_never_stop_the_report(mutation):
         result = CliRunner().invoke(main, ["report", "--runs-root", str(root), "--out", f"{tmp}/out"])
         assert result.exit_code == 0, (result.output, result.exception)
         assert "2 runs" in result.output
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "says"),
+    [
+        ("hardware.precision", ["bf16"], "spec.json: hardware.precision: list where str or NoneType belongs"),
+        ("data.leakage.val_docs_in_train", {"n": 3}, "data.leakage.val_docs_in_train: dict where int or NoneType"),
+    ],
+)
+def test_a_header_value_the_report_groups_or_prints_by_must_have_its_type(tmp_path, dotted, value, says):
+    """Valid JSON of the wrong shape: listed unreadable with the field, never a configuration named "['bf16']"."""
+    run_dir = write_run(tmp_path, "e", seed=1)
+    header = json.loads((run_dir / "spec.json").read_text())
+    *parents, leaf = dotted.split(".")
+    node = header
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    (run_dir / "spec.json").write_text(json.dumps(header))
+    run = read_local_run(run_dir)
+    assert run.state == "unreadable" and says in run.reason
