@@ -32,6 +32,14 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def _check_data_inputs(spec_path: str, spec: RunSpec) -> None:
+    """Exit 2 on the first data input a run would refuse (a dataset or tokenizer path), before torch loads."""
+    from blueberry.data.inputs import input_problems
+
+    for field, problem in input_problems(spec.data)[:1]:
+        _fail(f"{spec_path}: {field}: {problem}")
+
+
 def _check_out(out: str, setting: str = "--out") -> None:
     """Where a long measurement writes its results must be writable before it starts, not after."""
     from blueberry.tracking.preflight import PreflightError, check_writable_dir
@@ -207,7 +215,6 @@ def run(spec_path, overrides, override_files, resume):
     """Train one run from SPEC.json, with overrides such as --train.lr=0.003 or --model="{'n_experts': 8}"."""
     spec = _load(spec_path, overrides, override_files)
     from blueberry.data import DataError
-    from blueberry.data.inputs import input_problems
     from blueberry.tracking.preflight import PreflightError, preflight
 
     # What can be checked before torch and transformers load (~7 s on a small CPU) is checked first.
@@ -215,8 +222,7 @@ def run(spec_path, overrides, override_files, resume):
         preflight(spec)
     except PreflightError as exc:
         _fail(str(exc))
-    for field, problem in input_problems(spec.data)[:1]:
-        _fail(f"{spec_path}: {field}: {problem}")
+    _check_data_inputs(spec_path, spec)
     with _loading_libraries():
         from blueberry.distributed import env_world
         from blueberry.hardware import NotRunnableHere
@@ -274,11 +280,8 @@ def run(spec_path, overrides, override_files, resume):
 @click.option("--print", "print_spec", is_flag=True, help="Print the full validated spec.")
 def validate(spec_path, overrides, override_files, print_spec):
     """Validate SPEC.json (and overrides) without running: the spec, and its data inputs as a run checks them."""
-    from blueberry.data.inputs import input_problems
-
     spec = _load(spec_path, overrides, override_files)
-    for field, problem in input_problems(spec.data)[:1]:
-        _fail(f"{spec_path}: {field}: {problem}")
+    _check_data_inputs(spec_path, spec)
     if print_spec:
         click.echo(json.dumps(spec.to_json_dict(), indent=2))
     click.echo(f"ok: {spec_path} -> run '{spec.run_name}' ({spec.model.label}), spec hash {spec.spec_hash()[:12]}")

@@ -360,9 +360,8 @@ def price_per_hour(spec_price: float | None, preset: Preset) -> tuple[float | No
     if table and preset.device_name:  # a GPU (the CPU has no name to match)
         found = table_price(preset.device_name, read_price_table(table, PRICE_TABLE_ENV), preset.share)
         if found is not None:  # a MIG slice priced from its board's row pays its share
-            price, row = found
-            board_row = preset.share != 1 and "mig" not in row.lower().split()
-            return price, f"{PRICE_TABLE_ENV} ({row})" + (f" × {preset.share:.3g}" if board_row else "")
+            price, row, factor = found
+            return price, f"{PRICE_TABLE_ENV} ({row})" + (f" × {factor:.3g}" if factor != 1 else "")
     if preset.usd_per_hour is not None:
         return preset.usd_per_hour, f"table ({preset.name})"
     return None, "no price for this device; set train.price_per_hour to get a cost"

@@ -70,12 +70,13 @@ def names_words(name: str, words) -> bool:
     return all(re.search(rf"(?<![a-z0-9.]){re.escape(word.lower())}(?![a-z0-9.])", lowered) for word in words)
 
 
-def table_price(device_name: str, table: dict[str, float], share: float = 1.0) -> tuple[float, str] | None:
+def table_price(device_name: str, table: dict[str, float], share: float = 1.0) -> tuple[float, str, float] | None:
     """A device's $/h from a table of GPU names, the one lookup a run and the report both use: the longest row
     whose words are all words of the device's name ("H100 NVL" before "H100"). A row naming a MIG slice
     ("A100 MIG 3g.40gb") is that slice's price; a board's row is multiplied by `share`, the slice's share of
-    its board (1 for a whole GPU). (price, the row) or None."""
+    its board (1 for a whole GPU). (price, the row, the factor applied to the row's price) or None."""
     for row in sorted(table, key=len, reverse=True):
         if names_words(device_name, row.split()):
-            return (table[row] if "mig" in row.lower().split() else table[row] * share), row
+            factor = 1.0 if "mig" in row.lower().split() else share
+            return table[row] * factor, row, factor
     return None

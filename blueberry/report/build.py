@@ -22,7 +22,7 @@ from pathlib import Path
 from blueberry.fileio import read_json
 from blueberry.report import claims, dashboard, plots, tables
 from blueberry.report.groups import fmt_value, group_runs, label_groups, rank, varying_keys
-from blueberry.report.integrity import integrity_section, run_cost
+from blueberry.report.integrity import integrity_section, priced_costs
 from blueberry.report.records import ReportError, Run, need_wandb_credentials
 from blueberry.report.studies import Study, extended_experiment, report_order, study_for
 from blueberry.report.timeline import build_timeline, insert_between_markers, timeline_markdown
@@ -256,12 +256,11 @@ def build_report(
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".build-"))
     try:
         integrity = integrity_section(runs, prices, price_source)
-        priced = (run_cost(r, prices, price_source != "defaults")[0] for r in runs if r.spec)
         jobs: list[tuple[plots.Figure, Path]] = []
         sections: dict[str, str] = {}
         markdown = report_markdown(
             runs, stage, by_experiment, timeline, integrity, source, jobs, study_records, sections,
-            costs=[usd for usd in priced if usd is not None],
+            costs=priced_costs(runs, prices, price_source),
         )  # fmt: skip
         write_report_file(stage / "REPORT.md", markdown)
         figures = plots.render_all(jobs, plot_cache)

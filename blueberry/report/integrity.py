@@ -63,6 +63,12 @@ def run_cost(run: Run, prices: dict[str, float], overridden: bool = False) -> tu
     return price * hours, "priced"
 
 
+def priced_costs(runs: list[Run], prices: dict[str, float], price_source: str) -> list[float]:
+    """The dollars of every readable run with a cost, as the Integrity table prices them (the report's total)."""
+    costs = (run_cost(r, prices, price_source != "defaults")[0] for r in runs if r.spec)
+    return [usd for usd in costs if usd is not None]
+
+
 def cost(run: Run, prices: dict[str, float], overridden: bool = False) -> str:
     """`run_cost` as the Integrity table shows it."""
     usd, how = run_cost(run, prices, overridden)
