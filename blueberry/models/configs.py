@@ -67,7 +67,9 @@ def _moe_block(spec: ModelSpec, name: str) -> dict:
         moe_intermediate_size=spec.expert_d_ff,
         n_shared_experts=spec.n_shared_experts,
         first_k_dense_replace=0,
-        norm_topk_prob=True,
+        # The chosen scores are normalised to sum to 1 (both models' design), except for one chosen expert: its
+        # weight would be 1 whatever the score, so the loss would never reach the router (`TopKMoE` likewise).
+        norm_topk_prob=spec.top_k > 1,
         hidden_act="silu",
         # a loop over experts (eager) or grouped matmuls: `make bench` measures which wins where
         experts_implementation=spec.experts_implementation,

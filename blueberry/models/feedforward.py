@@ -193,7 +193,9 @@ class TopKMoE(nn.Module):
     """The repo's own MoE (variant `baseline`).
 
     Router: bias-free Linear(d, E) plus Gaussian noise in training. Each token goes to its top-k experts,
-    weighted by a softmax over the k chosen logits. Expert: Linear, SiLU, dropout, Linear; no biases.
+    weighted by a softmax over the k chosen logits; with top-1, by its softmax probability over all experts
+    (Switch Transformer's gate), since a softmax over one logit is 1 whatever the router says and the loss would
+    never reach the router. Expert: Linear, SiLU, dropout, Linear; no biases.
     """
 
     # Each expert is its own module. Under `sorted_dispatch` one that no token chose is not in the step's graph
@@ -229,10 +231,11 @@ class TopKMoE(nn.Module):
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
-        weights = top_logits.softmax(dim=-1)
+        probs = logits.softmax(dim=-1)
+        weights = top_logits.softmax(dim=-1) if self.top_k > 1 else probs.gather(-1, top_idx)
         y = self._dispatch(x, top_idx, weights)
         # under autocast the experts run in bf16/fp16: the residual stream keeps x's dtype
-        return y.to(x.dtype).view(shape), switch_balance(logits.softmax(dim=-1), top_idx)
+        return y.to(x.dtype).view(shape), switch_balance(probs, top_idx)
 
     def _dispatch(self, x: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         d_ff = self.experts[0][0].out_features

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny
 
-from blueberry.models import build_model
+from blueberry.models import build_model, registry
 from blueberry.models.feedforward import Glm4MoE, TopKMoE, switch_balance
 from blueberry.spec import VARIANTS
 
@@ -104,3 +104,18 @@ def test_without_the_aux_loss_the_balance_loss_is_only_logged(balance):
     spec = tiny("deepseek_v3", balance=balance)
     out = train_step(build_model(spec, VOCAB))
     assert out.aux_loss.item() == 0.0 and all(s.balance_loss.item() > 0 for s in out.router_stats)
+
+
+@pytest.mark.parametrize("ffn", [name for name, f in registry.FFNS.items() if f.routed])
+@pytest.mark.parametrize("n_experts,top_k", [(2, 1), (2, 2), (4, 1), (4, 2)])  # Experiment 3's expert search
+def test_the_language_models_loss_reaches_every_router(ffn, n_experts, top_k):
+    """The router learns from the loss, not only from a balance term: with one chosen expert a weight normalised
+    over the chosen ones is 1 whatever the router says, so top-1 weights a token by its router score instead."""
+    torch.manual_seed(0)
+    model = build_model(tiny(None, attention="mha", ffn=ffn, n_experts=n_experts, top_k=top_k), VOCAB)
+    ids = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.nn.functional.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten()).backward()  # no aux loss
+    routers = [p for name, p in model.named_parameters() if name.endswith((".router.weight", ".gate.weight"))]
+    assert len(routers) == 2  # one per layer
+    for router in routers:
+        assert router.grad.abs().max() > 1e-6
