@@ -1,7 +1,7 @@
 """Experiment 1 as a list of runs, and the projection of its wall time and cost from measured speeds.
 
-Experiment 1 is read from its sweep file (`sweeps/ablation.yaml`): the grid of its `parameters:` (the presets)
-times its seeds, each run of its base spec. The projection is arithmetic, labelled as such wherever it is shown:
+Experiment 1 is read from its sweep file (`sweeps/ablation.yaml`), as `blueberry sweep` would run it: the grid of
+its `parameters:` (the presets) times its seeds. The projection is arithmetic, labelled as such wherever it is shown:
 training tokens ÷ measured tokens/s + a measured fixed start-up per run, on this GPU. On another GPU a step is
 taken as host overhead (launching kernels: the host's, so it stays) plus compute, and only the compute scales, by
 the ratio of the data-sheet peaks. The compute's share of a step comes from one preset measured at two
@@ -12,16 +12,15 @@ make a slower GPU look several times slower than it is.
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from blueberry.hardware import PRESETS, Preset
-from blueberry.overrides import load_spec
+from blueberry.overrides import leaf_paths, load_spec, read_json_object
 from blueberry.provenance import SOURCE_TREE
+from blueberry.sweep import load_sweep, plan
+from blueberry.sweep.validate import planned_launches, run_arguments
 
 REPO = SOURCE_TREE  # the checkout: its sweeps/ and experiments/ (the CLI checks they exist)
 EXPERIMENT_1 = REPO / "sweeps" / "ablation.yaml"
@@ -31,46 +30,45 @@ REPORT_4090_PRICE = 0.18  # $/h: the Blueberry report's RTX 4090 price (referenc
 @dataclass(frozen=True)
 class Experiment:
     base_spec: str  # the spec every run starts from
-    presets: list[tuple[str, list[str]]]  # (label, overrides) per grid point other than the seed
-    seeds: list[int]
-    fixed: list[str]  # overrides every run gets (the sweep's `value:` parameters)
-
-
-def _flatten(parameters: dict, prefix: str = "") -> dict[str, dict]:
-    """Dotted path -> its W&B parameter spec (`value:` or `values:`), through nested `parameters:`."""
-    out = {}
-    for key, spec in parameters.items():
-        if isinstance(spec, dict) and "parameters" in spec:
-            out.update(_flatten(spec["parameters"], f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = spec
-    return out
-
-
-def _override(path: str, value) -> str:
-    return f"--{path}={value if isinstance(value, str) else json.dumps(value)}"
+    presets: list[tuple[str, list[str]]]  # (label, its first seed's run overrides) per grid point other than the seed
+    seeds: list  # the seeds each preset runs
 
 
 def read_experiment(sweep_path: str | Path = EXPERIMENT_1) -> Experiment:
-    """The sweep's grid as presets × seeds; its base spec is the `.json` of its command line."""
-    sweep = yaml.safe_load(Path(sweep_path).read_text())
-    base = next(arg for arg in sweep["command"] if str(arg).endswith(".json"))
-    params = _flatten(sweep["parameters"])
-    seeds = params.pop("seed", {}).get("values", [None])
-    fixed = [_override(path, spec["value"]) for path, spec in params.items() if "value" in spec]
-    grid = {path: spec["values"] for path, spec in params.items() if "values" in spec}
-    presets = []
-    for combo in itertools.product(*grid.values()):
-        label = " ".join(str(value) for value in combo)
-        presets.append((label, [_override(path, value) for path, value in zip(grid, combo)]))
-    return Experiment(str(REPO / base), presets, seeds, fixed)
+    """The sweep's runs as `blueberry sweep` launches them (W&B's engine plans the grid; each trial's command line is
+    built as the agent builds it), grouped by all their parameters but the seed. A preset's overrides are its first
+    run's command-line overrides, each parameters file the command names given as one JSON object (`${args_json}`'s
+    form)."""
+    sweep = load_sweep(sweep_path)
+    runs = []
+    for _, params, launch, _ in planned_launches(sweep, plan(sweep, None), "projection", "projection-{index}"):
+        spec_path, overrides, files = run_arguments(launch.argv)
+        layers = [json.dumps(read_json_object(file, "overrides")) for file in files]  # read before the scratch goes
+        runs.append((spec_path, params, [*layers, *overrides]))
+    varying = [path for path in leaf_paths(runs[0][1]) if path != "seed" and len({_at(r[1], path) for r in runs}) > 1]
+    presets: dict[str, list[str]] = {}
+    seeds: dict[str, list] = {}
+    for _, params, overrides in runs:
+        label = " ".join(str(_at(params, path)) for path in varying) or str(sweep.name)
+        presets.setdefault(label, overrides)
+        seeds.setdefault(label, []).append(params.get("seed"))
+    base = Path(runs[0][0])  # relative to the checkout, from whose root the sweep files run
+    base = base if base.is_absolute() else REPO / base
+    return Experiment(str(base), list(presets.items()), next(iter(seeds.values())))
+
+
+def _at(params: dict, path: str):
+    """A parameter's value by its dotted path, as text (values may be lists or dicts)."""
+    for part in path.split("."):
+        params = params[part]
+    return json.dumps(params, sort_keys=True) if isinstance(params, (list, dict)) else params
 
 
 def run_length(experiment: Experiment, overrides: list[str]) -> tuple[int, int]:
     """(tokens, micro-steps) of one run of the preset: optimizer steps × accumulation × micro-batch × sequence
     length, and optimizer steps × accumulation (with batch_size 'auto', whose accumulation the GPU decides: at
     least the optimizer steps)."""
-    spec = load_spec(experiment.base_spec, [*experiment.fixed, *overrides])
+    spec = load_spec(experiment.base_spec, overrides)
     t = spec.train
     if t.batch_size == "auto":
         return t.steps * t.effective_batch * spec.data.seq_len, t.steps

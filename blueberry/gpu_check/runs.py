@@ -116,7 +116,8 @@ def check_blueberry_run(context: Context, box_s: float) -> dict:
     where its start-up went (the import times Python's `-X importtime` prints)."""
     experiment = read_experiment()
     root = context.work_dir / "run"
-    argv = [sys.executable, "-X", "importtime", "-m", "blueberry", "run", experiment.base_spec, *experiment.fixed]
+    (_, first_run), *_ = experiment.presets  # the sweep's own overrides, then the dense preset's variant
+    argv = [sys.executable, "-X", "importtime", "-m", "blueberry", "run", experiment.base_spec, *first_run]
     argv += ["--model.variant=mlp"]
     argv += ["--train.steps=30", "--train.grad_accum=1", "--train.log_every=5", "--train.eval_every=30"]
     argv += ["--train.progress=false", "--tracking.wandb=offline", f"--tracking.runs_root={root}"]

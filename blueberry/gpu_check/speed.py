@@ -47,9 +47,9 @@ def main_precision(device: torch.device) -> str:
 
 
 def study_spec(context: Context, overrides: list[str]):
-    experiment = read_experiment()
-    extra = [*experiment.fixed, *context.shape, *overrides, f"--train.device={context.device.type}"]
-    return load_spec(experiment.base_spec, extra)
+    """Experiment 1's spec at the study shape, with `overrides` (a preset's, and the check's own)."""
+    extra = [*context.shape, *overrides, f"--train.device={context.device.type}"]
+    return load_spec(read_experiment().base_spec, extra)
 
 
 def _peak_memory_reset(device: torch.device) -> None:
@@ -114,7 +114,7 @@ def measure_presets(context: Context, box_s: float, overrides: list[str], preset
 def check_doctor(context: Context, box_s: float) -> dict:
     """The doctor's view and the plan a run of Experiment 1's spec would choose here."""
     info = detect()
-    spec = study_spec(context, [])
+    spec = study_spec(context, read_experiment().presets[0][1])
     model = build_model(spec.model, spec.data.vocab_size)
     plan = plan_run(spec, context.device, model, spec.data.vocab_size, probe=False)
     text = format_doctor(info, plan, "Experiment 1's spec at the study shape")

@@ -1,8 +1,11 @@
 """Experiment 1 read from its sweep file, and the projection's arithmetic."""
 
+from pathlib import Path
+
 import pytest
 
 from blueberry.gpu_check.projection import (
+    EXPERIMENT_1,
     REPORT_4090_PRICE,
     compute_flops_per_s,
     project,
@@ -11,6 +14,7 @@ from blueberry.gpu_check.projection import (
 )
 from blueberry.hardware import PRESETS
 from blueberry.models import registry
+from blueberry.overrides import load_spec
 
 
 def test_experiment_1_is_the_sweep_grid_times_its_seeds():
@@ -18,9 +22,26 @@ def test_experiment_1_is_the_sweep_grid_times_its_seeds():
     assert [label for label, _ in experiment.presets] == list(registry.PRESETS)  # all seven presets
     assert experiment.seeds == [1, 2, 3]
     assert experiment.base_spec.endswith("experiments/baseline.json")
-    assert "--experiment=exp1-ablation" in experiment.fixed
+    for label, overrides in experiment.presets:  # each preset's first run, as the sweep launches it
+        spec = load_spec(experiment.base_spec, overrides)
+        assert (spec.experiment, spec.model.variant, spec.seed) == ("exp1-ablation", label, 1)
     # 375 optimizer steps × 4 accumulation × 16 windows × 256 tokens
     assert run_length(experiment, experiment.presets[1][1]) == (375 * 4 * 16 * 256, 375 * 4)
+
+
+def test_a_run_is_what_the_sweep_launches_including_its_command_lines_own_overrides(tmp_path):
+    """The projection prices the runs the sweep would run: an override on the sweep's command line reaches them."""
+    import yaml
+
+    config = yaml.safe_load(Path(EXPERIMENT_1).read_text())
+    command = config["command"]
+    config["command"] = [*command[:4], "--train.steps=10", *command[4:]]
+    config["command"][3] = str(Path(EXPERIMENT_1).parents[1] / command[3])  # the base spec, from anywhere
+    edited = tmp_path / "ablation.yaml"
+    edited.write_text(yaml.safe_dump(config))
+    experiment = read_experiment(edited)
+    assert len(experiment.presets) == 7 and experiment.seeds == [1, 2, 3]
+    assert run_length(experiment, experiment.presets[0][1]) == (10 * 4 * 16 * 256, 10 * 4)
 
 
 def test_projection_arithmetic_here_and_scaled_by_data_sheet_peaks():
