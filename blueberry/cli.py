@@ -222,14 +222,18 @@ def run(spec_path, overrides, override_files, resume):
         preflight(spec)
     except PreflightError as exc:
         _fail(str(exc))
-    _check_data_inputs(spec_path, spec)
-    with _loading_libraries():
-        from blueberry.distributed import env_world
-        from blueberry.hardware import NotRunnableHere
-        from blueberry.runner import SETUP_STAGES, OutOfMemory, execute
-        from blueberry.tracking.wandb_tracker import WandbUnavailable
-        from blueberry.train.checkpoint import ResumeError
-        from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
+    try:  # a Ctrl-C while the libraries load is an interruption as any other (exit 130), not click's "Aborted!"
+        _check_data_inputs(spec_path, spec)
+        with _loading_libraries():
+            from blueberry.distributed import env_world
+            from blueberry.hardware import NotRunnableHere
+            from blueberry.models.causality import CausalityError
+            from blueberry.runner import SETUP_STAGES, OutOfMemory, execute
+            from blueberry.tracking.wandb_tracker import WandbUnavailable
+            from blueberry.train.checkpoint import ResumeError
+            from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
+    except KeyboardInterrupt:
+        _fail("interrupted", 128 + signal.SIGINT)
 
     try:
         own_process = click.get_current_context().obj == OWN_PROCESS
@@ -248,7 +252,7 @@ def run(spec_path, overrides, override_files, resume):
         _fail(f"interrupted: {exc}; run the same command again to resume", 128 + exc.signum)
     except KeyboardInterrupt as exc:  # Ctrl-C outside training, or a second signal (StoppedAtOnce)
         _fail(f"interrupted: {exc}" if str(exc) else "interrupted", 128 + getattr(exc, "signum", signal.SIGINT))
-    except (TrainingDiverged, OutOfMemory, WandbUnavailable) as exc:  # not the input: exit 1
+    except (TrainingDiverged, OutOfMemory, WandbUnavailable, CausalityError) as exc:  # not the input: exit 1
         _fail(f"run failed: {exc}", 1)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports the run
         return

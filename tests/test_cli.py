@@ -321,3 +321,30 @@ def test_bench_and_gpu_check_installed_without_a_checkout_say_so_before_measurin
         assert result.output.startswith(f"error: blueberry {args[0]} measures the specs in a Blueberry checkout's ")
         assert f"{folders}, which {site} (where the package is installed) does not hold" in result.output
         assert "`pip install -e .`" in result.output and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_libraries_load_is_an_interruption(tmp_path, monkeypatch):
+    """The seconds before training (the data inputs checked, torch and transformers imported) end in exit 130 on
+    Ctrl-C as any later moment does, not click's "Aborted!" with exit 1, the code of a failed run."""
+    import blueberry.cli as cli
+
+    def importing(*args):
+        raise KeyboardInterrupt  # what Python's SIGINT handler raises in an import
+
+    monkeypatch.setattr(cli, "_check_data_inputs", importing)
+    runs = tmp_path / "runs"
+    result = invoke("run", str(REPO / "experiments/quickstart.json"), f"--tracking.runs_root={runs}")
+    assert result.exit_code == 130 and result.output == "error: interrupted\n", result.output
+    assert not runs.exists()
+
+
+def test_a_model_that_is_not_causal_fails_the_run_without_a_traceback(tmp_path, monkeypatch):
+    from test_runner import TINY
+
+    from blueberry.models.causality import CausalityReport
+
+    monkeypatch.setattr("blueberry.models.causality.causality_probe", lambda *a, **k: CausalityReport(False, 0.5, 3))
+    result = invoke("run", str(REPO / "experiments/quickstart.json"), *TINY, f"--tracking.runs_root={tmp_path}")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().endswith("run failed: model is not causal: changing a later token moved the "
+                                          "logits at position 3 by 0.5 (tolerance 1e-5)")  # fmt: skip
