@@ -100,12 +100,18 @@ def parse_override_args(args: list[str] | tuple[str, ...]) -> list[tuple[str, di
 def expand_dotted(flat: dict, source: str) -> dict:
     """{'train.lr': 1, 'model': {'d_model': 8}} -> {'train': {'lr': 1}, 'model': {'d_model': 8}}."""
     nested: dict = {}
+    set_by: dict[str, str] = {}  # each field set so far -> the key that set it: one field, one key
     for key, value in flat.items():
         parts = str(key).split(".")
         if any(not part for part in parts):
             raise SpecError([(source, str(key), "malformed key")])
         if isinstance(value, dict):
             value = expand_dotted(value, source)
+        here = ".".join(parts)
+        for leaf in [f"{here}.{path}" for path in leaf_paths(value)] if isinstance(value, dict) and value else [here]:
+            if leaf in set_by:  # deep_merge would keep whichever came last, silently
+                raise SpecError([(source, str(key), f"sets {leaf}, which key {set_by[leaf]!r} sets too")])
+            set_by[leaf] = str(key)
         cursor = nested
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})

@@ -201,3 +201,26 @@ def test_a_key_given_twice_in_a_spec_or_overrides_file_is_refused(tmp_path):
     overrides.write_text('{"seed": 1, "seed": 2}')
     with pytest.raises(SpecError, match=f"{overrides}: key 'seed' appears twice"):
         load_spec(spec, [], (str(overrides),))
+
+
+@pytest.mark.parametrize(
+    "layer, key, other",
+    [
+        ({"train.lr": 0.003, "train": {"lr": 0.5}}, "train", "train.lr"),
+        ({"train": {"lr": 0.5}, "train.lr": 0.003}, "train.lr", "train"),
+        ({"model": {"n_experts": 4}, "model.n_experts": 8}, "model.n_experts", "model"),
+    ],
+)
+def test_one_field_set_by_a_dotted_and_a_nested_key_is_refused(tmp_path, layer, key, other):
+    """A sweep giving `train.lr: {values: …}` and `train: {parameters: {lr: …}}` would otherwise run its whole grid
+    at whichever came last: the agent writes both into one parameters file, read here."""
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"experiment": "x"}')
+    overrides = tmp_path / "o.json"
+    overrides.write_text(json.dumps(layer))
+    leaf = key if "." in key else other
+    with pytest.raises(SpecError, match=f"{overrides}: {key}: sets {leaf}, which key '{other}' sets too"):
+        load_spec(spec, [], (str(overrides),))
+    overrides.write_text(json.dumps({"train.lr": 0.003, "train": {"steps": 5}}))  # two fields: both kept
+    train = load_spec(spec, [], (str(overrides),)).train
+    assert (train.lr, train.steps) == (0.003, 5)
