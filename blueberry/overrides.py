@@ -259,9 +259,23 @@ class _Blame:
         found = [f for f in found if f is not None]
         return max(found)[1] if found else self.base_source
 
+    def named_in(self, section: str, message: str) -> str | None:
+        """Of the fields under `section` (a dotted path, "" for the whole spec) that a source set, the one set last
+        among those `message` names (by its own name: `n_heads` for model.n_heads), or None."""
+        prefix = f"{section}." if section else ""
+        named = [
+            (rank, path)
+            for path, (rank, _) in self.order.items()
+            if path.startswith(prefix) and re.search(rf"(?<!\w){re.escape(path.rsplit('.', 1)[-1])}\b", message)
+        ]
+        return max(named)[1] if named else None
+
 
 def _problem(err: dict, blame: _Blame) -> tuple[str, str, str]:
     path = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+        # a check across a section's fields fails at the section: blame the field it names that was set last
+        path = blame.named_in(path, err["msg"]) or path
     where = blame(path)
     reason = err["msg"].removeprefix("Value error, ")
     if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], dict):

@@ -224,3 +224,21 @@ def test_one_field_set_by_a_dotted_and_a_nested_key_is_refused(tmp_path, layer, 
     overrides.write_text(json.dumps({"train.lr": 0.003, "train": {"steps": 5}}))  # two fields: both kept
     train = load_spec(spec, [], (str(overrides),)).train
     assert (train.lr, train.steps) == (0.003, 5)
+
+
+@pytest.mark.parametrize(
+    "overrides, source, path",
+    [
+        (["--train.batch_size=auto", "--train.steps=5"], "override --train.batch_size=auto", "train.batch_size"),
+        (["--model.n_heads=3", "--model.dropout=0.0"], "override --model.n_heads=3", "model.n_heads"),
+        (["--data.seq_len=2048", "--seed=1"], "override --data.seq_len=2048", "data.seq_len"),
+        (["--model.max_seq_len=64", "--seed=1"], "override --model.max_seq_len=64", "model.max_seq_len"),
+    ],
+)
+def test_a_check_across_fields_blames_the_field_it_names_not_the_last_override(overrides, source, path):
+    """A section's (or the spec's) own check fails at the section: the error names the source and path of the
+    field its message names that was set last, not whichever override touched the section last."""
+    with pytest.raises(SpecError) as caught:
+        load_spec("experiments/quickstart.json", overrides)
+    ((where, field, _),) = caught.value.problems
+    assert (where, field) == (source, path)
