@@ -57,13 +57,29 @@ def load_wandb_settings():
         settings.update_from_env_vars(dict(os.environ))
     except ValidationError as exc:
         error = exc.errors()[0]
-        env_var = {setting: var for setting, var in WANDB_FIELDS.values()}.get(error["loc"][0], f"{error['loc'][0]}")
+        env_var = _variable_of(str(error["loc"][0]))
         raise ValueError(f"W&B environment variable {env_var}={error.get('input')!r}: {error['msg']}") from None
     except UsageError as exc:  # W&B's own validators (e.g. a project name with '/') raise this instead
         said = str(exc)  # names the value, not the variable: find the variable holding it
         named = [var for _, var in WANDB_FIELDS.values() if os.environ.get(var) and repr(os.environ[var]) in said]
         raise ValueError(f"W&B environment{' variable ' + named[0] if named else ''}: {said}") from None
     return settings
+
+
+def _variable_of(setting: str) -> str:
+    """The environment variable W&B read `setting` from (`Settings.update_from_env_vars`' naming: a few special
+    names, `x_foo` from `WANDB__FOO`, else `WANDB_` and the name in capitals), or the setting's own name."""
+    special = {name: var for name, var in WANDB_FIELDS.values()}
+    var = special.get(setting) or (f"WANDB__{setting[2:].upper()}" if setting.startswith("x_") else None)
+    var = var or f"WANDB_{setting.upper()}"
+    return var if var in os.environ else setting
+
+
+def run_path_ignored() -> str | None:
+    """The variable that makes `wandb.init` ignore a project, entity and run id it is given (a sweep run, under
+    `wandb agent`; a W&B Launch job: wandb_init's `clear_run_path_if_sweep_or_launch`), or None."""
+    settings = load_wandb_settings()
+    return "WANDB_SWEEP_ID" if settings.sweep_id else ("WANDB_LAUNCH" if settings.launch else None)
 
 
 def wandb_settings() -> dict[str, Choice]:
@@ -122,6 +138,8 @@ def resolve_mode(requested: str, found: dict[str, Choice] | None = None) -> tupl
         if choice is None:
             return ("online", "default: API key found") if has_api_key() else ("offline", "default: no API key")
         requested, source = MODE_ALIASES.get(choice.value, choice.value), choice.source
+        if requested != choice.value:  # W&B's alias; "shared" (several writers) too, as only rank 0 writes here
+            source = f"{source}={choice.value}"
     if requested == "online" and not has_api_key():
         return "offline", f"online set by {source} but no API key (set WANDB_API_KEY or `wandb login`)"
     return requested, f"set by {source}"
@@ -155,6 +173,12 @@ def run_settings(spec, tags: list[str]) -> dict[str, Choice]:
             chosen[field] = found.get(field, Choice(default, "default"))
     user_tags = chosen["tags"]
     chosen["tags"] = Choice(list(dict.fromkeys([*tags, *user_tags.value])), user_tags.source)
+    ignored = run_path_ignored() if spec.tracking.wandb != "disabled" else None
+    if ignored:  # the run goes where W&B's own settings say (the agent sets WANDB_PROJECT and WANDB_ENTITY)
+        for field in ("project", "entity"):
+            if chosen[field].source in ("spec", "default"):
+                own = found.get(field, Choice(None, "W&B's default"))
+                chosen[field] = Choice(own.value, f"{own.source} ({ignored} is set: wandb.init ignores the spec's)")
     return chosen
 
 

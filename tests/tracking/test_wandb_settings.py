@@ -51,7 +51,7 @@ def test_global_settings_file_then_env_then_spec(workdir, monkeypatch):
     wandb_cli_setting("mode", "offline")  # the working directory's file wins over the global one
     assert resolve_mode("auto")[0] == "offline"
     monkeypatch.setenv("WANDB_MODE", "dryrun")  # the environment wins over both; W&B's alias for offline
-    assert resolve_mode("auto") == ("offline", "set by WANDB_MODE")
+    assert resolve_mode("auto") == ("offline", "set by WANDB_MODE=dryrun")
     monkeypatch.setenv("WANDB_MODE", "online")
     assert resolve_mode("auto") == ("online", "set by WANDB_MODE")
     assert resolve_mode("disabled") == ("disabled", "set by spec")  # an explicit spec value wins over all
@@ -157,3 +157,32 @@ def test_the_doctor_shows_the_tags_a_run_of_the_spec_gets(workdir):
 
     spec = RunSpec.model_validate({"model": {"attention": "mla", "ffn": "topk_moe"}})
     assert wandb_status(spec)["run"]["tags"]["value"] == [spec.model.label] == ["mla-topk_moe"]
+
+
+def test_under_wandb_agent_the_run_goes_where_wandb_puts_it_and_the_record_says_so(workdir, monkeypatch):
+    """With WANDB_SWEEP_ID set (`wandb agent` sets it), wandb.init ignores the project and entity it is given:
+    the record must name W&B's (the agent's WANDB_PROJECT), not the spec's, which the run never went to."""
+    spec = RunSpec.model_validate({"tracking": {"wandb": "offline", "project": "specp", "entity": "spece"}})
+    assert run_settings(spec, tags=[])["project"].value == "specp"
+    monkeypatch.setenv("WANDB_SWEEP_ID", "swp1")
+    monkeypatch.setenv("WANDB_PROJECT", "sweepproj")
+    chosen = run_settings(spec, tags=[])
+    assert chosen["project"].value == "sweepproj" and chosen["project"].source.startswith("WANDB_PROJECT (WANDB_SWEEP")
+    assert chosen["entity"].value is None  # W&B's default entity, as wandb.init then uses
+    import wandb  # W&B's own rule, which the record follows
+
+    run = wandb.init(mode="offline", project="specp", entity="spece", dir=str(workdir), config={})
+    try:
+        assert run.project == "sweepproj"
+    finally:
+        run.finish()
+
+
+def test_a_bad_wandb_variable_is_named_as_the_user_set_it(workdir, monkeypatch):
+    from blueberry.tracking.wandb_settings import load_wandb_settings
+
+    for var, value in (("WANDB_RESUME", "bogus"), ("WANDB__DISABLE_STATS", "maybe"), ("WANDB_SILENT", "maybe")):
+        with monkeypatch.context() as env:
+            env.setenv(var, value)
+            with pytest.raises(ValueError, match=f"^W&B environment variable {var}='{value}': "):
+                load_wandb_settings()
