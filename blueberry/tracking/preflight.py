@@ -76,6 +76,40 @@ def preflight(spec: RunSpec) -> None:
     check_price_variables()
     if spec.tracking.wandb != "disabled":  # else W&B's settings are not read (wandb_settings.run_settings)
         check_wandb_environment(spec.tracking.wandb_dir)
+        check_sweep_parameters(spec)
+
+
+def check_sweep_parameters(spec: RunSpec) -> None:
+    """W&B merges the parameters file `wandb agent` names (WANDB_SWEEP_PARAM_PATH) into the run's config and
+    locks it there: a value the run's command line did not give it (a `command:` without `${args_json_file}` or
+    `${args}`, or one that sets a swept field itself) would show in W&B as what the run trained with. So the file
+    must be one W&B can read, and each value in it the run's own; `blueberry sweep` checks its trials so too."""
+    path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
+    if not path:
+        return
+    from wandb.sdk.lib.config_util import dict_from_config_file
+
+    from blueberry.overrides import SpecError, expand_dotted, value_at
+    from blueberry.sweep.validate import unreached
+
+    try:
+        params = dict_from_config_file(path, must_exist=True) or {}
+    except Exception as exc:  # W&B's reader raises what the file's shape leads it to (ConfigError, yaml's, TypeError)
+        raise PreflightError(
+            f"WANDB_SWEEP_PARAM_PATH={path}: W&B cannot read it as a sweep's parameters file "
+            f"(`name: {{value: …}}` entries): {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        missed = unreached(params, spec.model_dump(mode="json"), spec)
+    except SpecError as exc:  # two keys setting one field
+        raise PreflightError(f"WANDB_SWEEP_PARAM_PATH={path}: {exc.problems[0][1]}: {exc.problems[0][2]}") from None
+    if missed:
+        swept, trained = expand_dotted(params, path), spec.model_dump(mode="json")
+        said = ", ".join(f"{p} is {value_at(swept, p)!r} there, {value_at(trained, p)!r} here" for p in missed)
+        raise PreflightError(
+            f"WANDB_SWEEP_PARAM_PATH={path}: W&B would record the sweep's values as this run's config, but the run "
+            f"does not get them ({said}): pass them on its command line (`--overrides ${{args_json_file}}`)"
+        )
 
 
 def check_environment() -> None:

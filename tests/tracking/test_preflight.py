@@ -124,3 +124,41 @@ def test_a_wandb_dir_that_cannot_be_written_is_refused(monkeypatch, tmp_path, ne
     monkeypatch.setenv("WANDB_DIR", "/proc/y")
     result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}")
     assert result.exit_code == 2 and "WANDB_DIR '/proc/y'" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        (
+            "wandb_version: 1\ntrain:\n  value:\n    lr: 0.005\n",
+            "does not get them (train.lr is 0.005 there, 0.01 here)",
+        ),
+        ("- a\n- b\n", "W&B cannot read it as a sweep's parameters file"),
+        (None, "W&B cannot read it as a sweep's parameters file (`name: {value: …}` entries): ConfigError"),
+    ],
+)
+def test_sweep_parameters_wandb_would_record_but_the_run_does_not_get_are_refused(
+    text, said, monkeypatch, tmp_path, never_run
+):
+    """`wandb agent` names a parameters file that wandb.init merges into the run's config and locks: a command
+    line that does not pass them on would train with the spec's values under the sweep's in W&B."""
+    params = tmp_path / "config-t1.yaml"
+    if text is not None:
+        params.write_text(text)
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    result = run_cli("--tracking.wandb=offline", f"--tracking.runs_root={tmp_path / 'runs'}")
+    assert result.exit_code == 2 and f"WANDB_SWEEP_PARAM_PATH={params}: " in result.output, result.output
+    assert said in result.output and not (tmp_path / "runs").exists()
+
+
+def test_sweep_parameters_the_run_gets_pass(monkeypatch, tmp_path):
+    from blueberry.overrides import load_spec
+    from blueberry.tracking.preflight import check_sweep_parameters
+
+    params = tmp_path / "config-t1.yaml"
+    params.write_text("wandb_version: 1\ntrain:\n  value:\n    lr: 0.005\nmodel.n_experts:\n  value: 8\n")
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    spec = REPO / "experiments/quickstart.json"
+    check_sweep_parameters(load_spec(spec, ["--train.lr=5e-3", "--model.n_experts=8"]))  # given on its command line
+    with pytest.raises(PreflightError, match="model.n_experts is 8 there, 4 here"):
+        check_sweep_parameters(load_spec(spec, ["--train.lr=5e-3"]))
