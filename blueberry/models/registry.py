@@ -4,6 +4,9 @@ Every other part of Blueberry asks this table: the spec validates `model.attenti
 `model.variant` and `model.balance` against it, the model builds its blocks from it, the report takes its
 category labels from it and the bench its cases. Adding a feed-forward touches its component and an entry in
 FFNS; adding a preset an entry in PRESETS (plus an experiment file if the bench measures it at the 512d shape).
+The study's sweep files name every preset (sweeps/ablation.yaml, ablation_quick.yaml, cpu/ablation.yaml) and
+every attention and feed-forward (factorial.yaml, cpu/factorial.yaml), and tests/sweep/test_sweep_files.py
+holds them to that: add a new one there too, or those tests say which file lacks it.
 
 Accounting stays with the modules: an attention module reports `flops_per_token(seq_len)`, a routed
 feed-forward exposes `n_experts`, `top_k` and `routed_experts()` (see `BlueberryLM.routed_ffns`).
@@ -172,8 +175,9 @@ def canonical(model: dict) -> dict:
     else:
         ffn = preset.ffn
     choice = FFNS.get(ffn)
-    if choice is None:
-        return {**out, "ffn": ffn, "balance": balance}
+    if choice is None:  # an ffn this checkout does not know (a colleague's, a renamed one): its default unknown,
+        # a balance is kept where it balances something, so a dense model of ours does not read as balanced otherwise
+        return {**out, "ffn": ffn, **({"balance": balance} if balance not in (None, "none") else {})}
     balance = balance or ("aux_loss" if choice.routed else "none")
     if balance != choice.balance:
         out["balance"] = balance

@@ -30,6 +30,7 @@ from blueberry.models import registry  # noqa: E402
 from blueberry.report.groups import Group  # noqa: E402
 
 MAX_CURVES = 10  # more lines than this are unreadable: plot the best ones and say so
+COLOURS = 10  # matplotlib's tab10 palette
 MAX_BARS = 30
 CURVES_2X2 = (
     ("train/loss", "train loss"),
@@ -94,11 +95,13 @@ def _shown(groups: list[Group]) -> tuple[list[Group], str]:
 
 def _slots(groups: list[Group]) -> list[int]:
     """Colour slots: by model category where the groups are models of distinct categories (the study's plots
-    colour models so, and a category keeps its colour in every plot), else by rank."""
+    colour models so, and a category keeps its colour in every plot), else by rank. Only while the palette has a
+    colour for every category: beyond that, two categories in one plot could share one."""
     order = [preset.category for preset in registry.PRESETS.values()]
     model = ({name: g.get(f"model.{name}") for name in ("variant", "attention", "ffn")} for g in groups)
     categories = [registry.category(m) for m in model]
-    if len(set(categories)) == len(categories) and all(c in order for c in categories):
+    distinct = len(set(categories)) == len(categories) and len(order) <= COLOURS
+    if distinct and all(c in order for c in categories):
         return [order.index(c) for c in categories]
     return list(range(len(groups)))
 
@@ -201,9 +204,9 @@ def lr_sweep(groups: list[Group], title: str) -> Figure | None:
 
 
 def _draw_lines(ax, lines: list[dict]) -> None:
-    colors = plt.cm.tab10(np.arange(10))
+    colors = plt.cm.tab10(np.arange(COLOURS))
     for line in lines:
-        color = colors[line["slot"] % 10]
+        color = colors[line["slot"] % COLOURS]
         few = len(line["x"]) <= MARKED_POINTS  # a run evaluated once or twice: a line alone would not show
         ax.plot(line["x"], line["y"], color=color, label=line["label"], lw=1.6, marker="o" if few else None)
         if line["band"]:

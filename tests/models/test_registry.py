@@ -120,6 +120,9 @@ def test_reports_group_by_canonical_choices():
     assert registry.canonical(off_grid) == {"variant": None, "attention": "mla", "ffn": "topk_moe"}
     no_loss = ModelSpec(variant="moe", balance="none").model_dump()
     assert registry.canonical(no_loss) == {"variant": "moe", "balance": "none"}
+    unknown = {"variant": None, "attention": "mla", "ffn": "gelu_mlp"}  # an ffn of another checkout
+    assert registry.canonical({**unknown, "balance": "none"}) == registry.canonical(unknown) == unknown
+    assert registry.canonical({**unknown, "balance": "aux_loss"}) == {**unknown, "balance": "aux_loss"}
 
 
 def _old_balance(ffn):

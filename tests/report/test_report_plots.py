@@ -101,6 +101,25 @@ def test_models_keep_their_category_colour_in_every_plot_and_an_lr_grid_is_colou
     assert [line["slot"] for line in plots.val_loss_curves(groups, "t").data["lines"]] == [0, 1]
 
 
+def test_with_more_categories_than_colours_a_plot_colours_by_rank(tmp_path, monkeypatch):
+    """Slot 10 would take slot 0's colour (tab10): beyond ten presets two models in one plot could share one."""
+    from dataclasses import replace
+
+    from blueberry.models import registry
+
+    ablation(tmp_path, variants=("baseline", "mlp"))
+    groups = group_runs(load_local(tmp_path))
+    assert [line["slot"] for line in plots.val_loss_curves(groups, "t").data["lines"]] == [0, 1]  # by category
+    mlp_first = {"mlp": registry.PRESETS["mlp"], **registry.PRESETS}  # mlp's category slot is now 0
+    many = {
+        **mlp_first,
+        **{f"x{i}": replace(registry.PRESETS["mlp"], name=f"x{i}", category=f"X{i}") for i in range(4)},
+    }
+    monkeypatch.setattr(registry, "PRESETS", many)
+    slots = [line["slot"] for line in plots.val_loss_curves(groups, "t").data["lines"]]
+    assert slots == [0, 1]  # by rank: baseline's category slot (1) is not used
+
+
 def test_a_curve_of_a_few_evaluations_is_drawn_with_markers(tmp_path):
     # The CPU twin evaluates once at its end: a one-point line without a marker draws nothing at all.
     for root, eval_every, marker in (("once", 100, "o"), ("often", 10, "None")):
