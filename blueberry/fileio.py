@@ -66,9 +66,19 @@ def finite(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, mode: int | None = None) -> None:
     """JSON (NaN/inf as strings), written atomically."""
-    write_text_atomic(path, json.dumps(finite(data), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(finite(data), indent=2, sort_keys=True) + "\n", mode=mode)
+
+
+def write_results(out_dir: str | Path, stem: str, data: Any, markdown: str, mode: int | None = None) -> Path:
+    """A measurement's outputs (bench, its comparison, gpu-check): `<stem>.json` holding `data` and `<stem>.md`
+    holding `markdown`, under `out_dir` (made if need be), each written atomically; the JSON's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / f"{stem}.json", data, mode=mode)
+    write_text_atomic(out / f"{stem}.md", markdown.rstrip("\n") + "\n", mode=mode)
+    return out / f"{stem}.json"
 
 
 def read_json_file(path: Path) -> tuple[Any, str | None]:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from blueberry.fileio import write_results
 from blueberry.overrides import SpecError, load_spec
 from blueberry.provenance import SOURCE_TREE
 
@@ -225,9 +226,4 @@ def format_comparison(outcome: dict) -> str:
 
 def save_comparison(outcome: dict, out_dir: str | Path) -> Path:
     """`compare-<date>.{json,md}` under `out_dir`; the JSON's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    (out / f"{stem}.json").write_text(json.dumps(outcome, indent=2))
-    (out / f"{stem}.md").write_text(format_comparison(outcome) + "\n")
-    return out / f"{stem}.json"
+    return write_results(out_dir, f"compare-{time.strftime('%Y%m%d-%H%M%S')}", outcome, format_comparison(outcome))

@@ -8,7 +8,6 @@ and tracking ones, which compare step times as the targets state them.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -19,6 +18,7 @@ import torch
 
 from blueberry.bench.contention import POLICIES, measure_contention
 from blueberry.bench.measure import first_step_latency, measure_throughput, optimizer_step_s, tracking_overhead
+from blueberry.fileio import write_results
 from blueberry.hardware import bf16_emulated, detect, resolve_device, resolve_precision
 from blueberry.models import registry
 from blueberry.overrides import load_spec
@@ -389,13 +389,8 @@ def run_bench(quick: bool = False, out_dir: str | Path = "reports/bench", log=pr
         # Other processes on the machine skew every figure: the 1-minute load average before and after.
         "load_average": [load_before[0], os.getloadavg()[0]],
     }
-    table = format_table(outcome)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "quick" if quick else time.strftime("%Y%m%d-%H%M%S")
-    (out / f"{stem}.json").write_text(json.dumps(outcome, indent=2))
-    (out / f"{stem}.md").write_text(table + "\n")
-    outcome["saved"] = str(out / f"{stem}.json")
+    outcome["saved"] = str(write_results(out_dir, stem, outcome, format_table(outcome)))
     return outcome
 
 

@@ -7,9 +7,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from blueberry.fileio import write_results
 from blueberry.gpu_check.suite import Outcome
 from blueberry.hardware import PRESETS
-from blueberry.tracking import write_json_atomic, write_text_atomic
 
 
 def _cell(text: str) -> str:
@@ -41,13 +41,6 @@ def datasheet_table() -> str:
 
 def write_outputs(out_dir: str | Path, outcomes: list[Outcome], meta: dict) -> tuple[Path, Path]:
     """`gpu-check-<time>.json` (every figure) and `.md` (the table, the doctor's view, the data-sheet peaks)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}"
-    data = {**meta, "checks": [asdict(outcome) for outcome in outcomes]}
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    write_json_atomic(json_path, json.loads(json.dumps(data, default=str)))  # tuples, paths, dtypes as text
-    json_path.chmod(0o644)
     doctor = next((o.figures.get("doctor") for o in outcomes if o.figures.get("doctor")), None)
     parts = [
         f"# gpu-check {meta.get('created_at', '')}",
@@ -59,5 +52,8 @@ def write_outputs(out_dir: str | Path, outcomes: list[Outcome], meta: dict) -> t
     if doctor:
         parts += ["## What it found", f"```\n{doctor}\n```"]
     parts += ["## Data-sheet peaks (dense TFLOP/s)", datasheet_table()]
-    write_text_atomic(md_path, "\n\n".join(parts) + "\n", mode=0o644)
-    return json_path, md_path
+    data = {**meta, "checks": [asdict(outcome) for outcome in outcomes]}
+    data = json.loads(json.dumps(data, default=str))  # tuples, paths, dtypes as text
+    stem = f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}"
+    json_path = write_results(out_dir, stem, data, "\n\n".join(parts), mode=0o644)  # readable where it is sent
+    return json_path, json_path.with_suffix(".md")

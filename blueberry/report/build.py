@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blueberry.fileio import read_json
+from blueberry.fileio import read_json, write_text_atomic
 from blueberry.report import claims, dashboard, plots, tables
 from blueberry.report.groups import fmt_value, group_runs, label_groups, rank, varying_keys
 from blueberry.report.integrity import integrity_section, priced_costs
@@ -27,7 +27,6 @@ from blueberry.report.records import ReportError, Run, need_wandb_credentials
 from blueberry.report.studies import Study, extended_experiment, report_order, study_for
 from blueberry.report.timeline import build_timeline, insert_between_markers, timeline_markdown
 from blueberry.spec import safe_name
-from blueberry.tracking import write_text_atomic
 from blueberry.tracking.preflight import PreflightError, check_writable_dir
 
 

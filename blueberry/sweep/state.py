@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from blueberry.tracking import write_json_atomic
+from blueberry.fileio import write_json_atomic
 
 TERMINAL = ("finished", "failed", "crashed", "killed")
 STATES = ("pending", "running", *TERMINAL)

@@ -1,10 +1,10 @@
 """Tracking: one Tracker interface; the local run record and W&B behind it."""
 
-from blueberry.fileio import write_json_atomic, write_text_atomic
 from blueberry.tracking.base import Tracker, Trackers
 from blueberry.tracking.record import RunRecord, read_metrics
+from blueberry.tracking.schema import sweep_tag
 from blueberry.tracking.wandb_settings import resolve_mode
-from blueberry.tracking.wandb_tracker import WandbTracker, new_run_id, sweep_tag
+from blueberry.tracking.wandb_tracker import WandbTracker, new_run_id
 
 __all__ = [
     "RunRecord",
@@ -15,6 +15,4 @@ __all__ = [
     "read_metrics",
     "resolve_mode",
     "sweep_tag",
-    "write_json_atomic",
-    "write_text_atomic",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from blueberry.spec import safe_name
-from blueberry.tracking.schema import TAG_LIMIT, sweep_tag  # noqa: F401  (sweep_tag: re-exported)
+from blueberry.tracking.schema import TAG_LIMIT
 
 # Metrics whose W&B summary is {min|max, last} (define_metric); a final summary write would flatten it.
 SUMMARISED = {"val/loss": "min,last", "val/perplexity": "min,last", "val/accuracy": "max,last"}
