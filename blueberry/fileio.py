@@ -81,6 +81,11 @@ def write_results(out_dir: str | Path, stem: str, data: Any, markdown: str, mode
     return out / f"{stem}.json"
 
 
+def is_number(value: Any) -> bool:
+    """A number as JSON holds one: int or float, never a bool (Python's bool is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_json_file(path: Path) -> tuple[Any, str | None]:
     """(value, None), or (None, why not): missing, unreadable or not JSON."""
     path = Path(path)

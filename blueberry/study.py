@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from blueberry.fileio import is_number
 from blueberry.sweep.progress import fmt_eta
 
 
@@ -167,10 +168,6 @@ def run_study(
     return results
 
 
-def _seconds(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def write_record(
     results: list[PartResult], runs_root: str, kind: str, command: str, parallel: int, started: datetime
 ) -> Path:
@@ -187,7 +184,7 @@ def write_record(
     # the study's parts in its order (and any this invocation ran); an entry of a part no longer in it is dropped
     order = list(dict.fromkeys([part.name for part in PARTS] + [r.part.name for r in results]))
     kept = {p["name"]: p for p in found if isinstance(p, dict) and p.get("name") in order}
-    walls = {(p.get("name"), p.get("sweep_id")): p["wall_s"] for p in kept.values() if _seconds(p.get("wall_s"))}
+    walls = {(p.get("name"), p.get("sweep_id")): p["wall_s"] for p in kept.values() if is_number(p.get("wall_s"))}
     first = previous.get("started")  # the first invocation's start, if an earlier record kept it readable
     record = {
         "command": command,
@@ -209,7 +206,7 @@ def write_record(
             "wall_s": round(walls.get((r.part.name, r.sweep_id), 0.0) + r.wall_s, 1),
         }
     record["parts"] = sorted(kept.values(), key=lambda p: order.index(p["name"]))
-    record["wall_s"] = round(sum(p["wall_s"] for p in record["parts"] if _seconds(p.get("wall_s"))), 1)
+    record["wall_s"] = round(sum(p["wall_s"] for p in record["parts"] if is_number(p.get("wall_s"))), 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return path

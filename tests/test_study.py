@@ -60,9 +60,9 @@ def test_study_progress_counts_every_part_and_estimates_from_trials_done():
     head = progress.head_for("exp1")
     assert head(0) == "study 2/10 trials, ETA ? · exp1"
     now[0] = 60.0
-    assert head(2) == "study 4/10 trials, ETA 3:00 · exp1"  # 30 s per trial, 6 left
+    assert head(2) == "study 4/10 trials, ETA 03:00 · exp1"  # 30 s per trial, 6 left
     progress.part_finished(2)
-    assert progress.head_for("exp2")(1) == "study 5/10 trials, ETA 1:40 · exp2"
+    assert progress.head_for("exp2")(1) == "study 5/10 trials, ETA 01:40 · exp2"
 
 
 def test_bad_part_and_bad_runs_root_exit_2_before_anything_runs(tmp_path, monkeypatch):

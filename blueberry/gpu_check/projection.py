@@ -24,7 +24,7 @@ from blueberry.sweep.validate import planned_launches, run_arguments
 
 REPO = SOURCE_TREE  # the checkout: its sweeps/ and experiments/ (the CLI checks they exist)
 EXPERIMENT_1 = REPO / "sweeps" / "ablation.yaml"
-REPORT_4090_PRICE = 0.18  # $/h: the Blueberry report's RTX 4090 price (reference-facts §11)
+REPORT_4090_PRICE = 0.18  # $/h: the RTX 4090 price the Blueberry LLM report costed its runs at
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import pyarrow.json as pa_json
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict
 
-from blueberry.fileio import read_json_file
+from blueberry.fileio import is_number, read_json_file
 from blueberry.models import registry
 from blueberry.overrides import value_at
 from blueberry.tracking import read_metrics
@@ -203,7 +203,7 @@ class Run:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------- local run records

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blueberry.fileio import read_json
+from blueberry.fileio import is_number, read_json
 from blueberry.gpu_monitor import nvidia_driver_loaded, unpinned_device_names, visible_device_entries
 from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain
@@ -206,7 +206,7 @@ def metric_rows(run_dir: Path, metric: str) -> list[dict]:
     if not path.exists():
         return []
     rows = read_metrics(path)
-    return [{"_step": r["step"], metric: r[metric]} for r in rows if _number(r.get(metric))]
+    return [{"_step": r["step"], metric: r[metric]} for r in rows if is_number(r.get(metric))]
 
 
 def collect(trial: Trial, runs_root: Path, metric: str, returncode: int | None, log_path: Path) -> None:
@@ -218,7 +218,7 @@ def collect(trial: Trial, runs_root: Path, metric: str, returncode: int | None, 
         trial.run_dir = str(run_dir)
         status = _read_json(run_dir / "status.json")
         summary = _read_json(run_dir / "summary.json")
-        trial.summary = {k: v for k, v in summary.items() if _number(v)}
+        trial.summary = {k: v for k, v in summary.items() if is_number(v)}
         try:
             trial.history = metric_rows(run_dir, metric)
         except (OSError, UnicodeDecodeError, RecordError) as exc:
@@ -486,10 +486,6 @@ def _gpu_count() -> int:
 
 def _read_json(path: Path) -> dict:
     return read_json(path) or {}
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _tail(path: Path, lines: int = 3) -> str:

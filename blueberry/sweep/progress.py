@@ -54,14 +54,10 @@ def planned_steps(run_dir: Path) -> int | None:
 
 
 def fmt_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else (f"{seconds // 60}:{seconds % 60:02d}")
-    )
+    """[H:]MM:SS as tqdm's bars write a time, or "?" where none is known yet."""
+    from tqdm import tqdm
+
+    return "?" if seconds is None else tqdm.format_interval(round(seconds))
 
 
 @dataclass

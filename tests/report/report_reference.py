@@ -2,7 +2,7 @@
 
 from blueberry.report.synthetic import write_run
 
-# The study's Table 1 (reference-facts §12: bug artefacts, used here only as format fixtures):
+# The study's published Table 1 (artefacts of its bugs, README "The study"; used here only as format fixtures):
 # variant, val loss, val acc, val perplexity, minutes, params printed.
 REFERENCE_T1 = [
     ("attention_moe", 0.01718, 0.99674, 1.0173, 1.62, 231_423_680),

@@ -83,7 +83,7 @@ def test_figure_key_follows_the_data_drawn(tmp_path):
 
 
 def test_models_keep_their_category_colour_in_every_plot_and_an_lr_grid_is_coloured_by_rank(tmp_path):
-    # reference-facts §11: the ablation's curves are coloured by category, so a model's colour does not depend on
+    # The study's ablation plots colour curves by category, so a model's colour does not depend on
     # where it ranks or which other models the experiment holds.
     ablation(tmp_path / "a", variants=("mlp", "baseline", "moe"))
     ablation(tmp_path / "b", variants=("moe", "attention_moe"))

@@ -33,8 +33,8 @@ def test_log_lines_give_trial_step_loss_speed_and_etas(tmp_path, monkeypatch):
     (line,) = lines
     # trial 2 at step 25 of 100 after 50 s: 150 s left; then trials 3 and 4 at 180 s each (the finished one's time)
     assert "ablation: 1/4 done" in line
-    assert "trial 2/4 step 25/100 loss 6.250 4,321 tok/s ETA 2:30" in line
-    assert "sweep ETA 8:30" in line
+    assert "trial 2/4 step 25/100 loss 6.250 4,321 tok/s ETA 02:30" in line
+    assert "sweep ETA 08:30" in line
     view.update([(2, "sweep-t2", run_dir)], done=[180.0])
     assert len(lines) == 1  # in a log file: a line every LOG_EVERY_S, not every poll
 
