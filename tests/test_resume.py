@@ -3,23 +3,20 @@
 Signals in-process are real ones (`signal.raise_signal`) delivered while the trainer logs a given step.
 """
 
-import fcntl
 import json
 import math
 import os
-import pty
 import random
-import select
 import signal
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from on_terminal import OnTerminal
 from test_runner import TINY
 
 from blueberry.cli import main
@@ -181,22 +178,13 @@ def test_a_terminal_hangup_checkpoints_and_stops_the_run(tmp_path):
     argv = [str(BLUEBERRY), "run", "experiments/quickstart.json", *SHORT, "--train.steps=1000"]
     argv += ["--train.checkpoint_every=1000", f"--tracking.runs_root={root}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    terminal, child_side = pty.openpty()
-
-    def own_session_on_that_terminal():  # what a login shell's job gets: the pty as its controlling terminal
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # and SIGHUP's default, even if this suite runs under nohup
-
-    process = subprocess.Popen(argv, cwd=REPO, env=env, stdin=child_side, stdout=child_side, stderr=child_side,
-                               preexec_fn=own_session_on_that_terminal)  # fmt: skip
-    os.close(child_side)
+    session = OnTerminal(argv, cwd=REPO, env=env)
+    process = session.process
     deadline = time.monotonic() + 300
     while not any(path.stat().st_size for path in root.glob("ft/*/metrics.jsonl")):  # a step was logged
         assert process.poll() is None and time.monotonic() < deadline, "the run never logged a step"
-        while select.select([terminal], [], [], 0.05)[0] and os.read(terminal, 65536):
-            pass  # read what the run shows: a terminal nobody reads fills up and blocks the writer
-    os.close(terminal)  # the hangup: the kernel sends SIGHUP to the session
+        session.drain()
+    session.hang_up()
     assert process.wait(timeout=300) == 128 + signal.SIGHUP
     (run_dir,) = (root / "ft").iterdir()
     status = json.loads((run_dir / "status.json").read_text())

@@ -3,20 +3,17 @@
 The grid and the failing trial run the real `blueberry run`; the tests of the queue (kill + resume, two
 controllers, a dead controller's trial) run a stand-in trial that only writes its run record, seconds sooner."""
 
-import fcntl
 import json
 import os
-import pty
-import select
 import signal
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from on_terminal import OnTerminal
 from sweep_commands import REPO, RUN_WITH_ARGS_FILE, STAND_IN_WITH_ARGS_FILE
 
 from blueberry.sweep.config import load_sweep
@@ -141,26 +138,17 @@ def test_a_terminal_hangup_stops_the_trials_and_the_same_command_resumes(tmp_pat
     running unwatched; the same command then runs every point once."""
     path = queue_sweep(tmp_path, [0.01, 0.02])
     runs_root = tmp_path / "runs"
-    terminal, child_side = pty.openpty()
-
-    def own_session_on_that_terminal():  # what a login shell's job gets: the pty as its controlling terminal
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # and SIGHUP's default, even if this suite runs under nohup
-
-    sweep = subprocess.Popen(sweep_cmd(path, runs_root), cwd=REPO, stdin=child_side, stdout=child_side,
-                             stderr=child_side, preexec_fn=own_session_on_that_terminal)  # fmt: skip
-    os.close(child_side)
+    session = OnTerminal(sweep_cmd(path, runs_root), cwd=REPO)
+    sweep = session.process
     deadline, running = time.monotonic() + 240, []
     while not running:  # until a trial runs
         assert sweep.poll() is None and time.monotonic() < deadline, "the sweep never started a trial"
-        while select.select([terminal], [], [], 0.05)[0] and os.read(terminal, 65536):
-            pass  # read what the sweep shows: a terminal nobody reads fills up and blocks the writer
+        session.drain()
         try:
             running = [t for t in state_of(runs_root) if t["state"] == "running" and t["pid"]]
         except (ValueError, FileNotFoundError):
             pass
-    os.close(terminal)  # the hangup: the kernel sends SIGHUP to the session
+    session.hang_up()
     assert sweep.wait(timeout=120) == 128 + signal.SIGHUP
     (trial,) = running
     with pytest.raises(ProcessLookupError):
