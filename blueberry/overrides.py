@@ -263,10 +263,11 @@ class _Blame:
         """Of the fields under `section` (a dotted path, "" for the whole spec) that a source set, the one set last
         among those `message` names (by its own name: `n_heads` for model.n_heads), or None."""
         prefix = f"{section}." if section else ""
+        names = re.sub(r"'[^']*'|\([^)]*\)", "", message)  # not the values it quotes nor its asides in brackets
         named = [
             (rank, path)
             for path, (rank, _) in self.order.items()
-            if path.startswith(prefix) and re.search(rf"(?<!\w){re.escape(path.rsplit('.', 1)[-1])}\b", message)
+            if path.startswith(prefix) and re.search(rf"(?<!\w){re.escape(path.rsplit('.', 1)[-1])}\b", names)
         ]
         return max(named)[1] if named else None
 

@@ -379,11 +379,17 @@ class RunSpec(_Strict):
     def spec_hash(self) -> str:
         """The run's identity: a hash of the validated spec (canonical JSON) less BOOKKEEPING. A run started again
         with the same spec, or with other bookkeeping settings, is found by it and resumed."""
-        return _digest(self.model_dump(mode="json", exclude=BOOKKEEPING))
+        return _digest({**self.model_dump(mode="json", exclude=BOOKKEEPING), **self._math_since()})
 
     def legacy_spec_hash(self) -> str:
         """spec_hash as run records and checkpoints written before 2026-12-04 hold it: over every field."""
-        return _digest(self.to_json_dict())
+        return _digest({**self.to_json_dict(), **self._math_since()})
+
+    def _math_since(self) -> dict:
+        """Where the same spec came to compute something else, a mark of it, so that no checkpoint or run record
+        of the old math is resumed under the new: a top-1 routed model weights its expert by the router's score
+        since 2026-12-05 (README, "The model space"); before, by 1, and its router never learned from the loss."""
+        return {"_top1_gate": "router score"} if self.model.is_moe and self.model.top_k == 1 else {}
 
 
 # Settings that pace, show, keep or price a run, never its math (train.threads changes the order of float sums,

@@ -233,6 +233,13 @@ def test_one_field_set_by_a_dotted_and_a_nested_key_is_refused(tmp_path, layer, 
         (["--model.n_heads=3", "--model.dropout=0.0"], "override --model.n_heads=3", "model.n_heads"),
         (["--data.seq_len=2048", "--seed=1"], "override --data.seq_len=2048", "data.seq_len"),
         (["--model.max_seq_len=64", "--seed=1"], "override --model.max_seq_len=64", "model.max_seq_len"),
+        # a field the message only says in an aside ("optimizer step") or inside a value it quotes is not blamed
+        (
+            ["--train.batch_size=auto", "--train.optimizer=adamw"],
+            "override --train.batch_size=auto",
+            "train.batch_size",
+        ),  # noqa: E501
+        (['--tags=["' + "x" * 68 + ' lr"]', "--train.lr=0.001"], 'override --tags=["' + "x" * 68 + ' lr"]', "tags"),
     ],
 )
 def test_a_check_across_fields_blames_the_field_it_names_not_the_last_override(overrides, source, path):

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from blueberry.spec import RunSpec
+from blueberry.spec import BOOKKEEPING, RunSpec
 
 
 def test_defaults_make_a_valid_spec():
@@ -64,3 +64,20 @@ def test_the_hash_leaves_out_bookkeeping_so_a_run_started_again_with_it_is_the_s
     for changed in ({"seed": 1}, {"model": {"dropout": 0.0}}, {"train": {"grad_accum": 2}}):
         assert RunSpec.model_validate(changed).spec_hash() != plain.spec_hash()
     assert RunSpec.model_validate({"tracking": {"project": "p"}}).spec_hash() != plain.spec_hash()
+
+
+def test_a_top1_routed_model_is_not_the_run_it_was_before_its_gate_changed():
+    """Since the top-1 gate weights by the router's score, the same spec computes something else: its hash (the
+    run directory and the checkpoints a resume accepts) differs from what the old code wrote, under both the
+    current and the older hash formula; every other spec's hash stays as it was."""
+    import hashlib
+    import json
+
+    def old(tree):  # spec_hash as it was computed before the change
+        return hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    top1 = RunSpec.model_validate({"model": {"variant": "attention_moe", "n_experts": 4, "top_k": 1}})
+    assert top1.spec_hash() != old(top1.model_dump(mode="json", exclude=BOOKKEEPING))
+    assert top1.legacy_spec_hash() != old(top1.to_json_dict())
+    for spec in (RunSpec(), RunSpec.model_validate({"model": {"variant": "mlp", "top_k": 1}})):  # dense: no gate
+        assert spec.spec_hash() == old(spec.model_dump(mode="json", exclude=BOOKKEEPING))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blueberry.hardware import PRESETS, Preset
-from blueberry.overrides import leaf_paths, load_spec, read_json_object
+from blueberry.overrides import expand_dotted, leaf_paths, load_spec, read_json_object
 from blueberry.provenance import SOURCE_TREE
 from blueberry.sweep import load_sweep, plan
 from blueberry.sweep.validate import planned_launches, run_arguments
@@ -44,7 +44,7 @@ def read_experiment(sweep_path: str | Path = EXPERIMENT_1) -> Experiment:
     for _, params, launch, _ in planned_launches(sweep, plan(sweep, None), "projection", "projection-{index}"):
         spec_path, overrides, files = run_arguments(launch.argv)
         layers = [json.dumps(read_json_object(file, "overrides")) for file in files]  # read before the scratch goes
-        runs.append((spec_path, params, [*layers, *overrides]))
+        runs.append((spec_path, expand_dotted(params, "the sweep's parameters"), [*layers, *overrides]))
     varying = [path for path in leaf_paths(runs[0][1]) if path != "seed" and len({_at(r[1], path) for r in runs}) > 1]
     presets: dict[str, list[str]] = {}
     seeds: dict[str, list] = {}

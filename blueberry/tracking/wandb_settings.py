@@ -67,12 +67,22 @@ def load_wandb_settings():
 
 
 def _variable_of(setting: str) -> str:
-    """The environment variable W&B read `setting` from (`Settings.update_from_env_vars`' naming: a few special
-    names, `x_foo` from `WANDB__FOO`, else `WANDB_` and the name in capitals), or the setting's own name."""
-    special = {name: var for name, var in WANDB_FIELDS.values()}
-    var = special.get(setting) or (f"WANDB__{setting[2:].upper()}" if setting.startswith("x_") else None)
-    var = var or f"WANDB_{setting.upper()}"
-    return var if var in os.environ else setting
+    """The environment variable W&B read `setting` from, or the setting's own name. W&B's own reader names them
+    (`Settings.update_from_env_vars`, with special cases such as WANDB_HTTP_TIMEOUT for x_graphql_timeout_seconds):
+    the variable whose value alone fails on `setting` is the one."""
+    from pydantic import ValidationError
+    from wandb.sdk.wandb_settings import Settings
+
+    for var, value in os.environ.items():
+        if var.startswith("WANDB_"):
+            try:
+                Settings().update_from_env_vars({var: value})
+            except ValidationError as exc:
+                if exc.errors()[0]["loc"][0] == setting:
+                    return var
+            except Exception:  # W&B's own validators raise UsageError; not the variable sought
+                continue
+    return setting
 
 
 def run_path_ignored() -> str | None:

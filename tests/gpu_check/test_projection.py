@@ -42,6 +42,9 @@ def test_a_run_is_what_the_sweep_launches_including_its_command_lines_own_overri
     experiment = read_experiment(edited)
     assert len(experiment.presets) == 7 and experiment.seeds == [1, 2, 3]
     assert run_length(experiment, experiment.presets[0][1]) == (10 * 4 * 16 * 256, 10 * 4)
+    config["parameters"]["model.variant"] = config["parameters"].pop("model")["parameters"]["variant"]  # dotted
+    edited.write_text(yaml.safe_dump(config))
+    assert [label for label, _ in read_experiment(edited).presets] == [label for label, _ in experiment.presets]
 
 
 def test_projection_arithmetic_here_and_scaled_by_data_sheet_peaks():

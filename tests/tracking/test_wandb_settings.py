@@ -181,7 +181,9 @@ def test_under_wandb_agent_the_run_goes_where_wandb_puts_it_and_the_record_says_
 def test_a_bad_wandb_variable_is_named_as_the_user_set_it(workdir, monkeypatch):
     from blueberry.tracking.wandb_settings import load_wandb_settings
 
-    for var, value in (("WANDB_RESUME", "bogus"), ("WANDB__DISABLE_STATS", "maybe"), ("WANDB_SILENT", "maybe")):
+    cases = [("WANDB_RESUME", "bogus"), ("WANDB__DISABLE_STATS", "maybe"), ("WANDB_SILENT", "maybe")]
+    cases.append(("WANDB_HTTP_TIMEOUT", "abc"))  # W&B's own special name: x_graphql_timeout_seconds
+    for var, value in cases:
         with monkeypatch.context() as env:
             env.setenv(var, value)
             with pytest.raises(ValueError, match=f"^W&B environment variable {var}='{value}': "):
