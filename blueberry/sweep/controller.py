@@ -26,7 +26,7 @@ from blueberry.gpu_monitor import nvidia_driver_loaded, unpinned_device_names, v
 from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain
 from blueberry.sweep.progress import SweepProgress
-from blueberry.sweep.state import SweepState, Trial, this_worker, worker_alive
+from blueberry.sweep.state import TERMINAL, SweepState, Trial, this_worker, worker_alive
 from blueberry.terminal import stop_signals_raise
 from blueberry.threads import usable_cores
 from blueberry.tracking import read_metrics
@@ -34,6 +34,7 @@ from blueberry.tracking.record import RecordError
 
 POLL_S = 0.5
 EARLY_STOP_EVERY_S = 5.0
+AGENT_KILL_DELAY_S = 30  # wandb_agent.Agent.KILL_DELAY
 SWEEPS_DIR = "_sweeps"
 
 
@@ -93,6 +94,7 @@ class Worker:
     log_path: Path
     device: str | None = None  # the GPU the trial was pinned to (None: no GPU, or unknown)
     started: float = field(default_factory=time.monotonic)
+    stopped: float | None = None  # when early termination sent it SIGTERM
 
 
 def sweep_dir(runs_root: Path, sweep: Sweep) -> Path:
@@ -226,7 +228,9 @@ def collect(trial: Trial, runs_root: Path, metric: str, returncode: int | None, 
     if returncode == 0 and status.get("state") == "finished" and unreadable is None:
         trial.state, trial.reason = "finished", None
     elif trial.state != "killed":
-        trial.state = "failed"
+        # W&B's words: a run that ended with an error failed; one whose process died without a word (a signal, out
+        # of memory: its record still says running) crashed
+        trial.state = "crashed" if returncode < 0 or status.get("state") == "running" else "failed"
         reason = status.get("reason") if isinstance(status.get("reason"), str) else None
         trial.reason = unreadable or reason or f"exit code {returncode}: {_tail(log_path)}"
 
@@ -250,6 +254,7 @@ class SweepRunner:
         self.progress = SweepProgress(sweep.name, total, self.parallel, log=log, outer=outer)
         self.log = self.progress.write  # trial lines above the live progress line, never through it
         self.durations: list[float] = []  # of the trials this controller saw finish
+        self.ended_unfinished = 0  # trials this controller saw end otherwise (stopped, failed, crashed)
 
     def run(self) -> SweepState:
         self.me = this_worker()
@@ -263,10 +268,10 @@ class SweepRunner:
             self.log(f"joining sweep {self.sweep.sweep_id}: another `blueberry sweep` works on it (pid {pids})")
         for _, why in self.state.unreadable:
             self.log(f"  sweep state entry unreadable, left as it is: {why}")
-        finished_before = sum(t.state == "finished" for t in self.state.trials)
+        ended_before = sum(t.state in TERMINAL for t in self.state.trials)  # finished, and stopped or failed
         try:
             with stop_signals_raise():  # `kill` and a closed terminal stop the trials cleanly, like Ctrl-C
-                self._loop(finished_before)
+                self._loop(ended_before)
         except KeyboardInterrupt:
             self._stop_all("interrupted")
             raise
@@ -275,7 +280,7 @@ class SweepRunner:
         self.state.load()
         return self.state
 
-    def _loop(self, finished_before: int) -> None:
+    def _loop(self, ended_before: int) -> None:
         last_early_check = time.monotonic()
         while True:
             while len(self.workers) < self.parallel:
@@ -287,15 +292,15 @@ class SweepRunner:
                 break
             time.sleep(POLL_S)
             self._reap()
-            self._show_progress(finished_before)
+            self._show_progress(ended_before)
             if "early_terminate" in self.sweep.config and time.monotonic() - last_early_check > EARLY_STOP_EVERY_S:
                 self._early_terminate()
                 last_early_check = time.monotonic()
 
-    def _show_progress(self, finished_before: int) -> None:
+    def _show_progress(self, ended_before: int) -> None:
         number = {t.run_id: i + 1 for i, t in enumerate(self.state.trials)}
         running = [(number.get(run_id, 0), run_id, find_record(self.runs_root, run_id)) for run_id in self.workers]
-        self.progress.update(running, self.durations, finished_before)
+        self.progress.update(running, self.durations, ended_before + self.ended_unfinished)
 
     def _others_working(self) -> bool:
         """Another live controller still runs trials of this sweep: wait, to take them over if it dies."""
@@ -411,7 +416,8 @@ class SweepRunner:
             del self.workers[run_id]
             if isinstance(worker.process, Orphan):  # its exit code is lost: the run record decides
                 record = find_record(self.runs_root, run_id)
-                if record is None or _read_json(record / "status.json").get("state") != "finished":
+                stopped = worker.trial.state == "killed"  # by early termination: judged, never run again
+                if not stopped and (record is None or _read_json(record / "status.json").get("state") != "finished"):
                     worker.trial.pid, worker.trial.state = None, "pending"
                     self.state.put(worker.trial)
                     self.resumable.append(worker.trial)  # it died unfinished: run it (again)
@@ -420,6 +426,8 @@ class SweepRunner:
             collect(worker.trial, self.runs_root, self.metric, returncode, worker.log_path)
             if worker.trial.state == "finished":
                 self.durations.append(time.monotonic() - worker.started)
+            else:  # ended all the same: not among the trials still to run
+                self.ended_unfinished += 1
             worker.trial.pid = None
             self.state.put(worker.trial)
             value = worker.trial.summary.get(self.metric)
@@ -428,19 +436,29 @@ class SweepRunner:
 
     def _early_terminate(self) -> None:
         running = {w.trial.run_id for w in self.workers.values()}
-        for worker in self.workers.values():
-            run_dir = find_record(self.runs_root, worker.trial.run_id)
+        trials = self._all_trials()
+        for trial in trials:  # every running trial, other controllers' too: W&B's server sees all their histories
+            run_dir = find_record(self.runs_root, trial.run_id) if trial.state == "running" else None
             if run_dir is not None:
                 try:
-                    worker.trial.history = metric_rows(run_dir, self.metric)
+                    trial.history = metric_rows(run_dir, self.metric)
                 except (OSError, UnicodeDecodeError, RecordError):
                     pass  # judged on the rows read before; collect() reports an unreadable record at the end
-        for run in engine().stop_runs(self.sweep.config, engine_runs(self._all_trials())):
-            if run.name in running:
+        for run in engine().stop_runs(self.sweep.config, engine_runs(trials)):
+            if run.name in running and self.workers[run.name].stopped is None:
                 worker = self.workers[run.name]
                 worker.trial.state, worker.trial.reason = "killed", "early-terminated by the sweep's early_terminate"
+                self.state.put(worker.trial)  # judged for good, whatever happens to this controller next
                 worker.process.send_signal(signal.SIGTERM)
+                worker.stopped = time.monotonic()
                 self.log(f"  {run.name}: early-terminated")
+        # As `wandb agent` does: SIGKILL a stopped trial still running after WANDB_AGENT_KILL_DELAY seconds (30)
+        from wandb import env as wandb_env
+
+        delay = wandb_env.get_agent_kill_delay(AGENT_KILL_DELAY_S)
+        for worker in self.workers.values():
+            if worker.stopped is not None and time.monotonic() - worker.stopped > (delay or AGENT_KILL_DELAY_S):
+                worker.process.kill()
 
     def _stop_all(self, why: str) -> None:
         """Stop running trials; they stay unfinished in the state, so the same command re-runs them."""

@@ -124,8 +124,10 @@ class SweepProgress:
             trial.elapsed_s = float(elapsed) if isinstance(elapsed, (int, float)) else 0.0
         return trial
 
-    def sweep_eta_s(self, trials: list[TrialView], done: list[float], finished_before: int) -> float | None:
-        """Remaining trials × the mean trial time, shared by the parallel workers, plus what running ones need."""
+    def sweep_eta_s(self, trials: list[TrialView], done: list[float], ended_before: int) -> float | None:
+        """Remaining trials × the mean trial time, shared by the parallel workers, plus what running ones need.
+        `done`: the durations of the trials this controller saw finish; `ended_before`: every other trial that
+        ended (before this controller, or stopped, failed or crashed since): neither is still to run."""
         if self.total is None:
             return None
         per_trial = sum(done) / len(done) if done else None
@@ -134,18 +136,18 @@ class SweepProgress:
             per_trial = sum(paced) / len(paced) if paced else None
         if per_trial is None:
             return None
-        waiting = max(0, self.total - finished_before - len(done) - len(trials))
+        waiting = max(0, self.total - ended_before - len(done) - len(trials))
         running = max((t.eta_s or 0.0 for t in trials), default=0.0)
         return running + waiting * per_trial / self.parallel
 
-    def update(self, running: list[tuple[int, str, Path | None]], done: list[float], finished_before: int = 0):
+    def update(self, running: list[tuple[int, str, Path | None]], done: list[float], ended_before: int = 0):
         now = time.monotonic()
         if now - self.last_draw < REDRAW_S:
             return
         self.last_draw = now
         trials = [self.view(*item) for item in running]
-        finished = finished_before + len(done)
-        eta = self.sweep_eta_s(trials, done, finished_before)
+        finished = ended_before + len(done)
+        eta = self.sweep_eta_s(trials, done, ended_before)
         head = f"{self.name}: {finished}/{self.total or '?'} done"
         if self.outer is not None:
             head = f"{self.outer(len(done))} | {head}"

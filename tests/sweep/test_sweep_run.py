@@ -295,3 +295,101 @@ def test_a_trial_run_again_is_read_from_its_newest_attempt(tmp_path):
         (tmp_path / "exp" / name / "status.json").write_text(json.dumps({"state": state}))
     assert find_record(tmp_path, "s-t000") == tmp_path / "exp" / "s-t000-10"  # -10 after -2: by number
     assert find_record(tmp_path, "s-t0001") == tmp_path / "exp" / "s-t0001" and find_record(tmp_path, "s-t9") is None
+
+
+def test_an_early_terminated_trial_is_stopped_for_good_and_killed_if_it_ignores_the_stop(tmp_path, monkeypatch):
+    """As under `wandb agent`: a trial the sweep's early_terminate stops is `killed` in the sweep's state at once, so
+    neither a controller that dies next nor one waiting for it as an orphan runs it again; and one that ignores
+    SIGTERM is SIGKILLed after WANDB_AGENT_KILL_DELAY seconds (30 by default)."""
+    from types import SimpleNamespace
+
+    import blueberry.sweep.controller as controller
+    from blueberry.sweep.controller import Worker, plan
+    from blueberry.sweep.state import Trial
+
+    path = queue_sweep(tmp_path, [0.01, 0.02])
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**config, "early_terminate": {"type": "hyperband", "min_iter": 1}}))
+    sweep = load_sweep(path)
+    runner = SweepRunner(sweep, tmp_path / "runs", parallel=2, log=lambda line: None)
+    runner.resumable, planned = [], plan(sweep, None)
+    real = controller.engine()
+    stopping = SimpleNamespace(  # the engine, judging both trials to stop
+        RunState=real.RunState, SweepRun=real.SweepRun, stop_runs=lambda config, runs: list(runs)
+    )
+    monkeypatch.setattr(controller, "engine", lambda: stopping)
+    waits = "import signal, time; signal.signal(signal.SIGTERM, signal.{}); print('up', flush=True); time.sleep(60)"
+    processes = []
+    try:
+        for (run_id, handler), params in zip((("t-0", "SIG_DFL"), ("t-1", "SIG_IGN")), planned):
+            env = {**os.environ, "WANDB_RUN_ID": run_id}
+            process = subprocess.Popen([sys.executable, "-c", waits.format(handler)], env=env, stdout=subprocess.PIPE)
+            assert process.stdout.readline() == b"up\n"
+            processes.append(process)
+            trial = Trial(run_id=run_id, params=params, state="running", pid=process.pid)
+            runner.state.put(trial)
+            runner.workers[run_id] = Worker(trial, Orphan(process.pid, run_id), None, tmp_path / f"{run_id}.log")
+        runner._early_terminate()
+        assert [t["state"] for t in state_of(tmp_path / "runs")] == ["killed", "killed"]  # on disk at once
+        processes[0].wait(timeout=30)
+        runner._reap()
+        assert runner.resumable == [] and "t-0" not in runner.workers  # stopped, not queued to run again
+        runner._early_terminate()
+        assert processes[1].poll() is None  # ignoring SIGTERM, within the delay
+        runner.workers["t-1"].stopped -= 31
+        runner._early_terminate()
+        assert processes[1].wait(timeout=30) == -signal.SIGKILL
+        runner._reap()
+        assert runner.workers == {} and [t["state"] for t in state_of(tmp_path / "runs")] == ["killed", "killed"]
+        assert runner.ended_unfinished == 2  # the live line counts them done: none is still to run
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def test_a_trial_that_died_without_a_word_crashed_one_that_ended_with_an_error_failed(tmp_path):
+    """W&B's states, as the report names the same runs: killed by a signal (out of memory) with its record still
+    saying running is `crashed`; a run that recorded its error and exited 1 is `failed`."""
+    from blueberry.sweep.controller import collect
+    from blueberry.sweep.state import Trial
+
+    log = tmp_path / "t.log"
+    log.write_text("")
+    for run_id, recorded, returncode, expected in (("a", "running", -9, "crashed"), ("b", "failed", 1, "failed")):
+        (tmp_path / "exp" / run_id).mkdir(parents=True)
+        (tmp_path / "exp" / run_id / "status.json").write_text(json.dumps({"state": recorded}))
+        trial = Trial(run_id=run_id, params={}, state="running")
+        collect(trial, tmp_path, "val/loss", returncode, log)
+        assert trial.state == expected
+
+
+def test_early_termination_judges_with_the_histories_of_every_running_trial(tmp_path, monkeypatch):
+    """Hyperband's bands come from every running run's history, as W&B's server sees them all: a trial another
+    `blueberry sweep` runs on the same sweep counts too, not only this controller's own."""
+    from types import SimpleNamespace
+
+    import blueberry.sweep.controller as controller
+    from blueberry.sweep.controller import plan
+    from blueberry.sweep.state import Trial
+    from blueberry.tracking.record import RunRecord, claim_run_dir
+
+    path = queue_sweep(tmp_path, [0.01])
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**config, "early_terminate": {"type": "hyperband", "min_iter": 1}}))
+    sweep = load_sweep(path)
+    runner = SweepRunner(sweep, tmp_path / "runs", log=lambda line: None)
+    (params,) = plan(sweep, None)
+    runner.state.put(Trial(run_id="theirs", params=params, state="running", worker="1:other-host"))
+    claimed = claim_run_dir(tmp_path / "runs", params["experiment"], "theirs")
+    RunRecord(claimed.path, {"run_id": "theirs"}).log({"val/loss": 1.5}, 3)
+    seen = {}
+    real = controller.engine()
+    judge = SimpleNamespace(
+        RunState=real.RunState, SweepRun=real.SweepRun, stop_runs=lambda config, runs: seen.update(runs=runs) or []
+    )
+    monkeypatch.setattr(controller, "engine", lambda: judge)
+    runner._early_terminate()
+    ((run,),) = [seen["runs"]]
+    assert run.name == "theirs" and run.history == [{"_step": 3, "val/loss": 1.5}]
+    claimed.release()
