@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blueberry.hardware import PRESETS, Preset
-from blueberry.overrides import expand_dotted, leaf_paths, load_spec, read_json_object
+from blueberry.overrides import expand_dotted, leaf_paths, load_spec, read_json_object, value_at
 from blueberry.provenance import SOURCE_TREE
 from blueberry.sweep import load_sweep, plan
 from blueberry.sweep.validate import planned_launches, run_arguments
@@ -45,11 +45,11 @@ def read_experiment(sweep_path: str | Path = EXPERIMENT_1) -> Experiment:
         spec_path, overrides, files = run_arguments(launch.argv)
         layers = [json.dumps(read_json_object(file, "overrides")) for file in files]  # read before the scratch goes
         runs.append((spec_path, expand_dotted(params, "the sweep's parameters"), [*layers, *overrides]))
-    varying = [path for path in leaf_paths(runs[0][1]) if path != "seed" and len({_at(r[1], path) for r in runs}) > 1]
+    varying = [path for path in leaf_paths(runs[0][1]) if path != "seed" and len({_text(r[1], path) for r in runs}) > 1]
     presets: dict[str, list[str]] = {}
     seeds: dict[str, list] = {}
     for _, params, overrides in runs:
-        label = " ".join(str(_at(params, path)) for path in varying) or str(sweep.name)
+        label = " ".join(_text(params, path) for path in varying) or str(sweep.name)
         presets.setdefault(label, overrides)
         seeds.setdefault(label, []).append(params.get("seed"))
     base = Path(runs[0][0])  # relative to the checkout, from whose root the sweep files run
@@ -57,11 +57,10 @@ def read_experiment(sweep_path: str | Path = EXPERIMENT_1) -> Experiment:
     return Experiment(str(base), list(presets.items()), next(iter(seeds.values())))
 
 
-def _at(params: dict, path: str):
-    """A parameter's value by its dotted path, as text (values may be lists or dicts)."""
-    for part in path.split("."):
-        params = params[part]
-    return json.dumps(params, sort_keys=True) if isinstance(params, (list, dict)) else params
+def _text(params: dict, path: str) -> str:
+    """A parameter's value by its dotted path, as text (values may be numbers, lists or dicts)."""
+    value = value_at(params, path)
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def run_length(experiment: Experiment, overrides: list[str]) -> tuple[int, int]:
