@@ -263,7 +263,7 @@ class _Blame:
         """Of the fields under `section` (a dotted path, "" for the whole spec) that a source set, the one set last
         among those `message` names (by its own name: `n_heads` for model.n_heads), or None."""
         prefix = f"{section}." if section else ""
-        names = re.sub(r"'[^']*'|\([^)]*\)", "", message)  # not the values it quotes nor its asides in brackets
+        names = re.sub(r"'[^']*'|\"[^\"]*\"|\([^)]*\)", "", message)  # not the values it quotes, nor its asides
         named = [
             (rank, path)
             for path, (rank, _) in self.order.items()

@@ -145,16 +145,21 @@ def run_study(
     `results`, when given, is filled as each part ends, an interrupted one included (its time so far), so the
     caller can record them though the interruption propagates."""
     from blueberry.sweep import SweepRunner
+    from blueberry.sweep.state import TERMINAL
 
     runners = [
         (part, path, SweepRunner(sweep, runs_root, parallel=parallel, log=log)) for part, path, sweep, _ in loaded
     ]
-    done_before = sum(t.state == "finished" for *_, runner in runners for t in runner.state.trials)
+
+    def ended(runner) -> int:  # its trials that will run no more (finished, stopped, failed): done, as progress
+        return sum(t.state in TERMINAL for t in runner.state.trials)
+
+    done_before = sum(ended(runner) for *_, runner in runners)
     progress = StudyProgress(sum(len(planned) for *_, planned in loaded), done_before)
     results = [] if results is None else results
     for (part, path, runner), (*_, planned) in zip(runners, loaded):
         runner.progress.outer = progress.head_for(part.name)
-        before = sum(t.state == "finished" for t in runner.state.trials)
+        before, ended_before = sum(t.state == "finished" for t in runner.state.trials), ended(runner)
         log(f"study part {part.name}: {path} ({len(planned)} trials, {before} already finished)")
         started = time.monotonic()
         try:
@@ -164,7 +169,7 @@ def run_study(
             failed = [f"{t.run_id}: {t.state}: {t.reason}" for t in runner.state.trials if t.state != "finished"]
             wall = time.monotonic() - started
             results.append(PartResult(part, path, runner.sweep.sweep_id, len(planned), finished, failed, wall))
-        progress.part_finished(finished - before)
+        progress.part_finished(ended(runner) - ended_before)
     return results
 
 

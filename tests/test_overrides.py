@@ -240,6 +240,11 @@ def test_one_field_set_by_a_dotted_and_a_nested_key_is_refused(tmp_path, layer, 
             "train.batch_size",
         ),  # noqa: E501
         (['--tags=["' + "x" * 68 + ' lr"]', "--train.lr=0.001"], 'override --tags=["' + "x" * 68 + ' lr"]', "tags"),
+        (
+            ["--tags=[\"it's " + "x" * 64 + ' lr"]', "--train.lr=0.001"],
+            "override --tags=[\"it's " + "x" * 64 + ' lr"]',
+            "tags",
+        ),  # noqa: E501
     ],
 )
 def test_a_check_across_fields_blames_the_field_it_names_not_the_last_override(overrides, source, path):

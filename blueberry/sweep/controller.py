@@ -230,7 +230,9 @@ def collect(trial: Trial, runs_root: Path, metric: str, returncode: int | None, 
     elif trial.state != "killed":
         # W&B's words: a run that ended with an error failed; one whose process died without a word (a signal, out
         # of memory: its record still says running) crashed
-        trial.state = "crashed" if returncode < 0 or status.get("state") == "running" else "failed"
+        # (a record still running is an earlier attempt's where this one failed before writing its own)
+        died = returncode < 0 or (returncode > 128 and status.get("state") == "running")
+        trial.state = "crashed" if died else "failed"
         reason = status.get("reason") if isinstance(status.get("reason"), str) else None
         trial.reason = unreadable or reason or f"exit code {returncode}: {_tail(log_path)}"
 
@@ -268,7 +270,8 @@ class SweepRunner:
             self.log(f"joining sweep {self.sweep.sweep_id}: another `blueberry sweep` works on it (pid {pids})")
         for _, why in self.state.unreadable:
             self.log(f"  sweep state entry unreadable, left as it is: {why}")
-        ended_before = sum(t.state in TERMINAL for t in self.state.trials)  # finished, and stopped or failed
+        adopted = self._adopt_stopping()
+        ended_before = sum(t.state in TERMINAL for t in self.state.trials) - adopted  # those counted once reaped
         try:
             with stop_signals_raise():  # `kill` and a closed terminal stop the trials cleanly, like Ctrl-C
                 self._loop(ended_before)
@@ -300,7 +303,7 @@ class SweepRunner:
     def _show_progress(self, ended_before: int) -> None:
         number = {t.run_id: i + 1 for i, t in enumerate(self.state.trials)}
         running = [(number.get(run_id, 0), run_id, find_record(self.runs_root, run_id)) for run_id in self.workers]
-        self.progress.update(running, self.durations, ended_before + self.ended_unfinished)
+        self.progress.update(running, self.durations, ended_before, self.ended_unfinished)
 
     def _others_working(self) -> bool:
         """Another live controller still runs trials of this sweep: wait, to take them over if it dies."""
@@ -434,6 +437,19 @@ class SweepRunner:
             shown = f"{self.metric}={value:.4f}" if isinstance(value, float) else worker.trial.reason
             self.log(f"  {run_id}: {worker.trial.state} ({shown})")
 
+    def _adopt_stopping(self) -> int:
+        """Trials early termination stopped that still run, left by a controller that died: waited for (on their
+        GPU) and SIGKILLed after the delay, as their own controller would have; how many."""
+        adopted = 0
+        for trial in self.state.trials:
+            if trial.state == "killed" and trial.pid and not worker_alive(trial.worker):
+                orphan = Orphan(trial.pid, trial.run_id)
+                if orphan.poll() is None:
+                    log_path, now = self.dir / "logs" / f"{trial.run_id}.log", time.monotonic()
+                    self.workers[trial.run_id] = Worker(trial, orphan, None, log_path, orphan.device(), stopped=now)
+                    adopted += 1
+        return adopted
+
     def _early_terminate(self) -> None:
         running = {w.trial.run_id for w in self.workers.values()}
         trials = self._all_trials()
@@ -455,9 +471,10 @@ class SweepRunner:
         # As `wandb agent` does: SIGKILL a stopped trial still running after WANDB_AGENT_KILL_DELAY seconds (30)
         from wandb import env as wandb_env
 
-        delay = wandb_env.get_agent_kill_delay(AGENT_KILL_DELAY_S)
+        delay = wandb_env.get_agent_kill_delay(AGENT_KILL_DELAY_S)  # None where it does not parse: ours
+        delay = AGENT_KILL_DELAY_S if delay is None else delay
         for worker in self.workers.values():
-            if worker.stopped is not None and time.monotonic() - worker.stopped > (delay or AGENT_KILL_DELAY_S):
+            if worker.stopped is not None and time.monotonic() - worker.stopped > delay:
                 worker.process.kill()
 
     def _stop_all(self, why: str) -> None:

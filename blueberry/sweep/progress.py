@@ -140,17 +140,21 @@ class SweepProgress:
         running = max((t.eta_s or 0.0 for t in trials), default=0.0)
         return running + waiting * per_trial / self.parallel
 
-    def update(self, running: list[tuple[int, str, Path | None]], done: list[float], ended_before: int = 0):
+    def update(
+        self, running: list[tuple[int, str, Path | None]], done: list[float], ended_before: int = 0, stopped: int = 0
+    ):
+        """`done`: durations of the trials finished since this controller started; `stopped`: the trials that ended
+        otherwise since (early-terminated, failed, crashed); `ended_before`: those ended before it started."""
         now = time.monotonic()
         if now - self.last_draw < REDRAW_S:
             return
         self.last_draw = now
         trials = [self.view(*item) for item in running]
-        finished = ended_before + len(done)
-        eta = self.sweep_eta_s(trials, done, ended_before)
+        finished = ended_before + stopped + len(done)
+        eta = self.sweep_eta_s(trials, done, ended_before + stopped)
         head = f"{self.name}: {finished}/{self.total or '?'} done"
         if self.outer is not None:
-            head = f"{self.outer(len(done))} | {head}"
+            head = f"{self.outer(len(done) + stopped)} | {head}"
         line = " | ".join([head, *(t.text(self.total) for t in trials), f"sweep ETA {fmt_eta(eta)}"])
         if self.tty:
             self._draw(line, finished)

@@ -57,6 +57,8 @@ def load_wandb_settings():
         settings.update_from_env_vars(dict(os.environ))
     except ValidationError as exc:
         error = exc.errors()[0]
+        if not error["loc"]:  # a check across settings (WANDB_RESUME with WANDB_RESUME_FROM): W&B names them
+            raise ValueError(f"W&B environment: {error['msg'].removeprefix('Value error, ')}") from None
         env_var = _variable_of(str(error["loc"][0]))
         raise ValueError(f"W&B environment variable {env_var}={error.get('input')!r}: {error['msg']}") from None
     except UsageError as exc:  # W&B's own validators (e.g. a project name with '/') raise this instead
@@ -78,7 +80,7 @@ def _variable_of(setting: str) -> str:
             try:
                 Settings().update_from_env_vars({var: value})
             except ValidationError as exc:
-                if exc.errors()[0]["loc"][0] == setting:
+                if exc.errors()[0]["loc"][:1] == (setting,):
                     return var
             except Exception:  # W&B's own validators raise UsageError; not the variable sought
                 continue

@@ -39,6 +39,20 @@ def test_log_lines_give_trial_step_loss_speed_and_etas(tmp_path, monkeypatch):
     assert len(lines) == 1  # in a log file: a line every LOG_EVERY_S, not every poll
 
 
+def test_stopped_and_failed_trials_are_done_not_still_to_run(tmp_path, monkeypatch):
+    """A sweep of 10: 3 finished (180 s each), 5 ended otherwise (early-terminated, failed), 1 running with 150 s to
+    go: one trial waits, not six; the study's head counts all 8 ended trials as done."""
+    monkeypatch.setattr(progress, "REDRAW_S", 0.0)
+    rows = [{"step": 25, "time": 50.0, "train/loss": 6.25, "perf/tokens_per_s": 4321.0}]
+    run_dir = trial_dir(tmp_path, "sweep-t9", 100, rows)
+    lines, heads = [], []
+    view = SweepProgress("ablation", total=10, parallel=1, stream=io.StringIO(), log=lines.append, outer=heads.append)
+    view.update([(9, "sweep-t9", run_dir)], done=[180.0, 180.0], ended_before=2, stopped=4)
+    (line,) = lines
+    assert "ablation: 8/10 done" in line and "sweep ETA 05:30" in line  # 150 s + the one left at 180 s
+    assert heads == [6]  # ended since this controller started: 2 finished, 4 stopped
+
+
 def test_a_trial_without_a_record_yet_still_shows(tmp_path, monkeypatch):
     monkeypatch.setattr(progress, "REDRAW_S", 0.0)
     lines = []

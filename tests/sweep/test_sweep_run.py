@@ -356,7 +356,9 @@ def test_a_trial_that_died_without_a_word_crashed_one_that_ended_with_an_error_f
 
     log = tmp_path / "t.log"
     log.write_text("")
-    for run_id, recorded, returncode, expected in (("a", "running", -9, "crashed"), ("b", "failed", 1, "failed")):
+    cases = [("a", "running", -9, "crashed"), ("b", "failed", 1, "failed")]
+    cases.append(("c", "running", 2, "failed"))  # an earlier attempt's record: this one exited 2 before its own
+    for run_id, recorded, returncode, expected in cases:
         (tmp_path / "exp" / run_id).mkdir(parents=True)
         (tmp_path / "exp" / run_id / "status.json").write_text(json.dumps({"state": recorded}))
         trial = Trial(run_id=run_id, params={}, state="running")
@@ -393,3 +395,35 @@ def test_early_termination_judges_with_the_histories_of_every_running_trial(tmp_
     ((run,),) = [seen["runs"]]
     assert run.name == "theirs" and run.history == [{"_step": 3, "val/loss": 1.5}]
     claimed.release()
+
+
+def test_a_stopped_trial_its_dead_controller_left_running_is_waited_for_and_killed(tmp_path, monkeypatch):
+    """Early termination stopped a trial, then its controller died within the kill delay: the next controller
+    adopts the still-running trial (its GPU stays counted), SIGKILLs it after the delay, and runs nothing again."""
+    import blueberry.sweep.controller as controller
+    from blueberry.sweep.controller import plan
+    from blueberry.sweep.state import Trial
+
+    path = queue_sweep(tmp_path, [0.01])
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**config, "early_terminate": {"type": "hyperband", "min_iter": 1}}))
+    sweep = load_sweep(path)
+    (params,) = plan(sweep, None)
+    program = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
+    program += "time.sleep(60)"
+    env = {**os.environ, "WANDB_RUN_ID": "stopped"}
+    process = subprocess.Popen([sys.executable, "-c", program], env=env, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout.readline() == b"up\n"
+        runner = SweepRunner(sweep, tmp_path / "runs", log=lambda line: None)
+        dead = "999999:1"  # the controller that stopped it, no longer alive
+        runner.state.put(Trial(run_id="stopped", params=params, state="killed", pid=process.pid, worker=dead))
+        monkeypatch.setattr(controller, "EARLY_STOP_EVERY_S", 0.0)
+        monkeypatch.setenv("WANDB_AGENT_KILL_DELAY", "0")
+        state = runner.run()
+        assert process.wait(timeout=30) == -signal.SIGKILL
+        assert [(t.run_id, t.state, t.pid) for t in state.trials] == [("stopped", "killed", None)]
+        assert not (tmp_path / "runs" / params["experiment"]).exists()  # never launched again
+    finally:
+        process.kill()
+        process.wait()

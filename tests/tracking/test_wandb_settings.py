@@ -188,3 +188,13 @@ def test_a_bad_wandb_variable_is_named_as_the_user_set_it(workdir, monkeypatch):
             env.setenv(var, value)
             with pytest.raises(ValueError, match=f"^W&B environment variable {var}='{value}': "):
                 load_wandb_settings()
+
+
+def test_a_wandb_setting_refused_with_another_is_an_error_naming_w_and_bs_reason(workdir, monkeypatch):
+    """W&B checks some settings together (its error names no single one): still a clear error, not a traceback."""
+    from blueberry.tracking.wandb_settings import load_wandb_settings
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB__SKIP_TRANSACTION_LOG", "true")
+    with pytest.raises(ValueError, match="^W&B environment: Cannot skip transaction log in offline mode"):
+        load_wandb_settings()
