@@ -10,6 +10,7 @@ into one nested dict, merged deep into the raw spec, then the whole spec is vali
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import json
 import re
@@ -309,3 +310,21 @@ def _field_names(loc: tuple) -> list[str]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_MISSING = object()
+
+
+def unreached(params: dict, written: dict, run: RunSpec) -> list[str]:
+    """Dotted names of the swept values the run does not get. The run's spec (`run`, from its command line, which
+    `written` is before validation) is compared, field by field, with the spec it would be if the parameters were
+    applied last, as `${args_json_file}` applies them: so dotted names (`train.lr:`), quoted numbers that
+    validation reads as numbers and fields validation derives (a null model.variant) compare as the run sees
+    them. Parameters the spec cannot take at all are not this check's: they fail validation."""
+    swept = expand_dotted(params, "the sweep's parameters")
+    try:
+        meant = RunSpec.model_validate(deep_merge(copy.deepcopy(written), swept)).model_dump(mode="json")
+    except ValidationError:
+        return []
+    got = run.model_dump(mode="json")
+    return [path for path in leaf_paths(swept) if value_at(meant, path, _MISSING) != value_at(got, path, _MISSING)]

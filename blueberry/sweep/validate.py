@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from blueberry.overrides import SpecError, deep_merge, expand_dotted, leaf_paths, load_spec, merged_spec, value_at
-from blueberry.spec import RunSpec
+from blueberry.overrides import SpecError, load_spec, merged_spec, unreached
 from blueberry.sweep.config import Sweep
 from blueberry.sweep.controller import UNTIL_STOPPED
 from blueberry.sweep.launch import build_trial
@@ -89,24 +85,6 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
                 "${args_no_boolean_flags} leaves the spec's own value)"
             )
             raise SpecError([(where, path, reason) for path in missed])
-
-
-_MISSING = object()
-
-
-def unreached(params: dict, written: dict, run: RunSpec) -> list[str]:
-    """Dotted names of the swept values the run does not get. The run's spec (`run`, from its command line, which
-    `written` is before validation) is compared, field by field, with the spec it would be if the parameters were
-    applied last, as `${args_json_file}` applies them: so dotted names (`train.lr:`), quoted numbers that
-    validation reads as numbers and fields validation derives (a null model.variant) compare as the run sees
-    them. Parameters the spec cannot take at all are not this check's: they fail validation."""
-    swept = expand_dotted(params, "the sweep's parameters")
-    try:
-        meant = RunSpec.model_validate(deep_merge(copy.deepcopy(written), swept)).model_dump(mode="json")
-    except ValidationError:
-        return []
-    got = run.model_dump(mode="json")
-    return [path for path in leaf_paths(swept) if value_at(meant, path, _MISSING) != value_at(got, path, _MISSING)]
 
 
 def describe(sweep: Sweep, planned: list[dict], open_ended: bool = False) -> str:

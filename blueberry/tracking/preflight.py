@@ -89,8 +89,7 @@ def check_sweep_parameters(spec: RunSpec) -> None:
         return
     from wandb.sdk.lib.config_util import dict_from_config_file
 
-    from blueberry.overrides import SpecError, expand_dotted, value_at
-    from blueberry.sweep.validate import unreached
+    from blueberry.overrides import SpecError, expand_dotted, unreached, value_at
 
     try:
         params = dict_from_config_file(path, must_exist=True) or {}
