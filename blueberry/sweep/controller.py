@@ -229,9 +229,9 @@ def collect(trial: Trial, runs_root: Path, metric: str, returncode: int | None, 
         trial.state, trial.reason = "finished", None
     elif trial.state != "killed":
         # W&B's words: a run that ended with an error failed; one whose process died without a word (a signal, out
-        # of memory: its record still says running) crashed
-        # (a record still running is an earlier attempt's where this one failed before writing its own)
-        died = returncode < 0 or (returncode > 128 and status.get("state") == "running")
+        # of memory) crashed. A record still saying running alone proves nothing: it may be an earlier attempt's,
+        # where this one failed before writing its own.
+        died = returncode is not None and (returncode < 0 or (returncode > 128 and status.get("state") == "running"))
         trial.state = "crashed" if died else "failed"
         reason = status.get("reason") if isinstance(status.get("reason"), str) else None
         trial.reason = unreadable or reason or f"exit code {returncode}: {_tail(log_path)}"
