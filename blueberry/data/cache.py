@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,4 +42,4 @@ def set_aside(entry: Path) -> None:
     """Move a damaged cache entry out of its name (kept, hidden, for a look) so a fresh one can take it; another
     process may have done so first."""
     with contextlib.suppress(OSError):
-        os.rename(entry, entry.with_name(f".{entry.name}.damaged-{os.getpid()}"))
+        os.rename(entry, entry.with_name(f".{entry.name}.damaged-{os.getpid()}-{time.time_ns()}"))  # pids recur

@@ -53,15 +53,22 @@ def _builder_for(path: Path) -> str | None:
     return BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def stat_fingerprint(files: Iterable[Path]) -> str:
-    """Hash of absolute path, size and mtime per file (what datasets' own cache keys on).
+# A local file is read again, not from datasets' Arrow cache, whose key is the files' mtime alone: an edit that kept
+# the mtime was read as the old documents (this runs only when our own token cache misses).
+REREAD = "force_redownload"
 
-    Hashing the content of a large local corpus on every run would cost more than the cache saves.
+
+def stat_fingerprint(files: Iterable[Path]) -> str:
+    """Hash of absolute path, size, mtime and ctime per file.
+
+    Hashing the content of a large local corpus on every run would cost more than the cache saves. The ctime
+    changes on every write and no tool sets it back, unlike the mtime (`touch -r`, `cp -p`, rsync and
+    reproducible builds keep or fix it), so an edit that keeps the size and the mtime is still seen.
     """
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
-        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -171,12 +178,16 @@ def _load_dataset(spec: DataSpec, source: Source):
         # as_file gives a real path even from a zipped install; the json builder writes its Arrow
         # cache under HF_HOME, never into the package (cached reload 0.13 s vs 0.24 s first).
         with importlib.resources.as_file(resource) as path:
-            return datasets.load_dataset("json", data_files=str(path), split="train")
+            return datasets.load_dataset("json", data_files=str(path), split="train", download_mode=REREAD)
     if source.kind == "local":
         try:
             with _datasets_log_silenced():  # it logs the error it then raises; ours names the file and the cause
                 return datasets.load_dataset(
-                    source.builder, data_files=list(source.files), split="train", **source.builder_kwargs
+                    source.builder,
+                    data_files=list(source.files),
+                    split="train",
+                    download_mode=REREAD,
+                    **source.builder_kwargs,
                 )
         except Exception as exc:  # a builder's parse error, bad UTF-8, a truncated file, wrapped or not by datasets
             raise DataError(

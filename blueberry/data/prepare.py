@@ -171,7 +171,8 @@ def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
 
 
 def _load(root: Path, entry: Path, spec: DataSpec):
-    """A complete cache entry, or None if it (or the BPE it refers to) is missing."""
+    """A complete cache entry whose tokens are those it recorded (their fingerprint), or None if it (or the BPE
+    it refers to) is missing or they are not."""
     if not (entry / "meta.json").is_file() or not (entry / "split.json").is_file():
         return None
     meta = json.loads((entry / "meta.json").read_text())
@@ -183,6 +184,8 @@ def _load(root: Path, entry: Path, spec: DataSpec):
     else:
         tokenizer = load_pretrained(spec.tokenizer)
     train, val = np.load(entry / "train.npy"), np.load(entry / "val.npy")
+    if train.ndim != 1 or val.ndim != 1 or data_fingerprint(train, val, tokenizer) != meta["fingerprint"]:
+        return None  # tokens that load but are not the ones built (an edit in place, a disk fault): built again
     return tokenizer, train, val, meta
 
 

@@ -151,10 +151,16 @@ def test_local_jsonl_end_to_end(tmp_path):
     assert data.leakage["val_docs_in_train"] == 0
 
 
-@pytest.mark.parametrize("damage", ["cut train.npy", "lose split.json", "lose meta.json", "cut the BPE"])
-def test_a_damaged_cache_entry_is_set_aside_and_built_again(tmp_path, damage):
+DAMAGES = ["cut train.npy", "lose split.json", "lose meta.json", "cut the BPE", "overwrite train.npy in place"]
+
+
+@pytest.mark.parametrize("damage", [*DAMAGES, "garbage meta.json, its aside name taken"])
+def test_a_damaged_cache_entry_is_set_aside_and_built_again(tmp_path, damage, monkeypatch):
     """Files cut short by a crash before they reached the disk, or a hand edit: the next run rebuilds the entry
-    (it gave a traceback, or was silently rebuilt by every run) and keeps the damaged one aside, hidden."""
+    (it gave a traceback, or was silently rebuilt by every run) and keeps the damaged one aside, hidden. Tokens
+    that still load but are not those built (bytes overwritten in place) were trained on under the old
+    fingerprint; a name to set the entry aside under that was taken (pids recur) made every run rebuild it."""
+    import os
     docs = load_documents(SPEC)[:60]
     path = tmp_path / "local.jsonl"
     path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
@@ -168,15 +174,25 @@ def test_a_damaged_cache_entry_is_set_aside_and_built_again(tmp_path, damage):
         (entry / "split.json").unlink()
     elif damage == "lose meta.json":
         (entry / "meta.json").unlink()
-    else:
+    elif damage == "cut the BPE":
         (bpe / "tokenizer.json").write_text((bpe / "tokenizer.json").read_text()[:500])
+    elif damage == "overwrite train.npy in place":
+        tokens = bytearray((entry / "train.npy").read_bytes())
+        tokens[200:400] = b"A" * 200  # the same size: it still loads
+        (entry / "train.npy").write_bytes(bytes(tokens))
+    else:
+        (entry.parent / f".{entry.name}.damaged-{os.getpid()}" / "earlier").mkdir(parents=True)
+        (entry / "meta.json").write_text("garbage")
     again = prepare_data(spec, seed=0, cache_dir=cache)
     assert again.fingerprint == first.fingerprint and torch.equal(again.train_tokens, first.train_tokens)
     assert (entry / "meta.json").is_file() and (entry / "split.json").is_file()
     aside = [p.name for folder in ("tokens", "tokenizers") for p in (cache / folder).iterdir() if ".damaged-" in p.name]
-    assert len(aside) == (2 if damage == "cut the BPE" else 1)  # a damaged BPE takes its token entry with it
+    # a damaged BPE takes its token entry with it; a name taken keeps the earlier entry there
+    assert len(aside) == (2 if damage in ("cut the BPE", "garbage meta.json, its aside name taken") else 1)
+    builds = []
+    monkeypatch.setattr(prepare_module, "_build", lambda *args: builds.append(args) or pytest.fail("built again"))
     third = prepare_data(spec, seed=0, cache_dir=cache)  # repaired: a cache hit from now on
-    assert third.fingerprint == first.fingerprint
+    assert third.fingerprint == first.fingerprint and builds == []
 
 
 def test_the_text_endoftext_inside_a_document_is_no_document_boundary(tmp_path):
