@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import gc
 import json
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -28,7 +29,8 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_
 
 
 def _fail(message: str, code: int = 2):
-    click.echo(f"error: {message}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank checks the same input: rank 0 says it once
+        click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
@@ -225,7 +227,7 @@ def run(spec_path, overrides, override_files, resume):
     try:  # a Ctrl-C while the libraries load is an interruption as any other (exit 130), not click's "Aborted!"
         _check_data_inputs(spec_path, spec)
         with _loading_libraries():
-            from blueberry.distributed import env_world
+            from blueberry.distributed import MainRankFailed, env_world
             from blueberry.hardware import NotRunnableHere
             from blueberry.models.causality import CausalityError
             from blueberry.runner import SETUP_STAGES, OutOfMemory, execute
@@ -246,6 +248,8 @@ def run(spec_path, overrides, override_files, resume):
         _fail(f"{spec_path}: {exc}")
     except PreflightError as exc:  # the runs root changed since preflight (or access() could not tell)
         _fail(str(exc))
+    except MainRankFailed:  # a torchrun rank: rank 0 says why
+        sys.exit(1)
     except TrainingInterrupted as exc:
         if not env_world().is_main:  # a torchrun rank: rank 0 says where the checkpoint of every rank went
             sys.exit(128 + exc.signum)

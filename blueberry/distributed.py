@@ -191,6 +191,20 @@ def gather_to_main(obj) -> list | None:
     return gathered
 
 
+class MainRankFailed(RuntimeError):
+    """Rank 0 failed before training started (it reports why): the other ranks stop without a word of their own."""
+
+
+MAIN_FAILED = "blueberry: rank 0 failed before training"  # what rank 0 broadcasts instead of the resume point
+
+
+def release_followers() -> None:
+    """Rank 0, failing before it broadcast the resume point the other ranks wait for: tell them, so they stop
+    quietly rather than each with the process group's own traceback once rank 0 is gone."""
+    with contextlib.suppress(Exception):  # the group itself may be what failed
+        broadcast_from_main(MAIN_FAILED)
+
+
 def broadcast_from_main(obj):
     """Rank 0's `obj` on every rank (what the others pass is ignored); `obj` itself in one process."""
     if not current().distributed:

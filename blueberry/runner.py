@@ -76,6 +76,7 @@ class Run:
     wandb_id: str | None = None
     wandb_resume: str | None = None  # W&B's resume policy for wandb_id
     setup_s: dict[str, float] = field(default_factory=dict)  # time/setup/* seconds, into the summary
+    followers_started: bool = False  # the other ranks got the resume point and train (torchrun)
 
 
 def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process: bool = False) -> RunResult:
@@ -98,6 +99,8 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
         try:
             follower = FollowerCheckpointer(built.spec.train.checkpoint_every)
             resume_state = distributed.broadcast_from_main(None)  # the checkpoint rank 0 resumes from (train_stage)
+            if resume_state == distributed.MAIN_FAILED:
+                raise distributed.MainRankFailed(resume_state)
             summary = train(
                 built.spec, built.model, data, distributed.NullTracker(), built.device, built.precision,
                 checkpointer=follower, resume=resume_state, stop=stop,
@@ -111,10 +114,10 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
     run.wandb_settings = run_settings(spec, tags=ours)  # the spec, else W&B's own settings, else our defaults
     mode, why = run.wandb_settings["mode"].value, run.wandb_settings["mode"].source
     tracking = time.monotonic()
-    claim_stage(run, resume, log)
-    header_stage(run, mode, why, log)
     stop = None
     try:
+        claim_stage(run, resume, log)
+        header_stage(run, mode, why, log)
         wandb_stage(run, log)  # before the record is touched: a W&B that cannot start leaves it as it was
         # From here a stop signal stops training cleanly; before, Ctrl-C interrupts W&B's wait for its server
         # at once (a KeyboardInterrupt out of wandb.init, exit 130), rather than after W&B's own time-out.
@@ -125,10 +128,15 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
             setup_s["time/setup/tracking_s"] = time.monotonic() - tracking
             summary = train_stage(run, stop)
             finalise_stage(run, summary, mode)
+    except BaseException:
+        if not run.followers_started:  # they wait for the resume point (train_stage): it will not come
+            distributed.release_followers()
+        raise
     finally:
         if stop is not None:
             stop.restore()
-        run.claimed.release()
+        if run.claimed is not None:
+            run.claimed.release()
         distributed.shutdown()
     wandb_dir = run.wandb.offline_dir if run.wandb else None
     return RunResult(run_dir=run.claimed.path, wandb_dir=wandb_dir, wandb_mode=mode, summary=summary)
@@ -288,6 +296,7 @@ def tracker_stage(run: Run, mode: str, log) -> None:
 def train_stage(run: Run, stop: StopRequest) -> dict:
     built = run.built
     distributed.broadcast_from_main(run.resume_state)  # under torchrun, to the other ranks (execute)
+    run.followers_started = True
     progress = _progress_bar(run.spec)
     try:
         return train(
@@ -432,7 +441,11 @@ def _resumable(resume: bool | None, log=print, world_size: int = 1, job: dict | 
             return own
         if resume:  # --resume: a failed run too, but only from a checkpoint
             return own or bool(checkpoint_paths(path / "checkpoints"))
-        return own or state in ("running", "interrupted")  # crashed or stopped; from step 0 if no checkpoint
+        if own or state in ("running", "interrupted"):  # crashed or stopped; from step 0 if no checkpoint
+            return True
+        if state == "failed" and checkpoint_paths(path / "checkpoints"):  # say so: a new run starts at step 0
+            log(f"not resuming {path}: it failed; `--resume` continues it from its last checkpoint")
+        return False
 
     return accept
 

@@ -289,7 +289,7 @@ class TrainSpec(_Strict):
             if self.effective_batch is None:
                 raise ValueError("batch_size 'auto' needs effective_batch (windows per optimizer step)")
             if self.grad_accum != 1:
-                raise ValueError("with batch_size 'auto' grad_accum is derived; set effective_batch instead")
+                raise ValueError("grad_accum is derived when batch_size is 'auto' (from effective_batch): leave it out")
         elif self.effective_batch is not None:
             raise ValueError("effective_batch is only used with batch_size 'auto' (else batch_size × grad_accum)")
         return self

@@ -272,3 +272,19 @@ def test_a_torchrun_run_stopped_by_sigterm_then_by_a_dead_rank_ends_bit_exact_as
     assert [{k: r.get(k) for k in keys} for r in metrics[1]] == [{k: r.get(k) for k in keys} for r in metrics[0]]
     digests = [json.loads((d / "summary.json").read_text())["weights/sha256"] for d in (reference_dir, run_dir)]
     assert digests[0] == digests[1]
+
+
+def test_under_torchrun_an_error_is_said_once_by_rank_0_and_the_others_stop_quietly(tmp_path):
+    """Bad input every rank finds is printed by rank 0 alone (not once per rank); an error only rank 0 meets before
+    training (--resume with nothing to resume) ends the other ranks, which wait for its resume point, without the
+    process group's traceback of each."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text("{}")
+    argv = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "blueberry", "run", str(spec_file), *DDP_TINY]
+    argv += ["--train.batch_size=4", f"--tracking.runs_root={tmp_path / 'runs'}"]
+    for extra, said in (("--train.lrr=3", "train.lrr: unknown field"), ("--resume", "error: cannot resume")):
+        done = subprocess.run([*argv, extra], capture_output=True, text=True, timeout=240, env=os.environ)
+        assert done.returncode != 0 and said in done.stderr
+        ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(ours) == 1 and "[rank1]" not in done.stderr, done.stderr[-3000:]  # (torchrun's own summary stays)

@@ -161,6 +161,7 @@ def test_a_damaged_cache_entry_is_set_aside_and_built_again(tmp_path, damage, mo
     that still load but are not those built (bytes overwritten in place) were trained on under the old
     fingerprint; a name to set the entry aside under that was taken (pids recur) made every run rebuild it."""
     import os
+
     docs = load_documents(SPEC)[:60]
     path = tmp_path / "local.jsonl"
     path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
