@@ -28,10 +28,20 @@ limit_openmp_spinning()
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": ["-h", "--help"]}
 
 
-def _fail(message: str, code: int = 2):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank checks the same input: rank 0 says it once
+def _fail(message: str, code: int = 2, every_rank_finds: bool = False):
+    """Say `message` and exit with `code`. `every_rank_finds`: an error of the spec itself, which every torchrun
+    rank finds alike: said once, by rank 0 (an error of one rank's machine, its files, is said by that rank)."""
+    if not (every_rank_finds and _torchrun_rank() not in (None, 0)):
         click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _torchrun_rank() -> int | None:
+    """This process's rank in a torchrun job of several, else None."""
+    env = os.environ
+    if not env.get("TORCHELASTIC_RUN_ID") or int(env.get("WORLD_SIZE", "1") or 1) < 2:
+        return None
+    return int(env.get("RANK", "0") or 0)
 
 
 def _check_data_inputs(spec_path: str, spec: RunSpec) -> None:
@@ -69,7 +79,7 @@ def _load(spec_path, overrides, override_files) -> RunSpec:
     try:
         return load_spec(spec_path, overrides, override_files)
     except SpecError as exc:
-        _fail(exc.render())
+        _fail(exc.render(), every_rank_finds=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

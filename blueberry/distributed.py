@@ -26,7 +26,7 @@ class World:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.rank == 0 or self.size == 1  # a RANK left in the environment makes no job of one process
 
     @property
     def distributed(self) -> bool:

@@ -423,6 +423,8 @@ def _resumable(resume: bool | None, log=print, world_size: int = 1, job: dict | 
     restarted its ranks (--max-restarts), the attempt an earlier start of the same job left, in any state but
     finished, whatever `resume` says: a rank that died fails rank 0's next collective, and the run is to go on."""
 
+    hinted: list[Path] = []
+
     def accept(path: Path, state: str) -> bool:
         if state == "finished":
             return False
@@ -443,7 +445,8 @@ def _resumable(resume: bool | None, log=print, world_size: int = 1, job: dict | 
             return own or bool(checkpoint_paths(path / "checkpoints"))
         if own or state in ("running", "interrupted"):  # crashed or stopped; from step 0 if no checkpoint
             return True
-        if state == "failed" and checkpoint_paths(path / "checkpoints"):  # say so: a new run starts at step 0
+        if state == "failed" and not hinted and checkpoint_paths(path / "checkpoints"):  # a new run starts at step 0
+            hinted.append(path)  # the first such attempt: the one `--resume` takes
             log(f"not resuming {path}: it failed; `--resume` continues it from its last checkpoint")
         return False
 

@@ -348,3 +348,15 @@ def test_a_model_that_is_not_causal_fails_the_run_without_a_traceback(tmp_path, 
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert result.output.strip().endswith("run failed: model is not causal: changing a later token moved the "
                                           "logits at position 3 by 0.5 (tolerance 1e-5)")  # fmt: skip
+
+
+def test_a_rank_left_in_the_environment_outside_torchrun_hides_no_error_and_makes_no_follower(tmp_path, monkeypatch):
+    """RANK set by another launcher (a Kubeflow pod, a SLURM script) outside a torchrun job: errors are still said,
+    and a plain run is its own main process (it took the torchrun follower's path and recorded nothing)."""
+    from blueberry.distributed import env_world
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert env_world().is_main
+    result = invoke("validate", str(REPO / "experiments/quickstart.json"), "--train.lrr=3")
+    assert result.exit_code == 2 and "train.lrr: unknown field" in result.output

@@ -589,10 +589,13 @@ def test_an_earlier_attempts_wandb_section_of_another_shape_is_read_as_absent(tm
 def test_a_failed_run_with_a_checkpoint_is_not_resumed_by_default_and_the_run_says_so(tmp_path):
     """A torchrun run whose other rank was killed records `failed` on rank 0; the same command then starts a new
     run at step 0: it says which run it did not continue and how to (`--resume`)."""
-    run_dir = tmp_path / "exp" / "run-1"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step-000010.pt").write_bytes(b"")
+    run_dir, later = tmp_path / "exp" / "run-1", tmp_path / "exp" / "run-1-2"
+    for attempt in (run_dir, later):
+        (attempt / "checkpoints").mkdir(parents=True)
+        (attempt / "checkpoints" / "step-000010.pt").write_bytes(b"")
     said = []
-    assert _resumable(None, said.append)(run_dir, "failed") is False
+    accept = _resumable(None, said.append)
+    assert accept(run_dir, "failed") is False and accept(later, "failed") is False
+    # only the first, which `--resume` would take, is named
     assert said == [f"not resuming {run_dir}: it failed; `--resume` continues it from its last checkpoint"]
     assert _resumable(True, said.append)(run_dir, "failed") is True  # --resume takes it

@@ -13,6 +13,7 @@ import hashlib
 import importlib.resources
 import itertools
 import logging
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +52,6 @@ def _builder_for(path: Path) -> str | None:
     if suffixes and suffixes[-1] == ".gz":  # datasets decompresses .gz transparently
         suffixes.pop()
     return BUILDERS.get(suffixes[-1]) if suffixes else None
-
-
-# A local file is read again, not from datasets' Arrow cache, whose key is the files' mtime alone: an edit that kept
-# the mtime was read as the old documents (this runs only when our own token cache misses).
-REREAD = "force_redownload"
 
 
 def stat_fingerprint(files: Iterable[Path]) -> str:
@@ -168,17 +164,19 @@ def _files_of_split(spec: DataSpec, root: Path, files: list[Path]) -> list[Path]
     return [file for name, file in names.items() if name in splits[spec.dataset_split]]
 
 
-def _load_dataset(spec: DataSpec, source: Source):
-    """Return a `datasets` Dataset or IterableDataset for the source."""
+def _load_dataset(spec: DataSpec, source: Source, scratch: str):
+    """Return a `datasets` Dataset or IterableDataset for the source. A local file (ours or the user's) is read
+    into `scratch`, a cache of this read alone: datasets' shared one keys a file on its mtime only (an edit that
+    kept it was read as the old documents), and rereading into it deletes files another process may be opening.
+    This runs only when our own token cache misses."""
     import datasets
 
     datasets.disable_progress_bars()
     if source.kind == "embedded":
         resource = importlib.resources.files("blueberry.data").joinpath(source.files[0])
-        # as_file gives a real path even from a zipped install; the json builder writes its Arrow
-        # cache under HF_HOME, never into the package (cached reload 0.13 s vs 0.24 s first).
+        # as_file gives a real path even from a zipped install; nothing is written into the package
         with importlib.resources.as_file(resource) as path:
-            return datasets.load_dataset("json", data_files=str(path), split="train", download_mode=REREAD)
+            return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=scratch)
     if source.kind == "local":
         try:
             with _datasets_log_silenced():  # it logs the error it then raises; ours names the file and the cause
@@ -186,7 +184,7 @@ def _load_dataset(spec: DataSpec, source: Source):
                     source.builder,
                     data_files=list(source.files),
                     split="train",
-                    download_mode=REREAD,
+                    cache_dir=scratch,
                     **source.builder_kwargs,
                 )
         except Exception as exc:  # a builder's parse error, bad UTF-8, a truncated file, wrapped or not by datasets
@@ -302,18 +300,19 @@ def load_documents(spec: DataSpec, source: Source | None = None) -> list[Documen
     if source.kind == "hub" and spec.streaming and spec.max_docs is None:
         # Every document is read before the split, so an unbounded stream would never finish.
         raise DataError(f"streaming dataset {spec.dataset!r} needs max_docs")
-    ds = _load_dataset(spec, source)
-    columns = _columns(ds)
-    if spec.text_field not in columns:
-        raise DataError(f"dataset {spec.dataset!r} has no text field {spec.text_field!r}; columns: {columns}")
-    ds = ds.select_columns([c for c in (spec.text_field, spec.id_field) if c in columns])
-    try:
-        rows = _rows(ds, spec.max_docs)
-        docs = to_documents(rows, spec.text_field, spec.id_field, spec.max_chars_per_doc, spec.dataset)
-    except UnicodeDecodeError as exc:  # Arrow's JSON reader leaves UTF-8 to be checked as rows are read
-        raise DataError(
-            f"cannot read dataset {spec.dataset!r}: {_which_file(spec, source)}not UTF-8 text ({exc})"
-        ) from exc
+    with tempfile.TemporaryDirectory(prefix="blueberry-read-") as scratch:  # its Arrow files, read to the end here
+        ds = _load_dataset(spec, source, scratch)
+        columns = _columns(ds)
+        if spec.text_field not in columns:
+            raise DataError(f"dataset {spec.dataset!r} has no text field {spec.text_field!r}; columns: {columns}")
+        ds = ds.select_columns([c for c in (spec.text_field, spec.id_field) if c in columns])
+        try:
+            rows = _rows(ds, spec.max_docs)
+            docs = to_documents(rows, spec.text_field, spec.id_field, spec.max_chars_per_doc, spec.dataset)
+        except UnicodeDecodeError as exc:  # Arrow's JSON reader leaves UTF-8 to be checked as rows are read
+            raise DataError(
+                f"cannot read dataset {spec.dataset!r}: {_which_file(spec, source)}not UTF-8 text ({exc})"
+            ) from exc
     if not docs:
         raise DataError(f"dataset {spec.dataset!r} yielded no non-empty {spec.text_field!r} documents")
     return docs

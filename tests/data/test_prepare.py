@@ -233,11 +233,32 @@ def test_a_cache_that_cannot_be_written_is_a_data_error_naming_it(tmp_path):
         )
 
 
-def test_a_datasets_cache_that_cannot_be_written_is_named_as_itself_not_as_ours(tmp_path, monkeypatch):
+def test_a_local_corpus_is_read_without_datasets_shared_cache(tmp_path, monkeypatch):
+    """The embedded corpus and local files are read into a scratch cache of their own (datasets' shared one keys
+    a file on its mtime alone): a shared cache that cannot be written no longer stops them."""
     import datasets
 
-    (tmp_path / "a-file").write_text("")  # the embedded corpus is read through datasets, which caches it too
+    (tmp_path / "a-file").write_text("")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "a-file" / "hf")
-    with pytest.raises(DataError) as err:
-        prepare_data(DataSpec(vocab_size=300, seq_len=32), seed=0, cache_dir=tmp_path / "ours")
-    assert "a-file/hf" in str(err.value) and "BLUEBERRY_CACHE" not in str(err.value)
+    data = prepare_data(DataSpec(vocab_size=300, seq_len=32, max_tokens=5_000), seed=0, cache_dir=tmp_path / "ours")
+    assert data.stats["train_tokens"] == 5_000
+
+
+def test_an_edit_that_keeps_the_files_size_and_mtime_is_read(tmp_path):
+    """`touch -r`, `cp -p`, rsync and reproducible builds keep or fix a file's mtime: an edit of the same size was a
+    cache hit on the old tokens, and datasets' own cache (keyed on the mtime alone) fed the old documents into a
+    rebuild."""
+    import os
+
+    docs = load_documents(SPEC)[:60]
+    path = tmp_path / "local.jsonl"
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    spec, cache = DataSpec(dataset=str(path), vocab_size=300, seq_len=32, max_tokens=5_000), tmp_path / "cache"
+    first = prepare_data(spec, seed=0, cache_dir=cache)
+    before = path.stat()
+    path.write_text(path.read_text().replace(" the ", " The "))  # the same size, other text
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    again = prepare_data(spec, seed=0, cache_dir=cache)
+    assert again.fingerprint != first.fingerprint
+    assert again.fingerprint == prepare_data(spec, seed=0, cache_dir=tmp_path / "fresh").fingerprint
