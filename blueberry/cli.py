@@ -37,7 +37,8 @@ def _fail(message: str, code: int = 2, every_rank_finds: bool = False):
 
 
 def _torchrun_rank() -> int | None:
-    """This process's rank in a torchrun job of several, else None."""
+    """This process's rank in a torchrun job of several, else None (from the environment, as
+    `distributed.env_world` and `torchrun_job` read it, without importing torch for a spec error)."""
     env = os.environ
     if not env.get("TORCHELASTIC_RUN_ID") or int(env.get("WORLD_SIZE", "1") or 1) < 2:
         return None
