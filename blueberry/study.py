@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from blueberry.fileio import is_number
+from blueberry.fileio import is_number, read_json, write_text_atomic
 from blueberry.sweep.progress import fmt_eta
 
 
@@ -181,7 +181,6 @@ def write_record(
     report's provenance section. Parts this invocation did not run (`--only`) keep their earlier entries.
     `started`: when this invocation began. Rewritten atomically after each invocation."""
     from blueberry import hardware, provenance
-    from blueberry.fileio import read_json, write_text_atomic
 
     path = Path(runs_root) / "_study" / f"{kind}.json"
     previous = read_json(path) or {}

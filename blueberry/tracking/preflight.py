@@ -85,7 +85,7 @@ def check_sweep_parameters(spec: RunSpec) -> None:
     `${args}`, or one that sets a swept field itself) would show in W&B as what the run trained with. So the file
     must be one W&B can read, and each value in it the run's own; `blueberry sweep` checks its trials so too."""
     path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
-    if not path:
+    if not path or os.environ.get("BLUEBERRY_SWEEP_ID"):  # `blueberry sweep` checked every trial before the first
         return
     from wandb.sdk.lib.config_util import dict_from_config_file
 

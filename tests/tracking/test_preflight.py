@@ -162,3 +162,14 @@ def test_sweep_parameters_the_run_gets_pass(monkeypatch, tmp_path):
     check_sweep_parameters(load_spec(spec, ["--train.lr=5e-3", "--model.n_experts=8"]))  # given on its command line
     with pytest.raises(PreflightError, match="model.n_experts is 8 there, 4 here"):
         check_sweep_parameters(load_spec(spec, ["--train.lr=5e-3"]))
+
+
+def test_a_trial_of_blueberry_sweep_is_not_checked_again(monkeypatch, tmp_path):
+    """`blueberry sweep` checked every trial's parameters before the first started (sweep.validate): its trials
+    skip the check, and the import of W&B's reader it costs (half a second before the run's own imports)."""
+    from blueberry.overrides import load_spec
+    from blueberry.tracking.preflight import check_sweep_parameters
+
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(tmp_path / "not-read.yaml"))
+    monkeypatch.setenv("BLUEBERRY_SWEEP_ID", "s-1234")
+    check_sweep_parameters(load_spec(REPO / "experiments/quickstart.json"))  # the missing file is not read
