@@ -7,6 +7,7 @@ never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -79,6 +80,15 @@ def write_results(out_dir: str | Path, stem: str, data: Any, markdown: str, mode
     write_json_atomic(out / f"{stem}.json", data, mode=mode)
     write_text_atomic(out / f"{stem}.md", markdown.rstrip("\n") + "\n", mode=mode)
     return out / f"{stem}.json"
+
+
+def source_digest(paths) -> str:
+    """A digest of these files' bytes and names: code keys a cache by it, so other code (an upgrade, a fix)
+    never serves what the old code computed."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(f"{path.name}\0".encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def is_number(value: Any) -> bool:

@@ -45,6 +45,16 @@ def write_report_file(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
+# What a build writes at the top of --out besides the experiments' plot folders (compared case-blind: macOS).
+OWN_ENTRIES = ("REPORT.md", "TIMELINE.md", "dashboard.html", "cache")
+
+
+def plot_folder(experiment: str) -> str:
+    """The folder of an experiment's plots under --out: its name, unless the build's own files take it."""
+    name = safe_name(experiment)
+    return f"{name}-plots" if name.casefold() in {entry.casefold() for entry in OWN_ENTRIES} else name
+
+
 def _images(stage: Path, exp_dir: str, made: list[Path | None]) -> str:
     links = [f"![{p.stem.replace('_', ' ')}]({p.relative_to(stage).as_posix()})" for p in made if p is not None]
     return ("\n".join(links) + "\n") if links else f"*(no plots: no finished run with history in `{exp_dir}`)*\n"
@@ -82,7 +92,7 @@ def _lr_parts(experiment: str, study: Study, runs: list[Run], all_runs: dict, st
     differing = [k for k in varying_keys([groups[0] for groups in sweeps]) if k != "train.lr"]
     for i, groups in enumerate(sweeps):
         label_groups(groups, first="train.lr")
-        sub = safe_name(experiment) if len(sweeps) == 1 else f"{safe_name(experiment)}/sweep{i + 1}"
+        sub = plot_folder(experiment) if len(sweeps) == 1 else f"{plot_folder(experiment)}/sweep{i + 1}"
         if len(sweeps) > 1:
             parts.append("### " + ", ".join(f"{k}={fmt_value(groups[0].get(k))}" for k in differing) + "\n")
         made = [_plot(jobs, plots.lr_sweep(groups, experiment), stage / sub / "lr_sweep.png")]
@@ -101,7 +111,7 @@ def _extended_parts(experiment: str, runs: list[Run], stage: Path, jobs: list) -
     groups = group_runs(runs)
     label_groups(groups, first="train.lr")
     for i, g in enumerate(groups):
-        sub = safe_name(experiment) if len(groups) == 1 else f"{safe_name(experiment)}/config{i + 1}"
+        sub = plot_folder(experiment) if len(groups) == 1 else f"{plot_folder(experiment)}/config{i + 1}"
         if len(groups) > 1:
             parts.append(f"### {g.label}\n")
         targets = tables.checkpoint_steps(g.ok[0])[0] if g.ok else []
@@ -123,7 +133,7 @@ def experiment_section(experiment: str, study: Study, runs: list[Run], all_runs:
         parts += _extended_parts(experiment, runs, stage, jobs)
     else:
         text, ranked = (tables.ablation_table if study.kind == "ablation" else tables.generic_table)(runs)
-        sub = safe_name(experiment)
+        sub = plot_folder(experiment)
         parts += [text, _images(stage, sub, _plots(ranked, stage, sub, experiment, jobs))]
     parts.append(tables.not_aggregated(runs))
     return "\n".join(p for p in parts if p)
@@ -349,6 +359,11 @@ def run_report(
     if not runs and (group or sweep or tags):  # a typo in a filter must not empty the last build's report
         asked = ", ".join(f"--{k} {v}" for k, v in (("group", group), ("sweep", sweep), ("tag", ", ".join(tags))) if v)
         raise ReportError(f"no runs match {asked} in {where}; nothing written")
+    if not runs and (read_json(Path(out) / MANIFEST) or {}).get("files"):  # a --runs-root one folder too deep
+        raise ReportError(
+            f"no runs in {where} (a runs root holds <experiment>/<run_id>/ folders); the report in {out} was left "
+            "as it was (delete it to publish an empty one)"
+        )
     result = build_report(
         runs,
         out,

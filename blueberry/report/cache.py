@@ -2,11 +2,13 @@
 
 One .npz per run (no pickle): the run's metadata as a JSON string plus its history matrix. A snapshot
 is used only when its stamp (local: (file, mtime, size) of each record file; W&B: state, heartbeat,
-last step) equals the run's current stamp. A corrupt or stale snapshot is simply re-read.
+last step, and a digest of config, summary, name, group and tags, which can change after a run ends) equals
+the run's current stamp, and it was parsed by this code. A corrupt or stale snapshot is simply re-read.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import zipfile
@@ -14,10 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from blueberry.fileio import atomic_writer
+import blueberry
+from blueberry.fileio import atomic_writer, source_digest
 from blueberry.report.records import Run
 
-VERSION = 2  # bump when Run or History changes shape
+
+@functools.cache
+def parser_version() -> str:
+    """The package's own source, digested: an upgrade or an edit of the parsing code (records, schema, the
+    registry's labels) parses every run again. A hand-bumped version number was missed twice."""
+    return source_digest(Path(blueberry.__file__).parent.rglob("*.py"))
 
 
 class RunCache:
@@ -33,7 +41,7 @@ class RunCache:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 meta = json.loads(str(npz["meta"]))
-                if meta.pop("_cache") != [VERSION, key, stamp]:
+                if meta.pop("_cache") != [parser_version(), key, stamp]:
                     raise KeyError("stale")
                 run = Run.from_meta(meta, npz["values"])
         except (OSError, KeyError, ValueError, zipfile.BadZipFile):
@@ -44,7 +52,7 @@ class RunCache:
 
     def put(self, key: str, stamp: list, run: Run) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        meta = {**run.to_meta(), "_cache": [VERSION, key, stamp]}
+        meta = {**run.to_meta(), "_cache": [parser_version(), key, stamp]}
         # JSON round trip of the stamp: what get() compares against is what json gives back.
         meta["_cache"] = json.loads(json.dumps(meta["_cache"]))
         with atomic_writer(self._path(key), binary=True) as handle:

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from blueberry.fileio import atomic_writer  # noqa: E402
+from blueberry.fileio import atomic_writer, source_digest  # noqa: E402
 from blueberry.models import registry  # noqa: E402
 from blueberry.report.groups import Group  # noqa: E402
 
@@ -42,6 +42,7 @@ DPI = 100
 MARKED_POINTS = 5  # lines of this many points or fewer get markers
 # Below this many figures to draw, a process pool costs more to start (~1 s of imports each) than it saves.
 MIN_PARALLEL = 8
+DRAWING_CODE = source_digest([__file__])  # a change of how figures are drawn redraws every cached PNG
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,10 @@ class Figure:
     data: dict
 
     def key(self) -> str:
-        """Same data, same picture: a digest of everything drawn (floats by their exact repr)."""
-        text = json.dumps([self.kind, DPI, matplotlib.__version__, self.data], sort_keys=True, default=repr)
+        """Same data and drawing code, same picture: a digest of everything drawn (floats by their exact repr)."""
+        text = json.dumps(
+            [self.kind, DPI, matplotlib.__version__, DRAWING_CODE, self.data], sort_keys=True, default=repr
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -6,6 +6,8 @@ by the report, never dropped and never fatal.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -513,6 +515,10 @@ def load_wandb(
         for api_run in listing:
             key = f"wandb:{entity}/{project}/{api_run.id}"
             stamp = [api_run.state, getattr(api_run, "heartbeat_at", None), getattr(api_run, "lastHistoryStep", None)]
+            # A finished run's summary, config, name, group or tags can still be edited (the web app,
+            # `run.update()`) without touching the three above; the listing already holds them.
+            edits = [dict(api_run.config), dict(api_run.summary_metrics), api_run.name, api_run.group, api_run.tags]
+            stamp.append(hashlib.sha256(json.dumps(edits, sort_keys=True, default=str).encode()).hexdigest()[:16])
             run = cache.get(key, stamp) if cache else None
             if run is None:
                 run = run_from_wandb(api_run, list(api_run.scan_history(page_size=1000)))

@@ -87,6 +87,34 @@ def test_a_filter_matching_no_run_exits_2_and_leaves_the_last_report(tmp_path):
     assert f"local run records under {runs}; a local run's record is" in (out / "REPORT.md").read_text()
 
 
+def test_a_runs_root_holding_no_runs_leaves_the_last_report(tmp_path):
+    # `--runs-root runs/exp1-ablation` (one folder too deep) finds no run: it must not wipe the last report.
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    write_run(runs, "exp1-ablation", variant="mlp", val_loss=1.0)
+    assert CliRunner().invoke(main, ["report", "--runs-root", str(runs), "--out", str(out)]).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    too_deep = ["report", "--runs-root", str(runs / "exp1-ablation"), "--out", str(out)]
+    result = CliRunner().invoke(main, too_deep)
+    assert result.exit_code == 2 and "no runs in local run records under" in result.output, result.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A first build of an empty root still writes its (empty) report.
+    (tmp_path / "empty").mkdir()
+    first = ["report", "--runs-root", str(tmp_path / "empty"), "--out", str(tmp_path / "new")]
+    assert CliRunner().invoke(main, first).exit_code == 0
+    assert "No runs found" in (tmp_path / "new" / "REPORT.md").read_text()
+
+
+def test_an_experiment_named_like_the_reports_own_files_gets_a_plot_folder_of_its_own(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "reports"
+    for name in ("REPORT.md", "cache"):
+        write_run(runs, name, variant="mlp", val_loss=1.0)
+    result = CliRunner().invoke(main, ["report", "--runs-root", str(runs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "REPORT.md").is_file() and (out / "REPORT.md-plots" / "final_val_loss.png").is_file()
+    assert (out / "cache-plots" / "final_val_loss.png").is_file()
+    assert "](REPORT.md-plots/" in (out / "REPORT.md").read_text()
+
+
 def test_bad_input_exits_2_before_writing(tmp_path):
     cli = CliRunner()
     out = tmp_path / "reports"

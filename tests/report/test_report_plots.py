@@ -71,7 +71,7 @@ def test_parallel_drawing_gives_the_same_pictures_as_drawing_in_turn(tmp_path, m
         assert a.read_bytes() == b.read_bytes() and a.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_figure_key_follows_the_data_drawn(tmp_path):
+def test_figure_key_follows_the_data_drawn_and_the_drawing_code(tmp_path, monkeypatch):
     ablation(tmp_path / "runs")
     groups = group_runs(load_local(tmp_path / "runs"))
     label_groups(groups)
@@ -79,7 +79,11 @@ def test_figure_key_follows_the_data_drawn(tmp_path):
     assert figure.key() == plots.bars(groups, "val/loss", "t", "loss").key()
     assert figure.key() != plots.bars(groups, "val/loss", "other title", "loss").key()
     groups[0].runs[0].summary["val/loss"] += 1e-12  # any change in a drawn value is a new picture
-    assert figure.key() != plots.bars(groups, "val/loss", "t", "loss").key()
+    changed = plots.bars(groups, "val/loss", "t", "loss").key()
+    assert figure.key() != changed
+    # So is a change of the drawing code (colours, markers and axes live there, not in the data).
+    monkeypatch.setattr(plots, "DRAWING_CODE", "other drawing code")
+    assert changed != plots.bars(groups, "val/loss", "t", "loss").key()
 
 
 def test_models_keep_their_category_colour_in_every_plot_and_an_lr_grid_is_coloured_by_rank(tmp_path):

@@ -150,6 +150,20 @@ def test_cache_reuses_unchanged_runs_and_rereads_changed_ones(tmp_path):
     assert len(load_local(root, cache)) == 2
 
 
+def test_a_snapshot_parsed_by_other_code_is_parsed_again(tmp_path, monkeypatch):
+    # An upgrade (or a fix of the parser) must not keep publishing what the old code read from the same files.
+    root = tmp_path / "runs"
+    write_run(root, "e", seed=1)
+    cache = RunCache(tmp_path / "cache")
+    monkeypatch.setattr("blueberry.report.cache.parser_version", lambda: "older code")
+    load_local(root, cache)
+    monkeypatch.undo()
+    load_local(root, cache)
+    assert (cache.hits, cache.misses) == (0, 2)
+    load_local(root, cache)
+    assert cache.hits == 1
+
+
 def fake_api_run(run_id="r1", state="finished"):
     summary = {"val/loss": {"min": 3.9, "last": 4.0}, "val/accuracy": {"max": 0.3, "last": 0.29}, "_step": 20}
     return SimpleNamespace(
@@ -221,6 +235,17 @@ def test_wandb_loader_normalises_runs_and_uses_the_cache(tmp_path, monkeypatch):
     api.runs.return_value = [again]
     load_wandb("me", "blueberry", cache=cache, api=api)
     again.scan_history.assert_not_called()
+    # A finished run edited afterwards (summary, config, tags: the web app, `run.update()`) is read again.
+    edited = fake_api_run()
+    edited.summary_metrics = {**edited.summary_metrics, "val/loss": {"min": 3.9, "last": 3.95}}
+    api.runs.return_value = [edited]
+    (run,) = load_wandb("me", "blueberry", cache=cache, api=api)
+    assert run.summary["val/loss"] == 3.95
+    edited = fake_api_run()
+    edited.tags = ["attention_mlp", "exp2", "outlier"]
+    api.runs.return_value = [edited]
+    (run,) = load_wandb("me", "blueberry", cache=cache, api=api)
+    assert "outlier" in run.tags
 
 
 def test_wandb_loader_fails_clearly_offline_or_unreachable(monkeypatch):
