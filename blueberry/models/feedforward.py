@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DeepseekV3Config, Glm4MoeConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE, DeepseekV3TopkRouter
+from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE, Glm4MoeTopkRouter
 
 from .dropout import Dropout
 
@@ -251,7 +251,8 @@ class TopKMoE(nn.Module):
 
 
 class SigmoidRouterMoE(nn.Module):
-    """A transformers MoE block (GLM-4 or DeepSeek-V3), unchanged, plus the routing statistics its forward drops.
+    """A transformers MoE block (GLM-4 or DeepSeek-V3), its router's scores kept fp32 (ScoresInFp32), plus the routing
+    statistics its forward drops.
 
     Routing stays the block's own (sigmoid scores plus `e_score_correction_bias`, top-k, renormalised weights,
     shared experts): a forward hook on its router keeps the router logits and chosen experts of the current call.
@@ -307,15 +308,37 @@ class SigmoidRouterMoE(nn.Module):
         bias += rate * torch.sign(load.mean() - load).to(bias.dtype)
 
 
+class ScoresInFp32:
+    """A transformers router whose scores stay fp32 under autocast, as its forward means them to be: it casts the
+    tokens and its weight to fp32, which autocast undoes for F.linear (bf16 scores step by 0.004 near 0.5, four
+    times the bias update's default rate). Without autocast nothing changes."""
+
+    def forward(self, hidden_states: torch.Tensor):
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return super().forward(hidden_states)
+
+
+class Glm4Router(ScoresInFp32, Glm4MoeTopkRouter):
+    pass
+
+
+class DeepseekRouter(ScoresInFp32, DeepseekV3TopkRouter):
+    pass
+
+
 class Glm4MoE(SigmoidRouterMoE):
     """transformers' `Glm4MoeMoE` (model.ffn = glm4_moe)."""
 
     def __init__(self, config: Glm4MoeConfig):
-        super().__init__(Glm4MoeMoE(config), config.n_routed_experts, config.num_experts_per_tok)
+        moe = Glm4MoeMoE(config)
+        moe.gate = Glm4Router(config)
+        super().__init__(moe, config.n_routed_experts, config.num_experts_per_tok)
 
 
 class DeepseekMoE(SigmoidRouterMoE):
     """transformers' `DeepseekV3MoE` (model.ffn = deepseek_moe): routed experts as 3-D stacks, shared experts."""
 
     def __init__(self, config: DeepseekV3Config):
-        super().__init__(DeepseekV3MoE(config), config.n_routed_experts, config.num_experts_per_tok)
+        moe = DeepseekV3MoE(config)
+        moe.gate = DeepseekRouter(config)
+        super().__init__(moe, config.n_routed_experts, config.num_experts_per_tok)

@@ -229,7 +229,8 @@ class Trainer:
             opt.load_state_dict(opt_state)
         for sched, sched_state in zip(self.schedulers, state["schedulers"], strict=True):
             sched.load_state_dict(sched_state)
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty from a run without fp16: `precision: auto` resolved otherwise where it began
+            self.scaler.load_state_dict(state["scaler"])  # (a bf16 GPU, a CPU); here the loss scale starts afresh
         self.window.load_state_dict(own["window"])
         self.start_step, self.best_val, self.elapsed_before = state["step"], state["best_val"], state["elapsed_s"]
         self.wall_before = state.get("wall_s", self.elapsed_before)  # checkpoints before wall_s: training time

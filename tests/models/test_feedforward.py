@@ -246,3 +246,21 @@ def test_deepseek_routing_is_group_limited_and_scaled_unlike_glm4():
     moe(torch.randn(256, 16))
     pairs = {tuple(sorted(row)) for row in moe.moe.gate(torch.randn(256, 16))[2].tolist()}
     assert pairs <= {(0, 1), (2, 3)} and len(pairs) == 2
+
+
+@pytest.mark.parametrize("variant", ["moe", "deepseek_v3"])
+def test_glm4_and_deepseek_routers_score_in_fp32_under_autocast(variant):
+    """transformers' routers cast to fp32 for their scores; autocast would compute them in bf16 anyway, where the
+    routing bias's steps (1e-3) are below the scores' resolution. The tokens and the rest stay autocast's."""
+    model = build_model(tiny(variant), vocab_size=64)
+    seen = []
+    for block in model.modules():
+        if isinstance(block, feedforward.SigmoidRouterMoE):
+            block.moe.gate.register_forward_hook(lambda module, args, out: seen.append(out[0].dtype))
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, targets=ids)
+    out.loss.backward()
+    assert seen and set(seen) == {torch.float32} and torch.isfinite(out.loss)
+    gates = [b.moe.gate.weight for b in model.modules() if isinstance(b, feedforward.SigmoidRouterMoE)]
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)

@@ -145,6 +145,22 @@ def test_an_fp16_overflow_in_one_optimizers_gradients_skips_every_optimizers_ste
     assert all(sched.last_epoch == 0 for sched in trainer.schedulers)
 
 
+def test_a_run_begun_without_fp16_resumes_where_auto_picks_fp16():
+    """`precision: auto` is in the spec, not what it resolved to: a run started on a bf16 GPU (or a CPU) and resumed
+    on a T4 resolves to fp16 there, whose GradScaler had refused the disabled scaler's empty state."""
+    begun = tiny_trainer("fp32", "--model.variant=mlp", "--train.steps=1")
+    begun.train()
+    state = {**begun.state_dict(), "step": 1}
+    resumed = tiny_trainer("fp16", "--model.variant=mlp", "--train.steps=1")
+    resumed.load_state_dict(state)
+    assert resumed.scaler.is_enabled() and resumed.start_step == 1
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), begun.model.parameters(), strict=True))
+    resumed.train()  # nothing left to train: writes its final state
+    back = tiny_trainer("fp32", "--model.variant=mlp")  # and the other way: the fp16 run's scale is not needed
+    back.load_state_dict({**resumed.state_dict(), "step": 1})
+    assert not back.scaler.is_enabled()
+
+
 def test_sighup_is_a_stop_request_unless_nohup_ignores_it(monkeypatch):
     """A dropped ssh session hangs the terminal up: checkpoint and stop, as on SIGTERM; under `nohup` run on."""
     detached = []
