@@ -255,12 +255,14 @@ def header_stage(run: Run, mode: str, why: str, log) -> None:
 
 def wandb_stage(run: Run, log=print) -> None:
     """Start the W&B run (WandbUnavailable if W&B cannot)."""
+    tracking = run.spec.tracking
     run.wandb = WandbTracker(
         run.claimed.path,
         **{name: choice.value for name, choice in run.wandb_settings.items()},
         run_id=run.wandb_id,
         resume=run.wandb_resume,
-        system_metrics=run.spec.tracking.system_metrics,
+        # Left unset in the spec, W&B's own setting decides (WANDB__DISABLE_STATS), as for every W&B field.
+        system_metrics=tracking.system_metrics if "system_metrics" in tracking.model_fields_set else None,
         log=log,
         config=wandb_config(run.header),
     )
@@ -484,6 +486,9 @@ def _resume_state(claimed: RunDir, checkpointer: Checkpointer, hashes: tuple[str
     return state
 
 
+NON_FINITE = ("nan", "inf", "-inf")  # fileio.finite's strings
+
+
 def _replay_to_wandb(tracker: WandbTracker, run_dir: Path, resume_step: int, log=print) -> None:
     """Re-log the record's rows up to the checkpoint that no earlier offline W&B segment holds.
 
@@ -495,7 +500,9 @@ def _replay_to_wandb(tracker: WandbTracker, run_dir: Path, resume_step: int, log
         log(f"W&B segment unreadable, its rows are logged again: {problem}")
     for row in read_metrics(run_dir / METRICS_FILE):
         if row["step"] <= resume_step and (row["step"], "val/loss" in row) not in held:
-            tracker.log({k: v for k, v in row.items() if k not in ("step", "time")}, row["step"])
+            # The record keeps a diverged run's NaN/inf as strings (JSON has none): W&B gets numbers, as it did.
+            metrics = {k: float(v) if v in NON_FINITE else v for k, v in row.items() if k not in ("step", "time")}
+            tracker.log(metrics, row["step"])
 
 
 def _out_of_memory_advice(spec: RunSpec, device: torch.device) -> str:

@@ -333,7 +333,11 @@ class TrackingSpec(_Strict):
         description="Log each checkpoint to W&B as a `model` artifact (aliases latest, step-N, best) and the final "
         "weights as the run's model artifact.",
     )
-    system_metrics: bool = Field(True, description="W&B system metrics (CPU, memory, GPU, network) in the run.")
+    system_metrics: bool = Field(
+        True,
+        description="W&B system metrics (CPU, memory, GPU, network) in the run; unset, W&B's own setting decides "
+        "(WANDB__DISABLE_STATS, else on).",
+    )
 
     @field_validator("runs_root")
     @classmethod

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from blueberry.cli import OWN_PROCESS, _loading_libraries, main
@@ -305,6 +306,19 @@ def test_ctrl_c_while_wandb_starts_interrupts_at_once(tmp_path, monkeypatch):
     assert seen == [before] and result.exit_code == 130, result.output  # not the run's stop-flag handler
     (run_dir,) = runs.glob("*/*")
     assert list(run_dir.iterdir()) == []  # the record untouched: the next run starts it afresh
+
+
+@pytest.mark.parametrize(("given", "passed"), [((), None), (("--tracking.system_metrics=true",), True)])
+def test_system_metrics_left_unset_are_left_to_wandbs_own_setting(tmp_path, monkeypatch, given, passed):
+    """W&B's precedence: a field the spec leaves unset follows W&B's variables (WANDB__DISABLE_STATS)."""
+    from test_runner import TINY
+
+    import blueberry.runner as runner
+
+    seen = []
+    monkeypatch.setattr(runner, "WandbTracker", lambda *args, **kwargs: seen.append(kwargs) or sys.exit(3))
+    invoke("run", str(REPO / "experiments/quickstart.json"), *TINY, *given, f"--tracking.runs_root={tmp_path}")
+    assert seen[0]["system_metrics"] is passed
 
 
 def test_bench_and_gpu_check_installed_without_a_checkout_say_so_before_measuring(tmp_path, monkeypatch):

@@ -465,6 +465,21 @@ def test_an_unreadable_wandb_segment_does_not_stop_the_resume(tmp_path, monkeypa
     assert {2, 4} <= replayed  # the rows the unreadable segment held are in the new one
 
 
+def test_a_replayed_nan_reaches_wandb_as_a_number(tmp_path, monkeypatch):
+    # The record writes a diverged step's NaN as the string "nan" (JSON has none); W&B's series must stay numeric.
+    args, run_dir = interrupted(tmp_path, monkeypatch, steps=6, at=4)
+    (segment,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    segment.write_bytes(b"lost")  # as after a SIGKILL offline: every row up to the checkpoint is logged again
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    diverged = next(row for row in rows if "train/loss" in row)
+    diverged["train/loss"] = "nan"
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert invoke(*args).exit_code == 0
+    replayed = read_wandb_log(sorted((run_dir / "wandb").glob("offline-run-*"))[-1]).history
+    (row,) = [r for r in replayed if r.get("trainer/step") == diverged["step"] and "train/loss" in r]
+    assert isinstance(row["train/loss"], float) and math.isnan(row["train/loss"])
+
+
 def test_wandb_dir_moves_wandb_files_and_the_resume_finds_them_there(tmp_path, monkeypatch):
     """W&B's precedence for its directory: tracking.wandb_dir, else WANDB_DIR, else the run's own directory.
     Under WANDB_DIR the resumed attempt finds the first attempt's log there and re-logs nothing it holds."""

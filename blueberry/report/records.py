@@ -14,6 +14,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, NotRequired
 
 import numpy as np
@@ -456,6 +457,8 @@ def run_from_wandb(api_run: Any, rows: list[dict] | None) -> Run:
     header = header_from_wandb_config(config, getattr(api_run, "created_at", None))
     state = str(api_run.state).lower()  # finished | running | failed | crashed | killed | pending
     sweep = getattr(api_run, "sweep", None)
+    if sweep is None and isinstance(config.get("sweep_id"), str):  # a `blueberry sweep` trial, synced
+        sweep = SimpleNamespace(id=config["sweep_id"], name=config.get("sweep_name"))
     history = History.from_rows(rows or [], step_key=WANDB_STEP, time_key="_runtime")
     return Run(
         id=api_run.id,

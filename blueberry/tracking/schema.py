@@ -84,6 +84,8 @@ def wandb_config(header: dict) -> dict:
         "leakage_ngram": data["leakage"].get("ngram"),
         "causality_ok": (header.get("causality") or {}).get("ok"),
         "hardware": header["hardware"],
+        # A `blueberry sweep` trial synced to W&B belongs to no W&B sweep: these keys name it in W&B's run table.
+        **({"sweep_id": sweep["id"], "sweep_name": sweep["name"]} if (sweep := header.get("sweep")) else {}),
     }
 
 

@@ -58,7 +58,7 @@ class WandbTracker:
         config: dict[str, Any],
         dir: str | None = None,
         resume: str = "never",
-        system_metrics: bool = True,
+        system_metrics: bool | None = None,
         log: Callable[[str], None] = print,
     ):
         import wandb
@@ -89,7 +89,12 @@ class WandbTracker:
                 reinit="finish_previous",
                 # quiet, not silent: W&B still prints its warnings and errors. System metrics (CPU, memory,
                 # GPU, network) are W&B's own sampler; the run record's energy and cost come from ours (NVML).
-                settings=wandb.Settings(console="off", x_disable_stats=not system_metrics, quiet=True, save_code=False),
+                settings=wandb.Settings(
+                    console="off",
+                    quiet=True,
+                    save_code=False,
+                    **({} if system_metrics is None else {"x_disable_stats": not system_metrics}),
+                ),
             )
         except wandb.errors.Error as exc:  # after W&B's own retries (its init_timeout: 90 s by default)
             raise WandbUnavailable(_init_failure(exc, mode)) from None
@@ -117,10 +122,11 @@ class WandbTracker:
         """Log a checkpoint as a `model` artifact version aliased `latest`, `step-N`, and `best` while its val
         loss is the lowest so far (offline: staged for `wandb sync`)."""
         aliases = ["latest", f"step-{step}"]
-        if self._last_val is not None and self._last_val[0] == step and self._last_val[1] < self.best_val_loss:
+        evaluated = self._last_val is not None and self._last_val[0] == step  # else an earlier step's loss
+        if evaluated and self._last_val[1] < self.best_val_loss:
             self.best_val_loss = self._last_val[1]
             aliases.append("best")  # W&B moves an alias to the newest version that claims it
-        metadata = {"step": step, **({"val/loss": self._last_val[1]} if self._last_val else {})}
+        metadata = {"step": step, **({"val/loss": self._last_val[1]} if evaluated else {})}
         self._log_model_file(f"checkpoint-{self.run_id}", path, "checkpoint.pt", metadata, aliases)
 
     def log_weights(self, state_dict: dict, metadata: dict[str, Any]) -> None:
@@ -162,8 +168,9 @@ class WandbTracker:
     def finish(self, state: str, reason: str | None = None, exit_code: int = 0) -> None:
         import wandb
 
-        if reason:
-            self.run.summary.update({"status/reason": reason})
+        # Always, None too: an online resume starts from the server's summary, where an earlier attempt's reason
+        # ("SIGTERM at step 4") would otherwise outlive the run that then finished.
+        self.run.summary.update({"status/reason": reason})
         self.run.finish(exit_code=exit_code)
         if self.url:
             self.say(f"W&B run {state}: {self.url}")
@@ -171,10 +178,10 @@ class WandbTracker:
 
 
 def wandb_segments(dirs: list[Path], run_id: str) -> list[Path]:
-    """The offline logs `<dir>/wandb/offline-run-<time>-<run_id>/run-<run_id>.wandb` of one W&B run, oldest
-    first (each attempt of a resumed run writes its own)."""
-    found = {p for d in dirs for p in Path(d).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")}
-    return sorted(found, key=lambda p: p.parent.name)
+    """The logs `<dir>/wandb/[offline-]run-<time>-<run_id>/run-<run_id>.wandb` of one W&B run, oldest first:
+    each attempt of a resumed run writes its own, offline or (what it sent the server) online."""
+    found = {p for d in dirs for p in Path(d).glob(f"wandb/*run-*-{run_id}/run-{run_id}.wandb")}
+    return sorted(found, key=lambda p: p.parent.name.removeprefix("offline-"))
 
 
 def _init_failure(exc: Exception, mode: str) -> str:

@@ -214,6 +214,14 @@ def test_a_sweep_that_nulls_the_variant_still_names_the_preset_its_pair_makes():
     assert run_from_wandb(api_run, []).variant is None
 
 
+def test_a_blueberry_sweep_trial_synced_to_wandb_keeps_its_sweep(tmp_path):
+    api_run = fake_api_run()
+    api_run.sweep = None  # no W&B sweep: `blueberry sweep` ran it offline, `wandb sync` uploaded it
+    assert run_from_wandb(api_run, []).sweep is None
+    api_run.config.update(sweep_id="lr-grid-1a2b3c4d", sweep_name="lr-grid")  # wandb_config's keys
+    assert run_from_wandb(api_run, []).sweep == {"id": "lr-grid-1a2b3c4d", "name": "lr-grid"}
+
+
 def test_wandb_loader_normalises_runs_and_uses_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     api = mock.Mock()

@@ -34,3 +34,13 @@ def test_wandb_config_round_trips_the_header_keys_the_report_reads(tmp_path):
     assert back["hardware"] == header["hardware"] and back["causality"] == header["causality"]
     leakage = header["data"]["leakage"]
     assert back["data"]["leakage"] == {k: leakage[k] for k in ("val_windows_with_train_ngram", "ngram")}
+
+
+def test_a_blueberry_sweep_trial_names_its_sweep_in_the_wandb_config(tmp_path):
+    """Synced to W&B, a `blueberry sweep` trial belongs to no W&B sweep: top-level keys name it (W&B's run table
+    filters and groups on them)."""
+    header = json.loads((write_run(tmp_path, "exp") / "spec.json").read_text())
+    assert "sweep_id" not in wandb_config(header)
+    header["sweep"] = {"id": "lr-grid-1a2b3c4d", "name": "lr-grid"}
+    config = wandb_config(header)
+    assert (config["sweep_id"], config["sweep_name"]) == ("lr-grid-1a2b3c4d", "lr-grid")

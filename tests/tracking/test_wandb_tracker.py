@@ -1,10 +1,12 @@
 import re
 
+import pytest
 import torch
 from offline_tracker import fresh_run_dir, offline_tracker
 
 from blueberry.tracking import RunRecord, Trackers, new_run_id, resolve_mode, sweep_tag
 from blueberry.tracking.wandb_log import read_wandb_log
+from blueberry.tracking.wandb_tracker import wandb_segments
 
 
 def test_mode_is_offline_without_a_key(monkeypatch):
@@ -63,6 +65,7 @@ def test_checkpoints_get_best_alias_and_summary_has_no_none(tmp_path):
     for step, val_loss in ((10, 3.0), (20, 2.0), (30, 2.5)):
         tracker.log({"val/loss": val_loss}, step)
         tracker.log_checkpoint(checkpoint, step)
+    tracker.log_checkpoint(checkpoint, 35)  # between evaluations: step 30's loss is not this checkpoint's
     tracker.log_weights({"w": torch.zeros(2)}, {"step": 30, "val/loss": 2.5})
     tracker.summary({"cost/usd": None, "params/total": 7, "val/loss": 2.5})
     tracker.finish("finished")
@@ -74,8 +77,10 @@ def test_checkpoints_get_best_alias_and_summary_has_no_none(tmp_path):
         {"latest", "step-10", "best"},
         {"latest", "step-20", "best"},
         {"latest", "step-30"},  # worse than step 20: `best` stays there
+        {"latest", "step-35"},
     ]
     assert checkpoints[1]["metadata"] == {"step": 20, "val/loss": 2.0}
+    assert checkpoints[3]["metadata"] == {"step": 35}
     (model,) = [a for a in log.artifacts if a["name"] == f"model-{tracker.run_id}"]
     assert model["type"] == "model" and model["metadata"]["step"] == 30
     assert "cost/usd" not in log.summary and log.summary["params/total"] == 7
@@ -83,9 +88,37 @@ def test_checkpoints_get_best_alias_and_summary_has_no_none(tmp_path):
     assert log.summary["final/val_loss"] == 2.5  # and a number W&B's panels can plot
 
 
+def test_a_finished_run_clears_the_reason_an_earlier_attempt_left_in_its_summary(tmp_path):
+    # Online, a resumed run starts from the server's summary: the interrupted attempt's reason is in it.
+    tracker = offline_tracker(fresh_run_dir(tmp_path, "exp", "r1"))
+    tracker.run.summary.update({"status/reason": "SIGTERM at step 4, checkpoint at step 4"})
+    tracker.finish("finished")
+    assert read_wandb_log(tracker.offline_dir).summary["status/reason"] is None
+
+
+def test_the_segments_of_a_run_begun_online_and_resumed_offline_are_all_found_oldest_first(tmp_path):
+    # What an online attempt sent is in its own log, run-<time>-<id>: a resume offline must not log it again.
+    made = []
+    for folder in ("run-20261205_100000-r1", "offline-run-20261205_090000-r1", "offline-run-20261205_110000-r1"):
+        (tmp_path / "wandb" / folder).mkdir(parents=True)
+        made.append(tmp_path / "wandb" / folder / "run-r1.wandb")
+        made[-1].write_bytes(b"")
+    (tmp_path / "wandb" / "run-20261205_100000-r2").mkdir()  # another run's
+    (tmp_path / "wandb" / "run-20261205_100000-r2" / "run-r2.wandb").write_bytes(b"")
+    assert wandb_segments([tmp_path], "r1") == [made[1], made[0], made[2]]
+
+
 def test_system_metrics_can_be_turned_off(tmp_path):
     tracker = offline_tracker(fresh_run_dir(tmp_path, "exp", "r1"), system_metrics=False)
     assert tracker.run.settings.x_disable_stats is True
+    tracker.finish("finished")
+
+
+@pytest.mark.parametrize(("spec_says", "disabled"), [(None, True), (True, False)])
+def test_system_metrics_left_unset_follow_wandbs_own_setting(tmp_path, monkeypatch, spec_says, disabled):
+    monkeypatch.setenv("WANDB__DISABLE_STATS", "true")
+    tracker = offline_tracker(fresh_run_dir(tmp_path, "exp", "r1"), system_metrics=spec_says)
+    assert tracker.run.settings.x_disable_stats is disabled  # what the spec sets wins over W&B's variable
     tracker.finish("finished")
 
 
