@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 
@@ -25,7 +26,7 @@ MIG_READERS = {"mem_used_mb": "slice", "temp_c": "board"}
 
 class GpuMonitor:
     """Samples the GPUs a run trains on: `devices` are their CUDA indices as torch numbers them (None: every
-    visible GPU), mapped to NVML through CUDA_VISIBLE_DEVICES."""
+    visible GPU), mapped to NVML handles by `visible_handles`."""
 
     def __init__(self, interval_s: float = 10.0, devices: list[int] | None = None):
         self.interval_s = interval_s
@@ -41,7 +42,8 @@ class GpuMonitor:
 
             pynvml.nvmlInit()
             self._nvml = pynvml
-            visible = visible_handles(pynvml)
+            # a caller that names its devices trains on them: CUDA is initialised anyway, so ask it
+            visible = visible_handles(pynvml, ask_cuda=bool(devices))
             self._handles = visible if devices is None else [visible[i] for i in devices if i < len(visible)]
             self._reads = [metric_handles(pynvml, handle) for handle in self._handles]
         except Exception:  # no library, no driver, no GPU: nothing to monitor
@@ -174,24 +176,87 @@ def nvml_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def visible_handles(nvml) -> list:
-    """NVML handles of the GPUs this process may use, in CUDA's numbering: NVML ignores CUDA_VISIBLE_DEVICES, so
-    apply it here (indices, GPU-<uuid> or MIG-<uuid>; like CUDA, stop at the first entry that names no GPU). Not
-    set, every GPU, or where MIG is on, its slices (`gpu_or_slices`)."""
+def visible_handles(nvml, ask_cuda: bool = False) -> list:
+    """NVML handles of the GPUs this process may use, in CUDA's numbering.
+
+    NVML numbers GPUs in PCI bus order, CUDA by default fastest first (CUDA_DEVICE_ORDER=FASTEST_FIRST), and
+    CUDA_VISIBLE_DEVICES' indices are CUDA's: on a machine of mixed GPUs NVML's GPU i need not be CUDA's. So each
+    CUDA device is matched by its UUID where torch can say it (`cuda_uuids`), else by `handles_by_entries`."""
+    uuids = cuda_uuids(ask_cuda)
+    if uuids:
+        # what CUDA numbers: a whole GPU, or where MIG is on, its slices (never the board itself)
+        by_uuid = {bare_uuid(uuid): handle for uuid, handle in nvml_uuids(nvml, mig_boards=False).items()}
+        handles = [by_uuid.get(uuid) for uuid in uuids]
+        if None not in handles:
+            return handles
+        # a device NVML lists under no such UUID (a driver writing a MIG slice's UUID otherwise): by the entries
+    return handles_by_entries(nvml)
+
+
+def cuda_uuids(ask_cuda: bool) -> list[str] | None:
+    """Each CUDA device's UUID, in CUDA's numbering, as torch writes it (8-4-4-4-12 hex, NVML's without its GPU- or
+    MIG- prefix); None where torch has not initialised CUDA, unless `ask_cuda` (then it does, where CUDA is there).
+
+    Asking initialises CUDA: seconds, and a process that has initialised it cannot use CUDA in a forked child. So
+    only a process that uses CUDA anyway asks (`ask_cuda`); one that only looks (a study recording its machine) does
+    not, and one that never imported torch (the sweep controller on a CPU machine) is not made to."""
+    torch = sys.modules.get("torch")  # not imported: CUDA is not initialised either
+    if torch is None:
+        return None
+    try:
+        if not (torch.cuda.is_initialized() or (ask_cuda and torch.cuda.is_available())):
+            return None
+        return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    except Exception:  # a CUDA error while asking: number by the entries instead
+        return None
+
+
+def bare_uuid(nvml_uuid: str) -> str:
+    """NVML's GPU-<uuid> or MIG-<uuid> without its prefix, as CUDA (and torch) write a device's UUID."""
+    return nvml_uuid.removeprefix("GPU-").removeprefix("MIG-")
+
+
+def nvml_uuids(nvml, mig_boards: bool) -> dict:
+    """Every GPU's and MIG slice's handle by its NVML UUID (GPU-…, MIG-…, in NVML's order); a board with MIG on
+    only with `mig_boards` (CUDA numbers its slices, not the board; CUDA_VISIBLE_DEVICES may still name it)."""
+    handles = {}
+    for index in range(nvml.nvmlDeviceGetCount()):
+        try:
+            board = nvml.nvmlDeviceGetHandleByIndex(index)
+            slices = mig_slices(nvml, board) or []
+            for handle in [board, *slices] if mig_boards or not slices else slices:
+                handles[nvml_text(nvml.nvmlDeviceGetUUID(handle))] = handle
+        except Exception:  # NVMLError: a GPU this process may not use (no permission); CUDA does not see it either
+            continue
+    return handles
+
+
+def handles_by_entries(nvml) -> list:
+    """`visible_handles` without CUDA's own UUIDs: NVML ignores CUDA_VISIBLE_DEVICES, so apply it here (indices,
+    GPU-<uuid> or MIG-<uuid>, whole or, as CUDA takes them, the start of one; like CUDA, stop at the first entry
+    that names no GPU or several). Not set, every GPU, or where MIG is on, its slices (`gpu_or_slices`).
+
+    An index is taken as NVML's, which is CUDA's with CUDA_DEVICE_ORDER=PCI_BUS_ID; CUDA's default, FASTEST_FIRST,
+    puts the fastest GPU first and leaves the others' order unspecified, so on a machine of mixed GPUs it may not
+    be."""
     count = nvml.nvmlDeviceGetCount()
     entries = visible_device_entries()
     if entries is None:
         return [h for i in range(count) for h in gpu_or_slices(nvml, nvml.nvmlDeviceGetHandleByIndex(i))]
-    handles = []
+    handles, by_uuid = [], None
     for entry in entries:
-        try:
-            if entry.isdigit() and int(entry) < count:
+        if entry.isdigit() and int(entry) < count:
+            try:
                 handles.append(nvml.nvmlDeviceGetHandleByIndex(int(entry)))
-            elif entry.startswith(("GPU-", "MIG-")):  # MIG-<uuid> since driver R470; the older MIG-GPU-… is not
-                handles.append(nvml.nvmlDeviceGetHandleByUUID(entry))
-            else:
+            except Exception:  # NVMLError: no such GPU
                 break
-        except Exception:  # NVMLError: no such GPU
+        elif entry.startswith(("GPU-", "MIG-")):  # MIG-<uuid> since driver R470; the older MIG-GPU-… is not
+            by_uuid = nvml_uuids(nvml, mig_boards=True) if by_uuid is None else by_uuid
+            named = [handle for uuid, handle in by_uuid.items() if uuid.startswith(entry)]
+            if len(named) != 1:
+                break
+            handles.append(named[0])
+        else:
             break
     return handles
 

@@ -1,8 +1,8 @@
 """What this machine can do, and what a run should choose on it.
 
 GPUs are found through NVML (`nvidia-ml-py`), the CPU through /proc/cpuinfo. No GPU, no driver or no NVML
-library means the CPU path, never an error. A GPU model maps to a preset: the precision `auto` picks, its
-dense peak FLOP/s (for MFU) and a rental price (for the run's cost).
+library means the CPU path, never an error. A GPU model maps to a preset: its native precision, its dense peak
+FLOP/s (for MFU) and a rental price (for the run's cost).
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ class NotRunnableHere(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """One kind of device: what `auto` settings pick on it, its peak and its price."""
+    """One kind of device: its native precision, peaks and price, and the largest micro-batch 'auto' tries."""
 
     name: str
     match: tuple[str, ...]  # every one of these must appear in the NVML name (case-insensitive)
-    precision: str  # what precision 'auto' picks
+    # the precision the GPU computes fastest in, whose peak a projection to this GPU scales by (gpu_check's
+    # projection); 'auto' reads the running GPU's compute capability instead (`precision_for`), to the same effect
+    precision: str
     peak_tflops: dict[str, float]  # dense (no sparsity) peak per precision, from the vendor's data sheet
     usd_per_hour: float | None  # typical rental price of one device; override with train.price_per_hour
     max_micro_batch: int  # upper bound for batch_size 'auto' (the memory probe may pick less)
@@ -215,25 +217,26 @@ def detect_cpu() -> CpuInfo:
     return CpuInfo(model, cores, torch.get_num_threads(), cpu_supports_bf16(flags), "amx_bf16" in flags)
 
 
-def detect_gpus() -> tuple[list[GpuInfo], str]:
+def detect_gpus(ask_cuda: bool = False) -> tuple[list[GpuInfo], str]:
     """The NVIDIA GPUs this process may use, through NVML, numbered as CUDA numbers them (CUDA_VISIBLE_DEVICES
     applied; a MIG slice named after its board, as CUDA names it), and how detection went. Any NVML failure means
-    no GPUs, not an error."""
+    no GPUs, not an error. CUDA's own numbering needs CUDA initialised: by torch already, or with `ask_cuda`, for a
+    caller that uses CUDA anyway; else NVML's order stands in for it (`gpu_monitor.visible_handles`)."""
     try:
         with nvml_session() as pynvml:
-            return _query_gpus(pynvml)
+            return _query_gpus(pynvml, ask_cuda)
     except ImportError:
         return [], "nvidia-ml-py not installed"
     except Exception as exc:  # NVMLError_LibraryNotFound / DriverNotLoaded on machines without a GPU
         return [], f"NVML unavailable: {exc}"
 
 
-def _query_gpus(pynvml) -> tuple[list[GpuInfo], str]:
+def _query_gpus(pynvml, ask_cuda: bool) -> tuple[list[GpuInfo], str]:
     """`detect_gpus` within an NVML session; a failing query also means no GPUs."""
     try:
         driver = nvml_text(pynvml.nvmlSystemGetDriverVersion())
         gpus = []
-        for index, handle in enumerate(visible_handles(pynvml)):
+        for index, handle in enumerate(visible_handles(pynvml, ask_cuda)):
             name, board = nvml_text(pynvml.nvmlDeviceGetName(handle)), mig_board(pynvml, handle)
             if board is not None:  # a MIG slice: NVML may name the profile alone ("MIG 1g.10gb"), CUDA adds the board
                 board_name = nvml_text(pynvml.nvmlDeviceGetName(board))
@@ -252,16 +255,24 @@ def _query_gpus(pynvml) -> tuple[list[GpuInfo], str]:
         return [], f"NVML query failed: {exc}"
 
 
-def detect() -> HardwareInfo:
-    gpus, why = detect_gpus()
+def detect(ask_cuda: bool = False) -> HardwareInfo:
+    """This machine's CPU and GPUs (`detect_gpus`, whose `ask_cuda` this passes on)."""
+    gpus, why = detect_gpus(ask_cuda)
     return HardwareInfo(detect_cpu(), gpus, why, torch.cuda.is_available())
 
 
+# A laptop GPU bears its desktop namesake's number ("NVIDIA GeForce RTX 4090 Laptop GPU") but is a smaller chip at
+# lower clocks and power (the 4090 Laptop: an AD103 with 9,728 CUDA cores, the desktop's AD102 16,384), and is not
+# rented by the hour: the desktop board's peaks and price are not its.
+MOBILE_WORDS = ("laptop", "mobile", "max-q")
+
+
 def preset_for(gpu_name: str) -> Preset:
-    """The preset whose match words are all words of the GPU's name; unknown GPUs get a generic fp32 preset (no
-    peaks, no list price). A MIG slice gets its share of the board's peaks and price, and of a price table's
-    row for the board (see `mig_slice`)."""
-    preset = next((p for p in PRESETS if names_words(gpu_name, p.match)), None)
+    """The preset whose match words are all words of the GPU's name; unknown GPUs, laptop ones included
+    (`MOBILE_WORDS`), get a generic fp32 preset (no peaks, no list price). A MIG slice gets its share of the
+    board's peaks and price, and of a price table's row for the board (see `mig_slice`)."""
+    mobile = any(names_words(gpu_name, (word,)) for word in MOBILE_WORDS)
+    preset = None if mobile else next((p for p in PRESETS if names_words(gpu_name, p.match)), None)
     if preset is None:
         preset = Preset(MIG_PROFILE.split(gpu_name)[0].strip(), (), "fp32", {}, None, 64)
     if (slice_ := mig_slice(gpu_name)) is None:
@@ -440,12 +451,18 @@ GPU_MEMORY_HEADROOM = 0.85  # the share of a GPU's memory a batch size may plan 
 def cuda_probe_fits(model, vocab_size: int, seq_len: int, autocast, device: torch.device, chunked_loss=True):
     """A `fits(micro)` that runs one forward+backward at that micro-batch and checks the peak memory.
 
-    Optimizer states do not exist yet during the probe, so three fp32 copies of the parameters are added.
+    Optimizer states do not exist yet during the probe, so three fp32 copies of the parameters are added. The probe
+    leaves the CPU's and the device's random state as it found them: its tokens, dropout masks and router noise
+    would otherwise shift the run's random stream by however many sizes were tried.
     """
     total = torch.cuda.get_device_properties(device).total_memory
     optimizer_bytes = 3 * 4 * sum(p.numel() for p in model.parameters())
 
     def fits(micro: int) -> bool:
+        with torch.random.fork_rng(devices=[device], device_type="cuda"):
+            return probe(micro)
+
+    def probe(micro: int) -> bool:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         try:

@@ -1,5 +1,6 @@
 """Hardware detection and choices, with NVML faked: no GPU here, so every GPU path runs against a fake pynvml."""
 
+import contextlib
 import json
 import sys
 import types
@@ -176,6 +177,19 @@ def test_precision_rules():
         hardware.resolve_precision("fp16", torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    "name",
+    # the words NVIDIA's laptop parts have been named with ("… Laptop GPU", "… with Max-Q Design", "… Mobile")
+    ["NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA GeForce RTX 4090 with Max-Q Design", "NVIDIA RTX 4090 Mobile"],
+)
+def test_a_laptop_gpu_gets_no_desktop_boards_peak_or_price(name, monkeypatch):
+    for variable in ("BLUEBERRY_PRICE_PER_HOUR", "BLUEBERRY_GPU_PRICES"):
+        monkeypatch.delenv(variable, raising=False)
+    preset = hardware.preset_for(name)
+    assert (preset.name, preset.peak_tflops, preset.usd_per_hour) == (name, {}, None)  # as an unknown GPU
+    assert hardware.price_per_hour(None, preset)[0] is None
+
+
 def test_gpu_monitor_samples_and_reads_energy(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(["Tesla T4"], energy_mj=[0.0]))
     monitor = GpuMonitor(interval_s=3600).start()
@@ -241,6 +255,81 @@ def test_doctor_lists_the_gpus_this_process_may_use_as_cuda_numbers_and_names_th
     assert hardware.preset_for(info.gpus[1].name).name == "A100 MIG 1g.10gb"
 
 
+def cuda_numbering(monkeypatch, uuids, initialised=True):
+    """torch's CUDA, initialised (or only available), numbering its devices with these UUIDs (torch writes them
+    without NVML's GPU-/MIG- prefix; the fake NVML's are GPU-<index> and MIG-<GPU>-<slot>)."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(uuids))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid=uuids[i]))
+
+
+def test_gpus_are_matched_to_cuda_devices_by_uuid_where_cuda_numbers_them_otherwise_than_nvml(monkeypatch):
+    """NVML lists a T4 then an A100 (PCI bus order); CUDA, fastest first, numbers the A100 0: the doctor's GPU 0 and
+    the monitor's readings are the A100's, and CUDA_VISIBLE_DEVICES=0, an index of CUDA's, is the A100 too."""
+    t4, a100 = "Tesla T4", "NVIDIA A100-SXM4-80GB"
+    energy = [0.0, 0.0]
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([t4, a100], energy_mj=energy))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cuda_numbering(monkeypatch, ["1", "0"])
+    assert [(g.index, g.name, g.compute_capability) for g in hardware.detect().gpus] == [
+        (0, a100, (8, 0)), (1, t4, (7, 5))
+    ]  # fmt: skip
+    GpuMonitor(interval_s=3600, devices=[0]).start().stop()
+    assert energy[0] == 0 and energy[1] > 0  # the A100's counter, not the T4's
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    cuda_numbering(monkeypatch, ["1"])
+    assert [g.name for g in hardware.detect().gpus] == [a100]
+
+
+def test_gpus_are_numbered_without_initialising_cuda_unless_the_caller_uses_it(monkeypatch):
+    """Asking torch for the UUIDs initialises CUDA: only where it is already, or the caller asks (it uses CUDA)."""
+    t4, a100 = "Tesla T4", "NVIDIA A100-SXM4-80GB"
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([t4, a100]))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cuda_numbering(monkeypatch, ["1", "0"], initialised=False)
+    asked = []
+    properties = torch.cuda.get_device_properties
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: asked.append(i) or properties(i))
+    assert [g.name for g in hardware.detect_gpus()[0]] == [t4, a100] and asked == []  # NVML's order stands in
+    assert not GpuMonitor(interval_s=3600, devices=[]).active and asked == []  # a CPU run on a GPU machine
+    assert [g.name for g in hardware.detect_gpus(ask_cuda=True)[0]] == [a100, t4] and asked == [0, 1]
+
+
+def test_a_mig_slice_is_matched_by_its_uuid_and_otherwise_found_as_before(monkeypatch):
+    """CUDA numbers a MIG slice under its MIG UUID; where NVML lists no such UUID (a driver writing it otherwise,
+    or CUDA giving the board's, which CUDA never numbers with MIG on), CUDA_VISIBLE_DEVICES decides, as before."""
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(["Tesla T4"] * 2, mig_slices={1: 3}))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cuda_numbering(monkeypatch, ["1-2", "0"])
+    assert [g.memory_mb for g in hardware.detect().gpus] == [10240, 15360]  # the slice, then the whole T4
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-1-1")
+    for unknown in ("1", "GPU-1/1/0"):
+        cuda_numbering(monkeypatch, [unknown])
+        assert [g.memory_mb for g in hardware.detect().gpus] == [10240], unknown
+
+
+def test_cuda_visible_devices_may_name_a_gpu_by_the_start_of_its_uuid(monkeypatch):
+    """As CUDA takes it: the one UUID an entry begins (NVML's own lookup wants it whole); ambiguous, CUDA stops."""
+    from blueberry.gpu_monitor import visible_handles
+
+    nvml = fake_pynvml(["Tesla T4"] * 3)
+    uuids = [
+        "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6",
+        "GPU-1b6a30c1-7a4e-3b9e-8f0e-5d2c9b1a7e44",
+        "GPU-89aa41d0-2c3b-6d7e-0f1a-2b3c4d5e6f70",
+    ]
+    monkeypatch.setattr(nvml, "nvmlDeviceGetUUID", lambda h: uuids[h].encode())
+    for visible, handles in [
+        ("GPU-8932f937", [0]),
+        (f"GPU-1b6a,{uuids[0]}", [1, 0]),
+        ("GPU-89,0", []),  # GPU 0's and GPU 2's UUIDs both begin GPU-89
+        ("GPU-8932f937-ffff", []),
+    ]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert visible_handles(nvml) == handles, visible
+
+
 def test_without_cuda_visible_devices_a_mig_slice_is_named_by_its_uuid(monkeypatch):
     """What a sweep pins its trials to: CUDA_VISIBLE_DEVICES=1 would name GPU 1's whole board, not a slice."""
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(["Tesla T4"] * 2, mig_slices={1: 2}))
@@ -300,6 +389,27 @@ def test_batch_auto_keeps_effective_batch():
     assert hardware.resolve_batch(16, 4, None, world=2, fits=None, cap=8).effective_batch == 128
     with pytest.raises(ValueError, match="not divisible"):
         hardware.resolve_batch("auto", 1, 63, world=2, fits=lambda m: True, cap=8)
+
+
+def test_the_batch_probe_leaves_the_random_state_as_it_found_it(monkeypatch):
+    """Its tokens, dropout and router noise draw from the RNGs: without restoring them, the run's random stream
+    would depend on how many sizes were probed. On CPU here, with CUDA's memory calls and RNG faked."""
+    spec = load_spec(None, ["--model.d_model=64", "--model.variant=moe", "--model.n_layers=1"])
+    assert spec.model.dropout > 0 and spec.model.router_noise_std > 0
+    model = build_model(spec.model, 256).train()
+    cuda_rng = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=2**40))
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: cuda_rng.append(("saved", d)) or "state")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, d: cuda_rng.append((f"restored {state}", d)))
+    fits = hardware.cuda_probe_fits(model, 256, 16, contextlib.nullcontext, torch.device("cpu"))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert fits(4) and fits(2)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert cuda_rng == [("saved", torch.device("cpu")), ("restored state", torch.device("cpu"))] * 2  # the device's
 
 
 def test_batch_auto_spec_rules():

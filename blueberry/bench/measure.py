@@ -133,9 +133,12 @@ def optimizer_step_s(spec: RunSpec, repeats: int = 5) -> float:
     from blueberry.train.optim import build_optimizers
 
     built = build(spec, resolve_device(spec.train.device), spec.data.vocab_size, check_causal=False, peak=False)
-    optimizers = build_optimizers(built.model, built.spec.train)
+    # build() leaves the model where it was built (the CPU); the trainer moves it before building its optimizers,
+    # whose kernels (fused AdamW) and Muon's precision follow the parameters' device
+    model = built.model.to(built.device)
+    optimizers = build_optimizers(model, built.spec.train)
     generator = torch.Generator(device=built.device).manual_seed(0)
-    for p in built.model.parameters():
+    for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 1e-3
     times = []

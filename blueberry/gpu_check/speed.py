@@ -113,7 +113,7 @@ def measure_presets(context: Context, box_s: float, overrides: list[str], preset
 
 def check_doctor(context: Context, box_s: float) -> dict:
     """The doctor's view and the plan a run of Experiment 1's spec would choose here."""
-    info = detect()
+    info = detect(ask_cuda=True)  # gpu-check uses CUDA anyway: number the GPUs as it does
     spec = study_spec(context, read_experiment().presets[0][1])
     model = build_model(spec.model, spec.data.vocab_size)
     plan = plan_run(spec, context.device, model, spec.data.vocab_size, probe=False)

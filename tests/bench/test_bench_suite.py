@@ -106,7 +106,7 @@ def test_a_cpu_without_native_bf16_measures_512d_in_fp32_and_bf16_once_at_the_qu
 
 
 def test_mfu_against_the_ceiling_of_the_cases_precision_and_none_where_bf16_is_emulated(monkeypatch):
-    from blueberry.bench.suite import add_mfu
+    from blueberry.bench.suite import add_mfu, mfu_peaks
 
     def results():
         return {
@@ -119,7 +119,7 @@ def test_mfu_against_the_ceiling_of_the_cases_precision_and_none_where_bf16_is_e
     for native, bf16_mfu in ((False, None), (True, 1.5)):
         monkeypatch.setattr("blueberry.hardware.cpu_supports_bf16", lambda flags=None, native=native: native)
         measured = results()
-        add_mfu(measured, ceilings, torch.device("cpu"))
+        add_mfu(measured, mfu_peaks(ceilings, torch.device("cpu")))
         assert measured["fp32"]["mfu"] == pytest.approx(0.5) and "mfu" not in measured["failed"]
         assert measured["bf16"]["mfu"] == (bf16_mfu and pytest.approx(bf16_mfu))
     measured["bf16"]["shape"], measured["bf16"]["label"] = "quickstart", "mlp"
@@ -138,6 +138,64 @@ def test_mfu_against_the_ceiling_of_the_cases_precision_and_none_where_bf16_is_e
         "contention": {},
     }
     assert "| quickstart | mlp | bf16 | 10 | 1.000 | n/a | 0.003 |" in format_table(outcome)
+
+
+def test_on_a_gpu_mfu_is_against_its_data_sheet_peak_not_the_cpus_gemm_ceiling(monkeypatch):
+    """The GEMM ceilings are measured on CPU tensors: a GPU case divided by them reads thousands of per cent."""
+    from blueberry.bench.suite import add_mfu, mfu_peaks
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    peaks = mfu_peaks({"fp32": 0.1e12, "bf16": 0.2e12}, torch.device("cuda"))
+    assert peaks == {"fp32": 494.7e12, "bf16": 989.4e12}  # as a run takes them: fp32 at the TF32 peak
+    measured = {"s/mlp/bf16": {"precision": "bf16", "tflops": 98.94, "step_s": 1.0}}
+    add_mfu(measured, peaks)
+    assert measured["s/mlp/bf16"]["mfu"] == pytest.approx(0.1)
+    targets = check_targets(measured, {}, peaks, {}, {})
+    assert targets["mfu_512d_dense"]["value"] == pytest.approx(0.1) and targets["mfu_512d_dense"]["met"] is False
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert mfu_peaks({"fp32": 0.1e12}, torch.device("cuda")) == {"fp32": None}  # no peak known: no MFU
+    outcome = {
+        "gemm_ceiling_flops": {"fp32": 0.1e12, "bf16": 0.2e12},
+        "mfu_peak_flops": {"fp32": 494.7e12, "bf16": None},
+        "hardware": {"cpu": {"model": "cpu", "cores": 16}, "cuda_available": True},
+        "torch_threads": 16,
+        "load_average": [0.0, 0.0],
+        "cases": {},
+        "ratios": {},
+        "tracking": {"overhead": 0.0, "log_share": 0.0, "wandb_init_s": 1.0, "steps": 2, "log_every": 1},
+        "first_step_latency": {},
+        "report_build": {"error": "x"},
+        "targets": {},
+        "contention": {},
+    }
+    assert "MFU against the GPU's data-sheet peak (TFLOP/s): fp32 494.7, bf16 unknown" in format_table(outcome)
+
+
+def test_the_optimizer_step_is_measured_on_the_device_the_model_was_built_for(monkeypatch):
+    """build() leaves the model on the CPU; on a GPU the random gradients are drawn there, so a model left behind
+    fails the step (after every case ran) and its optimizers would be the CPU's."""
+    import blueberry.bench.measure as measure
+    import blueberry.train.optim as optim
+
+    real_build, seen = measure.build, []
+
+    def build_on_meta(*args, **kwargs):  # the one non-CPU device a CPU machine has
+        built = real_build(*args, **kwargs)
+        built.device = torch.device("meta")
+        return built
+
+    class Measured(Exception):
+        pass
+
+    def record_devices(model, train_spec):
+        seen.extend({p.device.type for p in model.parameters()})
+        raise Measured
+
+    monkeypatch.setattr(measure, "build", build_on_meta)
+    monkeypatch.setattr(optim, "build_optimizers", record_devices)
+    with pytest.raises(Measured):
+        measure.optimizer_step_s(load_spec(QUICKSTART, [*TINY, "--model.variant=moe"]))
+    assert seen == ["meta"]
 
 
 def test_chunked_loss_memory_cases_at_the_reports_vocabulary():
