@@ -83,7 +83,18 @@ def _load(spec_path, overrides, override_files) -> RunSpec:
         _fail(exc.render(), every_rank_finds=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The commands; a Ctrl-C (or SIGTERM, SIGHUP) that one does not handle itself, while its libraries load or it
+    plans, exits 128 + the signal like every interruption, not with click's "Aborted!" (exit 1: a failure)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            _fail("interrupted", 128 + getattr(exc, "signum", signal.SIGINT))
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="blueberry")
 def main():
     """Blueberry: correct, tracked experiments for small Mixture-of-Experts LMs."""
@@ -235,18 +246,15 @@ def run(spec_path, overrides, override_files, resume):
         preflight(spec)
     except PreflightError as exc:
         _fail(str(exc))
-    try:  # a Ctrl-C while the libraries load is an interruption as any other (exit 130), not click's "Aborted!"
-        _check_data_inputs(spec_path, spec)
-        with _loading_libraries():
-            from blueberry.distributed import MainRankFailed, env_world
-            from blueberry.hardware import NotRunnableHere
-            from blueberry.models.causality import CausalityError
-            from blueberry.runner import SETUP_STAGES, OutOfMemory, execute
-            from blueberry.tracking.wandb_tracker import WandbUnavailable
-            from blueberry.train.checkpoint import ResumeError
-            from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
-    except KeyboardInterrupt:
-        _fail("interrupted", 128 + signal.SIGINT)
+    _check_data_inputs(spec_path, spec)
+    with _loading_libraries():
+        from blueberry.distributed import MainRankFailed, env_world
+        from blueberry.hardware import NotRunnableHere
+        from blueberry.models.causality import CausalityError
+        from blueberry.runner import SETUP_STAGES, OutOfMemory, execute
+        from blueberry.tracking.wandb_tracker import WandbUnavailable
+        from blueberry.train.checkpoint import ResumeError
+        from blueberry.train.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
         own_process = click.get_current_context().obj == OWN_PROCESS
@@ -408,6 +416,8 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
         click.echo(f"  {trial.run_id}: {trial.state}: {trial.reason}")
     for _, why in state.unreadable:
         click.echo(f"  unreadable entry in the sweep state (not run): {why}")
+    if any(t.state in ("failed", "crashed") for t in state.trials):  # as `study`: make, CI and scripts see it
+        sys.exit(1)  # (a trial early termination stopped, `killed`, is the sweep working as asked)
 
 
 @main.command(context_settings=PASS_THROUGH)
@@ -424,7 +434,7 @@ def doctor(args, as_json):
     from blueberry.plan import build, format_doctor
     from blueberry.tracking.preflight import PreflightError, check_price_variables
 
-    info = detect()
+    info = detect(ask_cuda=True)  # CUDA's numbering of the GPUs; the plan below uses CUDA anyway
     try:
         check_price_variables()  # as a run refuses them
     except PreflightError as exc:

@@ -352,6 +352,23 @@ def test_ctrl_c_while_the_libraries_load_is_an_interruption(tmp_path, monkeypatc
     assert not runs.exists()
 
 
+@pytest.mark.parametrize(
+    ("planning", "args"),
+    [
+        ("blueberry.sweep.load_sweep", ["sweep", "--dry-run", "sweeps/cpu/ablation.yaml"]),
+        ("blueberry.study.plan_parts", ["study", "--dry-run"]),
+    ],
+)
+def test_ctrl_c_while_a_sweep_or_study_plans_is_an_interruption(tmp_path, monkeypatch, planning, args):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(planning, interrupted)
+    monkeypatch.chdir(REPO)
+    result = invoke(*args, "--runs-root", str(tmp_path / "runs"))
+    assert result.exit_code == 130 and result.output == "error: interrupted\n", result.output
+
+
 def test_a_model_that_is_not_causal_fails_the_run_without_a_traceback(tmp_path, monkeypatch):
     from test_runner import TINY
 
