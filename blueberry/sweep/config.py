@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from blueberry.overrides import SpecError, read_text_capped
+from blueberry.sweep.launch import agent_macros, unknown_macro
 
 INVALID = "invalid sweep"
 
@@ -63,8 +64,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A number with an exponent: YAML 1.2 and JSON read `1e-3` as a float; YAML 1.1 (PyYAML) only with a dot and a signed
+# exponent (`1.0e-3`), else as text.
+_EXPONENT_NUMBER = re.compile(
+    r"^(?P<sign>[-+]?)(?=\.?[0-9])(?P<whole>[0-9]*)(?:\.(?P<fraction>[0-9]*))?"
+    r"(?P<e>[eE])(?P<exponent_sign>[-+]?)(?P<exponent>[0-9]+)$"
+)
+
+
+class _Yaml12NumberLoader(yaml.SafeLoader):
+    """YAML's safe loader reading `1e-3` as the float YAML 1.2 reads: only to find the numbers YAML 1.1 read as
+    text, never to load a sweep (`wandb sweep` reads the same file with PyYAML, as text)."""
+
+
+# PyYAML tries a scalar's resolvers in order: this one gets only what YAML 1.1's int and float left as text.
+_Yaml12NumberLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_NUMBER, list("-+.0123456789"))
+
+
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep YAML; errors name the file and carry W&B's own violation messages."""
+    """Read and validate a sweep YAML; errors name the file, the field and what W&B's own schema or engine says."""
     path = Path(path)
     text = read_text_capped(path, "sweep", INVALID)
     try:
@@ -75,16 +93,16 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SpecError(
             [(str(path), "", "a sweep file must hold a mapping (method:, parameters:, command:, ...)")], INVALID
         )
-    # validate=True / SweepConfig() silently drop nested `parameters:` (wandb/sweeps#8): check the schema only.
-    violations = list(dict.fromkeys(engine().schema_violations_from_proposed_config(config)))  # it repeats some
+    as_yaml12 = yaml.load(text, Loader=_Yaml12NumberLoader)  # a mapping too: only some scalars differ
+    misread = _numbers_read_as_text(config.get("parameters"), as_yaml12.get("parameters"))
+    if misread:
+        raise SpecError([(str(path), field, reason) for field, reason in misread], INVALID)
+    violations = _schema_violations(config)
     if violations:
-        raise SpecError([(str(path), "", violation) for violation in violations], INVALID)
-    if not isinstance(config.get("command"), list) or not all(
-        isinstance(t, (str, int, float)) for t in config["command"]
-    ):
-        raise SpecError(
-            [(str(path), "command", "a list of strings is required (the `blueberry run` command line)")], INVALID
-        )
+        raise SpecError([(str(path), field, reason) for field, reason in violations], INVALID)
+    command_problems = _command_problems(config.get("command"))
+    if command_problems:
+        raise SpecError([(str(path), "command", problem) for problem in command_problems], INVALID)
     _engine_accepts(path, config)
     try:
         canonical = json.dumps(config, sort_keys=True, default=str)
@@ -93,6 +111,105 @@ def load_sweep(path: str | Path) -> Sweep:
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:8]
     name = str(config.get("name") or path.stem)
     return Sweep(path=path, config=config, name=name, sweep_id=f"{_slug(name)}-{digest}")
+
+
+def _numbers_read_as_text(parameters, parameters_as_yaml12, prefix: str = "parameters") -> list[tuple[str, str]]:
+    """(field path, reason) for each number in a parameter's value, values, bounds... that YAML 1.1 read as text
+    (`1e-3`). Our spec would coerce it, but the agent's parameters file carries the string and `wandb.init`
+    prefers that file: W&B would record the parameter as text (categorical plots and filters, a str in reports),
+    and a distribution's bounds fail W&B's schema with no word on why."""
+    if not isinstance(parameters, dict) or not isinstance(parameters_as_yaml12, dict):
+        return []  # W&B's schema says what is wrong with it
+    found = []
+    for name, parameter in parameters.items():
+        as_yaml12 = parameters_as_yaml12.get(name)  # (a name that is itself such a number has another key there)
+        if not isinstance(parameter, dict) or not isinstance(as_yaml12, dict):
+            continue
+        where = f"{prefix}.{name}"
+        for field, value in parameter.items():
+            if field != "parameters":
+                found += _texts_yaml12_reads_as_numbers(value, as_yaml12.get(field), f"{where}.{field}")
+        found += _numbers_read_as_text(parameter.get("parameters"), as_yaml12.get("parameters"), f"{where}.parameters")
+    return found
+
+
+def _texts_yaml12_reads_as_numbers(value, as_yaml12, where: str) -> list[tuple[str, str]]:
+    """(field path, reason) for each text in `value`, at any depth, that is a float in `as_yaml12`."""
+    if isinstance(value, str) and isinstance(as_yaml12, float):
+        n = _EXPONENT_NUMBER.match(value)
+        written = f"{n['sign']}{n['whole'] or 0}.{n['fraction'] or 0}{n['e']}{n['exponent_sign'] or '+'}{n['exponent']}"
+        reason = (
+            f"YAML 1.1 (PyYAML, which `wandb sweep` reads sweep files with too) reads {value} as text, not a number "
+            f"(W&B would record the parameter as text, or refuse it as a bound); write {written}"
+        )
+        return [(where, reason)]
+    if isinstance(value, list) and isinstance(as_yaml12, list):
+        items = zip(value, as_yaml12)
+        return [
+            found
+            for i, (v, v12) in enumerate(items)
+            for found in _texts_yaml12_reads_as_numbers(v, v12, f"{where}.{i}")
+        ]
+    if isinstance(value, dict) and isinstance(as_yaml12, dict):
+        return [
+            found
+            for key, v in value.items()
+            for found in _texts_yaml12_reads_as_numbers(v, as_yaml12.get(key), f"{where}.{key}")
+        ]
+    return []
+
+
+def _schema_violations(config: dict) -> list[tuple[str, str]]:
+    """(field path, reason) for each way `config` breaks W&B's sweep schema, then W&B's checks beyond it (min
+    below max, probabilities that sum to 1); W&B's own list says neither where nor, inside a parameter, why."""
+    schema_errors = list(engine().config.schema.validator.iter_errors(config))
+    if schema_errors:  # (W&B's checks beyond the schema raise on some of what it refuses: a parameter not a mapping)
+        explained = (_explained(error) for error in schema_errors)
+        return list(dict.fromkeys((".".join(map(str, e.absolute_path)), e.message) for e in explained))
+    # validate=True / SweepConfig() silently drop nested `parameters:` (wandb/sweeps#8): check the schema only.
+    beyond_schema = engine().schema_violations_from_proposed_config(config)
+    return [("", message) for message in dict.fromkeys(beyond_schema)]  # (it repeats some)
+
+
+def _explained(error):
+    """The error that says what is wrong. Where a value must match one of several schemas (`anyOf`: W&B's kinds
+    of parameter), the error of the kind it is meant to be: the kinds whose errors name no other distribution
+    (`enum`) and that the value's keys and type fit (no error at its own level), if they agree."""
+    from jsonschema.exceptions import best_match, relevance  # W&B's engine brings it
+
+    if error.validator != "anyOf" or not error.context:
+        return best_match([error])
+    by_kind = {}
+    for sub in error.context:
+        by_kind.setdefault(sub.relative_schema_path[0], []).append(sub)
+
+    def misfit(errors):
+        return (any(e.validator in ("enum", "const") for e in errors), any(not e.relative_path for e in errors))
+
+    closest = min(map(misfit, by_kind.values()))
+    said = {
+        (tuple(e.absolute_path), e.message): e
+        for e in (_explained(max(errors, key=relevance)) for errors in by_kind.values() if misfit(errors) == closest)
+    }
+    return next(iter(said.values())) if len(said) == 1 else error
+
+
+def _command_problems(command) -> list[str]:
+    """What makes `command:` no command line the agent can run as written."""
+    if not isinstance(command, list) or not all(isinstance(t, (str, int, float)) for t in command):
+        return ["a list of strings is required (the `blueberry run` command line)"]
+    if not command:
+        return [
+            "it is empty, so W&B's agent would run its default, `${env} ${interpreter} ${program} ${args}` (python "
+            "with the sweep's `program:`), not `blueberry run`: write the command line"
+        ]
+    unknown = [token for token in map(str, command) if unknown_macro(token)]
+    if not unknown:
+        return []
+    said = [
+        f"{token}: no macro of W&B's agent, which drops the token from the command without a word" for token in unknown
+    ]
+    return [*said, f"W&B's macros (${{name}}): {', '.join(agent_macros())}, envvar:NAME"]
 
 
 def _engine_accepts(path: Path, config: dict) -> None:

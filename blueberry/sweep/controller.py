@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 from blueberry.fileio import is_number, read_json
 from blueberry.gpu_monitor import nvidia_driver_loaded, unpinned_device_names, visible_device_entries
 from blueberry.sweep.config import Sweep, engine
-from blueberry.sweep.launch import build_trial, plain
+from blueberry.sweep.launch import build_trial, plain, trials_path
 from blueberry.sweep.progress import SweepProgress
 from blueberry.sweep.state import TERMINAL, SweepState, Trial, this_worker, worker_alive
 from blueberry.terminal import stop_signals_raise
@@ -396,8 +395,7 @@ class SweepRunner:
         No WANDB_RUN_GROUP: runs honour it (W&B's precedence), and a trial's group stays its experiment.
         """
         env = {
-            # The `blueberry` that runs the sweep runs its trials, even from an unactivated venv.
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "PATH": trials_path(),
             "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
             "BLUEBERRY_RUNS_ROOT": str(self.runs_root),
             "BLUEBERRY_SWEEP_ID": self.sweep.sweep_id,

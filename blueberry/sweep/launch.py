@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,37 @@ def build_trial(
         else:
             argv.append(token)
     return TrialLaunch(argv=argv, env=env, param_yaml=param_yaml, args_json_file=args_json_file)
+
+
+def agent_macros() -> list[str]:
+    """The `${name}` tokens the agent replaces in `command:` (a whole token each), as `_command_run` builds them: it
+    drops any other `${name}` token without a word. (`args_dict` is no argv: the agent would splice in its keys.)"""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    argv_forms = sweep_utils.create_sweep_command_args({"args": {}})
+    return [
+        "env",
+        "interpreter",
+        "program",
+        *(k for k, v in argv_forms.items() if isinstance(v, list)),
+        "args_json_file",
+    ]
+
+
+def unknown_macro(token: str) -> bool:
+    """Whether the agent drops `token` from the command line: a whole `${name}` token that is none of its macros,
+    once each `${envvar:NAME}` in it is replaced (anywhere in a token, before the macros)."""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    token = sweep_utils.SWEEP_COMMAND_ENV_VAR_REGEX.sub("value", token)
+    macro = re.fullmatch(r"\$\{(.*)\}", token)
+    return macro is not None and macro[1] not in agent_macros()
+
+
+def trials_path() -> str:
+    """The PATH a trial runs with: the `blueberry` that runs the sweep runs its trials, even from an unactivated
+    venv."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def plain(value):

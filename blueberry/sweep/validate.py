@@ -3,32 +3,52 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 from blueberry.overrides import SpecError, load_spec, merged_spec, unreached
-from blueberry.sweep.config import Sweep
+from blueberry.sweep.config import INVALID, Sweep
 from blueberry.sweep.controller import UNTIL_STOPPED
-from blueberry.sweep.launch import build_trial
+from blueberry.sweep.launch import build_trial, trials_path
 
 
-def run_arguments(argv: list[str]) -> tuple[str, list[str], list[str]] | None:
-    """(spec path, argv overrides, override files) of a `blueberry run` command line, or None if it is not one."""
+def run_arguments(argv: list[str]) -> tuple[str | None, list[str], list[str]] | None:
+    """(spec path, argv overrides, override files) of a `blueberry run` command line, or None if it is not one. The
+    spec path is None where the line names none: `blueberry run` would fail with "Missing argument 'SPEC.json'"."""
     if "run" not in argv or not any(Path(token).name == "blueberry" or token == "blueberry.cli" for token in argv):
         return None
-    rest = argv[argv.index("run") + 1 :]
-    if not rest:
-        return None
-    spec_path, overrides, files = rest[0], [], []
-    tokens = iter(rest[1:])
-    for token in tokens:
+    spec_path, overrides, files = None, [], []
+    tokens = iter(argv[argv.index("run") + 1 :])
+    for token in tokens:  # as click parses `blueberry run`: its options anywhere, the first other token the spec
         if token == "--overrides":
             files.append(next(tokens, ""))
         elif token.startswith("--overrides="):
             files.append(token.split("=", 1)[1])
+        elif token in ("--resume", "--no-resume"):
+            continue
+        elif spec_path is None:
+            spec_path = token
         else:
             overrides.append(token)
     return spec_path, overrides, files
+
+
+def check_runnable(sweep: Sweep, argv: list[str]) -> None:
+    """SpecError unless a trial's command line `argv` can start: the `blueberry` it runs is on the trials' PATH (else
+    every trial fails with exit 127), and a `blueberry run` in it names its spec."""
+    program_and_arguments = argv[1:] if argv[:1] == ["/usr/bin/env"] else argv  # `${env}` is /usr/bin/env
+    program = program_and_arguments[0] if program_and_arguments else ""
+    if Path(program).name == "blueberry" and shutil.which(program, path=trials_path()) is None:
+        reason = f"the sweep's command runs `{program}`, which is not on PATH: install the package (pip install -e .)"
+        raise SpecError([(str(sweep.path), "command", reason)], INVALID)
+    parsed = run_arguments(argv)
+    if parsed is not None and parsed[0] is None:
+        command = " ".join(map(str, sweep.config["command"]))
+        reason = (
+            f"`{command}` names no spec file after `blueberry run`: each trial would fail, Missing argument 'SPEC.json'"
+        )
+        raise SpecError([(str(sweep.path), "command", reason)], INVALID)
 
 
 def planned_launches(sweep: Sweep, planned: list[dict], sweep_id: str, run_id: str):
@@ -54,6 +74,7 @@ def check_trials(sweep: Sweep, planned: list[dict]) -> None:
 
     data_checked: set[str] = set()
     for index, params, launch, tmp in planned_launches(sweep, planned, "check", "check-{index}"):
+        check_runnable(sweep, launch.argv)
         parsed = run_arguments(launch.argv)
         if parsed is None:
             return  # not a blueberry command: nothing of ours to check

@@ -1,8 +1,10 @@
 """Every sweep YAML in the repo is valid under W&B's schema and expands to the intended runs."""
 
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from blueberry.cli import main
@@ -11,6 +13,7 @@ from blueberry.overrides import SpecError
 from blueberry.spec import VARIANTS
 from blueberry.sweep import load_sweep, plan
 from blueberry.sweep.config import engine
+from blueberry.sweep.launch import agent_macros, build_trial
 from blueberry.sweep.validate import check_trials
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,3 +264,124 @@ def test_a_random_sweep_without_a_cap_says_it_runs_until_stopped(tmp_path):
     capped = cli.invoke(main, ["sweep", str(sweep), "--dry-run", "--count", "3", "--runs-root", str(tmp_path / "r")])
     assert "(random, metric val/loss): 3 run(s), each one's values drawn when it starts; a sample" in capped.output
     assert capped.output.count("--overrides") == 3
+
+
+@pytest.mark.parametrize(
+    ("parameters", "field", "written"),
+    [
+        ("{train: {parameters: {lr: {values: [0.01, 1e-3]}}}}", "parameters.train.parameters.lr.values.1", "1.0e-3"),
+        ("{lr: {distribution: log_uniform_values, min: 1e-4, max: 0.1}}", "parameters.lr.min", "1.0e-4"),
+        ("{train.lr: {value: 5E-4}}", "parameters.train.lr.value", "5.0E-4"),
+        ("{x: {parameters: {y: {values: [1e+3]}}}}", "parameters.x.parameters.y.values.0", "1.0e+3"),
+        ("{lr: {values: [1.5e3, -.5e3]}}", "parameters.lr.values.1", "-0.5e+3"),
+    ],
+)
+def test_a_number_yaml_1_1_reads_as_text_is_refused_naming_the_parameter(tmp_path, parameters, field, written):
+    """PyYAML (ours and `wandb sweep`'s) reads `1e-3` as text: the spec coerced it and the run trained 0.001, but the
+    agent's parameters file carries "1e-3", which `wandb.init` prefers, so W&B recorded lr as text."""
+    path = tmp_path / "s.yaml"
+    path.write_text(f"method: grid\nparameters: {parameters}\ncommand: [blueberry, run, x.json, '${{args}}']\n")
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{path}: {field}: YAML 1.1 (PyYAML" in result.output and f"; write {written}" in result.output
+    assert isinstance(yaml.safe_load(written), float)  # what it says to write is a number to PyYAML
+
+
+def test_a_number_quoted_as_text_is_the_writers_choice(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("method: grid\nparameters: {tag: {values: ['1e-3']}}\ncommand: [blueberry]\n")
+    assert load_sweep(path).config["parameters"]["tag"]["values"] == ["1e-3"]
+
+
+@pytest.mark.parametrize(
+    ("section", "says"),
+    [
+        (
+            "parameters: {x: {values: [1]}}\nearly_terminate: {type: hyperband, min_iter: 0}",
+            "early_terminate.min_iter: 0 is less than the minimum of 1",
+        ),
+        (
+            "parameters: {train: {parameters: {lr: {distribution: log_uniform_values, min: 0, max: 1}}}}",
+            "parameters.train.parameters.lr.min: 0 is less than or equal to the minimum of 0",
+        ),
+        (
+            "parameters: {train: {parameters: {lr: {distribution: q_uniform, min: 0, max: 1, q: 0}}}}",
+            "parameters.train.parameters.lr.q: 0 is less than or equal to the minimum of 0",
+        ),
+        ("parameters: {train: {parameters: {lr: {values: []}}}}", "parameters.train.parameters.lr.values: [] should"),
+        ("parameters: {lr: 5}", "parameters.lr: 5 is not of type 'object'"),  # was a traceback
+    ],
+)
+def test_a_schema_error_names_the_field_and_what_is_wrong(tmp_path, section, says):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"method: random\nmetric: {{name: val/loss}}\n{section}\ncommand: [blueberry]\n")
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"invalid sweep\n  {path}: {says}" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        ("[]", "command: it is empty, so W&B's agent would run its default"),
+        ("[blueberry, run, x.json, --overrides, '${args_json_fil}']", "command: ${args_json_fil}: no macro of W&B's"),
+        ("[blueberry, run, x.json, '${foo}', '${envvar:lower}']", "command: ${envvar:lower}: no macro of W&B's"),
+    ],
+)
+def test_a_command_the_agent_would_run_otherwise_than_written_is_refused(tmp_path, command, says):
+    """The agent drops a `${name}` token it does not know, and runs `python ${args}` for an empty command."""
+    path = tmp_path / "s.yaml"
+    path.write_text(f"method: grid\nparameters: {{seed: {{values: [1]}}}}\ncommand: {command}\n")
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 2 and f"{path}: {says}" in result.output, result.output
+    if "macro" in says:
+        listed = f"{path}: command: W&B's macros (${{name}}): env, interpreter, program, args, args_no_equals, "
+        assert listed in result.output and "args_json_file, envvar:NAME\n" in result.output
+
+
+def test_every_macro_it_names_is_one_the_agent_expands(tmp_path):
+    for macro in agent_macros():  # (build_trial is the agent's own expansion: test_agent_contract)
+        launch = build_trial([f"${{{macro}}}"], {"seed": 1}, "r", tmp_path, "s", program="train.py", base_env={})
+        assert launch.argv, macro
+    path = tmp_path / "s.yaml"
+    path.write_text("method: grid\nparameters: {seed: {values: [1]}}\ncommand: ['${envvar:HOME}', '${args_json}']\n")
+    assert load_sweep(path).config["command"] == ["${envvar:HOME}", "${args_json}"]
+
+
+def test_a_blueberry_run_without_a_spec_is_refused_before_any_trial(tmp_path):
+    path = tmp_path / "s.yaml"
+    command = "['${env}', blueberry, run, --overrides, '${args_json_file}']"
+    path.write_text(f"method: grid\nparameters: {{seed: {{values: [1, 2]}}}}\ncommand: {command}\n")
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    says = "command: `${env} blueberry run --overrides ${args_json_file}` names no spec file after `blueberry run`"
+    assert f"invalid sweep\n  {path}: {says}" in result.output
+
+
+def test_the_spec_may_follow_run_options_as_click_parses_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = tmp_path / "s.yaml"
+    command = "[blueberry, run, --no-resume, --overrides, '${args_json_file}', experiments/cpu_base.json]"
+    path.write_text(
+        f"method: grid\nparameters: {{train: {{parameters: {{lr: {{values: [0.01]}}}}}}}}\ncommand: {command}\n"
+    )
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_blueberry_the_trials_cannot_find_is_refused_before_the_first(tmp_path, monkeypatch):
+    """Trials run `/usr/bin/env blueberry` on PATH with the sweep's own interpreter's folder first: from a clone used
+    as `python -m blueberry`, with no console script there, every trial failed with exit 127."""
+    monkeypatch.chdir(REPO)
+    (tmp_path / "venv-bin").mkdir()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "venv-bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    result = CliRunner().invoke(main, ["sweep", "sweeps/cpu/ablation.yaml", "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    says = "command: the sweep's command runs `blueberry`, which is not on PATH: install the package (pip install -e .)"
+    assert f"invalid sweep\n  sweeps/cpu/ablation.yaml: {says}" in result.output
+    assert not (tmp_path / "runs").exists()
+    script = tmp_path / "venv-bin" / "blueberry"  # the console script beside the interpreter: found
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    assert CliRunner().invoke(main, ["sweep", "sweeps/cpu/ablation.yaml", "--dry-run"]).exit_code == 0
