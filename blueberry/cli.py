@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 the run failed, 2 bad input (spec, override, data source, un
 from __future__ import annotations
 
 import difflib
+import errno
 import gc
 import json
 import os
@@ -83,15 +84,24 @@ def _load(spec_path, overrides, override_files) -> RunSpec:
         _fail(exc.render(), every_rank_finds=True)
 
 
+# A write the machine refuses, whatever the command was writing: said in a line, not a traceback.
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 class Commands(click.Group):
     """The commands; a Ctrl-C (or SIGTERM, SIGHUP) that one does not handle itself, while its libraries load or it
-    plans, exits 128 + the signal like every interruption, not with click's "Aborted!" (exit 1: a failure)."""
+    plans, exits 128 + the signal like every interruption, not with click's "Aborted!" (exit 1: a failure). A full
+    disk exits 1 naming the file (the atomic writes leave no half-written one)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:
             _fail("interrupted", 128 + getattr(exc, "signum", signal.SIGINT))
+        except OSError as exc:
+            if exc.errno not in FULL_OR_READ_ONLY:
+                raise
+            _fail(f"{exc.filename or 'a file'}: {os.strerror(exc.errno)}", 1)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})

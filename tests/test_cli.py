@@ -391,3 +391,15 @@ def test_a_rank_left_in_the_environment_outside_torchrun_hides_no_error_and_make
     assert env_world().is_main
     result = invoke("validate", str(REPO / "experiments/quickstart.json"), "--train.lrr=3")
     assert result.exit_code == 2 and "train.lrr: unknown field" in result.output
+
+
+def test_a_full_disk_is_said_in_a_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def writing(**kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "reports" / "REPORT.md"))
+
+    monkeypatch.setattr("blueberry.report.build.run_report", writing)
+    result = invoke("report", "--runs-root", str(tmp_path), "--out", str(tmp_path / "reports"))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output == f"error: {tmp_path / 'reports' / 'REPORT.md'}: No space left on device\n"
