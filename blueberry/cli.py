@@ -41,9 +41,12 @@ def _torchrun_rank() -> int | None:
     """This process's rank in a torchrun job of several, else None (from the environment, as
     `distributed.env_world` and `torchrun_job` read it, without importing torch for a spec error)."""
     env = os.environ
-    if not env.get("TORCHELASTIC_RUN_ID") or int(env.get("WORLD_SIZE", "1") or 1) < 2:
+    try:  # (a value that is no number is refused by the preflight; here it makes no job)
+        if not env.get("TORCHELASTIC_RUN_ID") or int(env.get("WORLD_SIZE", "1") or 1) < 2:
+            return None
+        return int(env.get("RANK", "0") or 0)
+    except ValueError:
         return None
-    return int(env.get("RANK", "0") or 0)
 
 
 def _check_data_inputs(spec_path: str, spec: RunSpec) -> None:
@@ -442,11 +445,12 @@ def doctor(args, as_json):
     from blueberry.distributed import env_world
     from blueberry.hardware import NotRunnableHere, detect, resolve_device
     from blueberry.plan import build, format_doctor
-    from blueberry.tracking.preflight import PreflightError, check_price_variables
+    from blueberry.tracking.preflight import PreflightError, check_price_variables, check_torchrun_variables
 
     info = detect(ask_cuda=True)  # CUDA's numbering of the GPUs; the plan below uses CUDA anyway
     try:
         check_price_variables()  # as a run refuses them
+        check_torchrun_variables()
     except PreflightError as exc:
         _fail(str(exc))
     try:

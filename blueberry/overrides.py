@@ -54,13 +54,22 @@ class SpecError(Exception):
 
 
 def parse_value(text: str) -> Any:
-    """A value as the agent wrote it: Python literal (repr), else JSON, else the raw string."""
+    """A value as the agent wrote it: Python literal (repr), else JSON, else the raw string. DuplicateKey where an
+    object in it names a key twice: both would keep the last, silently."""
     try:
-        return ast.literal_eval(text)
+        tree = ast.parse(text.lstrip(" \t"), mode="eval")  # as literal_eval parses a string
+        value = ast.literal_eval(tree)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         pass
+    else:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict):
+                _unique_keys([(key.value, None) for key in node.keys if isinstance(key, ast.Constant)])
+        return value
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKey:
+        raise
     except (ValueError, RecursionError):
         return text
 
@@ -72,30 +81,40 @@ def parse_override_args(args: list[str] | tuple[str, ...]) -> list[tuple[str, di
     i = 0
     while i < len(tokens):
         token = tokens[i]
-        i += 1
-        stripped = token.lstrip("-+")
-        if token.lstrip().startswith("{"):  # ${args_json}: one JSON object holding every parameter
-            value = parse_value(token)
-            if not isinstance(value, dict):
-                raise SpecError([(f"override {token!r}", "", "expected a JSON object")])
-            parsed.append((f"override {token}", expand_dotted(value, f"override {token}")))
-            continue
-        if not stripped:
-            raise SpecError([(f"override {token!r}", "", "empty override")])
-        if "=" in stripped:
-            key, raw = stripped.split("=", 1)
-            value = parse_value(raw)
-        elif token.startswith("-") and i < len(tokens) and not tokens[i].startswith("--"):
-            key, value = stripped, parse_value(tokens[i])  # ${args_no_equals}: --k v
-            token = f"{token} {tokens[i]}"
-            i += 1
-        elif token.startswith("-"):
-            key, value = stripped, True  # ${args_no_boolean_flags}: a true bool is a bare flag
-        else:
-            raise SpecError([(f"override {token!r}", "", "expected KEY=VALUE or --KEY=VALUE")])
-        source = f"override {token}"
-        parsed.append((source, expand_dotted({key: value}, source)))
+        try:
+            source, override, i = _parse_override(tokens, i)
+        except DuplicateKey as exc:
+            why = f"key {clip(str(exc))!r} appears twice in one object"
+            raise SpecError([(f"override {token!r}", "", why)]) from None
+        parsed.append((source, override))
     return parsed
+
+
+def _parse_override(tokens: list[str], i: int) -> tuple[str, dict, int]:
+    """(source text, nested override dict, index of the next token) of the override starting at `tokens[i]`."""
+    token = tokens[i]
+    i += 1
+    stripped = token.lstrip("-+")
+    if token.lstrip().startswith("{"):  # ${args_json}: one JSON object holding every parameter
+        value = parse_value(token)
+        if not isinstance(value, dict):
+            raise SpecError([(f"override {token!r}", "", "expected a JSON object")])
+        return f"override {token}", expand_dotted(value, f"override {token}"), i
+    if not stripped:
+        raise SpecError([(f"override {token!r}", "", "empty override")])
+    if "=" in stripped:
+        key, raw = stripped.split("=", 1)
+        value = parse_value(raw)
+    elif token.startswith("-") and i < len(tokens) and not tokens[i].startswith("--"):
+        key, value = stripped, parse_value(tokens[i])  # ${args_no_equals}: --k v
+        token = f"{token} {tokens[i]}"
+        i += 1
+    elif token.startswith("-"):
+        key, value = stripped, True  # ${args_no_boolean_flags}: a true bool is a bare flag
+    else:
+        raise SpecError([(f"override {token!r}", "", "expected KEY=VALUE or --KEY=VALUE")])
+    source = f"override {token}"
+    return source, expand_dotted({key: value}, source), i
 
 
 def expand_dotted(flat: dict, source: str) -> dict:

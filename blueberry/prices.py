@@ -38,6 +38,14 @@ def read_price(raw: str, source: str) -> float:
     return price
 
 
+def _once_each(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different: json.loads would keep the last of two, silently."""
+    names = [name for name, _ in pairs]
+    if twice := next((name for i, name in enumerate(names) if name in names[:i]), None):
+        raise ValueError(f"{twice!r} is given twice")
+    return dict(pairs)
+
+
 def read_price_table(raw: str, source: str) -> dict[str, float]:
     """GPU name → USD per hour from an inline JSON object or a file holding one; ValueError naming `source`."""
     where = source
@@ -51,7 +59,7 @@ def read_price_table(raw: str, source: str) -> dict[str, float]:
             raise ValueError(f"{source}: cannot read {path}: {exc}") from None
         where = f"{source} ({path})"
     try:
-        table = json.loads(raw)
+        table = json.loads(raw, object_pairs_hook=_once_each)
     except ValueError as exc:
         raise ValueError(f"{where}: not valid JSON ({exc}); expected e.g. '{EXAMPLE}'") from None
     if not isinstance(table, dict):

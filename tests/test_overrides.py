@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from blueberry.overrides import SpecError, load_spec, parse_override_args
+from blueberry.overrides import SpecError, load_spec, parse_override_args, parse_value
 
 
 @pytest.fixture
@@ -201,6 +201,27 @@ def test_a_key_given_twice_in_a_spec_or_overrides_file_is_refused(tmp_path):
     overrides.write_text('{"seed": 1, "seed": 2}')
     with pytest.raises(SpecError, match=f"{overrides}: key 'seed' appears twice"):
         load_spec(spec, [], (str(overrides),))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        '{"seed": 1, "seed": 2}',  # ${args_json}
+        "--model={'n_experts': 8, 'n_experts': 2}",  # a Python literal, as the agent writes a dict
+        '--model={"n_experts": 8, "n_experts": 2}',
+        "--model={'n_experts': 8, 'moe': {'a': 1, 'a': 2}}",  # at any depth
+        '--model {"n_experts": 8, "n_experts": 2}',  # ${args_no_equals}
+    ],
+)
+def test_a_key_given_twice_in_one_override_is_refused(override):
+    with pytest.raises(SpecError, match="appears twice in one object"):
+        load_spec(None, override.split(" ", 1) if override.startswith("--model {") else [override])
+
+
+def test_a_literal_without_repeated_keys_still_parses():
+    assert parse_value("{'n_experts': 8, 'top_k': 2}") == {"n_experts": 8, "top_k": 2}
+    assert parse_value("[{'a': 1}, {'a': 2}]") == [{"a": 1}, {"a": 2}]  # the same key in two objects
+    assert parse_value("not a literal") == "not a literal"
 
 
 @pytest.mark.parametrize(

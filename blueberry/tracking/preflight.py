@@ -74,6 +74,7 @@ def preflight(spec: RunSpec) -> None:
     check_writable_dir(runs_root_for(spec), setting)
     check_wandb_run_id()
     check_price_variables()
+    check_torchrun_variables()
     if spec.tracking.wandb != "disabled":  # else W&B's settings are not read (wandb_settings.run_settings)
         check_wandb_environment(spec.tracking.wandb_dir)
         check_sweep_parameters(spec)
@@ -115,6 +116,7 @@ def check_environment() -> None:
     """What every run of a sweep or a study inherits from this environment (prices, W&B's variables), checked
     once before the first trial: else each trial fails on it alone, and each failure uses up its grid point."""
     check_price_variables()
+    check_torchrun_variables()
     check_wandb_environment()
 
 
@@ -132,6 +134,14 @@ def check_wandb_environment(wandb_dir: str | None = None) -> None:
     wandb_dir = wandb_dir or os.environ.get("WANDB_DIR")
     if wandb_dir:
         check_writable_dir(wandb_dir, setting)
+
+
+def check_torchrun_variables() -> None:
+    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK, where set, must be whole numbers (`distributed.env_world`)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        value = os.environ.get(name)
+        if value is not None and not value.strip().isdigit():
+            raise PreflightError(f"{name}={value!r} is not a whole number (torchrun sets it; else unset it)")
 
 
 def check_price_variables() -> None:

@@ -117,6 +117,23 @@ def test_a_bad_price_variable_is_refused_on_any_device(variable, value, said, mo
     assert result.exit_code == 2 and said in result.output and not (tmp_path / "runs").exists(), result.output
 
 
+@pytest.mark.parametrize(("variable", "value"), [("WORLD_SIZE", "abc"), ("RANK", ""), ("LOCAL_RANK", "-1")])
+def test_a_torchrun_variable_that_is_no_number_is_refused(variable, value, monkeypatch, tmp_path, never_run):
+    monkeypatch.setenv(variable, value)
+    result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}")
+    said = f"error: {variable}={value!r} is not a whole number (torchrun sets it; else unset it)"
+    assert result.exit_code == 2 and said in result.output and not (tmp_path / "runs").exists(), result.output
+    doctor = CliRunner().invoke(main, ["doctor"])
+    assert doctor.exit_code == 2 and said in doctor.output, doctor.output
+
+
+def test_a_spec_error_is_said_whatever_torchrun_variables_hold(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
+    result = run_cli("--seed=-1")
+    assert result.exit_code == 2 and "seed" in result.output, result.output
+
+
 def test_a_wandb_dir_that_cannot_be_written_is_refused(monkeypatch, tmp_path, never_run):
     # W&B would fall back to a temp folder while the record names this one.
     result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}", "--tracking.wandb_dir=/proc/x")
