@@ -473,7 +473,11 @@ def doctor(args, as_json):
     else:
         click.echo(format_doctor(info, plan, spec_path or "the default spec"))
         click.echo(format_wandb_status(wandb))
-        click.echo(f"make run on this machine ({runs['kind']}): {runs['make_run']}; make study: {runs['make_study']}")
+        from blueberry.provenance import checkout_with
+
+        where = "" if checkout_with("sweeps") else "in a Blueberry checkout (this install has no sweeps/), "
+        study_line = f"make run on this machine ({runs['kind']}): {runs['make_run']}; make study: {runs['make_study']}"
+        click.echo(where + study_line)
 
 
 def _need_checkout(command: str, *folders: str) -> None:

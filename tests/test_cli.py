@@ -91,6 +91,15 @@ def test_doctor_shows_the_wandb_mode_and_why_and_the_sweep_engine(tmp_path, monk
     assert "wandb 0.31.0; sweep engine sweeps 0.3.0" in text and "mode       disabled (set by settings file" in text
 
 
+def test_doctor_installed_without_a_checkout_says_where_the_make_targets_are(tmp_path, monkeypatch):
+    import blueberry.provenance as provenance
+
+    assert "\nmake run on this machine (cpu): sweeps/cpu/ablation.yaml" in invoke("doctor").output
+    monkeypatch.setattr(provenance, "SOURCE_TREE", tmp_path / "site-packages")  # `pip install .`: no sweeps/
+    said = "\nin a Blueberry checkout (this install has no sweeps/), make run on this machine (cpu): "
+    assert said in invoke("doctor").output
+
+
 def test_unreachable_dataset_exits_2_fast(tmp_path):
     result = invoke(
         "run",

@@ -107,7 +107,7 @@ def resolve_source(spec: DataSpec) -> Source:
             raise DataError(f"directory {str(path)!r} holds {found}; expected files of one of {sorted(BUILDERS)}")
         builder = builders.pop()
     elif _builder_for(path) or spec.dataset.startswith((".", "/", "~")):
-        raise DataError(f"dataset file {spec.dataset!r} does not exist")
+        raise DataError(f"dataset file {spec.dataset!r} does not exist (a relative path is read from {Path.cwd()})")
     else:
         return Source("hub", spec.dataset, f"hub:{spec.dataset}:{spec.dataset_config}:{spec.dataset_split}")
 

@@ -21,7 +21,10 @@ def report_definition(runs: list[Run], entity: str, project: str, title: str = "
         from wandb_workspaces import expr
     except ImportError:
         raise ReportError(
-            "--publish needs wandb-workspaces: pip install 'blueberry[publish]' (or `make install`)", code=2
+            # not `pip install 'blueberry[publish]'`: `blueberry` on PyPI is another project, which `-U` would install
+            "--publish needs wandb-workspaces: pip install 'wandb-workspaces>=0.4.13,<0.5' (or, in the checkout, "
+            "`pip install '.[publish]'` or `make install`)",
+            code=2,
         ) from None
 
     experiments = sorted({r.experiment for r in runs})

@@ -68,3 +68,13 @@ def test_publish_offline_fails_clearly_without_touching_the_network():
     with pytest.raises(ReportError, match="cannot publish: WANDB_MODE=offline") as info:
         publish(report)
     assert info.value.code == 1
+
+
+def test_without_wandb_workspaces_the_hint_installs_it_not_an_unrelated_pypi_project(monkeypatch):
+    # `blueberry` on PyPI is another project: `pip install -U 'blueberry[publish]'` would replace this one with it.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb_workspaces", None)  # an import of it fails, as where not installed
+    with pytest.raises(ReportError, match=r"pip install 'wandb-workspaces>=0\.4\.13,<0\.5'") as error:
+        report_definition([], "me", "blueberry")
+    assert "blueberry[publish]" not in str(error.value) and error.value.code == 2
