@@ -21,7 +21,7 @@ from blueberry import distributed
 from blueberry.data import prepare_data
 from blueberry.distributed import World
 from blueberry.fileio import read_json
-from blueberry.gpu_monitor import GpuMonitor
+from blueberry.gpu_monitor import GpuMonitor, nvidia_driver_loaded
 from blueberry.hardware import NotRunnableHere, bf16_emulated, resolve_device, resolve_precision
 from blueberry.plan import Build, build
 from blueberry.provenance import code_version, library_versions
@@ -152,6 +152,11 @@ def device_stage(spec: RunSpec, log=print) -> tuple[World, torch.device]:
     if why.endswith("busy with other processes") and threads < usable_cores():  # fewer than the cores: say why
         log(f"torch threads: {threads} ({why})")
     device = resolve_device(spec.train.device)
+    if device.type == "cpu" and spec.train.device == "auto" and torch.version.cuda is None and nvidia_driver_loaded():
+        log(
+            f"an NVIDIA GPU is here, but this torch ({torch.__version__}) is a CPU build: training on the CPU "
+            "(install a CUDA build of torch to use the GPU)"
+        )
     prepare_process(device)  # denormals flushed; on a CPU, freed memory kept
     world, device = distributed.init(device)  # under torchrun: join the group, one GPU per rank
     hazard = distributed.restart_hazard()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from blueberry.overrides import load_spec
 from blueberry.runner import execute
@@ -206,6 +207,19 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_slow(tmp_path, monkeypatch, 
         assert warned == []
     else:
         assert len(warned) == 1 and "slower than fp32, which 'auto' picks here" in warned[0]
+
+
+@pytest.mark.parametrize("driver", [True, False])
+def test_a_cpu_build_of_torch_on_a_gpu_machine_is_named(tmp_path, monkeypatch, driver):
+    """`pip install torch` of a CPU wheel on a GPU box trains on the CPU, hours instead of minutes: say so."""
+    from blueberry import runner
+
+    monkeypatch.setattr(runner, "nvidia_driver_loaded", lambda: driver)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build, as here
+    lines = []
+    _, device = runner.device_stage(tiny_spec(tmp_path, "--train.threads=1"), lines.append)
+    said = [line for line in lines if "is a CPU build: training on the CPU" in line]
+    assert device.type == "cpu" and len(said) == driver
 
 
 def test_a_cpu_run_keeps_freed_memory(tmp_path, monkeypatch):
