@@ -49,16 +49,23 @@ class MetricsProcessor:
         self.device = torch.device("cpu")
         self.tokens_per_step = 0
         self.wall_before = 0.0
+        self.energy_before: float | None = None
 
     # --- the training window ---------------------------------------------------------------------------
 
     def begin(
-        self, device: torch.device, tokens_per_step: int, elapsed_before: float = 0.0, wall_before: float = 0.0
+        self,
+        device: torch.device,
+        tokens_per_step: int,
+        elapsed_before: float = 0.0,
+        wall_before: float = 0.0,
+        energy_before: float | None = None,
     ) -> None:
-        """Start timing: `tokens_per_step` over all ranks; `elapsed_before` the training time and `wall_before`
-        the wall time (set-up included: what the cost is paid for) of earlier attempts, up to their checkpoint."""
+        """Start timing: `tokens_per_step` over all ranks; `elapsed_before` the training time, `wall_before` the
+        wall time (set-up included: what the cost is paid for) and `energy_before` the GPUs' energy (Wh) of earlier
+        attempts, up to their checkpoint."""
         self.device, self.tokens_per_step = device, tokens_per_step
-        self.wall_before = wall_before
+        self.wall_before, self.energy_before = wall_before, energy_before
         if device.type == "cuda":  # peak memory from here on: training and its evaluations, not the build's probe
             torch.cuda.reset_peak_memory_stats(device)
         self.window_start = time.perf_counter()
@@ -135,11 +142,22 @@ class MetricsProcessor:
                 values["perf/flops_per_token"] = self.flops_per_token
         self.tracker.summary(values)
 
+    def energy_wh(self) -> float | None:
+        """The GPUs' energy so far (a checkpoint keeps it): this attempt's plus earlier attempts' (begin)."""
+        return _sum_known(self.monitor.energy_wh() if self.monitor is not None else None, self.energy_before)
+
     def close(self, summary: dict[str, Any]) -> None:
-        """Stop the GPU sampler and add its energy and the run's cost to `summary` (in place)."""
-        if self.monitor is not None:
-            summary.update(self.monitor.stop())
+        """Stop the GPU sampler and add the run's energy (every attempt's, as its cost) and cost to `summary`."""
+        stopped = self.monitor.stop() if self.monitor is not None else {}
+        energy = _sum_known(stopped.get("gpu/energy_wh"), self.energy_before)
+        summary.update({} if energy is None else {"gpu/energy_wh": energy})
         summary.update(run_cost(self.price_per_hour, self.wall_s(), self.world_size))
 
     def finish(self, state: str, reason: str | None = None, exit_code: int = 0) -> None:
         self.tracker.finish(state, reason, exit_code)
+
+
+def _sum_known(*values: float | None) -> float | None:
+    """The sum of the values that are known; None if none is."""
+    known = [value for value in values if value is not None]
+    return sum(known) if known else None

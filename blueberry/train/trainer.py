@@ -196,7 +196,7 @@ class Trainer:
         self.summary: dict = {}
         self.window = MetricWindow(device)
         self.best_val = math.inf
-        self.start_step, self.elapsed_before, self.wall_before = 0, 0.0, 0.0
+        self.start_step, self.elapsed_before, self.wall_before, self.energy_before = 0, 0.0, 0.0, None
         # First step whose loss or (unscaled) grad norm was NaN/inf, 0 for none: kept on the device, read at syncs.
         self.bad_step = torch.zeros((), dtype=torch.long, device=device)
         self.stop_vote = distributed.StopVote(lambda: self.stop.signum if self.stop is not None else None)
@@ -214,6 +214,7 @@ class Trainer:
             "summary": self.summary,
             "elapsed_s": self.metrics.elapsed(),
             "wall_s": self.metrics.wall_s(),
+            "energy_wh": self.metrics.energy_wh(),
             "rng": rng_state(),
         }
 
@@ -234,6 +235,7 @@ class Trainer:
         self.window.load_state_dict(own["window"])
         self.start_step, self.best_val, self.elapsed_before = state["step"], state["best_val"], state["elapsed_s"]
         self.wall_before = state.get("wall_s", self.elapsed_before)  # checkpoints before wall_s: training time
+        self.energy_before = state.get("energy_wh")  # None: no GPU energy read, or a checkpoint from before it
         self.summary = dict(state["summary"])  # complete even if the run died after its final checkpoint
         set_rng_state(own["rng"])  # last: nothing above may draw from the RNGs the loop uses
 
@@ -364,7 +366,7 @@ class Trainer:
             self.load_state_dict(resume)
             if self.progress is not None:
                 self.progress.update(self.start_step)
-        self.metrics.begin(self.device, self.tokens_per_step, self.elapsed_before, self.wall_before)
+        self.metrics.begin(self.device, self.tokens_per_step, self.elapsed_before, self.wall_before, self.energy_before)
         for step in range(self.start_step + 1, cfg.steps + 1):
             self.stop_vote.send()
             grad_norm, step_lrs = self.train_step(step)

@@ -69,3 +69,44 @@ def test_peak_gpu_memory_counts_from_the_start_of_training(monkeypatch):
     processor.step_done()
     row = processor.log_train({"train/loss": 3.0}, step=1, now=processor.sync())
     assert row["perf/peak_memory_mb"] == 300
+
+
+class Monitor:
+    """A GpuMonitor that has measured `wh` so far."""
+
+    def __init__(self, wh):
+        self.wh = wh
+
+    def energy_wh(self):
+        return self.wh
+
+    def latest(self):
+        return {}
+
+    def stop(self):
+        return {"gpu/energy_wh": self.wh}
+
+
+def test_a_resumed_runs_energy_is_every_attempts_as_its_cost_is():
+    """The cost counts the earlier attempts' wall time (kept in the checkpoint); the energy did not: a run killed
+    and resumed reported only its last attempt's."""
+    from test_trainer import tiny_model
+
+    from blueberry.train.trainer import Trainer
+
+    spec, data, model = tiny_model("--model.variant=mlp", "--train.steps=1")
+    first = MetricsProcessor(ListTracker(), monitor=Monitor(2.0))
+    trainer = Trainer(spec, model, data, first, torch.device("cpu"), "fp32")
+    trainer.train()
+    state = {**trainer.state_dict(), "step": 1}
+    assert state["energy_wh"] == 2.0  # what the checkpoint keeps
+    second = MetricsProcessor(ListTracker(), monitor=Monitor(0.5))
+    Trainer(spec, model, data, second, torch.device("cpu"), "fp32").train(resume=state)
+    summary = {}
+    second.close(summary)
+    assert summary["gpu/energy_wh"] == 2.5
+    none = MetricsProcessor(ListTracker())  # no GPU read: no energy, whatever the attempts
+    none.begin(torch.device("cpu"), 1)
+    summary = {}
+    none.close(summary)
+    assert "gpu/energy_wh" not in summary and none.energy_wh() is None
