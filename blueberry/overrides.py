@@ -64,7 +64,7 @@ def parse_value(text: str) -> Any:
     else:
         for node in ast.walk(tree):
             if isinstance(node, ast.Dict):
-                _unique_keys([(key.value, None) for key in node.keys if isinstance(key, ast.Constant)])
+                _unique_keys([(ast.literal_eval(key), None) for key in node.keys])  # (-1 and (1, 2) are no Constant)
         return value
     try:
         return json.loads(text, object_pairs_hook=_unique_keys)

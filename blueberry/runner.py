@@ -269,7 +269,7 @@ def wandb_stage(run: Run, log=print) -> None:
         # Left unset in the spec, W&B's own setting decides (WANDB__DISABLE_STATS), as for every W&B field.
         system_metrics=tracking.system_metrics if "system_metrics" in tracking.model_fields_set else None,
         log=log,
-        config=wandb_config(run.header),
+        config=wandb_config(run.header, name_the_sweep=bool(os.environ.get("BLUEBERRY_SWEEP_ID"))),
     )
 
 
@@ -495,7 +495,7 @@ NON_FINITE = ("nan", "inf", "-inf")  # fileio.finite's strings
 
 
 def _replay_to_wandb(tracker: WandbTracker, run_dir: Path, resume_step: int, log=print) -> None:
-    """Re-log the record's rows up to the checkpoint that no earlier offline W&B segment holds.
+    """Re-log the record's rows up to the checkpoint that no earlier W&B segment (offline, or online: sent) holds.
 
     Offline, wandb-core writes its log to disk every 15 s and when the run finishes, so an attempt killed
     with SIGKILL loses its last rows there (the local record has them). Online they reached the server.

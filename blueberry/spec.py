@@ -192,7 +192,12 @@ class DataSpec(_Strict):
     streaming: bool = Field(False, description="Stream a remote dataset instead of downloading it whole.")
     max_docs: int | None = Field(None, ge=1, le=2**63 - 1, description="Use only the first N documents.")
     max_chars_per_doc: int | None = Field(None, ge=1, le=2**63 - 1, description="Cut each document to N characters.")
-    max_tokens: int | None = Field(None, ge=64, le=2**63 - 1, description="Cap on training-split tokens.")
+    max_tokens: int | None = Field(
+        None,
+        ge=64,
+        le=2**63 - 1,
+        description="Cap on training-split tokens; validation is cut to the same share (prepare.val_cap).",
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of documents held out (by id hash).")
     tokenizer: str = Field(
         "bpe", description="'bpe' trains a byte-level BPE on the train split; otherwise an AutoTokenizer name or path."
@@ -244,7 +249,10 @@ class TrainSpec(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of the peak LR.")
     grad_clip: float | None = Field(1.0, gt=0, le=1e6, description="Global grad-norm clip; null for none.")
     eval_every: int = Field(
-        50, ge=1, le=10_000_000, description="Evaluate on the full validation set every N optimizer steps."
+        50,
+        ge=1,
+        le=10_000_000,
+        description="Evaluate on the validation set (its max_tokens share when capped) every N optimizer steps.",
     )
     log_every: int = Field(10, ge=1, le=10_000_000, description="Log train metrics every N optimizer steps.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

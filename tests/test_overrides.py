@@ -210,6 +210,7 @@ def test_a_key_given_twice_in_a_spec_or_overrides_file_is_refused(tmp_path):
         "--model={'n_experts': 8, 'n_experts': 2}",  # a Python literal, as the agent writes a dict
         '--model={"n_experts": 8, "n_experts": 2}',
         "--model={'n_experts': 8, 'moe': {'a': 1, 'a': 2}}",  # at any depth
+        "--model={-1: 2, -1: 3}",  # keys that are no constant to Python's parser
         '--model {"n_experts": 8, "n_experts": 2}',  # ${args_no_equals}
     ],
 )

@@ -39,7 +39,8 @@ def _member(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
 
 
 def leakage(train: np.ndarray, val: np.ndarray, n: int, seq_len: int, eos_id: int) -> dict:
-    """Share of val windows holding any n-gram seen in train, and share of distinct val n-grams seen in train."""
+    """Share of val windows holding any n-gram seen in train (None where a window of seq_len + 1 tokens is shorter
+    than n), and share of distinct val n-grams seen in train."""
     train_hashes, train_clean = ngram_hashes(train, n, eos_id)
     known = _sorted_unique(train_hashes[train_clean])
     val_hashes, val_clean = ngram_hashes(val, n, eos_id)
@@ -51,7 +52,9 @@ def leakage(train: np.ndarray, val: np.ndarray, n: int, seq_len: int, eos_id: in
     # Window k spans val[k*seq_len : k*seq_len + seq_len + 1]; its n-grams start at k*seq_len ... + seq_len + 1 - n.
     n_windows = max((len(val) - 1) // seq_len, 0)
     per_window = seq_len + 2 - n
-    if n_windows and per_window > 0:
+    if per_window <= 0:  # no n-gram fits in a window: nothing measured, which is not "none leak"
+        windows_hit = None
+    elif n_windows:
         hits_before = np.concatenate([[0], np.cumsum(hit)])
         starts = np.arange(n_windows) * seq_len
         windows_hit = float(((hits_before[starts + per_window] - hits_before[starts]) > 0).mean())

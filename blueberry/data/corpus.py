@@ -107,7 +107,10 @@ def resolve_source(spec: DataSpec) -> Source:
             raise DataError(f"directory {str(path)!r} holds {found}; expected files of one of {sorted(BUILDERS)}")
         builder = builders.pop()
     elif _builder_for(path) or spec.dataset.startswith((".", "/", "~")):
-        raise DataError(f"dataset file {spec.dataset!r} does not exist (a relative path is read from {Path.cwd()})")
+        relative = not Path(spec.dataset).expanduser().is_absolute()
+        raise DataError(
+            f"dataset file {spec.dataset!r} does not exist" + (f" (read from {Path.cwd()})" if relative else "")
+        )
     else:
         return Source("hub", spec.dataset, f"hub:{spec.dataset}:{spec.dataset_config}:{spec.dataset_split}")
 
@@ -274,14 +277,16 @@ def _rows(ds, max_docs: int | None) -> Iterator[dict]:
 def to_documents(
     rows: Iterable[dict], text_field: str, id_field: str | None, max_chars: int | None, dataset: str = "dataset"
 ) -> list[Document]:
-    """Rows → Documents: ids from `id_field` or a hash of the full text; empty or null texts are dropped, and a
-    text that is not a string (a list, a number) is an error: dropping it would silently shrink the corpus."""
-    docs, wrong = [], {}
+    """Rows → Documents: ids from `id_field` or a hash of the full text; empty or null texts are dropped (missing or
+    null ones with a warning), and a text that is not a string (a list, a number) is an error: dropping it would
+    silently shrink the corpus."""
+    docs, wrong, missing, index = [], {}, 0, -1
     for index, row in enumerate(rows):
         text = row.get(text_field)
         if text is not None and not isinstance(text, str):
             wrong.setdefault(type(text).__name__, index)
             continue
+        missing += text is None
         if text is None or not text.strip():
             continue
         doc_id = row.get(id_field) if id_field else None
@@ -291,6 +296,10 @@ def to_documents(
     if wrong:
         found = ", ".join(f"{kind} (first in row {index})" for kind, index in wrong.items())
         raise DataError(f"dataset {dataset!r}: field {text_field!r} must be text in every row; found {found}")
+    if missing:  # left out, as an empty text is, but a field named otherwise in some rows is a mistake to see
+        logging.getLogger(__name__).warning(
+            "dataset %r: %d of %d rows have no %r (missing or null): left out", dataset, missing, index + 1, text_field
+        )
     return docs
 
 

@@ -117,9 +117,11 @@ def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
     docs = load_documents(spec, source)
     train_docs, val_docs = split_documents(docs, spec.val_fraction)
     if not train_docs or not val_docs:
+        one_text_file = source.builder == "text" and len(source.files) == 1  # lines, not paragraphs: one document
+        hint = " (a .txt file's documents are its blank-line-separated paragraphs; one per line is .jsonl)"
         raise DataError(
             f"{len(docs)} documents split into {len(train_docs)} train / {len(val_docs)} val at "
-            f"val_fraction={spec.val_fraction}; both splits need at least one document"
+            f"val_fraction={spec.val_fraction}; both splits need at least one document{hint if one_text_file else ''}"
         )
 
     if spec.tokenizer == "bpe":

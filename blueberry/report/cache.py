@@ -25,7 +25,9 @@ from blueberry.report.records import Run
 def parser_version() -> str:
     """The package's own source, digested: an upgrade or an edit of the parsing code (records, schema, the
     registry's labels) parses every run again. A hand-bumped version number was missed twice."""
-    return source_digest(Path(blueberry.__file__).parent.rglob("*.py"))
+    package = Path(blueberry.__file__).parent
+    # (not an editor's lock or backup beside a module, `.#records.py`, which may be a link to nowhere)
+    return source_digest(p for p in package.rglob("*.py") if p.is_file() and not p.name.startswith("."))
 
 
 class RunCache:

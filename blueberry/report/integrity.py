@@ -98,7 +98,7 @@ def _leakage(run: Run) -> str:
     leak = (run.header.get("data") or {}).get("leakage") or {}
     share = leak.get("val_windows_with_train_ngram")
     if share is None:
-        return "not recorded"
+        return "not measured (windows shorter than its n-gram)" if leak.get("ngram") else "not recorded"
     text = f"{share:.2%} of val windows share a {leak.get('ngram', '?')}-gram"
     if leak.get("val_docs_in_train"):
         text += f"; **{leak['val_docs_in_train']} val documents also in train**"

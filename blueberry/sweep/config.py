@@ -207,7 +207,10 @@ def _command_problems(command) -> list[str]:
     if not unknown:
         return []
     said = [
-        f"{token}: no macro of W&B's agent, which drops the token from the command without a word" for token in unknown
+        f"{token}: the agent splices this dict's keys into the command, not a command line"
+        if token == "${args_dict}"
+        else f"{token}: no macro of W&B's agent, which drops the token from the command without a word"
+        for token in unknown
     ]
     return [*said, f"W&B's macros (${{name}}): {', '.join(agent_macros())}, envvar:NAME"]
 

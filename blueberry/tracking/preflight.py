@@ -137,11 +137,15 @@ def check_wandb_environment(wandb_dir: str | None = None) -> None:
 
 
 def check_torchrun_variables() -> None:
-    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK, where set, must be whole numbers (`distributed.env_world`)."""
+    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK, where set, must be integers (`distributed.env_world` reads them;
+    -1, which some launchers set for "not distributed", is one)."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         value = os.environ.get(name)
-        if value is not None and not value.strip().isdigit():
-            raise PreflightError(f"{name}={value!r} is not a whole number (torchrun sets it; else unset it)")
+        try:
+            if value is not None:
+                int(value)
+        except ValueError:
+            raise PreflightError(f"{name}={value!r} is not an integer (torchrun sets it; else unset it)") from None
 
 
 def check_price_variables() -> None:

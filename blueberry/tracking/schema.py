@@ -69,9 +69,10 @@ def make_header(
 SPEC_KEYS = ("name", "experiment", "tags", "seed", "model", "data", "train", "tracking")
 
 
-def wandb_config(header: dict) -> dict:
-    """The W&B run config of a run whose spec.json is `header`."""
-    data, params = header["data"], header["params"]
+def wandb_config(header: dict, name_the_sweep: bool = False) -> dict:
+    """The W&B run config of a run whose spec.json is `header`; `name_the_sweep`: a `blueberry sweep` trial's,
+    which belongs to no W&B sweep (under `wandb agent` W&B shows the run's sweep itself)."""
+    data, params, sweep = header["data"], header["params"], header.get("sweep")
     return {
         **header["spec"],
         "variant": model_label(header["spec"]["model"]),
@@ -84,8 +85,12 @@ def wandb_config(header: dict) -> dict:
         "leakage_ngram": data["leakage"].get("ngram"),
         "causality_ok": (header.get("causality") or {}).get("ok"),
         "hardware": header["hardware"],
-        # A `blueberry sweep` trial synced to W&B belongs to no W&B sweep: these keys name it in W&B's run table.
-        **({"sweep_id": sweep["id"], "sweep_name": sweep["name"]} if (sweep := header.get("sweep")) else {}),
+        # keys W&B's run table can filter and group a synced `blueberry sweep` trial on
+        **(
+            {"sweep_id": sweep["id"], "sweep_name": sweep["name"]}
+            if name_the_sweep and (sweep := header["sweep"])
+            else {}
+        ),
     }
 
 

@@ -126,6 +126,8 @@ def _decode(data: bytes) -> WandbLog:
             log.history.append(_items(record.history.item))
         elif kind == "summary":
             log.summary.update(_items(record.summary.update))
+            for item in record.summary.remove:
+                log.summary.pop(item.key or ".".join(item.nested_key), None)
         elif kind == "artifact":
             artifact = record.artifact
             log.artifacts.append(

@@ -168,9 +168,10 @@ class WandbTracker:
     def finish(self, state: str, reason: str | None = None, exit_code: int = 0) -> None:
         import wandb
 
-        # Always, None too: an online resume starts from the server's summary, where an earlier attempt's reason
-        # ("SIGTERM at step 4") would otherwise outlive the run that then finished.
-        self.run.summary.update({"status/reason": reason})
+        if reason:
+            self.run.summary.update({"status/reason": reason})
+        elif "status/reason" in self.run.summary.keys():  # an online resume starts from the server's summary, where
+            delattr(self.run.summary, "status/reason")  # an earlier attempt's reason would outlive the finished run
         self.run.finish(exit_code=exit_code)
         if self.url:
             self.say(f"W&B run {state}: {self.url}")

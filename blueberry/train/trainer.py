@@ -1,8 +1,9 @@
 """The training loop: micro-batches → optimizer steps → metrics to the tracker → checkpoints.
 
-Host synchronisation (`.item()`) happens only on log, eval and checkpoint steps, so the loop does not
-stall the device on the other steps. A NaN/inf loss or gradient norm is noted on the device every step
-and raised at the next sync, naming the first bad step, and always before a checkpoint is written:
+The loop's own host synchronisation (`.item()`) happens only on log, eval and checkpoint steps, so it does not
+stall the device on the other steps (fp16's overflow check syncs every step, and `sorted` experts read their
+counts per layer: README, "Hardware, cost and speed"). A NaN/inf loss or gradient norm is noted on the device
+every step and raised at the next sync, naming the first bad step, and always before a checkpoint is written:
 every checkpoint on disk is a good one.
 """
 

@@ -124,20 +124,25 @@ def test_mfu_against_the_ceiling_of_the_cases_precision_and_none_where_bf16_is_e
         assert measured["bf16"]["mfu"] == (bf16_mfu and pytest.approx(bf16_mfu))
     measured["bf16"]["shape"], measured["bf16"]["label"] = "quickstart", "mlp"
     measured["bf16"].update(mfu=None, tokens_per_s=10.0, step_s=1.0, peak_rss_mb=None, first_step_s=1.0)
-    outcome = {
-        "gemm_ceiling_flops": ceilings,
+    outcome = bench_outcome(gemm_ceiling_flops=ceilings, cases={"q/mlp/bf16": measured["bf16"]})
+    assert "| quickstart | mlp | bf16 | 10 | 1.000 | n/a | 0.003 |" in format_table(outcome)
+
+
+def bench_outcome(**figures) -> dict:
+    """What `run_bench` returns, nothing measured but `figures`."""
+    return {
         "hardware": {"cpu": {"model": "cpu", "cores": 2}},
         "torch_threads": 2,
         "load_average": [0.0, 0.0],
-        "cases": {"q/mlp/bf16": measured["bf16"]},
+        "cases": {},
         "ratios": {},
         "tracking": {"overhead": 0.0, "log_share": 0.0, "wandb_init_s": 1.0, "steps": 2, "log_every": 1},
         "first_step_latency": {},
         "report_build": {"error": "x"},
         "targets": {},
         "contention": {},
+        **figures,
     }
-    assert "| quickstart | mlp | bf16 | 10 | 1.000 | n/a | 0.003 |" in format_table(outcome)
 
 
 def test_on_a_gpu_mfu_is_against_its_data_sheet_peak_not_the_cpus_gemm_ceiling(monkeypatch):
@@ -154,20 +159,11 @@ def test_on_a_gpu_mfu_is_against_its_data_sheet_peak_not_the_cpus_gemm_ceiling(m
     assert targets["mfu_512d_dense"]["value"] == pytest.approx(0.1) and targets["mfu_512d_dense"]["met"] is False
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert mfu_peaks({"fp32": 0.1e12}, torch.device("cuda")) == {"fp32": None}  # no peak known: no MFU
-    outcome = {
-        "gemm_ceiling_flops": {"fp32": 0.1e12, "bf16": 0.2e12},
-        "mfu_peak_flops": {"fp32": 494.7e12, "bf16": None},
-        "hardware": {"cpu": {"model": "cpu", "cores": 16}, "cuda_available": True},
-        "torch_threads": 16,
-        "load_average": [0.0, 0.0],
-        "cases": {},
-        "ratios": {},
-        "tracking": {"overhead": 0.0, "log_share": 0.0, "wandb_init_s": 1.0, "steps": 2, "log_every": 1},
-        "first_step_latency": {},
-        "report_build": {"error": "x"},
-        "targets": {},
-        "contention": {},
-    }
+    outcome = bench_outcome(
+        gemm_ceiling_flops={"fp32": 0.1e12, "bf16": 0.2e12},
+        mfu_peak_flops={"fp32": 494.7e12, "bf16": None},
+        hardware={"cpu": {"model": "cpu", "cores": 16}, "cuda_available": True},
+    )
     assert "MFU against the GPU's data-sheet peak (TFLOP/s): fp32 494.7, bf16 unknown" in format_table(outcome)
 
 

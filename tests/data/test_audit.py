@@ -30,6 +30,12 @@ def test_one_shared_ngram_flags_only_its_window():
     assert report["val_ngrams_in_train"] > 0
 
 
+def test_windows_too_short_for_the_ngram_are_not_measured_not_clean():
+    train = random_stream(2_000, 0)
+    report = leakage(train, train[:400].copy(), n=13, seq_len=8, eos_id=EOS)  # a window holds 9 tokens
+    assert report["val_windows_with_train_ngram"] is None and report["val_ngrams_in_train"] == 1.0
+
+
 def test_ngrams_across_document_boundaries_are_ignored():
     tokens = np.array([5, 6, EOS, 7, 8, 9], dtype=np.int32)
     hashes, clean = ngram_hashes(tokens, 3, EOS)

@@ -96,6 +96,13 @@ def test_parquet_and_txt_use_their_builders(tmp_path):
     assert len(load_documents(DataSpec(dataset=str(texts)))) == 3  # a directory: one document per file
 
 
+def test_a_text_file_of_one_document_per_line_is_told_what_a_document_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLUEBERRY_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "lines.txt").write_text("".join(f"document {i} of the corpus\n" for i in range(50)))
+    with pytest.raises(DataError, match=r"1 documents split into .*a \.txt file's documents are its blank-line"):
+        prepare_data(DataSpec(dataset=str(tmp_path / "lines.txt"), seq_len=8), seed=0)
+
+
 def test_local_path_wins_over_a_hub_name(tmp_path, monkeypatch):
     (tmp_path / "someone").mkdir()
     write_jsonl(tmp_path / "someone" / "corpus.jsonl", ROWS)
@@ -160,6 +167,15 @@ def test_a_text_field_that_holds_no_text_says_what_it_holds(tmp_path):
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"id": "a", "body": "  "}])
     with pytest.raises(DataError, match=r"no non-empty 'body' documents$"):
         load_documents(DataSpec(dataset=str(blank), text_field="body"))
+
+
+def test_rows_without_the_text_field_are_left_out_with_a_warning(tmp_path, caplog):
+    # 20 of 40 rows name it `body`: half the corpus, gone without a word, trained on the rest
+    rows = [{"id": str(i), **({"text": f"text {i}"} if i % 2 else {"body": f"text {i}"})} for i in range(40)]
+    rows[1]["text"] = None
+    with caplog.at_level("WARNING", logger="blueberry.data.corpus"):
+        docs = load_documents(DataSpec(dataset=str(write_jsonl(tmp_path / "half.jsonl", rows))))
+    assert len(docs) == 19 and "21 of 40 rows have no 'text' (missing or null): left out" in caplog.text
 
 
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):

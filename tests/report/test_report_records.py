@@ -150,6 +150,27 @@ def test_cache_reuses_unchanged_runs_and_rereads_changed_ones(tmp_path):
     assert len(load_local(root, cache)) == 2
 
 
+def test_the_parsers_version_skips_an_editors_lock_file_beside_a_module(tmp_path, monkeypatch):
+    import blueberry
+    from blueberry.report import cache as cache_module
+
+    package = tmp_path / "blueberry"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "records.py").write_text("x = 1\n")
+    monkeypatch.setattr(blueberry, "__file__", str(package / "__init__.py"))
+    cache_module.parser_version.cache_clear()
+    before = cache_module.parser_version()
+    (package / ".#records.py").symlink_to("me@host.123:1700000000")  # Emacs's lock: a link to nowhere
+    cache_module.parser_version.cache_clear()
+    assert cache_module.parser_version() == before
+    (package / "records.py").write_text("x = 2\n")
+    cache_module.parser_version.cache_clear()
+    assert cache_module.parser_version() != before
+    monkeypatch.undo()
+    cache_module.parser_version.cache_clear()
+
+
 def test_a_snapshot_parsed_by_other_code_is_parsed_again(tmp_path, monkeypatch):
     # An upgrade (or a fix of the parser) must not keep publishing what the old code read from the same files.
     root = tmp_path / "runs"

@@ -326,6 +326,7 @@ def test_a_schema_error_names_the_field_and_what_is_wrong(tmp_path, section, say
         ("[]", "command: it is empty, so W&B's agent would run its default"),
         ("[blueberry, run, x.json, --overrides, '${args_json_fil}']", "command: ${args_json_fil}: no macro of W&B's"),
         ("[blueberry, run, x.json, '${foo}', '${envvar:lower}']", "command: ${envvar:lower}: no macro of W&B's"),
+        ("[blueberry, run, x.json, '${args_dict}']", "command: ${args_dict}: the agent splices this dict's keys"),
     ],
 )
 def test_a_command_the_agent_would_run_otherwise_than_written_is_refused(tmp_path, command, says):

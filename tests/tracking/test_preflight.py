@@ -117,14 +117,21 @@ def test_a_bad_price_variable_is_refused_on_any_device(variable, value, said, mo
     assert result.exit_code == 2 and said in result.output and not (tmp_path / "runs").exists(), result.output
 
 
-@pytest.mark.parametrize(("variable", "value"), [("WORLD_SIZE", "abc"), ("RANK", ""), ("LOCAL_RANK", "-1")])
+@pytest.mark.parametrize(("variable", "value"), [("WORLD_SIZE", "abc"), ("RANK", ""), ("LOCAL_RANK", "1.0")])
 def test_a_torchrun_variable_that_is_no_number_is_refused(variable, value, monkeypatch, tmp_path, never_run):
     monkeypatch.setenv(variable, value)
     result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}")
-    said = f"error: {variable}={value!r} is not a whole number (torchrun sets it; else unset it)"
+    said = f"error: {variable}={value!r} is not an integer (torchrun sets it; else unset it)"
     assert result.exit_code == 2 and said in result.output and not (tmp_path / "runs").exists(), result.output
     doctor = CliRunner().invoke(main, ["doctor"])
     assert doctor.exit_code == 2 and said in doctor.output, doctor.output
+
+
+def test_local_rank_minus_one_is_no_torchrun_job_and_no_error(monkeypatch, tmp_path, never_run):
+    monkeypatch.setenv("LOCAL_RANK", "-1")  # what some launchers set for "not distributed"
+    args = ["run", str(REPO / "experiments/quickstart.json"), f"--tracking.runs_root={tmp_path / 'runs'}"]
+    result = CliRunner().invoke(main, args)
+    assert str(result.exception) == "the run started", result.output  # past every check
 
 
 def test_a_spec_error_is_said_whatever_torchrun_variables_hold(monkeypatch):

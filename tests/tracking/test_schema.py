@@ -40,7 +40,8 @@ def test_a_blueberry_sweep_trial_names_its_sweep_in_the_wandb_config(tmp_path):
     """Synced to W&B, a `blueberry sweep` trial belongs to no W&B sweep: top-level keys name it (W&B's run table
     filters and groups on them)."""
     header = json.loads((write_run(tmp_path, "exp") / "spec.json").read_text())
-    assert "sweep_id" not in wandb_config(header)
+    assert "sweep_id" not in wandb_config(header, name_the_sweep=True)
     header["sweep"] = {"id": "lr-grid-1a2b3c4d", "name": "lr-grid"}
-    config = wandb_config(header)
+    config = wandb_config(header, name_the_sweep=True)
     assert (config["sweep_id"], config["sweep_name"]) == ("lr-grid-1a2b3c4d", "lr-grid")
+    assert "sweep_id" not in wandb_config(header)  # under `wandb agent`: W&B shows the run's own sweep
