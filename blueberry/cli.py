@@ -199,8 +199,12 @@ def study(quick, only, parallel, runs_root, dry_run):
     command = shlex.join(["blueberry", *sys.argv[1:]])
     recorded = not quick or plan.quick_is_the_studys(kind)
 
+    found = plan.read_record(runs_root, kind)  # read once: each write adds this invocation's time to it
+
     def record():
-        return plan.write_record(results, runs_root, kind, command, parallel, started) if recorded else None
+        if not (recorded and results):  # (nothing ran: a sweep state that could not be read)
+            return None
+        return plan.write_record(results, runs_root, kind, command, parallel, started, previous=found)
 
     def record_on_the_way_out():  # the study's own exit code and message matter more than its record
         try:
@@ -208,8 +212,11 @@ def study(quick, only, parallel, runs_root, dry_run):
         except OSError as exc:
             click.echo(f"warning: the study record could not be written: {exc}", err=True)
 
+    def log(message):
+        click.echo(message, err=True)
+
     try:
-        plan.run_study(loaded, runs_root, parallel, log=lambda m: click.echo(m, err=True), results=results)
+        plan.run_study(loaded, runs_root, parallel, log=log, results=results, part_ended=record_on_the_way_out)
     except SweepStateError as exc:
         record_on_the_way_out()
         _fail(f"{exc}: move it aside to start that sweep afresh")
@@ -413,7 +420,7 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
     click.echo(
         f"sweep {swept.sweep_id} ({swept.method}): {runs}; state in {runs_root}/_sweeps/{swept.sweep_id}", err=True
     )
-    from blueberry.sweep.state import SweepStateError
+    from blueberry.sweep.state import FAILED, SweepStateError
 
     try:
         runner = SweepRunner(swept, runs_root, count=count, parallel=parallel, log=lambda m: click.echo(m, err=True))
@@ -429,8 +436,8 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
         click.echo(f"  {trial.run_id}: {trial.state}: {trial.reason}")
     for _, why in state.unreadable:
         click.echo(f"  unreadable entry in the sweep state (not run): {why}")
-    if any(t.state in ("failed", "crashed") for t in state.trials):  # as `study`: make, CI and scripts see it
-        sys.exit(1)  # (a trial early termination stopped, `killed`, is the sweep working as asked)
+    if any(t.state in FAILED for t in state.trials):  # as `study`: make, CI and scripts see it
+        sys.exit(1)
 
 
 @main.command(context_settings=PASS_THROUGH)

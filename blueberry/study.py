@@ -139,13 +139,19 @@ def load_parts(parts: list[Part], kind: str) -> list[tuple[Part, str, object, li
 
 
 def run_study(
-    loaded, runs_root: str, parallel: int, log: Callable[[str], None], results: list[PartResult] | None = None
+    loaded,
+    runs_root: str,
+    parallel: int,
+    log: Callable[[str], None],
+    results: list[PartResult] | None = None,
+    part_ended: Callable[[], None] | None = None,
 ) -> list[PartResult]:
     """Run the parts' sweeps one after another under one study-wide progress line; each resumes its state.
     `results`, when given, is filled as each part ends, an interrupted one included (its time so far), so the
-    caller can record them though the interruption propagates."""
+    caller can record them though the interruption propagates; `part_ended` is called after each part that ran to
+    its end (to record it: a study killed later, SIGKILL, loses no finished part's time)."""
     from blueberry.sweep import SweepRunner
-    from blueberry.sweep.state import TERMINAL
+    from blueberry.sweep.state import FAILED, TERMINAL
 
     runners = [
         (part, path, SweepRunner(sweep, runs_root, parallel=parallel, log=log)) for part, path, sweep, _ in loaded
@@ -166,24 +172,43 @@ def run_study(
             runner.run()
         finally:  # interrupted too: the part's time so far is part of the study's
             finished = sum(t.state == "finished" for t in runner.state.trials)
-            failed = [f"{t.run_id}: {t.state}: {t.reason}" for t in runner.state.trials if t.state != "finished"]
+            failed = [f"{t.run_id}: {t.state}: {t.reason}" for t in runner.state.trials if t.state in FAILED]
             wall = time.monotonic() - started
             results.append(PartResult(part, path, runner.sweep.sweep_id, len(planned), finished, failed, wall))
         progress.part_finished(ended(runner) - ended_before)
+        if part_ended is not None:
+            part_ended()
     return results
 
 
+def record_path(runs_root: str, kind: str) -> Path:
+    return Path(runs_root) / "_study" / f"{kind}.json"
+
+
+def read_record(runs_root: str, kind: str) -> dict:
+    """The study record as it is now: {} where there is none or it cannot be read."""
+    return read_json(record_path(runs_root, kind)) or {}
+
+
 def write_record(
-    results: list[PartResult], runs_root: str, kind: str, command: str, parallel: int, started: datetime
+    results: list[PartResult],
+    runs_root: str,
+    kind: str,
+    command: str,
+    parallel: int,
+    started: datetime,
+    previous: dict | None = None,
 ) -> Path:
     """<runs_root>/_study/<kind>.json: what ran, where and how long (a part's wall time summed over the
     invocations that ran the same sweep, interrupted ones included; a changed sweep file is a new sweep), for the
     report's provenance section. Parts this invocation did not run (`--only`) keep their earlier entries.
-    `started`: when this invocation began. Rewritten atomically after each invocation."""
+    `started`: when this invocation began. `previous`: the record as this invocation found it (read now if not
+    given); one invocation writing it after each part passes the same one each time, so its time counts once.
+    Rewritten atomically."""
     from blueberry import hardware, provenance
 
-    path = Path(runs_root) / "_study" / f"{kind}.json"
-    previous = read_json(path) or {}
+    path = record_path(runs_root, kind)
+    previous = read_record(runs_root, kind) if previous is None else previous
     found = previous.get("parts") if isinstance(previous.get("parts"), list) else []  # a record is read as found
     # the study's parts in its order (and any this invocation ran); an entry of a part no longer in it is dropped
     order = list(dict.fromkeys([part.name for part in PARTS] + [r.part.name for r in results]))

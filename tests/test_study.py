@@ -133,7 +133,9 @@ def test_a_record_that_cannot_be_written_leaves_an_interrupted_study_its_exit_13
     monkeypatch.chdir(REPO)
     (tmp_path / "_study").write_text("")  # a file where the record's folder goes
 
-    def interrupted(loaded, runs_root, parallel, log, results):
+    def interrupted(loaded, runs_root, parallel, log, results, part_ended):
+        part, path, sweep, planned = loaded[0]
+        results.append(study.PartResult(part, path, sweep.sweep_id, len(planned), 1, [], 60.0))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(study, "run_study", interrupted)
@@ -168,7 +170,7 @@ def test_make_runs_quick_study_counts_towards_the_study_on_a_cpu_only():
 def test_an_interrupted_study_records_the_time_it_spent_and_exits_130(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
 
-    def interrupted(loaded, runs_root, parallel, log, results):
+    def interrupted(loaded, runs_root, parallel, log, results, part_ended):
         part, path, sweep, planned = loaded[0]
         results.append(study.PartResult(part, path, sweep.sweep_id, len(planned), 5, [], 120.0))
         raise KeyboardInterrupt
@@ -178,3 +180,44 @@ def test_an_interrupted_study_records_the_time_it_spent_and_exits_130(tmp_path, 
     assert result.exit_code == 130 and "study interrupted; run the same command again to resume" in result.output
     record = json.loads((tmp_path / "_study" / "cpu.json").read_text())
     assert [(p["name"], p["finished"], p["wall_s"]) for p in record["parts"]] == [("exp2", 5, 120.0)]
+
+
+def test_a_study_killed_after_a_part_keeps_that_parts_time_counted_once(tmp_path, monkeypatch):
+    """SIGKILL (a CI timeout, the OOM killer) records nothing on the way out: each part is recorded as it ends."""
+    monkeypatch.chdir(REPO)
+
+    def killed_in_the_second_part(loaded, runs_root, parallel, log, results, part_ended):
+        for (part, path, sweep, planned), wall in zip(loaded, (300.0, 200.0)):
+            results.append(study.PartResult(part, path, sweep.sweep_id, len(planned), len(planned), [], wall))
+            part_ended()
+        raise SystemExit(137)  # no handler of the study's runs: as a SIGKILL leaves it
+
+    monkeypatch.setattr(study, "run_study", killed_in_the_second_part)
+    args = ["study", "--only", "exp2", "--only", "exp3", "--runs-root", str(tmp_path)]
+    assert CliRunner().invoke(main, args).exit_code == 137
+    record = json.loads((tmp_path / "_study" / "cpu.json").read_text())
+    assert [(p["name"], p["wall_s"]) for p in record["parts"]] == [("exp2", 300.0), ("exp3", 200.0)]
+    assert record["wall_s"] == 500.0  # each write adds this invocation's time to the record it found, once
+
+
+def test_only_failed_or_crashed_trials_are_a_parts_failures(monkeypatch):
+    """An interrupted trial (running, pending) resumes; one early termination stopped (killed) did as asked."""
+    import blueberry.sweep
+
+    trials = [
+        type("Trial", (), {"run_id": f"t{i}", "state": state, "reason": None})()
+        for i, state in enumerate(["finished", "failed", "crashed", "killed", "running", "pending"])
+    ]
+
+    class Ran:
+        def __init__(self, sweep, runs_root, parallel, log):
+            self.sweep, self.state = sweep, type("State", (), {"trials": trials})()
+            self.progress = type("Progress", (), {"outer": None})()
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(blueberry.sweep, "SweepRunner", Ran)
+    sweep = type("Sweep", (), {"sweep_id": "s-exp1"})()
+    (result,) = study.run_study([(study.PARTS[0], "a.yaml", sweep, [{}] * 6)], "runs", 1, log=lambda m: None)
+    assert result.finished == 1 and result.failed == ["t1: failed: None", "t2: crashed: None"]

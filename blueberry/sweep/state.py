@@ -25,6 +25,7 @@ from pydantic import TypeAdapter, ValidationError
 from blueberry.fileio import write_json_atomic
 
 TERMINAL = ("finished", "failed", "crashed", "killed")
+FAILED = ("failed", "crashed")  # not `killed`: early termination stopped it, the sweep working as asked
 STATES = ("pending", "running", *TERMINAL)
 
 

@@ -65,6 +65,7 @@ class WandbTracker:
 
         self.mode = mode
         self.run_id = run_id
+        self.continues = resume in ("allow", "must")  # an earlier attempt of this W&B run exists
         self.say = log
         self.best_val_loss = float("inf")  # lowest val/loss so far: its checkpoint gets the `best` alias
         self._last_val: tuple[int, float] | None = None  # (step, val/loss) of the latest evaluation
@@ -170,8 +171,8 @@ class WandbTracker:
 
         if reason:
             self.run.summary.update({"status/reason": reason})
-        elif "status/reason" in self.run.summary.keys():  # an online resume starts from the server's summary, where
-            delattr(self.run.summary, "status/reason")  # an earlier attempt's reason would outlive the finished run
+        elif self.continues:  # an earlier attempt's reason ("SIGTERM at step 4") is in the summary W&B resumes
+            del self.run.summary["status/reason"]  # (online from the server, offline at `wandb sync`): remove it
         self.run.finish(exit_code=exit_code)
         if self.url:
             self.say(f"W&B run {state}: {self.url}")

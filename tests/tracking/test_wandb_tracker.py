@@ -1,11 +1,13 @@
 import re
+import time
 
 import pytest
 import torch
 from offline_tracker import fresh_run_dir, offline_tracker
+from wandb.proto import wandb_internal_pb2
 
 from blueberry.tracking import RunRecord, Trackers, new_run_id, resolve_mode, sweep_tag
-from blueberry.tracking.wandb_log import read_wandb_log
+from blueberry.tracking.wandb_log import _payloads, read_wandb_log
 from blueberry.tracking.wandb_tracker import wandb_segments
 
 
@@ -91,10 +93,20 @@ def test_checkpoints_get_best_alias_and_summary_has_no_none(tmp_path):
 
 def test_a_finished_run_clears_the_reason_an_earlier_attempt_left_in_its_summary(tmp_path):
     # Online, a resumed run starts from the server's summary: the interrupted attempt's reason is in it.
-    tracker = offline_tracker(fresh_run_dir(tmp_path, "exp", "r1"))
-    tracker.run.summary.update({"status/reason": "SIGTERM at step 4, checkpoint at step 4"})
-    tracker.finish("finished")
-    assert "status/reason" not in read_wandb_log(tracker.offline_dir).summary
+    first = offline_tracker(fresh_run_dir(tmp_path, "exp", "r1"), run_id="r1")
+    first.finish("interrupted", "SIGTERM at step 4, checkpoint at step 4")
+    time.sleep(1.1)  # W&B names a segment's folder by its start second
+    second = offline_tracker(tmp_path / "exp" / "r1", run_id="r1", resume="allow")  # offline: its summary is empty
+    second.finish("finished")
+    segments = sorted((tmp_path / "exp" / "r1" / "wandb").glob("offline-run-*-r1"))
+    assert read_wandb_log(segments[0]).summary["status/reason"].startswith("SIGTERM")
+    removed = []  # `wandb sync` replays the second segment's summary records over the first's: it must remove it
+    for payload in _payloads(next(segments[1].glob("run-*.wandb")).read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "summary":
+            removed += ["/".join(item.nested_key) or item.key for item in record.summary.remove]
+    assert removed == ["status/reason"] and "status/reason" not in read_wandb_log(segments[1]).summary
 
 
 def test_the_segments_of_a_run_begun_online_and_resumed_offline_are_all_found_oldest_first(tmp_path):
