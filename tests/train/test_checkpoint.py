@@ -173,6 +173,42 @@ def test_checkpoints_without_checksums_still_load(tmp_path):
     assert ckpt.load_newest()[0]["step"] == 15
 
 
+def test_without_a_recorded_checksum_flipped_tensor_bytes_are_still_caught(tmp_path):
+    """torch.load does not check the zip's CRCs: with the checksum list lost (emptied by a host crash, or a
+    checkpoint from before it), a flipped byte in a tensor loaded without a word."""
+    import zipfile
+
+    ckpt = three_checkpoints(tmp_path)
+    ckpt.manifest.write_text("")
+    path = ckpt.dir / "step-000015.pt"
+    with zipfile.ZipFile(path) as archive:
+        entry = next(i for i in archive.infolist() if "/data/" in i.filename)
+    data = bytearray(path.read_bytes())
+    name_and_extra = int.from_bytes(data[entry.header_offset + 26 : entry.header_offset + 28], "little")
+    name_and_extra += int.from_bytes(data[entry.header_offset + 28 : entry.header_offset + 30], "little")
+    data[entry.header_offset + 30 + name_and_extra] ^= 0x01  # the tensor's first byte
+    path.write_bytes(bytes(data))
+    state, ((aside, why),) = ckpt.load_newest()
+    assert state["step"] == 10 and "fails its CRC check" in why and aside.name == "step-000015.pt.corrupt"
+
+
+def test_a_checkpoint_the_disk_cannot_read_is_skipped_and_an_earlier_damaged_one_kept(tmp_path):
+    ckpt = three_checkpoints(tmp_path)
+    (ckpt.dir / "step-000015.pt").unlink()
+    (ckpt.dir / "step-000015.pt").mkdir()  # reading it fails with an OSError (IsADirectoryError), as EIO would
+    (ckpt.dir / "step-000015.pt.corrupt").write_bytes(b"an earlier attempt's damaged step 15")
+    state, ((aside, why),) = ckpt.load_newest()
+    assert state["step"] == 10 and "IsADirectoryError" in why and aside.name == "step-000015.pt.corrupt.2"
+    assert (ckpt.dir / "step-000015.pt.corrupt").read_bytes() == b"an earlier attempt's damaged step 15"
+
+
+def test_a_save_killed_while_writing_the_checksum_list_leaves_nothing_after_cleaning(tmp_path):
+    ckpt = three_checkpoints(tmp_path)
+    (tmp_path / ".checkpoints.sha256.x1y2.tmp").write_text("half a list")
+    ckpt.clean_partial()
+    assert not list(tmp_path.glob(".*.tmp")) and ckpt.load_newest()[0]["step"] == 15
+
+
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(
     damage=st.dictionaries(
