@@ -45,6 +45,11 @@ def atomic_writer(path: Path, binary: bool = False, mode: int | None = None, fsy
                 os.fsync(handle.fileno())
         os.chmod(tmp, NEW_FILE_MODE if mode is None else mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None and exc.errno is not None:  # a write or flush names no file: say which (disk full)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -80,12 +80,7 @@ def parse_override_args(args: list[str] | tuple[str, ...]) -> list[tuple[str, di
     tokens = list(args)
     i = 0
     while i < len(tokens):
-        token = tokens[i]
-        try:
-            source, override, i = _parse_override(tokens, i)
-        except DuplicateKey as exc:
-            why = f"key {clip(str(exc))!r} appears twice in one object"
-            raise SpecError([(f"override {token!r}", "", why)]) from None
+        source, override, i = _parse_override(tokens, i)
         parsed.append((source, override))
     return parsed
 
@@ -96,7 +91,7 @@ def _parse_override(tokens: list[str], i: int) -> tuple[str, dict, int]:
     i += 1
     stripped = token.lstrip("-+")
     if token.lstrip().startswith("{"):  # ${args_json}: one JSON object holding every parameter
-        value = parse_value(token)
+        value = _value_of(token, token)
         if not isinstance(value, dict):
             raise SpecError([(f"override {token!r}", "", "expected a JSON object")])
         return f"override {token}", expand_dotted(value, f"override {token}"), i
@@ -104,10 +99,10 @@ def _parse_override(tokens: list[str], i: int) -> tuple[str, dict, int]:
         raise SpecError([(f"override {token!r}", "", "empty override")])
     if "=" in stripped:
         key, raw = stripped.split("=", 1)
-        value = parse_value(raw)
+        value = _value_of(raw, token)
     elif token.startswith("-") and i < len(tokens) and not tokens[i].startswith("--"):
-        key, value = stripped, parse_value(tokens[i])  # ${args_no_equals}: --k v
-        token = f"{token} {tokens[i]}"
+        token = f"{token} {tokens[i]}"  # ${args_no_equals}: --k v
+        key, value = stripped, _value_of(tokens[i], token)
         i += 1
     elif token.startswith("-"):
         key, value = stripped, True  # ${args_no_boolean_flags}: a true bool is a bare flag
@@ -115,6 +110,14 @@ def _parse_override(tokens: list[str], i: int) -> tuple[str, dict, int]:
         raise SpecError([(f"override {token!r}", "", "expected KEY=VALUE or --KEY=VALUE")])
     source = f"override {token}"
     return source, expand_dotted({key: value}, source), i
+
+
+def _value_of(text: str, token: str) -> Any:
+    """parse_value(text) of the override `token`; one naming a key twice is a SpecError naming the override."""
+    try:
+        return parse_value(text)
+    except DuplicateKey as exc:
+        raise SpecError([(f"override {token!r}", "", f"key {clip(str(exc))!r} appears twice in one object")]) from None
 
 
 def expand_dotted(flat: dict, source: str) -> dict:

@@ -38,11 +38,16 @@ def read_price(raw: str, source: str) -> float:
     return price
 
 
+class RepeatedRow(ValueError):
+    """A price table naming one device twice (GPU names match case-blind): json.loads would keep the last."""
+
+
 def _once_each(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object whose keys are all different: json.loads would keep the last of two, silently."""
-    names = [name for name, _ in pairs]
-    if twice := next((name for i, name in enumerate(names) if name in names[:i]), None):
-        raise ValueError(f"{twice!r} is given twice")
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name.lower() in seen:
+            raise RepeatedRow(f"key {name!r} appears twice (names match whatever their case)")
+        seen.add(name.lower())
     return dict(pairs)
 
 
@@ -60,6 +65,8 @@ def read_price_table(raw: str, source: str) -> dict[str, float]:
         where = f"{source} ({path})"
     try:
         table = json.loads(raw, object_pairs_hook=_once_each)
+    except RepeatedRow as exc:
+        raise ValueError(f"{where}: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"{where}: not valid JSON ({exc}); expected e.g. '{EXAMPLE}'") from None
     if not isinstance(table, dict):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from blueberry.fileio import write_json_atomic
+from blueberry.fileio import atomic_writer, write_json_atomic
 
 
 def test_an_atomic_write_gets_the_permissions_of_any_new_file(tmp_path):
@@ -36,3 +36,16 @@ def test_a_measurements_outputs_are_standard_json_and_its_table(tmp_path):
     assert (tmp_path / "out" / "quick.md").read_text() == "| a |\n"
     assert path.stat().st_mode & 0o777 == 0o640
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["quick.json", "quick.md"]  # no temp files left
+
+
+def test_a_write_the_disk_refuses_names_the_file_and_leaves_nothing(tmp_path):
+    """ENOSPC from write()/flush() carries no file name: the CLI's one line would say 'a file'."""
+    import errno
+
+    (tmp_path / "out").mkdir()
+    target = tmp_path / "out" / "REPORT.md"
+    with pytest.raises(OSError) as error, atomic_writer(target) as handle:
+        handle.write("x")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a full disk's write raises it
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(target)
+    assert list(target.parent.iterdir()) == []

@@ -215,8 +215,9 @@ def test_a_key_given_twice_in_a_spec_or_overrides_file_is_refused(tmp_path):
     ],
 )
 def test_a_key_given_twice_in_one_override_is_refused(override):
-    with pytest.raises(SpecError, match="appears twice in one object"):
+    with pytest.raises(SpecError, match="appears twice in one object") as error:
         load_spec(None, override.split(" ", 1) if override.startswith("--model {") else [override])
+    assert f"override {override!r}" in str(error.value)  # the whole override, its value too
 
 
 def test_a_literal_without_repeated_keys_still_parses():

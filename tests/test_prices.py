@@ -25,7 +25,9 @@ def test_a_table_is_read_inline_or_from_a_file(tmp_path):
         ('{"T4": NaN, "A100": 1}', "got {'T4': nan}"),
         ('{"T4": true}', "got {'T4': True}"),
         ('{"T4": "0.3"}', "got {'T4': '0.3'}"),
-        ('{"T4": 0.3, "T4": 0.2}', "SRC: not valid JSON ('T4' is given twice)"),  # the last won, silently
+        ('{"T4": 0.3, "T4": 0.2}', "SRC: key 'T4' appears twice"),  # the last won, silently
+        ('{"H100": 2, "h100": 3}', "SRC: key 'h100' appears twice (names match whatever their case)"),
+        ('{"": 3, "": 2}', "SRC: key '' appears twice"),
     ],
 )
 def test_a_wrong_table_names_its_source_and_the_problem(raw, says):

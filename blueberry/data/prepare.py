@@ -117,11 +117,12 @@ def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
     docs = load_documents(spec, source)
     train_docs, val_docs = split_documents(docs, spec.val_fraction)
     if not train_docs or not val_docs:
-        one_text_file = source.builder == "text" and len(source.files) == 1  # lines, not paragraphs: one document
+        # a text file of one document per line, not per paragraph, is one document
+        by_paragraph = source.builder_kwargs.get("sample_by") == "paragraph"
         hint = " (a .txt file's documents are its blank-line-separated paragraphs; one per line is .jsonl)"
         raise DataError(
             f"{len(docs)} documents split into {len(train_docs)} train / {len(val_docs)} val at "
-            f"val_fraction={spec.val_fraction}; both splits need at least one document{hint if one_text_file else ''}"
+            f"val_fraction={spec.val_fraction}; both splits need at least one document{hint if by_paragraph else ''}"
         )
 
     if spec.tokenizer == "bpe":
@@ -165,11 +166,20 @@ def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
     }
     split_ids = {"train": [d.id for d in train_docs], "val": [d.id for d in val_docs]}
     with atomic_dir(entry) as tmp:
-        np.save(tmp / "train.npy", train)
-        np.save(tmp / "val.npy", val)
+        _save_tokens(tmp / "train.npy", train)
+        _save_tokens(tmp / "val.npy", val)
         (tmp / "split.json").write_text(json.dumps(split_ids))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return tokenizer, train, val, meta
+
+
+def _save_tokens(path: Path, tokens: np.ndarray) -> None:
+    try:
+        np.save(path, tokens)
+    except OSError as exc:  # numpy's short write names neither errno nor file ("N requested and M written")
+        if exc.errno is not None:
+            raise
+        raise OSError(None, f"a short write ({exc}): the disk is full or over quota", str(path)) from exc
 
 
 def _load(root: Path, entry: Path, spec: DataSpec):

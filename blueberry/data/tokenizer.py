@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -71,7 +73,12 @@ def load_or_train_bpe(train_docs: Sequence[Document], vocab_size: int, cache_roo
     backend = train_bpe((doc.text for doc in train_docs), vocab_size)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS, pad_token=PAD)
     with atomic_dir(path) as tmp:
-        tokenizer.save_pretrained(str(tmp))
+        try:
+            tokenizer.save_pretrained(str(tmp))
+        except Exception as exc:  # the tokenizers library's own writes fail as Exception("… (os error 28)")
+            if not (said := re.search(r"\(os error (\d+)\)", str(exc))):
+                raise
+            raise OSError(int(said[1]), os.strerror(int(said[1])), str(tmp)) from exc
     return load_bpe(path), path
 
 

@@ -97,10 +97,13 @@ def _causality(run: Run) -> str:
 def _leakage(run: Run) -> str:
     leak = (run.header.get("data") or {}).get("leakage") or {}
     share = leak.get("val_windows_with_train_ngram")
+    if share is None and not leak.get("ngram"):
+        return "not recorded"
     if share is None:
-        return "not measured (windows shorter than its n-gram)" if leak.get("ngram") else "not recorded"
-    text = f"{share:.2%} of val windows share a {leak.get('ngram', '?')}-gram"
-    if leak.get("val_docs_in_train"):
+        text = "n-grams not measured (windows shorter than the n-gram)"
+    else:
+        text = f"{share:.2%} of val windows share a {leak.get('ngram', '?')}-gram"
+    if leak.get("val_docs_in_train"):  # measured whatever the windows' length
         text += f"; **{leak['val_docs_in_train']} val documents also in train**"
     return text
 

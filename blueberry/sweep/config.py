@@ -25,7 +25,8 @@ def engine():
             import sweeps
     except ImportError:
         raise SpecError(
-            [("sweeps", "", "W&B's sweep engine is not installed: pip install --no-deps sweeps==0.3.0")], INVALID
+            [("sweeps", "", "W&B's sweep engine is not installed: pip install sweeps==0.3.0 (it asks for numpy<2)")],
+            INVALID,
         ) from None
     return sweeps
 

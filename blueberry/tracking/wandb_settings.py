@@ -214,7 +214,7 @@ def wandb_status(spec) -> dict[str, Any]:
 def format_wandb_status(status: dict[str, Any]) -> str:
     run = status["run"]
     engine = status["sweep_engine"]
-    engine = f"sweeps {engine}" if engine else "not installed (pip install --no-deps sweeps==0.3.0)"
+    engine = f"sweeps {engine}" if engine else "not installed (pip install sweeps==0.3.0)"
     lines = [
         f"W&B      wandb {status['wandb']}; sweep engine {engine}",
         f"  mode       {run['mode']['value']} ({run['mode']['source']})",

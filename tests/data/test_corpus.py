@@ -101,6 +101,10 @@ def test_a_text_file_of_one_document_per_line_is_told_what_a_document_is(tmp_pat
     (tmp_path / "lines.txt").write_text("".join(f"document {i} of the corpus\n" for i in range(50)))
     with pytest.raises(DataError, match=r"1 documents split into .*a \.txt file's documents are its blank-line"):
         prepare_data(DataSpec(dataset=str(tmp_path / "lines.txt"), seq_len=8), seed=0)
+    (tmp_path / "folder").mkdir()  # a folder's .txt files are one document each: no such hint
+    (tmp_path / "lines.txt").rename(tmp_path / "folder" / "lines.txt")
+    with pytest.raises(DataError, match=r"both splits need at least one document$"):
+        prepare_data(DataSpec(dataset=str(tmp_path / "folder"), seq_len=8), seed=0)
 
 
 def test_local_path_wins_over_a_hub_name(tmp_path, monkeypatch):

@@ -233,6 +233,34 @@ def test_a_cache_that_cannot_be_written_is_a_data_error_naming_it(tmp_path):
         )
 
 
+@pytest.mark.parametrize("full", ["tokens", "tokenizer"])
+def test_a_full_cache_disk_says_so_naming_the_cache(tmp_path, monkeypatch, full):
+    """numpy's short write names no errno nor file, and the tokenizers library raises a bare Exception: a full
+    disk read as a bad dataset, or a traceback."""
+    import numpy as np
+
+    docs = load_documents(SPEC)[:60]
+    path = tmp_path / "local.jsonl"
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
+    if full == "tokens":
+
+        def save(file, array):
+            raise OSError(f"{array.nbytes} requested and 0 written")  # what a full disk gives numpy's tofile
+
+        monkeypatch.setattr(np, "save", save)
+        says = r"a short write \(\d+ requested and 0 written\): the disk is full or over quota: .*train\.npy"
+    else:
+        from transformers import PreTrainedTokenizerFast
+
+        def save_pretrained(self, directory, **kwargs):
+            raise Exception("No space left on device (os error 28)")
+
+        monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", save_pretrained)
+        says = "No space left on device: "
+    with pytest.raises(DataError, match=r"cannot write the data cache .*\(BLUEBERRY_CACHE, else .*\): " + says):
+        prepare_data(DataSpec(dataset=str(path), vocab_size=300, seq_len=32), seed=0, cache_dir=tmp_path / "cache")
+
+
 def test_a_local_corpus_is_read_without_datasets_shared_cache(tmp_path, monkeypatch):
     """The embedded corpus and local files are read into a scratch cache of their own (datasets' shared one keys
     a file on its mtime alone): a shared cache that cannot be written no longer stops them."""

@@ -260,3 +260,19 @@ def test_a_factorial_labels_presets_by_name_and_the_others_by_attention_and_ffn(
     groups = group_runs(load_local(tmp_path / "balance"))
     label_groups(groups, first="model.variant")
     assert sorted(g.label for g in groups) == ["balance=aux_loss", "balance=default"]
+
+
+def test_the_leakage_line_says_what_was_measured():
+    from types import SimpleNamespace
+
+    from blueberry.report.integrity import _leakage
+
+    def run(leakage):
+        return SimpleNamespace(header={"data": {"leakage": leakage}})
+
+    measured = _leakage(run({"ngram": 13, "val_windows_with_train_ngram": 0.0018}))
+    assert measured == "0.18% of val windows share a 13-gram"
+    assert _leakage(run({})) == "not recorded"
+    # windows too short for the n-gram: nothing measured there, but copied documents still are
+    short = _leakage(run({"ngram": 13, "val_windows_with_train_ngram": None, "val_docs_in_train": 5}))
+    assert short == "n-grams not measured (windows shorter than the n-gram); **5 val documents also in train**"
