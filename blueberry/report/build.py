@@ -167,8 +167,8 @@ def study_section(records: list[dict], runs: list[Run], costs: list[float] = ())
         sha = _of(code.get("git_sha"), str, None)
         # a recorded null: run from an installed copy (pip install .); no code record at all: unknown
         commit = f"commit `{sha}`{dirty}" if sha else "code outside a git checkout" if "git_sha" in code else "?"
-        lines += [
-            f"- `{command}` on {kind}: {where}, {parallel} trial(s) at once",
+        lines += [  # command, machine and parallelism are the last invocation's; the times, every invocation's
+            f"- `{command}` on {kind} (the last invocation): {where}, {parallel} trial(s) at once",
             f"  - last run from {commit}, finished {ended}",
             f"  - {trials} trials finished in {len(parts)} parts; wall time {wall_text}",
         ]

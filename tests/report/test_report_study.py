@@ -29,7 +29,7 @@ def test_report_says_how_the_runs_were_made_and_lists_every_run(tmp_path):
     run_report(runs_root=runs, out=tmp_path / "out", log=lambda _: None)
     text = (tmp_path / "out" / "REPORT.md").read_text()
     made = text.split("## How these runs were made\n")[1].split("\n## ")[0]
-    assert "`blueberry study` on cpu: Test CPU (2 cores), 2 trial(s) at once" in made
+    assert "`blueberry study` on cpu (the last invocation): Test CPU (2 cores), 2 trial(s) at once" in made
     assert "last run from commit `abc123`, finished 2026-12-02T06:40:00+00:00" in made
     assert "- Runs started between 2025-09-25T12:00:00+0000 and 2025-09-25T12:00:00+0000" in made
     assert "4 trials finished in 1 parts; wall time 5.0 min" in made
@@ -64,7 +64,8 @@ def test_a_study_record_of_the_wrong_shape_is_shown_as_found_not_a_crash(tmp_pat
     (runs / "_study" / "cuda.json").write_text("[1, 2]")  # valid JSON, not a record: left out
     run_report(runs_root=runs, out=tmp_path / "out", log=lambda _: None)
     made = (tmp_path / "out" / "REPORT.md").read_text().split("## How these runs were made\n")[1].split("\n## ")[0]
-    assert "`blueberry study` on ?: ? (? cores), ? trial(s) at once" in made  # a missing field reads "?"
+    # a missing field reads "?"
+    assert "`blueberry study` on ? (the last invocation): ? (? cores), ? trial(s) at once" in made
     assert "last run from ?, finished ?" in made  # a code record of the wrong shape: unknown
     assert "0 trials finished in 1 parts; wall time ?" in made
     assert made.count("- `blueberry study`") == 1
