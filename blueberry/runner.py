@@ -23,6 +23,7 @@ from blueberry.distributed import World
 from blueberry.fileio import read_json
 from blueberry.gpu_monitor import GpuMonitor, nvidia_driver_loaded
 from blueberry.hardware import NotRunnableHere, bf16_emulated, resolve_device, resolve_precision
+from blueberry.overrides import value_at
 from blueberry.plan import Build, build
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec, safe_name
@@ -111,7 +112,8 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
             distributed.shutdown()
     run.sweep = sweep_context()
     ours = [spec.model.label, *([sweep_tag(run.sweep["name"])] if run.sweep else [])]
-    run.wandb_settings = run_settings(spec, tags=ours)  # the spec, else W&B's own settings, else our defaults
+    # the spec, else W&B's own settings, else our defaults
+    run.wandb_settings = run_settings(spec, tags=ours, name=display_name(spec))
     mode, why = run.wandb_settings["mode"].value, run.wandb_settings["mode"].source
     tracking = time.monotonic()
     stop = None
@@ -224,11 +226,13 @@ def header_stage(run: Run, mode: str, why: str, log) -> None:
     spec, built, data, claimed = run.spec, run.built, run.data, run.claimed
     params = built.params
     split = optimizer_split(built.model, spec.train)  # parameters under Muon / AdamW
-    run.wandb_id, run.wandb_resume = wandb_identity(claimed, os.environ.get("WANDB_RUN_ID"), mode, spec.run_name)
+    name = display_name(spec)
+    run.wandb_id, run.wandb_resume = wandb_identity(claimed, os.environ.get("WANDB_RUN_ID"), mode, name)
     if claimed.reused:  # the W&B run to continue lives where its first attempt put it
         run.wandb_settings = {**run.wandb_settings, **stored_wandb_place(claimed.path)}
     run.header = make_header(
         run_id=claimed.path.name,
+        name=name,
         spec=spec,
         params={"total": params.total, "active": params.active, "embedding": params.embedding, **split},
         data={
@@ -304,7 +308,7 @@ def train_stage(run: Run, stop: StopRequest) -> dict:
     built = run.built
     distributed.broadcast_from_main(run.resume_state)  # under torchrun, to the other ranks (execute)
     run.followers_started = True
-    progress = _progress_bar(run.spec)
+    progress = _progress_bar(run.spec, run.header["name"])
     try:
         return train(
             built.spec,
@@ -522,6 +526,26 @@ def _out_of_memory_advice(spec: RunSpec, device: torch.device) -> str:
     )
 
 
+# Parameters a run's default name shows already (spec.run_name), or whose values are no name's stuff
+NAMED = {"experiment", "seed", "train.lr", "model.variant", "model.attention", "model.ffn", "tags", "name"}
+
+
+def display_name(spec: RunSpec) -> str:
+    """Our name for the run (W&B's display name, the record's): spec.run_name, to which a `blueberry sweep` trial
+    adds the values its sweep varies that it does not show (BLUEBERRY_SWEEP_VARIES): the four trials of a seed
+    in an experts × top-k grid had one name in W&B's charts."""
+    if spec.name:  # the spec's own: as given
+        return spec.name
+    varies = [path for path in os.environ.get("BLUEBERRY_SWEEP_VARIES", "").split(",") if path and path not in NAMED]
+    tree, parts = spec.to_json_dict(), []
+    for path in varies:
+        value = value_at(tree, path)
+        if isinstance(value, (str, int, float)):  # not a section of several values (`values: [{...}, ...]`)
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            parts.append(safe_name(f"{path.rsplit('.', 1)[-1]}{text}"))
+    return "-".join([spec.run_name, *parts])
+
+
 def sweep_context() -> dict | None:
     """The sweep this run is a trial of: `blueberry sweep` (BLUEBERRY_SWEEP_*) or `wandb agent` (WANDB_SWEEP_ID)."""
     sweep_id = os.environ.get("BLUEBERRY_SWEEP_ID") or os.environ.get("WANDB_SWEEP_ID")
@@ -530,7 +554,7 @@ def sweep_context() -> dict | None:
     return {"id": sweep_id, "name": os.environ.get("BLUEBERRY_SWEEP_NAME") or sweep_id}
 
 
-def _progress_bar(spec: RunSpec):
+def _progress_bar(spec: RunSpec, name: str):
     if not spec.train.progress:
         return None
     from tqdm.auto import tqdm
@@ -538,7 +562,7 @@ def _progress_bar(spec: RunSpec):
     # In a log file (not a terminal) redraw rarely instead of writing a line per step.
     return tqdm(
         total=spec.train.steps,
-        desc=spec.run_name,
+        desc=name,
         unit="step",
         dynamic_ncols=True,
         mininterval=0.1 if sys.stderr.isatty() else 30,

@@ -243,3 +243,30 @@ def test_a_runs_cost_pays_for_its_processs_start_up_too(tmp_path, monkeypatch):
     result = execute(spec, log=lambda msg: None, resume=False, own_process=True)
     assert result.summary["time/setup/start_s"] == 3600.0
     assert 1.0 < result.summary["cost/usd"] < 1.1  # the hour of start-up, plus the seconds of the run itself
+
+
+def test_a_sweep_trials_name_shows_the_values_its_sweep_varies(monkeypatch):
+    """The four trials of a seed in an experts × top-k grid had one name in W&B's charts and the dashboard."""
+    from blueberry.runner import display_name
+    from blueberry.sweep.controller import varying_paths
+
+    parameters = {
+        "experiment": {"value": "exp3-experts-cpu"},
+        "seed": {"values": [1, 2, 3]},
+        "model": {
+            "parameters": {"n_experts": {"values": [2, 4]}, "top_k": {"values": [1, 2]}, "d_model": {"value": 64}}
+        },
+        "train.lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-1},
+        "data": {"parameters": {"max_tokens": {"values": [60000]}}},  # one value: no difference to name
+    }
+    assert varying_paths(parameters) == ["model.n_experts", "model.top_k", "seed", "train.lr"]
+    spec = load_spec(None, ["--experiment=exp3-experts-cpu", "--model.n_experts=4", "--model.top_k=1", "--seed=2"])
+    assert display_name(spec) == spec.run_name  # not a sweep's trial
+    monkeypatch.setenv("BLUEBERRY_SWEEP_VARIES", ",".join(varying_paths(parameters)))
+    assert (
+        display_name(spec)
+        == f"{spec.run_name}-n_experts4-top_k1"
+        == "exp3-experts-cpu-baseline-lr0.01-s2-n_experts4-top_k1"
+    )
+    named = load_spec(None, ["--name=mine", "--model.n_experts=4"])
+    assert display_name(named) == "mine"  # the spec's own name, as given

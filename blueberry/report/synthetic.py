@@ -61,6 +61,7 @@ def write_run(
     run_dir.mkdir(parents=True)
     ppl = val_perplexity if val_perplexity is not None else math.exp(min(val_loss, 20))
     header = make_header(
+        name=run_spec.run_name,
         run_id=run_id,
         spec=run_spec,
         params={"total": params[0], "active": params[1], "embedding": params[1] // 2},

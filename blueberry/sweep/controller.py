@@ -143,6 +143,19 @@ def parameter_paths(parameters: dict, prefix: str = "") -> set[str]:
     return paths
 
 
+def varying_paths(parameters: dict, prefix: str = "") -> list[str]:
+    """Dotted names of a sweep's parameters whose value can differ between its trials (not one `value:`)."""
+    paths: list[str] = []
+    for name, entry in parameters.items():
+        if isinstance(entry, dict) and isinstance(entry.get("parameters"), dict):
+            paths += varying_paths(entry["parameters"], f"{prefix}{name}.")
+        elif isinstance(entry, dict) and "value" not in entry:
+            values = entry.get("values")
+            if not isinstance(values, list) or len(values) > 1:  # a distribution, or a choice of several
+                paths.append(f"{prefix}{name}")
+    return sorted(paths)
+
+
 def params_problem(sweep: Sweep, trial: Trial) -> str | None:
     """Why a trial's parameters are not a set this sweep's engine proposes (other names), or None. A trial's
     params are opened along the sweep's own nested `parameters:` sections only: a parameter whose values are
@@ -400,6 +413,8 @@ class SweepRunner:
             "BLUEBERRY_RUNS_ROOT": str(self.runs_root),
             "BLUEBERRY_SWEEP_ID": self.sweep.sweep_id,
             "BLUEBERRY_SWEEP_NAME": self.sweep.name,
+            # what a trial's name says beyond the spec's own (runner.display_name)
+            "BLUEBERRY_SWEEP_VARIES": ",".join(varying_paths(self.sweep.config.get("parameters") or {})),
         }
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device  # one GPU per trial

@@ -37,6 +37,7 @@ HEADER_KEYS = ("params", "data", "causality", "hardware", "wandb", "created_at")
 def make_header(
     *,
     run_id: str,
+    name: str,
     spec,
     params: dict,
     data: dict,
@@ -45,11 +46,12 @@ def make_header(
     sweep: dict | None = None,
     **extra: Any,
 ) -> dict:
-    """spec.json's content. `spec` is a RunSpec; `params` {total, active, embedding}; `data` {fingerprint,
-    stats, leakage, unigram_loss}; `hardware` the RunPlan's header; `extra`: wandb, code, libraries."""
+    """spec.json's content. `name`: the run's (runner.display_name); `spec` is a RunSpec; `params` {total, active,
+    embedding}; `data` {fingerprint, stats, leakage, unigram_loss}; `hardware` the RunPlan's header; `extra`:
+    wandb, code, libraries."""
     return {
         "run_id": run_id,
-        "name": spec.run_name,
+        "name": name,
         "experiment": spec.experiment,
         "seed": spec.seed,
         "sweep": sweep,

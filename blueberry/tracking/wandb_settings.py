@@ -157,10 +157,11 @@ def resolve_mode(requested: str, found: dict[str, Choice] | None = None) -> tupl
     return requested, f"set by {source}"
 
 
-def run_settings(spec, tags: list[str]) -> dict[str, Choice]:
+def run_settings(spec, tags: list[str], name: str | None = None) -> dict[str, Choice]:
     """Every `wandb.init` value of a run of `spec` with its source: the spec, else W&B's settings, else ours.
 
-    `tags`: ours, always given (the variant, the sweep); the user's tags (spec, else WANDB_TAGS) follow.
+    `tags`: ours, always given (the variant, the sweep); the user's tags (spec, else WANDB_TAGS) follow. `name`:
+    ours (default spec.run_name).
     """
     # A run with W&B disabled reads none of W&B's settings: a W&B variable it would reject does not concern it.
     found = wandb_settings() if spec.tracking.wandb != "disabled" else {}
@@ -173,7 +174,7 @@ def run_settings(spec, tags: list[str]) -> dict[str, Choice]:
         "group": (tracking.group, spec.experiment),
         "job_type": (tracking.job_type, "train"),
         "notes": (tracking.notes, None),
-        "name": (spec.name, spec.run_name),
+        "name": (spec.name, name or spec.run_name),
         "tags": (spec.tags or None, []),
         "dir": (tracking.wandb_dir, None),  # None: the run's own directory (WandbTracker)
     }

@@ -84,6 +84,8 @@ def test_grid_runs_every_point_once_and_records_the_sweep(tmp_path):
         log = read_wandb_log(segment)  # the trial keeps the id the sweep gave it, and its experiment as group
         assert header["wandb"]["id"] == log.run_id == trial["run_id"] and log.group == "tiny-exp"
         assert "sweep:tiny" in log.tags
+        lr = trial["params"]["train"]["lr"]  # the one value the sweep varies, which the name shows already
+        assert log.name == header["name"] == f"tiny-exp-{header['spec']['model']['variant']}-lr{lr:g}-s42"
     # Same command again: nothing left to run, nothing re-run.
     again = subprocess.run(sweep_cmd(path, runs_root), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert again.returncode == 0 and len(state_of(runs_root)) == 2
@@ -103,6 +105,8 @@ def test_a_failing_trial_is_recorded_the_sweep_goes_on_and_exits_1(tmp_path):
     assert done.returncode == 1, done.stderr[-2000:]  # as `blueberry study`: make, CI and scripts see the failure
     trials = {t["params"]["data"]["dataset"]: t for t in state_of(runs_root)}
     assert trials["austen"]["state"] == "finished"
+    header = json.loads((Path(trials["austen"]["run_dir"]) / "spec.json").read_text())
+    assert header["name"].endswith("-s42-datasetausten")  # the value its sweep varies, in its name
     assert trials[tiny]["state"] == "failed" and "both splits need at least one document" in trials[tiny]["reason"]
     assert "1 finished, 1 failed" in done.stdout
 
