@@ -176,10 +176,11 @@ def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
 def _save_tokens(path: Path, tokens: np.ndarray) -> None:
     try:
         np.save(path, tokens)
-    except OSError as exc:  # numpy's short write names neither errno nor file ("N requested and M written")
-        if exc.errno is not None:
+    except OSError as exc:  # numpy's failed writes name no file (a short one not even an errno): name it
+        if exc.filename is not None:
             raise
-        raise OSError(None, f"a short write ({exc}): the disk is full or over quota", str(path)) from exc
+        said = exc.strerror or f"a short write ({exc}): the disk is full or over quota"
+        raise OSError(exc.errno, said, str(path)) from exc
 
 
 def _load(root: Path, entry: Path, spec: DataSpec):

@@ -75,6 +75,10 @@ def load_or_train_bpe(train_docs: Sequence[Document], vocab_size: int, cache_roo
     with atomic_dir(path) as tmp:
         try:
             tokenizer.save_pretrained(str(tmp))
+        except OSError as exc:  # Python's own writes (its config files) on a full disk name no file
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
         except Exception as exc:  # the tokenizers library's own writes fail as Exception("… (os error 28)")
             if not (said := re.search(r"\(os error (\d+)\)", str(exc))):
                 raise

@@ -233,7 +233,7 @@ def test_a_cache_that_cannot_be_written_is_a_data_error_naming_it(tmp_path):
         )
 
 
-@pytest.mark.parametrize("full", ["tokens", "tokenizer"])
+@pytest.mark.parametrize("full", ["tokens", "tokens, errno", "tokenizer", "tokenizer's config"])
 def test_a_full_cache_disk_says_so_naming_the_cache(tmp_path, monkeypatch, full):
     """numpy's short write names no errno nor file, and the tokenizers library raises a bare Exception: a full
     disk read as a bad dataset, or a traceback."""
@@ -242,17 +242,26 @@ def test_a_full_cache_disk_says_so_naming_the_cache(tmp_path, monkeypatch, full)
     docs = load_documents(SPEC)[:60]
     path = tmp_path / "local.jsonl"
     path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
-    if full == "tokens":
+    import errno
+    import os
+
+    full_disk = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write or close raises: no file named
+    if full.startswith("tokens"):
 
         def save(file, array):
+            if full == "tokens, errno":
+                raise full_disk
             raise OSError(f"{array.nbytes} requested and 0 written")  # what a full disk gives numpy's tofile
 
         monkeypatch.setattr(np, "save", save)
         says = r"a short write \(\d+ requested and 0 written\): the disk is full or over quota: .*train\.npy"
+        says = says if full == "tokens" else r"No space left on device: .*train\.npy"
     else:
         from transformers import PreTrainedTokenizerFast
 
         def save_pretrained(self, directory, **kwargs):
+            if full == "tokenizer's config":
+                raise full_disk
             raise Exception("No space left on device (os error 28)")
 
         monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", save_pretrained)

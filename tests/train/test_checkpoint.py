@@ -192,14 +192,31 @@ def test_without_a_recorded_checksum_flipped_tensor_bytes_are_still_caught(tmp_p
     assert state["step"] == 10 and "fails its CRC check" in why and aside.name == "step-000015.pt.corrupt"
 
 
-def test_a_checkpoint_the_disk_cannot_read_is_skipped_and_an_earlier_damaged_one_kept(tmp_path):
+def test_a_checkpoint_this_process_cannot_read_is_a_resume_error_and_left_in_place(tmp_path):
+    """Not damaged (someone else's 0600 file, a disk error): setting it aside would restart the run silently."""
     ckpt = three_checkpoints(tmp_path)
     (ckpt.dir / "step-000015.pt").unlink()
-    (ckpt.dir / "step-000015.pt").mkdir()  # reading it fails with an OSError (IsADirectoryError), as EIO would
+    (ckpt.dir / "step-000015.pt").mkdir()  # reading it fails with an OSError, as EACCES or EIO would
+    with pytest.raises(ResumeError, match=r"cannot read checkpoint .*step-000015\.pt \(Is a directory\): fix that"):
+        ckpt.load_newest()
+    assert (ckpt.dir / "step-000015.pt").is_dir()
+
+
+def test_an_earlier_damaged_copy_of_a_step_is_kept_beside_a_new_one(tmp_path):
+    ckpt = three_checkpoints(tmp_path)
     (ckpt.dir / "step-000015.pt.corrupt").write_bytes(b"an earlier attempt's damaged step 15")
-    state, ((aside, why),) = ckpt.load_newest()
-    assert state["step"] == 10 and "IsADirectoryError" in why and aside.name == "step-000015.pt.corrupt.2"
+    corrupt(ckpt.dir / "step-000015.pt", "truncate")
+    state, ((aside, _),) = ckpt.load_newest()
+    assert state["step"] == 10 and aside.name == "step-000015.pt.corrupt.2"
     assert (ckpt.dir / "step-000015.pt.corrupt").read_bytes() == b"an earlier attempt's damaged step 15"
+
+
+def test_a_legacy_non_zip_checkpoint_without_a_checksum_still_loads(tmp_path):
+    ckpt = three_checkpoints(tmp_path)
+    ckpt.manifest.unlink()
+    state = {"model": {"w": torch.zeros(3)}, "step": 20, "spec_hash": "a" * 64}
+    torch.save(state, ckpt.dir / "step-000020.pt", _use_new_zipfile_serialization=False)
+    assert ckpt.load_newest()[0]["step"] == 20
 
 
 def test_a_save_killed_while_writing_the_checksum_list_leaves_nothing_after_cleaning(tmp_path):
