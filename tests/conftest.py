@@ -9,21 +9,6 @@ import pytest
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"
 
-WANDB_UNSET = (
-    "WANDB_API_KEY",
-    "WANDB_IDENTITY_TOKEN_FILE",
-    "WANDB_BASE_URL",
-    "WANDB_ENTITY",
-    "WANDB_PROJECT",
-    "WANDB_SWEEP_ID",
-    "WANDB_RUN_ID",
-    "WANDB_SWEEP_PARAM_PATH",
-    "WANDB_RUN_GROUP",
-    "WANDB_TAGS",
-    "WANDB_JOB_TYPE",
-    "WANDB_DIR",  # unset: W&B's files go in each run's record, where tests read them (tests of WANDB_DIR set it)
-)
-
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
@@ -40,8 +25,10 @@ def shared_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def hermetic(monkeypatch, tmp_path, shared_cache):
-    for name in WANDB_UNSET:
-        monkeypatch.delenv(name, raising=False)
+    # Every W&B variable of the user's shell is unset (a WANDB__DISABLE_STATS changed what tests saw), WANDB_DIR
+    # too: W&B's files go in each run's record, where tests read them (tests of WANDB_DIR set it).
+    for name in [name for name in os.environ if name.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
     wandb_home = tmp_path / "wandb-home"
     for var, sub in (
         ("WANDB_CACHE_DIR", "cache"),
@@ -59,6 +46,7 @@ def hermetic(monkeypatch, tmp_path, shared_cache):
     monkeypatch.setenv("HF_HOME", str(shared_cache / "hf"))
     monkeypatch.setenv("BLUEBERRY_CACHE", str(shared_cache / "blueberry"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc key, nothing written to the real home
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))  # W&B reads $NETRC before ~/.netrc
     yield
     import sys
 

@@ -1,7 +1,11 @@
 """The programme end to end on CPU at a tiny shape: checks, table, JSON and Markdown (gpu-check itself runs on CUDA)."""
 
 import json
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -50,3 +54,17 @@ def test_real_run_and_kill_resume_checks_on_cpu(tmp_path):
     assert resume.status == "ok", resume.error
     assert resume.figures["max_rel_diff"] == 0.0 and resume.figures["weights_equal"]
     assert resume.figures["killed_after_checkpoint"] >= 10
+
+
+def test_the_collective_probe_all_reduces_over_every_rank_with_gloo_on_a_cpu():
+    """gpu-check's NCCL probe forms a process group of its own; on a CPU the same code runs over gloo."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    argv = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "blueberry.gpu_check.nccl_probe"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "backend": "gloo",
+        "world_size": 2,
+        "sum": 3.0,
+        "ok": True,
+    }

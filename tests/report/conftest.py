@@ -35,8 +35,11 @@ def chromium():
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
         for attempt in ([], [["apt-get", "update"]]):  # stale package lists: update once, retry
-            for cmd in [*attempt, install]:
-                subprocess.run(cmd, env=env, capture_output=True, timeout=1200)
+            try:
+                for cmd in [*attempt, install]:
+                    subprocess.run(cmd, env=env, capture_output=True, timeout=600)
+            except (subprocess.TimeoutExpired, OSError):  # no package mirror reachable in time: skip, below
+                break
             path = _find_chromium()
             if path:
                 break

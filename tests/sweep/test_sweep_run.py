@@ -125,6 +125,9 @@ def test_killed_sweep_resumes_with_every_point_exactly_once(tmp_path):
         if finished >= 1 and any(t["state"] == "running" and t["pid"] for t in trials):
             break
         time.sleep(0.2)
+    else:
+        sweep.kill()
+        pytest.fail("never saw one trial finished and one running: nothing was killed mid-sweep")
     os.kill(sweep.pid, signal.SIGKILL)
     sweep.wait()
     resumed = subprocess.run(sweep_cmd(path, runs_root), capture_output=True, text=True, timeout=300, cwd=REPO)

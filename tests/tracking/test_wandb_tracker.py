@@ -58,7 +58,8 @@ def test_run_ids_are_fresh_and_sweep_tags_fit_wandb_limit():
     assert len(sweep_tag("x" * 100)) == 64 and sweep_tag("abl").startswith("sweep:abl")
 
 
-def test_checkpoints_get_best_alias_and_summary_has_no_none(tmp_path):
+def test_checkpoints_get_best_alias_and_summary_has_no_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # W&B reads ./wandb/settings, where a developer's `wandb offline` may have left one
     run_dir = fresh_run_dir(tmp_path, "exp", "r1")
     tracker = offline_tracker(run_dir, tags=["moe", "sweep:" + "y" * 80])
     assert tracker.run.settings.x_disable_stats is False  # W&B system metrics on by default
