@@ -536,14 +536,19 @@ def display_name(spec: RunSpec) -> str:
     in an experts × top-k grid had one name in W&B's charts."""
     if spec.name:  # the spec's own: as given
         return spec.name
-    varies = [path for path in os.environ.get("BLUEBERRY_SWEEP_VARIES", "").split(",") if path and path not in NAMED]
-    tree, parts = spec.to_json_dict(), []
-    for path in varies:
-        value = value_at(tree, path)
-        if isinstance(value, (str, int, float)):  # not a section of several values (`values: [{...}, ...]`)
-            text = f"{value:g}" if isinstance(value, float) else str(value)
-            parts.append(safe_name(f"{path.rsplit('.', 1)[-1]}{text}"))
-    return "-".join([spec.run_name, *parts])
+    tree = spec.to_json_dict()
+    varies = [path for path in os.environ.get("BLUEBERRY_SWEEP_VARIES", "").split(",") if path]
+    return "-".join([spec.run_name, *(part for path in varies for part in _name_parts(path, value_at(tree, path)))])
+
+
+def _name_parts(path: str, value) -> list[str]:
+    """`<leaf><value>` for a varied parameter at `path` (a list's items joined by `_`); nothing for what the name
+    shows already (NAMED), None, or a whole section."""
+    if path in NAMED or value is None or isinstance(value, dict):
+        return []
+    items = value if isinstance(value, list) else [value]
+    text = "_".join(f"{item:g}" if isinstance(item, float) else str(item) for item in items)
+    return [safe_name(f"{path.rsplit('.', 1)[-1]}{text}")]
 
 
 def sweep_context() -> dict | None:

@@ -270,3 +270,12 @@ def test_a_sweep_trials_name_shows_the_values_its_sweep_varies(monkeypatch):
     )
     named = load_spec(None, ["--name=mine", "--model.n_experts=4"])
     assert display_name(named) == "mine"  # the spec's own name, as given
+    # a parameter whose values are sections (`values: [{n_experts: 2, top_k: 1}, …]`): the fields that differ
+    sections = {"model": {"values": [{"n_experts": n, "top_k": 1, "d_model": 64} for n in (2, 4)]}}
+    assert varying_paths({**sections, "train.adam_betas": {"values": [[0.9, 0.95], [0.9, 0.99]]}}) == [
+        "model.n_experts",
+        "train.adam_betas",
+    ]
+    monkeypatch.setenv("BLUEBERRY_SWEEP_VARIES", "model.n_experts,train.adam_betas")
+    spec = load_spec(None, ["--model.n_experts=4", "--model.top_k=1", "--train.adam_betas=[0.9,0.99]"])
+    assert display_name(spec) == f"{spec.run_name}-n_experts4-adam_betas0.9_0.99"  # a list's items joined

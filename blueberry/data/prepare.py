@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,17 +167,19 @@ def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
     }
     split_ids = {"train": [d.id for d in train_docs], "val": [d.id for d in val_docs]}
     with atomic_dir(entry) as tmp:
-        _save_tokens(tmp / "train.npy", train)
-        _save_tokens(tmp / "val.npy", val)
-        (tmp / "split.json").write_text(json.dumps(split_ids))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        _cache_write(tmp / "train.npy", lambda path: np.save(path, train))
+        _cache_write(tmp / "val.npy", lambda path: np.save(path, val))
+        _cache_write(tmp / "split.json", lambda path: path.write_text(json.dumps(split_ids)))
+        _cache_write(tmp / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=2)))
     return tokenizer, train, val, meta
 
 
-def _save_tokens(path: Path, tokens: np.ndarray) -> None:
+def _cache_write(path: Path, write: Callable[[Path], object]) -> None:
+    """write(path), whose failure names the path: a full disk's write or close names no file (numpy's short write
+    not even an errno), which `prepare_data` needs to say the cache, not the dataset, is at fault."""
     try:
-        np.save(path, tokens)
-    except OSError as exc:  # numpy's failed writes name no file (a short one not even an errno): name it
+        write(path)
+    except OSError as exc:
         if exc.filename is not None:
             raise
         said = exc.strerror or f"a short write ({exc}): the disk is full or over quota"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from blueberry.fileio import is_number, read_json
 from blueberry.gpu_monitor import nvidia_driver_loaded, unpinned_device_names, visible_device_entries
+from blueberry.overrides import leaf_paths, value_at
 from blueberry.sweep.config import Sweep, engine
 from blueberry.sweep.launch import build_trial, plain, trials_path
 from blueberry.sweep.progress import SweepProgress
@@ -144,13 +145,18 @@ def parameter_paths(parameters: dict, prefix: str = "") -> set[str]:
 
 
 def varying_paths(parameters: dict, prefix: str = "") -> list[str]:
-    """Dotted names of a sweep's parameters whose value can differ between its trials (not one `value:`)."""
+    """Dotted names of a sweep's parameters whose value can differ between its trials (not one `value:`); for a
+    choice of sections (`values: [{n_experts: 2, top_k: 1}, …]`), the fields that differ between them."""
     paths: list[str] = []
     for name, entry in parameters.items():
+        values = entry.get("values") if isinstance(entry, dict) else None
         if isinstance(entry, dict) and isinstance(entry.get("parameters"), dict):
             paths += varying_paths(entry["parameters"], f"{prefix}{name}.")
+        elif isinstance(values, list) and values and all(isinstance(value, dict) for value in values):
+            fields = sorted({field for value in values for field in leaf_paths(value)})
+            differ = [f for f in fields if len({json.dumps(value_at(v, f), sort_keys=True) for v in values}) > 1]
+            paths += [f"{prefix}{name}.{field}" for field in differ]
         elif isinstance(entry, dict) and "value" not in entry:
-            values = entry.get("values")
             if not isinstance(values, list) or len(values) > 1:  # a distribution, or a choice of several
                 paths.append(f"{prefix}{name}")
     return sorted(paths)

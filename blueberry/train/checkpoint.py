@@ -169,9 +169,13 @@ class Checkpointer:
         """Read a checkpoint safely (`weights_only`) after checking its checksum; refuse one written for another
         spec (ResumeError) and a damaged one (CorruptCheckpoint)."""
         expected = read_checksums(self.manifest).get(path.name)
+        try:  # every byte read once: a file this process cannot read (its access, a disk error) is not damaged
+            digest = file_digest(path)
+        except OSError as exc:
+            raise ResumeError(f"cannot read checkpoint {path} ({exc.strerror}): fix that, or move it away") from None
+        if expected is not None and digest != expected:
+            raise CorruptCheckpoint(f"checkpoint {path}: sha256 differs from the one recorded when it was written")
         try:
-            if expected is not None and file_digest(path) != expected:
-                raise CorruptCheckpoint(f"checkpoint {path}: sha256 differs from the one recorded when it was written")
             # None recorded (written before checksums, or the list lost): the zip's own CRCs, which torch.load
             # does not check, so flipped bytes would load (0.06 s for 200 MB; a legacy non-zip file: torch.load's)
             if expected is None and zipfile.is_zipfile(path) and (bad := zipfile.ZipFile(path).testzip()) is not None:
@@ -179,9 +183,7 @@ class Checkpointer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except CorruptCheckpoint:
             raise
-        except OSError as exc:  # a file this process cannot read (its access, a disk error): not a damaged one
-            raise ResumeError(f"cannot read checkpoint {path} ({exc.strerror}): fix that, or move it away") from None
-        except Exception as exc:  # truncated, corrupt or not a checkpoint at all
+        except Exception as exc:  # truncated (torch's zip reader then raises OSError too), corrupt, not a checkpoint
             raise CorruptCheckpoint(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
         found = state.get("spec_hash") if isinstance(state, dict) else None
         if found != self.spec_hash and found not in self.also_accept:

@@ -7,6 +7,7 @@ there: a 13-token n-gram is ~10 words at 8192 and only ~7 words at 512, where Au
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,7 +234,7 @@ def test_a_cache_that_cannot_be_written_is_a_data_error_naming_it(tmp_path):
         )
 
 
-@pytest.mark.parametrize("full", ["tokens", "tokens, errno", "tokenizer", "tokenizer's config"])
+@pytest.mark.parametrize("full", ["tokens", "tokens, errno", "split", "tokenizer", "tokenizer's config"])
 def test_a_full_cache_disk_says_so_naming_the_cache(tmp_path, monkeypatch, full):
     """numpy's short write names no errno nor file, and the tokenizers library raises a bare Exception: a full
     disk read as a bad dataset, or a traceback."""
@@ -246,7 +247,17 @@ def test_a_full_cache_disk_says_so_naming_the_cache(tmp_path, monkeypatch, full)
     import os
 
     full_disk = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write or close raises: no file named
-    if full.startswith("tokens"):
+    if full == "split":
+        real_write = Path.write_text
+
+        def write_text(self, text, *args, **kwargs):
+            if self.name == "split.json":
+                raise full_disk
+            return real_write(self, text, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+        says = r"No space left on device: .*split\.json"
+    elif full.startswith("tokens"):
 
         def save(file, array):
             if full == "tokens, errno":

@@ -211,6 +211,19 @@ def test_an_earlier_damaged_copy_of_a_step_is_kept_beside_a_new_one(tmp_path):
     assert (ckpt.dir / "step-000015.pt.corrupt").read_bytes() == b"an earlier attempt's damaged step 15"
 
 
+@pytest.mark.parametrize("cut", [100, 30_000, 60_000])
+def test_a_truncated_checkpoint_without_a_checksum_is_skipped_not_a_read_error(tmp_path, cut):
+    """Cut short, torch's zip reader raises OSError(EINVAL) at some lengths: damage, not a file it cannot read."""
+    ckpt = Checkpointer(tmp_path / "checkpoints", "a" * 64, every=5, keep=3)
+    for step in (5, 10, 15):
+        ckpt.save({"model": {"w": torch.full((16_384,), float(step))}}, step)  # 64 KiB of tensor each
+    ckpt.manifest.unlink()
+    path = ckpt.dir / "step-000015.pt"
+    path.write_bytes(path.read_bytes()[:cut])
+    state, ((aside, _),) = ckpt.load_newest()
+    assert state["step"] == 10 and aside.name == "step-000015.pt.corrupt"
+
+
 def test_a_legacy_non_zip_checkpoint_without_a_checksum_still_loads(tmp_path):
     ckpt = three_checkpoints(tmp_path)
     ckpt.manifest.unlink()
