@@ -199,12 +199,10 @@ def study(quick, only, parallel, runs_root, dry_run):
     command = shlex.join(["blueberry", *sys.argv[1:]])
     recorded = not quick or plan.quick_is_the_studys(kind)
 
-    found = plan.read_record(runs_root, kind)  # read once: each write adds this invocation's time to it
-
     def record():
         if not (recorded and results):  # (nothing ran: a sweep state that could not be read)
             return None
-        return plan.write_record(results, runs_root, kind, command, parallel, started, previous=found)
+        return plan.write_record(results, runs_root, kind, command, parallel, started)
 
     def record_on_the_way_out():  # the study's own exit code and message matter more than its record
         try:

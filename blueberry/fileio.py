@@ -7,6 +7,7 @@ never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -53,6 +54,18 @@ def atomic_writer(path: Path, binary: bool = False, mode: int | None = None, fsy
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Hold an exclusive lock on the file `path` (made if missing) for the block: processes sharing a folder take
+    turns; the kernel releases it should this process die."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:

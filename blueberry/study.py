@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from blueberry.fileio import is_number, read_json, write_text_atomic
+from blueberry.fileio import exclusive_lock, is_number, read_json, write_text_atomic
 from blueberry.sweep.progress import fmt_eta
 
 
@@ -115,6 +115,7 @@ class PartResult:
     finished: int
     failed: list[str]  # "run_id: state: reason"
     wall_s: float  # of this invocation
+    recorded_s: float = 0.0  # of wall_s, what write_record has added to the study record so far
 
 
 def load_parts(parts: list[Part], kind: str) -> list[tuple[Part, str, object, list[dict]]]:
@@ -191,24 +192,23 @@ def read_record(runs_root: str, kind: str) -> dict:
 
 
 def write_record(
-    results: list[PartResult],
-    runs_root: str,
-    kind: str,
-    command: str,
-    parallel: int,
-    started: datetime,
-    previous: dict | None = None,
+    results: list[PartResult], runs_root: str, kind: str, command: str, parallel: int, started: datetime
 ) -> Path:
     """<runs_root>/_study/<kind>.json: what ran, where and how long (a part's wall time summed over the
     invocations that ran the same sweep, interrupted ones included; a changed sweep file is a new sweep), for the
-    report's provenance section. Parts this invocation did not run (`--only`) keep their earlier entries.
-    `started`: when this invocation began. `previous`: the record as this invocation found it (read now if not
-    given); one invocation writing it after each part passes the same one each time, so its time counts once.
-    Rewritten atomically."""
+    report's provenance section. Parts this invocation did not run (`--only`) keep their entries. `started`: when
+    this invocation began. Each write adds what of each part's time it has not added yet (`recorded_s`), to the
+    record as it is on disk under a lock: an invocation writing after each part, and two invocations at once (one
+    per part), each count their time once. Rewritten atomically."""
+    path = record_path(runs_root, kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(path.with_suffix(".lock")):
+        return _write_record(path, read_record(runs_root, kind), results, kind, command, parallel, started)
+
+
+def _write_record(path, previous, results, kind, command, parallel, started) -> Path:
     from blueberry import hardware, provenance
 
-    path = record_path(runs_root, kind)
-    previous = read_record(runs_root, kind) if previous is None else previous
     found = previous.get("parts") if isinstance(previous.get("parts"), list) else []  # a record is read as found
     # the study's parts in its order (and any this invocation ran); an entry of a part no longer in it is dropped
     order = list(dict.fromkeys([part.name for part in PARTS] + [r.part.name for r in results]))
@@ -232,10 +232,11 @@ def write_record(
             "planned": r.planned,
             "finished": r.finished,
             "failed": r.failed,
-            "wall_s": round(walls.get((r.part.name, r.sweep_id), 0.0) + r.wall_s, 1),
+            "wall_s": round(walls.get((r.part.name, r.sweep_id), 0.0) + r.wall_s - r.recorded_s, 1),
         }
     record["parts"] = sorted(kept.values(), key=lambda p: order.index(p["name"]))
     record["wall_s"] = round(sum(p["wall_s"] for p in record["parts"] if is_number(p.get("wall_s"))), 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    for r in results:
+        r.recorded_s = r.wall_s
     return path

@@ -221,3 +221,18 @@ def test_only_failed_or_crashed_trials_are_a_parts_failures(monkeypatch):
     sweep = type("Sweep", (), {"sweep_id": "s-exp1"})()
     (result,) = study.run_study([(study.PARTS[0], "a.yaml", sweep, [{}] * 6)], "runs", 1, log=lambda m: None)
     assert result.finished == 1 and result.failed == ["t1: failed: None", "t2: crashed: None"]
+
+
+def test_two_studies_at_once_keep_each_others_parts_in_the_record(tmp_path):
+    """`--only exp1` and `--only exp2` in two terminals: each wrote the record it had read at its start, so the
+    last to write dropped the other's part."""
+    exp1, exp2 = (next(p for p in study.PARTS if p.name == name) for name in ("exp1", "exp2"))
+    a = [study.PartResult(exp1, "a.yaml", "s-exp1", 21, 21, [], 600.0)]
+    b = [study.PartResult(exp2, "b.yaml", "s-exp2", 18, 18, [], 500.0)]
+    study.write_record(b, str(tmp_path), "cpu", "blueberry study --only exp2", 2, STARTED)
+    study.write_record(a, str(tmp_path), "cpu", "blueberry study --only exp1", 2, STARTED)
+    a[0].wall_s = 650.0  # the first invocation writes again at its end: only its 50 s since count
+    path = study.write_record(a, str(tmp_path), "cpu", "blueberry study --only exp1", 2, STARTED)
+    record = json.loads(path.read_text())
+    assert [(p["name"], p["wall_s"]) for p in record["parts"]] == [("exp1", 650.0), ("exp2", 500.0)]
+    assert record["wall_s"] == 1150.0

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blueberry.fileio import read_json, write_text_atomic
+from blueberry.fileio import exclusive_lock, read_json, write_text_atomic
 from blueberry.report import claims, dashboard, plots, tables
 from blueberry.report.groups import fmt_value, group_runs, label_groups, rank, varying_keys
 from blueberry.report.integrity import integrity_section, priced_costs
@@ -364,16 +364,19 @@ def run_report(
             f"no runs in {where} (a runs root holds <experiment>/<run_id>/ folders); the report in {out} was left "
             "as it was (delete it to publish an empty one)"
         )
-    result = build_report(
-        runs,
-        out,
-        prices=prices,
-        price_source=price_source,
-        readme=readme,
-        source=where,
-        plot_cache=cache.root.parent / "plots",
-        study_records=records if source == "local" else [],
-    )
+    cache.root.parent.mkdir(parents=True, exist_ok=True)
+    # two builds into one --out take turns: each removes what it did not use (cached PNGs, the last build's files)
+    with exclusive_lock(cache.root.parent / "build.lock"):
+        result = build_report(
+            runs,
+            out,
+            prices=prices,
+            price_source=price_source,
+            readme=readme,
+            source=where,
+            plot_cache=cache.root.parent / "plots",
+            study_records=records if source == "local" else [],
+        )
     states = ", ".join(f"{n} {s}" for s, n in sorted(result.states.items())) or "no runs"
     figures = f"{result.figures.get('drawn', 0)} plots drawn, {result.figures.get('reused', 0)} unchanged"
     log(f"report: {Path(out) / 'REPORT.md'} ({states}); {len(result.files)} files written ({figures})")

@@ -239,3 +239,32 @@ def test_lr_experiment_with_two_models_gets_one_lr_table_each(tmp_path, monkeypa
     text = build.experiment_section("t4-lr", study_for("t4-lr"), runs, {}, tmp_path / "stage", jobs=[])
     headings = sorted(line for line in text.splitlines() if line.startswith("### "))
     assert headings == ["### train.steps=100", "### train.steps=60"]  # the LR differs within a table, not between
+
+
+def test_two_builds_into_one_out_take_turns(tmp_path, monkeypatch):
+    """Each build deletes what it did not use (cached PNGs, the last build's files): at once, one deleted what the
+    other was about to copy (FileNotFoundError, 3 of 10 tries)."""
+    import threading
+    import time
+
+    import blueberry.report.build as build
+
+    write_run(tmp_path / "runs", "exp1-ablation", variant="mlp", val_loss=1.0)
+    spans, real = [], build.build_report
+
+    def slowly(*args, **kwargs):
+        started = time.monotonic()
+        time.sleep(0.3)  # the other build starts meanwhile
+        built = real(*args, **kwargs)
+        spans.append((started, time.monotonic()))
+        return built
+
+    monkeypatch.setattr(build, "build_report", slowly)
+    kwargs = dict(runs_root=tmp_path / "runs", out=tmp_path / "reports", log=lambda message: None)
+    builds = [threading.Thread(target=build.run_report, kwargs=kwargs) for _ in range(2)]
+    for thread in builds:
+        thread.start()
+    for thread in builds:
+        thread.join()
+    first, second = sorted(spans)
+    assert first[1] <= second[0] and (tmp_path / "reports" / "REPORT.md").is_file()
