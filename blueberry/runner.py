@@ -8,7 +8,9 @@ train → finalise. `recorded` maps a failure to the run's status, in one place.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import signal
 import sys
 import time
@@ -191,9 +193,12 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
     given_id = os.environ.get("WANDB_RUN_ID")
     run_id = given_id or f"{spec.run_name}-{spec_hash[:8]}"
     runs_root = runs_root_for(spec)  # $BLUEBERRY_RUNS_ROOT (a sweep) or tracking.runs_root
-    live = Path(runs_root) / safe_name(spec.experiment) / safe_name(given_id) if given_id else None
-    if live is not None and locked_by_a_live_process(live):  # a second directory would write the same W&B run
-        raise NotRunnableHere(f"WANDB_RUN_ID={given_id}: a live process is running that run ({live})")
+    if given_id:  # a second directory would write the same W&B run: its first one, or any later attempt's (-2, …)
+        folder, name = Path(runs_root) / safe_name(spec.experiment), safe_name(given_id)
+        attempts = folder.glob(f"{glob.escape(name)}*") if folder.is_dir() else ()
+        for live in (d for d in attempts if re.fullmatch(rf"{re.escape(name)}(-\d+)?", d.name)):
+            if locked_by_a_live_process(live):
+                raise NotRunnableHere(f"WANDB_RUN_ID={given_id}: a live process is running that run ({live})")
     job = distributed.torchrun_job()
     restarted = job is not None and job["restart"] > 0  # --no-resume too continues its own job's attempt then
     reuse = None if resume is False and not restarted else _resumable(resume, log, run.world.size, job)

@@ -150,6 +150,12 @@ def test_a_given_run_id_a_live_process_runs_is_refused_not_run_twice(tmp_path, m
     assert [p.name for p in first.path.parent.iterdir()] == ["trial-7x2k"]  # no second directory
     first.release()
     assert execute(spec, log=lambda msg: None).run_dir == first.path
+    # a later attempt of that run (trial-7x2k-2) running now: a third process writes the same W&B run too
+    later = claim_run_dir(tmp_path / "runs", spec.experiment, "trial-7x2k")
+    assert later.path.name == "trial-7x2k-2"
+    with pytest.raises(NotRunnableHere, match=r"a live process is running that run \(.*trial-7x2k-2\)"):
+        execute(spec, log=lambda msg: None)
+    later.release()
 
 
 def test_resume_policy_is_must_only_when_both_attempts_are_online(tmp_path):
