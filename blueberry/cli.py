@@ -206,9 +206,10 @@ def study(quick, only, parallel, runs_root, dry_run):
 
     def record_on_the_way_out():  # the study's own exit code and message matter more than its record
         try:
-            record()
+            return record()
         except OSError as exc:
             click.echo(f"warning: the study record could not be written: {exc}", err=True)
+            return None
 
     def log(message):
         click.echo(message, err=True)
@@ -221,7 +222,7 @@ def study(quick, only, parallel, runs_root, dry_run):
     except KeyboardInterrupt as exc:  # Ctrl-C, or the sweep's SIGTERM / SIGHUP (terminal.StopSignal)
         record_on_the_way_out()  # the time the interrupted invocation spent counts when the study is resumed
         _fail("study interrupted; run the same command again to resume", 128 + getattr(exc, "signum", signal.SIGINT))
-    path = record()
+    path = record_on_the_way_out()
     for r in results:
         click.echo(f"{r.part.name}: {r.finished}/{r.planned} finished in {r.wall_s / 60:.1f} min")
         for line in r.failed:

@@ -57,13 +57,21 @@ def atomic_writer(path: Path, binary: bool = False, mode: int | None = None, fsy
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path):
-    """Hold an exclusive lock on the file `path` (made if missing) for the block: processes sharing a folder take
-    turns; the kernel releases it should this process die."""
+def exclusive_lock(path: Path, required: bool = True):
+    """Hold an exclusive lock on the file `path` (made if missing) for the block, which gets whether it holds it:
+    processes sharing a folder take turns; the kernel releases it should this process die. Where the file system
+    has no locks (NFS without a lock manager: ENOLCK), `required` raises that OSError, else the block runs
+    unlocked (False)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if required:
+                raise
+            yield False
+        else:
+            yield True
     finally:
         os.close(fd)
 

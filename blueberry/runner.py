@@ -8,9 +8,7 @@ train → finalise. `recorded` maps a failure to the run's status, in one place.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import re
 import signal
 import sys
 import time
@@ -193,12 +191,9 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
     given_id = os.environ.get("WANDB_RUN_ID")
     run_id = given_id or f"{spec.run_name}-{spec_hash[:8]}"
     runs_root = runs_root_for(spec)  # $BLUEBERRY_RUNS_ROOT (a sweep) or tracking.runs_root
-    if given_id:  # a second directory would write the same W&B run: its first one, or any later attempt's (-2, …)
-        folder, name = Path(runs_root) / safe_name(spec.experiment), safe_name(given_id)
-        attempts = folder.glob(f"{glob.escape(name)}*") if folder.is_dir() else ()
-        for live in (d for d in attempts if re.fullmatch(rf"{re.escape(name)}(-\d+)?", d.name)):
-            if locked_by_a_live_process(live):
-                raise NotRunnableHere(f"WANDB_RUN_ID={given_id}: a live process is running that run ({live})")
+    for live in _attempts_of(Path(runs_root) / safe_name(spec.experiment), given_id) if given_id else ():
+        if locked_by_a_live_process(live):  # a second directory would write the same W&B run
+            raise NotRunnableHere(f"WANDB_RUN_ID={given_id}: a live process is running that run ({live})")
     job = distributed.torchrun_job()
     restarted = job is not None and job["restart"] > 0  # --no-resume too continues its own job's attempt then
     reuse = None if resume is False and not restarted else _resumable(resume, log, run.world.size, job)
@@ -425,6 +420,15 @@ def stored_wandb_place(run_dir: Path) -> dict[str, Choice]:
             source = str(stored.get("source"))
             place[field_name] = Choice(stored["value"], source if source.endswith(FIRST) else f"{source}{FIRST}")
     return place
+
+
+def _attempts_of(folder: Path, wandb_id: str) -> list[Path]:
+    """The run directories of W&B run `wandb_id`: `<id>`, and the later attempts `<id>-2`, … that recorded it (a
+    `<id>-2` may be the run given the id `<id>-2`)."""
+    name = safe_name(wandb_id)
+    later = folder.glob(f"{name}-*") if folder.is_dir() else ()
+    ours = [d for d in later if d.name[len(name) + 1 :].isdigit() and _stored_wandb(d).get("id") == wandb_id]
+    return [folder / name, *ours]
 
 
 def _stored_wandb(run_dir: Path) -> dict:

@@ -152,10 +152,16 @@ def test_a_given_run_id_a_live_process_runs_is_refused_not_run_twice(tmp_path, m
     assert execute(spec, log=lambda msg: None).run_dir == first.path
     # a later attempt of that run (trial-7x2k-2) running now: a third process writes the same W&B run too
     later = claim_run_dir(tmp_path / "runs", spec.experiment, "trial-7x2k")
+    (later.path / "spec.json").write_text(json.dumps({"wandb": {"id": "trial-7x2k"}}))  # as its header says
     assert later.path.name == "trial-7x2k-2"
     with pytest.raises(NotRunnableHere, match=r"a live process is running that run \(.*trial-7x2k-2\)"):
         execute(spec, log=lambda msg: None)
     later.release()
+    # a live run given the id `trial-7x2k-3` (its own W&B run, its first directory) is another run: no refusal
+    other = claim_run_dir(tmp_path / "runs", spec.experiment, "trial-7x2k-3")
+    (other.path / "spec.json").write_text(json.dumps({"wandb": {"id": "trial-7x2k-3"}}))
+    assert execute(spec, log=lambda msg: None).run_dir.name == "trial-7x2k-2"
+    other.release()
 
 
 def test_resume_policy_is_must_only_when_both_attempts_are_online(tmp_path):

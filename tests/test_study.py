@@ -129,6 +129,20 @@ def test_a_record_keeps_the_parts_an_only_invocation_did_not_run_and_sums_the_on
     assert [p["name"] for p in again["parts"]] == ["exp1", "exp2", "exp3", "t4-lr"] and again["wall_s"] == 1860.0
 
 
+def test_a_record_that_cannot_be_written_after_a_whole_study_is_a_warning_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "_study").write_text("")  # a file where the record's folder goes
+
+    def ran(loaded, runs_root, parallel, log, results, part_ended):
+        part, path, sweep, planned = loaded[0]
+        results.append(study.PartResult(part, path, sweep.sweep_id, len(planned), len(planned), [], 60.0))
+
+    monkeypatch.setattr(study, "run_study", ran)
+    result = CliRunner().invoke(main, ["study", "--only", "exp2", "--runs-root", str(tmp_path)])
+    assert result.exit_code == 0 and "warning: the study record could not be written" in result.output
+    assert "exp2: 18/18 finished in 1.0 min" in result.output
+
+
 def test_a_record_that_cannot_be_written_leaves_an_interrupted_study_its_exit_130(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     (tmp_path / "_study").write_text("")  # a file where the record's folder goes

@@ -268,3 +268,17 @@ def test_two_builds_into_one_out_take_turns(tmp_path, monkeypatch):
         thread.join()
     first, second = sorted(spans)
     assert first[1] <= second[0] and (tmp_path / "reports" / "REPORT.md").is_file()
+
+
+def test_a_file_system_without_locks_still_builds_the_report_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")  # NFS without a lock manager
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    write_run(tmp_path / "runs", "exp1-ablation", variant="mlp", val_loss=1.0)
+    result = CliRunner().invoke(main, ["report", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "build.lock cannot be locked here" in result.output, result.output
+    assert (tmp_path / "out" / "REPORT.md").is_file()
