@@ -364,22 +364,17 @@ def run_report(
             f"no runs in {where} (a runs root holds <experiment>/<run_id>/ folders); the report in {out} was left "
             "as it was (delete it to publish an empty one)"
         )
-    cache.root.parent.mkdir(parents=True, exist_ok=True)
-    # two builds into one --out take turns: each removes what it did not use (cached PNGs, the last build's files)
-    lock = cache.root.parent / "build.lock"
-    with exclusive_lock(lock, required=False) as locked:
-        if not locked:  # a file system without locks: build anyway
-            log(f"warning: {lock} cannot be locked here: two builds into {out} at once would clash")
-        result = build_report(
-            runs,
-            out,
-            prices=prices,
-            price_source=price_source,
-            readme=readme,
-            source=where,
-            plot_cache=cache.root.parent / "plots",
-            study_records=records if source == "local" else [],
-        )
+    result = _one_build_at_a_time(
+        runs,
+        out,
+        log,
+        cache.root.parent,
+        prices=prices,
+        price_source=price_source,
+        readme=readme,
+        source=where,
+        study_records=records if source == "local" else [],
+    )
     states = ", ".join(f"{n} {s}" for s, n in sorted(result.states.items())) or "no runs"
     figures = f"{result.figures.get('drawn', 0)} plots drawn, {result.figures.get('reused', 0)} unchanged"
     log(f"report: {Path(out) / 'REPORT.md'} ({states}); {len(result.files)} files written ({figures})")
@@ -394,6 +389,16 @@ def run_report(
         log(f"W&B Report definition built: {len(definition.blocks)} blocks, {panels} panels ({entity}/{project})")
         log(f"W&B Report saved: {save_report(definition)}")
     return result
+
+
+def _one_build_at_a_time(runs: list[Run], out: str | Path, log, cache: Path, **options) -> BuildResult:
+    """build_report into `out`, its plots cached under `cache`, while holding `cache`/build.lock: two builds into
+    one --out take turns, as each removes what it did not use (cached PNGs, the last build's files)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(cache / "build.lock", required=False) as locked:
+        if not locked:  # a file system without locks: build anyway
+            log(f"warning: {cache / 'build.lock'} cannot be locked here: two builds into {out} at once would clash")
+        return build_report(runs, out, plot_cache=cache / "plots", **options)
 
 
 def _readme_with_markers(readme: str | Path | None) -> str | None:
