@@ -98,6 +98,9 @@ def save_ceiling(precision: str, flops: float) -> None:
     write_json_atomic(path, entries)
 
 
+QUICK_CEILING = "quick GEMM ceiling at start"  # peak_flops' source for a ceiling a run measured itself
+
+
 def peak_flops(device: torch.device, precision: str, preset: Preset) -> tuple[float | None, str]:
     """Peak FLOP/s for MFU and its source: the GPU table, or this CPU's GEMM ceiling (cached, else measured now)."""
     if device.type == "cuda":
@@ -112,4 +115,4 @@ def peak_flops(device: torch.device, precision: str, preset: Preset) -> tuple[fl
     if cached:
         return cached["flops"], f"measured GEMM ceiling ({cached['measured_at']})"
     # A quick one-size measurement (~0.2 s): noisier than `blueberry bench --ceiling`, which caches a careful one.
-    return measure_gemm_ceiling(precision, sizes=(1024,), repeats=3, warmup=1), "quick GEMM ceiling at start"
+    return measure_gemm_ceiling(precision, sizes=(1024,), repeats=3, warmup=1), QUICK_CEILING

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,11 +20,12 @@ import torch
 from blueberry import distributed
 from blueberry.data import prepare_data
 from blueberry.distributed import World
-from blueberry.fileio import read_json
+from blueberry.fileio import is_number, read_json
 from blueberry.gpu_monitor import GpuMonitor, nvidia_driver_loaded
 from blueberry.hardware import NotRunnableHere, bf16_emulated, resolve_device, resolve_precision
 from blueberry.overrides import value_at
-from blueberry.plan import Build, build
+from blueberry.perf import QUICK_CEILING
+from blueberry.plan import Build, RunPlan, build
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec, safe_name
 from blueberry.threads import choose_threads, usable_cores
@@ -230,6 +231,8 @@ def header_stage(run: Run, mode: str, why: str, log) -> None:
     run.wandb_id, run.wandb_resume = wandb_identity(claimed, os.environ.get("WANDB_RUN_ID"), mode, name)
     if claimed.reused:  # the W&B run to continue lives where its first attempt put it
         run.wandb_settings = {**run.wandb_settings, **stored_wandb_place(claimed.path)}
+    if run.resume_state is not None:  # one run's MFU against one peak
+        run.built.plan = earlier_peak(run.built.plan, claimed.path)
     run.header = make_header(
         run_id=claimed.path.name,
         name=name,
@@ -408,6 +411,20 @@ def wandb_identity(claimed: RunDir, given_id: str | None, mode: str, name: str) 
 
 
 FIRST = " (first attempt)"  # the source of a W&B value a resumed run keeps from its first attempt
+
+
+def earlier_peak(plan: RunPlan, run_dir: Path) -> RunPlan:
+    """`plan` with the peak FLOP/s of the run's earlier attempt where both measured a quick GEMM ceiling at their
+    start with the same device, precision and threads: each measures its own, noisily (2x apart at a resume on a
+    shared CPU), so one run's MFU rows changed scale at the resume and its record kept only the latest peak."""
+    earlier = (read_json(run_dir / SPEC_FILE) or {}).get("hardware")
+    if not isinstance(earlier, dict) or plan.peak_source != QUICK_CEILING:
+        return plan
+    alike = all(earlier.get(key) == getattr(plan, key) for key in ("device", "precision", "threads"))
+    measured = str(earlier.get("peak_source")).startswith(QUICK_CEILING) and is_number(earlier.get("peak_flops"))
+    if not (alike and measured):
+        return plan
+    return replace(plan, peak_flops=earlier["peak_flops"], peak_source=f"{QUICK_CEILING} (of the run's first attempt)")
 
 
 def stored_wandb_place(run_dir: Path) -> dict[str, Choice]:

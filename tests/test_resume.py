@@ -614,3 +614,19 @@ def test_a_failed_run_with_a_checkpoint_is_not_resumed_by_default_and_the_run_sa
     # only the first, which `--resume` would take, is named
     assert said == [f"not resuming {run_dir}: it failed; `--resume` continues it from its last checkpoint"]
     assert _resumable(True, said.append)(run_dir, "failed") is True  # --resume takes it
+
+
+def test_a_resumed_run_keeps_its_first_attempts_measured_peak(tmp_path, monkeypatch):
+    """Without a cached `bench --ceiling` each attempt measures a quick GEMM ceiling (2x apart at a resume on a
+    shared CPU): one run's MFU rows changed scale at the resume, and its record kept only the latest peak."""
+    import blueberry.perf as perf
+
+    monkeypatch.setattr(perf, "read_ceilings", lambda: {})
+    monkeypatch.setattr(perf, "measure_gemm_ceiling", lambda *args, **kwargs: 1e9)
+    args, run_dir = interrupted(tmp_path, monkeypatch, steps=6, at=4)
+    monkeypatch.setattr(perf, "measure_gemm_ceiling", lambda *args, **kwargs: 2e9)  # the resume measures another
+    assert invoke(*args).exit_code == 0
+    hardware = json.loads((run_dir / "spec.json").read_text())["hardware"]
+    assert hardware["peak_flops"] == 1e9 and hardware["peak_source"].endswith("(of the run's first attempt)")
+    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if row.get("perf/mfu")]
+    assert len(rows) == 3 and {round(row["perf/tflops"] * 1e12 / row["perf/mfu"], -3) for row in rows} == {1e9}
