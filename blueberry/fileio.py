@@ -108,6 +108,19 @@ def write_results(out_dir: str | Path, stem: str, data: Any, markdown: str, mode
     return out / f"{stem}.json"
 
 
+@contextlib.contextmanager
+def naming_the_file(path: Path):
+    """An OSError inside that names no file (a full disk's write or close; numpy's short write, not even an errno)
+    is raised again naming `path`, so what failed can be said."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        said = exc.strerror or f"a short write ({exc}): the disk is full or over quota"
+        raise OSError(exc.errno, said, str(path)) from exc
+
+
 def source_digest(paths) -> str:
     """A digest of these files' bytes and names: code keys a cache by it, so other code (an upgrade, a fix)
     never serves what the old code computed."""

@@ -37,6 +37,9 @@ class GpuMonitor:
         self._energy_start: list[float | None] = []
         self._energy_j: list[float] = []  # integrated from power where the energy counter is missing
         self._last_sample: float | None = None
+        self._nvml, self._handles, self._reads = None, [], []
+        if devices == []:  # a run on the CPU: no GPU of its to read, so NVML is not loaded (at every run's start)
+            return
         try:
             import pynvml
 
@@ -47,7 +50,7 @@ class GpuMonitor:
             self._handles = visible if devices is None else [visible[i] for i in devices if i < len(visible)]
             self._reads = [metric_handles(pynvml, handle) for handle in self._handles]
         except Exception:  # no library, no driver, no GPU: nothing to monitor
-            self._nvml, self._handles, self._reads = None, [], []
+            self._nvml, self._handles, self._reads = None, [], []  # (as far as it got)
 
     @property
     def active(self) -> bool:

@@ -74,6 +74,7 @@ class Run:
     tracker: object = None  # what a failure is reported to: the run record, then the full tracker stack
     wandb: WandbTracker | None = None
     sweep: dict | None = None  # the sweep this run is a trial of
+    name: str = ""  # our name for it (display_name): W&B's default, the record's
     wandb_settings: dict[str, Choice] = field(default_factory=dict)  # wandb.init values and their sources
     wandb_id: str | None = None
     wandb_resume: str | None = None  # W&B's resume policy for wandb_id
@@ -114,7 +115,8 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
     run.sweep = sweep_context()
     ours = [spec.model.label, *([sweep_tag(run.sweep["name"])] if run.sweep else [])]
     # the spec, else W&B's own settings, else our defaults
-    run.wandb_settings = run_settings(spec, tags=ours, name=display_name(spec))
+    run.name = display_name(spec)
+    run.wandb_settings = run_settings(spec, tags=ours, name=run.name)
     mode, why = run.wandb_settings["mode"].value, run.wandb_settings["mode"].source
     tracking = time.monotonic()
     stop = None
@@ -227,15 +229,14 @@ def header_stage(run: Run, mode: str, why: str, log) -> None:
     spec, built, data, claimed = run.spec, run.built, run.data, run.claimed
     params = built.params
     split = optimizer_split(built.model, spec.train)  # parameters under Muon / AdamW
-    name = display_name(spec)
-    run.wandb_id, run.wandb_resume = wandb_identity(claimed, os.environ.get("WANDB_RUN_ID"), mode, name)
+    run.wandb_id, run.wandb_resume = wandb_identity(claimed, os.environ.get("WANDB_RUN_ID"), mode, run.name)
     if claimed.reused:  # the W&B run to continue lives where its first attempt put it
         run.wandb_settings = {**run.wandb_settings, **stored_wandb_place(claimed.path)}
     if run.resume_state is not None:  # one run's MFU against one peak
         run.built.plan = earlier_peak(run.built.plan, claimed.path)
     run.header = make_header(
         run_id=claimed.path.name,
-        name=name,
+        name=run.name,
         spec=spec,
         params={"total": params.total, "active": params.active, "embedding": params.embedding, **split},
         data={
@@ -311,7 +312,7 @@ def train_stage(run: Run, stop: StopRequest) -> dict:
     built = run.built
     distributed.broadcast_from_main(run.resume_state)  # under torchrun, to the other ranks (execute)
     run.followers_started = True
-    progress = _progress_bar(run.spec, run.header["name"])
+    progress = _progress_bar(run.spec, run.name)
     try:
         return train(
             built.spec,

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from blueberry.data.errors import DataError
 from blueberry.data.split import split_documents
 from blueberry.data.tokenizer import encode, load_bpe, load_or_train_bpe, load_pretrained, vocab_digest
 from blueberry.data.windows import TrainSampler, build_stream, val_windows
+from blueberry.fileio import naming_the_file
 from blueberry.spec import DataSpec
 
 log = logging.getLogger(__name__)
@@ -167,23 +167,15 @@ def _build(spec: DataSpec, source: Source, root: Path, entry: Path):
     }
     split_ids = {"train": [d.id for d in train_docs], "val": [d.id for d in val_docs]}
     with atomic_dir(entry) as tmp:
-        _cache_write(tmp / "train.npy", lambda path: np.save(path, train))
-        _cache_write(tmp / "val.npy", lambda path: np.save(path, val))
-        _cache_write(tmp / "split.json", lambda path: path.write_text(json.dumps(split_ids)))
-        _cache_write(tmp / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=2)))
+        for name, write in (
+            ("train.npy", lambda path: np.save(path, train)),
+            ("val.npy", lambda path: np.save(path, val)),
+            ("split.json", lambda path: path.write_text(json.dumps(split_ids))),
+            ("meta.json", lambda path: path.write_text(json.dumps(meta, indent=2))),
+        ):
+            with naming_the_file(tmp / name):  # a failed write names its file: `prepare_data` then blames the cache
+                write(tmp / name)
     return tokenizer, train, val, meta
-
-
-def _cache_write(path: Path, write: Callable[[Path], object]) -> None:
-    """write(path), whose failure names the path: a full disk's write or close names no file (numpy's short write
-    not even an errno), which `prepare_data` needs to say the cache, not the dataset, is at fault."""
-    try:
-        write(path)
-    except OSError as exc:
-        if exc.filename is not None:
-            raise
-        said = exc.strerror or f"a short write ({exc}): the disk is full or over quota"
-        raise OSError(exc.errno, said, str(path)) from exc
 
 
 def _load(root: Path, entry: Path, spec: DataSpec):

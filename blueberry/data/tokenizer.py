@@ -16,6 +16,7 @@ from pathlib import Path
 from blueberry.data.cache import atomic_dir, set_aside
 from blueberry.data.corpus import Document, text_sha256
 from blueberry.data.errors import DataError
+from blueberry.fileio import naming_the_file
 
 # Bump when train_bpe changes, so tokenizers cached under the old recipe are retrained.
 BPE_RECIPE = "bytelevel-bpe-v1"
@@ -72,15 +73,11 @@ def load_or_train_bpe(train_docs: Sequence[Document], vocab_size: int, cache_roo
         set_aside(path)
     backend = train_bpe((doc.text for doc in train_docs), vocab_size)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS, pad_token=PAD)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp, naming_the_file(tmp):  # (Python's own writes, its config files, name none)
         try:
             tokenizer.save_pretrained(str(tmp))
-        except OSError as exc:  # Python's own writes (its config files) on a full disk name no file
-            if exc.filename is not None:
-                raise
-            raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
         except Exception as exc:  # the tokenizers library's own writes fail as Exception("… (os error 28)")
-            if not (said := re.search(r"\(os error (\d+)\)", str(exc))):
+            if isinstance(exc, OSError) or not (said := re.search(r"\(os error (\d+)\)", str(exc))):
                 raise
             raise OSError(int(said[1]), os.strerror(int(said[1])), str(tmp)) from exc
     return load_bpe(path), path

@@ -8,6 +8,7 @@ make `wandb.init` ignore project/id and a later `wandb sync` would point at a sw
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -70,19 +71,15 @@ def build_trial(
     return TrialLaunch(argv=argv, env=env, param_yaml=param_yaml, args_json_file=args_json_file)
 
 
-def agent_macros() -> list[str]:
+@functools.cache
+def agent_macros() -> tuple[str, ...]:
     """The `${name}` tokens the agent replaces in `command:` (a whole token each), as `_command_run` builds them: it
     drops any other `${name}` token without a word. (`args_dict` is no argv: the agent would splice in its keys.)"""
     from wandb.sdk.launch.sweeps import utils as sweep_utils
 
     argv_forms = sweep_utils.create_sweep_command_args({"args": {}})
-    return [
-        "env",
-        "interpreter",
-        "program",
-        *(k for k, v in argv_forms.items() if isinstance(v, list)),
-        "args_json_file",
-    ]
+    argv_macros = (name for name, value in argv_forms.items() if isinstance(value, list))
+    return ("env", "interpreter", "program", *argv_macros, "args_json_file")
 
 
 def unknown_macro(token: str) -> bool:
