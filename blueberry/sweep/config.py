@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -192,7 +193,40 @@ def _explained(error):
         (tuple(e.absolute_path), e.message): e
         for e in (_explained(max(errors, key=relevance)) for errors in by_kind.values() if misfit(errors) == closest)
     }
-    return next(iter(said.values())) if len(said) == 1 else error
+    if len(said) == 1:
+        return next(iter(said.values()))
+    return _unknown_keys(error) or error
+
+
+def _unknown_keys(error):
+    """Where no kind fits because the value has a key that no kind has (a typo: `valuse:`), an error saying so."""
+    from jsonschema.exceptions import ValidationError
+
+    known = set(_property_names([_resolved(kind) for kind in error.validator_value]))
+    unknown = [key for key in error.instance if key not in known] if isinstance(error.instance, dict) else []
+    if not unknown:
+        return None
+    said = []
+    for key in unknown:
+        close = " or ".join(map(repr, difflib.get_close_matches(str(key), sorted(known), n=2)))
+        said.append(f"unknown key {key!r}" + (f" (did you mean {close}?)" if close else ""))
+    return ValidationError(f"{'; '.join(said)}; W&B's keys here: {', '.join(sorted(known))}", path=error.absolute_path)
+
+
+def _resolved(schema: dict) -> dict:
+    """`schema` with a `$ref` into W&B's sweep schema's definitions followed."""
+    ref = schema.get("$ref", "")
+    if not ref.startswith("#/definitions/"):
+        return schema
+    return engine().config.schema.validator.schema["definitions"][ref.removeprefix("#/definitions/")]
+
+
+def _property_names(schemas: list):
+    """The property names the schemas (and the alternatives nested in them) allow."""
+    for schema in schemas:
+        if isinstance(schema, dict):
+            yield from schema.get("properties", {})
+            yield from _property_names([_resolved(s) for s in schema.get("anyOf", []) + schema.get("oneOf", [])])
 
 
 def _command_problems(command) -> list[str]:

@@ -310,6 +310,11 @@ def test_a_number_quoted_as_text_is_the_writers_choice(tmp_path):
         ),
         ("parameters: {train: {parameters: {lr: {values: []}}}}", "parameters.train.parameters.lr.values: [] should"),
         ("parameters: {lr: 5}", "parameters.lr: 5 is not of type 'object'"),  # was a traceback
+        (  # the kinds of parameter disagree on what is wrong; W&B's message said only that none fits
+            "parameters: {seed: {valuse: [1, 2]}}",
+            "parameters.seed: unknown key 'valuse' (did you mean 'value' or 'values'?); W&B's keys here: a, b, "
+            "distribution, max, min, mu, parameters, probabilities, q, sigma, value, values",
+        ),
     ],
 )
 def test_a_schema_error_names_the_field_and_what_is_wrong(tmp_path, section, says):
