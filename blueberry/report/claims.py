@@ -206,7 +206,7 @@ CLAIMS = (
     Claim(
         "exp2-lr-attention-mlp",
         '"3e-3 as the optimal learning rate" for DeepSeek attention + MLP',
-        "512d, 6 layers, 1,000 steps, LR grid 1e-4…3e-3, 1 seed, leaked validation",
+        "512d, 6 layers, 1,000 steps, LR grid 1e-4…3e-3, 1 seed; MLA non-causal and validation leaked from training",
         lr_optimum,
         ("train.lr",),
     ),

@@ -51,7 +51,8 @@ STUDIES: tuple[Study, ...] = (
     ),
     Study("exp2-extended", "extended", "Experiment 2: extended run"),
     Study("exp3-extended", "extended", "Experiment 3: extended run"),
-    # The T4 README's timeline experiments (sweeps/t4/*.yaml); baselines = experiments/t4_preset.json.
+    # The T4 README's timeline experiments (sweeps/t4/*.yaml); each baseline is experiments/t4_preset.json's value
+    # of what the sweep varies (its CPU twin sweeps the same values from experiments/cpu_base.json).
     Study("t4-lr", "lr", "T4: learning rate", {"train.lr": 0.01}),
     Study("t4-experts", "generic", "T4: number of experts", {"model.n_experts": 8}),
     Study("t4-schedule", "generic", "T4: LR schedule", {"train.warmup_fraction": 0.1, "train.min_lr_ratio": 0.1}),

@@ -9,12 +9,12 @@ from click.testing import CliRunner
 
 from blueberry.cli import main
 from blueberry.models import registry
-from blueberry.overrides import SpecError
+from blueberry.overrides import SpecError, load_spec
 from blueberry.spec import VARIANTS
 from blueberry.sweep import load_sweep, plan
 from blueberry.sweep.config import engine
 from blueberry.sweep.launch import agent_macros, build_trial
-from blueberry.sweep.validate import check_trials
+from blueberry.sweep.validate import check_trials, planned_launches, run_arguments
 
 REPO = Path(__file__).resolve().parents[2]
 YAMLS = sorted((REPO / "sweeps").rglob("*.yaml"))
@@ -73,6 +73,39 @@ def test_t4_studies_cover_the_timeline():
         (a, d) for a in (1, 2, 3) for d in (0.05, 0.1)
     }
     assert 0.065 in {r["train"]["lr"] for r in planned("t4/lr_fine.yaml")[1]}
+
+
+def trial_specs(rel):
+    """The RunSpec each trial of sweeps/`rel` runs, built from the command line the agent would run."""
+    sweep = load_sweep(REPO / "sweeps" / rel)
+    specs = []
+    for *_, launch, _ in planned_launches(sweep, plan(sweep, None), "check", "check-{index}"):
+        spec_path, overrides, files = run_arguments(launch.argv)
+        specs.append(load_spec(spec_path, overrides, tuple(files)))
+    return specs
+
+
+RECIPE = ("schedule", "grad_clip", "optimizer", "adamw_lr_ratio", "weight_decay", "muon_weight_decay")
+RECIPE += ("muon_momentum", "adam_betas", "warmup_fraction", "min_lr_ratio")
+TWINS = sorted((REPO / "sweeps" / "cpu").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=lambda p: p.name)
+def test_a_cpu_twin_keeps_its_studys_recipe(twin):
+    """A twin shrinks the shape and the steps, nothing else: its conclusions stand in for the study's."""
+    study = f"t4/{twin.name.removeprefix('t4_')}" if twin.name.startswith("t4_") else twin.name
+    recipes = [{tuple(getattr(spec.train, f) for f in RECIPE) for spec in trial_specs(rel)} for rel in (study, twin)]
+    assert recipes[0] == recipes[1]
+
+
+@pytest.mark.parametrize(
+    ("rel", "micro_batches"), [("t4/accum_dropout.yaml", 2000), ("cpu/t4_accum_dropout.yaml", 240)]
+)
+def test_accumulation_is_compared_at_one_budget_of_micro_batches(rel, micro_batches):
+    """The T4 loop's max_steps counts micro-batches (an update every grad_accum-th): accumulation there changes
+    the update's size, not how much is trained on."""
+    trained = {(spec.train.grad_accum, spec.train.steps) for spec in trial_specs(rel)}
+    assert trained == {(accum, micro_batches // accum) for accum in (1, 2, 3)}
 
 
 def test_count_caps_the_plan():
