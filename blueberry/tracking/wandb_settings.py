@@ -43,6 +43,17 @@ def global_settings_path() -> Path:
     return Path(config_dir).expanduser() / "settings" if config_dir else Path("~/.config/wandb/settings").expanduser()
 
 
+def workspace_settings_path() -> Path:
+    """Where `wandb.setup` looks for the working directory's settings file. It reads the files before it applies
+    the environment (wandb_setup's `_load_settings`), so the path comes from a Settings with no environment:
+    `wandb/settings` (`.wandb/settings` where a `.wandb` folder exists) in the working directory, wherever
+    WANDB_DIR points. The loaded settings' `settings_workspace` names `$WANDB_DIR/wandb/settings` instead, a file
+    wandb.init never reads (though `wandb offline` run with WANDB_DIR set writes there)."""
+    from wandb.sdk.wandb_settings import Settings
+
+    return Path(Settings(quiet=True).settings_workspace)
+
+
 def load_wandb_settings():
     """W&B's Settings from its settings files and environment, as `wandb.setup` loads them; ValueError naming
     the variable when W&B rejects one (wandb.init would fail on it too, with a traceback)."""
@@ -66,6 +77,16 @@ def load_wandb_settings():
         named = [var for _, var in WANDB_FIELDS.values() if os.environ.get(var) and repr(os.environ[var]) in said]
         raise ValueError(f"W&B environment{' variable ' + named[0] if named else ''}: {said}") from None
     return settings
+
+
+def left_to_us(ours: dict[str, Any]) -> dict[str, Any]:
+    """Of our values for W&B settings (setting: value), those W&B's environment and settings files leave unset.
+
+    wandb.init takes a value it is given over theirs: giving it ours where they set one (WANDB_CONSOLE=wrap, say)
+    would override the user."""
+    # pydantic marks every field the loader assigns: those sources' (and the loader's own quiet, settings_system)
+    chosen = load_wandb_settings().model_fields_set
+    return {setting: value for setting, value in ours.items() if setting not in chosen}
 
 
 def _variable_of(setting: str) -> str:
@@ -105,7 +126,7 @@ def wandb_settings() -> dict[str, Choice]:
     # The working directory's file wins over the global one.
     files = {
         path: SettingsFiles(global_settings=None, local_settings=Path(path)).all()
-        for path in (settings.settings_workspace, settings.settings_system)
+        for path in (workspace_settings_path(), global_settings_path())
     }
     found: dict[str, Choice] = {}
     for field, (setting, env_var) in WANDB_FIELDS.items():

@@ -15,6 +15,7 @@ from typing import Any
 
 from blueberry.spec import safe_name
 from blueberry.tracking.schema import TAG_LIMIT
+from blueberry.tracking.wandb_settings import left_to_us
 
 # Metrics whose W&B summary is {min|max, last} (define_metric); a final summary write would flatten it.
 SUMMARISED = {"val/loss": "min,last", "val/perplexity": "min,last", "val/accuracy": "max,last"}
@@ -90,10 +91,12 @@ class WandbTracker:
                 reinit="finish_previous",
                 # quiet, not silent: W&B still prints its warnings and errors. System metrics (CPU, memory,
                 # GPU, network) are W&B's own sampler; the run record's energy and cost come from ours (NVML).
+                # Ours unless WANDB_CONSOLE / WANDB_SAVE_CODE (or a settings file) say otherwise: no console copy
+                # (the run record keeps the metrics; W&B would store every progress-bar redraw) and no copy of the
+                # main script (the spec and git commit in the run record say what ran).
                 settings=wandb.Settings(
-                    console="off",
                     quiet=True,
-                    save_code=False,
+                    **left_to_us({"console": "off", "save_code": False}),
                     **({} if system_metrics is None else {"x_disable_stats": not system_metrics}),
                 ),
             )

@@ -18,7 +18,6 @@ def workdir(tmp_path, monkeypatch):
     """A working directory of its own (W&B reads `wandb/settings` there); no WANDB_MODE, an API key."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.delenv("WANDB_DIR", raising=False)  # WANDB_DIR moves W&B's workspace settings file: keep it in the cwd
     monkeypatch.setenv("WANDB_API_KEY", KEY)
     return tmp_path
 
@@ -107,11 +106,43 @@ def test_run_values_follow_precedence_and_say_where_they_came_from(workdir, monk
     assert {chosen[k].source for k in ("project", "group", "job_type")} == {"spec"}
     assert chosen["mode"].source == "set by spec"
 
-    monkeypatch.setenv("WANDB_DIR", str(workdir / "elsewhere"))  # (it also moves W&B's workspace settings file)
+    monkeypatch.setenv("WANDB_DIR", str(workdir / "elsewhere"))
     chosen = run_settings(RunSpec(experiment="exp1"), tags=[])
     assert (chosen["dir"].value, chosen["dir"].source) == (str(workdir / "elsewhere"), "WANDB_DIR")
     chosen = run_settings(RunSpec.model_validate({"tracking": {"wandb_dir": "w"}}), tags=[])
     assert (chosen["dir"].value, chosen["dir"].source) == ("w", "spec")
+
+
+def wandb_reads(*settings):
+    """What W&B's own loader (the one `wandb.init` uses) makes of the settings files and the environment."""
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    wandb.teardown()  # a fresh singleton loads the settings again
+    loaded = wandb_setup.singleton().settings
+    return tuple(getattr(loaded, setting) for setting in settings)
+
+
+def test_with_wandb_dir_set_the_working_directorys_settings_file_still_holds(workdir, monkeypatch):
+    """W&B reads `wandb/settings` in the working directory before it applies WANDB_DIR (wandb_setup's
+    `_load_settings`): WANDB_DIR moves its run files, not that file, and a settings file under it is never read."""
+    monkeypatch.setenv("WANDB_DIR", str(workdir / "elsewhere"))
+    for key, value in (("mode", "offline"), ("project", "fromfile"), ("entity", "fileteam")):
+        wandb_cli_setting(key, value)  # as `wandb offline` / `wandb init` write it, run with no WANDB_DIR
+    in_cwd = f"settings file {workdir / 'wandb' / 'settings'}"
+    chosen = run_settings(RunSpec(experiment="exp1"), tags=[])
+    assert (chosen["mode"].value, chosen["mode"].source) == ("offline", f"set by {in_cwd}")
+    assert (chosen["project"].value, chosen["project"].source) == ("fromfile", in_cwd)
+    assert (chosen["entity"].value, chosen["entity"].source) == ("fileteam", in_cwd)
+    assert wandb_reads("mode", "project", "entity") == ("offline", "fromfile", "fileteam")
+
+    (workdir / "elsewhere").mkdir()
+    (workdir / "wandb").rename(workdir / "elsewhere" / "wandb")  # the file only under $WANDB_DIR: not read
+    chosen = run_settings(RunSpec(experiment="exp1"), tags=[])
+    assert (chosen["mode"].value, chosen["mode"].source) == ("online", "default: API key found")
+    assert (chosen["project"].value, chosen["project"].source) == ("blueberry", "default")
+    assert (chosen["entity"].value, chosen["entity"].source) == (None, "default")
+    assert wandb_reads("mode", "project", "entity") == ("online", None, None)
 
 
 def test_an_invalid_wandb_environment_variable_is_named(workdir, monkeypatch):

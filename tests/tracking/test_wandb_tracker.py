@@ -1,5 +1,7 @@
+import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +136,34 @@ def test_system_metrics_left_unset_follow_wandbs_own_setting(tmp_path, monkeypat
     tracker = offline_tracker(fresh_run_dir(tmp_path, "exp", "r1"), system_metrics=spec_says)
     assert tracker.run.settings.x_disable_stats is disabled  # what the spec sets wins over W&B's variable
     tracker.finish("finished")
+
+
+@pytest.mark.parametrize(
+    ("env", "settings_file", "expected"),
+    [
+        ({}, "", ("off", False)),  # ours: no console capture, no code saved
+        ({"WANDB_CONSOLE": "wrap", "WANDB_SAVE_CODE": "true"}, "", ("wrap", True)),
+        ({}, "console = wrap\nsave_code = true\n", ("wrap", True)),  # W&B's global settings file
+    ],
+)
+def test_console_capture_and_code_saving_follow_wandbs_settings(tmp_path, monkeypatch, env, settings_file, expected):
+    """A W&B setting the spec has no field for follows W&B's variables and settings files, as README promises."""
+    monkeypatch.chdir(tmp_path)  # no developer's ./wandb/settings
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    Path(os.environ["WANDB_CONFIG_DIR"], "settings").write_text(f"[default]\n{settings_file}")
+    tracker = offline_tracker(fresh_run_dir(tmp_path, "exp", "r1"))
+    try:
+        assert (tracker.run.settings.console, tracker.run.settings.save_code) == expected
+        print("captured when the user asks for it")
+    finally:
+        tracker.finish("finished")
+    console = ""  # what W&B's console capture sent ("wrap": its output_raw records)
+    for payload in _payloads(next(Path(tracker.offline_dir).glob("run-*.wandb")).read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        console += record.output_raw.line if record.WhichOneof("record_type") == "output_raw" else ""
+    assert ("captured when the user asks for it" in console) is (expected[0] == "wrap")
 
 
 def test_online_prints_the_run_and_sweep_urls_after_init_and_at_the_end(tmp_path, monkeypatch):
