@@ -77,7 +77,7 @@ def plan_parts(quick: bool, only: tuple[str, ...] = ()) -> list[Part]:
 
 def cpu_parallel(free_cores: float) -> int:
     """CPU trials at once: one per free core, one thread each. On 2 idle cores two 1-thread trials of the CPU
-    twin did 1.36× the work of one 2-thread trial (measured; see README "The study"): small matrices
+    twin did 1.36× the work of one 2-thread trial (measured; see README "Two commands"): small matrices
     scale poorly across threads, and each trial's start-up (imports, data, W&B) overlaps another's training."""
     return max(1, min(MAX_PARALLEL, int(free_cores + 0.5)))
 

@@ -3,7 +3,7 @@
 torch defaults to one OpenMP thread per core, and OpenMP's waiting threads spin. On a shared machine that
 collapses: when another process keeps a core busy, every parallel region waits at its barrier for the thread
 that lost its core while the others burn their time slices spinning. Two remedies, both measured by
-`make bench` (its contention rows) on the 2-core dev machine with four busy-loop processes, quickstart model:
+`make bench` (its contention rows) on a 2-core AVX2 EPYC with four busy-loop processes, quickstart model:
 
 - threads from the cores free when the run starts (`choose_threads`): one thread under that load;
 - a short spin before a waiting thread sleeps (`limit_openmp_spinning`): GNU OpenMP spins 300,000 times by

@@ -31,7 +31,7 @@ REPRODUCIBLE = ("train/loss", "train/aux_loss", "train/grad_norm", "val/loss", "
 RESUME_TOLERANCE = 1e-3  # relative, on every logged loss and grad norm (bf16 on a GPU; CPU fp32 is bit-exact)
 
 
-def child_env(context: Context) -> dict:
+def child_env() -> dict:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     wandb = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # no WANDB_DIR: W&B's files in each run's record
     env = {k: v for k, v in os.environ.items() if k != "WANDB_DIR"}
@@ -123,7 +123,7 @@ def check_blueberry_run(context: Context, box_s: float) -> dict:
     argv += ["--train.progress=false", "--tracking.wandb=offline", f"--tracking.runs_root={root}"]
     argv += [f"--train.device={context.device.type}", *context.run_shape]
     started = time.monotonic()
-    done = run_process(argv, child_env(context), box_s)
+    done = run_process(argv, child_env(), box_s)
     wall = time.monotonic() - started
     _expect_success(done, "blueberry run")
     (run_dir,) = run_dirs(root)
@@ -193,7 +193,7 @@ def check_kill_resume(context: Context, box_s: float) -> dict:
     argv = [sys.executable, "-c", DETERMINISTIC_CLI, "run", QUICKSTART, "--train.steps=30", "--train.log_every=5"]
     argv += ["--train.eval_every=15", "--train.checkpoint_every=10", "--train.progress=false", "--train.compile=false"]
     argv += ["--tracking.wandb=offline", f"--train.device={context.device.type}", *context.run_shape]
-    env = child_env(context)
+    env = child_env()
     reference_root, root = context.work_dir / "uninterrupted", context.work_dir / "killed"
     _expect_success(run_process([*argv, f"--tracking.runs_root={reference_root}"], env, box_s), "uninterrupted run")
     process = subprocess.Popen([*argv, f"--tracking.runs_root={root}"], env=env, cwd=REPO, start_new_session=True,
@@ -233,7 +233,7 @@ def check_torchrun(context: Context, box_s: float) -> dict:
     deadline = time.monotonic() + box_s
     n = torch.cuda.device_count() if context.device.type == "cuda" else 2
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-    env = child_env(context)
+    env = child_env()
     probe = run_process([*launch, "-m", "blueberry.gpu_check.nccl_probe"], env, box_s)
     _expect_success(probe, "the all-reduce probe")
     reduced = json.loads(probe.stdout.strip().splitlines()[-1])

@@ -256,9 +256,7 @@ def collect(trial: Trial, runs_root: Path, metric: str, returncode: int | None, 
 
 
 class SweepRunner:
-    def __init__(
-        self, sweep: Sweep, runs_root: str | Path, count: int | None = None, parallel: int = 1, log=print, outer=None
-    ):
+    def __init__(self, sweep: Sweep, runs_root: str | Path, count: int | None = None, parallel: int = 1, log=print):
         self.sweep = sweep
         self.runs_root = Path(runs_root)
         self.dir = sweep_dir(self.runs_root, sweep)
@@ -271,7 +269,7 @@ class SweepRunner:
         self.workers: dict[str, Worker] = {}
         self.devices = visible_cuda_devices()
         total = len(plan(sweep, count)) if sweep.method == "grid" else self.budget
-        self.progress = SweepProgress(sweep.name, total, self.parallel, log=log, outer=outer)
+        self.progress = SweepProgress(sweep.name, total, self.parallel, log=log)
         self.log = self.progress.write  # trial lines above the live progress line, never through it
         self.durations: list[float] = []  # of the trials this controller saw finish
         self.ended_unfinished = 0  # trials this controller saw end otherwise (stopped, failed, crashed)

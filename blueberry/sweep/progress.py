@@ -92,19 +92,18 @@ class SweepProgress:
 
     `running`: [(trial number, run_id, run_dir or None)]; `done`: durations (s) of the trials finished by this
     invocation, from which the sweep's ETA is estimated; `total`: the sweep's planned trials (None: unknown);
-    `outer`: given the trials finished by this invocation, text put before the sweep's (a study's progress).
+    `outer` (set it to use it): given the trials finished by this invocation, text put before the sweep's (a
+    study's progress).
     """
 
-    def __init__(self, name: str, total: int | None, parallel: int, stream=None, log=print, outer=None):
+    def __init__(self, name: str, total: int | None, parallel: int, stream=None, log=print):
         self.name, self.total, self.parallel = name, total, max(1, parallel)
-        self.outer = outer
+        self.outer = None
         self.stream = stream or sys.stderr
         self.log = log
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar = None
-        self.started = time.monotonic()
         self.last_draw = self.last_log = 0.0
-        self.finished = 0
         self._steps: dict[str, int | None] = {}
 
     def view(self, number: int, run_id: str, run_dir: Path | None) -> TrialView:
@@ -157,12 +156,12 @@ class SweepProgress:
             head = f"{self.outer(len(done) + stopped)} | {head}"
         line = " | ".join([head, *(t.text(self.total) for t in trials), f"sweep ETA {fmt_eta(eta)}"])
         if self.tty:
-            self._draw(line, finished)
+            self._draw(line)
         elif now - self.last_log >= LOG_EVERY_S:
             self.last_log = now
             self.log(line)
 
-    def _draw(self, line: str, finished: int) -> None:
+    def _draw(self, line: str) -> None:
         from tqdm.auto import tqdm
 
         if self.bar is None:

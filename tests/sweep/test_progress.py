@@ -46,7 +46,8 @@ def test_stopped_and_failed_trials_are_done_not_still_to_run(tmp_path, monkeypat
     rows = [{"step": 25, "time": 50.0, "train/loss": 6.25, "perf/tokens_per_s": 4321.0}]
     run_dir = trial_dir(tmp_path, "sweep-t9", 100, rows)
     lines, heads = [], []
-    view = SweepProgress("ablation", total=10, parallel=1, stream=io.StringIO(), log=lines.append, outer=heads.append)
+    view = SweepProgress("ablation", total=10, parallel=1, stream=io.StringIO(), log=lines.append)
+    view.outer = heads.append
     view.update([(9, "sweep-t9", run_dir)], done=[180.0, 180.0], ended_before=2, stopped=4)
     (line,) = lines
     assert "ablation: 8/10 done" in line and "sweep ETA 05:30" in line  # 150 s + the one left at 180 s
