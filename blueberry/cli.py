@@ -40,13 +40,40 @@ def _fail(message: str, code: int = 2, every_rank_finds: bool = False):
 def _torchrun_rank() -> int | None:
     """This process's rank in a torchrun job of several, else None (from the environment, as
     `distributed.env_world` and `torchrun_job` read it, without importing torch for a spec error)."""
-    env = os.environ
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or _world_size() < 2:
+        return None
     try:  # (a value that is no number is refused by the preflight; here it makes no job)
-        if not env.get("TORCHELASTIC_RUN_ID") or int(env.get("WORLD_SIZE", "1") or 1) < 2:
-            return None
-        return int(env.get("RANK", "0") or 0)
+        return int(os.environ.get("RANK", "0") or 0)
     except ValueError:
         return None
+
+
+def _world_size() -> int:
+    """The processes of this job, as `distributed.env_world` reads WORLD_SIZE (1 where it is unset, 1 or less, or
+    no number, which the preflight refuses), without importing torch."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
+def _refuse_torchrun(command: str, instead: str) -> None:
+    """`sweep` and `study` start each trial as a process of its own. Under torchrun each rank would run the whole
+    sweep, and its trials, inheriting torchrun's RANK, WORLD_SIZE and MASTER_ADDR/PORT, would join the trials of
+    the other ranks in one process group: one trained with another's spec, the other failed."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") or _world_size() > 1:
+        said = f"blueberry {command} starts its trials itself: run it without torchrun; {instead}"
+        _fail(said, every_rank_finds=True)
+
+
+def _check_batch_split(spec_path: str, spec: RunSpec) -> None:
+    """Exit 2 where batch_size 'auto' cannot split train.effective_batch over the ranks: every rank finds it alike,
+    so rank 0 says it, once, before torch loads (`hardware.resolve_batch` refuses it too, for callers of the
+    runner)."""
+    train, ranks = spec.train, _world_size()
+    if train.batch_size == "auto" and train.effective_batch % ranks:
+        said = f"{spec_path}: train.effective_batch ({train.effective_batch}) is not divisible by the {ranks} ranks"
+        _fail(said, every_rank_finds=True)
 
 
 def _check_data_inputs(spec_path: str, spec: RunSpec) -> None:
@@ -166,6 +193,7 @@ def console_main():
 def study(quick, only, parallel, runs_root, dry_run):
     """Run the Blueberry report's study: every part's sweep, CPU twins on a CPU, the study's shapes on CUDA.
     Resumable: run it again and nothing finished runs twice."""
+    _refuse_torchrun("study", "--parallel N runs N trials at once")
     import shlex
     import sys
     from datetime import UTC, datetime
@@ -257,12 +285,17 @@ def study(quick, only, parallel, runs_root, dry_run):
 def run(spec_path, overrides, override_files, resume):
     """Train one run from SPEC.json, with overrides such as --train.lr=0.003 or --model="{'n_experts': 8}"."""
     spec = _load(spec_path, overrides, override_files)
+    _check_batch_split(spec_path, spec)
     from blueberry.data import DataError
     from blueberry.tracking.preflight import PreflightError, preflight
 
-    # What can be checked before torch and transformers load (~7 s on a small CPU) is checked first.
+    # What can be checked before torch and transformers load (~7 s on a small CPU) is checked first. Under
+    # torchrun, rank 0 alone: what the preflight checks is rank 0's alone (the runs root, W&B) or read from the
+    # environment the ranks share (prices); a rank 0 that refuses it says so once and never joins the process
+    # group, which the other ranks cannot pass without it, and torchrun then stops them.
     try:
-        preflight(spec)
+        if _torchrun_rank() in (None, 0):
+            preflight(spec)
     except PreflightError as exc:
         _fail(str(exc))
     _check_data_inputs(spec_path, spec)
@@ -286,8 +319,8 @@ def run(spec_path, overrides, override_files, resume):
         _fail(f"{spec_path}: {exc}")
     except PreflightError as exc:  # the runs root changed since preflight (or access() could not tell)
         _fail(str(exc))
-    except MainRankFailed:  # a torchrun rank: rank 0 says why
-        sys.exit(1)
+    except MainRankFailed as exc:  # a torchrun rank: rank 0 says why
+        sys.exit(exc.exit_code)
     except TrainingInterrupted as exc:
         if not env_world().is_main:  # a torchrun rank: rank 0 says where the checkpoint of every rank went
             sys.exit(128 + exc.signum)
@@ -396,6 +429,11 @@ def report(runs_root, source, entity, project, group, sweep, tags, out, gpu_pric
 @click.option("--dry-run", is_flag=True, help="Print the planned runs and their command lines; run nothing.")
 def sweep(sweep_path, count, parallel, runs_root, dry_run):
     """Run a W&B sweep YAML offline with W&B's own sweep engine; the same command resumes it."""
+    _refuse_torchrun(
+        "sweep",
+        "a trial's own command (the sweep file's `command:`) may start torchrun, and --parallel N runs N "
+        "trials at once",
+    )
     from blueberry.sweep import UNTIL_STOPPED, SweepRunner, load_sweep, open_ended, plan
     from blueberry.sweep.validate import check_trials
     from blueberry.tracking.preflight import PreflightError, check_environment, check_writable_dir

@@ -26,7 +26,7 @@ class World:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0 or self.size == 1  # a RANK left in the environment makes no job of one process
+        return self.rank == 0 or not self.distributed  # a RANK left in the environment makes no job of one process
 
     @property
     def distributed(self) -> bool:
@@ -34,12 +34,13 @@ class World:
 
 
 def env_world() -> World:
-    """The world torchrun describes in the environment (one process when it describes none)."""
-    return World(
-        rank=int(os.environ.get("RANK", 0)),
-        size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-    )
+    """The world torchrun describes in the environment; one process where it describes none, or a WORLD_SIZE of 1
+    or less: -1, which some launchers set for "not distributed" (with RANK -1), is one process, rank 0, not a
+    rank that follows a rank 0 that does not exist (it trained and recorded nothing)."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if size <= 1:
+        return World()
+    return World(rank=int(os.environ.get("RANK", 0)), size=size, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def torchrun_job() -> dict | None:
@@ -192,7 +193,12 @@ def gather_to_main(obj) -> list | None:
 
 
 class MainRankFailed(RuntimeError):
-    """Rank 0 failed before training started (it reports why): the other ranks stop without a word of their own."""
+    """Rank 0 failed before training started (it reports why): the other ranks stop without a word of their own,
+    `exit_code` 1, or 128 + the stop signal where one reached this rank too (torchrun hands it to every rank)."""
+
+    def __init__(self, reason: str, signum: int | None = None):
+        super().__init__(reason)
+        self.exit_code = 128 + signum if signum else 1
 
 
 MAIN_FAILED = "blueberry: rank 0 failed before training"  # what rank 0 broadcasts instead of the resume point

@@ -101,9 +101,7 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
         stop = StopRequest().install()  # a signal stops every rank after the same step (distributed.StopVote)
         try:
             follower = FollowerCheckpointer(built.spec.train.checkpoint_every)
-            resume_state = distributed.broadcast_from_main(None)  # the checkpoint rank 0 resumes from (train_stage)
-            if resume_state == distributed.MAIN_FAILED:
-                raise distributed.MainRankFailed(resume_state)
+            resume_state = resume_point_from_main(stop)
             summary = train(
                 built.spec, built.model, data, distributed.NullTracker(), built.device, built.precision,
                 checkpointer=follower, resume=resume_state, stop=stop,
@@ -183,6 +181,20 @@ def build_stage(spec: RunSpec, world: World, device: torch.device) -> tuple[obje
     if world.distributed:
         torch.manual_seed(spec.seed + world.rank)  # same initial weights, but each rank its own dropout masks
     return data, built
+
+
+def resume_point_from_main(stop: StopRequest) -> dict | None:
+    """A rank other than 0: the checkpoint rank 0 resumes from (None: step 0), which it broadcasts once it is set up
+    (train_stage). Rank 0 failing first ends this rank quietly (MainRankFailed): rank 0 said why, or torchrun
+    did. A stop signal torchrun handed every rank kills a rank 0 that is not yet training, and gloo then fails
+    this rank's broadcast ("Connection closed by peer"): this rank exits as interrupted by that signal too."""
+    try:
+        resume_state = distributed.broadcast_from_main(None)
+    except RuntimeError as exc:  # gloo raises a plain RuntimeError for a peer that is gone
+        raise distributed.MainRankFailed(str(exc), stop.signum) from exc
+    if resume_state == distributed.MAIN_FAILED:  # rank 0 failed and told us (release_followers)
+        raise distributed.MainRankFailed(resume_state, stop.signum)
+    return resume_state
 
 
 def claim_stage(run: Run, resume: bool | None, log) -> None:

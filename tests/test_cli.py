@@ -77,7 +77,7 @@ def test_a_sweep_file_given_to_run_points_to_blueberry_sweep(tmp_path):
 
 
 def test_doctor_shows_the_wandb_mode_and_why_and_the_sweep_engine(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # W&B reads wandb/settings in the working directory (in WANDB_DIR when set)
+    monkeypatch.chdir(tmp_path)  # W&B reads wandb/settings in the working directory (there with WANDB_DIR set too)
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.delenv("WANDB_DIR", raising=False)
     (tmp_path / "wandb").mkdir()
@@ -412,3 +412,44 @@ def test_a_full_disk_is_said_in_a_line_naming_the_file(tmp_path, monkeypatch):
     result = invoke("report", "--runs-root", str(tmp_path), "--out", str(tmp_path / "reports"))
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert result.output == f"error: {tmp_path / 'reports' / 'REPORT.md'}: No space left on device\n"
+
+
+def test_under_torchrun_rank_0_alone_checks_the_runs_root_it_alone_writes(monkeypatch):
+    """Every rank checked it, and each said so (as many times as torchrun, stopping the ranks once rank 0 had
+    failed, let them): rank 0 alone says it; the others go on to wait for rank 0, and torchrun stops them."""
+    from blueberry.runner import RunResult
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("blueberry.runner.execute", lambda spec, **kwargs: RunResult(None, None, "disabled", {}))
+    args = ("run", str(REPO / "experiments/quickstart.json"), "--tracking.runs_root=/proc/blueberry")
+    monkeypatch.setenv("RANK", "1")
+    result = invoke(*args)
+    assert result.exit_code == 0 and result.output == "", result.output  # a follower: rank 0 reports the run
+    monkeypatch.setenv("RANK", "0")
+    result = invoke(*args)
+    assert result.exit_code == 2 and result.output.startswith("error: tracking.runs_root '/proc/blueberry'")
+
+
+def test_sweep_and_study_refuse_to_run_under_torchrun_or_in_a_world_of_several_processes(tmp_path, monkeypatch):
+    """Each rank ran the whole sweep, and its trials joined the other ranks' trials in one process group. Refused
+    for torchrun's job of one process too, and for another launcher's WORLD_SIZE (there each rank says it)."""
+    monkeypatch.chdir(REPO)
+    for command in (["sweep", "--dry-run", "sweeps/cpu/ablation.yaml"], ["study", "--dry-run"]):
+        for env, said in (
+            ({"TORCHELASTIC_RUN_ID": "job-7", "WORLD_SIZE": "2", "RANK": "1"}, False),
+            ({"TORCHELASTIC_RUN_ID": "job-7", "WORLD_SIZE": "1", "RANK": "0"}, True),
+            ({"WORLD_SIZE": "2"}, True),
+        ):
+            with monkeypatch.context() as scoped:
+                for name, value in env.items():
+                    scoped.setenv(name, value)
+                result = invoke(*command, "--runs-root", str(tmp_path / "runs"))
+            assert result.exit_code == 2, result.output
+            if said:
+                assert (
+                    f"error: blueberry {command[0]} starts its trials itself: run it without torchrun" in result.output
+                )
+            else:  # rank 0 says it
+                assert result.output == ""
+    assert not (tmp_path / "runs").exists()

@@ -64,6 +64,19 @@ def test_a_torchrun_job_and_its_restart_hazard_come_from_the_environment_torchru
     assert distributed.restart_hazard() is None
 
 
+def test_minus_one_for_every_torchrun_variable_is_one_process_that_records_its_run(tmp_path, monkeypatch):
+    """-1, which some launchers set for "not distributed" (and the preflight accepts), made a rank that followed a
+    rank 0 that does not exist: it trained, recorded nothing and exited 0."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(name, "-1")
+    tiny = [*DDP_TINY, "--train.batch_size=2", "--train.steps=2", "--train.log_every=2", "--train.eval_every=2"]
+    result = execute(load_spec(None, [*tiny, f"--tracking.runs_root={tmp_path}"]))
+    assert result.run_dir is not None  # rank 0's record, where a follower's is None
+    assert json.loads((result.run_dir / "status.json").read_text())["state"] == "finished"
+    assert json.loads((result.run_dir / "spec.json").read_text())["hardware"]["world_size"] == 1
+    assert distributed.env_world() == distributed.World() and distributed.env_world().is_main
+
+
 def two_ranks(tmp_path, code: str, *values: str) -> list[str]:
     """Run `code` as ranks 0 and 1 of a gloo group (argv: rendezvous, rank, the rank's value); their stdouts."""
     join = "import sys, torch.distributed as dist\n"
@@ -111,13 +124,40 @@ print(answers)
     assert two_ranks(tmp_path, code, "0", "15") == ["[None, 15]"] * 2
 
 
+def test_a_rank_whose_rank_0_is_gone_before_training_stops_quietly_and_as_its_signal_says(tmp_path):
+    """Rank 0 gone while rank 1 waits for its resume point (runner.execute): a SIGTERM to torchrun, which hands it
+    to every rank, kills a rank 0 still setting up, and rank 1's broadcast failed in gloo with a traceback. Now
+    rank 1 ends quietly: exit 1 (rank 0 failed, and says why), or 128 + the signal it received too."""
+    code = """
+import os, signal
+from blueberry import distributed
+from blueberry.runner import resume_point_from_main
+from blueberry.train.trainer import StopRequest
+if sys.argv[2] == "0":
+    os._exit(0)  # gone without a word, as a SIGTERM's default action ends it
+stop = StopRequest().install()
+exit_codes = []
+for signum in (None, signal.SIGTERM):
+    if signum:
+        os.kill(os.getpid(), signum)  # torchrun's, handed to this rank too
+    try:
+        resume_point_from_main(stop)
+    except distributed.MainRankFailed as exc:
+        exit_codes.append(exc.exit_code)
+print(exit_codes)
+"""
+    assert two_ranks(tmp_path, code, "", "") == ["", "[1, 143]"]
+
+
 def test_ddp_trains_idle_experts_and_a_nan_on_one_rank_stops_both(tmp_path):
-    """Two DDP ranks (one pair of processes for both checks: each pays torch's and transformers' imports).
+    """Two DDP ranks (one pair of processes for all checks: each pays torch's and transformers' imports).
 
     1. The baseline MoE's experts are separate modules: an expert no token chose has no gradient that step, and
        DDP must not wait for it (it failed at the second step: "Expected to have finished reduction").
     2. Each rank's loss is its own: rank 1 saw a NaN at step 5, rank 0 none. At the log step both raise, naming
        step 5; rank 0 alone would otherwise go on into the next collective and wait for a rank that stopped.
+    3. So at a checkpoint that is no log step: rank 1 stopped there alone, and rank 0, gathering every rank's state
+       for the checkpoint, recorded gloo's "Connection closed by peer" instead of the divergence.
     """
     code = """
 import torch
@@ -143,15 +183,18 @@ print(sum(p.grad is None for p in model.blocks[0].ffn.experts.parameters()), "ex
 data = SyntheticData(spec.data.vocab_size, spec.data.seq_len)
 trainer = Trainer(spec, build_model(spec.model, data.vocab_size), data, ListTracker(), torch.device("cpu"), "fp32")
 trainer.bad_step.fill_(int(sys.argv[3]))  # this rank's first step with a NaN loss, 0 for none
-try:
-    trainer.check_finite(every_rank=True)
-    print("went on")
-except TrainingDiverged as exc:
-    print(exc)
+trainer.metrics.begin(trainer.device, trainer.tokens_per_step, 0.0, 0.0, None)  # as the loop does
+for check in (lambda: trainer.check_finite(every_rank=True), lambda: trainer.checkpoint(6)):
+    try:
+        check()
+        print("went on")
+    except TrainingDiverged as exc:
+        print(exc)
 """
     said = two_ranks(tmp_path, code, "0", "5")
     idle = "4 expert weights without a gradient"  # 2 idle experts × 2 matrices
-    assert said == [f"{idle}\ntrain loss or gradient norm became NaN/inf at step 5"] * 2
+    diverged = "train loss or gradient norm became NaN/inf at step 5"
+    assert said == [f"{idle}\n{diverged}\n{diverged}"] * 2  # at the log step, then at the checkpoint
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
@@ -275,16 +318,39 @@ def test_a_torchrun_run_stopped_by_sigterm_then_by_a_dead_rank_ends_bit_exact_as
 
 
 def test_under_torchrun_an_error_is_said_once_by_rank_0_and_the_others_stop_quietly(tmp_path):
-    """Bad input every rank finds is printed by rank 0 alone (not once per rank); an error only rank 0 meets before
-    training (--resume with nothing to resume) ends the other ranks, which wait for its resume point, without the
-    process group's traceback of each."""
+    """Bad input every rank finds is printed by rank 0 alone (not once per rank): the spec, a batch 'auto' that
+    does not split over the ranks; so is a runs root that cannot be written, which rank 0 alone checks (it alone
+    writes there). An error only rank 0 meets before training (--resume with nothing to resume) ends the other
+    ranks, which wait for its resume point, without the process group's traceback of each."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     spec_file = tmp_path / "spec.json"
     spec_file.write_text("{}")
-    argv = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "blueberry", "run", str(spec_file), *DDP_TINY]
-    argv += ["--train.batch_size=4", f"--tracking.runs_root={tmp_path / 'runs'}"]
-    for extra, said in (("--train.lrr=3", "train.lrr: unknown field"), ("--resume", "error: cannot resume")):
-        done = subprocess.run([*argv, extra], capture_output=True, text=True, timeout=240, env=os.environ)
-        assert done.returncode != 0 and said in done.stderr
+    tiny = [arg for arg in DDP_TINY if not arg.startswith("--train.grad_accum=")]  # 'auto' derives it
+    argv = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "blueberry", "run", str(spec_file), *tiny]
+    runs, batch = f"--tracking.runs_root={tmp_path / 'runs'}", "--train.batch_size=4"
+    for extra, said in (
+        ([batch, runs, "--train.lrr=3"], "train.lrr: unknown field"),
+        ([batch, runs, "--resume"], "error: cannot resume"),
+        (["--train.batch_size=auto", "--train.effective_batch=33", runs], "(33) is not divisible by the 2 ranks"),
+        ([batch, "--tracking.runs_root=/proc/blueberry"], "error: tracking.runs_root '/proc/blueberry'"),
+    ):
+        done = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=240, env=os.environ)
+        assert done.returncode != 0 and said in done.stderr, done.stderr[-3000:]
         ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         assert len(ours) == 1 and "[rank1]" not in done.stderr, done.stderr[-3000:]  # (torchrun's own summary stays)
+
+
+def test_sweep_and_study_refuse_to_run_under_torchrun_said_once(tmp_path):
+    """Each rank ran its own sweep, and the trials, inheriting torchrun's variables, joined one another's process
+    group: one trial trained as DDP with another's spec, the other failed."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    argv = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "blueberry"]
+    checkout = Path(__file__).resolve().parent.parent
+    for command in (["sweep", "--dry-run", "sweeps/cpu/ablation.yaml"], ["study", "--dry-run"]):
+        argv_of_command = [*argv, *command, "--runs-root", str(tmp_path / "runs")]
+        done = subprocess.run(argv_of_command, capture_output=True, text=True, timeout=120, cwd=checkout)
+        ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(ours) == 1, done.stderr[-3000:]  # rank 0's; rank 1 exits 2 quietly
+        assert ours[0].startswith(f"error: blueberry {command[0]} starts its trials itself: run it without torchrun")
+        assert "--parallel N runs N trials at once" in ours[0] and "exitcode  : 2" in done.stderr
+        assert not (tmp_path / "runs").exists()

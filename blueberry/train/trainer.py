@@ -338,7 +338,7 @@ class Trainer:
         """Save a checkpoint of `step` (after checking the loss is finite); its path. Under torchrun every rank
         comes here at the same steps and hands rank 0 its `rank_state`, which rank 0 saves with its own state;
         the other ranks save nothing (None)."""
-        self.check_finite()
+        self.check_finite(every_rank=True)  # so a NaN on one rank stops every rank here, naming the step
         with self.metrics.paused():
             ranks = distributed.gather_to_main(self.rank_state()) if self.world.distributed else None
             if not self.world.is_main:
