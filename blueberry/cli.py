@@ -152,8 +152,8 @@ def _loading_libraries():
     Nothing they allocate is garbage, yet the heap's growth to 400,000-odd tracked objects sets off a full
     collection every quarter of growth, each walking all of them, and later ones walk them again. In our own
     process they live until exit, so gc.freeze() then moves them out of the collector's reach for good (the
-    same reason as in `console_main`): a tiny `blueberry run` takes 9.6-10.0 s instead of 10.5-10.8 s on the
-    2-core dev CPU, measured interleaved, and so does every sweep trial. Collections resume after the block:
+    same reason as in `console_main`): a tiny `blueberry run` takes 9.6-10.0 s instead of 10.5-10.8 s on a
+    2-core AMD EPYC, measured interleaved, and so does every sweep trial. Collections resume after the block:
     a long run's cycles are still freed.
     """
     was_enabled = gc.isenabled()
@@ -173,7 +173,7 @@ def console_main():
     Whatever the command's outcome, its work is done and its files are closed when `main` returns or raises
     (SystemExit included). What is left is the interpreter's own teardown, whose garbage collections walk the
     400,000-odd objects torch, transformers and W&B keep alive: 1.1 s of a tiny `blueberry run`'s 13 s on
-    the 2-core dev CPU, paid again by every sweep trial. gc.freeze() moves them out of the collector's reach;
+    a 2-core AMD EPYC, paid again by every sweep trial. gc.freeze() moves them out of the collector's reach;
     the exit handlers (W&B's, logging's) still run, and the OS takes the memory back.
     """
     try:
