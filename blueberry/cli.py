@@ -290,12 +290,11 @@ def run(spec_path, overrides, override_files, resume):
     from blueberry.tracking.preflight import PreflightError, preflight
 
     # What can be checked before torch and transformers load (~7 s on a small CPU) is checked first. Under
-    # torchrun, rank 0 alone: what the preflight checks is rank 0's alone (the runs root, W&B) or read from the
-    # environment the ranks share (prices); a rank 0 that refuses it says so once and never joins the process
-    # group, which the other ranks cannot pass without it, and torchrun then stops them.
+    # torchrun the runs root and W&B are checked by rank 0 alone, which writes them: a rank 0 that refuses them
+    # says so once and never joins the process group, which the other ranks cannot pass without it, and torchrun
+    # then stops them. Every rank checks the environment it reads itself (its machine's prices).
     try:
-        if _torchrun_rank() in (None, 0):
-            preflight(spec)
+        preflight(spec, records=_torchrun_rank() in (None, 0))
     except PreflightError as exc:
         _fail(str(exc))
     _check_data_inputs(spec_path, spec)

@@ -429,6 +429,11 @@ def test_under_torchrun_rank_0_alone_checks_the_runs_root_it_alone_writes(monkey
     monkeypatch.setenv("RANK", "0")
     result = invoke(*args)
     assert result.exit_code == 2 and result.output.startswith("error: tracking.runs_root '/proc/blueberry'")
+    # what a rank reads itself, its own machine's environment, each rank checks (a traceback there otherwise)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("BLUEBERRY_GPU_PRICES", "/nonexistent/prices.json")
+    result = invoke(*args)
+    assert result.exit_code == 2 and result.output.startswith("error: BLUEBERRY_GPU_PRICES:"), result.output
 
 
 def test_sweep_and_study_refuse_to_run_under_torchrun_or_in_a_world_of_several_processes(tmp_path, monkeypatch):

@@ -68,13 +68,17 @@ def check_wandb_run_id() -> None:
         raise PreflightError(f"WANDB_RUN_ID {shown!r} is not a valid W&B run id: {reason}") from None
 
 
-def preflight(spec: RunSpec) -> None:
-    """Everything about where and under which id `spec` would run that can be checked before it starts."""
+def preflight(spec: RunSpec, records: bool = True) -> None:
+    """Everything about where and under which id `spec` would run that can be checked before it starts.
+    `records` False (a torchrun rank other than 0): only what that rank reads itself, its machine's environment;
+    the runs root and W&B are rank 0's alone."""
+    check_price_variables()
+    check_torchrun_variables()
+    if not records:
+        return
     setting = "BLUEBERRY_RUNS_ROOT" if os.environ.get("BLUEBERRY_RUNS_ROOT") else "tracking.runs_root"
     check_writable_dir(runs_root_for(spec), setting)
     check_wandb_run_id()
-    check_price_variables()
-    check_torchrun_variables()
     if spec.tracking.wandb != "disabled":  # else W&B's settings are not read (wandb_settings.run_settings)
         check_wandb_environment(spec.tracking.wandb_dir)
         check_sweep_parameters(spec)
