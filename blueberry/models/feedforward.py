@@ -203,7 +203,7 @@ class TopKMoE(nn.Module):
     # parameters (`BlueberryLM.may_skip_parameters`). `grouped_dispatch` stacks every expert's weights, so
     # there an idle expert gets a zero gradient and its optimizer steps on its momentum, as the GLM-4 and
     # DeepSeek-V3 expert stacks always do. Both need an expert idle for a whole optimizer step, which is rare
-    # (`moe/layer<i>/idle_experts` counts them at each log step).
+    # (`moe/layer<i>/idle_experts` counts, at each log step, those idle through every step since the last one).
     skips_idle_experts = True
 
     def __init__(self, spec: ModelSpec):
