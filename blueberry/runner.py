@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from blueberry.data import prepare_data
 from blueberry.distributed import World
 from blueberry.fileio import is_number, read_json
 from blueberry.gpu_monitor import GpuMonitor, nvidia_driver_loaded
-from blueberry.hardware import NotRunnableHere, bf16_emulated, resolve_device, resolve_precision
+from blueberry.hardware import BatchChoice, NotRunnableHere, bf16_emulated, resolve_device, resolve_precision
 from blueberry.overrides import value_at
 from blueberry.perf import QUICK_CEILING
 from blueberry.plan import Build, RunPlan, build
@@ -102,6 +102,8 @@ def execute(spec: RunSpec, *, log=print, resume: bool | None = None, own_process
         try:
             follower = FollowerCheckpointer(built.spec.train.checkpoint_every)
             resume_state = resume_point_from_main(stop)
+            if resume_state is not None:  # rank 0's micro-batch split, its earlier attempt's (header_stage)
+                built = with_batch(built, BatchChoice(**resume_state["batch"]))
             summary = train(
                 built.spec, built.model, data, distributed.NullTracker(), built.device, built.precision,
                 checkpointer=follower, resume=resume_state, stop=stop,
@@ -227,7 +229,7 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
         also_accept=legacy,
     )  # fmt: skip
     try:
-        run.resume_state = _resume_state(claimed, run.checkpointer, (spec_hash, *legacy), log)
+        run.resume_state = _resume_state(claimed, run.checkpointer, (spec_hash, *legacy), run.data.fingerprint, log)
         if resume and run.resume_state is None and not restarted:  # every checkpoint it had was set aside
             raise ResumeError(f"nothing to resume: {claimed.path} has no readable checkpoint")
     except BaseException:
@@ -238,14 +240,17 @@ def claim_stage(run: Run, resume: bool | None, log) -> None:
 
 def header_stage(run: Run, mode: str, why: str, log) -> None:
     """The run record's header (the W&B run it continues, for a resumed one); say what runs where."""
-    spec, built, data, claimed = run.spec, run.built, run.data, run.claimed
+    claimed = run.claimed
+    if run.resume_state is not None:  # one run's windows drawn at one micro-batch split, its MFU against one peak
+        run.built = earlier_batch(run.built, claimed.path, log)
+        run.resume_state["batch"] = asdict(run.built.plan.batch)  # for the other ranks under torchrun (execute)
+        run.built.plan = earlier_peak(run.built.plan, claimed.path)
+    spec, built, data = run.spec, run.built, run.data
     params = built.params
     split = optimizer_split(built.model, spec.train)  # parameters under Muon / AdamW
     run.wandb_id, run.wandb_resume = wandb_identity(claimed, os.environ.get("WANDB_RUN_ID"), mode, run.name)
     if claimed.reused:  # the W&B run to continue lives where its first attempt put it
         run.wandb_settings = {**run.wandb_settings, **stored_wandb_place(claimed.path)}
-    if run.resume_state is not None:  # one run's MFU against one peak
-        run.built.plan = earlier_peak(run.built.plan, claimed.path)
     run.header = make_header(
         run_id=claimed.path.name,
         name=run.name,
@@ -303,8 +308,9 @@ def tracker_stage(run: Run, mode: str, log) -> None:
     """W&B and the run record behind the metrics processor (MFU, GPU readings, cost)."""
     spec, claimed, plan = run.spec, run.claimed, run.built.plan
     record = run.tracker
-    if run.resume_state:  # the `best` checkpoint alias goes on from the resumed run's best
-        run.wandb.best_val_loss = run.resume_state.get("best_val", float("inf"))
+    if run.resume_state:  # the `best` checkpoint alias goes on from the best checkpointed val loss (Trainer)
+        # a checkpoint written before it was kept: the best of every evaluation, as resumes took it then
+        run.wandb.best_val_loss = run.resume_state.get("best_checkpoint_val", run.resume_state["best_val"])
     run.tracker = MetricsProcessor(
         Trackers(record, run.wandb),
         plan.flops_per_token,
@@ -440,6 +446,35 @@ def earlier_peak(plan: RunPlan, run_dir: Path) -> RunPlan:
     return replace(plan, peak_flops=earlier["peak_flops"], peak_source=f"{QUICK_CEILING} (of the run's first attempt)")
 
 
+def earlier_batch(built: Build, run_dir: Path, log=print) -> Build:
+    """`built` with the micro-batch split of the run's earlier attempt where `batch_size: auto` chose another from
+    the memory free now: the sampler draws each micro-step's windows by its index, so 8 x 4 trains on other windows
+    than 32 x 1, and the resumed run ended unlike an uninterrupted one. Where the split chosen now is smaller (a
+    larger one did not fit), the earlier one is kept all the same, and the run says it may run out of memory."""
+    chosen = built.plan.batch
+    hardware = (read_json(run_dir / SPEC_FILE) or {}).get("hardware")
+    earlier = hardware.get("batch") if isinstance(hardware, dict) else None
+    if chosen.how != "auto" or not isinstance(earlier, dict):
+        return built
+    micro, accum = earlier.get("micro_batch"), earlier.get("grad_accum")
+    whole = type(micro) is int and type(accum) is int and micro > 0
+    if not whole or micro * accum != chosen.micro_batch * chosen.grad_accum or micro == chosen.micro_batch:
+        return built
+    if micro > chosen.micro_batch:
+        log(
+            f"train.batch_size auto: the resumed run keeps its micro-batch of {micro} x {accum} accumulation (the "
+            f"windows it trains on follow it), though the memory free now fits only {chosen.micro_batch} x "
+            f"{chosen.grad_accum}: free memory if it runs out, or start a new run with --no-resume"
+        )
+    return with_batch(built, BatchChoice(micro, accum, chosen.effective_batch, "auto (of the run's first attempt)"))
+
+
+def with_batch(built: Build, batch: BatchChoice) -> Build:
+    """`built` training with the micro-batch split `batch`, its spec and record too."""
+    plan = replace(built.plan, batch=batch)
+    return replace(built, spec=plan.apply(built.spec), plan=plan)
+
+
 def stored_wandb_place(run_dir: Path) -> dict[str, Choice]:
     """The W&B project, entity and directory an earlier attempt of this run used (its spec.json), so a resume
     continues that W&B run whatever the environment says now; fields it did not record are absent."""
@@ -515,17 +550,30 @@ def _left_by_an_earlier_start(header: dict, job: dict | None) -> bool:
     return theirs.get("id") == job["id"] != "none" and type(restart) is int and restart < job["restart"]
 
 
-def _resume_state(claimed: RunDir, checkpointer: Checkpointer, hashes: tuple[str, ...], log=print) -> dict | None:
+def _resume_state(
+    claimed: RunDir, checkpointer: Checkpointer, hashes: tuple[str, ...], fingerprint: str, log=print
+) -> dict | None:
     """The latest checkpoint of a reused run directory, checked against this spec (`hashes`: its spec_hash, then
-    other hashes earlier records may hold of it); None to start at step 0."""
+    other hashes earlier records may hold of it) and this attempt's data (`fingerprint`); None to start at step 0."""
     if not claimed.reused:
         return None
     spec_file = claimed.path / SPEC_FILE
-    previous_hash = (read_json(spec_file) or {}).get("spec_hash") if spec_file.exists() else hashes[0]
+    previous = (read_json(spec_file) or {}) if spec_file.exists() else {"spec_hash": hashes[0]}
+    previous_hash = previous.get("spec_hash")
     if previous_hash not in hashes:
         raise ResumeError(
             f"{claimed.path} holds a run of another spec (spec hash {str(previous_hash)[:12]}, "
             f"this spec {hashes[0][:12]}): use another run id or --no-resume"
+        )
+    # The spec hash covers a dataset's path, not its content: a file, tokenizer folder or Hub revision changed
+    # since would continue weights trained on other tokens. Without a checkpoint nothing of them carries over.
+    data = previous.get("data")
+    trained_on = data.get("fingerprint") if isinstance(data, dict) else None
+    if trained_on not in (None, fingerprint) and checkpoint_paths(checkpointer.dir):
+        raise ResumeError(
+            f"{claimed.path} was trained on other data (data fingerprint {str(trained_on)[:12]}, this data "
+            f"{fingerprint[:12]}): put its data.dataset and data.tokenizer back as they were to resume it, or start "
+            "a new run with --no-resume"
         )
     checkpointer.clean_partial()
     state, skipped = checkpointer.load_newest()

@@ -3,6 +3,7 @@
 Signals in-process are real ones (`signal.raise_signal`) delivered while the trainer logs a given step.
 """
 
+import gzip
 import json
 import math
 import os
@@ -126,10 +127,11 @@ def invoke(*args):
     return result
 
 
-def interrupted(tmp_path, monkeypatch, steps: int, at: int) -> tuple[list[str], Path]:
-    """The arguments of a tiny run `ft` (eval at its end) and its run directory after a SIGINT at step `at`."""
+def interrupted(tmp_path, monkeypatch, steps: int, at: int, *extra: str) -> tuple[list[str], Path]:
+    """The arguments of a tiny run `ft` (eval at its end; `extra` after them) and its run directory after a SIGINT
+    at step `at`."""
     args = [*TINY, f"--train.steps={steps}", "--train.log_every=2", f"--train.eval_every={steps}", "--experiment=ft"]
-    args += [f"--tracking.runs_root={tmp_path / 'runs'}"]
+    args += [f"--tracking.runs_root={tmp_path / 'runs'}", *extra]
     with monkeypatch.context() as patch:
         _interrupt_at(patch, step=at)
         assert invoke(*args).exit_code == 130
@@ -630,3 +632,76 @@ def test_a_resumed_run_keeps_its_first_attempts_measured_peak(tmp_path, monkeypa
     assert hardware["peak_flops"] == 1e9 and hardware["peak_source"].endswith("(of the run's first attempt)")
     rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if row.get("perf/mfu")]
     assert len(rows) == 3 and {round(row["perf/tflops"] * 1e12 / row["perf/mfu"], -3) for row in rows} == {1e9}
+
+
+def test_a_resume_on_changed_data_is_refused_naming_both_fingerprints(tmp_path, monkeypatch):
+    """The spec hash covers a dataset's path, not its content: a file rewritten between attempts would continue a
+    checkpoint trained on the old data (the BPE, retrained on the new split, gives its token ids other meanings)."""
+    with gzip.open(REPO / "blueberry/data/austen.jsonl.gz", "rt", encoding="utf-8") as handle:
+        chapters = handle.readlines()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(chapters[:30]))
+    args, run_dir = interrupted(tmp_path, monkeypatch, 4, 2, f"--data.dataset={corpus}")
+    before = json.loads((run_dir / "spec.json").read_text())["data"]["fingerprint"]
+    corpus.write_text("".join(chapters[30:60]))
+    record = lambda: {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".log"}  # noqa: E731
+    kept = record()
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert f"data fingerprint {before[:12]}" in result.output and "--no-resume" in result.output
+    assert record() == kept  # left as it was, resumable on the data it trained on
+    corpus.write_text("".join(chapters[:30]))  # the data restored: the run continues
+    result = invoke(*args)
+    assert result.exit_code == 0 and "resuming the interrupted run from step 2" in result.output, result.output
+
+
+@pytest.mark.parametrize("free", [(2**40, 1), (1, 2**40)], ids=["less-memory-now", "more-memory-now"])
+def test_a_resumed_auto_batch_keeps_its_first_attempts_split(tmp_path, monkeypatch, free):
+    """batch_size auto chooses from the memory free at the start: a resume choosing 1 x 8 where its first attempt
+    chose 8 x 1 drew other windows (the sampler draws per micro-step), so it ended unlike an uninterrupted run."""
+    import blueberry.plan as plan
+
+    auto = ["--train.batch_size=auto", "--train.effective_batch=8", "--train.log_every=2", "--train.eval_every=3"]
+    monkeypatch.setattr(plan, "memory_available_bytes", lambda: free[0])
+    clean = [*TINY, *auto, "--train.steps=6", "--experiment=ft", f"--tracking.runs_root={tmp_path / 'clean'}"]
+    clean = execute(load_spec(QUICKSTART, clean), log=print)
+    first = json.loads((clean.run_dir / "spec.json").read_text())["hardware"]["batch"]
+    args, run_dir = interrupted(tmp_path, monkeypatch, 6, 2, *auto)
+    monkeypatch.setattr(plan, "memory_available_bytes", lambda: free[1])
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    batch = json.loads((run_dir / "spec.json").read_text())["hardware"]["batch"]
+    assert (batch["micro_batch"], batch["grad_accum"]) == (first["micro_batch"], first["grad_accum"]), result.output
+    assert comparable(run_dir) == comparable(clean.run_dir)
+    assert ("the memory free now fits only 1 x 8" in result.output) == (free[1] < free[0])
+
+
+def test_the_best_checkpoint_alias_after_a_resume_is_that_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """W&B's `best` alias goes to the checkpoint with the lowest val loss among checkpointed evaluations. A resume
+    went on from the best of every evaluation (step 2's 1.0, never checkpointed), so no later checkpoint beat it
+    and `best` stayed on step 4 (3.0) where an uninterrupted run moves it to step 8 (2.0)."""
+    from blueberry.train import trainer
+
+    real, losses = trainer.evaluate, [1.0, 3.0, 2.5, 2.0, 2.8, 2.9]  # at steps 2, 4, ..., 12
+
+    def evaluate(*args, **kwargs):
+        loss = losses.pop(0)
+        return {**real(*args, **kwargs), "val/loss": loss, "val/perplexity": math.exp(loss)}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    args = [*TINY, "--train.steps=12", "--train.log_every=1", "--train.eval_every=2", "--train.checkpoint_every=4"]
+    args += ["--tracking.wandb_checkpoints=true", "--experiment=ft", f"--tracking.runs_root={tmp_path / 'runs'}"]
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, step=5)
+        assert invoke(*args).exit_code == 130
+    time.sleep(1.1)  # W&B names a segment's folder by its start second
+    assert invoke(*args).exit_code == 0 and losses == []
+    (run_dir,) = (tmp_path / "runs" / "ft").iterdir()
+    logs = [read_wandb_log(s) for s in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    versions = [a for log in logs for a in log.artifacts if a["name"].startswith("checkpoint-")]
+    assert [(a["metadata"]["step"], "best" in a["aliases"]) for a in versions] == [
+        (4, True),
+        (5, False),
+        (8, True),  # 2.0 < 3.0, the best checkpointed loss so far
+        (12, False),
+    ]

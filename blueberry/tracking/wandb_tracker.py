@@ -68,7 +68,8 @@ class WandbTracker:
         self.run_id = run_id
         self.continues = resume in ("allow", "must")  # an earlier attempt of this W&B run exists
         self.say = log
-        self.best_val_loss = float("inf")  # lowest val/loss so far: its checkpoint gets the `best` alias
+        # lowest val/loss of a checkpoint so far (a resume sets the checkpoint's): its checkpoint got the `best` alias
+        self.best_val_loss = float("inf")
         self._last_val: tuple[int, float] | None = None  # (step, val/loss) of the latest evaluation
         # W&B's files next to the run record unless the spec or WANDB_DIR says otherwise (wandb_settings)
         self.dir = Path(dir) if dir else Path(run_dir)

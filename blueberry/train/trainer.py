@@ -197,6 +197,9 @@ class Trainer:
         self.summary: dict = {}
         self.window = MetricWindow(device)
         self.best_val = math.inf
+        # The lowest val loss among checkpointed steps (W&B's `best` checkpoint alias), which a resume goes on from:
+        # the best of every evaluation may be a step never checkpointed, which no later checkpoint then beat.
+        self.best_checkpoint_val = math.inf
         self.start_step, self.elapsed_before, self.wall_before, self.energy_before = 0, 0.0, 0.0, None
         # First step whose loss or (unscaled) grad norm was NaN/inf, 0 for none: kept on the device, read at syncs.
         self.bad_step = torch.zeros((), dtype=torch.long, device=device)
@@ -212,6 +215,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "window": self.window.state_dict(),
             "best_val": self.best_val,
+            "best_checkpoint_val": self.best_checkpoint_val,
             "summary": self.summary,
             "elapsed_s": self.metrics.elapsed(),
             "wall_s": self.metrics.wall_s(),
@@ -235,6 +239,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])  # (a bf16 GPU, a CPU); here the loss scale starts afresh
         self.window.load_state_dict(own["window"])
         self.start_step, self.best_val, self.elapsed_before = state["step"], state["best_val"], state["elapsed_s"]
+        self.best_checkpoint_val = state.get("best_checkpoint_val", self.best_val)  # checkpoints before it: as then
         self.wall_before = state.get("wall_s", self.elapsed_before)  # checkpoints before wall_s: training time
         self.energy_before = state.get("energy_wh")  # None: no GPU energy read, or a checkpoint from before it
         self.summary = dict(state["summary"])  # complete even if the run died after its final checkpoint
@@ -325,7 +330,8 @@ class Trainer:
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
 
-    def eval_step(self, step: int) -> None:
+    def eval_step(self, step: int) -> float:
+        """Evaluate, log and return the val loss."""
         with self.metrics.paused():
             val = evaluate(self.model, self.val_windows, self.cfg.batch_size, self.device, self.autocast)
             if not math.isfinite(val["val/loss"]):
@@ -333,12 +339,15 @@ class Trainer:
             self.best_val = min(self.best_val, val["val/loss"])
             self.metrics.log({**val, "trainer/tokens": step * self.tokens_per_step}, step)
             self.summary.update(val)
+        return val["val/loss"]
 
-    def checkpoint(self, step: int):
-        """Save a checkpoint of `step` (after checking the loss is finite); its path. Under torchrun every rank
-        comes here at the same steps and hands rank 0 its `rank_state`, which rank 0 saves with its own state;
-        the other ranks save nothing (None)."""
+    def checkpoint(self, step: int, val_loss: float | None = None):
+        """Save a checkpoint of `step` (after checking the loss is finite; `val_loss`: the step's, if evaluated); its
+        path. Under torchrun every rank comes here at the same steps and hands rank 0 its `rank_state`, which rank 0
+        saves with its own state; the other ranks save nothing (None)."""
         self.check_finite(every_rank=True)  # so a NaN on one rank stops every rank here, naming the step
+        if val_loss is not None:
+            self.best_checkpoint_val = min(self.best_checkpoint_val, val_loss)
         with self.metrics.paused():
             ranks = distributed.gather_to_main(self.rank_state()) if self.world.distributed else None
             if not self.world.is_main:
@@ -375,12 +384,11 @@ class Trainer:
             is_last = step == cfg.steps
             if step % cfg.log_every == 0 or is_last:
                 self.log_step(step, grad_norm, step_lrs)
-            if step % cfg.eval_every == 0 or is_last:
-                self.eval_step(step)
+            val_loss = self.eval_step(step) if step % cfg.eval_every == 0 or is_last else None
             if self.progress is not None:
                 self.progress.update(1)
             signum = self.stop_vote.result()  # under torchrun, every rank's answer: they stop after the same step
-            path = self.checkpoint(step) if self.checkpoint_due(step, signum is not None) else None
+            path = self.checkpoint(step, val_loss) if self.checkpoint_due(step, signum is not None) else None
             if signum is not None:
                 raise TrainingInterrupted(signum, step, path)
         self.summary.update(
