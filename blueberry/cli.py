@@ -555,27 +555,13 @@ def _need_checkout(command: str, *folders: str) -> None:
 def bench(ceiling, quick, out, against, specs, rounds):
     """Measure tokens/s, MFU and memory per variant, the speed ratios and the speed targets; print one table.
     With --against REV: how much faster (or slower) this tree trains than revision REV, measured interleaved."""
+    if against is not None and not against.strip():
+        _fail("--against needs a git revision (a branch, tag or commit), not an empty one")
     if against and (ceiling or quick):
         _fail("--against measures two versions of the study's steps; it does not combine with --ceiling or --quick")
     if not against and (specs or rounds):
         _fail("--spec and --rounds choose what --against compares; give --against REV with them")
     _check_out(out)
-    if against:
-        from blueberry.bench.compare import DEFAULT_SPECS, CompareError, compare, format_comparison, save_comparison
-        from blueberry.terminal import stop_signals_raise
-
-        try:
-            with stop_signals_raise():  # so the checked-out worktree is removed on `kill` too
-                outcome = compare(
-                    against, specs or DEFAULT_SPECS, rounds or 3, log=lambda msg: click.echo(msg, err=True)
-                )
-        except CompareError as exc:
-            _fail(str(exc))
-        except KeyboardInterrupt as exc:
-            _fail("bench interrupted", 128 + getattr(exc, "signum", signal.SIGINT))
-        click.echo(format_comparison(outcome))
-        click.echo(f"saved: {save_comparison(outcome, out)}")
-        return
     if ceiling:
         from blueberry.bench.suite import measure_ceilings
         from blueberry.perf import ceiling_cache_path
@@ -585,12 +571,41 @@ def bench(ceiling, quick, out, against, specs, rounds):
         if not quick:
             click.echo(f"cached in {ceiling_cache_path()} (runs use it for perf/mfu)")
         return
-    _need_checkout("blueberry bench", "experiments")
+    from blueberry.bench.compare import DEFAULT_SPECS, CompareError, compare, format_comparison, save_comparison
+    from blueberry.terminal import stop_signals_raise
+    from blueberry.tracking.preflight import PreflightError, check_price_variables
+
+    try:
+        check_price_variables()  # every measurement's plan prices its device: a bad value failed each one
+    except PreflightError as exc:
+        _fail(str(exc))
+    if not against:
+        _need_checkout("blueberry bench", "experiments")
     from blueberry.bench import format_table, run_bench
 
-    outcome = run_bench(quick=quick, out_dir=out, log=lambda msg: click.echo(msg, err=True))
-    click.echo(format_table(outcome))
-    click.echo(f"saved: {outcome['saved']}")
+    def log(message):
+        click.echo(message, err=True)
+
+    try:
+        # `kill` stops it as Ctrl-C does: the checked-out worktree is removed, the background load's processes end
+        with stop_signals_raise():
+            if against:
+                outcome = compare(against, specs or DEFAULT_SPECS, rounds or 3, log=log)
+            else:
+                outcome = run_bench(quick=quick, out_dir=out, log=log)
+    except CompareError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt as exc:
+        _fail("bench interrupted", 128 + getattr(exc, "signum", signal.SIGINT))
+    if not against:
+        click.echo(format_table(outcome))
+        click.echo(f"saved: {outcome['saved']}")
+        return
+    click.echo(format_comparison(outcome))
+    click.echo(f"saved: {save_comparison(outcome, out)}")
+    unmeasured = [spec for spec, summary in outcome["summary"].items() if summary["speedup"] is None]
+    if unmeasured:  # the table says why; a script must not read the comparison as done
+        _fail(f"no round measured both versions of {', '.join(unmeasured)}", 1)
 
 
 @main.command(context_settings=PASS_THROUGH)

@@ -50,8 +50,13 @@ print(json.dumps({**out, "package": blueberry.__file__}))
 """
 
 
+# What WORKER imports from a version's tree: each file and the function it must define there.
+WORKER_NEEDS = {"blueberry/bench/measure.py": "measure_throughput", "blueberry/overrides.py": "load_spec"}
+
+
 class CompareError(Exception):
-    """The comparison cannot start: not a git checkout, an unknown revision, a spec file missing."""
+    """The comparison cannot start: not a git checkout, an unknown revision, a spec file missing, a base revision
+    without what the comparison runs."""
 
 
 def _git(tree: Path, *args: str) -> str:
@@ -86,6 +91,22 @@ def checked_out(tree: Path, commit: str):
             yield path
         finally:
             subprocess.run(["git", "-C", str(tree), "worktree", "remove", "--force", str(path)], capture_output=True)
+
+
+def check_base(base: Path, revision: str, specs: tuple[str, ...]) -> None:
+    """CompareError unless the checked-out `base` holds what the comparison runs there: WORKER's functions and
+    each spec file. Otherwise every base measurement fails, after this tree was timed for nothing in each round."""
+    missing = [f"{name} in {path}" for path, name in WORKER_NEEDS.items() if f"def {name}(" not in _read(base / path)]
+    missing += [spec for spec in specs if not (base / spec).is_file()]
+    if missing:
+        raise CompareError(f"--against {revision!r} cannot be measured: it has no {', '.join(missing)}")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):  # absent (or no text): it defines nothing
+        return ""
 
 
 def measure_in(tree: Path, spec_path: str, overrides: list[str], threads: int, warmup: int, repeats: int) -> dict:
@@ -177,6 +198,7 @@ def compare(
     started, load_before = time.time(), os.getloadavg()[0]
     rows = []
     with checked_out(tree, commit) as base_tree:
+        check_base(base_tree, revision, specs)
         trees = {"base": base_tree, "current": tree}
         for spec in specs:
             for r, version in interleaved_order(rounds):

@@ -50,8 +50,10 @@ print(json.dumps({"step_s": r["step_s"], "threads": torch.get_num_threads()}))
 """
 
 
-def _spin(stop_at: float) -> None:
-    while time.time() < stop_at:
+def _spin(stop_at: float, parent: int) -> None:
+    # Adopted by another process once the bench is gone, killed (even `kill -9`) without stopping its load:
+    # the spinner then ends rather than loading the machine until `stop_at`.
+    while time.time() < stop_at and os.getppid() == parent:
         pass
 
 
@@ -60,7 +62,9 @@ class _Load:
 
     def __init__(self, n: int):
         ctx = multiprocessing.get_context("spawn")
-        self.spinners = [ctx.Process(target=_spin, args=(time.time() + 900,)) for _ in range(n)]
+        # daemons: ended at the bench's exit even when it stops (Ctrl-C, `kill`) before the block is entered
+        args = (time.time() + 900, os.getpid())
+        self.spinners = [ctx.Process(target=_spin, args=args, daemon=True) for _ in range(n)]
 
     def __enter__(self):
         for p in self.spinners:
@@ -101,6 +105,9 @@ def _worker(
             proc.kill()
             proc.communicate()
             return {"error": "timed out"}
+        except BaseException:  # interrupted (`kill` reaches the bench alone): the worker must not train on
+            proc.kill()
+            raise
     if proc.returncode != 0:
         return {"error": (stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(stdout.strip().splitlines()[-1])

@@ -112,7 +112,8 @@ def measure_throughput(spec: RunSpec, warmup: int = 2, repeats: int = 5) -> dict
     wall = time.perf_counter() - start
     step_times = [row["perf/step_time_s"] for row in tracker.rows if "perf/step_time_s" in row]
     step_s = statistics.median(step_times[warmup:])
-    tokens_per_step = spec.train.batch_size * spec.train.grad_accum * spec.data.seq_len
+    run = built.spec  # as planned: a batch_size "auto" resolved to a number
+    tokens_per_step = run.train.batch_size * run.train.grad_accum * run.data.seq_len
     return {
         "precision": precision,
         "tokens_per_step": tokens_per_step,
@@ -243,16 +244,22 @@ def first_step_latency(spec_path: str, cold: bool, timeout_s: float = 300) -> di
         start = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         latency = None
-        while latency is None and time.perf_counter() - start < timeout_s:
-            for path in runs.glob("*/*/metrics.jsonl"):
-                if any(json.loads(line).get("step") == 1 for line in path.read_text().splitlines() if line.strip()):
-                    latency = time.perf_counter() - start
-            if proc.poll() is not None and latency is None:
-                break
-            time.sleep(0.05)
-        if latency is not None:
-            proc.kill()  # the rest of the run (its final evaluation) is not what is measured
-        _, stderr = proc.communicate(timeout=timeout_s)
+        try:
+            while latency is None and time.perf_counter() - start < timeout_s:
+                for path in runs.glob("*/*/metrics.jsonl"):
+                    lines = path.read_text().splitlines()
+                    if any(json.loads(line).get("step") == 1 for line in lines if line.strip()):
+                        latency = time.perf_counter() - start
+                if proc.poll() is not None and latency is None:
+                    break
+                time.sleep(0.05)
+        finally:
+            # measured (the rest, its final evaluation, is not what is measured), timed out, or interrupted:
+            # the run must not go on alone
+            running = proc.poll() is None
+            proc.kill()
+        _, stderr = proc.communicate()
     if latency is None:
-        raise RuntimeError(f"`blueberry run` logged no first step (exit {proc.returncode}): {stderr[-2000:]}")
+        ended = f"still running after {timeout_s:.0f} s" if running else f"exit {proc.returncode}"
+        raise RuntimeError(f"`blueberry run` logged no first step ({ended}): {stderr[-2000:]}")
     return {"first_step_s": latency, "cold_cache": cold}

@@ -27,7 +27,8 @@ from blueberry.provenance import SOURCE_TREE, code_version, library_versions
 
 EXPERIMENTS = SOURCE_TREE / "experiments"  # the checkout's specs, wherever bench runs (the CLI checks they exist)
 QUICKSTART = str(EXPERIMENTS / "quickstart.json")
-# The presets with a 512d experiment file (registry.py), and the dense one whose MFU is a target.
+# The presets with a 512d experiment file (registry.py; every preset is measured at the quickstart shape), and
+# the dense one whose MFU is a target.
 STUDY_512D = {p.name: str(EXPERIMENTS / p.bench_spec) for p in registry.PRESETS.values() if p.bench_spec}
 DENSE_512D = registry.preset_for("mha", "mlp").name
 # The bench's tiny stand-in for tests (`--quick`): seconds per case.
@@ -101,8 +102,7 @@ def build_cases(quick: bool, fast: str = "bf16") -> list[Case]:
         group = "/".join(key.split("/")[:2])  # shape/variant
         cases.append(Case(key, shape, label, path, [*overrides, *tiny], group, rounds))
 
-    for variant in STUDY_512D:
-        preset = registry.PRESETS[variant]
+    for variant, preset in registry.PRESETS.items():
         add(f"q/{variant}/fp32", "quickstart", variant, QUICKSTART, _overrides(variant, "fp32"))
         if fast == "bf16" or variant == DENSE_512D:
             bf16_rounds = rounds if fast == "bf16" else 1
@@ -264,10 +264,11 @@ def compute_ratios(results: dict) -> dict[str, float | None]:
     return out
 
 
-def optimizer_shares(cases: list[Case], results: dict, fast: str, log=print) -> dict[str, float]:
+def optimizer_shares(cases: list[Case], results: dict, fast: str, log=print) -> dict[str, float | dict]:
     """The optimizer step's share of a training step (one micro-batch per step, as the bench times it; the
     study's grad_accum 4 divides it by about 4) for each shape's MoE and dense cases at their precision, and
-    the MoE/dense step with it taken out of both (`moe_dense_without_optimizer`)."""
+    the MoE/dense step with it taken out of both (`moe_dense_without_optimizer`). A share that could not be
+    measured is {"error": why}."""
     from blueberry.train.muon import orthogonaliser_dtype
 
     shares = {}
@@ -279,7 +280,12 @@ def optimizer_shares(cases: list[Case], results: dict, fast: str, log=print) -> 
         if (parts[0], parts[2]) not in (("q", "fp32"), ("s", fast)):
             continue
         spec = load_spec(case.spec_path, case.overrides)
-        seconds = optimizer_step_s(spec)
+        try:
+            seconds = optimizer_step_s(spec)
+        except Exception as exc:  # one failing model must not lose the other cases' shares, nor the bench
+            shares[f"optimizer step/step {case.key}"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"optimizer step {case.key} failed: {type(exc).__name__}: {exc}")
+            continue
         results[case.key]["optimizer_step_s"] = seconds
         shares[f"optimizer step/step {case.key}"] = seconds / results[case.key]["step_s"]
         dtype = orthogonaliser_dtype(resolve_device(spec.train.device))
@@ -350,6 +356,50 @@ def check_targets(
     return out
 
 
+def guarded(stage: str, log, measure, *args, **kwargs) -> dict:
+    """`measure(*args, **kwargs)`, or {"error": why} (logged) if it raises: the stages after the cases must not
+    lose the cases' figures, which are saved only at the end."""
+    try:
+        return measure(*args, **kwargs)
+    except Exception as exc:
+        log(f"{stage} failed: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def measure_after_cases(cases: list[Case], results: dict, quick: bool, fast: str, log=print) -> tuple:
+    """The stages after the cases, each {"error": why} where it failed: tracking overhead, first-step latency
+    (by cache), step time under load, the optimizer step's shares (with the MoE/dense step without it) and the
+    report's build time."""
+    tracking_spec = load_spec(QUICKSTART, TINY if quick else [])
+    steps, repeats = (10, 1) if quick else (20, 5)
+    tracking = guarded("tracking overhead", log, tracking_overhead, tracking_spec, steps=steps, repeats=repeats)
+    if "error" not in tracking:
+        log(f"tracking overhead {tracking['overhead']:+.1%}")
+    latency = {}
+    if not quick:
+        # fills the tokenizer cache and the OS file cache; where even this run fails, so would the timed ones
+        filled = guarded("first step (filling the caches)", log, first_step_latency, QUICKSTART, cold=False)
+        for name, cold in (("warm", False), ("cold", True)):
+            if "error" in filled:
+                latency[name] = filled
+                continue
+            latency[name] = guarded(f"first step ({name} cache)", log, first_step_latency, QUICKSTART, cold=cold)
+            if "error" not in latency[name]:
+                log(f"first step ({name} cache): {latency[name]['first_step_s']:.1f} s")
+    load_steps = 1 if quick else 5
+    contention = guarded("step time under load", log, measure_contention, QUICKSTART, TINY if quick else [], load_steps)
+    for policy in POLICIES:
+        if "ratio" in contention.get(policy, {}):
+            c = contention[policy]
+            floor = f" (a fair scheduler's floor {c['floor']:.2f})" if "floor" in c else ""
+            log(
+                f"contention ({policy}): loaded/idle step {c['ratio']:.2f}{floor}, "
+                f"load arriving later {c['later_ratio']:.2f}"
+            )
+    shares = optimizer_shares(cases, results, fast, log)
+    return tracking, latency, contention, shares, report_build_time(quick)
+
+
 def run_bench(quick: bool = False, out_dir: str | Path = "reports/bench", log=print) -> dict:
     started, load_before = time.time(), os.getloadavg()
     hardware, fast = detect(ask_cuda=True), native_precision()  # on a GPU the bench uses CUDA anyway
@@ -364,26 +414,8 @@ def run_bench(quick: bool = False, out_dir: str | Path = "reports/bench", log=pr
     log(f"GEMM ceiling (best of start and end): fp32 {ceilings['fp32'] / 1e12:.3f}, bf16 {ceilings['bf16'] / 1e12:.3f}")
     peaks = mfu_peaks(ceilings, resolve_device("auto"))
     add_mfu(results, peaks)
-    tracking_spec = load_spec(QUICKSTART, TINY if quick else [])
-    tracking = tracking_overhead(tracking_spec, steps=10 if quick else 20, repeats=1 if quick else 5)
-    log(f"tracking overhead {tracking['overhead']:+.1%}")
-    latency = {}
-    if not quick:
-        first_step_latency(QUICKSTART, cold=False)  # fills the tokenizer cache and the OS file cache
-        for name, cold in (("warm", False), ("cold", True)):
-            latency[name] = first_step_latency(QUICKSTART, cold=cold)
-            log(f"first step ({name} cache): {latency[name]['first_step_s']:.1f} s")
-    contention = measure_contention(QUICKSTART, TINY if quick else [], steps=1 if quick else 5)
-    for policy in POLICIES:
-        if "ratio" in contention[policy]:
-            c = contention[policy]
-            floor = f" (a fair scheduler's floor {c['floor']:.2f})" if "floor" in c else ""
-            log(
-                f"contention ({policy}): loaded/idle step {c['ratio']:.2f}{floor}, "
-                f"load arriving later {c['later_ratio']:.2f}"
-            )
-    ratios = {**compute_ratios(results), **optimizer_shares(cases, results, fast, log)}
-    report = report_build_time(quick)
+    tracking, latency, contention, shares, report = measure_after_cases(cases, results, quick, fast, log)
+    ratios = {**compute_ratios(results), **shares}
     outcome = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": quick,
@@ -412,6 +444,11 @@ def run_bench(quick: bool = False, out_dir: str | Path = "reports/bench", log=pr
 
 def _fmt(value, spec: str, missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
+
+
+def _failed(entry: dict) -> str:
+    """A stage's {"error": why} as a table cell: one line, short."""
+    return f"failed: {' '.join(entry['error'].split())[:200]}"
 
 
 def format_table(outcome: dict) -> str:
@@ -445,16 +482,22 @@ def format_table(outcome: dict) -> str:
         )
     lines += ["", "| ratio | value |", "|---|---:|"]
     for name, value in outcome["ratios"].items():
-        lines.append(f"| {name} | {_fmt(value, '.2f')} |")
+        lines.append(f"| {name} | {_failed(value) if isinstance(value, dict) else _fmt(value, '.2f')} |")
     tracking = outcome["tracking"]
-    lines.append(
-        f"| tracking on/off step time − 1 ({tracking['steps']} steps, log every {tracking['log_every']}) | "
-        f"{tracking['overhead']:+.1%} (log calls {tracking['log_share']:.1%}; "
-        f"W&B init {tracking['wandb_init_s']:.1f} s once) |"
-    )
+    if "error" in tracking:
+        lines.append(f"| tracking on/off step time − 1 | {_failed(tracking)} |")
+    else:
+        lines.append(
+            f"| tracking on/off step time − 1 ({tracking['steps']} steps, log every {tracking['log_every']}) | "
+            f"{tracking['overhead']:+.1%} (log calls {tracking['log_share']:.1%}; "
+            f"W&B init {tracking['wandb_init_s']:.1f} s once) |"
+        )
     for name, lat in outcome["first_step_latency"].items():
-        lines.append(f"| first step after `blueberry run` ({name} cache) | {lat['first_step_s']:.1f} s |")
+        shown = _failed(lat) if "error" in lat else f"{lat['first_step_s']:.1f} s"
+        lines.append(f"| first step after `blueberry run` ({name} cache) | {shown} |")
     contention = outcome.get("contention", {})
+    if "error" in contention:
+        lines.append(f"| step time under a background load ÷ idle | {_failed(contention)} |")
     for policy in POLICIES:
         c = contention.get(policy)
         if c is None:

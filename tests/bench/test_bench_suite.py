@@ -3,6 +3,13 @@
 No timing is asserted: figures on a shared 2-core machine are noise. `make bench` is where speed is read.
 """
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -248,3 +255,104 @@ def test_contention_worker_waits_for_the_load_arriving_later():
     later = _worker("blueberry", 1, QUICKSTART, TINY, load=0, later=True, threads=1)
     assert "error" not in later, later
     assert later["step_s"] > 0 and later["threads"] == 1
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (a zombie, exited but not yet reaped by whoever adopted it, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_the_contention_load_stops_when_the_bench_is_killed():
+    """`kill -9` of the bench runs no cleanup: its busy-loop processes must not spin on alone (for 15 minutes)."""
+    parent = "import sys, time\nfrom blueberry.bench.contention import _Load\n"
+    parent += "load = _Load(1)\nload.__enter__()\nprint(*(p.pid for p in load.spinners), flush=True)\ntime.sleep(600)\n"
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    spinners = [int(pid) for pid in proc.stdout.readline().split()]
+    try:
+        assert spinners and all(_alive(pid) for pid in spinners)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30  # a generous bound for a loaded machine, not a speed claim
+        while any(_alive(pid) for pid in spinners) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in spinners if _alive(pid)]
+    finally:
+        for pid in spinners:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_tokens_per_step_count_the_batch_the_run_resolved():
+    """batch_size "auto" is a string in the spec as written: multiplied, it was string repetition, then a TypeError
+    after the training (`blueberry profile ... --train.batch_size=auto`)."""
+    spec = load_spec(QUICKSTART, [*TINY, "--train.batch_size=auto", "--train.effective_batch=4"])
+    result = measure_throughput(spec, warmup=1, repeats=1)
+    assert result["tokens_per_step"] == 4 * 32 and result["tokens_per_s"] > 0
+
+
+def test_every_preset_is_measured_at_the_quickstart_shape_and_those_with_a_512d_spec_at_512d():
+    from blueberry.bench.suite import STUDY_512D
+    from blueberry.models import registry
+
+    for quick in (True, False):
+        keys = {case.key for case in build_cases(quick=quick)}
+        assert {f"q/{variant}/fp32" for variant in registry.PRESETS} <= keys
+        assert {"q/deepseek_v3/fp32/grouped_mm", "q/deepseek_moe/fp32/dense_equal"} <= keys
+    full = {case.key for case in build_cases(quick=False)}
+    assert {key.split("/")[1] for key in full if key.startswith("s/")} == set(STUDY_512D)
+
+
+def test_a_stage_after_the_cases_that_fails_is_an_error_entry_not_a_lost_bench(monkeypatch):
+    """The cases take most of the bench and are saved only at the end: a later stage's failure is reported."""
+    import blueberry.bench.suite as suite
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken\nsecond line")
+
+    for name in ("tracking_overhead", "first_step_latency", "measure_contention", "optimizer_step_s"):
+        monkeypatch.setattr(suite, name, broken)
+    monkeypatch.setattr(suite, "report_build_time", lambda quick: {"error": "not built here"})
+    cases = [c for c in build_cases(quick=True) if c.key == "q/mlp/fp32"]
+    results = {"q/mlp/fp32": {"step_s": 1.0}}
+    logged = []
+    after = suite.measure_after_cases(cases, results, quick=False, fast="bf16", log=logged.append)
+    tracking, latency, contention, shares, report = after
+    error = {"error": "RuntimeError: broken\nsecond line"}
+    assert tracking == contention == latency["warm"] == latency["cold"] == error
+    assert shares == {"optimizer step/step q/mlp/fp32": error} and "optimizer_step_s" not in results["q/mlp/fp32"]
+    assert "tracking overhead failed: RuntimeError: broken\nsecond line" in logged
+    targets = check_targets(results, shares, {"bf16": None, "fp32": None}, tracking, latency, report, contention)
+    assert not [key for key, target in targets.items() if target["met"] is not None]
+    figures = dict(tracking=tracking, first_step_latency=latency, contention=contention, ratios=shares)
+    table = format_table(bench_outcome(gemm_ceiling_flops={"bf16": 1e12, "fp32": 2e11}, **figures, targets=targets))
+    assert "| tracking on/off step time − 1 | failed: RuntimeError: broken second line |" in table
+    assert "| first step after `blueberry run` (cold cache) | failed: RuntimeError: broken second line |" in table
+    assert "| step time under a background load ÷ idle | failed: RuntimeError: broken second line |" in table
+    assert "| optimizer step/step q/mlp/fp32 | failed: RuntimeError: broken second line |" in table
+
+
+def test_a_first_step_not_reached_in_time_kills_the_run(monkeypatch):
+    """It waited the timeout again for the run to end, then left it running."""
+    from blueberry.bench import measure
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    try:
+        with pytest.raises(RuntimeError, match=r"logged no first step \(still running after 0 s\)"):
+            measure.first_step_latency(QUICKSTART, cold=False, timeout_s=0.1)
+        assert started[0].returncode == -signal.SIGKILL
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()

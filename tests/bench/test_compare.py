@@ -1,7 +1,9 @@
 """`blueberry bench --against REV`: the interleaving, the summary, the worktree's life, bad input, and one real
 measurement of a tree's own code. No timing is asserted."""
 
+import contextlib
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -128,3 +130,97 @@ def test_a_result_line_that_is_not_a_measurement_is_a_failed_row(tmp_path):
     good = f'{{"package": "{tmp_path}/blueberry/__init__.py", "step_s": 1.5, "tokens_per_s": 10, "precision": "fp32"}}'
     assert cmp.read_result(good, tmp_path) == {"step_s": 1.5, "tokens_per_s": 10, "precision": "fp32"}
     assert "outside" in cmp.read_result(good, tmp_path / "other")["error"]
+
+
+def _no_full_bench(monkeypatch):
+    """The full bench takes an hour: a test that would start it fails at once instead."""
+    import blueberry.bench
+
+    def started(**kwargs):
+        raise AssertionError("the full bench started")
+
+    monkeypatch.setattr(blueberry.bench, "run_bench", started)
+
+
+def test_an_empty_against_is_refused_not_read_as_no_comparison(monkeypatch):
+    _no_full_bench(monkeypatch)
+    for empty in ("", " "):
+        result = CliRunner().invoke(main, ["bench", "--against", empty])
+        assert result.exit_code == 2, result.output
+        assert result.output == "error: --against needs a git revision (a branch, tag or commit), not an empty one\n"
+
+
+def test_a_bad_price_variable_is_refused_before_anything_is_measured(monkeypatch, tmp_path):
+    """Every case's plan prices its device: a bad value failed them all, then the bench with a traceback."""
+    _no_full_bench(monkeypatch)
+    monkeypatch.setattr(cmp, "compare", lambda *args, **kwargs: pytest.fail("the comparison started"))
+    monkeypatch.setenv("BLUEBERRY_PRICE_PER_HOUR", "abc")
+    for args in (["bench", "--quick"], ["bench", "--against", "HEAD"]):
+        result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.output.startswith("error: BLUEBERRY_PRICE_PER_HOUR='abc' is not a number")
+        assert len(result.output.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_kill_stops_the_full_bench_as_ctrl_c_does(monkeypatch, tmp_path):
+    """SIGTERM's default ends the process at once: the contention measurement's busy processes spun on."""
+    import blueberry.bench
+    from blueberry import terminal
+
+    def run_bench(**kwargs):
+        assert signal.getsignal(signal.SIGTERM) is terminal._raise_stop
+        raise terminal.StopSignal(signal.SIGTERM)  # what the handler raises on `kill`
+
+    monkeypatch.setattr(blueberry.bench, "run_bench", run_bench)
+    result = CliRunner().invoke(main, ["bench", "--quick", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 143 and result.output == "error: bench interrupted\n", result.output
+
+
+def _spec_tree(root: Path, *files: str) -> Path:
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text((REPO / name).read_text())
+    return root
+
+
+def test_a_base_without_what_the_comparison_runs_is_refused(tmp_path):
+    """A revision from before the bench (or without a spec): every base measurement failed, each round."""
+    spec = "experiments/quickstart.json"
+    with pytest.raises(cmp.CompareError) as refused:
+        cmp.check_base(_spec_tree(tmp_path / "old", spec), "old", (spec,))
+    assert str(refused.value) == (
+        "--against 'old' cannot be measured: it has no measure_throughput in blueberry/bench/measure.py, "
+        "load_spec in blueberry/overrides.py"
+    )
+    base = _spec_tree(tmp_path / "base", "blueberry/bench/measure.py", "blueberry/overrides.py")
+    with pytest.raises(cmp.CompareError, match=f"it has no {spec}$"):
+        cmp.check_base(base, "base", (spec,))
+    cmp.check_base(_spec_tree(base, spec), "base", (spec,))
+
+
+@needs_git
+def test_compare_refuses_a_base_it_cannot_measure_before_measuring(monkeypatch, tmp_path):
+    @contextlib.contextmanager
+    def checked_out(tree, commit):
+        yield tmp_path  # a checkout with no Blueberry in it
+
+    monkeypatch.setattr(cmp, "checked_out", checked_out)
+    measured = []
+    with pytest.raises(cmp.CompareError, match="cannot be measured"):
+        cmp.compare("HEAD", ("experiments/quickstart.json",), measure=lambda *a: measured.append(a), log=print)
+    assert measured == []
+
+
+def test_a_spec_with_no_measured_pair_is_a_failed_comparison(monkeypatch, tmp_path):
+    """The table and the file say which measurements failed; the exit code says the comparison did not happen."""
+    rows = [{"spec": "a.json", "round": 0, "version": "base", "error": "boom"}]
+    outcome = {
+        "against": {"revision": "x", "commit": "0" * 40},
+        **{"precision": "fp32", "threads": 1, "warmup": 1, "repeats": 1, "load_average": [0.0, 0.0]},
+        "summary": {"a.json": cmp.summarise(rows)},
+    }
+    monkeypatch.setattr(cmp, "compare", lambda *args, **kwargs: outcome)
+    result = CliRunner().invoke(main, ["bench", "--against", "x", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "| a.json | — | — | — | failed: boom | 0 |" in result.output, result.output
+    assert result.output.endswith("error: no round measured both versions of a.json\n")
+    assert len(list(tmp_path.glob("compare-*.json"))) == 1
