@@ -22,7 +22,14 @@ from blueberry.data import prepare_data
 from blueberry.distributed import World
 from blueberry.fileio import is_number, read_json
 from blueberry.gpu_monitor import GpuMonitor, nvidia_driver_loaded
-from blueberry.hardware import BatchChoice, NotRunnableHere, bf16_emulated, resolve_device, resolve_precision
+from blueberry.hardware import (
+    BatchChoice,
+    NotRunnableHere,
+    bf16_emulated,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+)
 from blueberry.overrides import value_at
 from blueberry.perf import QUICK_CEILING
 from blueberry.plan import Build, RunPlan, build
@@ -192,6 +199,8 @@ def resume_point_from_main(stop: StopRequest) -> dict | None:
     this rank's broadcast ("Connection closed by peer"): this rank exits as interrupted by that signal too."""
     try:
         resume_state = distributed.broadcast_from_main(None)
+    except torch.OutOfMemoryError:  # this rank's own failure (receiving the checkpoint): its traceback says why
+        raise
     except RuntimeError as exc:  # gloo raises a plain RuntimeError for a peer that is gone
         raise distributed.MainRankFailed(str(exc), stop.signum) from exc
     if resume_state == distributed.MAIN_FAILED:  # rank 0 failed and told us (release_followers)
@@ -465,6 +474,14 @@ def earlier_batch(built: Build, run_dir: Path, log=print) -> Build:
             f"train.batch_size auto: the resumed run keeps its micro-batch of {micro} x {accum} accumulation (the "
             f"windows it trains on follow it), though the memory free now fits only {chosen.micro_batch} x "
             f"{chosen.grad_accum}: free memory if it runs out, or start a new run with --no-resume"
+        )
+    steps = built.spec.train.steps
+    if resolve_compile(built.spec.train.compile, built.device, steps * accum) != built.plan.compile:
+        # (the model was built, and compiled or not, for this attempt's split before the run's record was read)
+        log(
+            f"train.compile auto: this attempt {'compiles' if built.plan.compile else 'runs eager'}, decided from "
+            f"the {chosen.micro_batch} x {chosen.grad_accum} split the memory free now gives, unlike its first "
+            "attempt: set train.compile for a resume that runs as the first attempt did"
         )
     return with_batch(built, BatchChoice(micro, accum, chosen.effective_batch, "auto (of the run's first attempt)"))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from subprocess import PIPE
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from blueberry import distributed
@@ -354,3 +355,23 @@ def test_sweep_and_study_refuse_to_run_under_torchrun_said_once(tmp_path):
         assert ours[0].startswith(f"error: blueberry {command[0]} starts its trials itself: run it without torchrun")
         assert "--parallel N runs N trials at once" in ours[0] and "exitcode  : 2" in done.stderr
         assert not (tmp_path / "runs").exists()
+
+
+def test_a_rank_that_runs_out_of_memory_receiving_the_resume_point_says_so_itself(monkeypatch):
+    """A peer gone is rank 0's to explain (MainRankFailed, quiet); this rank's own failure is not: torch's
+    OutOfMemoryError is a RuntimeError too, and was hidden as rank 0's."""
+    from blueberry.runner import resume_point_from_main
+    from blueberry.train.trainer import StopRequest
+
+    def gone(obj):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+
+    def out_of_memory(obj):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.10 GiB")
+
+    monkeypatch.setattr(distributed, "broadcast_from_main", gone)
+    with pytest.raises(distributed.MainRankFailed):
+        resume_point_from_main(StopRequest())
+    monkeypatch.setattr(distributed, "broadcast_from_main", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        resume_point_from_main(StopRequest())

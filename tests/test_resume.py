@@ -705,3 +705,32 @@ def test_the_best_checkpoint_alias_after_a_resume_is_that_of_an_uninterrupted_ru
         (8, True),  # 2.0 < 3.0, the best checkpointed loss so far
         (12, False),
     ]
+
+
+def test_a_resume_whose_compile_decision_follows_this_attempts_split_says_so(tmp_path):
+    """compile auto is decided from the split this attempt's memory gives (the model is built before the record is
+    read): a CUDA resume keeping its first attempt's 32 x 2 (2,000 micro-steps: eager) after choosing 8 x 8 (8,000:
+    compiled) trains compiled, and says so."""
+    from dataclasses import replace
+
+    from blueberry import plan
+    from blueberry.hardware import BatchChoice
+    from blueberry.runner import earlier_batch
+
+    spec = load_spec(None, [*TINY, "--train.steps=1000", "--train.batch_size=auto", "--train.effective_batch=64"])
+    built = plan.build(spec, torch.device("cpu"), 512, check_causal=False, peak=False)
+    on_cuda = replace(built.plan, batch=BatchChoice(8, 8, 64, "auto"), compile=True)
+    built = replace(built, device=torch.device("cuda"), plan=on_cuda)
+    batch = {"micro_batch": 32, "grad_accum": 2, "effective_batch": 64, "how": "auto"}
+    (tmp_path / "spec.json").write_text(json.dumps({"hardware": {"batch": batch}}))
+    said = []
+    kept = earlier_batch(built, tmp_path, said.append)
+    assert (kept.plan.batch.micro_batch, kept.plan.batch.grad_accum) == (32, 2)
+    assert said[-1] == (  # (after the line saying the memory free now fits only 8 x 8)
+        "train.compile auto: this attempt compiles, decided from the 8 x 8 split the memory free now gives, unlike "
+        "its first attempt: set train.compile for a resume that runs as the first attempt did"
+    )
+    eager = replace(built, plan=replace(on_cuda, batch=BatchChoice(16, 4, 64, "auto"), compile=False))
+    said.clear()  # chosen 16 x 4 (4,000 micro-steps), yet told eager, as 32 x 2 is: nothing to say of compiling
+    assert earlier_batch(eager, tmp_path, said.append).plan.batch.micro_batch == 32
+    assert not [line for line in said if "train.compile" in line]
