@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,11 +30,16 @@ limit_openmp_spinning()
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": ["-h", "--help"]}
 
 
+FOLLOWER_GRACE_S = 30.0  # how long a rank leaves rank 0 to say an error every rank found
+
+
 def _fail(message: str, code: int = 2, every_rank_finds: bool = False):
     """Say `message` and exit with `code`. `every_rank_finds`: an error of the spec itself, which every torchrun
     rank finds alike: said once, by rank 0 (an error of one rank's machine, its files, is said by that rank)."""
     if not (every_rank_finds and _torchrun_rank() not in (None, 0)):
         click.echo(f"error: {message}", err=True)
+    else:  # torchrun checks its ranks every 0.1 s and stops the others at the first exit: were this rank's first,
+        time.sleep(FOLLOWER_GRACE_S)  # a rank 0 a moment behind would be stopped before it said why; it ends us
     sys.exit(code)
 
 

@@ -11,6 +11,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from blueberry import cli
 from blueberry.cli import OWN_PROCESS, _loading_libraries, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -440,6 +441,8 @@ def test_sweep_and_study_refuse_to_run_under_torchrun_or_in_a_world_of_several_p
     """Each rank ran the whole sweep, and its trials joined the other ranks' trials in one process group. Refused
     for torchrun's job of one process too, and for another launcher's WORLD_SIZE (there each rank says it)."""
     monkeypatch.chdir(REPO)
+    waited = []
+    monkeypatch.setattr("blueberry.cli.time.sleep", waited.append)  # (no torchrun here to end a quiet rank)
     for command in (["sweep", "--dry-run", "sweeps/cpu/ablation.yaml"], ["study", "--dry-run"]):
         for env, said in (
             ({"TORCHELASTIC_RUN_ID": "job-7", "WORLD_SIZE": "2", "RANK": "1"}, False),
@@ -455,6 +458,6 @@ def test_sweep_and_study_refuse_to_run_under_torchrun_or_in_a_world_of_several_p
                 assert (
                     f"error: blueberry {command[0]} starts its trials itself: run it without torchrun" in result.output
                 )
-            else:  # rank 0 says it
-                assert result.output == ""
+            else:  # rank 0 says it; this rank waits for torchrun to end it, so that its exit cannot end rank 0 first
+                assert result.output == "" and waited.pop() == cli.FOLLOWER_GRACE_S
     assert not (tmp_path / "runs").exists()
