@@ -36,10 +36,14 @@ FOLLOWER_GRACE_S = 30.0  # how long a rank leaves rank 0 to say an error every r
 def _fail(message: str, code: int = 2, every_rank_finds: bool = False):
     """Say `message` and exit with `code`. `every_rank_finds`: an error of the spec itself, which every torchrun
     rank finds alike: said once, by rank 0 (an error of one rank's machine, its files, is said by that rank)."""
-    if not (every_rank_finds and _torchrun_rank() not in (None, 0)):
-        click.echo(f"error: {message}", err=True)
-    else:  # torchrun checks its ranks every 0.1 s and stops the others at the first exit: were this rank's first,
-        time.sleep(FOLLOWER_GRACE_S)  # a rank 0 a moment behind would be stopped before it said why; it ends us
+    rank = _torchrun_rank()
+    if every_rank_finds and rank not in (None, 0):
+        # torchrun checks its ranks every 0.1 s and stops the others at the first exit: were this rank's first, a
+        # rank 0 a moment behind would be stopped before it said why. Rank 0 failing alike, torchrun ends this rank
+        # here; still here, rank 0 did not (another machine's copy of the spec file): this rank says it.
+        time.sleep(FOLLOWER_GRACE_S)
+        message = f"rank {rank}: {message}"
+    click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 

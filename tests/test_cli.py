@@ -458,6 +458,8 @@ def test_sweep_and_study_refuse_to_run_under_torchrun_or_in_a_world_of_several_p
                 assert (
                     f"error: blueberry {command[0]} starts its trials itself: run it without torchrun" in result.output
                 )
-            else:  # rank 0 says it; this rank waits for torchrun to end it, so that its exit cannot end rank 0 first
-                assert result.output == "" and waited.pop() == cli.FOLLOWER_GRACE_S
+            else:  # rank 0 says it; this rank waits for torchrun to end it, so that its exit cannot end rank 0 first,
+                # and says it only when it was not ended (rank 0 did not fail alike: another machine's spec file)
+                assert waited.pop() == cli.FOLLOWER_GRACE_S
+                assert result.output.startswith(f"error: rank 1: blueberry {command[0]} starts its trials itself")
     assert not (tmp_path / "runs").exists()
