@@ -213,14 +213,27 @@ def _finite(value: Any) -> bool:
 
 
 def find_run_dirs(runs_root: Path) -> list[Path]:
-    """runs/<experiment>/<run_id>/ directories holding at least one run-record file."""
+    """runs/<experiment>/<run_id>/ directories holding at least one run-record file. A folder this user may not
+    look into (a colleague's, on a shared runs root) is one too: read, it is listed as unreadable, with why."""
     found = []
-    # "_sweeps/" (sweep state) and hidden directories are not experiments: experiment names start alphanumeric.
-    for exp_dir in sorted(p for p in runs_root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-        for run_dir in sorted(p for p in exp_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-            if any((run_dir / name).exists() for name in RECORD_FILES):
+    for exp_dir in _named_folders(runs_root):
+        try:
+            run_dirs = _named_folders(exp_dir)
+        except OSError:
+            found.append(exp_dir)
+            continue
+        for run_dir in run_dirs:
+            try:
+                if any((run_dir / name).exists() for name in RECORD_FILES):
+                    found.append(run_dir)
+            except OSError:
                 found.append(run_dir)
     return found
+
+
+def _named_folders(folder: Path) -> list[Path]:
+    # "_sweeps/" (sweep state) and hidden directories are not experiments: experiment names start alphanumeric.
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
 def fingerprint(run_dir: Path) -> list:
@@ -343,7 +356,11 @@ def read_local_run(run_dir: Path) -> Run:
     summary = summary or {}
 
     history = History()
-    if (run_dir / METRICS_FILE).exists():
+    try:
+        has_metrics = (run_dir / METRICS_FILE).exists()
+    except OSError:  # a folder this user may not look into: its spec.json was unreadable too, and says why
+        has_metrics = False
+    if has_metrics:
         try:
             history = History.from_jsonl(run_dir / METRICS_FILE)
         except (OSError, UnicodeDecodeError, RecordError) as exc:
@@ -386,7 +403,10 @@ def load_local(runs_root: str | Path, cache=None) -> list[Run]:
         raise ReportError(f"runs root '{root}' is a file, not a directory (pass --runs-root)")
     if not root.is_dir():
         raise ReportError(f"runs root '{root}' does not exist (train a run first, or pass --runs-root)")
-    dirs = find_run_dirs(root)
+    try:
+        dirs = find_run_dirs(root)
+    except OSError as exc:
+        raise ReportError(f"runs root '{root}' cannot be read: {exc.strerror or exc}") from None
     keys = [str(run_dir.resolve()) for run_dir in dirs]
     stamps = [fingerprint(run_dir) for run_dir in dirs]
     runs = [cache.get(key, stamp) if cache else None for key, stamp in zip(keys, stamps)]

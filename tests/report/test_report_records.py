@@ -464,3 +464,38 @@ def test_a_header_value_the_report_groups_or_prints_by_must_have_its_type(tmp_pa
     (run_dir / "spec.json").write_text(json.dumps(header))
     run = read_local_run(run_dir)
     assert run.state == "unreadable" and says in run.reason
+
+
+def test_folders_this_user_may_not_look_into_are_listed_unreadable_not_a_traceback(tmp_path, monkeypatch):
+    """On a shared runs root a colleague's run or experiment folder may be closed to this user (mode 700):
+    Path.exists raises PermissionError there (it hides only a missing file). Simulated: tests may run as root."""
+    import pathlib
+
+    good = write_run(tmp_path, "e", seed=1)
+    closed_run = write_run(tmp_path, "e", seed=2)
+    closed_experiment = write_run(tmp_path, "theirs", seed=1).parent
+    closed = (closed_run, closed_experiment)
+    real_stat, real_iterdir, real_read = pathlib.Path.stat, pathlib.Path.iterdir, pathlib.Path.read_text
+
+    def refused(path):
+        if any(path != folder and folder in path.parents for folder in closed):
+            raise PermissionError(13, "Permission denied", str(path))
+
+    def stat(path, *args, **kwargs):
+        refused(path)
+        return real_stat(path, *args, **kwargs)
+
+    def iterdir(path):
+        refused(path / "x")
+        return real_iterdir(path)
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    monkeypatch.setattr(pathlib.Path, "read_text", lambda path, **kw: refused(path) or real_read(path, **kw))
+    runs = {r.source: r for r in load_local(tmp_path)}
+    assert runs[str(good)].state == "finished"
+    for folder in closed:
+        assert runs[str(folder)].state == "unreadable" and "Permission denied" in runs[str(folder)].reason
+    closed = (tmp_path,)
+    with pytest.raises(ReportError, match="cannot be read: Permission denied"):  # the runs root itself
+        load_local(tmp_path)
