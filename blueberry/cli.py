@@ -11,6 +11,7 @@ import errno
 import gc
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -204,7 +205,6 @@ def study(quick, only, parallel, runs_root, dry_run):
     """Run the Blueberry report's study: every part's sweep, CPU twins on a CPU, the study's shapes on CUDA.
     Resumable: run it again and nothing finished runs twice."""
     _refuse_torchrun("study", "--parallel N runs N trials at once")
-    import shlex
     import sys
     from datetime import UTC, datetime
 
@@ -358,7 +358,8 @@ def run(spec_path, overrides, override_files, resume):
         click.echo(f"W&B {result.wandb_mode} run: {result.wandb_dir}")
         if result.wandb_mode == "offline":  # a resumed run has one offline-run-* per attempt, synced in order
             wandb_id = Path(result.wandb_dir).name.split("-", 3)[3]  # offline-run-<time>-<id>
-            click.echo(f"  upload later with: wandb sync {Path(result.wandb_dir).parent}/offline-run-*-{wandb_id}")
+            folder = shlex.quote(str(Path(result.wandb_dir).parent))  # (a runs root with spaces pastes as one)
+            click.echo(f"  upload later with: wandb sync {folder}/offline-run-*-{wandb_id}")
 
 
 @main.command(context_settings=PASS_THROUGH)

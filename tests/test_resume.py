@@ -485,7 +485,7 @@ def test_a_replayed_nan_reaches_wandb_as_a_number(tmp_path, monkeypatch):
 def test_wandb_dir_moves_wandb_files_and_the_resume_finds_them_there(tmp_path, monkeypatch):
     """W&B's precedence for its directory: tracking.wandb_dir, else WANDB_DIR, else the run's own directory.
     Under WANDB_DIR the resumed attempt finds the first attempt's log there and re-logs nothing it holds."""
-    elsewhere = tmp_path / "wandb-files"
+    elsewhere = tmp_path / "wandb files"  # (the printed `wandb sync` line quotes it, so it pastes as one argument)
     monkeypatch.setenv("WANDB_DIR", str(elsewhere))
     args, run_dir = interrupted(tmp_path, monkeypatch, steps=6, at=4)
     header = json.loads((run_dir / "spec.json").read_text())["wandb"]
@@ -494,7 +494,7 @@ def test_wandb_dir_moves_wandb_files_and_the_resume_finds_them_there(tmp_path, m
     time.sleep(1.1)  # W&B names a segment's folder by its start second: the resume must start in a later one
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert f"wandb sync {elsewhere}/wandb/offline-run-*-{header['id']}" in result.output
+    assert f"wandb sync '{elsewhere}/wandb'/offline-run-*-{header['id']}" in result.output
     first, second = (read_wandb_log(s) for s in sorted((elsewhere / "wandb").glob(f"offline-run-*-{header['id']}")))
     assert {row["trainer/step"] for row in first.history} == {2, 4}
     assert {row["trainer/step"] for row in second.history} == {6}  # rows 2 and 4 were held: not logged again

@@ -291,3 +291,11 @@ def test_a_sweep_trials_name_shows_the_values_its_sweep_varies(monkeypatch):
     monkeypatch.setenv("BLUEBERRY_SWEEP_VARIES", "model.n_experts,train.adam_betas")
     spec = load_spec(None, ["--model.n_experts=4", "--model.top_k=1", "--train.adam_betas=[0.9,0.99]"])
     assert display_name(spec) == f"{spec.run_name}-n_experts4-adam_betas0.9_0.99"  # a list's items joined
+
+
+def test_the_progress_bar_in_a_log_file_redraws_rarely(tmp_path, capsys):
+    """Not a terminal: the bar redraws at most every 30 s; the loss shown beside it forced a redraw at each log
+    step, one more carriage-return segment of the same line in every piped log and sweep trial's log."""
+    execute(tiny_spec(tmp_path, "--train.steps=12", "--train.log_every=1", "--train.progress=true"), log=print)
+    bar = capsys.readouterr().err
+    assert "12/12" in bar and bar.count("\r") <= 3, bar  # the first draw, the last, and the close

@@ -219,7 +219,9 @@ def prepare_data(spec: DataSpec, seed: int, cache_dir: str | Path | None = None)
         tokenizer, train, val, meta = cached or _build(spec, source, root, entry)
     except OSError as exc:  # a cache that cannot be written (not a folder, read-only, full): ours or datasets'
         where = f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
-        if exc.filename and Path(exc.filename).resolve().is_relative_to(root.resolve()):
+        failed = Path(exc.filename).resolve() if exc.filename else None
+        # inside the cache, or a folder above it that its creation needed (HOME=/ or /nonexistent: /.cache)
+        if failed and (failed.is_relative_to(root.resolve()) or root.resolve().is_relative_to(failed)):
             raise DataError(
                 f"cannot write the data cache {root} (BLUEBERRY_CACHE, else ~/.cache/blueberry): {where}"
             ) from exc

@@ -328,7 +328,8 @@ class Trainer:
         self.summary.update({k: v for k, v in row.items() if keep_metric(k)})
         self.window.reset()
         if self.progress is not None:
-            self.progress.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
+            postfix = {"loss": f"{row['train/loss']:.3f}", "tok_s": f"{row['perf/tokens_per_s']:.0f}"}
+            self.progress.set_postfix(postfix, refresh=False)  # drawn at its next redraw: in a log file, rarely
 
     def eval_step(self, step: int) -> float:
         """Evaluate, log and return the val loss."""

@@ -281,6 +281,28 @@ def test_a_full_cache_disk_says_so_naming_the_cache(tmp_path, monkeypatch, full)
         prepare_data(DataSpec(dataset=str(path), vocab_size=300, seq_len=32), seed=0, cache_dir=tmp_path / "cache")
 
 
+def test_a_cache_whose_folder_above_cannot_be_made_is_named_as_the_cache(tmp_path, monkeypatch):
+    """HOME=/ (a container's arbitrary user) puts the cache under /.cache, which cannot be made: the error named
+    the dataset ("cannot prepare dataset 'austen': Permission denied: /.cache"), not the cache and its setting."""
+    import pathlib
+
+    home = tmp_path / "home"
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if path == home or home in path.parents:
+            raise PermissionError(13, "Permission denied", str(home))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    with pytest.raises(
+        DataError, match=r"cannot write the data cache .*home/\.cache/blueberry \(BLUEBERRY_CACHE, else"
+    ):
+        prepare_data(
+            DataSpec(vocab_size=300, seq_len=32, max_tokens=20_000), seed=0, cache_dir=home / ".cache" / "blueberry"
+        )
+
+
 def test_a_local_corpus_is_read_without_datasets_shared_cache(tmp_path, monkeypatch):
     """The embedded corpus and local files are read into a scratch cache of their own (datasets' shared one keys
     a file on its mtime alone): a shared cache that cannot be written no longer stops them."""
