@@ -279,6 +279,8 @@ def header_stage(run: Run, mode: str, why: str, log) -> None:
         torchrun=distributed.torchrun_job(),  # a restart of this job continues this record (_resumable)
         libraries=library_versions(),
     )
+    if run.header["code"].get("git_error"):  # else read as code installed outside any checkout
+        log(f"the run record has no git commit: {run.header['code']['git_error']}")
     resume_step = run.resume_state["step"] if run.resume_state else 0
     log(
         f"run {claimed.path.name}: {spec.model.label}, {params.total / 1e6:.2f}M params "

@@ -42,3 +42,24 @@ def test_a_clone_or_a_monorepo_holding_blueberry_records_its_commit_and_whether_
     (research / "blueberry" / "provenance.py").write_text("# changed")
     monkeypatch.setattr(provenance, "SOURCE_TREE", research)
     assert provenance.code_version()["git_sha"] == sha and provenance.code_version()["git_dirty"] is True
+
+
+def test_a_checkout_git_cannot_read_says_why_rather_than_passing_for_an_installed_copy(tmp_path, monkeypatch):
+    """git missing from PATH, or refusing a checkout another user owns ("dubious ownership", exit 128), read as
+    "not a checkout": the run recorded no commit, as an installed copy does, without a word."""
+    clone = package_in(tmp_path / "blueberry-clone")
+    commit_in(clone, "blueberry")
+    monkeypatch.setattr(provenance, "SOURCE_TREE", clone)
+    refused = "fatal: detected dubious ownership in repository at '/x'\nTo add an exception for this directory..."
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", refused))
+    code = provenance.code_version()
+    assert code["git_sha"] is None and code["git_error"] == "fatal: detected dubious ownership in repository at '/x'"
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert provenance.code_version()["git_error"].startswith("git could not run (FileNotFoundError")
+    outside = package_in(tmp_path / "site-packages")  # an installed copy, no checkout: nothing to explain
+    monkeypatch.setattr(provenance, "SOURCE_TREE", outside)
+    assert "git_error" not in provenance.code_version()

@@ -167,6 +167,8 @@ def study_section(records: list[dict], runs: list[Run], costs: list[float] = ())
         sha = _of(code.get("git_sha"), str, None)
         # a recorded null: run from an installed copy (pip install .); no code record at all: unknown
         commit = f"commit `{sha}`{dirty}" if sha else "code outside a git checkout" if "git_sha" in code else "?"
+        if not sha and isinstance(code.get("git_error"), str):  # a checkout whose commit git could not tell
+            commit = f"a checkout whose commit is unknown ({code['git_error']})"
         lines += [  # command, machine and parallelism are the last invocation's; the times, every invocation's
             f"- `{command}` on {kind} (the last invocation): {where}, {parallel} trial(s) at once",
             f"  - last run from {commit}, finished {ended}",

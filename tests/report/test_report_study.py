@@ -79,3 +79,14 @@ def test_a_study_run_from_an_installed_copy_says_so_where_a_commit_would_be(tmp_
     (runs / "_study" / "cpu.json").write_text(json.dumps(record))  # what pip install . records
     run_report(runs_root=runs, out=tmp_path / "out", log=lambda _: None)
     assert "last run from code outside a git checkout, finished ?" in (tmp_path / "out" / "REPORT.md").read_text()
+
+
+def test_a_study_run_from_a_checkout_git_could_not_read_says_why(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "exp1-ablation-cpu", variant="mlp")
+    (runs / "_study").mkdir()
+    code = {"git_sha": None, "git_dirty": None, "git_error": "fatal: detected dubious ownership in repository"}
+    (runs / "_study" / "cpu.json").write_text(json.dumps({"command": "blueberry study", "code": code, "parts": []}))
+    run_report(runs_root=runs, out=tmp_path / "out", log=lambda _: None)
+    made = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "last run from a checkout whose commit is unknown (fatal: detected dubious ownership in repository)" in made
