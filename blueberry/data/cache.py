@@ -12,10 +12,16 @@ from pathlib import Path
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The argument, else $BLUEBERRY_CACHE, else ~/.cache/blueberry."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("BLUEBERRY_CACHE") or Path.home() / ".cache" / "blueberry"
-    return Path(cache_dir).expanduser()
+    """The argument, else $BLUEBERRY_CACHE, else ~/.cache/blueberry. With no home directory (HOME unset for a
+    user with no passwd entry: some containers and schedulers), a folder of the user's own in the temp
+    directory, as W&B and matplotlib fall back."""
+    cache_dir = cache_dir or os.environ.get("BLUEBERRY_CACHE")
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    try:
+        return Path.home() / ".cache" / "blueberry"
+    except RuntimeError:  # "Could not determine home directory."
+        return Path(tempfile.gettempdir()) / f"blueberry-cache-{os.getuid()}"
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from blueberry.prices import PRICE_ENV, PRICE_TABLE_ENV, read_price, read_price_table
 from blueberry.spec import RunSpec
+from blueberry.tracking.wandb_settings import homeless
 
 
 class PreflightError(ValueError):
@@ -79,6 +80,8 @@ def preflight(spec: RunSpec, records: bool = True) -> None:
     setting = "BLUEBERRY_RUNS_ROOT" if os.environ.get("BLUEBERRY_RUNS_ROOT") else "tracking.runs_root"
     check_writable_dir(runs_root_for(spec), setting)
     check_wandb_run_id()
+    if problem := homeless():  # (W&B starts even for tracking.wandb disabled)
+        raise PreflightError(problem)
     if spec.tracking.wandb != "disabled":  # else W&B's settings are not read (wandb_settings.run_settings)
         check_wandb_environment(spec.tracking.wandb_dir)
         check_sweep_parameters(spec)

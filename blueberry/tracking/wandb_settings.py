@@ -37,10 +37,14 @@ class Choice:
     source: str  # "spec", "WANDB_PROJECT", "settings file /path/wandb/settings", "default", ...
 
 
+GLOBAL_SETTINGS = "~/.config/wandb/settings"
+
+
 def global_settings_path() -> Path:
     """Where `wandb.setup` looks for the global settings file."""
     config_dir = os.environ.get("WANDB_CONFIG_DIR")
-    return Path(config_dir).expanduser() / "settings" if config_dir else Path("~/.config/wandb/settings").expanduser()
+    # os.path.expanduser: with no home directory it leaves the path as it is, where Path's raises
+    return Path(os.path.expanduser(config_dir or GLOBAL_SETTINGS.removesuffix("/settings"))) / "settings"
 
 
 def workspace_settings_path() -> Path:
@@ -54,6 +58,19 @@ def workspace_settings_path() -> Path:
     return Path(Settings(quiet=True).settings_workspace)
 
 
+def homeless() -> str | None:
+    """Why W&B cannot start here, if for want of a home directory: wandb.setup expands ~/.config/wandb/settings
+    (unless WANDB_CONFIG_DIR says where) with pathlib, which raises for a user with none (HOME unset, no passwd
+    entry: some containers) inside wandb.init, even with mode disabled."""
+    if os.environ.get("WANDB_CONFIG_DIR"):
+        return None
+    try:
+        Path.home()
+    except RuntimeError:
+        return "W&B reads its settings in the home directory, and this user has none: set HOME or WANDB_CONFIG_DIR"
+    return None
+
+
 def load_wandb_settings():
     """W&B's Settings from its settings files and environment, as `wandb.setup` loads them; ValueError naming
     the variable when W&B rejects one (wandb.init would fail on it too, with a traceback)."""
@@ -61,6 +78,8 @@ def load_wandb_settings():
     from wandb.errors import UsageError
     from wandb.sdk.wandb_settings import Settings
 
+    if problem := homeless():
+        raise ValueError(problem)
     settings = Settings(quiet=True)  # quiet: no "Loading settings from ..." line
     settings.settings_system = str(global_settings_path())
     settings.update_from_system_settings()

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import blueberry.runner
 from blueberry.cli import main
-from blueberry.tracking.preflight import PreflightError, check_wandb_run_id, check_writable_dir
+from blueberry.tracking.preflight import PreflightError, check_wandb_run_id, check_writable_dir, preflight
 from blueberry.tracking.record import claim_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -197,3 +197,28 @@ def test_a_trial_of_blueberry_sweep_is_not_checked_again(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(tmp_path / "not-read.yaml"))
     monkeypatch.setenv("BLUEBERRY_SWEEP_ID", "s-1234")
     check_sweep_parameters(load_spec(REPO / "experiments/quickstart.json"))  # the missing file is not read
+
+
+def test_a_user_with_no_home_directory_is_told_what_to_set(tmp_path, monkeypatch):
+    """HOME unset for a user with no passwd entry (some containers): wandb.init raised pathlib's "Could not
+    determine home directory" (even with W&B disabled) and the data cache had no place; now the cache goes to
+    the temp directory and W&B, which needs one unless WANDB_CONFIG_DIR says where, is refused in a line."""
+    import pwd
+
+    from blueberry.data.cache import cache_root
+    from blueberry.spec import RunSpec
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("WANDB_CONFIG_DIR", raising=False)
+    monkeypatch.delenv("BLUEBERRY_CACHE", raising=False)
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    assert cache_root().name == f"blueberry-cache-{os.getuid()}"
+    spec = RunSpec.model_validate({"tracking": {"runs_root": str(tmp_path), "wandb": "disabled"}})
+    with pytest.raises(PreflightError, match="this user has none: set HOME or WANDB_CONFIG_DIR"):
+        preflight(spec)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    preflight(spec)
