@@ -49,7 +49,10 @@ def code_version() -> dict:
 
 
 def _inside_a_checkout() -> bool:
-    """SOURCE_TREE lies in a git work tree (a `.git` in it or a folder above), whatever git itself says."""
+    """SOURCE_TREE lies in a git work tree (a `.git` in it or a folder above), whatever git itself says, and is
+    no installed copy (site-packages, perhaps in a project's .venv: that project's repository is not ours)."""
+    if SOURCE_TREE.name in ("site-packages", "dist-packages"):
+        return False
     return any((folder / ".git").exists() for folder in (SOURCE_TREE, *SOURCE_TREE.parents))
 
 

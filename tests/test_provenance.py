@@ -49,6 +49,8 @@ def test_a_checkout_git_cannot_read_says_why_rather_than_passing_for_an_installe
     "not a checkout": the run recorded no commit, as an installed copy does, without a word."""
     clone = package_in(tmp_path / "blueberry-clone")
     commit_in(clone, "blueberry")
+    their_venv = package_in(tmp_path / "their-project" / ".venv" / "lib" / "site-packages")
+    commit_in(tmp_path / "their-project")
     monkeypatch.setattr(provenance, "SOURCE_TREE", clone)
     refused = "fatal: detected dubious ownership in repository at '/x'\nTo add an exception for this directory..."
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", refused))
@@ -62,4 +64,7 @@ def test_a_checkout_git_cannot_read_says_why_rather_than_passing_for_an_installe
     assert provenance.code_version()["git_error"].startswith("git could not run (FileNotFoundError")
     outside = package_in(tmp_path / "site-packages")  # an installed copy, no checkout: nothing to explain
     monkeypatch.setattr(provenance, "SOURCE_TREE", outside)
+    assert "git_error" not in provenance.code_version()
+    # nor in someone else's project's .venv: their repository is not ours
+    monkeypatch.setattr(provenance, "SOURCE_TREE", their_venv)
     assert "git_error" not in provenance.code_version()

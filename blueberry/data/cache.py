@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,15 +14,26 @@ from pathlib import Path
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """The argument, else $BLUEBERRY_CACHE, else ~/.cache/blueberry. With no home directory (HOME unset for a
-    user with no passwd entry: some containers and schedulers), a folder of the user's own in the temp
-    directory, as W&B and matplotlib fall back."""
+    user with no passwd entry: some containers and schedulers), a private folder in the temp directory."""
     cache_dir = cache_dir or os.environ.get("BLUEBERRY_CACHE")
     if cache_dir:
         return Path(cache_dir).expanduser()
     try:
         return Path.home() / ".cache" / "blueberry"
     except RuntimeError:  # "Could not determine home directory."
-        return Path(tempfile.gettempdir()) / f"blueberry-cache-{os.getuid()}"
+        return _private_temp_folder()
+
+
+def _private_temp_folder() -> Path:
+    """blueberry-cache-<uid> in the temp directory, made for this user alone; where another user made it first
+    (theirs, or writable by others: its entries could be planted), a fresh private one, as matplotlib does."""
+    folder = Path(tempfile.gettempdir()) / f"blueberry-cache-{os.getuid()}"
+    with contextlib.suppress(OSError):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        found = folder.lstat()
+        if stat.S_ISDIR(found.st_mode) and found.st_uid == os.getuid() and not found.st_mode & 0o022:
+            return folder
+    return Path(tempfile.mkdtemp(prefix="blueberry-cache-"))
 
 
 @contextlib.contextmanager

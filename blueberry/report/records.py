@@ -212,15 +212,17 @@ def _finite(value: Any) -> bool:
 # ---------------------------------------------------------------- local run records
 
 
-def find_run_dirs(runs_root: Path) -> list[Path]:
-    """runs/<experiment>/<run_id>/ directories holding at least one run-record file. A folder this user may not
-    look into (a colleague's, on a shared runs root) is one too: read, it is listed as unreadable, with why."""
-    found = []
+def find_run_dirs(runs_root: Path) -> tuple[list[Path], list[Run]]:
+    """runs/<experiment>/<run_id>/ directories holding at least one run-record file, and an unreadable Run for
+    each experiment folder this user may not list (a colleague's, on a shared runs root). A run folder it may
+    not look into is found too: read, it is listed as unreadable, with why."""
+    found, unlisted = [], []
     for exp_dir in _named_folders(runs_root):
         try:
             run_dirs = _named_folders(exp_dir)
-        except OSError:
-            found.append(exp_dir)
+        except OSError as exc:
+            reason = f"its experiment folder cannot be listed ({exc.strerror or exc}): its runs are not read"
+            unlisted.append(Run(f"{exp_dir.name}/*", "*", exp_dir.name, "unreadable", reason, source=str(exp_dir)))
             continue
         for run_dir in run_dirs:
             try:
@@ -228,7 +230,7 @@ def find_run_dirs(runs_root: Path) -> list[Path]:
                     found.append(run_dir)
             except OSError:
                 found.append(run_dir)
-    return found
+    return found, unlisted
 
 
 def _named_folders(folder: Path) -> list[Path]:
@@ -404,7 +406,7 @@ def load_local(runs_root: str | Path, cache=None) -> list[Run]:
     if not root.is_dir():
         raise ReportError(f"runs root '{root}' does not exist (train a run first, or pass --runs-root)")
     try:
-        dirs = find_run_dirs(root)
+        dirs, unlisted = find_run_dirs(root)
     except OSError as exc:
         raise ReportError(f"runs root '{root}' cannot be read: {exc.strerror or exc}") from None
     keys = [str(run_dir.resolve()) for run_dir in dirs]
@@ -418,7 +420,7 @@ def load_local(runs_root: str | Path, cache=None) -> list[Run]:
             if cache:
                 cache.put(keys[i], stamps[i], run)
     # After the cache: a run's process can die without changing a file of its record.
-    return [_settled(run, run_dir) for run, run_dir in zip(runs, dirs)]
+    return [*(_settled(run, run_dir) for run, run_dir in zip(runs, dirs)), *unlisted]
 
 
 def _settled(run: Run, run_dir: Path) -> Run:

@@ -496,6 +496,9 @@ def test_folders_this_user_may_not_look_into_are_listed_unreadable_not_a_traceba
     assert runs[str(good)].state == "finished"
     for folder in closed:
         assert runs[str(folder)].state == "unreadable" and "Permission denied" in runs[str(folder)].reason
+    assert runs[str(closed_run)].experiment == "e"
+    theirs = runs[str(closed_experiment)]  # its own experiment, not one named after the runs root
+    assert (theirs.experiment, theirs.id) == ("theirs", "theirs/*") and "cannot be listed" in theirs.reason
     closed = (tmp_path,)
     with pytest.raises(ReportError, match="cannot be read: Permission denied"):  # the runs root itself
         load_local(tmp_path)

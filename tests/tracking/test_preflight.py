@@ -216,7 +216,11 @@ def test_a_user_with_no_home_directory_is_told_what_to_set(tmp_path, monkeypatch
         raise KeyError(f"getpwuid(): uid not found: {uid}")
 
     monkeypatch.setattr(pwd, "getpwuid", no_entry)
-    assert cache_root().name == f"blueberry-cache-{os.getuid()}"
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert cache_root() == tmp_path / "tmp" / f"blueberry-cache-{os.getuid()}"
+    (tmp_path / "tmp" / f"blueberry-cache-{os.getuid()}").chmod(0o777)  # as if another user had made it open
+    assert cache_root().name.startswith("blueberry-cache-") and cache_root().name != f"blueberry-cache-{os.getuid()}"
     spec = RunSpec.model_validate({"tracking": {"runs_root": str(tmp_path), "wandb": "disabled"}})
     with pytest.raises(PreflightError, match="this user has none: set HOME or WANDB_CONFIG_DIR"):
         preflight(spec)
