@@ -224,13 +224,22 @@ def find_run_dirs(runs_root: Path) -> tuple[list[Path], list[Run]]:
             reason = f"its experiment folder cannot be listed ({exc.strerror or exc}): its runs are not read"
             unlisted.append(Run(f"{exp_dir.name}/*", "*", exp_dir.name, "unreadable", reason, source=str(exp_dir)))
             continue
-        for run_dir in run_dirs:
-            try:
-                if any((run_dir / name).exists() for name in RECORD_FILES):
-                    found.append(run_dir)
-            except OSError:
-                found.append(run_dir)
+        found += [run_dir for run_dir in run_dirs if _holds_a_record(run_dir)]
     return found, unlisted
+
+
+def _holds_a_record(run_dir: Path) -> bool:
+    """A run-record file is in `run_dir`, or this user may not look (then it is read, and listed unreadable). By
+    os.stat, not Path.exists, which reads "permission denied" as "missing" on some Pythons."""
+    for name in RECORD_FILES:
+        try:
+            os.stat(run_dir / name)
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return True
+    return False
 
 
 def _named_folders(folder: Path) -> list[Path]:

@@ -475,21 +475,21 @@ def test_folders_this_user_may_not_look_into_are_listed_unreadable_not_a_traceba
     closed_run = write_run(tmp_path, "e", seed=2)
     closed_experiment = write_run(tmp_path, "theirs", seed=1).parent
     closed = (closed_run, closed_experiment)
-    real_stat, real_iterdir, real_read = pathlib.Path.stat, pathlib.Path.iterdir, pathlib.Path.read_text
+    real_stat, real_iterdir, real_read = os.stat, pathlib.Path.iterdir, pathlib.Path.read_text
 
     def refused(path):
         if any(path != folder and folder in path.parents for folder in closed):
             raise PermissionError(13, "Permission denied", str(path))
 
     def stat(path, *args, **kwargs):
-        refused(path)
+        refused(Path(path))
         return real_stat(path, *args, **kwargs)
 
     def iterdir(path):
         refused(path / "x")
         return real_iterdir(path)
 
-    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    monkeypatch.setattr(os, "stat", stat)  # (pathlib's stat, exists and is_dir call it too)
     monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
     monkeypatch.setattr(pathlib.Path, "read_text", lambda path, **kw: refused(path) or real_read(path, **kw))
     runs = {r.source: r for r in load_local(tmp_path)}
