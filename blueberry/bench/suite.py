@@ -280,11 +280,9 @@ def optimizer_shares(cases: list[Case], results: dict, fast: str, log=print) -> 
         if (parts[0], parts[2]) not in (("q", "fp32"), ("s", fast)):
             continue
         spec = load_spec(case.spec_path, case.overrides)
-        try:
-            seconds = optimizer_step_s(spec)
-        except Exception as exc:  # one failing model must not lose the other cases' shares, nor the bench
-            shares[f"optimizer step/step {case.key}"] = {"error": f"{type(exc).__name__}: {exc}"}
-            log(f"optimizer step {case.key} failed: {type(exc).__name__}: {exc}")
+        seconds = guarded(f"optimizer step {case.key}", log, optimizer_step_s, spec)
+        if isinstance(seconds, dict):  # one failing model must not lose the other cases' shares, nor the bench
+            shares[f"optimizer step/step {case.key}"] = seconds
             continue
         results[case.key]["optimizer_step_s"] = seconds
         shares[f"optimizer step/step {case.key}"] = seconds / results[case.key]["step_s"]
