@@ -32,7 +32,8 @@ def dropped_positions(n: int, p: float, device: torch.device | str = "cpu", draw
     ends = geometric_gaps(draws, p, device).cumsum_(0)  # exact below 2**53
     while ends[-1] < n:
         ends = torch.cat([ends, geometric_gaps(draws, p, device).cumsum_(0).add_(ends[-1])])
-    return ends[ends <= n].long().sub_(1)  # gap g ends at trial g: the index g - 1
+    kept = int(torch.searchsorted(ends, float(n), right=True))  # ends is sorted: a slice, not a mask
+    return ends[:kept].long().sub_(1)  # gap g ends at trial g: the index g - 1
 
 
 def geometric_gaps(n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -2,12 +2,15 @@
 
 At the study's shape (16 × 256 tokens, a 49,152-token vocabulary) the plain path holds 4,096 × 49,152 fp32
 logits (805 MB) plus their gradient, more than the model and its optimizer state together. Here each chunk of
-rows is projected, reduced to its loss, and turned into its share of the input and weight gradients at once
-(forward-time gradients, as Liger-Kernel's fused linear cross-entropy does), so the peak holds one chunk's
-logits and the backward pass only rescales the stored gradients: three matmuls per chunk, as the plain path.
+rows is projected and reduced to its loss and its logits' gradient at once (forward-time gradients, as
+Liger-Kernel's fused linear cross-entropy does); the logits' gradients of a block of chunks, kept in the matmuls'
+dtype (≤ GRAD_BLOCK_BYTES), then give that block's share of the input and weight gradients in two matmuls, so
+the peak holds one chunk's fp32 probabilities and one block's gradient, and the backward pass only rescales the
+stored gradients: three matmuls per row, as the plain path.
 
 Precision follows autocast as the plain path does: the matmuls run in the autocast dtype (bf16/fp16) and the
-softmax, the loss and the weight-gradient sum in fp32.
+softmax, the loss and the weight-gradient sum in fp32. The loss comes from the same `softmax` pass as the
+gradient (`target_nll`), rather than a `logsumexp` pass of its own.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ from __future__ import annotations
 import torch
 
 CHUNK_LOGIT_BYTES = 128 * 2**20  # one chunk's fp32 logits: ≤ 128 MiB, e.g. 682 rows of a 49,152-token vocabulary
-# On a CPU the passes over a chunk's logits are memory-bound: chunks that stay in the cache are faster, down to
-# where the per-chunk work (the weight gradient's accumulation, smaller matmuls) takes over. Forward + backward
-# of 4,096 rows of 512, bf16, on a 2-core AVX512-BF16 EPYC: 8,192-token vocabulary 324 ms in one chunk, 232 ms
-# in chunks of 512 rows, 259 ms of 256; 49,152-token vocabulary (1,024 rows) 671 ms in chunks of 682 rows
-# (the 128 MiB bound), 706 ms of 512.
-CPU_CHUNK_ROWS = 512
+# On a CPU the passes over a chunk's probabilities are memory-bound: chunks that stay in the cache are faster,
+# down to where the per-chunk work (the logits' matmul) takes over. Forward + backward, bf16, 2-core AMX Xeon:
+# 4,096 rows of 512 at an 8,192-token vocabulary 159 ms in chunks of 64 rows, 141 ms of 128, 146 ms of 256,
+# 172 ms of 512, 229 ms of 1,024; 1,024 rows at 49,152 tokens 443-467 ms in chunks of 128 to 512.
+CPU_CHUNK_ROWS = 256
+# The logits' gradients kept for one block's input- and weight-gradient matmuls: a whole micro-batch of the
+# study's 4,096 rows at its 8,192-token vocabulary in bf16 (64 MiB), 1,280 rows (whole chunks) at 49,152. Per
+# chunk, those matmuls were slower (the whole loss 169 ms against 152 ms, 4,096 rows, 8,192 tokens, chunks of
+# 512, 2-core AMX Xeon), and each chunk's weight gradient was added into fp32 in a pass of its own.
+GRAD_BLOCK_BYTES = 128 * 2**20
 
 
 def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_LOGIT_BYTES, device_type: str | None = None) -> int:
@@ -29,31 +36,49 @@ def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_LOGIT_BYTES, device_typ
     return min(rows, CPU_CHUNK_ROWS) if device_type == "cpu" else rows
 
 
+def block_rows(vocab_size: int, rows_per_chunk: int, itemsize: int, block_bytes: int = GRAD_BLOCK_BYTES) -> int:
+    """Rows per block of stored logits' gradients: whole chunks, ≤ `block_bytes` (at least one chunk)."""
+    return max(1, block_bytes // (itemsize * vocab_size * rows_per_chunk)) * rows_per_chunk
+
+
+def target_nll(probs: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """lse - logit(target) per row, from fp32 softmax `probs` of `logits`: with m the row's largest logit, whose
+    probability is 1/Σexp(logit - m) ≥ 1/V, lse = m - log p(max). Exact to fp32 round-off where p(target)
+    itself is below fp32's range, and no data-dependent branch for torch.compile."""
+    gap = logits.amax(dim=-1).float() - logits.gather(1, targets[:, None]).squeeze(1).float()
+    return gap - probs.amax(dim=-1).log()  # amax, not argmax: argmax over bf16 took 14x as long on a CPU
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, compute_dtype, rows_per_chunk):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        n_rows = hidden.shape[0]
-        w = weight.to(compute_dtype)
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        w, h_all = weight.to(compute_dtype), hidden.to(compute_dtype)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        per_block = block_rows(vocab, rows_per_chunk, w.element_size(), GRAD_BLOCK_BYTES) if needs_grad else n_rows
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, n_rows, rows_per_chunk):
-                h = hidden[start : start + rows_per_chunk].to(compute_dtype)
-                t = targets[start : start + rows_per_chunk]
-                logits = (h @ w.T).float()  # [chunk, V]
-                lse = torch.logsumexp(logits, dim=-1)
-                loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                if not needs_grad:
-                    continue
-                # d(mean CE)/d(logits) = (softmax - onehot) / N. The 1/N is applied after the matmuls: in fp16,
-                # (softmax - onehot) / N would flush small probabilities to zero before any GradScaler scale.
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # in place in the logits' buffer
-                grad_logits[torch.arange(len(t), device=t.device), t] -= 1
-                grad_logits = grad_logits.to(compute_dtype)
-                grad_hidden[start : start + rows_per_chunk] = (grad_logits @ w).float() / n_rows
-                grad_weight.add_(grad_logits.T @ h)  # accumulated in fp32
+            for first in range(0, n_rows, per_block):
+                last = min(first + per_block, n_rows)
+                grads = torch.empty(last - first, vocab, dtype=compute_dtype, device=w.device) if needs_grad else None
+                for start in range(first, last, rows_per_chunk):
+                    end = min(start + rows_per_chunk, last)
+                    t = targets[start:end]
+                    logits = h_all[start:end] @ w.T  # [chunk, V] in the compute dtype, as F.linear under autocast
+                    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+                    loss_sum += target_nll(probs, logits, t).sum()
+                    if needs_grad:
+                        # d(mean CE)/d(logits) = (softmax - onehot) / N. The 1/N is applied after the matmuls: in
+                        # fp16, (softmax - onehot) / N would flush small probabilities to zero before any GradScaler.
+                        probs[torch.arange(len(t), device=t.device), t] -= 1
+                        grads[start - first : end - first] = probs
+                if needs_grad:
+                    grad_hidden[first:last] = (grads @ w).float() / n_rows
+                    # summed over blocks in fp32; as (h.T @ grads).T with h.T made contiguous (a small copy):
+                    # grads.T @ h, with the large operand transposed, ran at half the speed on oneDNN
+                    grad_weight.add_((h_all[first:last].T.contiguous() @ grads).T)
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.div_(n_rows).to(weight.dtype))
         return loss_sum / n_rows
@@ -71,7 +96,7 @@ def linear_cross_entropy(
     """mean_i CE(hidden_i @ weight.T, targets_i) without the full [N, V] logits; hidden [N, d], weight [V, d].
 
     Equals `F.cross_entropy(F.linear(hidden, weight).float(), targets)` in value and gradients (to round-off),
-    under autocast too. `rows_per_chunk` defaults to ≤ 128 MiB of fp32 logits per chunk, ≤ 512 rows on a CPU.
+    under autocast too. `rows_per_chunk` defaults to ≤ 128 MiB of fp32 logits per chunk, ≤ 256 rows on a CPU.
     """
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype

@@ -48,6 +48,13 @@ def test_a_round_of_draws_that_falls_short_draws_again():
     assert torch.equal(dropped_positions(10_000, 0.3, draws=7), dropped)  # seeded like any torch draw
 
 
+def test_the_last_position_is_dropped_at_the_rate_of_any_other():
+    """A gap that ends exactly at trial n drops position n - 1 (the cut keeps ends <= n)."""
+    torch.manual_seed(2)
+    last = sum(int(dropped_positions(5, 0.5)[-1:].eq(4).sum()) for _ in range(2_000))
+    assert _within(last, 2_000, 0.5)
+
+
 def test_nothing_to_draw():
     assert dropped_positions(0, 0.5).numel() == 0 and dropped_positions(100, 0.0).numel() == 0
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blueberry.models.linear_cross_entropy import chunk_rows, linear_cross_entropy
+from blueberry.models import linear_cross_entropy as lce
+from blueberry.models.linear_cross_entropy import block_rows, chunk_rows, linear_cross_entropy
 
 
 def _inputs(n=37, d=16, vocab=50, seed=0):
@@ -24,6 +25,33 @@ def test_loss_and_gradients_equal_full_logits_fp32(rows_per_chunk):
     expected_grads = torch.autograd.grad(3.0 * expected, (hidden, weight))
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads, expected_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_several_blocks_of_stored_gradients_equal_one(monkeypatch):
+    """Blocks of 2 chunks of 5 rows (the last one ragged) sum to the same gradients as the full logits."""
+    hidden, weight, targets = _inputs()
+    monkeypatch.setattr(lce, "GRAD_BLOCK_BYTES", 2 * 5 * 50 * 4)  # two chunks of 5 rows × 50 tokens, fp32
+    assert block_rows(50, 5, 4, lce.GRAD_BLOCK_BYTES) == 10
+    test_loss_and_gradients_equal_full_logits_fp32(5)
+
+
+def test_block_rows_are_whole_chunks_within_the_bytes():
+    assert block_rows(8192, 256, 2) == 8192 and block_rows(49_152, 256, 2) == 1280
+    assert block_rows(49_152, 256, 2) * 49_152 * 2 <= 128 * 2**20
+    assert block_rows(10**9, 7, 2) == 7  # at least one chunk
+
+
+def test_a_target_far_below_the_top_logit_keeps_its_exact_loss():
+    """p(target) = e^-500 is 0 in fp32; the loss is still lse - logit, not inf."""
+    hidden, weight, targets = _inputs(n=4, d=2, vocab=3)
+    with torch.no_grad():
+        hidden.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]))
+        weight.copy_(torch.tensor([[0.0, 0.0], [250.0, 0.0], [-250.0, 0.0]]))
+    targets = torch.tensor([2, 0, 2, 1])  # rows 0 and 3: 500 nats below the top logit
+    loss = linear_cross_entropy(hidden, weight, targets, rows_per_chunk=2)
+    expected = F.cross_entropy(F.linear(hidden, weight), targets)
+    assert expected > 250
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
 
 
 def test_bf16_autocast_matches_the_plain_autocast_path():

@@ -115,3 +115,27 @@ def test_the_language_models_loss_reaches_every_router(ffn, n_experts, top_k):
     assert len(routers) == 2  # one per layer
     for router in routers:
         assert router.grad.abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_our_rms_norm_computes_transformers_deepseek_v3_norm(autocast):
+    """torch's fused nn.RMSNorm in our blocks: the output and gradients of DeepseekV3RMSNorm on the fp32 residual
+    stream, under bf16 autocast too."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    from blueberry.models.lm import rms_norm
+
+    ours, theirs = rms_norm(32), DeepseekV3RMSNorm(32)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0)) * 3
+    results = []
+    for norm in (ours, theirs):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = norm(inputs)
+        out.backward(torch.ones_like(out) * torch.arange(32.0))
+        results.append((out.detach(), inputs.grad, norm.weight.grad))
+    assert results[0][0].dtype == torch.float32
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
