@@ -57,7 +57,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w, h_all = weight.to(compute_dtype), hidden.to(compute_dtype)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        # The weight gradient is summed transposed, [d, V]: each block's h.T @ grads adds in its own layout and the
+        # one transposition is autograd's (4,096 rows, 49,152 tokens, blocks of 1,280, 2-core AMX Xeon: the whole
+        # loss 1,648 ms against 1,745 ms with a transposed add per block).
+        grad_weight_t = None
+        if needs_grad:
+            grad_weight_t = torch.zeros(weight.shape[::-1], dtype=torch.float32, device=weight.device)
         per_block = block_rows(vocab, rows_per_chunk, w.element_size(), GRAD_BLOCK_BYTES) if needs_grad else n_rows
         with torch.autocast(hidden.device.type, enabled=False):
             for first in range(0, n_rows, per_block):
@@ -76,11 +81,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grads[start - first : end - first] = probs
                 if needs_grad:
                     grad_hidden[first:last] = (grads @ w).float() / n_rows
-                    # summed over blocks in fp32; as (h.T @ grads).T with h.T made contiguous (a small copy):
-                    # grads.T @ h, with the large operand transposed, ran at half the speed on oneDNN
-                    grad_weight.add_((h_all[first:last].T.contiguous() @ grads).T)
+                    # h.T made contiguous (a small copy): grads.T @ h, its large operand transposed, ran at half
+                    # the speed on oneDNN
+                    grad_weight_t.add_(h_all[first:last].T.contiguous() @ grads)  # summed over blocks in fp32
         if needs_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.div_(n_rows).to(weight.dtype))
+            ctx.save_for_backward(grad_hidden, grad_weight_t.div_(n_rows).T.to(weight.dtype))
         return loss_sum / n_rows
 
     @staticmethod
