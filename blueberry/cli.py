@@ -325,7 +325,8 @@ def run(spec_path, overrides, override_files, resume):
     except ResumeError as exc:
         _fail(f"cannot resume: {exc}")
     except NotRunnableHere as exc:  # device/precision not available here: still an input problem
-        _fail(f"{spec_path}: {exc}")
+        # the spec's choices on hardware the ranks share (a precision, a compile, a batch split): every rank finds it
+        _fail(f"{spec_path}: {exc}", every_rank_finds=True)
     except PreflightError as exc:  # the runs root changed since preflight (or access() could not tell)
         _fail(str(exc))
     except MainRankFailed as exc:  # a torchrun rank: rank 0 says why

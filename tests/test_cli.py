@@ -437,6 +437,27 @@ def test_under_torchrun_rank_0_alone_checks_the_runs_root_it_alone_writes(monkey
     assert result.exit_code == 2 and result.output.startswith("error: BLUEBERRY_GPU_PRICES:"), result.output
 
 
+def test_under_torchrun_a_spec_this_hardware_cannot_run_is_said_by_rank_0(monkeypatch):
+    """A precision, compile or batch split refused (NotRunnableHere) every rank finds alike: rank 0 says it at once,
+    a follower waits for torchrun to end it and says it only if it was not ended (its own machine differs)."""
+    from blueberry.hardware import NotRunnableHere
+
+    def refuse(spec, **kwargs):
+        raise NotRunnableHere("model.experts_implementation 'grouped' cannot be compiled in fp32")
+
+    waited = []
+    monkeypatch.setattr("blueberry.cli.time.sleep", waited.append)
+    monkeypatch.setattr("blueberry.runner.execute", refuse)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    spec = str(REPO / "experiments/quickstart.json")
+    for rank, said in (("0", f"error: {spec}: model"), ("1", f"error: rank 1: {spec}: model")):
+        monkeypatch.setenv("RANK", rank)
+        result = invoke("run", spec)
+        assert result.exit_code == 2 and result.output.startswith(said), result.output
+        assert waited == ([] if rank == "0" else [cli.FOLLOWER_GRACE_S])
+
+
 def test_sweep_and_study_refuse_to_run_under_torchrun_or_in_a_world_of_several_processes(tmp_path, monkeypatch):
     """Each rank ran the whole sweep, and its trials joined the other ranks' trials in one process group. Refused
     for torchrun's job of one process too, and for another launcher's WORLD_SIZE (there each rank says it)."""

@@ -136,6 +136,19 @@ def test_a_sweep_trial_keeps_the_id_it_is_given(tmp_path, monkeypatch):
     assert wandb_header(result.run_dir)["id"] == read_wandb_log(result.wandb_dir).run_id == "trial-7x2k"
 
 
+def test_a_record_without_its_git_commit_says_why_in_the_run_log(tmp_path, monkeypatch):
+    """A checkout git refuses (another user's, "dubious ownership"): the run goes on, records git_error, and its
+    log says the record has no commit, so it is not read as code installed outside any checkout."""
+    said = "fatal: detected dubious ownership in repository at '/x'"
+    monkeypatch.setattr(
+        "blueberry.runner.code_version", lambda: {"git_sha": None, "git_dirty": None, "git_error": said}
+    )
+    lines = []
+    result = execute(tiny_spec(tmp_path, "--train.steps=1", "--train.threads=1"), log=lines.append)
+    assert f"the run record has no git commit: {said}" in lines
+    assert json.loads((result.run_dir / "spec.json").read_text())["code"]["git_error"] == said
+
+
 def test_a_given_run_id_a_live_process_runs_is_refused_not_run_twice(tmp_path, monkeypatch):
     """Two processes with one WANDB_RUN_ID (a trial launched again while the first still runs) would write two
     records of one W&B run: the second is refused, and runs once the first is gone."""
