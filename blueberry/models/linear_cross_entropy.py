@@ -5,12 +5,12 @@ logits (805 MB) plus their gradient, more than the model and its optimizer state
 rows is projected and reduced to its loss and its logits' gradient at once (forward-time gradients, as
 Liger-Kernel's fused linear cross-entropy does); the logits' gradients of a block of chunks, kept in the matmuls'
 dtype (≤ GRAD_BLOCK_BYTES), then give that block's share of the input and weight gradients in two matmuls, so
-the peak holds one chunk's fp32 probabilities and one block's gradient, and the backward pass only rescales the
-stored gradients: three matmuls per row, as the plain path.
+the peak holds one chunk's logits and their fp32 probabilities, one block's gradient and the input in the
+matmuls' dtype, and the backward pass only rescales the stored gradients: three matmuls per row, as the plain path.
 
 Precision follows autocast as the plain path does: the matmuls run in the autocast dtype (bf16/fp16) and the
-softmax, the loss and the weight-gradient sum in fp32. The loss comes from the same `softmax` pass as the
-gradient (`target_nll`), rather than a `logsumexp` pass of its own.
+softmax, the loss and the sum of the blocks' weight gradients in fp32 (in fp16 a block is one chunk). The loss
+comes from the same `softmax` pass as the gradient (`target_nll`), rather than a `logsumexp` pass of its own.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if needs_grad:
             grad_weight_t = torch.zeros(weight.shape[::-1], dtype=torch.float32, device=weight.device)
         per_block = block_rows(vocab, rows_per_chunk, w.element_size(), GRAD_BLOCK_BYTES) if needs_grad else n_rows
+        if compute_dtype == torch.float16:
+            # A block's weight-gradient product is rounded to fp16 before the 1/N and any GradScaler scale, which
+            # cannot then bring an inf back: in fp16 a block is one chunk, the rows one such sum covered before blocks
+            per_block = rows_per_chunk
         with torch.autocast(hidden.device.type, enabled=False):
             for first in range(0, n_rows, per_block):
                 last = min(first + per_block, n_rows)

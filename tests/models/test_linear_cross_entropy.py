@@ -83,6 +83,22 @@ def test_fp16_keeps_the_gradient_of_small_probabilities():
     torch.testing.assert_close(grad[1:], expected[1:], rtol=2e-2, atol=2e-2 * expected[1:].abs().max().item())
 
 
+def test_fp16_sums_the_weight_gradient_over_one_chunk_at_a_time():
+    """A weight-gradient product over a whole block of 8,192 rows (half targeting one token, a hidden unit near 20)
+    rounds to -inf in fp16 before the 1/N, and no GradScaler scale brings it back; over 256-row chunks it is finite."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(8192, 8, generator=gen) + torch.tensor([20.0] + [0.0] * 7)).requires_grad_()
+    weight = (0.02 * torch.randn(64, 8, generator=gen)).requires_grad_()
+    targets = torch.zeros(8192, dtype=torch.long)
+    targets[::2] = torch.randint(64, (4096,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = linear_cross_entropy(hidden, weight, targets)
+    (grad,) = torch.autograd.grad(loss, (weight,))
+    (expected,) = torch.autograd.grad(F.cross_entropy(F.linear(hidden, weight), targets), (weight,))
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
 def test_no_gradients_asked_for_gives_the_same_loss():
     hidden, weight, targets = _inputs()
     with torch.no_grad():
