@@ -31,10 +31,14 @@ def check_writable_dir(directory: str | Path, setting: str) -> None:
     option or field that named it, for the message."""
     path = Path(directory).expanduser()
     existing = path
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():  # a dangling link: mkdir under it fails
-            raise PreflightError(f"{setting} '{directory}': {existing} is a broken symbolic link")
-        existing = existing.parent
+    try:  # exists() raises what is not "no such file", e.g. a name longer than the file system allows
+        while not existing.exists() and existing != existing.parent:
+            if existing.is_symlink():  # a dangling link: mkdir under it fails
+                raise PreflightError(f"{setting} '{directory}': {existing} is a broken symbolic link")
+            existing = existing.parent
+    except OSError as exc:
+        shown = str(directory) if len(str(directory)) <= 80 else str(directory)[:80] + "…"
+        raise PreflightError(f"{setting} '{shown}': {exc.strerror}") from None
     if not existing.is_dir():
         where = "" if existing == path else f" cannot be created: {existing}"
         raise PreflightError(f"{setting} '{directory}'{where} is a file, not a directory")
@@ -145,7 +149,8 @@ def check_wandb_environment(wandb_dir: str | None = None) -> None:
 
 def check_torchrun_variables() -> None:
     """torchrun's RANK, WORLD_SIZE and LOCAL_RANK, where set, must be integers (`distributed.env_world` reads them;
-    -1, which some launchers set for "not distributed", is one)."""
+    -1, which some launchers set for "not distributed", is one), and in a world of several a RANK one of its ranks
+    (RANK=-1 with WORLD_SIZE=4 made a follower of a rank 0 that no process was)."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         value = os.environ.get(name)
         try:
@@ -153,6 +158,12 @@ def check_torchrun_variables() -> None:
                 int(value)
         except ValueError:
             raise PreflightError(f"{name}={value!r} is not an integer (torchrun sets it; else unset it)") from None
+    size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if size > 1 and not 0 <= rank < size:
+        raise PreflightError(
+            f"RANK={rank} with WORLD_SIZE={size}: no rank of that world (0 to {size - 1}; torchrun sets both, "
+            "else unset them)"
+        )
 
 
 def check_price_variables() -> None:

@@ -127,6 +127,16 @@ def test_a_torchrun_variable_that_is_no_number_is_refused(variable, value, monke
     assert doctor.exit_code == 2 and said in doctor.output, doctor.output
 
 
+@pytest.mark.parametrize("rank", ["-1", "4"])
+def test_a_rank_outside_its_world_is_refused(rank, monkeypatch, tmp_path, never_run):
+    """RANK=-1 ("not distributed" to some launchers) with WORLD_SIZE=4 made a follower of a rank 0 no process was."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", rank)
+    result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}")
+    said = f"error: RANK={rank} with WORLD_SIZE=4: no rank of that world (0 to 3; torchrun sets both, else unset them)"
+    assert result.exit_code == 2 and said in result.output and not (tmp_path / "runs").exists(), result.output
+
+
 def test_local_rank_minus_one_is_no_torchrun_job_and_no_error(monkeypatch, tmp_path, never_run):
     monkeypatch.setenv("LOCAL_RANK", "-1")  # what some launchers set for "not distributed"
     args = ["run", str(REPO / "experiments/quickstart.json"), f"--tracking.runs_root={tmp_path / 'runs'}"]
@@ -139,6 +149,14 @@ def test_a_spec_error_is_said_whatever_torchrun_variables_hold(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "1")
     result = run_cli("--seed=-1")
     assert result.exit_code == 2 and "seed" in result.output, result.output
+
+
+def test_a_directory_name_longer_than_the_file_system_allows_is_refused(monkeypatch, tmp_path, never_run):
+    """Path.exists() raises ENAMETOOLONG rather than saying no (found by test_fuzz_spec: a traceback, exit 1)."""
+    name = "x" * 300
+    result = run_cli(f"--tracking.runs_root={tmp_path / 'runs'}", f"--tracking.wandb_dir={tmp_path / name}")
+    said = f"error: tracking.wandb_dir '{str(tmp_path / name)[:80]}…': File name too long"
+    assert result.exit_code == 2 and said in result.output and not (tmp_path / "runs").exists(), result.output
 
 
 def test_a_wandb_dir_that_cannot_be_written_is_refused(monkeypatch, tmp_path, never_run):
