@@ -63,11 +63,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight_t = None
         if needs_grad:
             grad_weight_t = torch.zeros(weight.shape[::-1], dtype=torch.float32, device=weight.device)
-        per_block = block_rows(vocab, rows_per_chunk, w.element_size(), GRAD_BLOCK_BYTES) if needs_grad else n_rows
-        if compute_dtype == torch.float16:
+        if not needs_grad:
+            per_block = n_rows
+        elif compute_dtype == torch.float16:
             # A block's weight-gradient product is rounded to fp16 before the 1/N and any GradScaler scale, which
             # cannot then bring an inf back: in fp16 a block is one chunk, the rows one such sum covered before blocks
             per_block = rows_per_chunk
+        else:
+            per_block = block_rows(vocab, rows_per_chunk, w.element_size(), GRAD_BLOCK_BYTES)
         with torch.autocast(hidden.device.type, enabled=False):
             for first in range(0, n_rows, per_block):
                 last = min(first + per_block, n_rows)

@@ -37,8 +37,7 @@ def check_writable_dir(directory: str | Path, setting: str) -> None:
                 raise PreflightError(f"{setting} '{directory}': {existing} is a broken symbolic link")
             existing = existing.parent
     except OSError as exc:
-        shown = str(directory) if len(str(directory)) <= 80 else str(directory)[:80] + "…"
-        raise PreflightError(f"{setting} '{shown}': {exc.strerror}") from None
+        raise PreflightError(f"{setting} '{_shown(str(directory))}': {exc.strerror}") from None
     if not existing.is_dir():
         where = "" if existing == path else f" cannot be created: {existing}"
         raise PreflightError(f"{setting} '{directory}'{where} is a file, not a directory")
@@ -51,6 +50,11 @@ def check_writable_dir(directory: str | Path, setting: str) -> None:
         raise PreflightError(f"{setting} '{directory}': nothing can be made in {existing} ({exc.strerror})") from None
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    """`text` for a message: its first `limit` characters and an ellipsis where it is longer."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 # The run record's directory is named after the run id (plus "-N" for a second attempt): it must fit NAME_MAX.
 MAX_RUN_ID_BYTES = 200
 
@@ -61,7 +65,7 @@ def check_wandb_run_id() -> None:
     run_id = os.environ.get("WANDB_RUN_ID")
     if not run_id:  # unset or empty: the runner derives the id from the spec
         return
-    shown = run_id if len(run_id) <= 80 else run_id[:80] + "…"
+    shown = _shown(run_id)
     if len(run_id.encode("utf-8", "surrogateescape")) > MAX_RUN_ID_BYTES:
         raise PreflightError(f"WANDB_RUN_ID {shown!r} is longer than {MAX_RUN_ID_BYTES} bytes")
     import wandb
