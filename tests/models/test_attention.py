@@ -124,3 +124,46 @@ def test_the_transformers_interface_falls_back_to_sdpa_for_masks_and_non_causal_
         assert torch.equal(got, expected)
     plain, _ = attention.blueberry_attention_forward(module, q, k, v, None, dropout=0.0)
     assert torch.equal(plain, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
+
+
+def _rope_inputs(dtype, rope: bool, B=2, H=3, T=10, D=8):
+    """q, k as the views of a fused QKV output our attention rotates, and cos/sin for T positions: transformers'
+    (whose halves are equal), or any values (the formula is general)."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, T, 3 * H * D, generator=gen).to(dtype).requires_grad_()
+    if rope:
+        config = DeepseekV3Config(hidden_size=H * D, num_attention_heads=H, qk_rope_head_dim=D)
+        cos, sin = DeepseekV3RotaryEmbedding(config)(qkv.float(), torch.arange(T)[None])
+    else:
+        cos, sin = torch.randn(2, 1, T, D, generator=gen)
+    grads = [torch.randn(B, H, T, D, generator=gen) for _ in "qk"]
+    return qkv, cos, sin, (B, T, 3, H, D), grads
+
+
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_transformers_apply_rotary_pos_emb(dtype, rope):
+    """Values and gradients of q and k (views of the fused QKV output) as transformers' function computes them
+    in float64; in bf16 the gradient is rounded once, so it is at least as close to float64 as transformers'."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb
+
+    qkv, cos, sin, shape, grads = _rope_inputs(dtype, rope)
+    results = {}
+    for name, fn, inputs in [
+        ("ours", attention.rotary, qkv),
+        ("theirs", apply_rotary_pos_emb, qkv),
+        ("float64", apply_rotary_pos_emb, qkv.detach().double().requires_grad_()),
+    ]:
+        q, k, _ = inputs.view(shape).permute(2, 0, 3, 1, 4)
+        c, s = (cos.double(), sin.double()) if name == "float64" else (cos, sin)
+        out = fn(q, k, c, s)
+        (grad,) = torch.autograd.grad(out, inputs, [g.to(out[0].dtype) for g in grads])
+        results[name] = (*out, grad)
+    assert results["ours"][0].dtype == torch.float32 and results["ours"][2].dtype == dtype
+    for ours, exact, theirs in zip(results["ours"], results["float64"], results["theirs"]):
+        atol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(ours, exact.to(ours.dtype), rtol=1e-5, atol=atol)
+        assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max() + 1e-6

@@ -160,7 +160,10 @@ def test_grouped_experts_and_chunked_loss_compile_without_graph_breaks():
         loss.backward()
         results.append((loss.detach(), model.tok_emb.weight.grad.clone()))
         model.zero_grad()
-    torch.testing.assert_close(results[0], results[1])
+    torch.testing.assert_close(results[0][0], results[1][0])
+    # to bf16 round-off: compiled, RoPE is transformers' (each of its two gradient terms rounded to bf16), eager on
+    # a CPU our written-out one (rounded once)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch._dynamo.explain(model)(inputs, targets).graph_break_count == 0
 

@@ -119,7 +119,7 @@ def test_the_language_models_loss_reaches_every_router(ffn, n_experts, top_k):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_our_rms_norm_computes_transformers_deepseek_v3_norm(autocast):
-    """torch's fused nn.RMSNorm in our blocks: the output and gradients of DeepseekV3RMSNorm on the fp32 residual
+    """Our RMSNorm (norm.py) in our blocks: the output and gradients of DeepseekV3RMSNorm on the fp32 residual
     stream, under bf16 autocast too."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
