@@ -95,7 +95,15 @@ def sorted_dispatch(
     y = torch.cat(outs) * top_weights.reshape(-1)[order, None].to(outs[0].dtype)
     unsort = torch.empty_like(order)
     unsort[order] = torch.arange(order.numel(), device=order.device)
-    return y.index_select(0, unsort).view(n_tokens, k, -1).sum(dim=1)
+    return sum_slots(y.index_select(0, unsort), n_tokens, k)
+
+
+def sum_slots(y: torch.Tensor, n_tokens: int, k: int) -> torch.Tensor:
+    """Each token's k slot outputs summed: y [N·k, d], token-major, to [N, d]. For k = 2 one add of the two slots,
+    the same bits as `sum` (either rounds a + b once): fwd+bwd of 4,096 × 2 × 512 bf16 rows (their gather
+    included) in 4.2 ms against 6.5 ms, a sum over a middle dimension of 2 being slow on a CPU (2-core AMX Xeon)."""
+    slots = y.view(n_tokens, k, -1)
+    return torch.add(*slots.unbind(1)) if k == 2 else slots.sum(dim=1)
 
 
 def row_multiple_for(x: torch.Tensor) -> int:
@@ -154,7 +162,7 @@ def grouped_dispatch(
     y = y * top_weights.reshape(-1)[order, None].to(y.dtype)
     unsort = torch.empty_like(order)
     unsort[order] = torch.arange(order.numel(), device=order.device)
-    return y.index_select(0, unsort).view(n_tokens, k, -1).sum(dim=1)
+    return sum_slots(y.index_select(0, unsort), n_tokens, k)
 
 
 def grouped_mm_runs_fast(x: torch.Tensor, *sizes: int) -> bool:

@@ -10,7 +10,7 @@ matmuls' dtype, and the backward pass only rescales the stored gradients: three 
 
 Precision follows autocast as the plain path does: the matmuls run in the autocast dtype (bf16/fp16) and the
 softmax, the loss and the sum of the blocks' weight gradients in fp32 (in fp16 a block is one chunk). The loss
-comes from the same `softmax` pass as the gradient (`target_nll`), rather than a `logsumexp` pass of its own.
+comes from the same `softmax` pass as the gradient (`nll_from_softmax`), rather than a `logsumexp` pass of its own.
 """
 
 from __future__ import annotations
@@ -41,12 +41,11 @@ def block_rows(vocab_size: int, rows_per_chunk: int, itemsize: int, block_bytes:
     return max(1, block_bytes // (itemsize * vocab_size * rows_per_chunk)) * rows_per_chunk
 
 
-def target_nll(probs: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """lse - logit(target) per row, from fp32 softmax `probs` of `logits`: with m the row's largest logit, whose
-    probability is 1/Σexp(logit - m) ≥ 1/V, lse = m - log p(max). Exact to fp32 round-off where p(target)
-    itself is below fp32's range, and no data-dependent branch for torch.compile."""
-    gap = logits.amax(dim=-1).float() - logits.gather(1, targets[:, None]).squeeze(1).float()
-    return gap - probs.amax(dim=-1).log()  # amax, not argmax: argmax over bf16 took 14x as long on a CPU
+def nll_from_softmax(probs: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """lse - logit(target) per row, from the fp32 softmax `probs` of a row's logits and `gap` = its largest logit m
+    minus its target's: m's probability is 1/Σexp(logit - m) ≥ 1/V, so lse = m - log p(max). Exact to fp32
+    round-off where p(target) itself is below fp32's range, and no data-dependent branch for torch.compile."""
+    return gap - probs.amax(dim=-1).log()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -80,9 +79,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 for start in range(first, last, rows_per_chunk):
                     end = min(start + rows_per_chunk, last)
                     t = targets[start:end]
-                    logits = h_all[start:end] @ w.T  # [chunk, V] in the compute dtype, as F.linear under autocast
-                    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-                    loss_sum += target_nll(probs, logits, t).sum()
+                    # [chunk, V] in the compute dtype, as F.linear under autocast, then in fp32 for the softmax (as
+                    # softmax(dtype=float32) would cast them) and the largest logit (amax over bf16 took 1.6x as
+                    # long); on a CPU the softmax overwrites them (one fp32 buffer less per chunk; the loss of the
+                    # study's micro-batch 157 -> 148 ms, 2-core AMX Xeon)
+                    logits = (h_all[start:end] @ w.T).float()
+                    gap = logits.amax(dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
+                    in_place = logits if logits.device.type == "cpu" else torch.empty_like(logits)
+                    probs = torch.ops.aten._softmax.out(logits, -1, False, out=in_place)
+                    loss_sum += nll_from_softmax(probs, gap).sum()
                     if needs_grad:
                         # d(mean CE)/d(logits) = (softmax - onehot) / N. The 1/N is applied after the matmuls: in
                         # fp16, (softmax - onehot) / N would flush small probabilities to zero before any GradScaler.

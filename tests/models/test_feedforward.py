@@ -267,3 +267,14 @@ def test_glm4_and_deepseek_routers_score_in_fp32_under_autocast(variant):
     assert seen and set(seen) == {torch.float32} and torch.isfinite(out.loss)
     gates = [b.moe.gate.weight for b in model.modules() if isinstance(b, feedforward.SigmoidRouterMoE)]
     assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_slots_is_the_sum_over_each_tokens_slots_bit_for_bit(k, dtype):
+    y = torch.randn(5 * k, 7, generator=torch.Generator().manual_seed(k)).to(dtype).requires_grad_()
+    grad = torch.randn(5, 7).to(dtype)
+    out = feedforward.sum_slots(y, 5, k)
+    expected = y.view(5, k, 7).sum(dim=1)
+    assert torch.equal(out, expected)
+    assert torch.equal(*(torch.autograd.grad(o, y, grad)[0] for o in (out, expected)))
