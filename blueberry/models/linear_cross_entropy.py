@@ -79,14 +79,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 for start in range(first, last, rows_per_chunk):
                     end = min(start + rows_per_chunk, last)
                     t = targets[start:end]
-                    # [chunk, V] in the compute dtype, as F.linear under autocast, then in fp32 for the softmax (as
-                    # softmax(dtype=float32) would cast them) and the largest logit (amax over bf16 took 1.6x as
-                    # long); on a CPU the softmax overwrites them (one fp32 buffer less per chunk; the loss of the
-                    # study's micro-batch 157 -> 148 ms, 2-core AMX Xeon)
-                    logits = (h_all[start:end] @ w.T).float()
-                    gap = logits.amax(dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
-                    in_place = logits if logits.device.type == "cpu" else torch.empty_like(logits)
-                    probs = torch.ops.aten._softmax.out(logits, -1, False, out=in_place)
+                    logits = h_all[start:end] @ w.T  # [chunk, V] in the compute dtype, as F.linear under autocast
+                    # On a CPU they are cast to fp32 once (as softmax(dtype=float32) would; amax over bf16 took 1.6x
+                    # as long) and the softmax overwrites them: the loss of the study's micro-batch 157 -> 148 ms
+                    # (2-core AMX Xeon). A GPU's fused softmax reads fp16/bf16 and writes fp32: one buffer less.
+                    on_cpu = logits.device.type == "cpu"
+                    logits = logits.float() if on_cpu else logits
+                    gap = logits.amax(dim=-1).float() - logits.gather(1, t[:, None]).squeeze(1).float()
+                    if on_cpu:
+                        probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+                    else:
+                        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
                     loss_sum += nll_from_softmax(probs, gap).sum()
                     if needs_grad:
                         # d(mean CE)/d(logits) = (softmax - onehot) / N. The 1/N is applied after the matmuls: in

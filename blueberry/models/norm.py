@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class RMSNorm(nn.RMSNorm):
@@ -18,7 +19,8 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         written_out = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
-        if not written_out or self.weight is None or self.weight.dtype != x.dtype or self.eps is None:
+        over_last_dim = len(self.normalized_shape) == 1 and self.eps is not None
+        if not (written_out and over_last_dim) or self.weight is None or self.weight.dtype != x.dtype:
             return super().forward(x)
         return _RMSNorm.apply(x, self.weight, self.eps)
 
@@ -27,7 +29,8 @@ class _RMSNorm(torch.autograd.Function):
     """y = x̂ · w with x̂ = x · rstd, rstd = 1 / sqrt(mean(x²) + eps) over the last dimension.
 
     Backward, with g = dL/dy: dL/dw = Σ g · x̂ over the rows, and dL/dx = rstd · (g·w − x̂ · mean(g·w · x̂)).
-    Autocast is off inside: CPU autocast would run `linalg.vecdot` in bf16.
+    Autocast is off inside: CPU autocast would run `linalg.vecdot` in bf16. Differentiable once: a double backward
+    is refused rather than missing its terms through x̂ and rstd.
     """
 
     @staticmethod
@@ -40,11 +43,12 @@ class _RMSNorm(torch.autograd.Function):
             return normed * weight
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         normed, rstd, weight = ctx.saved_tensors
         with torch.autocast("cpu", enabled=False):
             grad = grad.float()
-            grad_weight = (grad * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+            grad_weight = (grad * normed).reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
             grad_normed = grad * weight
             mean_dot = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze_(-1).div_(-normed.shape[-1])
             grad_x = torch.addcmul(grad_normed, normed, mean_dot).mul_(rstd)

@@ -73,3 +73,21 @@ def test_other_dtypes_take_nn_rms_norm_and_the_state_dict_is_nn_rms_norms():
     assert out.grad_fn.name() != "_RMSNormBackward"
     assert torch.equal(out, torchs.to(torch.bfloat16)(x))
     assert ours.state_dict().keys() == torchs.state_dict().keys() and repr(ours) == repr(torchs)
+
+
+def test_a_single_vector_is_normalised_and_several_normalised_dims_take_nn_rms_norm():
+    ours, torchs = _pair()
+    x = torch.randn(24, requires_grad=True)
+    torch.testing.assert_close(torch.autograd.grad(ours(x).sum(), x), torch.autograd.grad(torchs(x).sum(), x))
+    wide, wide_torch = RMSNorm((4, 6)), nn.RMSNorm((4, 6))
+    x = torch.randn(3, 4, 6)
+    out = wide(x)
+    assert out.grad_fn.name() != "_RMSNormBackward" and torch.equal(out, wide_torch(x))
+
+
+def test_a_double_backward_is_refused_not_silently_wrong():
+    ours, _ = _pair()
+    x = torch.randn(3, 24, requires_grad=True)
+    (grad,) = torch.autograd.grad(ours(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|second time|does not require grad"):
+        grad.sum().backward()
