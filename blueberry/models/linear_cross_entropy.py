@@ -72,6 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             per_block = rows_per_chunk
         else:
             per_block = block_rows(vocab, rows_per_chunk, w.element_size(), GRAD_BLOCK_BYTES)
+        on_cpu = hidden.device.type == "cpu"
         with torch.autocast(hidden.device.type, enabled=False):
             for first in range(0, n_rows, per_block):
                 last = min(first + per_block, n_rows)
@@ -83,7 +84,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     # On a CPU they are cast to fp32 once (as softmax(dtype=float32) would; amax over bf16 took 1.6x
                     # as long) and the softmax overwrites them: the loss of the study's micro-batch 157 -> 148 ms
                     # (2-core AMX Xeon). A GPU's fused softmax reads fp16/bf16 and writes fp32: one buffer less.
-                    on_cpu = logits.device.type == "cpu"
                     logits = logits.float() if on_cpu else logits
                     gap = logits.amax(dim=-1).float() - logits.gather(1, t[:, None]).squeeze(1).float()
                     if on_cpu:

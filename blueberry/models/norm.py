@@ -18,11 +18,16 @@ class RMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` (same parameters, state_dict and output), its CPU fp32 path written out (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        written_out = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
-        over_last_dim = len(self.normalized_shape) == 1 and self.eps is not None
-        if not (written_out and over_last_dim) or self.weight is None or self.weight.dtype != x.dtype:
-            return super().forward(x)
-        return _RMSNorm.apply(x, self.weight, self.eps)
+        written_out = (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight is not None
+            and self.weight.dtype == x.dtype
+            and len(self.normalized_shape) == 1  # over the last dimension, with an eps of its own
+            and self.eps is not None
+            and not torch.compiler.is_compiling()
+        )
+        return _RMSNorm.apply(x, self.weight, self.eps) if written_out else super().forward(x)
 
 
 class _RMSNorm(torch.autograd.Function):
