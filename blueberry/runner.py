@@ -35,7 +35,7 @@ from blueberry.perf import QUICK_CEILING
 from blueberry.plan import Build, RunPlan, build
 from blueberry.provenance import code_version, library_versions
 from blueberry.spec import RunSpec, safe_name
-from blueberry.threads import choose_threads, usable_cores
+from blueberry.threads import FreeCoresWatch, choose_threads, pinned_threads, usable_cores
 from blueberry.tracking import RunRecord, Trackers, WandbTracker, new_run_id, read_metrics, sweep_tag
 from blueberry.tracking.preflight import runs_root_for
 from blueberry.tracking.record import RunDir, claim_run_dir, locked_by_a_live_process
@@ -342,6 +342,11 @@ def train_stage(run: Run, stop: StopRequest) -> dict:
     distributed.broadcast_from_main(run.resume_state)  # under torchrun, to the other ranks (execute)
     run.followers_started = True
     progress = _progress_bar(run.spec, run.name)
+    callbacks = []
+    if built.device.type == "cpu" and not pinned_threads(run.spec.train.threads):
+        # threads chosen from the cores free at the start: they follow the free cores as the run goes (threads.py)
+        say = progress.write if progress is not None else print  # a line above the progress bar
+        callbacks.append(FreeCoresWatch(torch.get_num_threads(), torch.set_num_threads, say))
     try:
         return train(
             built.spec,
@@ -354,6 +359,7 @@ def train_stage(run: Run, stop: StopRequest) -> dict:
             checkpointer=run.checkpointer,
             resume=run.resume_state,
             stop=stop,
+            callbacks=callbacks,
         )
     finally:
         if progress is not None:

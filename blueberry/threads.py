@@ -15,6 +15,9 @@ that lost its core while the others burn their time slices spinning. Two remedie
 Under that load no choice does better than about 4x the idle step: four busy processes and ours share two cores
 fairly, which leaves a one-thread run 0.4 of a core against the ~1.6 cores' worth two threads give when idle.
 
+A run keeps looking (`FreeCoresWatch`, after each optimizer step): when other processes take cores after it
+started, or give them back, it sets the thread count a run started then would have chosen.
+
 Leaf module: standard library only.
 """
 
@@ -23,9 +26,11 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SAMPLE_S = 0.25  # long enough to see a busy neighbour, short next to any run
+RECHECK_S = 1.0  # a training run's look at its neighbours: at most this often, over the time since the last
 OPENMP_SPIN_COUNT = "3000"  # GNU OpenMP's GOMP_SPINCOUNT; its default is 300,000 (see above)
 
 
@@ -93,34 +98,50 @@ def busy_jiffies(cpus: set[int], stat: str = "/proc/stat") -> tuple[int, int]:
     return busy, total
 
 
+def cpu_sample(cpus: set[int], stat: str = "/proc/stat") -> tuple[float, float, int, int]:
+    """(wall clock, this process's CPU time, busy and total ticks of `cpus`): two give `busy_between`."""
+    return time.monotonic(), time.process_time(), *busy_jiffies(cpus, stat)
+
+
+def busy_between(first: tuple, second: tuple, n_cpus: int) -> float | None:
+    """Cores' worth of CPU other processes used on `n_cpus` CPUs between two `cpu_sample`s (None: no ticks)."""
+    (wall0, own0, busy0, total0), (wall1, own1, busy1, total1) = first, second
+    if total1 <= total0 or wall1 <= wall0:
+        return None
+    busy = (busy1 - busy0) / (total1 - total0) * n_cpus  # in cores
+    return max(0.0, busy - (own1 - own0) / (wall1 - wall0))
+
+
 def busy_cores_elsewhere(sample_s: float = SAMPLE_S) -> float | None:
     """Cores' worth of CPU other processes used on this process's CPUs over `sample_s` seconds (None where
     /proc/stat is missing)."""
     cpus = cpu_set()
     try:
-        busy0, total0 = busy_jiffies(cpus)
-        own0 = time.process_time()
+        first = cpu_sample(cpus)
         time.sleep(sample_s)
-        busy1, total1 = busy_jiffies(cpus)
-        own1 = time.process_time()
+        return busy_between(first, cpu_sample(cpus), len(cpus))
     except (OSError, ValueError, IndexError):
         return None
-    if total1 <= total0:
-        return None
-    busy = (busy1 - busy0) / (total1 - total0) * len(cpus)  # in cores
-    return max(0.0, busy - (own1 - own0) / sample_s)
 
 
-def choose_threads(requested: int | None = None, environ: dict | None = None) -> tuple[int, str]:
-    """(threads, why): the spec's `train.threads`, else OMP_NUM_THREADS (set by the user or by `blueberry sweep
-    --parallel`), else this process's CPUs not kept busy by other processes, within its cgroup's CPU limit, at
-    least one."""
+def pinned_threads(requested: int | None = None, environ: dict | None = None) -> tuple[int, str] | None:
+    """(threads, why) where the user fixed them: the spec's `train.threads`, else OMP_NUM_THREADS (set by the
+    user or by `blueberry sweep --parallel`); None: Blueberry chooses them."""
     environ = os.environ if environ is None else environ
     if requested:
         return requested, "train.threads"
     from_env = environ.get("OMP_NUM_THREADS", "")
     if from_env.isdigit() and int(from_env) > 0:
         return int(from_env), "OMP_NUM_THREADS"
+    return None
+
+
+def choose_threads(requested: int | None = None, environ: dict | None = None) -> tuple[int, str]:
+    """(threads, why): `pinned_threads`, else this process's CPUs not kept busy by other processes, within its
+    cgroup's CPU limit, at least one."""
+    pinned = pinned_threads(requested, environ)
+    if pinned:
+        return pinned
     cores = usable_cores()
     busy = busy_cores_elsewhere()
     if busy is None:
@@ -132,3 +153,41 @@ def free_cores(busy: float | None) -> float:
     """Cores' worth this process can use: its CPUs less what others keep busy on them (`busy_cores_elsewhere`),
     within its cgroup's CPU limit."""
     return min(usable_cores(), len(cpu_set()) - (busy or 0.0))
+
+
+class FreeCoresWatch:
+    """Keeps a training run's thread count at what `choose_threads` would choose now, as other processes come
+    and go. Called after every optimizer step (a `Trainer` callback); at most every `recheck_s` seconds it
+    measures the cores others kept busy since its last look, and when two looks in a row call for the same
+    other count it sets it (`set_threads`: torch.set_num_threads) and says so (`log`). Two looks: a neighbour's
+    one-second burst moves nothing. Without /proc/stat it does nothing."""
+
+    def __init__(self, threads: int, set_threads: Callable[[int], None], log: Callable[[str], None] | None = None,
+                 recheck_s: float = RECHECK_S):  # fmt: skip
+        self.threads, self.set_threads, self.log, self.recheck_s = threads, set_threads, log, recheck_s
+        self.cpus = cpu_set()
+        self.wanted: int | None = None  # what the last look called for, if not `threads`
+        self.last = self._sample()
+
+    def _sample(self) -> tuple | None:
+        try:
+            return cpu_sample(self.cpus)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __call__(self, *_) -> None:
+        if self.last is None or time.monotonic() - self.last[0] < self.recheck_s:
+            return
+        now = self._sample()
+        busy = busy_between(self.last, now, len(self.cpus)) if now else None
+        self.last = now
+        if busy is None:
+            return
+        wanted = max(1, round(free_cores(busy)))
+        if wanted == self.threads or wanted != self.wanted:
+            self.wanted = None if wanted == self.threads else wanted
+            return
+        before, self.threads, self.wanted = self.threads, wanted, None
+        self.set_threads(wanted)
+        if self.log:
+            self.log(f"torch threads: {before} -> {wanted} ({busy:.1f} cores busy with other processes)")

@@ -205,6 +205,31 @@ def test_same_seed_same_results_on_cpu(tmp_path):
     assert runs[0].run_dir != runs[1].run_dir  # a re-run never overwrites a record
 
 
+def test_threads_blueberry_chose_follow_the_free_cores_and_pinned_ones_stay(tmp_path, monkeypatch):
+    import blueberry.runner as runner
+
+    watches = []
+
+    class Watch:  # FreeCoresWatch's interface, counting the steps it was called after
+        def __init__(self, threads, set_threads, log):
+            self.threads, self.calls = threads, 0
+            watches.append(self)
+
+        def __call__(self, trainer, step):
+            self.calls += 1
+
+    monkeypatch.setattr(runner, "FreeCoresWatch", Watch)
+    monkeypatch.setattr(runner, "choose_threads", lambda requested: (requested or 1, "1 usable cores"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # this test process keeps its threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    execute(tiny_spec(tmp_path, "--train.steps=3"), log=lambda msg: None)
+    assert [(w.threads, w.calls) for w in watches] == [(torch.get_num_threads(), 3)]
+    execute(tiny_spec(tmp_path, "--train.steps=3", "--train.threads=1"), log=lambda msg: None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    execute(tiny_spec(tmp_path, "--train.steps=3"), log=lambda msg: None)
+    assert len(watches) == 1  # the spec's threads, or OMP_NUM_THREADS: no watch
+
+
 def test_failed_run_is_recorded_as_failed(tmp_path, monkeypatch):
     import blueberry.runner as runner
 

@@ -93,3 +93,55 @@ def test_the_cli_sets_the_spin_count_before_torch_is_loaded():
     code = "import os, sys, blueberry.cli; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert done.stdout.split() == [threads.OPENMP_SPIN_COUNT, "False"], done.stderr
+
+
+def test_a_run_follows_the_free_cores_after_two_looks_in_a_row(monkeypatch):
+    # 8 CPUs; a look is a (wall s, own CPU s, busy ticks, total ticks) sample, 100 ticks per CPU-second
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(threads, "cpu_set", lambda: set(range(8)))
+    wall, own, busy = [0.0], [0.0], [0]
+
+    def advance(seconds, own_cores, other_cores):  # the next second(s): we and the others use so many cores
+        wall[0] += seconds
+        own[0] += own_cores * seconds
+        busy[0] += round((own_cores + other_cores) * seconds * 100)
+
+    monkeypatch.setattr(threads, "cpu_sample", lambda cpus: (wall[0], own[0], busy[0], round(wall[0] * 800)))
+    monkeypatch.setattr(threads.time, "monotonic", lambda: wall[0])
+    set_to, said = [], []
+    watch = threads.FreeCoresWatch(8, set_to.append, said.append, recheck_s=1.0)
+    advance(0.5, 7.5, 0.0)
+    watch()  # half a second after the start: no look yet
+    advance(0.5, 7.5, 0.0)
+    watch()  # a look: nobody else busy
+    advance(1.0, 5.0, 3.0)  # a neighbour takes 3 cores: 5 free
+    watch()
+    assert set_to == []  # one look alone (a burst) moves nothing
+    advance(1.0, 5.0, 3.0)
+    watch()
+    assert set_to == [5] and watch.threads == 5
+    assert said == ["torch threads: 8 -> 5 (3.0 cores busy with other processes)"]
+    advance(1.0, 5.0, 0.0)  # the neighbour is gone: all 8 free
+    watch()
+    advance(1.0, 5.0, 12.0)  # ... and back, oversubscribing: one look for 1, then one for 1 again
+    watch()
+    advance(1.0, 1.0, 12.0)
+    watch()
+    assert set_to == [5, 1]  # 8 was wanted once only
+    advance(1.0, 1.0, 0.0)
+    watch()
+    advance(1.0, 1.0, 0.0)
+    watch()
+    assert set_to == [5, 1, 8]
+
+
+def test_without_proc_stat_the_watch_does_nothing(monkeypatch):
+    def missing(cpus):
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(threads, "cpu_sample", missing)
+    set_to = []
+    watch = threads.FreeCoresWatch(2, set_to.append, recheck_s=0.0)
+    for _ in range(3):
+        watch()
+    assert set_to == [] and watch.threads == 2

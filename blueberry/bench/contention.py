@@ -4,8 +4,8 @@ A fixed workload (the quickstart model's training step on synthetic tokens, thro
 fresh process for torch's default (a thread per core, OpenMP's default spinning) and for Blueberry's choice
 (`blueberry.threads`: threads from the cores other processes leave free, a short spin), three times: on the
 idle machine, with 2 × cores busy-loop processes started before it, and with the same load arriving after it
-started (its threads already chosen on the idle machine). The ratios loaded ÷ idle are what a sweep trial feels
-on a shared machine.
+started (its threads already chosen on the idle machine; Blueberry's then follow the free cores, as a run's do:
+`FreeCoresWatch`). The ratios loaded ÷ idle are what a sweep trial feels on a shared machine.
 
 Against them, the floor a fair scheduler sets: with `load` busy processes, each of a run's `k` threads gets
 cores ÷ (load + k) of a core, so no k-thread run does better than its idle k-thread step × (load + k) ÷ cores
@@ -37,15 +37,18 @@ if policy == "blueberry":
 import torch
 from blueberry.bench.measure import measure_throughput
 from blueberry.overrides import load_spec
-from blueberry.threads import choose_threads
+from blueberry.threads import FreeCoresWatch, choose_threads
+callbacks = []
 if policy == "blueberry":
     torch.set_num_threads(choose_threads(threads)[0])
+    if threads is None:  # chosen, so they follow the free cores, as a run's do
+        callbacks.append(FreeCoresWatch(torch.get_num_threads(), torch.set_num_threads))
 spec = load_spec(path, overrides)
 if load_arrives_later:
-    measure_throughput(spec, warmup=1, repeats=1)  # OpenMP's threads start on the idle machine
+    measure_throughput(spec, warmup=1, repeats=1, callbacks=callbacks)  # OpenMP's threads start on the idle machine
     print("ready", flush=True)
     sys.stdin.readline()  # the load is on
-r = measure_throughput(spec, warmup=2, repeats=steps)
+r = measure_throughput(spec, warmup=2, repeats=steps, callbacks=callbacks)
 print(json.dumps({"step_s": r["step_s"], "threads": torch.get_num_threads()}))
 """
 

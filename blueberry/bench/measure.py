@@ -93,8 +93,9 @@ def bench_spec(spec: RunSpec, steps: int, log_every: int = 1) -> RunSpec:
     return RunSpec.model_validate({**spec.to_json_dict(), "train": train})
 
 
-def measure_throughput(spec: RunSpec, warmup: int = 2, repeats: int = 5) -> dict:
-    """Median step time of `repeats` steps after `warmup` ones, through the real trainer, plus derived figures."""
+def measure_throughput(spec: RunSpec, warmup: int = 2, repeats: int = 5, callbacks=()) -> dict:
+    """Median step time of `repeats` steps after `warmup` ones, through the real trainer (its `callbacks` after
+    each step), plus derived figures."""
     from blueberry.train import train
     from blueberry.train.device import prepare_process
 
@@ -108,7 +109,7 @@ def measure_throughput(spec: RunSpec, warmup: int = 2, repeats: int = 5) -> dict
     tracker = ListTracker()
     reset_peak_rss()
     start = time.perf_counter()
-    train(built.spec, built.model, data, tracker, built.device, precision)
+    train(built.spec, built.model, data, tracker, built.device, precision, callbacks=callbacks)
     wall = time.perf_counter() - start
     step_times = [row["perf/step_time_s"] for row in tracker.rows if "perf/step_time_s" in row]
     step_s = statistics.median(step_times[warmup:])
