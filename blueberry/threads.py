@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 SAMPLE_S = 0.25  # long enough to see a busy neighbour, short next to any run
-RECHECK_S = 1.0  # a training run's look at its neighbours: at most this often, over the time since the last
+RECHECK_S = 1.0  # a training run looks at what its neighbours use at most once in this many seconds
 OPENMP_SPIN_COUNT = "3000"  # GNU OpenMP's GOMP_SPINCOUNT; its default is 300,000 (see above)
 
 
@@ -162,8 +162,13 @@ class FreeCoresWatch:
     other count it sets it (`set_threads`: torch.set_num_threads) and says so (`log`). Two looks: a neighbour's
     one-second burst moves nothing. Without /proc/stat it does nothing."""
 
-    def __init__(self, threads: int, set_threads: Callable[[int], None], log: Callable[[str], None] | None = None,
-                 recheck_s: float = RECHECK_S):  # fmt: skip
+    def __init__(
+        self,
+        threads: int,
+        set_threads: Callable[[int], None],
+        log: Callable[[str], None] | None = None,
+        recheck_s: float = RECHECK_S,
+    ):
         self.threads, self.set_threads, self.log, self.recheck_s = threads, set_threads, log, recheck_s
         self.cpus = cpu_set()
         self.wanted: int | None = None  # what the last look called for, if not `threads`

@@ -144,7 +144,10 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         # Matrices of one shape are orthogonalised together, in one batched Newton–Schulz: a 512d dense model's 15
         # matrices in 4 calls, its Newton–Schulz 200 -> 165 ms a step in bf16 (2-core AMX Xeon), the same results.
-        same_shape = defaultdict(list)  # (device, rows, cols) -> [(parameter, its matrices, its LR step)]
+        # A stack (expert stacks, fused gate/up blocks) is a batch already and stays alone: joining the 512d MoE's
+        # stacks into 54- and 27-matrix batches (a copy of them all, working sets past the caches) made its step
+        # 0.95x as fast.
+        batches = defaultdict(list)  # (device, rows, cols) or a stack -> [(parameter, its matrices, its LR step)]
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -160,8 +163,9 @@ class Muon(torch.optim.Optimizer):
                 rows, cols = p.shape[-2] // blocks, p.shape[-1]
                 matrices = update.reshape(-1, rows, cols)  # [blocks of every matrix, rows, cols]
                 p.mul_(1 - lr * decay)
-                same_shape[p.device, rows, cols].append((p, matrices, -lr * math.sqrt(max(1, rows / cols))))
-        for members in same_shape.values():
+                batch = (p.device, rows, cols) if len(matrices) == 1 else p
+                batches[batch].append((p, matrices, -lr * math.sqrt(max(1, rows / cols))))
+        for members in batches.values():
             matrices = [m for _, m, _ in members]
             orthogonal = orthogonalise(torch.cat(matrices) if len(matrices) > 1 else matrices[0], self.ns_dtype)
             for (p, _, step), own in zip(members, orthogonal.split([len(m) for m in matrices]), strict=True):

@@ -129,7 +129,7 @@ def test_stack_update_equals_per_matrix_updates():
 
 def test_matrices_of_one_shape_are_orthogonalised_in_one_call_each_as_alone(monkeypatch):
     gen = torch.Generator().manual_seed(4)
-    shapes = [(12, 20), (30, 8), (12, 20), (2, 12, 20)]  # a stack's matrices join the 12 x 20 ones
+    shapes = [(12, 20), (30, 8), (12, 20), (2, 12, 20)]  # a stack, a batch already, stays one
     start = [torch.randn(shape, generator=gen) * 0.02 for shape in shapes]
     grads = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in range(2)]
     together = [torch.nn.Parameter(t.clone()) for t in start]
@@ -139,7 +139,7 @@ def test_matrices_of_one_shape_are_orthogonalised_in_one_call_each_as_alone(monk
     # two groups (their own LR and weight decay): shapes meet across them
     groups = [{"params": together[:2]}, {"params": together[2:], "lr": 0.03, "weight_decay": 0.1}]
     steps(Muon(groups, lr=0.02, ns_dtype=torch.float32), together, grads)
-    assert calls == [(4, 12, 20), (1, 30, 8)] * 2
+    assert calls == [(2, 12, 20), (1, 30, 8), (2, 12, 20)] * 2
     for i, (lr, decay) in enumerate([(0.02, 0.0), (0.02, 0.0), (0.03, 0.1), (0.03, 0.1)]):
         alone = torch.nn.Parameter(start[i].clone())
         steps(Muon([alone], lr=lr, weight_decay=decay, ns_dtype=torch.float32), [alone], [[g[i]] for g in grads])
