@@ -147,7 +147,7 @@ class Muon(torch.optim.Optimizer):
         # A stack (expert stacks, fused gate/up blocks) is a batch already and stays alone: joining the 512d MoE's
         # stacks into 54- and 27-matrix batches (a copy of them all, working sets past the caches) made its step
         # 0.95x as fast.
-        batches = defaultdict(list)  # (device, rows, cols) or a stack -> [(parameter, its matrices, its LR step)]
+        batches = defaultdict(list)  # (device, rows, cols), or a stack's id -> [(parameter, its matrices, its LR step)]
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -163,7 +163,7 @@ class Muon(torch.optim.Optimizer):
                 rows, cols = p.shape[-2] // blocks, p.shape[-1]
                 matrices = update.reshape(-1, rows, cols)  # [blocks of every matrix, rows, cols]
                 p.mul_(1 - lr * decay)
-                batch = (p.device, rows, cols) if len(matrices) == 1 else p
+                batch = (p.device, rows, cols) if len(matrices) == 1 else id(p)
                 batches[batch].append((p, matrices, -lr * math.sqrt(max(1, rows / cols))))
         for members in batches.values():
             matrices = [m for _, m, _ in members]
