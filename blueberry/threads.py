@@ -31,6 +31,7 @@ from pathlib import Path
 
 SAMPLE_S = 0.25  # long enough to see a busy neighbour, short next to any run
 RECHECK_S = 1.0  # a training run looks at what its neighbours use at most once in this many seconds
+THREADS_MARGIN = 0.75  # cores by which the free ones must differ from a run's threads before they change
 OPENMP_SPIN_COUNT = "3000"  # GNU OpenMP's GOMP_SPINCOUNT; its default is 300,000 (see above)
 
 
@@ -159,8 +160,9 @@ class FreeCoresWatch:
     """Keeps a training run's thread count at what `choose_threads` would choose now, as other processes come
     and go. Called after every optimizer step (a `Trainer` callback); at most every `recheck_s` seconds it
     measures the cores others kept busy since its last look, and when two looks in a row call for the same
-    other count it sets it (`set_threads`: torch.set_num_threads) and says so (`log`). Two looks: a neighbour's
-    one-second burst moves nothing. Without /proc/stat it does nothing."""
+    other count (free cores at least THREADS_MARGIN from the count it has) it sets it (`set_threads`:
+    torch.set_num_threads) and says so (`log`). Two looks: a neighbour's one-second burst moves nothing. Without
+    /proc/stat it does nothing."""
 
     def __init__(
         self,
@@ -188,7 +190,10 @@ class FreeCoresWatch:
         self.last = now
         if busy is None:
             return
-        wanted = max(1, round(free_cores(busy)))
+        free = free_cores(busy)
+        # within THREADS_MARGIN of the count it has, a run keeps it: free cores hovering about x.5 (a desktop's
+        # background) would otherwise flip it between x and x + 1
+        wanted = self.threads if abs(free - self.threads) < THREADS_MARGIN else max(1, round(free))
         if wanted == self.threads or wanted != self.wanted:
             self.wanted = None if wanted == self.threads else wanted
             return

@@ -133,6 +133,14 @@ def test_a_run_follows_the_free_cores_after_two_looks_in_a_row(monkeypatch):
     advance(1.0, 1.0, 0.0)
     watch()
     assert set_to == [5, 1, 8]
+    for _ in range(3):  # 7.4 free cores: closer to 8 than THREADS_MARGIN, so 8 it stays
+        advance(1.0, 7.4, 0.6)
+        watch()
+    assert set_to == [5, 1, 8]
+    for _ in range(2):  # 7.2 free: 7
+        advance(1.0, 7.2, 0.8)
+        watch()
+    assert set_to == [5, 1, 8, 7]
 
 
 def test_without_proc_stat_the_watch_does_nothing(monkeypatch):
