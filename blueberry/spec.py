@@ -261,7 +261,8 @@ class TrainSpec(_Strict):
         None,
         ge=1,
         le=1024,
-        description="torch CPU threads (default: OMP_NUM_THREADS, else the usable cores other processes leave free).",
+        description="torch CPU threads (default: OMP_NUM_THREADS, else the usable cores other processes leave free, "
+        "followed as they change while the run trains).",
     )
     progress: bool = Field(True, description="Show a progress bar.")
     compile: bool | Literal["auto"] = Field(

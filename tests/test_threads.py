@@ -1,4 +1,5 @@
-"""Thread choice: the spec, then OMP_NUM_THREADS, then the cores other processes leave free; OpenMP's spin."""
+"""Thread choice: the spec, then OMP_NUM_THREADS, then the cores other processes leave free (followed while a run
+trains); OpenMP's spin."""
 
 import multiprocessing
 import os
