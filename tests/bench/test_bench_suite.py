@@ -287,6 +287,15 @@ def test_the_contention_load_stops_when_the_bench_is_killed():
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_the_loads_busy_processes_start_without_torch():
+    """Each busy-loop process is a spawned interpreter that imports `blueberry.bench.contention` (and so the
+    package): with the suite's torch and transformers it spent its first seconds importing them, past the load's
+    settling time, and held their memory."""
+    code = "import sys, blueberry.bench.contention; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
 def test_tokens_per_step_count_the_batch_the_run_resolved():
     """batch_size "auto" is a string in the spec as written: multiplied, it was string repetition, then a TypeError
     after the training (`blueberry profile ... --train.batch_size=auto`)."""
