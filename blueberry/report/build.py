@@ -147,6 +147,17 @@ def _of(value, kind: type, default):
 _RECORD_FIELDS = (("command", str), ("kind", str), ("parallel", int), ("ended", str))
 
 
+def _bf16_instructions(cpu: dict) -> str:
+    """The CPU's bf16 instructions as its record's `hardware.CpuInfo` flags give them (AMX, AVX512-BF16, none;
+    nothing where the record lacks them): the kind of CPU fixes its matmul kernels' order of sums, so the
+    routed presets' losses from another kind differ in the 3rd-4th decimal (README, "The study")."""
+    if cpu.get("amx") is True:
+        return ", AMX"
+    if cpu.get("bf16") is True:
+        return ", AVX512-BF16"
+    return ", no bf16 instructions" if cpu.get("bf16") is False else ""
+
+
 def study_section(records: list[dict], runs: list[Run], costs: list[float] = ()) -> str:
     """How the runs were made: each `blueberry study` record (command, commit, machine, wall time) and the
     runs' summed training time and cost (`costs`: those of the runs with one, as the Integrity table gives
@@ -157,7 +168,7 @@ def study_section(records: list[dict], runs: list[Run], costs: list[float] = ())
         cpu = _of(machine.get("cpu"), dict, {})
         gpus = [g for g in _of(machine.get("gpus"), list, []) if isinstance(g, dict)]
         where = ", ".join(str(g.get("name", "?")) for g in gpus)
-        where = where or f"{cpu.get('model', '?')} ({cpu.get('cores', '?')} cores)"
+        where = where or f"{cpu.get('model', '?')} ({cpu.get('cores', '?')} cores{_bf16_instructions(cpu)})"
         dirty = " (with local changes)" if code.get("git_dirty") is True else ""
         parts = [p for p in _of(record.get("parts"), list, []) if isinstance(p, dict)]
         trials = sum(_of(p.get("finished"), int, 0) for p in parts)

@@ -2,7 +2,9 @@
 
 import json
 
-from blueberry.report.build import run_report
+import pytest
+
+from blueberry.report.build import run_report, study_section
 from blueberry.report.synthetic import write_run
 
 
@@ -37,6 +39,23 @@ def test_report_says_how_the_runs_were_made_and_lists_every_run(tmp_path):
     appendix = text.split("## Runs\n")[1]
     assert all(f"`{run_id}`" in appendix for run_id in ids)
     assert "| exp1-ablation-cpu | moe | 2 | finished | 4.0000 |" in appendix
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        ({"bf16": True, "amx": True}, "Xeon (2 cores, AMX)"),
+        ({"bf16": True, "amx": False}, "EPYC (2 cores, AVX512-BF16)"),
+        ({"bf16": False, "amx": False}, "EPYC (2 cores, no bf16 instructions)"),
+        ({}, "EPYC (2 cores)"),  # a record from before the flags, or one whose flags are not booleans
+        ({"bf16": "yes", "amx": [1]}, "EPYC (2 cores)"),
+    ],
+)
+def test_the_study_line_names_the_cpus_bf16_instructions(flags, said):
+    """The kind of CPU fixes the order of its matmuls' sums: the study's numbers are that kind's."""
+    model = "Xeon" if flags.get("amx") is True else "EPYC"
+    record = {"command": "blueberry study", "kind": "cpu", "machine": {"cpu": {"model": model, "cores": 2, **flags}}}
+    assert f"(the last invocation): {said}, ? trial(s) at once" in study_section([record], runs=[])
 
 
 def test_show_prints_an_experiments_tables_without_its_images(tmp_path):
