@@ -11,16 +11,11 @@ The default corpus, Jane Austen's six novels (269 chapters), ships in this packa
 (`corpus.resolve_source`) before torch loads, so a dataset path that is not there fails in a second.
 """
 
-import importlib
-
 from blueberry.data.errors import DataError
+from blueberry.lazy_exports import lazy_exports
 
 _LAZY = {"PreparedData": "prepare", "prepare_data": "prepare"}
 
 __all__ = ["DataError", "PreparedData", "prepare_data"]
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -4,7 +4,7 @@ Exports load on first use (PEP 562): `blueberry.models.registry` is imported by 
 for torch and transformers.
 """
 
-import importlib
+from blueberry.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "BlueberryLM": "lm",
@@ -22,8 +22,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
