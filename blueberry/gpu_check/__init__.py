@@ -27,7 +27,8 @@ CHECKS = [
         "blueberry_run", "a real `blueberry run`, W&B offline: telemetry, energy, cost", 90, runs.check_blueberry_run
     ),
     # Three and two processes, each paying Python's start-up: 52-62 s and 36-45 s on three H200 hosts whose
-    # Python compiled every module from source (README, "A third H200"); the boxes leave a slower host room.
+    # Python compiled every module from source (docs/performance.md, "A third H200"); the boxes leave a slower
+    # host room.
     Check("kill_resume", "SIGKILL and resume vs an uninterrupted run", 100, runs.check_kill_resume),
     Check("torchrun", "torchrun on every GPU: NCCL all-reduce and a run", 75, runs.check_torchrun),
     # The seven presets compile in 12-30 s each on an H200 (209 s with the warm recompile on a slower host; a

@@ -28,7 +28,8 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: torch.device
 
     The model runs eagerly (`model.forward`, not `model(...)`), also when `model.compile()` compiled it for
     training: under no_grad, in eval mode and on the ragged last batch, torch.compile compiles twice more, which
-    took ~20 s of a 30-step run on an H200 (README, On a GPU), more than an eager pass over the validation set."""
+    took ~20 s of a 30-step run on an H200 (docs/performance.md, "On H200s"), more than an eager pass over the
+    validation set."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
