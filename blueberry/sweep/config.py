@@ -83,6 +83,22 @@ class _Yaml12NumberLoader(yaml.SafeLoader):
 _Yaml12NumberLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_NUMBER, list("-+.0123456789"))
 
 
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """PyYAML's error in one line: where (line and column, from 1) and what, in its own words (its message spans
+    lines, names the input `<unicode string>` and shows the line with a caret, and came out clipped). A `${…}`
+    macro in a `[…]` list, whose `{` PyYAML reads as a mapping's, gets the fix."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return "not valid YAML: " + " ".join(str(exc).replace('"<unicode string>", ', "").split())
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    message = f"not valid YAML at {where}: {problem}" + (f" ({context})" if context else "")
+    lines = text.splitlines()
+    if context == "while parsing a flow sequence" and mark.line < len(lines) and "${" in lines[mark.line]:
+        message += '; in a […] list quote each ${…} macro ("${args}"), or write one item a line (- ${args})'
+    return message
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep YAML; errors name the file, the field and what W&B's own schema or engine says."""
     path = Path(path)
@@ -90,7 +106,7 @@ def load_sweep(path: str | Path) -> Sweep:
     try:
         config = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        raise SpecError([(str(path), "", f"not valid YAML: {exc}")], INVALID) from None
+        raise SpecError([(str(path), "", _yaml_problem(exc, text))], INVALID) from None
     if not isinstance(config, dict):
         raise SpecError(
             [(str(path), "", "a sweep file must hold a mapping (method:, parameters:, command:, ...)")], INVALID

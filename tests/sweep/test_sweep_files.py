@@ -261,11 +261,34 @@ def test_malformed_yaml(tmp_path, text):
         load_sweep(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("method: grid\n  bad: [indent\n", "not valid YAML at line 2, column 6: mapping values are not allowed here"),
+        (
+            "method: grid\nparameters: {seed: {values: [1]}}\ncommand: [blueberry, run, x.json, ${args}]\n",
+            "not valid YAML at line 3, column 36: expected ',' or ']', but got '{' (while parsing a flow sequence); "
+            'in a […] list quote each ${…} macro ("${args}"), or write one item a line (- ${args})',
+        ),
+        ("a: [1, 2\n", "not valid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>' (while"),
+    ],
+)
+def test_malformed_yaml_is_one_line_naming_the_line_and_column(tmp_path, text, says):
+    """PyYAML's own message spans lines and names the input `<unicode string>`; the error is one line in the
+    file's terms, and a macro PyYAML reads as a mapping in a flow list says how to write it."""
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"invalid sweep\n  {path}: {says}" in result.output
+    assert "unicode string" not in result.output and len(result.output.strip().splitlines()) == 2
+
+
 def test_a_key_given_twice_is_refused_naming_it_and_the_line(tmp_path):
     """YAML keeps the last of two equal keys, silently: `method: grid` then `method: random` ran a random sweep."""
     path = tmp_path / "x.yaml"
     path.write_text("method: grid\ncommand: [a]\nparameters:\n  seed: {values: [1]}\n  seed: {values: [2]}\n")
-    with pytest.raises(SpecError, match=r"key 'seed' appears twice in one mapping\n.*line 5, column 3"):
+    with pytest.raises(SpecError, match=r"not valid YAML at line 5, column 3: key 'seed' appears twice in one mapping"):
         load_sweep(path)
     # A merge key is no duplicate: the mapping's own keys override what it merges, as YAML says.
     path.write_text(
