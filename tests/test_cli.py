@@ -77,6 +77,18 @@ def test_a_sweep_file_given_to_run_points_to_blueberry_sweep(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_spec_written_as_yaml_is_told_specs_are_json_not_that_it_is_a_sweep(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model:\n  variant: mlp\ntrain:\n  steps: 10\n")
+    result = invoke("run", str(spec), f"--tracking.runs_root={tmp_path / 'r'}")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{spec}: a run spec is a JSON file, as experiments/*.json" in result.output
+    assert "blueberry sweep" not in result.output
+    missing = invoke("run", str(tmp_path / "gone.yml"))
+    assert missing.exit_code == 2 and "gone.yml: spec file not found" in missing.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_doctor_shows_the_wandb_mode_and_why_and_the_sweep_engine(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # W&B reads wandb/settings in the working directory (there with WANDB_DIR set too)
     monkeypatch.delenv("WANDB_MODE")
