@@ -516,7 +516,7 @@ def sweep(sweep_path, count, parallel, runs_root, dry_run):
 @click.argument("args", metavar="[SPEC.json] [OVERRIDES...]", nargs=-1, type=click.UNPROCESSED)
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def doctor(args, as_json):
-    """Show the hardware found (NVML GPUs, CPU) and what a run of SPEC.json (default spec if none) would choose."""
+    """Show the hardware found (NVML GPUs, CPU) and what a run of SPEC.json (else the built-in defaults) would pick."""
     spec_path = args[0] if args and (args[0].endswith(".json") or Path(args[0]).is_file()) else None
     spec = _load(spec_path, args[1:] if spec_path else args, ())
     import torch
@@ -537,7 +537,7 @@ def doctor(args, as_json):
         # the spec's vocabulary size stands in for the tokenizer's: no data is prepared to answer
         plan = build(spec, device, spec.data.vocab_size, env_world().size, check_causal=False, probe=False).plan
     except NotRunnableHere as exc:
-        _fail(f"{spec_path or 'default spec'}: {exc}")
+        _fail(f"{spec_path or 'the built-in defaults'}: {exc}")
     from blueberry import study
     from blueberry.tracking.wandb_settings import format_wandb_status, wandb_status
 
@@ -550,7 +550,7 @@ def doctor(args, as_json):
         found = {"hardware": info.to_dict(), "plan": plan.header(), "torch": torch.__version__, "wandb": wandb}
         click.echo(json.dumps({**found, "study": runs}, indent=2))
     else:
-        click.echo(format_doctor(info, plan, spec_path or "the default spec"))
+        click.echo(format_doctor(info, plan, spec_path or "the built-in defaults (no SPEC.json given)"))
         click.echo(format_wandb_status(wandb))
         from blueberry.provenance import checkout_with
 
