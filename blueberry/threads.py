@@ -99,6 +99,10 @@ def busy_jiffies(cpus: set[int], stat: str = "/proc/stat") -> tuple[int, int]:
     return busy, total
 
 
+# What reading /proc/stat raises where it is missing (not Linux) or not as Linux writes it
+STAT_UNREADABLE = (OSError, ValueError, IndexError)
+
+
 def cpu_sample(cpus: set[int], stat: str = "/proc/stat") -> tuple[float, float, int, int]:
     """(wall clock, this process's CPU time, busy and total ticks of `cpus`): two give `busy_between`."""
     return time.monotonic(), time.process_time(), *busy_jiffies(cpus, stat)
@@ -121,7 +125,7 @@ def busy_cores_elsewhere(sample_s: float = SAMPLE_S) -> float | None:
         first = cpu_sample(cpus)
         time.sleep(sample_s)
         return busy_between(first, cpu_sample(cpus), len(cpus))
-    except (OSError, ValueError, IndexError):
+    except STAT_UNREADABLE:
         return None
 
 
@@ -179,7 +183,7 @@ class FreeCoresWatch:
     def _sample(self) -> tuple | None:
         try:
             return cpu_sample(self.cpus)
-        except (OSError, ValueError, IndexError):
+        except STAT_UNREADABLE:
             return None
 
     def __call__(self, *_) -> None:
