@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from blueberry.overrides import SpecError, load_spec, read_text_capped
+from blueberry.overrides import SpecError, load_spec
 from blueberry.spec import RunSpec
 from blueberry.threads import limit_openmp_spinning
 
@@ -122,23 +122,16 @@ def _load(spec_path, overrides, override_files) -> RunSpec:
         _fail(exc.render(), every_rank_finds=True)
 
 
-# The top-level keys of a W&B sweep configuration that no run spec has
-# (https://docs.wandb.ai/models/sweeps/sweep-config-keys)
-SWEEP_KEYS = ("method", "parameters", "command", "program", "metric", "early_terminate", "run_cap")
-
-
 def _yaml_as_spec(spec_path) -> str:
     """What to say of a YAML file given as a run spec: a W&B sweep file, how to run it; other YAML (a spec written
     as YAML), that specs are JSON."""
-    import yaml  # the CLI's start-up stays light: most commands never read YAML here
+    from blueberry.sweep.config import holds_a_sweep
 
     try:
-        tree = yaml.safe_load(read_text_capped(spec_path, "spec"))
+        sweep = holds_a_sweep(spec_path)
     except SpecError as exc:  # missing, unreadable: said as for a JSON spec
         return exc.render()
-    except yaml.YAMLError:
-        tree = None
-    if isinstance(tree, dict) and any(key in tree for key in SWEEP_KEYS):
+    if sweep:
         return (
             f"{spec_path} is a W&B sweep file, not a run spec: run it with `blueberry sweep {spec_path}` "
             "(or online with `wandb sweep` + `wandb agent`)"
