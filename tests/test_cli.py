@@ -84,6 +84,9 @@ def test_a_spec_written_as_yaml_is_told_specs_are_json_not_that_it_is_a_sweep(tm
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"{spec}: a run spec is a JSON file, as experiments/*.json" in result.output
     assert "blueberry sweep" not in result.output
+    broken = tmp_path / "broken.yaml"  # YAML files here are sweep files: `blueberry sweep` says where it breaks
+    broken.write_text("method: grid\ncommand: [blueberry, run, x.json, ${args}]\n")
+    assert f"run it with `blueberry sweep {broken}`" in invoke("run", str(broken)).output
     missing = invoke("run", str(tmp_path / "gone.yml"))
     assert missing.exit_code == 2 and "gone.yml: spec file not found" in missing.output
     assert not (tmp_path / "r").exists()

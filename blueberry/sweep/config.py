@@ -101,14 +101,14 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
 
 def holds_a_sweep(path: str | Path) -> bool:
     """Whether a YAML file is meant as a W&B sweep: a mapping with a top-level key of W&B's sweep schema that no
-    run spec has (`method:`, `parameters:`, `command:`, ...), whether or not the rest is valid. SpecError where
-    the file cannot be read."""
+    run spec has (`method:`, `parameters:`, `command:`, ...), whether or not the rest is valid; YAML that does not
+    parse counts as one (`load_sweep` says where it breaks). SpecError where the file cannot be read."""
     from blueberry.spec import RunSpec
 
     try:
         tree = yaml.safe_load(read_text_capped(path, "spec"))
     except yaml.YAMLError:
-        return False
+        return True
     sweep_keys = set(engine().config.schema.validator.schema["properties"]) - set(RunSpec.model_fields)
     return isinstance(tree, dict) and not sweep_keys.isdisjoint(tree)
 
